@@ -1,0 +1,106 @@
+"""Model architecture: a frozen description of a Llama-family transformer."""
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shapes and constants of a Llama-family decoder.
+
+    Covers Llama-2/3, Mistral, Qwen2 and SmolLM2 by configuration: grouped-query
+    attention (n_kv_heads <= n_heads), the RoPE base, RMSNorm epsilon, a tied or
+    untied output head, and optional q/k/v biases (Qwen2).
+    """
+
+    vocab_size: int
+    dim: int  # D
+    n_layers: int
+    n_heads: int  # N
+    n_kv_heads: int  # K
+    head_dim: int  # H
+    ffn_dim: int  # F
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    max_position: int = 2048  # the context length the model was trained for
+
+    def __post_init__(self) -> None:
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
+            )
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (G)."""
+        return self.n_heads // self.n_kv_heads
+
+    @classmethod
+    def smollm2_135m(cls) -> "ModelConfig":
+        return cls(
+            vocab_size=49152,
+            dim=576,
+            n_layers=30,
+            n_heads=9,
+            n_kv_heads=3,
+            head_dim=64,
+            ffn_dim=1536,
+            rope_theta=100000.0,
+            norm_eps=1e-5,
+            tie_embeddings=True,
+            max_position=8192,
+        )
+
+    @classmethod
+    def tiny(cls, vocab_size: int = 256) -> "ModelConfig":
+        """A few-layer model for fast unit tests with random weights."""
+        return cls(
+            vocab_size=vocab_size,
+            dim=64,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            head_dim=16,
+            ffn_dim=128,
+            rope_theta=10000.0,
+            norm_eps=1e-5,
+            tie_embeddings=False,
+            max_position=512,
+        )
+
+    @classmethod
+    def from_gguf_metadata(cls, meta: dict[str, Any], *, has_output: bool) -> "ModelConfig":
+        """Build from GGUF key/values (`{arch}.block_count`, …).
+
+        has_output: whether the file has an `output.weight` tensor; without it
+        the head is tied to the token embedding.
+        """
+        arch = meta["general.architecture"]
+        if arch not in ("llama", "mistral", "qwen2"):
+            raise ValueError(f"unsupported GGUF architecture {arch!r} (llama, mistral, qwen2)")
+
+        def get(key: str, default: Any = None) -> Any:
+            value = meta.get(f"{arch}.{key}", default)
+            if value is None:
+                raise ValueError(f"GGUF metadata lacks {arch}.{key}")
+            return value
+
+        dim = int(get("embedding_length"))
+        n_heads = int(get("attention.head_count"))
+        vocab = meta.get(f"{arch}.vocab_size") or len(meta["tokenizer.ggml.tokens"])
+        return cls(
+            vocab_size=int(vocab),
+            dim=dim,
+            n_layers=int(get("block_count")),
+            n_heads=n_heads,
+            n_kv_heads=int(get("attention.head_count_kv", n_heads)),
+            head_dim=int(meta.get(f"{arch}.attention.key_length", dim // n_heads)),
+            ffn_dim=int(get("feed_forward_length")),
+            rope_theta=float(get("rope.freq_base", 10000.0)),
+            norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+            tie_embeddings=not has_output,
+            qkv_bias=arch == "qwen2",
+            max_position=int(get("context_length", 2048)),
+        )

@@ -1,0 +1,243 @@
+"""The engine: jitted prefill, insert and generate over a static KV cache.
+
+- `prefill(params, tokens[Tb], true_len, sampling)` runs a prompt padded to a
+  bucket length Tb and samples its first token, returning a `Prefix`.
+- `insert(prefix, state, slot)` copies the prefix KV into one slot of the
+  decode state (the state is donated, so the cache is updated in place).
+- `generate(params, state)` decodes one token for every slot at once.
+
+Shapes are static: B slots, S cache positions, a set of prefill buckets and of
+attention lengths. `warmup` compiles every variant, so serving never compiles.
+"""
+
+from collections.abc import Sequence
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model.config import ModelConfig
+from model.sampling import SlotSampling, sample
+from model.transformer import LayerCache, Transformer, init_cache
+
+Params = dict
+
+
+@flax.struct.dataclass
+class Prefix:
+    """A prefilled prompt: caches [1, Tb, K, H] per layer, its length, first token."""
+
+    caches: list[LayerCache]
+    length: jax.Array  # i32 scalar: true prompt length
+    token: jax.Array  # i32 scalar: first sampled token
+    logprob: jax.Array  # f32 scalar
+    sampling: SlotSampling  # [1] settings, key already advanced
+
+
+@flax.struct.dataclass
+class DecodeState:
+    """Everything the decode step carries for B slots.
+
+    tokens [B]: the last sampled token of each slot, the next step's input.
+    positions [B]: where that token's key/value will be written.
+    """
+
+    caches: list[LayerCache]  # [B, S, K, H] per layer
+    tokens: jax.Array
+    positions: jax.Array
+    sampling: SlotSampling
+
+
+def buckets(smallest: int, largest: int) -> tuple[int, ...]:
+    """Powers of two from `smallest`, capped by and always including `largest`."""
+    sizes, n = [], smallest
+    while n < largest:
+        sizes.append(n)
+        n *= 2
+    sizes.append(largest)
+    return tuple(sizes)
+
+
+def pick_bucket(sizes: Sequence[int], n: int) -> int:
+    """The smallest size >= n."""
+    for size in sizes:
+        if size >= n:
+            return size
+    raise ValueError(f"length {n} exceeds the largest bucket {sizes[-1]}")
+
+
+class Engine:
+    """Compiled prefill/insert/generate for one model on the default device(s)."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        params: Params,
+        *,
+        max_seq_len: int,
+        batch: int = 1,
+        dtype=jnp.float32,
+        min_prefill_bucket: int = 32,
+        min_attn_bucket: int = 256,
+    ) -> None:
+        self.config = config
+        self.params = params
+        self.max_seq_len = max_seq_len
+        self.batch = batch
+        self.dtype = dtype
+        self.model = Transformer(config, dtype)
+        self.prefill_buckets = buckets(min(min_prefill_bucket, max_seq_len), max_seq_len)
+        self.attn_buckets = buckets(min(min_attn_bucket, max_seq_len), max_seq_len)
+        self._prefill = jax.jit(self._prefill_impl)
+        self._insert = jax.jit(self._insert_impl, donate_argnums=(1,))
+        self._generate = jax.jit(self._generate_impl, donate_argnums=(1,), static_argnums=(2,))
+        self._forward = jax.jit(self._forward_impl)
+        self._compiled: dict[tuple[str, int], jax.stages.Compiled] = {}
+        self.compilations = 0
+
+    # ---- pure functions under jit ------------------------------------------------
+
+    def _prefill_impl(self, params, tokens, true_len, sampling: SlotSampling) -> Prefix:
+        """tokens [Tb] padded, true_len scalar, sampling [1] → Prefix."""
+        bucket = tokens.shape[0]
+        positions = jnp.arange(bucket, dtype=jnp.int32)[None]
+        caches = init_cache(self.config, 1, bucket, self.dtype)
+        hidden, caches = self.model.apply(
+            {"params": params}, tokens[None], positions, jnp.zeros((1,), jnp.int32), caches, bucket
+        )
+        last = jax.lax.dynamic_index_in_dim(hidden[0], true_len - 1, keepdims=True)  # [1, D]
+        logits = self.model.apply({"params": params}, last, method=Transformer.logits)
+        token, logprob, keys = sample(logits, sampling)
+        return Prefix(caches, true_len, token[0], logprob[0], sampling.replace(key=keys))
+
+    def _insert_impl(self, prefix: Prefix, state: DecodeState, slot) -> DecodeState:
+        def put(cache, new):  # cache [B, S, K, H], new [1, Tb, K, H]
+            return jax.lax.dynamic_update_slice(cache, new, (slot, 0, 0, 0))
+
+        caches = [
+            LayerCache(put(c.k, p.k), put(c.v, p.v))
+            for c, p in zip(state.caches, prefix.caches, strict=True)
+        ]
+        sampling = jax.tree_util.tree_map(
+            lambda all_, one: all_.at[slot].set(one[0]), state.sampling, prefix.sampling
+        )
+        return DecodeState(
+            caches,
+            state.tokens.at[slot].set(prefix.token),
+            state.positions.at[slot].set(prefix.length),
+            sampling,
+        )
+
+    def _generate_impl(self, params, state: DecodeState, attn_len: int):
+        """One decode step for all slots → (state, tokens [B], logprobs [B])."""
+        # Idle slots keep stepping; clamp so their writes stay inside the cache.
+        positions = jnp.minimum(state.positions, self.max_seq_len - 1)
+        hidden, caches = self.model.apply(
+            {"params": params},
+            state.tokens[:, None],
+            positions[:, None],
+            positions,
+            state.caches,
+            attn_len,
+        )
+        logits = self.model.apply({"params": params}, hidden[:, 0], method=Transformer.logits)
+        tokens, logprobs, keys = sample(logits, state.sampling)
+        new_state = DecodeState(
+            caches, tokens, positions + 1, state.sampling.replace(key=keys)
+        )
+        return new_state, tokens, logprobs
+
+    def _forward_impl(self, params, tokens):
+        """Full-sequence logits [B, T, V] for tokens [B, T] (tests and scoring)."""
+        b, t = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        caches = init_cache(self.config, b, t, self.dtype)
+        hidden, _ = self.model.apply(
+            {"params": params}, tokens, positions, jnp.zeros((b,), jnp.int32), caches, t
+        )
+        return self.model.apply({"params": params}, hidden, method=Transformer.logits)
+
+    # ---- host-side API ---------------------------------------------------------------
+
+    def init_state(self) -> DecodeState:
+        b = self.batch
+        return DecodeState(
+            init_cache(self.config, b, self.max_seq_len, self.dtype),
+            jnp.zeros((b,), jnp.int32),
+            jnp.zeros((b,), jnp.int32),
+            SlotSampling.create(np.zeros(b), np.ones(b), np.zeros(b), np.zeros((b, 2), np.uint32)),
+        )
+
+    def _lower(self, kind: str, size: int):
+        """Trace one variant: kind is prefill/insert (size = bucket) or generate (attn_len)."""
+        sampling = jax.eval_shape(lambda: one_slot_sampling(0.0, 1.0, 0, 0))
+        token_spec = jax.ShapeDtypeStruct((), jnp.int32)
+        if kind == "prefill":
+            tokens = jax.ShapeDtypeStruct((size,), jnp.int32)
+            return self._prefill.lower(self.params, tokens, token_spec, sampling)
+        state = jax.eval_shape(self.init_state)
+        if kind == "insert":
+            tokens = jax.ShapeDtypeStruct((size,), jnp.int32)
+            prefix = jax.eval_shape(self._prefill, self.params, tokens, token_spec, sampling)
+            return self._insert.lower(prefix, state, token_spec)
+        return self._generate.lower(self.params, state, size)
+
+    def _executable(self, kind: str, size: int):
+        """The compiled variant, compiling it on first use (counted in `compilations`)."""
+        key = (kind, size)
+        if key not in self._compiled:
+            self._compiled[key] = self._lower(kind, size).compile()
+            self.compilations += 1
+        return self._compiled[key]
+
+    def variants(self) -> list[tuple[str, int]]:
+        """Every (kind, size) that serving can call."""
+        return (
+            [("prefill", b) for b in self.prefill_buckets]
+            + [("insert", b) for b in self.prefill_buckets]
+            + [("generate", n) for n in self.attn_buckets]
+        )
+
+    def warmup(self, workers: int | None = None) -> None:
+        """Compile every variant up front, a few at a time (XLA compiles off the GIL)."""
+        todo = [v for v in self.variants() if v not in self._compiled]
+        with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+            done = list(pool.map(lambda v: (v, self._lower(*v).compile()), todo))
+        self._compiled.update(done)
+        self.compilations += len(done)
+
+    def prefill(self, tokens: Sequence[int], sampling: SlotSampling) -> Prefix:
+        """Prefill a prompt (list of ids) with one slot's sampling settings."""
+        n = len(tokens)
+        if not 0 < n < self.max_seq_len:
+            raise ValueError(f"prompt of {n} tokens does not fit max_seq_len {self.max_seq_len}")
+        bucket = pick_bucket(self.prefill_buckets, n)
+        padded = np.zeros(bucket, np.int32)
+        padded[:n] = tokens
+        return self._executable("prefill", bucket)(self.params, padded, np.int32(n), sampling)
+
+    def insert(self, prefix: Prefix, state: DecodeState, slot: int) -> DecodeState:
+        """Copy a prefix into `slot`; `state` is donated and must not be used again."""
+        bucket = prefix.caches[0].k.shape[1]
+        return self._executable("insert", bucket)(prefix, state, np.int32(slot))
+
+    def generate(self, state: DecodeState, max_position: int):
+        """One step for all slots; `max_position` bounds every active slot's position.
+
+        Returns (state, tokens [B], logprobs [B]); `state` is donated.
+        """
+        attn_len = pick_bucket(self.attn_buckets, max_position + 1)
+        return self._executable("generate", attn_len)(self.params, state)
+
+    def forward(self, tokens) -> jax.Array:
+        """Full-sequence logits [B, T, V] for tokens [B, T] (compiles per shape)."""
+        return self._forward(self.params, jnp.asarray(tokens, jnp.int32))
+
+
+def one_slot_sampling(temperature: float, top_p: float, top_k: int, seed: int) -> SlotSampling:
+    """[1]-shaped sampling settings for a prefill; the PRNG key comes from `seed` (int64)."""
+    key = jax.random.fold_in(jax.random.PRNGKey(seed & 0xFFFFFFFF), (seed >> 32) & 0xFFFFFFFF)
+    return SlotSampling.create([temperature], [top_p], [top_k], key[None])

@@ -1,0 +1,134 @@
+"""Load a Llama-family GGUF file into the Transformer's parameter tree.
+
+A declarative table maps GGUF tensor names to parameter paths and a pure
+transform from the GGUF (numpy, [out, in]) layout to ours. Quantised tensors
+(Q8_0, Q4_0, Q4_1, …) and F16/BF16 are dequantised by the `gguf` package.
+"""
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gguf
+import jax.numpy as jnp
+import numpy as np
+
+from model.config import ModelConfig
+
+Params = dict[str, Any]
+
+# Architectures whose converter permuted Q/K rows into llama.cpp's interleaved
+# RoPE layout; we undo it to get the rotate-half layout of the HF weights.
+PERMUTED_QK_ARCHS = ("llama", "mistral")
+
+
+def read_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
+    """All key/value fields of a GGUF file as Python values."""
+    return {key: field.contents() for key, field in reader.fields.items()}
+
+
+def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Inverse of llama.cpp's convert `permute`: [heads*H, ...] interleaved → halves."""
+    rows = w.shape[0]
+    head_dim = rows // n_heads
+    return w.reshape(n_heads, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+Transform = Callable[..., np.ndarray]
+Table = dict[tuple[str, ...], tuple[tuple[str, ...], Transform]]
+
+
+def _transpose(w: np.ndarray) -> np.ndarray:
+    return w.T
+
+
+def _same(w: np.ndarray) -> np.ndarray:
+    return w
+
+
+def _fused_in(n_heads: int, n_kv_heads: int, permuted: bool) -> Transform:
+    """q [N·H, D], k [K·H, D], v [K·H, D] (weights or biases) → qkv [D, (N+2K)·H]."""
+
+    def transform(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+        if permuted:
+            q, k = unpermute_rows(q, n_heads), unpermute_rows(k, n_kv_heads)
+        return np.concatenate([q, k, v], axis=0).T
+
+    return transform
+
+
+def _concat_out(*ws: np.ndarray) -> np.ndarray:
+    """gate [F, D], up [F, D] → [D, 2F]."""
+    return np.concatenate(ws, axis=0).T
+
+
+def tensor_table(config: ModelConfig, arch: str) -> Table:
+    """Parameter path → (GGUF tensor names, transform from their [out, in] arrays)."""
+    fuse = _fused_in(config.n_heads, config.n_kv_heads, arch in PERMUTED_QK_ARCHS)
+    table: Table = {
+        ("embed", "embedding"): (("token_embd.weight",), _same),
+        # A tied head reuses the embedding; it follows it here so it is dequantised once.
+        ("lm_head",): (("token_embd.weight" if config.tie_embeddings else "output.weight",), _transpose),
+        ("final_norm", "scale"): (("output_norm.weight",), _same),
+    }
+    for i in range(config.n_layers):
+        layer, blk = f"layers_{i}", f"blk.{i}"
+        table |= {
+            (layer, "attn_norm", "scale"): ((f"{blk}.attn_norm.weight",), _same),
+            (layer, "attn", "qkv"): (
+                tuple(f"{blk}.attn_{x}.weight" for x in "qkv"),
+                fuse,
+            ),
+            (layer, "attn", "o"): ((f"{blk}.attn_output.weight",), _transpose),
+            (layer, "mlp_norm", "scale"): ((f"{blk}.ffn_norm.weight",), _same),
+            (layer, "mlp", "gate_up"): ((f"{blk}.ffn_gate.weight", f"{blk}.ffn_up.weight"), _concat_out),
+            (layer, "mlp", "down"): ((f"{blk}.ffn_down.weight",), _transpose),
+        }
+        if config.qkv_bias:
+            table[(layer, "attn", "qkv_bias")] = (tuple(f"{blk}.attn_{x}.bias" for x in "qkv"), fuse)
+    return table
+
+
+def config_from_gguf(reader: gguf.GGUFReader, meta: dict[str, Any] | None = None) -> ModelConfig:
+    """The ModelConfig described by a GGUF file's metadata and tensor list."""
+    meta = meta if meta is not None else read_metadata(reader)
+    names = {t.name for t in reader.tensors}
+    config = ModelConfig.from_gguf_metadata(meta, has_output="output.weight" in names)
+    if "blk.0.attn_q.bias" in names and not config.qkv_bias:
+        config = dataclasses.replace(config, qkv_bias=True)
+    return config
+
+
+def load_gguf_params(
+    reader: gguf.GGUFReader, config: ModelConfig, dtype: jnp.dtype, arch: str
+) -> Params:
+    """Dequantise the tensors and place them in the parameter tree as `dtype`."""
+    tensors = {t.name: t for t in reader.tensors}
+    table = tensor_table(config, arch)
+    missing = sorted({n for names, _ in table.values() for n in names} - set(tensors))
+    if missing:
+        raise ValueError(f"GGUF file lacks tensors: {', '.join(missing[:5])}")
+
+    @functools.lru_cache(maxsize=1)
+    def dequantize(name: str) -> np.ndarray:
+        t = tensors[name]
+        return gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+
+    params: Params = {}
+    for path, (names, transform) in table.items():
+        node = params
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = jnp.asarray(transform(*map(dequantize, names)), dtype=dtype)
+    return params
+
+
+def load_gguf(path: Path, dtype: jnp.dtype) -> tuple[ModelConfig, Params, gguf.GGUFReader]:
+    """(config, params, reader) for a GGUF file; the reader also feeds the tokenizer."""
+    reader = gguf.GGUFReader(path)
+    meta = read_metadata(reader)
+    config = config_from_gguf(reader, meta)
+    params = load_gguf_params(reader, config, dtype, meta["general.architecture"])
+    return config, params, reader

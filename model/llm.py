@@ -1,0 +1,167 @@
+"""The Python API: load a model, then chat with it, streaming or not, with no HTTP.
+
+    from model import LLM
+    llm = LLM()                       # the bundled SmolLM2-135M-Instruct
+    print(llm.chat("What is JAX?", temperature=0))
+    for piece in llm.chat([{"role": "user", "content": "Hi"}], stream=True):
+        print(piece, end="")
+"""
+
+import secrets
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from model.chat_template import ChatTemplate
+from model.detokenizer import IncrementalDetokenizer
+from model.engine import Engine, one_slot_sampling
+from model.gguf_loader import load_gguf
+from model.sampling_params import Delta, FinishReason, SamplingParams
+from model.sources import resolve_model
+from model.stop_strings import StopStringMatcher
+from model.tokenizer import Tokenizer
+
+DEFAULT_MAX_SEQ_LEN = 2048
+Messages = str | Sequence[dict]
+
+
+def compute_dtype(name: str | None) -> jnp.dtype:
+    """"auto" (or None) is float32 on CPU, where XLA's bf16 matmuls are slow, else bfloat16."""
+    if name in (None, "", "auto"):
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    if name not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be auto, float32 or bfloat16, not {name!r}")
+    return jnp.dtype(name)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished generation: its text, every sampled token id, and why it ended."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason
+
+
+class LLM:
+    """A loaded model with its tokenizer, chat template and compiled engine.
+
+    model: a GGUF path, or None for the bundled default. max_seq_len bounds
+    prompt + completion tokens (default 2048, at most the model's context).
+    Generation is serialised by a lock, so one LLM may be shared by threads.
+    """
+
+    def __init__(
+        self, model: str | None = None, *, max_seq_len: int | None = None, dtype: str | None = None
+    ) -> None:
+        self.path = resolve_model(model)
+        self.dtype = compute_dtype(dtype)
+        self.config, params, reader = load_gguf(self.path, self.dtype)
+        self.tokenizer = Tokenizer.from_gguf(reader)
+        self.template = ChatTemplate.from_gguf(reader, self.tokenizer)
+        self.max_seq_len = min(max_seq_len or DEFAULT_MAX_SEQ_LEN, self.config.max_position)
+        self.engine = Engine(self.config, params, max_seq_len=self.max_seq_len, dtype=self.dtype)
+        self._state = self.engine.init_state()
+        self._lock = threading.Lock()
+
+    def warmup(self) -> None:
+        """Compile every shape serving can use; afterwards no request compiles."""
+        with self._lock:
+            self.engine.warmup()
+
+    def encode_chat(self, messages: Messages, tools: list[dict] | None = None) -> list[int]:
+        """Render messages with the chat template (plus the generation prompt) → token ids.
+
+        Raises ValueError (TemplateError) when the template rejects the messages.
+        """
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        text = self.template.render(list(messages), add_generation_prompt=True, tools=tools)
+        return self.tokenizer.encode(text)
+
+    def max_new_tokens(self, prompt_len: int, max_tokens: int | None) -> int:
+        """How many tokens a request may generate; ValueError when it cannot fit."""
+        room = self.max_seq_len - prompt_len
+        if room <= 0:
+            raise ValueError(
+                f"This model's maximum context length is {self.max_seq_len} tokens. "
+                f"However, your messages resulted in {prompt_len} tokens."
+            )
+        if max_tokens is None:
+            return room
+        if max_tokens > room:
+            raise ValueError(
+                f"This model's maximum context length is {self.max_seq_len} tokens. "
+                f"However, you requested {prompt_len + max_tokens} tokens "
+                f"({prompt_len} in the messages, {max_tokens} in the completion)."
+            )
+        return max_tokens
+
+    def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[Delta]:
+        """Generate from token ids, yielding a Delta per sampled token.
+
+        Text in the deltas is final: whole UTF-8 characters, never a possible
+        start of a stop string. The last delta has the finish_reason. Closing
+        the iterator early stops generation.
+        """
+        budget = self.max_new_tokens(len(prompt_ids), params.max_tokens)
+        detok = IncrementalDetokenizer(self.tokenizer)
+        stops = StopStringMatcher(params.stop)
+        produced = 0
+        for token in self._tokens(prompt_ids, params, budget):
+            produced += 1
+            if token in self.tokenizer.stop_ids:
+                yield Delta(detok.flush() + stops.flush(), (token,), "stop")
+                return
+            text, stopped = stops.add(detok.add(token))
+            if stopped:
+                yield Delta(text, (token,), "stop")
+                return
+            if produced == budget:
+                tail, stopped = stops.add(detok.flush())
+                yield Delta(text + tail + ("" if stopped else stops.flush()), (token,),
+                            "stop" if stopped else "length")
+                return
+            yield Delta(text, (token,))
+
+    def _tokens(self, prompt_ids: Sequence[int], params: SamplingParams, count: int):
+        """Sampled token ids, one step dispatched ahead so host work overlaps the device."""
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        sampling = one_slot_sampling(params.temperature, params.top_p, params.top_k, seed)
+        with self._lock:
+            prefix = self.engine.prefill(list(prompt_ids), sampling)
+            self._state = self.engine.insert(prefix, self._state, 0)
+            position, pending = len(prompt_ids), prefix.token
+            for i in range(count):
+                if i + 1 < count:
+                    self._state, upcoming, _ = self.engine.generate(self._state, position)
+                    position += 1
+                yield int(pending)
+                pending = upcoming[0] if i + 1 < count else None
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Completion:
+        """Run `stream` to the end and collect the result."""
+        text, ids, reason = [], [], "length"
+        for delta in self.stream(prompt_ids, params):
+            text.append(delta.text)
+            ids.extend(delta.token_ids)
+            reason = delta.finish_reason or reason
+        return Completion("".join(text), tuple(ids), reason)
+
+    def chat(self, messages: Messages, *, stream: bool = False, **sampling) -> str | Iterator[str]:
+        """Reply to a conversation (or a single user string).
+
+        sampling: SamplingParams fields (temperature, top_p, top_k, max_tokens,
+        seed, stop). Returns the reply text, or with stream=True an iterator of
+        text pieces.
+        """
+        if isinstance(sampling.get("stop"), str):
+            sampling["stop"] = (sampling["stop"],)
+        params = SamplingParams(**sampling)
+        ids = self.encode_chat(messages)
+        if stream:
+            return (d.text for d in self.stream(ids, params) if d.text)
+        return self.generate(ids, params).text

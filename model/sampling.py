@@ -1,0 +1,85 @@
+"""Token sampling on device, per slot: greedy, temperature, top-k and top-p.
+
+Every setting is a per-slot array, so one compiled step serves a batch that
+mixes greedy and sampled requests. Each transform is a small function of
+logits [B, V]; `sample` composes them.
+"""
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+NEG_INF = jnp.finfo(jnp.float32).min
+
+
+@flax.struct.dataclass
+class SlotSampling:
+    """Sampling settings of B slots: temperature, top_p [B] f32; top_k [B] i32; key [B, 2] u32.
+
+    temperature 0 is greedy; top_k 0 and top_p 1 disable those filters.
+    """
+
+    temperature: jax.Array
+    top_p: jax.Array
+    top_k: jax.Array
+    key: jax.Array
+
+    @classmethod
+    def create(cls, temperature, top_p, top_k, key) -> "SlotSampling":
+        return cls(
+            jnp.asarray(temperature, jnp.float32),
+            jnp.asarray(top_p, jnp.float32),
+            jnp.asarray(top_k, jnp.int32),
+            jnp.asarray(key, jnp.uint32),
+        )
+
+
+def scale_by_temperature(logits: jax.Array, temperature: jax.Array) -> jax.Array:
+    """Divide [B, V] logits by [B] temperatures (0 is treated as 1: greedy takes argmax)."""
+    t = jnp.where(temperature > 0, temperature, 1.0)
+    return logits / t[:, None]
+
+
+def top_k_mask(sorted_logits: jax.Array, top_k: jax.Array) -> jax.Array:
+    """Keep the top_k [B] largest of descending-sorted logits [B, V]; 0 keeps all."""
+    rank = jnp.arange(sorted_logits.shape[-1])[None, :]
+    keep = (top_k[:, None] <= 0) | (rank < top_k[:, None])
+    return jnp.where(keep, sorted_logits, NEG_INF)
+
+
+def top_p_mask(sorted_logits: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Keep the smallest prefix of descending-sorted logits whose mass reaches top_p [B]."""
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = mass_before < top_p[:, None]  # the first token always stays
+    return jnp.where(keep, sorted_logits, NEG_INF)
+
+
+def _sample_filtered(logits, top_k, top_p, keys) -> jax.Array:
+    order = jnp.argsort(-logits, axis=-1)  # [B, V] token ids, most likely first
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    sorted_logits = top_p_mask(top_k_mask(sorted_logits, top_k), top_p)
+    choice = jax.vmap(jax.random.categorical)(keys, sorted_logits)
+    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
+
+
+def _sample_plain(logits, top_k, top_p, keys) -> jax.Array:
+    return jax.vmap(jax.random.categorical)(keys, logits)
+
+
+def sample(logits: jax.Array, s: SlotSampling) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """logits [B, V] f32 → (tokens [B], logprobs [B], next keys [B, 2]).
+
+    logprobs are the model's log-probabilities of the chosen tokens before any
+    sampling transform. The sort for top-k/top-p runs only when a slot asks for it.
+    """
+    next_keys, keys = jnp.split(jax.vmap(lambda k: jax.random.split(k, 2))(s.key), 2, axis=1)
+    next_keys, keys = next_keys[:, 0], keys[:, 0]
+    scaled = scale_by_temperature(logits, s.temperature)
+    needs_sort = jnp.any((s.top_k > 0) | (s.top_p < 1.0))
+    sampled = lax.cond(needs_sort, _sample_filtered, _sample_plain, scaled, s.top_k, s.top_p, keys)
+    tokens = jnp.where(s.temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    return tokens, chosen, next_keys

@@ -1,0 +1,186 @@
+"""The Llama-family decoder as Flax modules.
+
+Axis letters, used in every einsum and shape comment:
+B batch/slots, T query length, S key length, N query heads, K kv heads,
+G query heads per kv head, H head dim, D model dim, F MLP dim, V vocab.
+
+One call serves both prefill and decode: the new tokens' keys and values are
+written into a per-layer cache at each row's `start` offset, then the queries
+attend over the first `attn_len` cache positions, masked to keys at or before
+their own position. Prefill passes a fresh cache as long as the padded prompt;
+decode passes the slot cache and T=1.
+"""
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from model.config import ModelConfig
+
+
+@flax.struct.dataclass
+class LayerCache:
+    """Keys and values of one layer: k, v [B, S, K, H]."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+def init_cache(config: ModelConfig, batch: int, length: int, dtype) -> list[LayerCache]:
+    """Zeroed per-layer caches [batch, length, K, H]."""
+    shape = (batch, length, config.n_kv_heads, config.head_dim)
+    return [
+        LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.n_layers)
+    ]
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, the rotate-half layout of HF Llama.
+
+    x [B, T, heads, H], positions [B, T] → same shape. Angles in f32.
+    """
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))  # [H/2]
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
+    sin = jnp.sin(angles)[:, :, None, :]
+    cos = jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def write_rows(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+    """cache [B, S, K, H] with new [B, T, K, H] written at row b from start[b]."""
+
+    def one(c: jax.Array, n: jax.Array, s: jax.Array) -> jax.Array:
+        return lax.dynamic_update_slice(c, n, (s, 0, 0))
+
+    return jax.vmap(one)(cache, new, start)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with fused projections.
+
+    Weights are 2-D and fused (qkv [D, (N+2K)·H], o [N·H, D]): XLA:CPU runs one
+    wide matvec much faster than three narrow ones.
+    """
+
+    config: ModelConfig
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,  # [B, T, D]
+        positions: jax.Array,  # [B, T]
+        start: jax.Array,  # [B] cache row where x[:, 0] is written
+        cache: LayerCache,
+        attn_len: int,
+    ) -> tuple[jax.Array, LayerCache]:
+        c = self.config
+        n, k, h = c.n_heads, c.n_kv_heads, c.head_dim
+        init = nn.initializers.normal(0.02)
+        w_qkv = self.param("qkv", init, (c.dim, (n + 2 * k) * h), self.dtype)
+        w_o = self.param("o", init, (n * h, c.dim), self.dtype)
+        qkv = jnp.einsum("BTD,DE->BTE", x, w_qkv)  # E = (N+2K)·H
+        if c.qkv_bias:
+            qkv = qkv + self.param("qkv_bias", nn.initializers.zeros, ((n + 2 * k) * h,), self.dtype)
+        b, t = x.shape[:2]
+        q, key, value = jnp.split(qkv.reshape(b, t, n + 2 * k, h), [n, n + k], axis=2)
+        q = rope(q, positions, c.rope_theta)  # [B, T, N, H]
+        key = rope(key, positions, c.rope_theta)  # [B, T, K, H]
+        cache = LayerCache(write_rows(cache.k, key, start), write_rows(cache.v, value, start))
+
+        keys = cache.k[:, :attn_len]  # [B, S, K, H]
+        values = cache.v[:, :attn_len]
+        q = q.reshape(b, t, k, c.group_size, h)
+        scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, keys).astype(jnp.float32) * (h**-0.5)
+        visible = jnp.arange(attn_len)[None, None, :] <= positions[:, :, None]  # [B, T, S]
+        scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, values).reshape(b, t, n * h)
+        return jnp.einsum("BTE,ED->BTD", out, w_o), cache
+
+
+class MLP(nn.Module):
+    """SwiGLU with gate and up fused into one [D, 2F] matrix."""
+
+    config: ModelConfig
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = self.config
+        init = nn.initializers.normal(0.02)
+        gate_up = self.param("gate_up", init, (c.dim, 2 * c.ffn_dim), self.dtype)
+        down = self.param("down", init, (c.ffn_dim, c.dim), self.dtype)
+        gate, up = jnp.split(jnp.einsum("BTD,DF->BTF", x, gate_up), 2, axis=-1)
+        return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, down)
+
+
+class Block(nn.Module):
+    config: ModelConfig
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x, positions, start, cache: LayerCache, attn_len: int):
+        c = self.config
+        h, cache = Attention(c, self.dtype, name="attn")(
+            RMSNorm(c.norm_eps, self.dtype, name="attn_norm")(x), positions, start, cache, attn_len
+        )
+        x = x + h
+        x = x + MLP(c, self.dtype, name="mlp")(RMSNorm(c.norm_eps, self.dtype, name="mlp_norm")(x))
+        return x, cache
+
+
+class Transformer(nn.Module):
+    """tokens [B, T] → (hidden [B, T, D], updated caches). `logits` maps hidden to V."""
+
+    config: ModelConfig
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self) -> None:
+        c = self.config
+        self.embed = nn.Embed(c.vocab_size, c.dim, dtype=self.dtype, param_dtype=self.dtype)
+        self.layers = [Block(c, self.dtype) for _ in range(c.n_layers)]
+        self.final_norm = RMSNorm(c.norm_eps, self.dtype)
+        # Always a [D, V] head, for tied models a transposed copy of the embedding:
+        # XLA:CPU streams a [D, V] matrix through a matvec much faster than [V, D].
+        self.lm_head = self.param(
+            "lm_head", nn.initializers.normal(0.02), (c.dim, c.vocab_size), self.dtype
+        )
+
+    def __call__(
+        self,
+        tokens: jax.Array,  # [B, T]
+        positions: jax.Array,  # [B, T]
+        start: jax.Array,  # [B]
+        caches: list[LayerCache],
+        attn_len: int,
+    ) -> tuple[jax.Array, list[LayerCache]]:
+        x = self.embed(tokens)
+        new_caches = []
+        # Layers are unrolled, each with its own cache buffer, so XLA updates
+        # every buffer in place instead of copying a stacked cache per step.
+        for layer, cache in zip(self.layers, caches, strict=True):
+            x, cache = layer(x, positions, start, cache, attn_len)
+            new_caches.append(cache)
+        return self.final_norm(x), new_caches
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden [..., D] → logits [..., V] in f32."""
+        return jnp.einsum("...D,DV->...V", hidden, self.lm_head).astype(jnp.float32)
