@@ -68,18 +68,26 @@ def _sample_plain(logits, top_k, top_p, keys) -> jax.Array:
     return jax.vmap(jax.random.categorical)(keys, logits)
 
 
+def _draw(logits: jax.Array, s: SlotSampling, keys: jax.Array) -> jax.Array:
+    scaled = scale_by_temperature(logits, s.temperature)
+    needs_sort = jnp.any((s.top_k > 0) | (s.top_p < 1.0))
+    return lax.cond(needs_sort, _sample_filtered, _sample_plain, scaled, s.top_k, s.top_p, keys)
+
+
 def sample(logits: jax.Array, s: SlotSampling) -> tuple[jax.Array, jax.Array, jax.Array]:
     """logits [B, V] f32 → (tokens [B], logprobs [B], next keys [B, 2]).
 
     logprobs are the model's log-probabilities of the chosen tokens before any
-    sampling transform. The sort for top-k/top-p runs only when a slot asks for it.
+    sampling transform. Random draws (and the sort for top-k/top-p) run only
+    when some slot needs them, so an all-greedy batch pays for an argmax.
     """
-    next_keys, keys = jnp.split(jax.vmap(lambda k: jax.random.split(k, 2))(s.key), 2, axis=1)
-    next_keys, keys = next_keys[:, 0], keys[:, 0]
-    scaled = scale_by_temperature(logits, s.temperature)
-    needs_sort = jnp.any((s.top_k > 0) | (s.top_p < 1.0))
-    sampled = lax.cond(needs_sort, _sample_filtered, _sample_plain, scaled, s.top_k, s.top_p, keys)
-    tokens = jnp.where(s.temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+    split = jax.vmap(lambda k: jax.random.split(k, 2))(s.key)  # [B, 2, 2]
+    next_keys, keys = split[:, 0], split[:, 1]
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    sampled = lax.cond(
+        jnp.any(s.temperature > 0), lambda: _draw(logits, s, keys).astype(jnp.int32), lambda: greedy
+    )
+    tokens = jnp.where(s.temperature > 0, sampled, greedy)
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
     return tokens, chosen, next_keys

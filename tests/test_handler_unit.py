@@ -1,0 +1,669 @@
+"""The HTTP handler against a fake engine whose every output is computable by hand.
+
+The app under test is the one functions-framework builds: `create_app` loads a
+small source file (written to tmp_path) that calls `make_handler` exactly as
+main.py does, except that the settings and the model host come from a module
+the test puts in `sys.modules`, so each test can inject its own fake.
+"""
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import types
+
+import functions_framework
+import pytest
+
+from handler.model_host import ModelHost
+from handler.settings import Settings
+from model.sampling_params import Delta, SamplingParams
+
+MODEL = "smollm2-135m-instruct"
+CHAT = "/v1/chat/completions"
+# The fake's reply, one delta per piece and one token per character (13 tokens).
+REPLY_PIECES = ("Hello", ",", " world", "!")
+REPLY = "".join(REPLY_PIECES)
+# "user: hi\n" is the fake's rendering of HELLO: 9 tokens.
+HELLO = [{"role": "user", "content": "hi"}]
+HELLO_PROMPT_TOKENS = 9
+
+WIRING_MODULE = "jaxchat_unit_wiring"
+SOURCE = f"""
+from handler.app import make_handler
+from {WIRING_MODULE} import host, settings
+
+app = make_handler(settings, host)
+"""
+
+
+class CharTokenizer:
+    """One token per character; the id is the code point."""
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(map(chr, ids))
+
+
+class FakeLLM:
+    """An engine with hand-computable behaviour.
+
+    encode_chat renders each message as "<role>: <content>\\n". stream replies
+    REPLY_PIECES, cut at the first stop string (finish "stop") or at max_tokens
+    tokens (finish "length"). A prompt containing "REJECT" fails the template,
+    "LATE BOOM" raises after the first delta, "BOOM" raises before any delta.
+    """
+
+    def __init__(self, max_seq_len: int = 64):
+        self.tokenizer = CharTokenizer()
+        self.max_seq_len = max_seq_len
+        self.calls: list[SamplingParams] = []
+        self.closed_streams = 0
+
+    def warmup(self) -> None:
+        pass
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+        if "REJECT" in text:
+            raise ValueError("the chat template rejects this conversation")
+        return self.tokenizer.encode(text)
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams):
+        self.calls.append(params)
+        return self._generate(self.tokenizer.decode(prompt_ids), params)
+
+    def _generate(self, prompt: str, params: SamplingParams):
+        try:
+            if "BOOM" in prompt and "LATE BOOM" not in prompt:
+                raise RuntimeError("engine exploded")
+            text, finish = self.reply(params)
+            position = 0
+            for index, piece in enumerate(REPLY_PIECES):
+                if index == 1 and "LATE BOOM" in prompt:
+                    raise RuntimeError("engine exploded mid-stream")
+                part = text[position : position + len(piece)]
+                position += len(part)
+                last = position >= len(text)
+                yield Delta(part, tuple(self.tokenizer.encode(part)), finish if last else None)
+                if last:
+                    return
+        finally:
+            self.closed_streams += 1
+
+    @staticmethod
+    def reply(params: SamplingParams) -> tuple[str, str]:
+        """The full reply text and finish_reason for `params`."""
+        text, finish = REPLY, "stop"
+        for stop in params.stop:
+            if stop in text:
+                text = text[: text.index(stop)]
+        if params.max_tokens is not None and params.max_tokens < len(text):
+            text, finish = text[: params.max_tokens], "length"
+        return text, finish
+
+
+@pytest.fixture
+def serve(tmp_path, monkeypatch):
+    """serve(llm=…, host=…, **settings) -> a test client of the functions-framework app."""
+    for name in list(os.environ):
+        if name.startswith("JAXCHAT_"):
+            monkeypatch.delenv(name)
+    # create_app records these in os.environ and sys.modules; restore them afterwards.
+    monkeypatch.setenv("FUNCTION_TARGET", "app")
+    monkeypatch.setenv("FUNCTION_SIGNATURE_TYPE", "http")
+    monkeypatch.delitem(sys.modules, "unit_main", raising=False)
+
+    def build(llm: FakeLLM | None = None, host: ModelHost | None = None, **settings):
+        if host is None:
+            fake = llm or FakeLLM()
+            host = ModelHost(lambda: fake)
+            assert host.wait(5) == "ready"
+        wiring = types.ModuleType(WIRING_MODULE)
+        wiring.settings = Settings(**settings)
+        wiring.host = host
+        monkeypatch.setitem(sys.modules, WIRING_MODULE, wiring)
+        source = tmp_path / "unit_main.py"
+        source.write_text(SOURCE)
+        return functions_framework.create_app(target="app", source=str(source)).test_client()
+
+    return build
+
+
+def chat_body(**fields) -> dict:
+    """A valid request body; a field set to ... is removed."""
+    body = {"model": MODEL, "messages": HELLO, **fields}
+    return {key: value for key, value in body.items() if value is not ...}
+
+
+def sse_events(response) -> list:
+    """The decoded `data:` payloads of an SSE body, "[DONE]" kept as a string."""
+    assert response.status_code == 200
+    assert response.mimetype == "text/event-stream"
+    text = response.get_data(as_text=True)
+    assert text.endswith("\n\n")
+    events = text[:-2].split("\n\n")
+    assert all(event.startswith("data: ") for event in events), events
+    return [e[6:] if e == "data: [DONE]" else json.loads(e[6:]) for e in events]
+
+
+def assert_error(response, status: int, type_: str, param=None, code=None) -> dict:
+    assert response.status_code == status, response.get_data(as_text=True)
+    error = response.get_json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == type_
+    assert error["param"] == param
+    if code is not None:
+        assert error["code"] == code
+    assert error["message"]
+    return error
+
+
+# Replies.
+
+
+def test_non_streamed_reply_shape(serve):
+    response = serve().post(CHAT, json=chat_body())
+    assert response.status_code == 200
+    reply = response.get_json()
+    assert reply["id"].startswith("chatcmpl-") and len(reply["id"]) == len("chatcmpl-") + 32
+    assert isinstance(reply["created"], int)
+    assert reply["system_fingerprint"].startswith("fp_")
+    del reply["id"], reply["created"], reply["system_fingerprint"]
+    assert reply == {
+        "object": "chat.completion",
+        "model": MODEL,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": REPLY},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {
+            "prompt_tokens": HELLO_PROMPT_TOKENS,
+            "completion_tokens": len(REPLY),
+            "total_tokens": HELLO_PROMPT_TOKENS + len(REPLY),
+        },
+    }
+
+
+def test_ids_are_unique_per_reply(serve):
+    client = serve()
+    ids = {client.post(CHAT, json=chat_body()).get_json()["id"] for _ in range(3)}
+    assert len(ids) == 3
+
+
+def test_streamed_reply_framing(serve):
+    response = serve().post(CHAT, json=chat_body(stream=True))
+    events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert [(c["choices"][0]["delta"], c["choices"][0]["finish_reason"]) for c in chunks] == [
+        ({"role": "assistant", "content": ""}, None),
+        ({"content": "Hello"}, None),
+        ({"content": ","}, None),
+        ({"content": " world"}, None),
+        ({"content": "!"}, "stop"),
+    ]
+    assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"].startswith("chatcmpl-")
+    assert len({c["created"] for c in chunks}) == 1
+    for chunk in chunks:
+        assert chunk["object"] == "chat.completion.chunk"
+        assert chunk["model"] == MODEL
+        assert chunk["usage"] is None
+        assert chunk["choices"][0]["index"] == 0 and chunk["choices"][0]["logprobs"] is None
+
+
+def test_stream_usage_chunk_only_with_include_usage(serve):
+    body = chat_body(stream=True, stream_options={"include_usage": True}, max_tokens=3)
+    events = sse_events(serve().post(CHAT, json=body))
+    assert events[-1] == "[DONE]"
+    *chunks, usage_chunk = events[:-1]
+    assert usage_chunk["choices"] == []
+    assert usage_chunk["usage"] == {
+        "prompt_tokens": HELLO_PROMPT_TOKENS,
+        "completion_tokens": 3,
+        "total_tokens": HELLO_PROMPT_TOKENS + 3,
+    }
+    assert usage_chunk["id"] == chunks[0]["id"]
+    assert all(chunk["usage"] is None for chunk in chunks)
+    finishes = [c["choices"][0]["finish_reason"] for c in chunks]
+    assert finishes == [None, "length"]
+    assert chunks[1]["choices"][0]["delta"] == {"content": "Hel"}
+
+
+def test_include_usage_false_sends_no_usage_chunk(serve):
+    body = chat_body(stream=True, stream_options={"include_usage": False})
+    events = sse_events(serve().post(CHAT, json=body))
+    assert all(event == "[DONE]" or event["choices"] for event in events)
+
+
+def test_max_tokens_gives_length_and_counts(serve):
+    reply = serve().post(CHAT, json=chat_body(max_tokens=3)).get_json()
+    assert reply["choices"][0]["message"]["content"] == "Hel"
+    assert reply["choices"][0]["finish_reason"] == "length"
+    assert reply["usage"]["completion_tokens"] == 3
+
+
+def test_request_becomes_sampling_params(serve):
+    fake = FakeLLM()
+    client = serve(llm=fake)
+    body = chat_body(
+        temperature=0.5,
+        top_p=0.9,
+        top_k=-1,
+        seed=7,
+        stop="wor",
+        max_tokens=10,
+        max_completion_tokens=6,
+    )
+    reply = client.post(CHAT, json=body).get_json()
+    assert fake.calls[-1] == SamplingParams(
+        temperature=0.5, top_p=0.9, top_k=0, max_tokens=6, seed=7, stop=("wor",)
+    )
+    assert reply["choices"][0]["message"]["content"] == "Hello,"
+    client.post(CHAT, json=chat_body())
+    assert fake.calls[-1] == SamplingParams(temperature=1.0, top_p=1.0, top_k=0, max_tokens=None)
+
+
+def test_stop_list_is_passed_whole(serve):
+    fake = FakeLLM()
+    reply = serve(llm=fake).post(CHAT, json=chat_body(stop=["xyz", " wo"])).get_json()
+    assert fake.calls[-1].stop == ("xyz", " wo")
+    assert reply["choices"][0]["message"]["content"] == "Hello,"
+    assert reply["choices"][0]["finish_reason"] == "stop"
+
+
+def test_text_parts_are_joined_for_the_template(serve):
+    parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    body = chat_body(messages=[{"role": "user", "content": parts}])
+    reply = serve().post(CHAT, json=body).get_json()
+    assert reply["usage"]["prompt_tokens"] == len("user: a\nb\n")
+
+
+@pytest.mark.parametrize("path", [CHAT, "/chat/completions", "/api/v1/chat/completions"])
+def test_chat_path_aliases(serve, path):
+    response = serve().post(path, json=chat_body())
+    assert response.get_json()["choices"][0]["message"]["content"] == REPLY
+
+
+def test_closing_the_stream_cancels_generation(serve):
+    fake = FakeLLM()
+    response = serve(llm=fake).post(CHAT, json=chat_body(stream=True), buffered=False)
+    body = response.iter_encoded()
+    assert next(body).startswith(b'data: {"id":"chatcmpl-')
+    assert fake.closed_streams == 0
+    response.close()
+    assert fake.closed_streams == 1
+
+
+# Validation.
+
+BAD_REQUESTS = {
+    "missing messages": (chat_body(messages=...), "messages"),
+    "empty messages": (chat_body(messages=[]), "messages"),
+    "messages not a list": (chat_body(messages="hi"), "messages"),
+    "bad role": (chat_body(messages=[{"role": "robot", "content": "x"}]), "messages.0.role"),
+    "missing content": (chat_body(messages=[{"role": "user"}]), "messages.0.content"),
+    "second message bad": (
+        chat_body(messages=[*HELLO, {"role": "user", "content": 5}]),
+        "messages.1.content",
+    ),
+    "image part": (
+        chat_body(messages=[{"role": "user", "content": [{"type": "image_url"}]}]),
+        "messages.0.content.0.type",
+    ),
+    "missing model": (chat_body(model=...), "model"),
+    "temperature 3": (chat_body(temperature=3), "temperature"),
+    "temperature -0.1": (chat_body(temperature=-0.1), "temperature"),
+    "top_p 0": (chat_body(top_p=0), "top_p"),
+    "top_p 1.5": (chat_body(top_p=1.5), "top_p"),
+    "top_k -2": (chat_body(top_k=-2), "top_k"),
+    "min_p 2": (chat_body(min_p=2), "min_p"),
+    "stop list of 5": (chat_body(stop=["a", "b", "c", "d", "e"]), "stop"),
+    "empty stop string": (chat_body(stop=""), "stop"),
+    "empty string in stop list": (chat_body(stop=["a", ""]), "stop.1"),
+    "stream_options without stream": (
+        chat_body(stream_options={"include_usage": True}),
+        "stream_options",
+    ),
+    "max_tokens 0": (chat_body(max_tokens=0), "max_tokens"),
+    "max_tokens 1.5": (chat_body(max_tokens=1.5), "max_tokens"),
+    "max_completion_tokens -1": (chat_body(max_completion_tokens=-1), "max_completion_tokens"),
+    "presence_penalty 3": (chat_body(presence_penalty=3), "presence_penalty"),
+    "frequency_penalty -2.5": (chat_body(frequency_penalty=-2.5), "frequency_penalty"),
+    "repetition_penalty 0": (chat_body(repetition_penalty=0), "repetition_penalty"),
+    "n 0": (chat_body(n=0), "n"),
+    "n 129": (chat_body(n=129), "n"),
+    "top_logprobs without logprobs": (chat_body(top_logprobs=2), "top_logprobs"),
+    "top_logprobs 21": (chat_body(logprobs=True, top_logprobs=21), "top_logprobs"),
+    "seed beyond int64": (chat_body(seed=2**63), "seed"),
+    "seed not a number": (chat_body(seed="abc"), "seed"),
+    "logit_bias beyond 100": (chat_body(logit_bias={"5": 101}), "logit_bias.5"),
+    "logit_bias key not a token id": (chat_body(logit_bias={"abc": 1}), "logit_bias.abc"),
+    "unknown tool_choice": (chat_body(tool_choice="sometimes"), "tool_choice"),
+    "unknown response_format": (chat_body(response_format={"type": "xml"}), "response_format.type"),
+}
+
+
+@pytest.mark.parametrize("body, param", BAD_REQUESTS.values(), ids=BAD_REQUESTS.keys())
+def test_invalid_request_names_the_param(serve, body, param):
+    error = assert_error(serve().post(CHAT, json=body), 400, "invalid_request_error", param)
+    assert error["message"].startswith(param)
+
+
+UNSUPPORTED = {
+    "n=2": (chat_body(n=2), "n"),
+    "logprobs": (chat_body(logprobs=True), "logprobs"),
+    "logprobs with top_logprobs": (chat_body(logprobs=True, top_logprobs=3), "logprobs"),
+    "tools (auto by default)": (
+        chat_body(tools=[{"type": "function", "function": {"name": "f"}}]),
+        "tools",
+    ),
+    "tool_choice required": (chat_body(tool_choice="required"), "tool_choice"),
+    "named tool_choice": (
+        chat_body(tool_choice={"type": "function", "function": {"name": "f"}}),
+        "tool_choice",
+    ),
+    "json_object": (chat_body(response_format={"type": "json_object"}), "response_format"),
+    "json_schema": (
+        chat_body(response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
+        "response_format",
+    ),
+    "frequency_penalty": (chat_body(frequency_penalty=0.5), "frequency_penalty"),
+    "presence_penalty": (chat_body(presence_penalty=-1), "presence_penalty"),
+    "repetition_penalty": (chat_body(repetition_penalty=1.1), "repetition_penalty"),
+    "logit_bias": (chat_body(logit_bias={"5": 10}), "logit_bias"),
+    "min_p": (chat_body(min_p=0.05), "min_p"),
+}
+
+
+@pytest.mark.parametrize("body, param", UNSUPPORTED.values(), ids=UNSUPPORTED.keys())
+def test_unsupported_parameters_are_refused(serve, body, param):
+    error = assert_error(serve().post(CHAT, json=body), 400, "invalid_request_error", param)
+    assert "not supported yet" in error["message"]
+
+
+def test_neutral_values_of_unsupported_parameters_are_accepted(serve):
+    body = chat_body(
+        n=1,
+        logprobs=False,
+        tools=[{"type": "function", "function": {"name": "f"}}],
+        tool_choice="none",
+        response_format={"type": "text"},
+        frequency_penalty=0,
+        presence_penalty=0.0,
+        repetition_penalty=1,
+        logit_bias={},
+        min_p=0,
+        parallel_tool_calls=True,
+        user="u-1",
+    )
+    assert serve().post(CHAT, json=body).get_json()["choices"][0]["message"]["content"] == REPLY
+
+
+def test_unknown_fields_are_accepted_and_logged(serve, caplog):
+    body = chat_body(frobnicate={"secret": "s3cr3t"}, messages=[{**HELLO[0], "extra": 1}])
+    with caplog.at_level("INFO"):
+        response = serve().post(CHAT, json=body)
+    assert response.get_json()["choices"][0]["message"]["content"] == REPLY
+    assert "frobnicate" in caplog.text
+    assert "s3cr3t" not in caplog.text
+
+
+GARBAGE_BODIES = {
+    "not json": b"hello",
+    "empty": b"",
+    "truncated": b'{"model": ',
+    "not utf-8": b'{"model": "\xff"}',
+    "array": b"[1, 2]",
+    "null": b"null",
+    "deep nesting": b"[" * 100_000,
+    "NaN temperature": json.dumps(chat_body(temperature=float("nan"))).encode(),
+}
+
+
+@pytest.mark.parametrize("data", GARBAGE_BODIES.values(), ids=GARBAGE_BODIES.keys())
+def test_garbage_bodies_are_400(serve, data):
+    response = serve().post(CHAT, data=data, content_type="application/json")
+    assert response.status_code == 400
+    assert response.get_json()["error"]["type"] == "invalid_request_error"
+
+
+def test_body_too_large_is_413(serve):
+    client = serve(max_request_bytes=1024)
+    big = chat_body(messages=[{"role": "user", "content": "x" * 2000}])
+    assert_error(client.post(CHAT, json=big), 413, "invalid_request_error")
+    assert client.post(CHAT, json=chat_body()).status_code == 200
+
+
+# Routing.
+
+
+def test_unknown_model_is_404(serve):
+    response = serve().post(CHAT, json=chat_body(model="gpt-4o"))
+    error = assert_error(response, 404, "not_found_error", "model", "model_not_found")
+    assert "gpt-4o" in error["message"]
+
+
+@pytest.mark.parametrize("path", ["/v2/chat/completions", "/v1/completions", "/", "/v1"])
+def test_unknown_path_is_404(serve, path):
+    assert_error(serve().post(path, json=chat_body()), 404, "not_found_error")
+
+
+def test_wrong_method_is_405(serve):
+    client = serve()
+    response = client.get(CHAT)
+    assert_error(response, 405, "invalid_request_error")
+    assert response.headers["Allow"] == "POST"
+    response = client.post("/v1/models", json={})
+    assert_error(response, 405, "invalid_request_error")
+    assert response.headers["Allow"] == "GET"
+
+
+def test_models_list_and_retrieve(serve):
+    client = serve()
+    listing = client.get("/v1/models").get_json()
+    assert listing["object"] == "list"
+    (card,) = listing["data"]
+    assert card["id"] == MODEL and card["object"] == "model" and card["owned_by"] == "jaxchat"
+    assert isinstance(card["created"], int)
+    assert client.get(f"/v1/models/{MODEL}").get_json() == card
+    assert client.get("/api/v1/models").get_json() == listing
+    error = assert_error(client.get("/v1/models/other"), 404, "not_found_error")
+    assert error["code"] == "model_not_found"
+
+
+def test_served_model_name_comes_from_settings(serve):
+    client = serve(model_name="tiny")
+    assert client.get("/v1/models").get_json()["data"][0]["id"] == "tiny"
+    assert client.post(CHAT, json=chat_body(model="tiny")).get_json()["model"] == "tiny"
+    assert client.post(CHAT, json=chat_body()).status_code == 404
+
+
+# Auth.
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [None, "", "Bearer", "Bearer wrong", "Basic k1", "k1", "Bearer k1x", "Bearer ké"],
+)
+def test_bad_or_missing_key_is_401(serve, authorization):
+    client = serve(api_keys=["k1", "k2"])
+    headers = {} if authorization is None else {"Authorization": authorization}
+    response = client.post(CHAT, json=chat_body(), headers=headers)
+    assert_error(response, 401, "authentication_error", code="invalid_api_key")
+    assert_error(client.get("/v1/models", headers=headers), 401, "authentication_error")
+
+
+@pytest.mark.parametrize("key", ["k1", "k2"])
+def test_any_configured_key_is_accepted(serve, key):
+    client = serve(api_keys=["k1", "k2"])
+    headers = {"Authorization": f"Bearer {key}"}
+    assert client.post(CHAT, json=chat_body(), headers=headers).status_code == 200
+    assert client.get("/v1/models", headers=headers).status_code == 200
+
+
+def test_health_needs_no_key_and_no_keys_means_open(serve):
+    assert serve(api_keys=["k1"]).get("/health").get_json() == {"status": "ok"}
+    assert serve().post(CHAT, json=chat_body()).status_code == 200
+
+
+def test_settings_from_environment(monkeypatch):
+    monkeypatch.setenv("JAXCHAT_API_KEYS", " a, b ,,")
+    monkeypatch.setenv("JAXCHAT_MAX_SEQ_LEN", "512")
+    monkeypatch.setenv("JAXCHAT_DTYPE", "bfloat16")
+    monkeypatch.setenv("JAXCHAT_MODEL", "/models/x.gguf")
+    monkeypatch.setenv("PORT", "9090")
+    settings = Settings()
+    assert settings.api_keys == ["a", "b"]
+    assert (settings.max_seq_len, settings.dtype, settings.llm_dtype) == (
+        512,
+        "bfloat16",
+        "bfloat16",
+    )
+    assert (settings.model, settings.port) == ("/models/x.gguf", 9090)
+    monkeypatch.delenv("JAXCHAT_API_KEYS")
+    monkeypatch.setenv("JAXCHAT_DTYPE", "auto")
+    assert Settings().api_keys == [] and Settings().llm_dtype is None
+
+
+# Model lifecycle and engine failures.
+
+
+def test_loading_is_503_then_ready(serve):
+    gate = threading.Event()
+    fake = FakeLLM()
+
+    def slow_factory():
+        gate.wait(10)
+        return fake
+
+    host = ModelHost(slow_factory)
+    client = serve(host=host)
+    health = client.get("/health")
+    assert health.status_code == 503 and health.get_json() == {"status": "loading"}
+    assert int(health.headers["Retry-After"]) > 0
+    response = client.post(CHAT, json=chat_body())
+    assert_error(response, 503, "server_error", code="model_loading")
+    assert int(response.headers["Retry-After"]) > 0
+    gate.set()
+    assert host.wait(5) == "ready"
+    assert client.get("/health").get_json() == {"status": "ok"}
+    assert client.post(CHAT, json=chat_body()).get_json()["choices"][0]["finish_reason"] == "stop"
+
+
+def test_model_loads_on_first_request_not_at_import(serve):
+    loads = []
+
+    def factory():
+        loads.append(1)
+        return FakeLLM()
+
+    host = ModelHost(factory)
+    client = serve(host=host)
+    assert loads == [] and host.status == "loading"
+    client.get("/health")
+    assert host.wait(5) == "ready" and loads == [1]
+
+
+def test_failed_load_is_503(serve):
+    def broken_factory():
+        raise FileNotFoundError("no such weights")
+
+    host = ModelHost(broken_factory)
+    client = serve(host=host)
+    assert host.wait(5) == "failed"
+    health = client.get("/health")
+    assert health.status_code == 503
+    assert health.get_json() == {"status": "failed", "error": "FileNotFoundError: no such weights"}
+    assert_error(client.post(CHAT, json=chat_body()), 503, "server_error", code="model_load_failed")
+
+
+def wait_for_child(pid: int, timeout: float = 30) -> int:
+    """The exit code of child `pid`; kills it (and fails) if it outlives `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    pytest.fail(f"forked child {pid} did not finish within {timeout} s")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+# JAX warns on any fork once other tests started its threads; this child runs no JAX.
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
+def test_forked_child_loads_its_own_model():
+    loads = []
+    host = ModelHost(lambda: loads.append(1) or FakeLLM())
+    host.start_in_forked_children()
+    assert host.wait(5) == "ready" and loads == [1]
+    pid = os.fork()
+    if pid == 0:  # the child: report through the exit status, never return into pytest
+        ok = False
+        try:
+            ok = host.wait(5) == "ready" and loads == [1, 1]
+        finally:
+            os._exit(0 if ok else 1)
+    assert wait_for_child(pid) == 0
+    assert loads == [1]
+
+
+def test_engine_exception_is_500_for_that_request_only(serve):
+    client = serve()
+    boom = chat_body(messages=[{"role": "user", "content": "BOOM"}])
+    assert_error(client.post(CHAT, json=boom), 500, "server_error")
+    # Before the first delta, a streamed request still gets an ordinary error response.
+    assert_error(client.post(CHAT, json={**boom, "stream": True}), 500, "server_error")
+    assert (
+        client.post(CHAT, json=chat_body()).get_json()["choices"][0]["message"]["content"] == REPLY
+    )
+
+
+def test_engine_exception_mid_stream_is_an_error_event(serve):
+    fake = FakeLLM()
+    client = serve(llm=fake)
+    body = chat_body(messages=[{"role": "user", "content": "LATE BOOM"}], stream=True)
+    events = sse_events(client.post(CHAT, json=body))
+    assert [e["choices"][0]["delta"] for e in events[:2]] == [
+        {"role": "assistant", "content": ""},
+        {"content": "Hello"},
+    ]
+    assert events[2]["error"]["type"] == "server_error"
+    assert events[3:] == ["[DONE]"]
+    assert fake.closed_streams == 1
+    last_chunk = sse_events(client.post(CHAT, json=chat_body(stream=True)))[-2]
+    assert last_chunk["choices"][0]["finish_reason"] == "stop"
+
+
+def test_template_rejection_is_400(serve):
+    body = chat_body(messages=[{"role": "user", "content": "REJECT"}])
+    error = assert_error(serve().post(CHAT, json=body), 400, "invalid_request_error", "messages")
+    assert error["message"] == "the chat template rejects this conversation"
+
+
+def test_prompt_filling_the_context_is_400_with_counts(serve):
+    client = serve(llm=FakeLLM(max_seq_len=32))
+    body = chat_body(messages=[{"role": "user", "content": "x" * 30}])  # 37 tokens
+    error = assert_error(client.post(CHAT, json=body), 400, "invalid_request_error", "messages")
+    assert "32" in error["message"] and "37" in error["message"]
+    assert error["code"] == "context_length_exceeded"
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+def test_completion_beyond_the_context_is_400_with_counts(serve, field):
+    client = serve(llm=FakeLLM(max_seq_len=32))
+    body = chat_body(**{field: 24})  # 9 + 24 = 33 > 32
+    error = assert_error(client.post(CHAT, json=body), 400, "invalid_request_error", field)
+    assert "33 tokens (9 in the messages, 24 in the completion)" in error["message"]
+    reply = client.post(CHAT, json=chat_body(**{field: 23})).get_json()  # exactly 32 fits
+    assert reply["usage"]["completion_tokens"] == 13

@@ -1,0 +1,67 @@
+"""The Python API on the real default model: text, finish reasons, stops, seeds, limits."""
+
+import pytest
+
+from model import SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def test_greedy_chat_is_the_reference_continuation_up_to_end_of_turn(llm, golden):
+    prompt = golden["prompts"][0]
+    reference = prompt["greedy"]
+    end = next(i for i, t in enumerate(reference) if t in llm.tokenizer.stop_ids)
+    result = llm.generate(prompt["ids"], GREEDY)
+    assert result.finish_reason == "stop"
+    assert list(result.token_ids) == reference[: end + 1]  # the end-of-turn token is counted
+    assert result.text == llm.tokenizer.decode(reference[:end], skip_special_tokens=True)
+    assert llm.chat(prompt["messages"], temperature=0) == result.text
+
+
+def test_stream_pieces_join_to_the_full_text(llm, golden):
+    messages = golden["prompts"][2]["messages"]
+    pieces = list(llm.chat(messages, stream=True, temperature=0, max_tokens=40))
+    assert len(pieces) > 5
+    assert "".join(pieces) == llm.chat(messages, temperature=0, max_tokens=40)
+
+
+def test_max_tokens_gives_length(llm, golden):
+    result = llm.generate(golden["prompts"][2]["ids"], SamplingParams(temperature=0, max_tokens=7))
+    assert result.finish_reason == "length"
+    assert list(result.token_ids) == golden["prompts"][2]["greedy"][:7]
+
+
+def test_stop_string_cuts_the_text_before_it(llm, golden):
+    ids = golden["prompts"][0]["ids"]
+    full = llm.generate(ids, GREEDY).text
+    assert "Paris" in full
+    stopped = llm.generate(ids, SamplingParams(temperature=0, stop=("Paris", "zzz")))
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == full[: full.index("Paris")]
+
+
+def test_seed_reproduces_sampling_and_differs_between_seeds(llm, golden):
+    ids = golden["prompts"][1]["ids"]
+    params = SamplingParams(temperature=1.0, max_tokens=24, seed=1234)
+    first = llm.generate(ids, params)
+    assert llm.generate(ids, params).token_ids == first.token_ids
+    others = {llm.generate(ids, SamplingParams(temperature=1.0, max_tokens=24, seed=s)).token_ids for s in (1, 2, 3)}
+    assert len(others | {first.token_ids}) > 1
+
+
+def test_context_overflow_names_the_counts(llm):
+    ids = [1] * 500
+    with pytest.raises(ValueError, match=r"maximum context length is 512 tokens.*513 tokens \(500 in the messages, 13 in the completion"):
+        llm.generate(ids, SamplingParams(max_tokens=13))
+    with pytest.raises(ValueError, match="your messages resulted in 600 tokens"):
+        llm.generate([1] * 600, SamplingParams())
+
+
+def test_serving_after_warmup_never_compiles(llm, golden):
+    llm.warmup()
+    compiled = llm.engine.compilations
+    assert compiled == len(llm.engine.variants())
+    for prompt_len, max_tokens in ((3, 2), (40, 30), (300, 5), (33, 250)):
+        ids = (golden["prompts"][2]["ids"] * 10)[:prompt_len]
+        llm.generate(ids, SamplingParams(temperature=0.8, top_p=0.9, max_tokens=max_tokens))
+    assert llm.engine.compilations == compiled
