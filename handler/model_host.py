@@ -1,0 +1,127 @@
+"""The serving process's model: loaded and warmed up in a background thread.
+
+functions-framework imports the source (and so builds the handler) in the
+gunicorn master, then forks the workers. JAX must not initialise a backend in
+the master, and threads do not survive a fork, so nothing loads at import:
+loading starts in each forked worker (an `os.register_at_fork` hook), or on the
+first request when there was no fork (Flask test client, debug server).
+Until the load finishes, requests get 503 with Retry-After.
+"""
+
+import functools
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Literal
+
+from handler.errors import model_failed, model_loading
+from handler.settings import Settings
+
+if TYPE_CHECKING:
+    from model.llm import LLM
+
+log = logging.getLogger(__name__)
+
+Status = Literal["loading", "ready", "failed"]
+
+
+def load_llm(settings: Settings) -> "LLM":
+    """Build the engine from settings (the production factory)."""
+    # Imported here, not at module level: the model package pulls in JAX, which
+    # the gunicorn master must not set up before it forks.
+    from model.llm import LLM
+
+    return LLM(settings.model, max_seq_len=settings.max_seq_len, dtype=settings.llm_dtype)
+
+
+class ModelHost:
+    """Owns one LLM: `start()` loads it in the background, `llm()` hands it out.
+
+    `factory` builds the (not yet warmed up) LLM; tests pass a fake.
+    """
+
+    def __init__(self, factory: Callable[[], "LLM"]):
+        self._factory = factory
+        self._reset()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "ModelHost":
+        """A host that loads the model named by `settings`."""
+        return cls(functools.partial(load_llm, settings))
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()
+        self._finished = threading.Event()  # set once loading succeeded or failed
+        self._thread: threading.Thread | None = None
+        self._llm: LLM | None = None
+        self._error: str | None = None
+
+    def start(self) -> None:
+        """Begin loading in a daemon thread, unless already begun. Cheap to call often."""
+        if self._thread is not None:
+            return
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._load, name="model-load", daemon=True)
+                self._thread.start()
+
+    def start_in_forked_children(self) -> None:
+        """Start loading in every process forked from this one (gunicorn workers)."""
+        # A weak reference, so that the hook (which lives as long as the process)
+        # does not keep a discarded host alive, e.g. in tests building many handlers.
+        ref = weakref.ref(self)
+
+        def after_fork_in_child() -> None:
+            host = ref()
+            if host is not None:
+                host._restart_after_fork()
+
+        os.register_at_fork(after_in_child=after_fork_in_child)
+
+    def _restart_after_fork(self) -> None:
+        # The parent's loader thread (if any) did not survive the fork, and a JAX
+        # backend inherited through fork is unusable: load afresh in the child.
+        self._reset()
+        self.start()
+
+    def _load(self) -> None:
+        started = time.monotonic()
+        try:
+            llm = self._factory()
+            llm.warmup()
+        except Exception as exc:
+            log.exception("model failed to load")
+            self._error = f"{type(exc).__name__}: {exc}"
+        else:
+            self._llm = llm
+            log.info("model ready after %.1f s", time.monotonic() - started)
+        finally:
+            self._finished.set()
+
+    @property
+    def status(self) -> Status:
+        """ "ready" once warmed up, "failed" if loading raised, else "loading"."""
+        if self._llm is not None:
+            return "ready"
+        return "failed" if self._error is not None else "loading"
+
+    @property
+    def error(self) -> str | None:
+        """Why loading failed, or None."""
+        return self._error
+
+    def wait(self, timeout: float | None = None) -> Status:
+        """Start loading if needed and block until it finishes or `timeout` passes."""
+        self.start()
+        self._finished.wait(timeout)
+        return self.status
+
+    def llm(self) -> "LLM":
+        """The ready LLM; raises a 503 APIError while loading or after a failed load."""
+        self.start()
+        if self._llm is not None:
+            return self._llm
+        raise model_failed() if self._error is not None else model_loading()

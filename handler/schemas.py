@@ -1,0 +1,371 @@
+"""Pydantic models of the OpenAI chat-completions API: requests and responses.
+
+Request fields share bounded `Field`s (the llama-cpp-python `server/types.py`
+habit), so a range is written once. Unknown fields are accepted and ignored, as
+OpenAI and vLLM do; the handler logs their names. Validation errors become 400s
+whose `param` names the offending field ("messages.0.role", "temperature").
+Parameters that are valid OpenAI but not implemented by the engine yet are
+rejected by `reject_unsupported` with a 400 naming them, never silently dropped.
+"""
+
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+)
+
+from handler.errors import APIError, invalid_request, unsupported
+from model.sampling_params import SamplingParams
+
+# Shared, bounded fields. `None` means "not sent": the engine default applies.
+max_tokens_field = Field(default=None, ge=1, description="Most tokens to generate.")
+temperature_field = Field(default=None, ge=0.0, le=2.0, description="0 is greedy.")
+top_p_field = Field(default=None, gt=0.0, le=1.0, description="Nucleus mass kept.")
+top_k_field = Field(default=None, ge=-1, description="Top tokens kept; 0 or -1 disable.")
+min_p_field = Field(default=None, ge=0.0, le=1.0, description="Min probability vs. the top.")
+penalty_field = Field(default=None, ge=-2.0, le=2.0, description="OpenAI-style penalty.")
+repetition_penalty_field = Field(default=None, gt=0.0, description="1 disables.")
+seed_field = Field(default=None, ge=-(2**63), le=2**63 - 1, description="Sampling seed.")
+n_field = Field(default=None, ge=1, le=128, description="Choices per request.")
+top_logprobs_field = Field(default=None, ge=0, le=20, description="Alternatives per token.")
+
+MAX_STOP_STRINGS = 4
+StopString = Annotated[str, Field(min_length=1)]
+TokenIdKey = Annotated[str, Field(pattern=r"^-?\d+$")]
+LogitBias = Annotated[float, Field(ge=-100.0, le=100.0)]
+
+
+class TextPart(BaseModel):
+    """One `{"type": "text", "text": …}` part of an array-valued content."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text"]
+    text: str
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    """A tool call made by the assistant earlier in the conversation."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(BaseModel):
+    """One conversation message; content is a string or a list of text parts."""
+
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[TextPart] | None = Field(default=None, validate_default=True)
+    name: str | None = None
+    tool_call_id: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _content_required(cls, value: Any, info: ValidationInfo) -> Any:
+        # Only an assistant turn (which may carry tool_calls instead) can omit content.
+        role = info.data.get("role")
+        if value is None and role is not None and role != "assistant":
+            raise ValueError(f"content is required for a '{role}' message")
+        return value
+
+    def text(self) -> str:
+        """The content as one string: text parts joined by newlines (as vLLM does)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text for part in self.content)
+
+    def for_template(self) -> dict:
+        """The message as the chat template expects it: role and string content."""
+        message = self.model_dump(exclude_none=True, include={"role", "name", "tool_call_id"})
+        message["content"] = self.text()
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        return message
+
+
+class FunctionDefinition(BaseModel):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool | None = None
+
+
+class ChatCompletionRequest(BaseModel):
+    """The body of `POST /v1/chat/completions`."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    model: str = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = max_tokens_field
+    max_completion_tokens: int | None = max_tokens_field
+    temperature: float | None = temperature_field
+    top_p: float | None = top_p_field
+    top_k: int | None = top_k_field
+    min_p: float | None = min_p_field
+    frequency_penalty: float | None = penalty_field
+    presence_penalty: float | None = penalty_field
+    repetition_penalty: float | None = repetition_penalty_field
+    logit_bias: dict[TokenIdKey, LogitBias] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = top_logprobs_field
+    n: int | None = n_field
+    seed: int | None = seed_field
+    stop: list[StopString] | None = Field(default=None, max_length=MAX_STOP_STRINGS)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    user: str | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, value: Any) -> Any:
+        """A single stop string is the same as a list of one."""
+        if value == "":
+            raise ValueError("stop strings must not be empty")
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_needs_logprobs(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return value
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")
+        return value
+
+    @property
+    def max_tokens_param(self) -> str:
+        """The name of the field that set the completion budget, for error messages."""
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
+    @property
+    def completion_budget(self) -> int | None:
+        """max_completion_tokens wins over the older max_tokens; None = to context end."""
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        return self.max_tokens
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def template_messages(self) -> list[dict]:
+        """The messages as plain dicts for `LLM.encode_chat`."""
+        return [message.for_template() for message in self.messages]
+
+    def sampling_params(self) -> SamplingParams:
+        """The engine's view of this request (unsupported fields already rejected)."""
+        return SamplingParams(
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=max(self.top_k or 0, 0),
+            max_tokens=self.completion_budget,
+            seed=self.seed,
+            stop=tuple(self.stop or ()),
+        )
+
+
+def reject_unsupported(request: ChatCompletionRequest) -> None:
+    """Raise a 400 naming the first parameter the engine cannot honour yet."""
+    problem = _first_unsupported(request)
+    if problem is not None:
+        raise unsupported(*problem)
+
+
+def _first_unsupported(r: ChatCompletionRequest) -> tuple[str, str] | None:
+    if r.n is not None and r.n > 1:
+        return "n", f"n={r.n} (more than one choice per request)"
+    if r.logprobs:
+        return "logprobs", "logprobs"
+    if r.tool_choice == "required" or isinstance(r.tool_choice, NamedToolChoice):
+        return "tool_choice", "Forcing a tool call with tool_choice"
+    if r.tools and r.tool_choice != "none":
+        return "tools", "Tool calling (tools with tool_choice other than 'none')"
+    if r.response_format is not None and r.response_format.type != "text":
+        return "response_format", f"response_format type '{r.response_format.type}'"
+    for name in ("frequency_penalty", "presence_penalty"):
+        if getattr(r, name):
+            return name, f"A non-zero {name}"
+    if r.repetition_penalty is not None and r.repetition_penalty != 1.0:
+        return "repetition_penalty", "A repetition_penalty other than 1"
+    if r.logit_bias:
+        return "logit_bias", "logit_bias"
+    if r.min_p:
+        return "min_p", "A min_p above 0"
+    return None
+
+
+# Segments of a pydantic error location that name a union member, not a field.
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
+def _is_type_tag(part: str) -> bool:
+    return (
+        part in _TYPE_TAGS
+        or "[" in part  # "list[TextPart]", "literal['none','auto']", "[key]"
+        or (part.isidentifier() and part[0].isupper())  # a model class, "NamedToolChoice"
+    )
+
+
+def error_param(loc: tuple[str | int, ...]) -> str | None:
+    """The OpenAI `param` for a pydantic error location, e.g. "messages.0.role".
+
+    Union validation adds the member type to the location ("str",
+    "list[TextPart]", "NamedToolChoice"); those segments are dropped.
+    """
+    parts = [str(part) for part in loc if isinstance(part, int) or not _is_type_tag(part)]
+    return ".".join(parts) or None
+
+
+def validation_error(exc: ValidationError) -> APIError:
+    """A 400 for a pydantic error, naming the most specific failing field."""
+    errors = exc.errors(include_url=False)
+    # Within a union, the deepest error explains the mismatch best.
+    error = max(errors, key=lambda e: len(e["loc"]))
+    param = error_param(error["loc"])
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] != "missing":
+        message += f" (got {_short_repr(error.get('input'))})"
+    message = f"{param or 'Request body'}: {message}"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more validation error(s))"
+    return invalid_request(message, param=param)
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# Responses.
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> "Usage":
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: str
+
+
+class ChatCompletion(BaseModel):
+    """A non-streamed reply."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class ChunkDelta(BaseModel):
+    """What a chunk adds to a choice; fields left None are omitted on the wire."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer
+    def _present_fields(self) -> dict[str, str]:
+        # The SDK concatenates repeated strings, so absent means absent, not null.
+        return {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChunkDelta
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One streamed event; `usage` is null except in the final usage-only chunk."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "jaxchat"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

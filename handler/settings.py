@@ -1,0 +1,59 @@
+"""Runtime settings for the server, read from the environment.
+
+Every field is documented by its docstring; the README's settings table is
+generated from them, so keep each to one or two sentences a deployer can act on.
+"""
+
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Server settings: `JAXCHAT_<FIELD>` environment variables, plus `PORT`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="JAXCHAT_",
+        use_attribute_docstrings=True,
+        populate_by_name=True,
+        # `model` and `model_name` are our field names, not pydantic internals.
+        protected_namespaces=(),
+        extra="ignore",
+    )
+
+    model: str | None = None
+    """Path or URI of the weights (GGUF file, Hugging Face directory, `gs://…`).
+    Unset serves the bundled default model (SmolLM2-135M-Instruct)."""
+
+    model_name: str = "smollm2-135m-instruct"
+    """Model id listed by `/v1/models`; requests must name it in `model`."""
+
+    max_seq_len: int = Field(default=2048, ge=16)
+    """Context limit in tokens, prompt plus completion, per request."""
+
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Compute dtype: `auto` picks float32 on CPU and bfloat16 on TPU/GPU."""
+
+    api_keys: Annotated[list[str], NoDecode] = Field(default=[], repr=False)
+    """Comma-separated API keys accepted as `Authorization: Bearer <key>`.
+    Empty disables authentication (`/health` never needs a key)."""
+
+    max_request_bytes: int = Field(default=1 << 20, ge=1024)
+    """Largest request body accepted, in bytes; larger bodies get 413."""
+
+    port: int = Field(default=8080, validation_alias=AliasChoices("port", "PORT"))
+    """Port to listen on, from the plain `PORT` variable (as Cloud Run sets it)."""
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        """Accept "k1,k2" (the environment form) as well as a list."""
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @property
+    def llm_dtype(self) -> str | None:
+        """The dtype argument for `LLM`: None lets the engine choose by backend."""
+        return None if self.dtype == "auto" else self.dtype
