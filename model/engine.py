@@ -10,8 +10,8 @@ Shapes are static: B slots, S cache positions, a set of prefill buckets and of
 attention lengths. `warmup` compiles every variant, so serving never compiles.
 """
 
-from collections.abc import Sequence
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import flax.struct
@@ -145,9 +145,7 @@ class Engine:
         )
         logits = self.model.apply({"params": params}, hidden[:, 0], method=Transformer.logits)
         tokens, logprobs, keys = sample(logits, state.sampling)
-        new_state = DecodeState(
-            caches, tokens, positions + 1, state.sampling.replace(key=keys)
-        )
+        new_state = DecodeState(caches, tokens, positions + 1, state.sampling.replace(key=keys))
         return new_state, tokens, logprobs
 
     def _forward_impl(self, params, tokens):

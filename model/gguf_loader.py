@@ -70,7 +70,10 @@ def tensor_table(config: ModelConfig, arch: str) -> Table:
     table: Table = {
         ("embed", "embedding"): (("token_embd.weight",), _same),
         # A tied head reuses the embedding; it follows it here so it is dequantised once.
-        ("lm_head",): (("token_embd.weight" if config.tie_embeddings else "output.weight",), _transpose),
+        ("lm_head",): (
+            ("token_embd.weight" if config.tie_embeddings else "output.weight",),
+            _transpose,
+        ),
         ("final_norm", "scale"): (("output_norm.weight",), _same),
     }
     for i in range(config.n_layers):
@@ -83,11 +86,17 @@ def tensor_table(config: ModelConfig, arch: str) -> Table:
             ),
             (layer, "attn", "o"): ((f"{blk}.attn_output.weight",), _transpose),
             (layer, "mlp_norm", "scale"): ((f"{blk}.ffn_norm.weight",), _same),
-            (layer, "mlp", "gate_up"): ((f"{blk}.ffn_gate.weight", f"{blk}.ffn_up.weight"), _concat_out),
+            (layer, "mlp", "gate_up"): (
+                (f"{blk}.ffn_gate.weight", f"{blk}.ffn_up.weight"),
+                _concat_out,
+            ),
             (layer, "mlp", "down"): ((f"{blk}.ffn_down.weight",), _transpose),
         }
         if config.qkv_bias:
-            table[(layer, "attn", "qkv_bias")] = (tuple(f"{blk}.attn_{x}.bias" for x in "qkv"), fuse)
+            table[(layer, "attn", "qkv_bias")] = (
+                tuple(f"{blk}.attn_{x}.bias" for x in "qkv"),
+                fuse,
+            )
     return table
 
 

@@ -1,10 +1,10 @@
 """The Python API: load a model, then chat with it, streaming or not, with no HTTP.
 
-    from model import LLM
-    llm = LLM()                       # the bundled SmolLM2-135M-Instruct
-    print(llm.chat("What is JAX?", temperature=0))
-    for piece in llm.chat([{"role": "user", "content": "Hi"}], stream=True):
-        print(piece, end="")
+from model import LLM
+llm = LLM()                       # the bundled SmolLM2-135M-Instruct
+print(llm.chat("What is JAX?", temperature=0))
+for piece in llm.chat([{"role": "user", "content": "Hi"}], stream=True):
+    print(piece, end="")
 """
 
 import secrets
@@ -29,7 +29,7 @@ Messages = str | Sequence[dict]
 
 
 def compute_dtype(name: str | None) -> jnp.dtype:
-    """"auto" (or None) is float32 on CPU, where XLA's bf16 matmuls are slow, else bfloat16."""
+    """ "auto" (or None) is float32 on CPU, where XLA's bf16 matmuls are slow, else bfloat16."""
     if name in (None, "", "auto"):
         return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     if name not in ("float32", "bfloat16"):
@@ -110,20 +110,23 @@ class LLM:
         budget = self.max_new_tokens(len(prompt_ids), params.max_tokens)
         detok = IncrementalDetokenizer(self.tokenizer)
         stops = StopStringMatcher(params.stop)
-        produced = 0
-        for token in self._tokens(prompt_ids, params, budget):
-            produced += 1
+
+        def final_text(text: str) -> tuple[str, bool]:
+            """`text` plus whatever detokenizer and stop matcher still hold."""
+            tail, stopped = stops.add(detok.flush())
+            return text + tail + ("" if stopped else stops.flush()), stopped
+
+        for produced, token in enumerate(self._tokens(prompt_ids, params, budget), start=1):
             if token in self.tokenizer.stop_ids:
-                yield Delta(detok.flush() + stops.flush(), (token,), "stop")
+                yield Delta(final_text("")[0], (token,), "stop")
                 return
             text, stopped = stops.add(detok.add(token))
             if stopped:
                 yield Delta(text, (token,), "stop")
                 return
             if produced == budget:
-                tail, stopped = stops.add(detok.flush())
-                yield Delta(text + tail + ("" if stopped else stops.flush()), (token,),
-                            "stop" if stopped else "length")
+                text, stopped = final_text(text)
+                yield Delta(text, (token,), "stop" if stopped else "length")
                 return
             yield Delta(text, (token,))
 
@@ -136,11 +139,13 @@ class LLM:
             self._state = self.engine.insert(prefix, self._state, 0)
             position, pending = len(prompt_ids), prefix.token
             for i in range(count):
+                upcoming = None
                 if i + 1 < count:
-                    self._state, upcoming, _ = self.engine.generate(self._state, position)
+                    self._state, step, _ = self.engine.generate(self._state, position)
+                    upcoming = step[0]
                     position += 1
                 yield int(pending)
-                pending = upcoming[0] if i + 1 < count else None
+                pending = upcoming
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Completion:
         """Run `stream` to the end and collect the result."""

@@ -98,7 +98,9 @@ class Attention(nn.Module):
         w_o = self.param("o", init, (n * h, c.dim), self.dtype)
         qkv = jnp.einsum("BTD,DE->BTE", x, w_qkv)  # E = (N+2K)·H
         if c.qkv_bias:
-            qkv = qkv + self.param("qkv_bias", nn.initializers.zeros, ((n + 2 * k) * h,), self.dtype)
+            qkv = qkv + self.param(
+                "qkv_bias", nn.initializers.zeros, ((n + 2 * k) * h,), self.dtype
+            )
         b, t = x.shape[:2]
         q, key, value = jnp.split(qkv.reshape(b, t, n + 2 * k, h), [n, n + k], axis=2)
         q = rope(q, positions, c.rope_theta)  # [B, T, N, H]

@@ -5,6 +5,7 @@ RoPE, [out, in] weights) on the same weights, dequantised the same way.
 """
 
 import dataclasses
+import functools
 
 import gguf
 import jax.numpy as jnp
@@ -18,12 +19,23 @@ from tests.gguf_writer import hf_random_weights, write_llama_gguf
 
 Q = gguf.GGMLQuantizationType
 CONFIG = ModelConfig(
-    vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=96,
-    rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False, max_position=256,
+    vocab_size=96,
+    dim=64,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=16,
+    ffn_dim=96,
+    rope_theta=10000.0,
+    norm_eps=1e-5,
+    tie_embeddings=False,
+    max_position=256,
 )
 
 
-def reference_logits(config: ModelConfig, w: dict[str, np.ndarray], tokens: list[int]) -> np.ndarray:
+def reference_logits(
+    config: ModelConfig, w: dict[str, np.ndarray], tokens: list[int]
+) -> np.ndarray:
     """HF LlamaForCausalLM's forward in NumPy (float64), tokens [T] → logits [T, V]."""
     c, t = config, len(tokens)
 
@@ -41,7 +53,7 @@ def reference_logits(config: ModelConfig, w: dict[str, np.ndarray], tokens: list
 
     h = w["model.embed_tokens.weight"][tokens].astype(np.float64)
     for i in range(c.n_layers):
-        p = lambda name: w[f"model.layers.{i}.{name}"].astype(np.float64)  # noqa: E731
+        p = functools.partial(lambda i, name: w[f"model.layers.{i}.{name}"].astype(np.float64), i)
         x = norm(h, p("input_layernorm.weight"))
         q = rotate((x @ p("self_attn.q_proj.weight").T).reshape(t, c.n_heads, c.head_dim))
         k = rotate((x @ p("self_attn.k_proj.weight").T).reshape(t, c.n_kv_heads, c.head_dim))
@@ -55,7 +67,11 @@ def reference_logits(config: ModelConfig, w: dict[str, np.ndarray], tokens: list
         h = h + attn @ p("self_attn.o_proj.weight").T
         x = norm(h, p("post_attention_layernorm.weight"))
         gate = x @ p("mlp.gate_proj.weight").T
-        h = h + (gate / (1 + np.exp(-gate)) * (x @ p("mlp.up_proj.weight").T)) @ p("mlp.down_proj.weight").T
+        h = (
+            h
+            + (gate / (1 + np.exp(-gate)) * (x @ p("mlp.up_proj.weight").T))
+            @ p("mlp.down_proj.weight").T
+        )
     h = norm(h, w["model.norm.weight"])
     head = w.get("lm_head.weight", w["model.embed_tokens.weight"])
     return h @ head.T.astype(np.float64)
@@ -81,7 +97,9 @@ def test_gguf_forward_matches_numpy_reference(tmp_path, qtype, tied):
     assert dataclasses.replace(loaded_config, norm_eps=config.norm_eps) == config
 
     tokens = [3, 17, 42, 5, 88, 1, 64, 30, 9, 11]
-    expected = reference_logits(config, {k: round_trip(v, qtype) for k, v in weights.items()}, tokens)
+    expected = reference_logits(
+        config, {k: round_trip(v, qtype) for k, v in weights.items()}, tokens
+    )
     engine = Engine(config, params, max_seq_len=64)
     logits = np.asarray(engine.forward([tokens]))[0]
     np.testing.assert_allclose(logits, expected, atol=2e-4, rtol=1e-4)

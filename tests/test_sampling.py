@@ -4,11 +4,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model.sampling import NEG_INF, SlotSampling, sample, top_k_mask, top_p_mask
+from model.sampling import NEG_INF, SlotSampling, top_k_mask, top_p_mask
+from model.sampling import sample as eager_sample
+
+sample = jax.jit(eager_sample)
 
 
 def settings(temperature, top_p, top_k, seeds):
-    keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
+    keys = jax.vmap(jax.random.PRNGKey)(jnp.asarray(list(seeds)))
     return SlotSampling.create(temperature, top_p, top_k, keys)
 
 

@@ -93,7 +93,9 @@ def main() -> None:
 
     prompts, arrays = [], {"subset_ids": subset}
     for i, conversation in enumerate(PROMPT_CONVERSATIONS):
-        text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=True
+        )
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         with torch.no_grad():
             logits = model(torch.tensor([ids])).logits[0].float().numpy()  # [T, V]
