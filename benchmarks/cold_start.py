@@ -1,0 +1,107 @@
+"""Cold start of the real server: process start → /health 200 → first streamed token.
+
+Starts `functions-framework --source=main.py` on a free loopback port twice:
+with an empty XLA compilation cache (cold), then with the cache the first run
+filled (warm). Speaks only HTTP, so it measures what a Cloud Run user feels.
+
+    python -m benchmarks.cold_start [--max-seq-len 2048]
+"""
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(port: int, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/health")
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError("server not healthy in time")
+
+
+def first_token(port: int) -> None:
+    """Send a streamed chat request and return once the first content chunk arrives."""
+    body = json.dumps(
+        {
+            "model": "smollm2-135m-instruct",
+            "messages": [{"role": "user", "content": "Say hello."}],
+            "stream": True,
+            "max_tokens": 16,
+            "temperature": 0,
+        }
+    )
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    while line := response.readline():
+        if line.startswith(b"data: {") and b'"content":"' in line and b'"content":""' not in line:
+            return
+    raise RuntimeError("stream ended without content")
+
+
+def run_once(cache_dir: str, max_seq_len: int) -> tuple[float, float]:
+    port = free_port()
+    env = os.environ | {
+        "JAX_COMPILATION_CACHE_DIR": cache_dir,
+        "JAXCHAT_MAX_SEQ_LEN": str(max_seq_len),
+        "PORT": str(port),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "functions_framework",
+        "--target=app",
+        "--source=main.py",
+        f"--port={port}",
+        "--host=127.0.0.1",
+    ]
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_healthy(port, proc, timeout=900)
+        healthy = time.monotonic() - start
+        first_token(port)
+        return healthy, time.monotonic() - start
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--max-seq-len", type=int, default=2048)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as cache_dir:
+        for label in ("cold cache", "warm cache"):
+            healthy, token = run_once(cache_dir, args.max_seq_len)
+            print(f"{label}: start → /health 200 {healthy:6.1f} s, → first token {token:6.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Single-stream engine benchmark on the default model: decode and prefill rates.
+
+Prints, with medians over repeats:
+- batch-1 decode tok/s through the serving path (one step dispatched ahead,
+  every token fetched to the host), and the same-run bound set by memory
+  bandwidth: bytes of weights read per token / measured streaming bandwidth;
+- prefill tok/s for a 512-token prompt (time to the first sampled token).
+
+    python -m benchmarks.engine_bench [--model PATH] [--decode-tokens 256]
+"""
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model import LLM, SamplingParams
+
+
+def weight_bytes(params) -> int:
+    """Bytes read per decode step: every weight except the embedding table (a gather)."""
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    return sum(x.nbytes for path, x in leaves if "embed" not in jax.tree_util.keystr(path))
+
+
+def streaming_bandwidth(nbytes: int, repeats: int = 5) -> float:
+    """Bytes/s of a jitted reduction over `nbytes` of f32 held in 64 separate arrays."""
+    chunks = [jnp.ones((nbytes // 4 // 64,), jnp.float32) for _ in range(64)]
+    total = jax.jit(lambda xs: sum(x.sum() for x in xs))
+    total(chunks).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        total(chunks).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return nbytes / statistics.median(times)
+
+
+def decode_rate(llm: LLM, tokens: int, repeats: int) -> float:
+    """Median tok/s of `tokens` greedy steps after a short prompt, EOS ignored."""
+    prompt = llm.encode_chat("Write a long story about a lighthouse keeper.")
+    rates = []
+    for _ in range(repeats):
+        steps = llm._tokens(prompt, SamplingParams(temperature=0.0), tokens + 1)
+        next(steps)  # the first token comes from prefill: not a decode step
+        start = time.perf_counter()
+        for _ in steps:
+            pass
+        rates.append(tokens / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def prefill_rate(llm: LLM, length: int, repeats: int) -> float:
+    """Median tok/s to prefill `length` tokens and sample the first token."""
+    rng = np.random.default_rng(0)
+    rates = []
+    for _ in range(repeats):
+        prompt = rng.integers(100, llm.config.vocab_size, length).tolist()
+        start = time.perf_counter()
+        first = next(llm._tokens(prompt, SamplingParams(temperature=0.0), 1))
+        assert first >= 0
+        rates.append(length / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="GGUF path (default: bundled SmolLM2)")
+    parser.add_argument("--decode-tokens", type=int, default=256)
+    parser.add_argument("--prefill-tokens", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+
+    llm = LLM(args.model, max_seq_len=1024)
+    llm.warmup()
+    nbytes = weight_bytes(llm.engine.params)
+    bandwidth = streaming_bandwidth(nbytes)
+    decode = decode_rate(llm, args.decode_tokens, args.repeats)
+    prefill = prefill_rate(llm, args.prefill_tokens, args.repeats)
+    bound = bandwidth / nbytes
+    rows = [
+        ("memory bandwidth (same run)", f"{bandwidth / 1e9:6.1f} GB/s", ""),
+        ("batch-1 decode", f"{decode:6.1f} tok/s", f"median of {args.repeats}"),
+        ("  bandwidth bound", f"{bound:6.1f} tok/s", f"decode reaches {decode / bound:.0%}"),
+        (f"prefill, {args.prefill_tokens}-token prompt", f"{prefill:6.1f} tok/s", "to 1st token"),
+    ]
+    dtype = jnp.dtype(llm.dtype).name
+    print(f"backend {jax.default_backend()}, {dtype}, {nbytes / 1e6:.0f} MB of weights per token")
+    for name, value, note in rows:
+        print(f"{name:32} {value:>12}  {note}")
+
+
+if __name__ == "__main__":
+    main()
