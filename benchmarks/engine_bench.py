@@ -40,11 +40,16 @@ def streaming_bandwidth(nbytes: int, repeats: int = 5) -> float:
 
 
 def decode_rate(llm: LLM, tokens: int, repeats: int) -> float:
-    """Median tok/s of `tokens` greedy steps after a short prompt, EOS ignored."""
+    """Median tok/s of `tokens` greedy steps after a short prompt, EOS ignored.
+
+    Measured through `LLM.stream`, the serving path: scheduler, one step in
+    flight, detokenizer.
+    """
     prompt = llm.encode_chat("Write a long story about a lighthouse keeper.")
     rates = []
     for _ in range(repeats):
-        steps = llm._tokens(prompt, SamplingParams(temperature=0.0), tokens + 1)
+        params = SamplingParams(temperature=0.0, max_tokens=tokens + 1, ignore_eos=True)
+        steps = llm.stream(prompt, params)
         next(steps)  # the first token comes from prefill: not a decode step
         start = time.perf_counter()
         for _ in steps:
@@ -60,8 +65,8 @@ def prefill_rate(llm: LLM, length: int, repeats: int) -> float:
     for _ in range(repeats):
         prompt = rng.integers(100, llm.config.vocab_size, length).tolist()
         start = time.perf_counter()
-        first = next(llm._tokens(prompt, SamplingParams(temperature=0.0), 1))
-        assert first >= 0
+        first = next(llm.stream(prompt, SamplingParams(temperature=0.0, max_tokens=1)))
+        assert first.finish_reason is not None
         rates.append(length / (time.perf_counter() - start))
     return statistics.median(rates)
 
@@ -74,7 +79,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
-    llm = LLM(args.model, max_seq_len=1024)
+    llm = LLM(args.model, max_seq_len=1024, batch=1)
     llm.warmup()
     nbytes = weight_bytes(llm.engine.params)
     bandwidth = streaming_bandwidth(nbytes)

@@ -17,7 +17,7 @@ import flask
 from pydantic import ValidationError
 
 from handler import sse
-from handler.errors import internal_error, invalid_request
+from handler.errors import internal_error, invalid_request, overloaded
 from handler.schemas import (
     AssistantMessage,
     ChatCompletion,
@@ -31,6 +31,7 @@ from handler.schemas import (
     validation_error,
 )
 from model.sampling_params import Delta, SamplingParams
+from model.scheduler import QueueFull
 
 if TYPE_CHECKING:
     from model.llm import LLM
@@ -152,6 +153,8 @@ def start_generation(
         first = next(engine_stream)
     except ValueError as exc:
         raise invalid_request(str(exc)) from None
+    except QueueFull as exc:
+        raise overloaded(str(exc)) from None
     except StopIteration:
         raise RuntimeError("the engine's stream ended without any delta") from None
     return engine_stream, itertools.chain([first], engine_stream)

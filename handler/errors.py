@@ -126,6 +126,17 @@ def model_loading() -> APIError:
     )
 
 
+def overloaded(detail: str) -> APIError:
+    """503 when the engine's waiting queue is full; the client should retry later."""
+    return APIError(
+        503,
+        f"The server is overloaded ({detail}); retry shortly.",
+        "server_error",
+        code="overloaded",
+        headers={"Retry-After": "1"},
+    )
+
+
 def model_failed() -> APIError:
     """503 when the model failed to load; retrying this process will not help."""
     return APIError(503, "The model failed to load.", "server_error", code="model_load_failed")

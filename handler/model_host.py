@@ -34,7 +34,14 @@ def load_llm(settings: Settings) -> "LLM":
     # the gunicorn master must not set up before it forks.
     from model.llm import LLM
 
-    return LLM(settings.model, max_seq_len=settings.max_seq_len, dtype=settings.llm_dtype)
+    return LLM(
+        settings.model,
+        max_seq_len=settings.max_seq_len,
+        batch=settings.max_batch,
+        max_queue=settings.max_queue,
+        prefill_buckets=settings.prefill_buckets or None,
+        dtype=settings.llm_dtype,
+    )
 
 
 class ModelHost:
@@ -103,14 +110,16 @@ class ModelHost:
 
     @property
     def status(self) -> Status:
-        """ "ready" once warmed up, "failed" if loading raised, else "loading"."""
+        """ "ready" once warmed up, "failed" if loading or the engine failed, else "loading"."""
         if self._llm is not None:
-            return "ready"
+            return "failed" if self._llm.failed else "ready"
         return "failed" if self._error is not None else "loading"
 
     @property
     def error(self) -> str | None:
-        """Why loading failed, or None."""
+        """Why loading or the engine failed, or None."""
+        if self._llm is not None and self._llm.failed:
+            return "the engine failed; restart the server"
         return self._error
 
     def wait(self, timeout: float | None = None) -> Status:
@@ -122,6 +131,6 @@ class ModelHost:
     def llm(self) -> "LLM":
         """The ready LLM; raises a 503 APIError while loading or after a failed load."""
         self.start()
-        if self._llm is not None:
+        if self._llm is not None and not self._llm.failed:
             return self._llm
-        raise model_failed() if self._error is not None else model_loading()
+        raise model_failed() if self.status == "failed" else model_loading()

@@ -152,6 +152,7 @@ class ChatCompletionRequest(BaseModel):
     top_logprobs: int | None = top_logprobs_field
     n: int | None = n_field
     seed: int | None = seed_field
+    ignore_eos: bool = Field(default=False, description="vLLM extension: run to max_tokens.")
     stop: list[StopString] | None = Field(default=None, max_length=MAX_STOP_STRINGS)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -212,6 +213,7 @@ class ChatCompletionRequest(BaseModel):
             max_tokens=self.completion_budget,
             seed=self.seed,
             stop=tuple(self.stop or ()),
+            ignore_eos=self.ignore_eos,
         )
 
 

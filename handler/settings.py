@@ -32,6 +32,17 @@ class Settings(BaseSettings):
     max_seq_len: int = Field(default=2048, ge=16)
     """Context limit in tokens, prompt plus completion, per request."""
 
+    max_batch: int = Field(default=32, ge=1, le=1024)
+    """Decode slots run together in one step (continuous batching): the most
+    requests generating at once. Each slot holds a KV cache of `max_seq_len`."""
+
+    max_queue: int = Field(default=256, ge=0)
+    """Requests that may wait for a free slot; beyond it requests get 503 with Retry-After."""
+
+    prefill_buckets: Annotated[list[int], NoDecode] = Field(default=[])
+    """Comma-separated prompt lengths that prefill is compiled for (a prompt is
+    padded to the next one). Empty: powers of two from 32 up to `max_seq_len`."""
+
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Compute dtype: `auto` picks float32 on CPU and bfloat16 on TPU/GPU."""
 
@@ -44,6 +55,14 @@ class Settings(BaseSettings):
 
     port: int = Field(default=8080, validation_alias=AliasChoices("port", "PORT"))
     """Port to listen on, from the plain `PORT` variable (as Cloud Run sets it)."""
+
+    @field_validator("prefill_buckets", mode="before")
+    @classmethod
+    def _split_buckets(cls, value: object) -> object:
+        """Accept "64,256,1024" (the environment form) as well as a list."""
+        if isinstance(value, str):
+            return [int(size) for size in value.split(",") if size.strip()]
+        return value
 
     @field_validator("api_keys", mode="before")
     @classmethod

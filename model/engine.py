@@ -43,11 +43,15 @@ class DecodeState:
 
     tokens [B]: the last sampled token of each slot, the next step's input.
     positions [B]: where that token's key/value will be written.
+    remaining [B]: tokens each slot may still generate (its max_tokens budget).
+    stop_at_eos [B]: whether a stop token ends the slot (False for ignore_eos).
     """
 
     caches: list[LayerCache]  # [B, S, K, H] per layer
     tokens: jax.Array
     positions: jax.Array
+    remaining: jax.Array
+    stop_at_eos: jax.Array
     sampling: SlotSampling
 
 
@@ -59,6 +63,15 @@ def buckets(smallest: int, largest: int) -> tuple[int, ...]:
         n *= 2
     sizes.append(largest)
     return tuple(sizes)
+
+
+def prefill_bucket_sizes(sizes: Sequence[int] | None, max_seq_len: int) -> tuple[int, ...]:
+    """Sorted prefill buckets, always ending with max_seq_len (None: powers of two from 32)."""
+    if not sizes:
+        return buckets(min(32, max_seq_len), max_seq_len)
+    if min(sizes) < 1:
+        raise ValueError(f"prefill buckets must be positive, got {list(sizes)}")
+    return tuple(sorted({s for s in sizes if s < max_seq_len} | {max_seq_len}))
 
 
 def pick_bucket(sizes: Sequence[int], n: int) -> int:
@@ -79,17 +92,19 @@ class Engine:
         *,
         max_seq_len: int,
         batch: int = 1,
+        stop_ids: Sequence[int] = (),
         dtype=jnp.float32,
-        min_prefill_bucket: int = 32,
+        prefill_buckets: Sequence[int] | None = None,
         min_attn_bucket: int = 256,
     ) -> None:
         self.config = config
         self.params = params
         self.max_seq_len = max_seq_len
         self.batch = batch
+        self.stop_ids = np.asarray(sorted(stop_ids) or [-1], np.int32)
         self.dtype = dtype
         self.model = Transformer(config, dtype)
-        self.prefill_buckets = buckets(min(min_prefill_bucket, max_seq_len), max_seq_len)
+        self.prefill_buckets = prefill_bucket_sizes(prefill_buckets, max_seq_len)
         self.attn_buckets = buckets(min(min_attn_bucket, max_seq_len), max_seq_len)
         self._prefill = jax.jit(self._prefill_impl)
         self._insert = jax.jit(self._insert_impl, donate_argnums=(1,))
@@ -113,7 +128,9 @@ class Engine:
         token, logprob, keys = sample(logits, sampling)
         return Prefix(caches, true_len, token[0], logprob[0], sampling.replace(key=keys))
 
-    def _insert_impl(self, prefix: Prefix, state: DecodeState, slot) -> DecodeState:
+    def _insert_impl(
+        self, prefix: Prefix, state: DecodeState, slot, remaining, stop_at_eos
+    ) -> DecodeState:
         def put(cache, new):  # cache [B, S, K, H], new [1, Tb, K, H]
             return jax.lax.dynamic_update_slice(cache, new, (slot, 0, 0, 0))
 
@@ -128,11 +145,16 @@ class Engine:
             caches,
             state.tokens.at[slot].set(prefix.token),
             state.positions.at[slot].set(prefix.length),
+            state.remaining.at[slot].set(remaining),
+            state.stop_at_eos.at[slot].set(stop_at_eos),
             sampling,
         )
 
     def _generate_impl(self, params, state: DecodeState, attn_len: int):
-        """One decode step for all slots → (state, tokens [B], logprobs [B])."""
+        """One decode step for all slots → (state, tokens [B], logprobs [B], done [B]).
+
+        done: the slot sampled a stop token or used up its budget.
+        """
         # Idle slots keep stepping; clamp so their writes stay inside the cache.
         positions = jnp.minimum(state.positions, self.max_seq_len - 1)
         hidden, caches = self.model.apply(
@@ -145,8 +167,16 @@ class Engine:
         )
         logits = self.model.apply({"params": params}, hidden[:, 0], method=Transformer.logits)
         tokens, logprobs, keys = sample(logits, state.sampling)
-        new_state = DecodeState(caches, tokens, positions + 1, state.sampling.replace(key=keys))
-        return new_state, tokens, logprobs
+        remaining = state.remaining - 1
+        done = (jnp.isin(tokens, self.stop_ids) & state.stop_at_eos) | (remaining <= 0)
+        new_state = state.replace(
+            caches=caches,
+            tokens=tokens,
+            positions=positions + 1,
+            remaining=remaining,
+            sampling=state.sampling.replace(key=keys),
+        )
+        return new_state, tokens, logprobs, done
 
     def _forward_impl(self, params, tokens):
         """Full-sequence logits [B, T, V] for tokens [B, T] (tests and scoring)."""
@@ -166,6 +196,8 @@ class Engine:
             init_cache(self.config, b, self.max_seq_len, self.dtype),
             jnp.zeros((b,), jnp.int32),
             jnp.zeros((b,), jnp.int32),
+            jnp.zeros((b,), jnp.int32),
+            jnp.ones((b,), bool),
             SlotSampling.create(np.zeros(b), np.ones(b), np.zeros(b), np.zeros((b, 2), np.uint32)),
         )
 
@@ -180,7 +212,8 @@ class Engine:
         if kind == "insert":
             tokens = jax.ShapeDtypeStruct((size,), jnp.int32)
             prefix = jax.eval_shape(self._prefill, self.params, tokens, token_spec, sampling)
-            return self._insert.lower(prefix, state, token_spec)
+            flag = jax.ShapeDtypeStruct((), jnp.bool_)
+            return self._insert.lower(prefix, state, token_spec, token_spec, flag)
         return self._generate.lower(self.params, state, size)
 
     def _executable(self, kind: str, size: int):
@@ -217,15 +250,21 @@ class Engine:
         padded[:n] = tokens
         return self._executable("prefill", bucket)(self.params, padded, np.int32(n), sampling)
 
-    def insert(self, prefix: Prefix, state: DecodeState, slot: int) -> DecodeState:
-        """Copy a prefix into `slot`; `state` is donated and must not be used again."""
+    def insert(
+        self, prefix: Prefix, state: DecodeState, slot: int, remaining: int, stop_at_eos=True
+    ) -> DecodeState:
+        """Copy a prefix into `slot`, which may generate `remaining` more tokens.
+
+        `state` is donated and must not be used again.
+        """
         bucket = prefix.caches[0].k.shape[1]
-        return self._executable("insert", bucket)(prefix, state, np.int32(slot))
+        args = (np.int32(slot), np.int32(remaining), np.bool_(stop_at_eos))
+        return self._executable("insert", bucket)(prefix, state, *args)
 
     def generate(self, state: DecodeState, max_position: int):
         """One step for all slots; `max_position` bounds every active slot's position.
 
-        Returns (state, tokens [B], logprobs [B]); `state` is donated.
+        Returns (state, tokens [B], logprobs [B], done [B]); `state` is donated.
         """
         attn_len = pick_bucket(self.attn_buckets, max_position + 1)
         return self._executable("generate", attn_len)(self.params, state)

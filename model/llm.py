@@ -8,7 +8,6 @@ for piece in llm.chat([{"role": "user", "content": "Hi"}], stream=True):
 """
 
 import secrets
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -20,11 +19,14 @@ from model.detokenizer import IncrementalDetokenizer
 from model.engine import Engine, one_slot_sampling
 from model.gguf_loader import load_gguf
 from model.sampling_params import Delta, FinishReason, SamplingParams
+from model.scheduler import Scheduler, TokenEvent
 from model.sources import resolve_model
 from model.stop_strings import StopStringMatcher
 from model.tokenizer import Tokenizer
 
 DEFAULT_MAX_SEQ_LEN = 2048
+DEFAULT_BATCH = 32
+DEFAULT_MAX_QUEUE = 256
 Messages = str | Sequence[dict]
 
 
@@ -51,11 +53,20 @@ class LLM:
 
     model: a GGUF path, or None for the bundled default. max_seq_len bounds
     prompt + completion tokens (default 2048, at most the model's context).
-    Generation is serialised by a lock, so one LLM may be shared by threads.
+    batch: decode slots run together (continuous batching); max_queue bounds
+    the requests waiting for a slot. prefill_buckets: prompt lengths prefill
+    is compiled for (default powers of two). Any number of threads may share one LLM.
     """
 
     def __init__(
-        self, model: str | None = None, *, max_seq_len: int | None = None, dtype: str | None = None
+        self,
+        model: str | None = None,
+        *,
+        max_seq_len: int | None = None,
+        batch: int = DEFAULT_BATCH,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        prefill_buckets: Sequence[int] | None = None,
+        dtype: str | None = None,
     ) -> None:
         self.path = resolve_model(model)
         self.dtype = compute_dtype(dtype)
@@ -63,14 +74,25 @@ class LLM:
         self.tokenizer = Tokenizer.from_gguf(reader)
         self.template = ChatTemplate.from_gguf(reader, self.tokenizer)
         self.max_seq_len = min(max_seq_len or DEFAULT_MAX_SEQ_LEN, self.config.max_position)
-        self.engine = Engine(self.config, params, max_seq_len=self.max_seq_len, dtype=self.dtype)
-        self._state = self.engine.init_state()
-        self._lock = threading.Lock()
+        self.engine = Engine(
+            self.config,
+            params,
+            max_seq_len=self.max_seq_len,
+            batch=batch,
+            stop_ids=self.tokenizer.stop_ids,
+            prefill_buckets=prefill_buckets,
+            dtype=self.dtype,
+        )
+        self.scheduler = Scheduler(self.engine, max_queue=max_queue)
+
+    @property
+    def failed(self) -> bool:
+        """True once the engine raised: the scheduler no longer serves requests."""
+        return self.scheduler.failed
 
     def warmup(self) -> None:
         """Compile every shape serving can use; afterwards no request compiles."""
-        with self._lock:
-            self.engine.warmup()
+        self.engine.warmup()
 
     def encode_chat(self, messages: Messages, tools: list[dict] | None = None) -> list[int]:
         """Render messages with the chat template (plus the generation prompt) → token ids.
@@ -105,47 +127,44 @@ class LLM:
 
         Text in the deltas is final: whole UTF-8 characters, never a possible
         start of a stop string. The last delta has the finish_reason. Closing
-        the iterator early stops generation.
+        the iterator early cancels the request. Raises ValueError when the
+        request cannot fit the context, QueueFull when the scheduler is full.
         """
         budget = self.max_new_tokens(len(prompt_ids), params.max_tokens)
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        sampling = one_slot_sampling(params.temperature, params.top_p, params.top_k, seed)
+        handle = self.scheduler.submit(prompt_ids, sampling, budget, not params.ignore_eos)
+        try:
+            yield from self._text_deltas(handle, params.stop, params.ignore_eos)
+        finally:
+            handle.cancel()  # a no-op when finished; frees the slot when abandoned
+
+    def _text_deltas(
+        self, events: Iterator[TokenEvent], stop: Sequence[str], ignore_eos: bool
+    ) -> Iterator[Delta]:
+        """Token events → Deltas of final text, cut at the first stop string."""
         detok = IncrementalDetokenizer(self.tokenizer)
-        stops = StopStringMatcher(params.stop)
+        stops = StopStringMatcher(stop)
 
         def final_text(text: str) -> tuple[str, bool]:
             """`text` plus whatever detokenizer and stop matcher still hold."""
             tail, stopped = stops.add(detok.flush())
             return text + tail + ("" if stopped else stops.flush()), stopped
 
-        for produced, token in enumerate(self._tokens(prompt_ids, params, budget), start=1):
-            if token in self.tokenizer.stop_ids:
-                yield Delta(final_text("")[0], (token,), "stop")
-                return
-            text, stopped = stops.add(detok.add(token))
+        for event in events:
+            token, reason = event.token, event.finish_reason
+            if token in self.tokenizer.stop_ids and not ignore_eos:
+                text, stopped = "", False
+            else:
+                text, stopped = stops.add(detok.add(token))
+            if reason and not stopped:
+                text, stopped = final_text(text)
             if stopped:
                 yield Delta(text, (token,), "stop")
                 return
-            if produced == budget:
-                text, stopped = final_text(text)
-                yield Delta(text, (token,), "stop" if stopped else "length")
+            yield Delta(text, (token,), reason)
+            if reason:
                 return
-            yield Delta(text, (token,))
-
-    def _tokens(self, prompt_ids: Sequence[int], params: SamplingParams, count: int):
-        """Sampled token ids, one step dispatched ahead so host work overlaps the device."""
-        seed = params.seed if params.seed is not None else secrets.randbits(63)
-        sampling = one_slot_sampling(params.temperature, params.top_p, params.top_k, seed)
-        with self._lock:
-            prefix = self.engine.prefill(list(prompt_ids), sampling)
-            self._state = self.engine.insert(prefix, self._state, 0)
-            position, pending = len(prompt_ids), prefix.token
-            for i in range(count):
-                upcoming = None
-                if i + 1 < count:
-                    self._state, step, _ = self.engine.generate(self._state, position)
-                    upcoming = step[0]
-                    position += 1
-                yield int(pending)
-                pending = upcoming
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Completion:
         """Run `stream` to the end and collect the result."""

@@ -22,6 +22,7 @@ class SamplingParams:
     max_tokens: int | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # keep generating past stop tokens (benchmarks)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ def golden_logits() -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="session")
 def llm():
-    """The bundled SmolLM2-135M-Instruct, float32, a 512-token context."""
+    """The bundled SmolLM2-135M-Instruct, float32, a 512-token context, 8 decode slots."""
     from model import LLM
 
-    return LLM(max_seq_len=512, dtype="float32")
+    return LLM(max_seq_len=512, batch=8, dtype="float32")

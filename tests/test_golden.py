@@ -32,10 +32,10 @@ def test_greedy_tokens_match_reference(llm, golden, index):
     prompt = golden["prompts"][index]
     engine = llm.engine
     prefix = engine.prefill(prompt["ids"], one_slot_sampling(0.0, 1.0, 0, seed=0))
-    state = engine.insert(prefix, engine.init_state(), 0)
+    state = engine.insert(prefix, engine.init_state(), 0, remaining=len(prompt["greedy"]))
     tokens, position = [int(prefix.token)], len(prompt["ids"])
     while len(tokens) < len(prompt["greedy"]):
-        state, step, _ = engine.generate(state, position)
+        state, step, _, _ = engine.generate(state, position)
         tokens.append(int(step[0]))
         position += 1
     assert tokens == prompt["greedy"]

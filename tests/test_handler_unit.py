@@ -20,6 +20,7 @@ import pytest
 from handler.model_host import ModelHost
 from handler.settings import Settings
 from model.sampling_params import Delta, SamplingParams
+from model.scheduler import QueueFull
 
 MODEL = "smollm2-135m-instruct"
 CHAT = "/v1/chat/completions"
@@ -55,10 +56,12 @@ class FakeLLM:
     encode_chat renders each message as "<role>: <content>\\n". stream replies
     REPLY_PIECES, cut at the first stop string (finish "stop") or at max_tokens
     tokens (finish "length"). A prompt containing "REJECT" fails the template,
-    "LATE BOOM" raises after the first delta, "BOOM" raises before any delta.
+    "LATE BOOM" raises after the first delta, "BOOM" raises before any delta,
+    "BUSY" finds the scheduler's queue full.
     """
 
     def __init__(self, max_seq_len: int = 64):
+        self.failed = False
         self.tokenizer = CharTokenizer()
         self.max_seq_len = max_seq_len
         self.calls: list[SamplingParams] = []
@@ -75,6 +78,8 @@ class FakeLLM:
 
     def stream(self, prompt_ids: list[int], params: SamplingParams):
         self.calls.append(params)
+        if "BUSY" in self.tokenizer.decode(prompt_ids):
+            raise QueueFull("256 requests are already waiting")
         return self._generate(self.tokenizer.decode(prompt_ids), params)
 
     def _generate(self, prompt: str, params: SamplingParams):
@@ -583,6 +588,24 @@ def test_failed_load_is_503(serve):
     health = client.get("/health")
     assert health.status_code == 503
     assert health.get_json() == {"status": "failed", "error": "FileNotFoundError: no such weights"}
+    assert_error(client.post(CHAT, json=chat_body()), 503, "server_error", code="model_load_failed")
+
+
+def test_full_queue_is_503_with_retry_after(serve):
+    body = chat_body(messages=[{"role": "user", "content": "BUSY"}])
+    response = serve().post(CHAT, json=body)
+    error = assert_error(response, 503, "server_error", code="overloaded")
+    assert "256 requests are already waiting" in error["message"]
+    assert int(response.headers["Retry-After"]) >= 1
+
+
+def test_engine_failure_turns_health_503_and_requests_503(serve):
+    fake = FakeLLM()
+    client = serve(llm=fake)
+    assert client.get("/health").status_code == 200
+    fake.failed = True
+    health = client.get("/health")
+    assert health.status_code == 503 and health.get_json()["status"] == "failed"
     assert_error(client.post(CHAT, json=chat_body()), 503, "server_error", code="model_load_failed")
 
 

@@ -1,0 +1,161 @@
+"""The scheduler against a mock engine whose outputs are worked out by hand.
+
+The mock's rules: a prompt's first token is 50 + sum(prompt) % 50; every decode
+step adds 1 to each slot's last token; token 99 is the stop token. So a request
+with prompt [p] and budget n yields 50+p, 51+p, … until 99 or n tokens.
+"""
+
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from model.scheduler import EngineFailed, QueueFull, Scheduler
+
+STOP = 99
+
+
+@dataclass
+class MockPrefix:
+    token: int
+    logprob: float = -0.5
+
+
+class MockEngine:
+    """Engine API on NumPy; records every call for the tests to inspect."""
+
+    def __init__(self, batch: int, step_delay: float = 0.0, fail_at_step: int | None = None):
+        self.batch = batch
+        self.stop_ids = np.array([STOP])
+        self.step_delay = step_delay
+        self.fail_at_step = fail_at_step
+        self.calls: list[tuple] = []
+        self.steps = 0
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def init_state(self):
+        return {"tokens": np.zeros(self.batch, int), "remaining": np.zeros(self.batch, int)}
+
+    def prefill(self, tokens, sampling):
+        self.calls.append(("prefill", tuple(tokens)))
+        return MockPrefix(50 + sum(tokens) % 50)
+
+    def insert(self, prefix, state, slot, remaining, stop_at_eos=True):
+        self.calls.append(("insert", slot, self.steps))
+        state["tokens"][slot] = prefix.token
+        state["remaining"][slot] = remaining
+        return state
+
+    def generate(self, state, max_position):
+        self.gate.wait()
+        self.steps += 1
+        if self.fail_at_step == self.steps:
+            raise RuntimeError("device fell over")
+        time.sleep(self.step_delay)
+        state = {"tokens": state["tokens"] + 1, "remaining": state["remaining"] - 1}
+        done = (state["tokens"] == STOP) | (state["remaining"] <= 0)
+        return state, state["tokens"].copy(), np.full(self.batch, -0.25), done
+
+
+def expected(prompt: list[int], budget: int) -> tuple[list[int], str]:
+    first = 50 + sum(prompt) % 50
+    tokens = list(range(first, min(first + budget, STOP + 1)))
+    return tokens, "stop" if tokens[-1] == STOP else "length"
+
+
+def run(handle) -> tuple[list[int], str]:
+    events = list(handle)
+    assert all(e.finish_reason is None for e in events[:-1])
+    return [e.token for e in events], events[-1].finish_reason
+
+
+@pytest.fixture
+def make():
+    schedulers = []
+
+    def build(engine, **kwargs):
+        scheduler = Scheduler(engine, **kwargs)
+        schedulers.append(scheduler)
+        return scheduler
+
+    yield build
+    for scheduler in schedulers:
+        scheduler.stop()
+
+
+def test_each_request_gets_its_own_sequence_and_finish_reason(make):
+    scheduler = make(MockEngine(batch=4))
+    cases = [([1], 5), ([40], 100), ([3, 4], 1), ([49], 30), ([0], 89)]
+    handles = [scheduler.submit(p, None, n) for p, n in cases]
+    for (prompt, budget), handle in zip(cases, handles, strict=True):
+        assert run(handle) == expected(prompt, budget)
+
+
+def test_first_token_stop_or_budget_of_one_never_takes_a_slot(make):
+    engine = MockEngine(batch=2)
+    scheduler = make(engine)
+    assert run(scheduler.submit([49], None, 10)) == ([STOP], "stop")
+    assert run(scheduler.submit([5], None, 1)) == ([55], "length")
+    assert [c[0] for c in engine.calls] == ["prefill", "prefill"]
+    assert engine.steps == 0
+
+
+def test_slots_are_reused_and_never_oversubscribed(make):
+    engine = MockEngine(batch=2, step_delay=0.002)
+    scheduler = make(engine)
+    cases = [([i], 3 + i % 4) for i in range(7)]
+    handles = [scheduler.submit(p, None, n) for p, n in cases]
+    for (prompt, budget), handle in zip(cases, handles, strict=True):
+        assert run(handle) == expected(prompt, budget)
+    inserts = [c[1] for c in engine.calls if c[0] == "insert"]
+    assert sorted(set(inserts)) == [0, 1]
+    assert len(inserts) == 7
+    # Prefills happen in submission order (FIFO).
+    assert [c[1] for c in engine.calls if c[0] == "prefill"] == [(i,) for i in range(7)]
+
+
+def test_cancelled_request_frees_its_slot_within_a_step(make):
+    engine = MockEngine(batch=1, step_delay=0.005)
+    scheduler = make(engine)
+    long = scheduler.submit([0], None, 10**6)
+    events = iter(long)
+    for _ in range(3):
+        next(events)
+    long.cancel()
+    steps_at_cancel = engine.steps
+    # The next request can only run once the single slot is free.
+    assert run(scheduler.submit([2], None, 4)) == expected([2], 4)
+    kind, slot, steps_at_insert = engine.calls[-1]
+    assert (kind, slot) == ("insert", 0)
+    # At most the step in flight when cancel() landed and one dispatched meanwhile.
+    assert steps_at_insert - steps_at_cancel <= 2
+
+
+def test_full_queue_raises_and_recovers(make):
+    engine = MockEngine(batch=1)
+    engine.gate.clear()  # decode steps block: nothing finishes
+    scheduler = make(engine, max_queue=2)
+    first = scheduler.submit([1], None, 3)
+    while not engine.calls:  # wait until the first request left the queue for the slot
+        time.sleep(0.001)
+    queued = [scheduler.submit([2], None, 3), scheduler.submit([3], None, 3)]
+    with pytest.raises(QueueFull, match="2 requests are already waiting"):
+        scheduler.submit([4], None, 3)
+    engine.gate.set()
+    assert run(first) == expected([1], 3)
+    assert [run(h) for h in queued] == [expected([2], 3), expected([3], 3)]
+
+
+def test_engine_failure_reaches_every_request_and_later_submits(make):
+    engine = MockEngine(batch=2, fail_at_step=3)
+    scheduler = make(engine)
+    handles = [scheduler.submit([i], None, 50) for i in range(4)]
+    for handle in handles:
+        with pytest.raises(EngineFailed, match="device fell over"):
+            list(handle)
+    with pytest.raises(EngineFailed):
+        scheduler.submit([1], None, 5)
+    assert scheduler.failed
