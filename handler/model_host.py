@@ -40,6 +40,7 @@ def load_llm(settings: Settings) -> "LLM":
         batch=settings.max_batch,
         max_queue=settings.max_queue,
         prefill_buckets=settings.prefill_buckets or None,
+        mesh=settings.mesh,
         dtype=settings.llm_dtype,
     )
 

@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     """Comma-separated prompt lengths that prefill is compiled for (a prompt is
     padded to the next one). Empty: powers of two from 32 up to `max_seq_len`."""
 
+    mesh: str | None = None
+    """Device mesh as DATAxMODEL, e.g. `2x4` (slots split over 2, weights and KV
+    heads over 4). Unset: every device, on the model axis as far as KV heads divide."""
+
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Compute dtype: `auto` picks float32 on CPU and bfloat16 on TPU/GPU."""
 

@@ -10,6 +10,7 @@ Shapes are static: B slots, S cache positions, a set of prefill buckets and of
 attention lengths. `warmup` compiles every variant, so serving never compiles.
 """
 
+import logging
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -18,10 +19,25 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from model.config import ModelConfig
 from model.sampling import SlotSampling, sample
 from model.transformer import LayerCache, Transformer, init_cache
+from sharding import (
+    MODEL,
+    TENSOR_PARALLEL,
+    ShardingRules,
+    cache_sharding,
+    fallbacks,
+    fit_spec,
+    make_mesh,
+    param_shardings,
+    slot_sharding,
+)
+
+log = logging.getLogger(__name__)
 
 Params = dict
 
@@ -83,7 +99,11 @@ def pick_bucket(sizes: Sequence[int], n: int) -> int:
 
 
 class Engine:
-    """Compiled prefill/insert/generate for one model on the default device(s)."""
+    """Compiled prefill/insert/generate for one model over a device mesh.
+
+    Weights, KV cache and per-slot arrays are laid out by `rules` (see
+    sharding/rules.py); the default mesh is one device, the same code path.
+    """
 
     def __init__(
         self,
@@ -96,9 +116,15 @@ class Engine:
         dtype=jnp.float32,
         prefill_buckets: Sequence[int] | None = None,
         min_attn_bucket: int = 256,
+        mesh: Mesh | None = None,
+        rules: ShardingRules = TENSOR_PARALLEL,
     ) -> None:
         self.config = config
-        self.params = params
+        self.mesh = mesh if mesh is not None else make_mesh(None, config=config)
+        self.rules = rules
+        for placement in fallbacks(params, self.mesh, rules):
+            log.info("replicated instead of split: %s", placement)
+        self.params = jax.device_put(params, param_shardings(params, self.mesh, rules))
         self.max_seq_len = max_seq_len
         self.batch = batch
         self.stop_ids = np.asarray(sorted(stop_ids) or [-1], np.int32)
@@ -106,12 +132,56 @@ class Engine:
         self.model = Transformer(config, dtype)
         self.prefill_buckets = prefill_bucket_sizes(prefill_buckets, max_seq_len)
         self.attn_buckets = buckets(min(min_attn_bucket, max_seq_len), max_seq_len)
-        self._prefill = jax.jit(self._prefill_impl)
-        self._insert = jax.jit(self._insert_impl, donate_argnums=(1,))
-        self._generate = jax.jit(self._generate_impl, donate_argnums=(1,), static_argnums=(2,))
+        # Fixed output layouts: donated buffers stay in place and every call
+        # of a compiled variant sees the layouts it was compiled for.
+        self.state_sharding = self._state_sharding()
+        self.prefix_sharding = self._prefix_sharding()
+        replicated = NamedSharding(self.mesh, P())
+        self._init_state = jax.jit(self._init_state_impl, out_shardings=self.state_sharding)
+        self._prefill = jax.jit(self._prefill_impl, out_shardings=self.prefix_sharding)
+        self._insert = jax.jit(
+            self._insert_impl, donate_argnums=(1,), out_shardings=self.state_sharding
+        )
+        self._generate = jax.jit(
+            self._generate_impl,
+            donate_argnums=(1,),
+            static_argnums=(2,),
+            out_shardings=(self.state_sharding, replicated, replicated, replicated),
+        )
         self._forward = jax.jit(self._forward_impl)
         self._compiled: dict[tuple[str, int], jax.stages.Compiled] = {}
         self.compilations = 0
+
+    def _state_sharding(self) -> DecodeState:
+        """The decode state's layout: slots over 'data', KV heads over 'model'."""
+        b, c = self.batch, self.config
+        cache = cache_sharding(
+            self.mesh, (b, self.max_seq_len, c.n_kv_heads, c.head_dim), self.rules
+        )
+        slots = slot_sharding(self.mesh, (b,), self.rules)
+        return DecodeState(
+            [LayerCache(cache, cache) for _ in range(c.n_layers)],
+            slots,
+            slots,
+            slots,
+            slots,
+            SlotSampling(slots, slots, slots, slot_sharding(self.mesh, (b, 2), self.rules)),
+        )
+
+    def _prefix_sharding(self) -> Prefix:
+        """A prefix's layout: one row, KV heads over 'model' where they divide."""
+        c = self.config
+        shape = (1, 1, c.n_kv_heads, c.head_dim)
+        spec = fit_spec(shape, P(None, None, MODEL, None), self.mesh)
+        cache = NamedSharding(self.mesh, spec)
+        one = NamedSharding(self.mesh, P())
+        return Prefix(
+            [LayerCache(cache, cache) for _ in range(c.n_layers)],
+            one,
+            one,
+            one,
+            SlotSampling(one, one, one, one),
+        )
 
     # ---- pure functions under jit ------------------------------------------------
 
@@ -190,7 +260,7 @@ class Engine:
 
     # ---- host-side API ---------------------------------------------------------------
 
-    def init_state(self) -> DecodeState:
+    def _init_state_impl(self) -> DecodeState:
         b = self.batch
         return DecodeState(
             init_cache(self.config, b, self.max_seq_len, self.dtype),
@@ -201,6 +271,10 @@ class Engine:
             SlotSampling.create(np.zeros(b), np.ones(b), np.zeros(b), np.zeros((b, 2), np.uint32)),
         )
 
+    def init_state(self) -> DecodeState:
+        """A fresh decode state, laid out on the mesh."""
+        return self._init_state()
+
     def _lower(self, kind: str, size: int):
         """Trace one variant: kind is prefill/insert (size = bucket) or generate (attn_len)."""
         sampling = jax.eval_shape(lambda: one_slot_sampling(0.0, 1.0, 0, 0))
@@ -208,10 +282,11 @@ class Engine:
         if kind == "prefill":
             tokens = jax.ShapeDtypeStruct((size,), jnp.int32)
             return self._prefill.lower(self.params, tokens, token_spec, sampling)
-        state = jax.eval_shape(self.init_state)
+        state = placed(jax.eval_shape(self._init_state_impl), self.state_sharding)
         if kind == "insert":
             tokens = jax.ShapeDtypeStruct((size,), jnp.int32)
             prefix = jax.eval_shape(self._prefill, self.params, tokens, token_spec, sampling)
+            prefix = placed(prefix, self.prefix_sharding)
             flag = jax.ShapeDtypeStruct((), jnp.bool_)
             return self._insert.lower(prefix, state, token_spec, token_spec, flag)
         return self._generate.lower(self.params, state, size)
@@ -272,6 +347,15 @@ class Engine:
     def forward(self, tokens) -> jax.Array:
         """Full-sequence logits [B, T, V] for tokens [B, T] (compiles per shape)."""
         return self._forward(self.params, jnp.asarray(tokens, jnp.int32))
+
+
+def placed(specs, shardings):
+    """ShapeDtypeStructs carrying the given shardings (for ahead-of-time lowering)."""
+    return jax.tree_util.tree_map(
+        lambda spec, sharding: jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=sharding),
+        specs,
+        shardings,
+    )
 
 
 def one_slot_sampling(temperature: float, top_p: float, top_k: int, seed: int) -> SlotSampling:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from model.chat_template import ChatTemplate
 from model.detokenizer import IncrementalDetokenizer
@@ -23,6 +24,7 @@ from model.scheduler import Scheduler, TokenEvent
 from model.sources import resolve_model
 from model.stop_strings import StopStringMatcher
 from model.tokenizer import Tokenizer
+from sharding import make_mesh, maybe_initialize_distributed
 
 DEFAULT_MAX_SEQ_LEN = 2048
 DEFAULT_BATCH = 32
@@ -55,7 +57,9 @@ class LLM:
     prompt + completion tokens (default 2048, at most the model's context).
     batch: decode slots run together (continuous batching); max_queue bounds
     the requests waiting for a slot. prefill_buckets: prompt lengths prefill
-    is compiled for (default powers of two). Any number of threads may share one LLM.
+    is compiled for (default powers of two). mesh: a Mesh or a "DATAxMODEL"
+    spec such as "2x4" (default: every device, shaped to fit the model).
+    Any number of threads may share one LLM.
     """
 
     def __init__(
@@ -66,11 +70,15 @@ class LLM:
         batch: int = DEFAULT_BATCH,
         max_queue: int = DEFAULT_MAX_QUEUE,
         prefill_buckets: Sequence[int] | None = None,
+        mesh: str | Mesh | None = None,
         dtype: str | None = None,
     ) -> None:
+        maybe_initialize_distributed()  # multi-host slices: before any backend use
         self.path = resolve_model(model)
         self.dtype = compute_dtype(dtype)
         self.config, params, reader = load_gguf(self.path, self.dtype)
+        if not isinstance(mesh, Mesh):
+            mesh = make_mesh(mesh, config=self.config)
         self.tokenizer = Tokenizer.from_gguf(reader)
         self.template = ChatTemplate.from_gguf(reader, self.tokenizer)
         self.max_seq_len = min(max_seq_len or DEFAULT_MAX_SEQ_LEN, self.config.max_position)
@@ -82,6 +90,7 @@ class LLM:
             stop_ids=self.tokenizer.stop_ids,
             prefill_buckets=prefill_buckets,
             dtype=self.dtype,
+            mesh=mesh,
         )
         self.scheduler = Scheduler(self.engine, max_queue=max_queue)
 

@@ -59,13 +59,3 @@ def test_context_overflow_names_the_counts(llm):
         llm.generate(ids, SamplingParams(max_tokens=13))
     with pytest.raises(ValueError, match="your messages resulted in 600 tokens"):
         llm.generate([1] * 600, SamplingParams())
-
-
-def test_serving_after_warmup_never_compiles(llm, golden):
-    llm.warmup()
-    compiled = llm.engine.compilations
-    assert compiled == len(llm.engine.variants())
-    for prompt_len, max_tokens in ((3, 2), (40, 30), (300, 5), (33, 250)):
-        ids = (golden["prompts"][2]["ids"] * 10)[:prompt_len]
-        llm.generate(ids, SamplingParams(temperature=0.8, top_p=0.9, max_tokens=max_tokens))
-    assert llm.engine.compilations == compiled

@@ -1,0 +1,180 @@
+"""Partition rules as data: which mesh axis splits which dimension of each array.
+
+Parameters are matched by an ordered table of (regex over the '/'-joined path,
+PartitionSpec); the first full match wins. The KV cache [B, S, K, H] and the
+per-slot decode arrays [B] / [B, 2] have one spec each. Every spec is fitted to
+the array: a dimension whose size does not divide its mesh axis size drops that
+axis (is replicated), so any model runs on any mesh; `fallbacks` lists the
+tensors this happened to, for logging.
+
+Fused matrices (why a plain column split is kept): qkv [D, (N+2K)·H] is
+[q | k | v] and gate_up [D, 2F] is [gate | up] along the split axis, so a
+contiguous column split does not hand each device whole matching sections
+(with 'model' = 2 device 0 holds all of gate, device 1 all of up). This is
+still exact: under jit, GSPMD inserts the collectives where the model slices
+the fused output. It costs extra communication per layer (XLA logs
+"Involuntary full rematerialization"; a decode block measured 6-11
+collective-permutes/all-gathers besides the 1-2 all-reduces). Removing it
+needs a model layout change (qkv as [D, K, G+2, H], gate_up as [D, 2, F], split
+over K and F), not a different rule here.
+"""
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+from jax.sharding import AbstractMesh, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from sharding.mesh import DATA, MODEL
+
+AnyMesh = Mesh | AbstractMesh
+Rule = tuple[str, P]
+
+
+@dataclass(frozen=True)
+class ShardingRules:
+    """Specs for parameters, the KV cache and per-slot arrays.
+
+    The field defaults shard nothing (a single-device layout on any mesh);
+    `tensor_parallel()` is the layout for serving.
+    """
+
+    params: tuple[Rule, ...] = ((r".*", P()),)
+    cache: P = P()  # [B, S, K, H]
+    slots: P = P()  # [B] or [B, 2]
+
+    @classmethod
+    def tensor_parallel(cls) -> "ShardingRules":
+        """Heads, MLP hidden and vocab over 'model'; slots over 'data'.
+
+        Each column-split matrix is followed by a row-split one (qkv → o,
+        gate_up → down), so attention and MLP each end in one all-reduce over
+        'model' (Megatron style).
+        """
+        return cls(
+            params=(
+                (r"embed/embedding", P(MODEL, None)),  # [V, D]: rows by vocab
+                (r"lm_head", P(None, MODEL)),  # [D, V]: logits split by vocab
+                (r"layers_\d+/attn/qkv", P(None, MODEL)),  # [D, (N+2K)·H]
+                (r"layers_\d+/attn/qkv_bias", P(MODEL)),  # [(N+2K)·H], as qkv's columns
+                (r"layers_\d+/attn/o", P(MODEL, None)),  # [N·H, D]
+                (r"layers_\d+/mlp/gate_up", P(None, MODEL)),  # [D, 2F]
+                (r"layers_\d+/mlp/down", P(MODEL, None)),  # [F, D]
+                (r"(layers_\d+/)?\w+_norm/scale", P()),  # [D], tiny: replicated
+            ),
+            cache=P(DATA, None, MODEL, None),
+            slots=P(DATA),
+        )
+
+
+TENSOR_PARALLEL = ShardingRules.tensor_parallel()
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How one tensor is laid out: its rule's spec and the spec fitted to its shape."""
+
+    path: str
+    shape: tuple[int, ...]
+    wanted: P
+    used: P
+
+    @property
+    def fell_back(self) -> bool:
+        """Whether some axis the rule splits is replicated because it does not divide."""
+        # `wanted` may be shorter than `used`; its missing trailing entries are None.
+        pairs = zip(self.wanted, self.used, strict=False)
+        return any(w is not None and u is None for w, u in pairs)
+
+    def __str__(self) -> str:
+        return f"{self.path} {list(self.shape)}: wanted {self.wanted}, using {self.used}"
+
+
+def _axis_size(mesh: AnyMesh, axis: str | tuple[str, ...] | None) -> int:
+    names = () if axis is None else (axis,) if isinstance(axis, str) else axis
+    size = 1
+    for name in names:
+        if name not in mesh.shape:
+            raise ValueError(f"PartitionSpec axis {name!r} is not a mesh axis {tuple(mesh.shape)}")
+        size *= mesh.shape[name]
+    return size
+
+
+def fit_spec(shape: tuple[int, ...], spec: P, mesh: AnyMesh) -> P:
+    """`spec` padded to the rank of `shape`, each axis dropped where the
+    dimension does not divide the mesh axis size."""
+    if len(spec) > len(shape):
+        raise ValueError(f"{spec} has more entries than dimensions in shape {shape}")
+    entries = (*spec, *(None,) * (len(shape) - len(spec)))
+    return P(
+        *(
+            axis if dim % _axis_size(mesh, axis) == 0 else None
+            for dim, axis in zip(shape, entries, strict=True)
+        )
+    )
+
+
+def _path_str(path: tuple[Any, ...]) -> str:
+    return "/".join(str(getattr(key, "key", getattr(key, "name", key))) for key in path)
+
+
+def _placement(path: str, shape: tuple[int, ...], wanted: P, mesh: AnyMesh) -> Placement:
+    return Placement(path, shape, wanted, fit_spec(shape, wanted, mesh))
+
+
+def param_placements(
+    params_or_shapes, mesh: AnyMesh, rules: ShardingRules = TENSOR_PARALLEL
+) -> Any:
+    """The parameter tree (arrays or ShapeDtypeStructs) → same tree of `Placement`.
+
+    Pass `variables["params"]`: paths are matched without the "params" prefix.
+    ValueError names a parameter that no rule matches.
+    """
+
+    def place(path, leaf) -> Placement:
+        name = _path_str(path)
+        for pattern, spec in rules.params:
+            if re.fullmatch(pattern, name):
+                return _placement(name, tuple(leaf.shape), spec, mesh)
+        raise ValueError(f"no partition rule matches parameter {name!r}")
+
+    return jax.tree_util.tree_map_with_path(place, params_or_shapes)
+
+
+def param_shardings(params_or_shapes, mesh: AnyMesh, rules: ShardingRules = TENSOR_PARALLEL) -> Any:
+    """The parameter tree (arrays or ShapeDtypeStructs) → same tree of NamedSharding."""
+    placements = param_placements(params_or_shapes, mesh, rules)
+    return jax.tree.map(lambda p: NamedSharding(mesh, p.used), placements)
+
+
+def fallbacks(
+    params_or_shapes,
+    mesh: AnyMesh,
+    rules: ShardingRules = TENSOR_PARALLEL,
+    cache_shape: tuple[int, ...] | None = None,
+) -> list[Placement]:
+    """Tensors replicated along an axis their rule splits, in tree order, for logging.
+
+    With `cache_shape` ([B, S, K, H]) the KV cache is checked too, as "kv_cache".
+    """
+    placements = jax.tree.leaves(param_placements(params_or_shapes, mesh, rules))
+    if cache_shape is not None:
+        placements.append(_placement("kv_cache", tuple(cache_shape), rules.cache, mesh))
+    return [p for p in placements if p.fell_back]
+
+
+def cache_sharding(
+    mesh: AnyMesh, shape: tuple[int, ...], rules: ShardingRules = TENSOR_PARALLEL
+) -> NamedSharding:
+    """NamedSharding for one cache array [B, S, K, H]: slots over 'data', KV
+    heads over 'model', each only where it divides."""
+    return NamedSharding(mesh, fit_spec(tuple(shape), rules.cache, mesh))
+
+
+def slot_sharding(
+    mesh: AnyMesh, shape: tuple[int, ...], rules: ShardingRules = TENSOR_PARALLEL
+) -> NamedSharding:
+    """NamedSharding for a per-slot array [B] or [B, 2]: B over 'data' where it divides."""
+    return NamedSharding(mesh, fit_spec(tuple(shape), rules.slots, mesh))

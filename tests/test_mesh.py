@@ -1,0 +1,65 @@
+"""Sharded serving gives the reference's greedy tokens, in-process and through the server.
+
+Both run with 8 host CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)
+in their own processes, since XLA fixes the device count when its backend starts.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import openai
+import pytest
+
+from tests.test_server_e2e import REPO, running_server
+
+EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+
+
+def test_meshes_give_the_reference_greedy_tokens(golden):
+    """Slots over 'data' (8x1), both axes with KV heads replicated (2x4), heads split (1x3)."""
+    specs = ["8x1", "2x4", "1x3"]
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.mesh_greedy", *specs],
+        cwd=REPO,
+        env={**os.environ, **EIGHT_DEVICES},
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    tokens = json.loads(result.stdout.strip().splitlines()[-1])
+    for spec in specs:
+        for prompt, got in zip(golden["prompts"], tokens[spec], strict=True):
+            assert got == prompt["greedy"][: len(got)] and len(got) == 24, spec
+
+
+@pytest.fixture(scope="module")
+def mesh_server(tmp_path_factory):
+    env = {**EIGHT_DEVICES, "JAXCHAT_MESH": "2x4", "JAXCHAT_MAX_SEQ_LEN": "256"}
+    env["JAXCHAT_PREFILL_BUCKETS"] = "64"
+    with running_server(tmp_path_factory.mktemp("mesh"), env) as url:
+        yield url
+
+
+def test_server_on_a_2x4_mesh_gives_the_reference_replies(mesh_server, golden):
+    client = openai.OpenAI(base_url=f"{mesh_server}/v1", api_key="none", max_retries=0)
+    for prompt in golden["prompts"]:
+        reply = client.chat.completions.create(
+            model="smollm2-135m-instruct",
+            messages=prompt["messages"],
+            temperature=0,
+            max_tokens=24,
+            extra_body={"ignore_eos": True},
+        )
+        assert reply.usage.prompt_tokens == len(prompt["ids"])
+        assert reply.usage.completion_tokens == 24
+        assert reply.choices[0].message.content == _reference_text(prompt["greedy"][:24])
+
+
+def _reference_text(tokens: list[int]) -> str:
+    from model.sources import bundled_model_path
+    from model.tokenizer import Tokenizer
+
+    return Tokenizer.from_file(bundled_model_path()).decode(tokens, skip_special_tokens=True)
