@@ -193,7 +193,7 @@ class Engine:
         hidden, caches = self.model.apply(
             {"params": params}, tokens[None], positions, jnp.zeros((1,), jnp.int32), caches, bucket
         )
-        last = jax.lax.dynamic_index_in_dim(hidden[0], true_len - 1, keepdims=True)  # [1, D]
+        last = jax.lax.dynamic_index_in_dim(hidden[:, 0], true_len - 1, axis=1)  # [D, 1]
         logits = self.model.apply({"params": params}, last, method=Transformer.logits)
         token, logprob, keys = sample(logits, sampling)
         return Prefix(caches, true_len, token[0], logprob[0], sampling.replace(key=keys))
@@ -235,7 +235,7 @@ class Engine:
             state.caches,
             attn_len,
         )
-        logits = self.model.apply({"params": params}, hidden[:, 0], method=Transformer.logits)
+        logits = self.model.apply({"params": params}, hidden[:, :, 0], method=Transformer.logits)
         tokens, logprobs, keys = sample(logits, state.sampling)
         remaining = state.remaining - 1
         done = (jnp.isin(tokens, self.stop_ids) & state.stop_at_eos) | (remaining <= 0)

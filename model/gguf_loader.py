@@ -6,7 +6,6 @@ transform from the GGUF (numpy, [out, in]) layout to ours. Quantised tensors
 """
 
 import dataclasses
-import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,57 +39,50 @@ Transform = Callable[..., np.ndarray]
 Table = dict[tuple[str, ...], tuple[tuple[str, ...], Transform]]
 
 
-def _transpose(w: np.ndarray) -> np.ndarray:
-    return w.T
-
-
 def _same(w: np.ndarray) -> np.ndarray:
     return w
 
 
-def _fused_in(n_heads: int, n_kv_heads: int, permuted: bool) -> Transform:
-    """q [N·H, D], k [K·H, D], v [K·H, D] (weights or biases) → qkv [D, (N+2K)·H]."""
+def _fused_qkv(n_heads: int, n_kv_heads: int, permuted: bool) -> Transform:
+    """q [N·H, D], k [K·H, D], v [K·H, D] (weights or biases) → qkv [(N+2K)·H, D]."""
 
     def transform(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
         if permuted:
             q, k = unpermute_rows(q, n_heads), unpermute_rows(k, n_kv_heads)
-        return np.concatenate([q, k, v], axis=0).T
+        return np.concatenate([q, k, v], axis=0)
 
     return transform
 
 
-def _concat_out(*ws: np.ndarray) -> np.ndarray:
-    """gate [F, D], up [F, D] → [D, 2F]."""
-    return np.concatenate(ws, axis=0).T
+def _stack_rows(*ws: np.ndarray) -> np.ndarray:
+    """gate [F, D], up [F, D] → [2F, D]."""
+    return np.concatenate(ws, axis=0)
 
 
 def tensor_table(config: ModelConfig, arch: str) -> Table:
-    """Parameter path → (GGUF tensor names, transform from their [out, in] arrays)."""
-    fuse = _fused_in(config.n_heads, config.n_kv_heads, arch in PERMUTED_QK_ARCHS)
+    """Parameter path → (GGUF tensor names, transform of their [out, in] arrays).
+
+    Our weights are [out, in] like GGUF's, so most tensors map as they are.
+    """
+    fuse = _fused_qkv(config.n_heads, config.n_kv_heads, arch in PERMUTED_QK_ARCHS)
     table: Table = {
         ("embed", "embedding"): (("token_embd.weight",), _same),
-        # A tied head reuses the embedding; it follows it here so it is dequantised once.
-        ("lm_head",): (
-            ("token_embd.weight" if config.tie_embeddings else "output.weight",),
-            _transpose,
-        ),
         ("final_norm", "scale"): (("output_norm.weight",), _same),
     }
+    if not config.tie_embeddings:
+        table[("lm_head",)] = (("output.weight",), _same)
     for i in range(config.n_layers):
         layer, blk = f"layers_{i}", f"blk.{i}"
         table |= {
             (layer, "attn_norm", "scale"): ((f"{blk}.attn_norm.weight",), _same),
-            (layer, "attn", "qkv"): (
-                tuple(f"{blk}.attn_{x}.weight" for x in "qkv"),
-                fuse,
-            ),
-            (layer, "attn", "o"): ((f"{blk}.attn_output.weight",), _transpose),
+            (layer, "attn", "qkv"): (tuple(f"{blk}.attn_{x}.weight" for x in "qkv"), fuse),
+            (layer, "attn", "o"): ((f"{blk}.attn_output.weight",), _same),
             (layer, "mlp_norm", "scale"): ((f"{blk}.ffn_norm.weight",), _same),
             (layer, "mlp", "gate_up"): (
                 (f"{blk}.ffn_gate.weight", f"{blk}.ffn_up.weight"),
-                _concat_out,
+                _stack_rows,
             ),
-            (layer, "mlp", "down"): ((f"{blk}.ffn_down.weight",), _transpose),
+            (layer, "mlp", "down"): ((f"{blk}.ffn_down.weight",), _same),
         }
         if config.qkv_bias:
             table[(layer, "attn", "qkv_bias")] = (
@@ -120,7 +112,6 @@ def load_gguf_params(
     if missing:
         raise ValueError(f"GGUF file lacks tensors: {', '.join(missing[:5])}")
 
-    @functools.lru_cache(maxsize=1)
     def dequantize(name: str) -> np.ndarray:
         t = tensors[name]
         return gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)

@@ -7,15 +7,15 @@ the array: a dimension whose size does not divide its mesh axis size drops that
 axis (is replicated), so any model runs on any mesh; `fallbacks` lists the
 tensors this happened to, for logging.
 
-Fused matrices (why a plain column split is kept): qkv [D, (N+2K)·H] is
-[q | k | v] and gate_up [D, 2F] is [gate | up] along the split axis, so a
-contiguous column split does not hand each device whole matching sections
+Weights are [out, in]. Fused matrices (why a plain row split is kept): qkv
+[(N+2K)·H, D] stacks q, k, v and gate_up [2F, D] stacks gate, up along the
+split axis, so a contiguous row split does not hand each device whole matching sections
 (with 'model' = 2 device 0 holds all of gate, device 1 all of up). This is
 still exact: under jit, GSPMD inserts the collectives where the model slices
 the fused output. It costs extra communication per layer (XLA logs
 "Involuntary full rematerialization"; a decode block measured 6-11
 collective-permutes/all-gathers besides the 1-2 all-reduces). Removing it
-needs a model layout change (qkv as [D, K, G+2, H], gate_up as [D, 2, F], split
+needs a model layout change (qkv as [K, G+2, H, D], gate_up as [2, F, D], split
 over K and F), not a different rule here.
 """
 
@@ -49,19 +49,19 @@ class ShardingRules:
     def tensor_parallel(cls) -> "ShardingRules":
         """Heads, MLP hidden and vocab over 'model'; slots over 'data'.
 
-        Each column-split matrix is followed by a row-split one (qkv → o,
-        gate_up → down), so attention and MLP each end in one all-reduce over
-        'model' (Megatron style).
+        Each matrix split by its outputs is followed by one split by its inputs
+        (qkv → o, gate_up → down), so attention and MLP each end in one
+        all-reduce over 'model' (Megatron style).
         """
         return cls(
             params=(
                 (r"embed/embedding", P(MODEL, None)),  # [V, D]: rows by vocab
-                (r"lm_head", P(None, MODEL)),  # [D, V]: logits split by vocab
-                (r"layers_\d+/attn/qkv", P(None, MODEL)),  # [D, (N+2K)·H]
-                (r"layers_\d+/attn/qkv_bias", P(MODEL)),  # [(N+2K)·H], as qkv's columns
-                (r"layers_\d+/attn/o", P(MODEL, None)),  # [N·H, D]
-                (r"layers_\d+/mlp/gate_up", P(None, MODEL)),  # [D, 2F]
-                (r"layers_\d+/mlp/down", P(MODEL, None)),  # [F, D]
+                (r"lm_head", P(MODEL, None)),  # [V, D]: logits split by vocab
+                (r"layers_\d+/attn/qkv", P(MODEL, None)),  # [(N+2K)·H, D]
+                (r"layers_\d+/attn/qkv_bias", P(MODEL)),  # [(N+2K)·H], as qkv's rows
+                (r"layers_\d+/attn/o", P(None, MODEL)),  # [D, N·H]
+                (r"layers_\d+/mlp/gate_up", P(MODEL, None)),  # [2F, D]
+                (r"layers_\d+/mlp/down", P(None, MODEL)),  # [D, F]
                 (r"(layers_\d+/)?\w+_norm/scale", P()),  # [D], tiny: replicated
             ),
             cache=P(DATA, None, MODEL, None),

@@ -38,11 +38,11 @@ def test_batched_equals_alone_with_mixed_lengths_and_settings(llm, golden):
     rng = random.Random(5)
     base = golden["prompts"][2]["ids"] * 6
     jobs = []
-    for i in range(10):
+    for i in range(6):
         ids = base[: rng.randint(5, 300)]
         temperature = 0.0 if i % 2 else 0.9
         params = SamplingParams(
-            temperature=temperature, top_p=0.95, max_tokens=rng.randint(3, 40), seed=i
+            temperature=temperature, top_p=0.95, max_tokens=rng.randint(3, 24), seed=i
         )
         jobs.append((ids, params))
     alone = [llm.generate(ids, params).token_ids for ids, params in jobs]

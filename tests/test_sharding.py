@@ -77,18 +77,18 @@ def test_every_tensor_kind_gets_its_spec():
     specs = specs_by_path(param_shardings(param_shapes(config), mesh(2, 4)))
     expected = {
         "embed/embedding": P(M, None),
-        "lm_head": P(None, M),
+        "lm_head": P(M, None),
         "final_norm/scale": P(None),
     }
     for i in range(config.n_layers):
         expected |= {
             f"layers_{i}/attn_norm/scale": P(None),
-            f"layers_{i}/attn/qkv": P(None, M),
+            f"layers_{i}/attn/qkv": P(M, None),
             f"layers_{i}/attn/qkv_bias": P(M),
-            f"layers_{i}/attn/o": P(M, None),
+            f"layers_{i}/attn/o": P(None, M),
             f"layers_{i}/mlp_norm/scale": P(None),
-            f"layers_{i}/mlp/gate_up": P(None, M),
-            f"layers_{i}/mlp/down": P(M, None),
+            f"layers_{i}/mlp/gate_up": P(M, None),
+            f"layers_{i}/mlp/down": P(None, M),
         }
     assert specs == expected
 
@@ -100,17 +100,17 @@ ODD = ModelConfig(
 
 
 def test_tensors_whose_dim_does_not_divide_are_replicated():
-    # model=2: V=257 and F=45 are odd; qkv 54, o 18 and gate_up 90 columns are even.
+    # model=2: V=257 and F=45 are odd; qkv 54 rows, o 18 columns and gate_up 90 rows are even.
     specs = specs_by_path(param_shardings(param_shapes(ODD), mesh(4, 2)))
     assert specs["embed/embedding"] == P(None, None)
     assert specs["lm_head"] == P(None, None)
     assert specs["layers_1/mlp/down"] == P(None, None)
-    assert specs["layers_1/attn/qkv"] == P(None, M)
-    assert specs["layers_1/attn/o"] == P(M, None)
-    assert specs["layers_1/mlp/gate_up"] == P(None, M)
+    assert specs["layers_1/attn/qkv"] == P(M, None)
+    assert specs["layers_1/attn/o"] == P(None, M)
+    assert specs["layers_1/mlp/gate_up"] == P(M, None)
     # model=3: F=45 now divides; the vocab still does not.
     specs = specs_by_path(param_shardings(param_shapes(ODD), mesh(2, 3)))
-    assert specs["layers_1/mlp/down"] == P(M, None)
+    assert specs["layers_1/mlp/down"] == P(None, M)
     assert specs["lm_head"] == P(None, None)
 
 
@@ -306,17 +306,17 @@ MODEL_SPLIT = {
     ("gqa3", "2x4"): 4,
     ("gqa3", "1x3"): 3,
 }
-SPLIT_AXIS = {"embed": 0, "qkv": 1, "o": 0, "gate_up": 1, "down": 0, "lm_head": 1}
+SPLIT_AXIS = {"embed": 0, "qkv": 0, "o": 1, "gate_up": 0, "down": 1, "lm_head": 0}
 
 
 def full_shapes(c: ModelConfig) -> dict[str, list[int]]:
     return {
         "embed": [c.vocab_size, c.dim],
-        "qkv": [c.dim, (c.n_heads + 2 * c.n_kv_heads) * c.head_dim],
-        "o": [c.n_heads * c.head_dim, c.dim],
-        "gate_up": [c.dim, 2 * c.ffn_dim],
-        "down": [c.ffn_dim, c.dim],
-        "lm_head": [c.dim, c.vocab_size],
+        "qkv": [(c.n_heads + 2 * c.n_kv_heads) * c.head_dim, c.dim],
+        "o": [c.dim, c.n_heads * c.head_dim],
+        "gate_up": [2 * c.ffn_dim, c.dim],
+        "down": [c.dim, c.ffn_dim],
+        "lm_head": [c.vocab_size, c.dim],
     }
 
 

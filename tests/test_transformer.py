@@ -80,9 +80,9 @@ def test_batch_rows_at_different_positions_are_independent(params):
 def test_rope_rotates_pairs_of_halves():
     """Position p rotates (x[i], x[i+H/2]) by p·θ^(-2i/H), as HF's rotate_half does."""
     h, theta, pos = 8, 10000.0, 3
-    x = jnp.asarray(np.random.default_rng(2).standard_normal((1, 1, 1, h)), jnp.float32)
-    out = np.asarray(rope(x, jnp.array([[pos]]), theta))[0, 0, 0]
-    xs = np.asarray(x)[0, 0, 0]
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((1, h, 1, 1)), jnp.float32)
+    out = np.asarray(rope(x, jnp.array([[pos]]), theta))[0, :, 0, 0]
+    xs = np.asarray(x)[0, :, 0, 0]
     for i in range(h // 2):
         angle = pos * theta ** (-2 * i / h)
         c, s = np.cos(angle), np.sin(angle)

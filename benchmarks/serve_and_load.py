@@ -1,0 +1,119 @@
+"""`make bench`'s load run: start jaxchat's real server, run benchmarks.load against it, stop it.
+
+Starts `functions-framework --target=app --source=main.py` on a free loopback
+port (JAXCHAT_MAX_SEQ_LEN=1024 and the repo's JAX compilation cache unless the
+environment says otherwise), waits for GET /health == 200, then runs the load
+levels. Every option it does not know is passed on to benchmarks.load.
+
+    python -m benchmarks.serve_and_load --concurrency 1,8,32,64 --max-tokens 128
+"""
+
+import argparse
+import http.client
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks import load
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def server_env(port: int, max_seq_len: int) -> dict[str, str]:
+    """The environment for the server: the caller's, plus defaults it did not set."""
+    env = dict(os.environ)
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".cache" / "jax"))
+    env.setdefault("JAXCHAT_MAX_SEQ_LEN", str(max_seq_len))
+    env["PORT"] = str(port)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def health_status(port: int) -> int | None:
+    """GET /health's status, or None while nothing listens."""
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("GET", "/health")
+        return conn.getresponse().status
+    except OSError:
+        return None
+
+
+def wait_healthy(port: int, proc: subprocess.Popen, timeout: float, log: Path) -> None:
+    """Poll /health until 200; fail with the log's tail if the server dies or times out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{tail(log)}")
+        if health_status(port) == 200:
+            return
+        time.sleep(1)
+    raise TimeoutError(f"server not healthy after {timeout:.0f} s:\n{tail(log)}")
+
+
+def tail(log: Path, chars: int = 3000) -> str:
+    return log.read_text(errors="replace")[-chars:]
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM (gunicorn shuts its worker down), then SIGKILL if it lingers."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--max-seq-len", type=int, default=1024)
+    parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds")
+    args, load_args = parser.parse_known_args(argv)
+
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "functions_framework",
+        "--target=app",
+        "--source=main.py",
+        f"--port={port}",
+        "--host=127.0.0.1",
+    ]
+    # JAXCHAT_API_KEYS, if set, is inherited by the server: use its first key.
+    api_key = os.environ.get("JAXCHAT_API_KEYS", "").split(",")[0].strip() or "unused"
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "server.log"
+        with log.open("wb") as sink:
+            proc = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env=server_env(port, args.max_seq_len),
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            started = time.monotonic()
+            wait_healthy(port, proc, args.startup_timeout, log)
+            print(f"jaxchat healthy after {time.monotonic() - started:.1f} s", flush=True)
+            base = ["--base-url", f"http://127.0.0.1:{port}/v1", "--api-key", api_key]
+            # load_args come last, so an explicit --base-url or --api-key still wins;
+            # with no --model, load asks /v1/models (JAXCHAT_MODEL_NAME may rename it).
+            return load.main(base + load_args)
+        finally:
+            stop(proc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
