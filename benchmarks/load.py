@@ -84,7 +84,7 @@ class LevelResult:
     ttft_p99: float
     itl_p50: float
     itl_p99: float
-    host_load_1m: float  # at the level's end: other work on the machine skews the figures
+    host_load_1m: float  # at the level's end, server and client included: shows other work
     error_samples: list[str] = field(default_factory=list)
 
 
@@ -179,7 +179,7 @@ async def stream_one(client: openai.AsyncOpenAI, config: LoadConfig, prompt: str
                 record.usage_tokens = chunk.usage.completion_tokens
             if any(choice.delta.content for choice in chunk.choices):
                 record.chunk_times.append(time.perf_counter())
-    except Exception as exc:  # noqa: BLE001 - any failure is a data point, not a crash
+    except Exception as exc:  # any failure is a data point, not a crash
         cause = f" ({exc.__cause__!r})" if exc.__cause__ else ""
         record.error = f"{type(exc).__name__}: {exc}{cause}"[:300]
     record.end = time.perf_counter()
