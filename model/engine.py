@@ -44,7 +44,7 @@ Params = dict
 
 @flax.struct.dataclass
 class Prefix:
-    """A prefilled prompt: caches [1, Tb, K, H] per layer, its length, first token."""
+    """A prefilled prompt: caches [1, K, Tb, H] per layer, its length, first token."""
 
     caches: list[LayerCache]
     length: jax.Array  # i32 scalar: true prompt length
@@ -63,7 +63,7 @@ class DecodeState:
     stop_at_eos [B]: whether a stop token ends the slot (False for ignore_eos).
     """
 
-    caches: list[LayerCache]  # [B, S, K, H] per layer
+    caches: list[LayerCache]  # [B, K, S, H] per layer
     tokens: jax.Array
     positions: jax.Array
     remaining: jax.Array
@@ -156,7 +156,7 @@ class Engine:
         """The decode state's layout: slots over 'data', KV heads over 'model'."""
         b, c = self.batch, self.config
         cache = cache_sharding(
-            self.mesh, (b, self.max_seq_len, c.n_kv_heads, c.head_dim), self.rules
+            self.mesh, (b, c.n_kv_heads, self.max_seq_len, c.head_dim), self.rules
         )
         slots = slot_sharding(self.mesh, (b,), self.rules)
         return DecodeState(
@@ -171,8 +171,8 @@ class Engine:
     def _prefix_sharding(self) -> Prefix:
         """A prefix's layout: one row, KV heads over 'model' where they divide."""
         c = self.config
-        shape = (1, 1, c.n_kv_heads, c.head_dim)
-        spec = fit_spec(shape, P(None, None, MODEL, None), self.mesh)
+        shape = (1, c.n_kv_heads, 1, c.head_dim)
+        spec = fit_spec(shape, P(None, MODEL, None, None), self.mesh)
         cache = NamedSharding(self.mesh, spec)
         one = NamedSharding(self.mesh, P())
         return Prefix(
@@ -201,7 +201,7 @@ class Engine:
     def _insert_impl(
         self, prefix: Prefix, state: DecodeState, slot, remaining, stop_at_eos
     ) -> DecodeState:
-        def put(cache, new):  # cache [B, S, K, H], new [1, Tb, K, H]
+        def put(cache, new):  # cache [B, K, S, H], new [1, K, Tb, H]
             return jax.lax.dynamic_update_slice(cache, new, (slot, 0, 0, 0))
 
         caches = [
@@ -332,7 +332,7 @@ class Engine:
 
         `state` is donated and must not be used again.
         """
-        bucket = prefix.caches[0].k.shape[1]
+        bucket = prefix.caches[0].k.shape[2]
         args = (np.int32(slot), np.int32(remaining), np.bool_(stop_at_eos))
         return self._executable("insert", bucket)(prefix, state, *args)
 

@@ -26,15 +26,19 @@ from model.config import ModelConfig
 
 @flax.struct.dataclass
 class LayerCache:
-    """Keys and values of one layer: k, v [B, S, K, H]."""
+    """Keys and values of one layer: k, v [B, K, S, H].
+
+    Slots and KV heads lead, so attention is a batched matmul over (B, K) with
+    no transpose of the cache.
+    """
 
     k: jax.Array
     v: jax.Array
 
 
 def init_cache(config: ModelConfig, batch: int, length: int, dtype) -> list[LayerCache]:
-    """Zeroed per-layer caches [batch, length, K, H]."""
-    shape = (batch, length, config.n_kv_heads, config.head_dim)
+    """Zeroed per-layer caches [batch, K, length, H]."""
+    shape = (batch, config.n_kv_heads, length, config.head_dim)
     return [
         LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.n_layers)
     ]
@@ -55,10 +59,10 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 
 def write_rows(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-    """cache [B, S, K, H] with new [B, T, K, H] written at row b from start[b]."""
+    """cache [B, K, S, H] with new [B, K, T, H] written in row b from position start[b]."""
 
     def one(c: jax.Array, n: jax.Array, s: jax.Array) -> jax.Array:
-        return lax.dynamic_update_slice(c, n, (s, 0, 0))
+        return lax.dynamic_update_slice(c, n, (0, s, 0))
 
     return jax.vmap(one)(cache, new, start)
 
@@ -105,18 +109,22 @@ class Attention(nn.Module):
         b, t = x.shape[1:]
         q, key, value = jnp.split(qkv.reshape(n + 2 * k, h, b, t), [n, n + k])
         q = rope(q, positions, c.rope_theta)  # [N, H, B, T]
-        key = rope(key, positions, c.rope_theta).transpose(2, 3, 0, 1)  # [B, T, K, H]
-        value = value.transpose(2, 3, 0, 1)
+        key = rope(key, positions, c.rope_theta).transpose(2, 0, 3, 1)  # [B, K, T, H]
+        value = value.transpose(2, 0, 3, 1)
         cache = LayerCache(write_rows(cache.k, key, start), write_rows(cache.v, value, start))
 
-        keys = cache.k[:, :attn_len]  # [B, S, K, H]
-        values = cache.v[:, :attn_len]
-        q = q.reshape(k, c.group_size, h, b, t)
-        scores = jnp.einsum("KGHBT,BSKH->BKGTS", q, keys).astype(jnp.float32) * (h**-0.5)
+        keys = cache.k[:, :, :attn_len]  # [B, K, S, H]
+        values = cache.v[:, :, :attn_len]
+        g = c.group_size
+        # Q = G·T query rows per KV head: [B, K, Q, H], the cache's batch layout.
+        q = q.reshape(k, g, h, b, t).transpose(3, 0, 1, 4, 2).reshape(b, k, g * t, h)
+        scores = jnp.einsum("BKQH,BKSH->BKQS", q, keys).astype(jnp.float32) * (h**-0.5)
         visible = jnp.arange(attn_len)[None, None, :] <= positions[:, :, None]  # [B, T, S]
+        scores = scores.reshape(b, k, g, t, attn_len)
         scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("BKGTS,BSKH->KGHBT", probs, values).reshape(n * h, b, t)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype).reshape(b, k, g * t, attn_len)
+        out = jnp.einsum("BKQS,BKSH->BKQH", probs, values)  # [B, K, G·T, H]
+        out = out.reshape(b, k, g, t, h).transpose(1, 2, 4, 0, 3).reshape(n * h, b, t)
         return jnp.einsum("DE,EBT->DBT", w_o, out), cache
 
 

@@ -1,7 +1,7 @@
 """Partition rules as data: which mesh axis splits which dimension of each array.
 
 Parameters are matched by an ordered table of (regex over the '/'-joined path,
-PartitionSpec); the first full match wins. The KV cache [B, S, K, H] and the
+PartitionSpec); the first full match wins. The KV cache [B, K, S, H] and the
 per-slot decode arrays [B] / [B, 2] have one spec each. Every spec is fitted to
 the array: a dimension whose size does not divide its mesh axis size drops that
 axis (is replicated), so any model runs on any mesh; `fallbacks` lists the
@@ -42,7 +42,7 @@ class ShardingRules:
     """
 
     params: tuple[Rule, ...] = ((r".*", P()),)
-    cache: P = P()  # [B, S, K, H]
+    cache: P = P()  # [B, K, S, H]
     slots: P = P()  # [B] or [B, 2]
 
     @classmethod
@@ -64,7 +64,7 @@ class ShardingRules:
                 (r"layers_\d+/mlp/down", P(None, MODEL)),  # [D, F]
                 (r"(layers_\d+/)?\w+_norm/scale", P()),  # [D], tiny: replicated
             ),
-            cache=P(DATA, None, MODEL, None),
+            cache=P(DATA, MODEL, None, None),
             slots=P(DATA),
         )
 
@@ -157,7 +157,7 @@ def fallbacks(
 ) -> list[Placement]:
     """Tensors replicated along an axis their rule splits, in tree order, for logging.
 
-    With `cache_shape` ([B, S, K, H]) the KV cache is checked too, as "kv_cache".
+    With `cache_shape` ([B, K, S, H]) the KV cache is checked too, as "kv_cache".
     """
     placements = jax.tree.leaves(param_placements(params_or_shapes, mesh, rules))
     if cache_shape is not None:
@@ -168,7 +168,7 @@ def fallbacks(
 def cache_sharding(
     mesh: AnyMesh, shape: tuple[int, ...], rules: ShardingRules = TENSOR_PARALLEL
 ) -> NamedSharding:
-    """NamedSharding for one cache array [B, S, K, H]: slots over 'data', KV
+    """NamedSharding for one cache array [B, K, S, H]: slots over 'data', KV
     heads over 'model', each only where it divides."""
     return NamedSharding(mesh, fit_spec(tuple(shape), rules.cache, mesh))
 

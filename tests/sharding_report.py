@@ -76,13 +76,13 @@ def forward(model, params, tokens, positions, start, caches, attn_len):
 
 
 def call_inputs(config: ModelConfig, call: str, rng: np.random.Generator):
-    """tokens [B, T], positions [B, T], start [B], caches [B, S, K, H] per layer."""
+    """tokens [B, T], positions [B, T], start [B], caches [B, K, S, H] per layer."""
     shape = (1 if call == "prefill1" else 8, 1 if call == "decode" else 12)
     tokens = rng.integers(0, config.vocab_size, shape).astype(np.int32)
     if call == "decode":
         # Slots at different offsets, attending over a cache of random history.
         positions = np.array([[3], [7], [0], [15], [9], [1], [12], [5]], np.int32)
-        cache_shape = (shape[0], CACHE_LEN, config.n_kv_heads, config.head_dim)
+        cache_shape = (shape[0], config.n_kv_heads, CACHE_LEN, config.head_dim)
         caches = [
             LayerCache(*(rng.standard_normal(cache_shape).astype(np.float32) for _ in "kv"))
             for _ in range(config.n_layers)

@@ -115,7 +115,7 @@ def test_tensors_whose_dim_does_not_divide_are_replicated():
 
 
 def test_fallbacks_names_the_replicated_tensors_and_the_cache():
-    cache = (8, 16, ODD.n_kv_heads, ODD.head_dim)
+    cache = (8, ODD.n_kv_heads, 16, ODD.head_dim)
     found = fallbacks(param_shapes(ODD), mesh(4, 2), cache_shape=cache)
     assert [f.path for f in found] == [
         "embed/embedding",
@@ -126,7 +126,7 @@ def test_fallbacks_names_the_replicated_tensors_and_the_cache():
     ]
     # K=3 stays whole, but the slots still split over 'data'.
     assert found[-1].used == P(D, None, None, None)
-    assert "kv_cache [8, 16, 3, 6]" in str(found[-1])
+    assert "kv_cache [8, 3, 16, 6]" in str(found[-1])
     assert [f.path for f in fallbacks(param_shapes(ODD), mesh(2, 3), cache_shape=cache)] == [
         "embed/embedding",
         "lm_head",
@@ -136,10 +136,10 @@ def test_fallbacks_names_the_replicated_tensors_and_the_cache():
 @pytest.mark.parametrize(
     "shape, data, model, spec",
     [
-        ((8, 16, 2, 16), 4, 2, P(D, None, M, None)),
-        ((8, 16, 3, 16), 4, 2, P(D, None, None, None)),  # K=3 over model=2
-        ((1, 32, 2, 16), 4, 2, P(None, None, M, None)),  # a B=1 prefill cache
-        ((6, 16, 2, 16), 4, 1, P(None, None, M, None)),  # 6 slots over data=4
+        ((8, 2, 16, 16), 4, 2, P(D, M, None, None)),
+        ((8, 3, 16, 16), 4, 2, P(D, None, None, None)),  # K=3 over model=2
+        ((1, 2, 32, 16), 4, 2, P(None, M, None, None)),  # a B=1 prefill cache
+        ((6, 2, 16, 16), 4, 1, P(None, M, None, None)),  # 6 slots over data=4
     ],
 )
 def test_cache_sharding(shape, data, model, spec):
@@ -158,7 +158,7 @@ def test_default_rules_shard_nothing():
     rules = ShardingRules()
     specs = specs_by_path(param_shardings(param_shapes(ModelConfig.tiny()), mesh(2, 4), rules))
     assert all(all(a is None for a in spec) for spec in specs.values())
-    assert cache_sharding(mesh(2, 4), (8, 16, 2, 16), rules).spec == P(None, None, None, None)
+    assert cache_sharding(mesh(2, 4), (8, 2, 16, 16), rules).spec == P(None, None, None, None)
     assert slot_sharding(mesh(2, 4), (8,), rules).spec == P(None)
 
 
@@ -337,5 +337,5 @@ def test_sharded_forward_equals_unsharded(report, config, mesh_spec, call):
     b = 1 if call == "prefill1" else 8
     b_local = b // data if b % data == 0 else b
     k_local = c.n_kv_heads // model if c.n_kv_heads % model == 0 else c.n_kv_heads
-    assert case["shards"]["cache"] == [b_local, 16, k_local, c.head_dim]
+    assert case["shards"]["cache"] == [b_local, k_local, 16, c.head_dim]
     assert case["logits_devices"] == data * model
