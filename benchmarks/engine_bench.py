@@ -20,10 +20,14 @@ import numpy as np
 from model import LLM, SamplingParams
 
 
-def weight_bytes(params) -> int:
-    """Bytes read per decode step: every weight except the embedding table (a gather)."""
-    leaves = jax.tree_util.tree_leaves_with_path(params)
-    return sum(x.nbytes for path, x in leaves if "embed" not in jax.tree_util.keystr(path))
+def weight_bytes(llm: LLM) -> int:
+    """Bytes read per decode step: every weight; the embedding only as a tied head.
+
+    Looking up a token's embedding reads one row, but a tied head reads it all.
+    """
+    leaves = jax.tree_util.tree_leaves_with_path(llm.engine.params)
+    tied = llm.config.tie_embeddings
+    return sum(x.nbytes for path, x in leaves if tied or "embed" not in jax.tree_util.keystr(path))
 
 
 def streaming_bandwidth(nbytes: int, repeats: int = 5) -> float:
@@ -81,7 +85,7 @@ def main() -> None:
 
     llm = LLM(args.model, max_seq_len=1024, batch=1)
     llm.warmup()
-    nbytes = weight_bytes(llm.engine.params)
+    nbytes = weight_bytes(llm)
     bandwidth = streaming_bandwidth(nbytes)
     decode = decode_rate(llm, args.decode_tokens, args.repeats)
     prefill = prefill_rate(llm, args.prefill_tokens, args.repeats)
