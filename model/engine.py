@@ -90,6 +90,15 @@ def prefill_bucket_sizes(sizes: Sequence[int] | None, max_seq_len: int) -> tuple
     return tuple(sorted({s for s in sizes if s < max_seq_len} | {max_seq_len}))
 
 
+def row_bucket_sizes(batch: int) -> tuple[int, ...]:
+    """Decode row counts compiled for a batch of B slots: 1, 4, 16, … and B."""
+    sizes, n = [], 1
+    while n < batch:
+        sizes.append(n)
+        n *= 4
+    return (*sizes, batch)
+
+
 def pick_bucket(sizes: Sequence[int], n: int) -> int:
     """The smallest size >= n."""
     for size in sizes:
@@ -132,6 +141,7 @@ class Engine:
         self.model = Transformer(config, dtype)
         self.prefill_buckets = prefill_bucket_sizes(prefill_buckets, max_seq_len)
         self.attn_buckets = buckets(min(min_attn_bucket, max_seq_len), max_seq_len)
+        self.row_buckets = row_bucket_sizes(batch)
         # Fixed output layouts: donated buffers stay in place and every call
         # of a compiled variant sees the layouts it was compiled for.
         self.state_sharding = self._state_sharding()
@@ -145,11 +155,11 @@ class Engine:
         self._generate = jax.jit(
             self._generate_impl,
             donate_argnums=(1,),
-            static_argnums=(2,),
+            static_argnums=(2, 3),
             out_shardings=(self.state_sharding, replicated, replicated, replicated),
         )
         self._forward = jax.jit(self._forward_impl)
-        self._compiled: dict[tuple[str, int], jax.stages.Compiled] = {}
+        self._compiled: dict[tuple[str, object], jax.stages.Compiled] = {}
         self.compilations = 0
 
     def _state_sharding(self) -> DecodeState:
@@ -220,33 +230,41 @@ class Engine:
             sampling,
         )
 
-    def _generate_impl(self, params, state: DecodeState, attn_len: int):
-        """One decode step for all slots → (state, tokens [B], logprobs [B], done [B]).
+    def _generate_impl(self, params, state: DecodeState, attn_len: int, rows: int):
+        """One decode step for slots [0, rows) → (state, tokens [B], logprobs [B], done [B]).
 
-        done: the slot sampled a stop token or used up its budget.
+        Slots from `rows` on are left as they are (their outputs are 0/False):
+        the scheduler fills the lowest free slot first, so a lightly loaded
+        server computes a few rows instead of all B. done: the slot sampled a
+        stop token or used up its budget.
         """
-        # Idle slots keep stepping; clamp so their writes stay inside the cache.
-        positions = jnp.minimum(state.positions, self.max_seq_len - 1)
+        # Idle slots below `rows` keep stepping; clamp so their writes stay inside the cache.
+        positions = jnp.minimum(state.positions[:rows], self.max_seq_len - 1)
         hidden, caches = self.model.apply(
             {"params": params},
-            state.tokens[:, None],
+            state.tokens[:rows, None],
             positions[:, None],
             positions,
             state.caches,
             attn_len,
         )
         logits = self.model.apply({"params": params}, hidden[:, :, 0], method=Transformer.logits)
-        tokens, logprobs, keys = sample(logits, state.sampling)
-        remaining = state.remaining - 1
-        done = (jnp.isin(tokens, self.stop_ids) & state.stop_at_eos) | (remaining <= 0)
+        sampling = jax.tree_util.tree_map(lambda a: a[:rows], state.sampling)
+        tokens, logprobs, keys = sample(logits, sampling)
+        remaining = state.remaining[:rows] - 1
+        done = (jnp.isin(tokens, self.stop_ids) & state.stop_at_eos[:rows]) | (remaining <= 0)
         new_state = state.replace(
             caches=caches,
-            tokens=tokens,
-            positions=positions + 1,
-            remaining=remaining,
-            sampling=state.sampling.replace(key=keys),
+            tokens=state.tokens.at[:rows].set(tokens),
+            positions=state.positions.at[:rows].set(positions + 1),
+            remaining=state.remaining.at[:rows].set(remaining),
+            sampling=state.sampling.replace(key=state.sampling.key.at[:rows].set(keys)),
         )
-        return new_state, tokens, logprobs, done
+
+        def padded(a: jax.Array) -> jax.Array:
+            return jnp.zeros((self.batch,), a.dtype).at[:rows].set(a)
+
+        return new_state, padded(tokens), padded(logprobs), padded(done)
 
     def _forward_impl(self, params, tokens):
         """Full-sequence logits [B, T, V] for tokens [B, T] (tests and scoring)."""
@@ -276,7 +294,7 @@ class Engine:
         return self._init_state()
 
     def _lower(self, kind: str, size: int):
-        """Trace one variant: kind is prefill/insert (size = bucket) or generate (attn_len)."""
+        """Trace one variant: prefill/insert (size: bucket) or generate (size: attn_len, rows)."""
         sampling = jax.eval_shape(lambda: one_slot_sampling(0.0, 1.0, 0, 0))
         token_spec = jax.ShapeDtypeStruct((), jnp.int32)
         if kind == "prefill":
@@ -289,9 +307,9 @@ class Engine:
             prefix = placed(prefix, self.prefix_sharding)
             flag = jax.ShapeDtypeStruct((), jnp.bool_)
             return self._insert.lower(prefix, state, token_spec, token_spec, flag)
-        return self._generate.lower(self.params, state, size)
+        return self._generate.lower(self.params, state, *size)
 
-    def _executable(self, kind: str, size: int):
+    def _executable(self, kind: str, size):
         """The compiled variant, compiling it on first use (counted in `compilations`)."""
         key = (kind, size)
         if key not in self._compiled:
@@ -299,12 +317,12 @@ class Engine:
             self.compilations += 1
         return self._compiled[key]
 
-    def variants(self) -> list[tuple[str, int]]:
+    def variants(self) -> list[tuple[str, object]]:
         """Every (kind, size) that serving can call."""
         return (
             [("prefill", b) for b in self.prefill_buckets]
             + [("insert", b) for b in self.prefill_buckets]
-            + [("generate", n) for n in self.attn_buckets]
+            + [("generate", (n, r)) for n in self.attn_buckets for r in self.row_buckets]
         )
 
     def warmup(self, workers: int | None = None) -> None:
@@ -336,13 +354,14 @@ class Engine:
         args = (np.int32(slot), np.int32(remaining), np.bool_(stop_at_eos))
         return self._executable("insert", bucket)(prefix, state, *args)
 
-    def generate(self, state: DecodeState, max_position: int):
-        """One step for all slots; `max_position` bounds every active slot's position.
+    def generate(self, state: DecodeState, max_position: int, rows: int | None = None):
+        """One step for slots [0, rows) (default all); `max_position` bounds their positions.
 
         Returns (state, tokens [B], logprobs [B], done [B]); `state` is donated.
         """
         attn_len = pick_bucket(self.attn_buckets, max_position + 1)
-        return self._executable("generate", attn_len)(self.params, state)
+        rows = pick_bucket(self.row_buckets, rows or self.batch)
+        return self._executable("generate", (attn_len, rows))(self.params, state)
 
     def forward(self, tokens) -> jax.Array:
         """Full-sequence logits [B, T, V] for tokens [B, T] (compiles per shape)."""

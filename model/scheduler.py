@@ -69,7 +69,7 @@ class Engine(Protocol):
     def init_state(self): ...
     def prefill(self, tokens: Sequence[int], sampling: SlotSampling): ...
     def insert(self, prefix, state, slot: int, remaining: int): ...
-    def generate(self, state, max_position: int): ...
+    def generate(self, state, max_position: int, rows: int): ...
 
 
 class Handle:
@@ -240,7 +240,10 @@ class Scheduler:
 
     def _dispatch(self, state) -> tuple[_Step, object]:
         active = [r for r in self._slots if r is not None]
-        state, tokens, logprobs, done = self.engine.generate(state, max(r.position for r in active))
+        # Slots fill lowest-first, so the step only needs rows up to the last busy one.
+        rows = max(i for i, r in enumerate(self._slots) if r is not None) + 1
+        max_position = max(r.position for r in active)
+        state, tokens, logprobs, done = self.engine.generate(state, max_position, rows)
         for request in active:
             request.position += 1
         return _Step(tokens, logprobs, done, list(self._slots)), state

@@ -59,12 +59,15 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 
 def write_rows(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-    """cache [B, K, S, H] with new [B, K, T, H] written in row b from position start[b]."""
+    """cache [B, K, S, H] with new [b, K, T, H] written in rows 0..b-1 from position start[b].
 
-    def one(c: jax.Array, n: jax.Array, s: jax.Array) -> jax.Array:
-        return lax.dynamic_update_slice(c, n, (0, s, 0))
-
-    return jax.vmap(one)(cache, new, start)
+    b may be less than B: a decode step over the first b slots leaves the
+    other rows alone. One scatter, done in place when the cache is donated.
+    """
+    b, _, t, _ = new.shape
+    rows = jnp.arange(b)[:, None]  # [b, 1]
+    cols = start[:, None] + jnp.arange(t)  # [b, T]
+    return cache.at[rows, :, cols].set(new.transpose(0, 2, 1, 3))  # indexed as [b, T, K, H]
 
 
 class RMSNorm(nn.Module):
@@ -113,8 +116,8 @@ class Attention(nn.Module):
         value = value.transpose(2, 0, 3, 1)
         cache = LayerCache(write_rows(cache.k, key, start), write_rows(cache.v, value, start))
 
-        keys = cache.k[:, :, :attn_len]  # [B, K, S, H]
-        values = cache.v[:, :, :attn_len]
+        keys = cache.k[:b, :, :attn_len]  # [B, K, S, H]: the rows computed here
+        values = cache.v[:b, :, :attn_len]
         g = c.group_size
         # Q = G·T query rows per KV head: [B, K, Q, H], the cache's batch layout.
         q = q.reshape(k, g, h, b, t).transpose(3, 0, 1, 4, 2).reshape(b, k, g * t, h)

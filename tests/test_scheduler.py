@@ -33,6 +33,7 @@ class MockEngine:
         self.fail_at_step = fail_at_step
         self.calls: list[tuple] = []
         self.steps = 0
+        self.rows: list[int] = []
         self.gate = threading.Event()
         self.gate.set()
 
@@ -49,7 +50,8 @@ class MockEngine:
         state["remaining"][slot] = remaining
         return state
 
-    def generate(self, state, max_position):
+    def generate(self, state, max_position, rows):
+        self.rows.append(rows)
         self.gate.wait()
         self.steps += 1
         if self.fail_at_step == self.steps:
@@ -112,6 +114,7 @@ def test_slots_are_reused_and_never_oversubscribed(make):
         assert run(handle) == expected(prompt, budget)
     inserts = [c[1] for c in engine.calls if c[0] == "insert"]
     assert sorted(set(inserts)) == [0, 1]
+    assert set(engine.rows) <= {1, 2} and 1 in engine.rows  # the last request runs alone
     assert len(inserts) == 7
     # Prefills happen in submission order (FIFO).
     assert [c[1] for c in engine.calls if c[0] == "prefill"] == [(i,) for i in range(7)]
