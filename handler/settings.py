@@ -23,8 +23,8 @@ class Settings(BaseSettings):
     )
 
     model: str | None = None
-    """Path or URI of the weights (GGUF file, Hugging Face directory, `gs://…`).
-    Unset serves the bundled default model (SmolLM2-135M-Instruct)."""
+    """Path of the weights, a GGUF file. Unset serves the bundled default model
+    (SmolLM2-135M-Instruct)."""
 
     model_name: str = "smollm2-135m-instruct"
     """Model id listed by `/v1/models`; requests must name it in `model`."""
