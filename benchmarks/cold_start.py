@@ -10,37 +10,11 @@ filled (warm). Speaks only HTTP, so it measures what a Cloud Run user feels.
 import argparse
 import http.client
 import json
-import os
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(port: int, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/health")
-            if conn.getresponse().status == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError("server not healthy in time")
+from benchmarks.serve_and_load import free_port, server_env, start_server, stop, wait_healthy
 
 
 def first_token(port: int) -> None:
@@ -64,33 +38,19 @@ def first_token(port: int) -> None:
 
 
 def run_once(cache_dir: str, max_seq_len: int) -> tuple[float, float]:
+    """(seconds to /health 200, seconds to the first streamed token), from process start."""
     port = free_port()
-    env = os.environ | {
-        "JAX_COMPILATION_CACHE_DIR": cache_dir,
-        "JAXCHAT_MAX_SEQ_LEN": str(max_seq_len),
-        "PORT": str(port),
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "functions_framework",
-        "--target=app",
-        "--source=main.py",
-        f"--port={port}",
-        "--host=127.0.0.1",
-    ]
+    env = server_env(port, max_seq_len) | {"JAX_COMPILATION_CACHE_DIR": cache_dir}
+    log = Path(cache_dir) / f"server-{port}.log"
     start = time.monotonic()
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    proc = start_server(port, env, log)
     try:
-        wait_healthy(port, proc, timeout=900)
+        wait_healthy(port, proc, timeout=900, log=log, poll=0.05)
         healthy = time.monotonic() - start
         first_token(port)
         return healthy, time.monotonic() - start
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop(proc)
 
 
 def main() -> None:

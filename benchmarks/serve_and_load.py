@@ -49,7 +49,24 @@ def health_status(port: int) -> int | None:
         return None
 
 
-def wait_healthy(port: int, proc: subprocess.Popen, timeout: float, log: Path) -> None:
+def start_server(port: int, env: dict[str, str], log: Path) -> subprocess.Popen:
+    """`functions-framework --source=main.py` on 127.0.0.1:port, output to `log`."""
+    command = [
+        sys.executable,
+        "-m",
+        "functions_framework",
+        "--target=app",
+        "--source=main.py",
+        f"--port={port}",
+        "--host=127.0.0.1",
+    ]
+    with log.open("wb") as sink:
+        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
+
+
+def wait_healthy(
+    port: int, proc: subprocess.Popen, timeout: float, log: Path, poll: float = 1.0
+) -> None:
     """Poll /health until 200; fail with the log's tail if the server dies or times out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -57,7 +74,7 @@ def wait_healthy(port: int, proc: subprocess.Popen, timeout: float, log: Path) -
             raise RuntimeError(f"server exited with {proc.returncode}:\n{tail(log)}")
         if health_status(port) == 200:
             return
-        time.sleep(1)
+        time.sleep(poll)
     raise TimeoutError(f"server not healthy after {timeout:.0f} s:\n{tail(log)}")
 
 
@@ -82,27 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     args, load_args = parser.parse_known_args(argv)
 
     port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "functions_framework",
-        "--target=app",
-        "--source=main.py",
-        f"--port={port}",
-        "--host=127.0.0.1",
-    ]
     # JAXCHAT_API_KEYS, if set, is inherited by the server: use its first key.
     api_key = os.environ.get("JAXCHAT_API_KEYS", "").split(",")[0].strip() or "unused"
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "server.log"
-        with log.open("wb") as sink:
-            proc = subprocess.Popen(
-                command,
-                cwd=ROOT,
-                env=server_env(port, args.max_seq_len),
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-            )
+        proc = start_server(port, server_env(port, args.max_seq_len), log)
         try:
             started = time.monotonic()
             wait_healthy(port, proc, args.startup_timeout, log)
