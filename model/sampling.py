@@ -56,22 +56,29 @@ def top_p_mask(sorted_logits: jax.Array, top_p: jax.Array) -> jax.Array:
     return jnp.where(keep, sorted_logits, NEG_INF)
 
 
-def _sample_filtered(logits, top_k, top_p, keys) -> jax.Array:
-    order = jnp.argsort(-logits, axis=-1)  # [B, V] token ids, most likely first
-    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-    sorted_logits = top_p_mask(top_k_mask(sorted_logits, top_k), top_p)
-    choice = jax.vmap(jax.random.categorical)(keys, sorted_logits)
-    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
+def _filter_cutoff(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """The smallest logit that top-k and top-p keep, per row [B] (sorts the vocabulary)."""
+    sorted_logits = -jnp.sort(-logits, axis=-1)  # descending
+    kept = top_p_mask(top_k_mask(sorted_logits, top_k), top_p)
+    return jnp.min(jnp.where(kept > NEG_INF, kept, jnp.inf), axis=-1)
 
 
-def _sample_plain(logits, top_k, top_p, keys) -> jax.Array:
-    return jax.vmap(jax.random.categorical)(keys, logits)
+def _no_cutoff(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    return jnp.full(logits.shape[:1], NEG_INF)
 
 
 def _draw(logits: jax.Array, s: SlotSampling, keys: jax.Array) -> jax.Array:
+    """One categorical draw per row over the logits top-k/top-p keep.
+
+    Filters become a per-row cutoff and the draw always runs over the
+    vocabulary in token order, so a row's token depends only on its own
+    logits, settings and key, never on which other rows needed a sort.
+    """
     scaled = scale_by_temperature(logits, s.temperature)
     needs_sort = jnp.any((s.top_k > 0) | (s.top_p < 1.0))
-    return lax.cond(needs_sort, _sample_filtered, _sample_plain, scaled, s.top_k, s.top_p, keys)
+    cutoff = lax.cond(needs_sort, _filter_cutoff, _no_cutoff, scaled, s.top_k, s.top_p)
+    kept = jnp.where(scaled >= cutoff[:, None], scaled, NEG_INF)
+    return jax.vmap(jax.random.categorical)(keys, kept)
 
 
 def sample(logits: jax.Array, s: SlotSampling) -> tuple[jax.Array, jax.Array, jax.Array]:

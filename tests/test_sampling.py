@@ -45,6 +45,15 @@ def test_mixed_batch_each_slot_follows_its_own_settings():
     assert tokens.tolist() == [2, 2, 2]
 
 
+def test_a_rows_draw_does_not_depend_on_its_neighbours_filters():
+    """An unfiltered row draws the same token whether or not another row needs the sort."""
+    logits = jnp.asarray(np.random.default_rng(0).standard_normal((2, 300)), jnp.float32)
+    for seed in range(20):
+        plain, _, _ = sample(logits, settings([1.0, 1.0], [1.0, 1.0], [0, 0], [seed, 99]))
+        mixed, _, _ = sample(logits, settings([1.0, 1.0], [1.0, 0.5], [0, 3], [seed, 99]))
+        assert int(plain[0]) == int(mixed[0])
+
+
 def test_same_key_same_draws_and_keys_advance():
     logits = jnp.zeros((1, 50))
     s = settings([1.0], [1.0], [0], [42])
