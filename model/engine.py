@@ -6,14 +6,19 @@
   decode state (the state is donated, so the cache is updated in place).
 - `generate(params, state)` decodes one token for every slot at once.
 
-Shapes are static: B slots, S cache positions, a set of prefill buckets and of
-attention lengths. `warmup` compiles every variant, so serving never compiles.
+Shapes are static: B slots, a set of prefill buckets, and a set of cache
+capacities (powers of two up to S = max_seq_len). The decode state's cache is
+as long as the bucket of the longest active sequence: `generate` grows or
+shrinks it (one copy) when that bucket changes, so attention reads exactly the
+positions it needs from contiguous memory. `warmup` compiles every variant, so
+serving never compiles.
 """
 
 import logging
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import flax.struct
 import jax
@@ -24,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from model.config import ModelConfig
 from model.sampling import SlotSampling, sample
-from model.transformer import LayerCache, Transformer, init_cache
+from model.transformer import LayerCache, Transformer, init_cache, resize_cache
 from sharding import (
     MODEL,
     TENSOR_PARALLEL,
@@ -63,12 +68,17 @@ class DecodeState:
     stop_at_eos [B]: whether a stop token ends the slot (False for ignore_eos).
     """
 
-    caches: list[LayerCache]  # [B, K, S, H] per layer
+    caches: list[LayerCache]  # per layer, `capacity` positions long
     tokens: jax.Array
     positions: jax.Array
     remaining: jax.Array
     stop_at_eos: jax.Array
     sampling: SlotSampling
+
+    @property
+    def capacity(self) -> int:
+        """Cache positions per slot."""
+        return self.caches[0].v.shape[2]
 
 
 def buckets(smallest: int, largest: int) -> tuple[int, ...]:
@@ -124,7 +134,7 @@ class Engine:
         stop_ids: Sequence[int] = (),
         dtype=jnp.float32,
         prefill_buckets: Sequence[int] | None = None,
-        min_attn_bucket: int = 256,
+        min_capacity: int = 256,
         mesh: Mesh | None = None,
         rules: ShardingRules = TENSOR_PARALLEL,
     ) -> None:
@@ -140,7 +150,7 @@ class Engine:
         self.dtype = dtype
         self.model = Transformer(config, dtype)
         self.prefill_buckets = prefill_bucket_sizes(prefill_buckets, max_seq_len)
-        self.attn_buckets = buckets(min(min_attn_bucket, max_seq_len), max_seq_len)
+        self.capacities = buckets(min(min_capacity, max_seq_len), max_seq_len)
         self.row_buckets = row_bucket_sizes(batch)
         # Fixed output layouts: donated buffers stay in place and every call
         # of a compiled variant sees the layouts it was compiled for.
@@ -155,8 +165,13 @@ class Engine:
         self._generate = jax.jit(
             self._generate_impl,
             donate_argnums=(1,),
-            static_argnums=(2, 3),
+            static_argnums=(2,),
             out_shardings=(self.state_sharding, replicated, replicated, replicated),
+        )
+        self._resize = jax.jit(
+            self._resize_impl,
+            static_argnums=(1,),
+            out_shardings=self.state_sharding,
         )
         self._forward = jax.jit(self._forward_impl)
         self._compiled: dict[tuple[str, object], jax.stages.Compiled] = {}
@@ -201,7 +216,7 @@ class Engine:
         positions = jnp.arange(bucket, dtype=jnp.int32)[None]
         caches = init_cache(self.config, 1, bucket, self.dtype)
         hidden, caches = self.model.apply(
-            {"params": params}, tokens[None], positions, jnp.zeros((1,), jnp.int32), caches, bucket
+            {"params": params}, tokens[None], positions, jnp.zeros((1,), jnp.int32), caches
         )
         last = jax.lax.dynamic_index_in_dim(hidden[:, 0], true_len - 1, axis=1)  # [D, 1]
         logits = self.model.apply({"params": params}, last, method=Transformer.logits)
@@ -211,7 +226,7 @@ class Engine:
     def _insert_impl(
         self, prefix: Prefix, state: DecodeState, slot, remaining, stop_at_eos
     ) -> DecodeState:
-        def put(cache, new):  # cache [B, K, S, H], new [1, K, Tb, H]
+        def put(cache, new):  # cache [B, ...], new [1, ...] (Tb positions of S)
             return jax.lax.dynamic_update_slice(cache, new, (slot, 0, 0, 0))
 
         caches = [
@@ -230,7 +245,7 @@ class Engine:
             sampling,
         )
 
-    def _generate_impl(self, params, state: DecodeState, attn_len: int, rows: int):
+    def _generate_impl(self, params, state: DecodeState, rows: int):
         """One decode step for slots [0, rows) → (state, tokens [B], logprobs [B], done [B]).
 
         Slots from `rows` on are left as they are (their outputs are 0/False):
@@ -239,14 +254,13 @@ class Engine:
         stop token or used up its budget.
         """
         # Idle slots below `rows` keep stepping; clamp so their writes stay inside the cache.
-        positions = jnp.minimum(state.positions[:rows], self.max_seq_len - 1)
+        positions = jnp.minimum(state.positions[:rows], state.capacity - 1)
         hidden, caches = self.model.apply(
             {"params": params},
             state.tokens[:rows, None],
             positions[:, None],
             positions,
             state.caches,
-            attn_len,
         )
         logits = self.model.apply({"params": params}, hidden[:, :, 0], method=Transformer.logits)
         sampling = jax.tree_util.tree_map(lambda a: a[:rows], state.sampling)
@@ -266,22 +280,26 @@ class Engine:
 
         return new_state, padded(tokens), padded(logprobs), padded(done)
 
+    def _resize_impl(self, state: DecodeState, capacity: int) -> DecodeState:
+        """The state with every cache cut or zero-padded to `capacity` positions."""
+        return state.replace(caches=[resize_cache(c, capacity) for c in state.caches])
+
     def _forward_impl(self, params, tokens):
         """Full-sequence logits [B, T, V] for tokens [B, T] (tests and scoring)."""
         b, t = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         caches = init_cache(self.config, b, t, self.dtype)
         hidden, _ = self.model.apply(
-            {"params": params}, tokens, positions, jnp.zeros((b,), jnp.int32), caches, t
+            {"params": params}, tokens, positions, jnp.zeros((b,), jnp.int32), caches
         )
         return self.model.apply({"params": params}, hidden, method=Transformer.logits)
 
     # ---- host-side API ---------------------------------------------------------------
 
-    def _init_state_impl(self) -> DecodeState:
+    def _init_state_impl(self, capacity: int | None = None) -> DecodeState:
         b = self.batch
         return DecodeState(
-            init_cache(self.config, b, self.max_seq_len, self.dtype),
+            init_cache(self.config, b, capacity or self.capacities[0], self.dtype),
             jnp.zeros((b,), jnp.int32),
             jnp.zeros((b,), jnp.int32),
             jnp.zeros((b,), jnp.int32),
@@ -293,21 +311,26 @@ class Engine:
         """A fresh decode state, laid out on the mesh."""
         return self._init_state()
 
-    def _lower(self, kind: str, size: int):
-        """Trace one variant: prefill/insert (size: bucket) or generate (size: attn_len, rows)."""
+    def _lower(self, kind: str, size):
+        """Trace one variant. size: the prefill bucket for prefill; (bucket, capacity) for
+        insert; (capacity, rows) for generate; (from, to) capacities for resize."""
         sampling = jax.eval_shape(lambda: one_slot_sampling(0.0, 1.0, 0, 0))
         token_spec = jax.ShapeDtypeStruct((), jnp.int32)
         if kind == "prefill":
             tokens = jax.ShapeDtypeStruct((size,), jnp.int32)
             return self._prefill.lower(self.params, tokens, token_spec, sampling)
-        state = placed(jax.eval_shape(self._init_state_impl), self.state_sharding)
+        capacity = size[0] if kind in ("generate", "resize") else size[1]
+        state = jax.eval_shape(partial(self._init_state_impl, capacity))
+        state = placed(state, self.state_sharding)
         if kind == "insert":
-            tokens = jax.ShapeDtypeStruct((size,), jnp.int32)
+            tokens = jax.ShapeDtypeStruct((size[0],), jnp.int32)
             prefix = jax.eval_shape(self._prefill, self.params, tokens, token_spec, sampling)
             prefix = placed(prefix, self.prefix_sharding)
             flag = jax.ShapeDtypeStruct((), jnp.bool_)
             return self._insert.lower(prefix, state, token_spec, token_spec, flag)
-        return self._generate.lower(self.params, state, *size)
+        if kind == "resize":
+            return self._resize.lower(state, size[1])
+        return self._generate.lower(self.params, state, size[1])
 
     def _executable(self, kind: str, size):
         """The compiled variant, compiling it on first use (counted in `compilations`)."""
@@ -319,10 +342,13 @@ class Engine:
 
     def variants(self) -> list[tuple[str, object]]:
         """Every (kind, size) that serving can call."""
+        caps = self.capacities
         return (
             [("prefill", b) for b in self.prefill_buckets]
-            + [("insert", b) for b in self.prefill_buckets]
-            + [("generate", (n, r)) for n in self.attn_buckets for r in self.row_buckets]
+            + [("insert", (b, c)) for b in self.prefill_buckets for c in caps if c >= b]
+            + [("generate", (c, r)) for c in caps for r in self.row_buckets]
+            + [("resize", pair) for pair in zip(caps, caps[1:], strict=False)]
+            + [("resize", pair) for pair in zip(caps[1:], caps, strict=False)]
         )
 
     def warmup(self, workers: int | None = None) -> None:
@@ -348,20 +374,31 @@ class Engine:
     ) -> DecodeState:
         """Copy a prefix into `slot`, which may generate `remaining` more tokens.
 
-        `state` is donated and must not be used again.
+        The state's cache grows first if the prefix is longer. `state` is
+        donated and must not be used again.
         """
-        bucket = prefix.caches[0].k.shape[2]
+        bucket = prefix.caches[0].v.shape[2]
+        state = self.resize(state, max(state.capacity, pick_bucket(self.capacities, bucket)))
         args = (np.int32(slot), np.int32(remaining), np.bool_(stop_at_eos))
-        return self._executable("insert", bucket)(prefix, state, *args)
+        return self._executable("insert", (bucket, state.capacity))(prefix, state, *args)
 
     def generate(self, state: DecodeState, max_position: int, rows: int | None = None):
         """One step for slots [0, rows) (default all); `max_position` bounds their positions.
 
+        The cache is first resized to the capacity bucket of max_position + 1.
         Returns (state, tokens [B], logprobs [B], done [B]); `state` is donated.
         """
-        attn_len = pick_bucket(self.attn_buckets, max_position + 1)
+        state = self.resize(state, pick_bucket(self.capacities, max_position + 1))
         rows = pick_bucket(self.row_buckets, rows or self.batch)
-        return self._executable("generate", (attn_len, rows))(self.params, state)
+        return self._executable("generate", (state.capacity, rows))(self.params, state)
+
+    def resize(self, state: DecodeState, capacity: int) -> DecodeState:
+        """The state with `capacity` cache positions, one bucket step at a time (donated)."""
+        while state.capacity != capacity:
+            i = self.capacities.index(state.capacity)
+            step = self.capacities[i + 1 if capacity > state.capacity else i - 1]
+            state = self._executable("resize", (state.capacity, step))(state)
+        return state
 
     def forward(self, tokens) -> jax.Array:
         """Full-sequence logits [B, T, V] for tokens [B, T] (compiles per shape)."""

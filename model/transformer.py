@@ -6,9 +6,12 @@ G query heads per kv head, H head dim, D model dim, F MLP dim, V vocab.
 
 One call serves both prefill and decode: the new tokens' keys and values are
 written into a per-layer cache at each row's `start` offset, then the queries
-attend over the first `attn_len` cache positions, masked to keys at or before
-their own position. Prefill passes a fresh cache as long as the padded prompt;
-decode passes the slot cache and T=1.
+attend over every cache position, masked to keys at or before their own
+position. Prefill passes a fresh cache as long as the padded prompt; decode
+passes the slot cache, sized by the engine to the longest active sequence's
+bucket, and T=1. The cache is never sliced to a shorter length inside the
+step: on XLA:CPU a strided slice of a longer cache costs more than the
+attention itself.
 
 Activations are feature-major, [D, B, T], and weights [out, in] (the layout of
 GGUF and HF checkpoints): every projection is `W @ x`. XLA:CPU runs that form
@@ -26,10 +29,12 @@ from model.config import ModelConfig
 
 @flax.struct.dataclass
 class LayerCache:
-    """Keys and values of one layer: k, v [B, K, S, H].
+    """Keys and values of one layer: k [B, K, H, S], v [B, K, S, H].
 
-    Slots and KV heads lead, so attention is a batched matmul over (B, K) with
-    no transpose of the cache.
+    Slots and KV heads lead. Keys keep positions minor and values keep
+    features minor, so both attention products run along contiguous memory:
+    scores reduce over H with S in vector lanes, outputs reduce over S with H
+    in lanes.
     """
 
     k: jax.Array
@@ -37,11 +42,25 @@ class LayerCache:
 
 
 def init_cache(config: ModelConfig, batch: int, length: int, dtype) -> list[LayerCache]:
-    """Zeroed per-layer caches [batch, K, length, H]."""
-    shape = (batch, config.n_kv_heads, length, config.head_dim)
+    """Zeroed per-layer caches: k [batch, K, H, length], v [batch, K, length, H]."""
+    k, h = config.n_kv_heads, config.head_dim
     return [
-        LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.n_layers)
+        LayerCache(jnp.zeros((batch, k, h, length), dtype), jnp.zeros((batch, k, length, h), dtype))
+        for _ in range(config.n_layers)
     ]
+
+
+def resize_cache(cache: LayerCache, length: int) -> LayerCache:
+    """The cache cut or zero-padded to `length` positions."""
+
+    def fit(a: jax.Array, axis: int) -> jax.Array:
+        if length <= a.shape[axis]:
+            return lax.slice_in_dim(a, 0, length, axis=axis)
+        pad = [(0, 0)] * a.ndim
+        pad[axis] = (0, length - a.shape[axis])
+        return jnp.pad(a, pad)
+
+    return LayerCache(fit(cache.k, 3), fit(cache.v, 2))
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -58,16 +77,17 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def write_rows(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-    """cache [B, K, S, H] with new [b, K, T, H] written in rows 0..b-1 from position start[b].
+def write_rows(cache: LayerCache, key: jax.Array, value: jax.Array, start: jax.Array) -> LayerCache:
+    """The cache with key, value [b, T, K, H] written in rows 0..b-1 from position start[b].
 
     b may be less than B: a decode step over the first b slots leaves the
-    other rows alone. One scatter, done in place when the cache is donated.
+    other rows alone. One scatter per buffer, in place when the cache is donated.
     """
-    b, _, t, _ = new.shape
+    b, t = key.shape[:2]
     rows = jnp.arange(b)[:, None]  # [b, 1]
     cols = start[:, None] + jnp.arange(t)  # [b, T]
-    return cache.at[rows, :, cols].set(new.transpose(0, 2, 1, 3))  # indexed as [b, T, K, H]
+    # Advanced indices split by slices index the update as [b, T, K, H].
+    return LayerCache(cache.k.at[rows, :, :, cols].set(key), cache.v.at[rows, :, cols].set(value))
 
 
 class RMSNorm(nn.Module):
@@ -98,7 +118,6 @@ class Attention(nn.Module):
         positions: jax.Array,  # [B, T]
         start: jax.Array,  # [B] cache row where x[:, :, 0] is written
         cache: LayerCache,
-        attn_len: int,
     ) -> tuple[jax.Array, LayerCache]:
         c = self.config
         n, k, h = c.n_heads, c.n_kv_heads, c.head_dim
@@ -112,21 +131,28 @@ class Attention(nn.Module):
         b, t = x.shape[1:]
         q, key, value = jnp.split(qkv.reshape(n + 2 * k, h, b, t), [n, n + k])
         q = rope(q, positions, c.rope_theta)  # [N, H, B, T]
-        key = rope(key, positions, c.rope_theta).transpose(2, 0, 3, 1)  # [B, K, T, H]
-        value = value.transpose(2, 0, 3, 1)
-        cache = LayerCache(write_rows(cache.k, key, start), write_rows(cache.v, value, start))
+        key = rope(key, positions, c.rope_theta).transpose(2, 3, 0, 1)  # [B, T, K, H]
+        cache = write_rows(cache, key, value.transpose(2, 3, 0, 1), start)
 
-        keys = cache.k[:b, :, :attn_len]  # [B, K, S, H]: the rows computed here
-        values = cache.v[:b, :, :attn_len]
+        keys, values = cache.k[:b], cache.v[:b]  # [B, K, H, S], [B, K, S, H]: rows computed here
+        s = values.shape[2]
         g = c.group_size
         # Q = G·T query rows per KV head: [B, K, Q, H], the cache's batch layout.
         q = q.reshape(k, g, h, b, t).transpose(3, 0, 1, 4, 2).reshape(b, k, g * t, h)
-        scores = jnp.einsum("BKQH,BKSH->BKQS", q, keys).astype(jnp.float32) * (h**-0.5)
-        visible = jnp.arange(attn_len)[None, None, :] <= positions[:, :, None]  # [B, T, S]
-        scores = scores.reshape(b, k, g, t, attn_len)
+        if t == 1:
+            # Decode: G query rows per (slot, head) is too few for a batched
+            # matmul; a fused multiply-reduce streams the cache once.
+            scores = jnp.sum(q[..., None] * keys[:, :, None], axis=3, dtype=jnp.float32)
+        else:
+            scores = jnp.einsum("BKQH,BKHS->BKQS", q, keys).astype(jnp.float32)
+        scores = scores.reshape(b, k, g, t, s) * (h**-0.5)
+        visible = jnp.arange(s)[None, None, :] <= positions[:, :, None]  # [B, T, S]
         scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype).reshape(b, k, g * t, attn_len)
-        out = jnp.einsum("BKQS,BKSH->BKQH", probs, values)  # [B, K, G·T, H]
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype).reshape(b, k, g * t, s)
+        if t == 1:
+            out = jnp.sum(probs[..., None] * values[:, :, None], axis=3)  # [B, K, G, H]
+        else:
+            out = jnp.einsum("BKQS,BKSH->BKQH", probs, values)  # [B, K, G·T, H]
         out = out.reshape(b, k, g, t, h).transpose(1, 2, 4, 0, 3).reshape(n * h, b, t)
         return jnp.einsum("DE,EBT->DBT", w_o, out), cache
 
@@ -152,10 +178,10 @@ class Block(nn.Module):
     dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, x, positions, start, cache: LayerCache, attn_len: int):
+    def __call__(self, x, positions, start, cache: LayerCache):
         c = self.config
         h, cache = Attention(c, self.dtype, name="attn")(
-            RMSNorm(c.norm_eps, self.dtype, name="attn_norm")(x), positions, start, cache, attn_len
+            RMSNorm(c.norm_eps, self.dtype, name="attn_norm")(x), positions, start, cache
         )
         x = x + h
         x = x + MLP(c, self.dtype, name="mlp")(RMSNorm(c.norm_eps, self.dtype, name="mlp_norm")(x))
@@ -184,14 +210,13 @@ class Transformer(nn.Module):
         positions: jax.Array,  # [B, T]
         start: jax.Array,  # [B]
         caches: list[LayerCache],
-        attn_len: int,
     ) -> tuple[jax.Array, list[LayerCache]]:
         x = self.embed(tokens).transpose(2, 0, 1)  # [D, B, T]
         new_caches = []
         # Layers are unrolled, each with its own cache buffer, so XLA updates
         # every buffer in place instead of copying a stacked cache per step.
         for layer, cache in zip(self.layers, caches, strict=True):
-            x, cache = layer(x, positions, start, cache, attn_len)
+            x, cache = layer(x, positions, start, cache)
             new_caches.append(cache)
         return self.final_norm(x), new_caches
 
@@ -199,4 +224,7 @@ class Transformer(nn.Module):
         """hidden [D, ...] → logits [..., V] in f32."""
         head = self.embed.embedding if self.config.tie_embeddings else self.lm_head  # [V, D]
         out = jnp.einsum("VD,D...->V...", head, hidden)
+        # The barrier keeps XLA from folding the transpose into the product:
+        # XLA:CPU runs the [V, B] product about twice as fast as [B, V].
+        out = lax.optimization_barrier(out)
         return jnp.moveaxis(out, 0, -1).astype(jnp.float32)

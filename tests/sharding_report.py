@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from model.config import ModelConfig
-from model.transformer import LayerCache, Transformer, init_cache
+from model.transformer import Transformer, init_cache
 from sharding import cache_sharding, make_mesh, param_shardings, slot_sharding
 
 CONFIGS = {
@@ -57,7 +57,7 @@ def random_params(config: ModelConfig, seed: int) -> dict:
 
     def init():
         caches = init_cache(config, 1, 4, jnp.float32)
-        return model.init(jax.random.PRNGKey(0), tokens, tokens, tokens[:, 0], caches, 4)
+        return model.init(jax.random.PRNGKey(0), tokens, tokens, tokens[:, 0], caches)
 
     rng = np.random.default_rng(seed)
 
@@ -68,24 +68,23 @@ def random_params(config: ModelConfig, seed: int) -> dict:
     return jax.tree_util.tree_map_with_path(fill, jax.eval_shape(init)["params"])
 
 
-@partial(jax.jit, static_argnums=(0, 6))
-def forward(model, params, tokens, positions, start, caches, attn_len):
+@partial(jax.jit, static_argnums=0)
+def forward(model, params, tokens, positions, start, caches):
     """(logits [B, T, V], caches) of one Transformer call."""
-    hidden, caches = model.apply({"params": params}, tokens, positions, start, caches, attn_len)
+    hidden, caches = model.apply({"params": params}, tokens, positions, start, caches)
     return model.apply({"params": params}, hidden, method=Transformer.logits), caches
 
 
 def call_inputs(config: ModelConfig, call: str, rng: np.random.Generator):
-    """tokens [B, T], positions [B, T], start [B], caches [B, K, S, H] per layer."""
+    """tokens [B, T], positions [B, T], start [B], caches per layer (S = CACHE_LEN)."""
     shape = (1 if call == "prefill1" else 8, 1 if call == "decode" else 12)
     tokens = rng.integers(0, config.vocab_size, shape).astype(np.int32)
     if call == "decode":
         # Slots at different offsets, attending over a cache of random history.
         positions = np.array([[3], [7], [0], [15], [9], [1], [12], [5]], np.int32)
-        cache_shape = (shape[0], config.n_kv_heads, CACHE_LEN, config.head_dim)
         caches = [
-            LayerCache(*(rng.standard_normal(cache_shape).astype(np.float32) for _ in "kv"))
-            for _ in range(config.n_layers)
+            jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32), layer)
+            for layer in init_cache(config, shape[0], CACHE_LEN, jnp.float32)
         ]
     else:
         positions = np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy()
@@ -97,7 +96,7 @@ def run_case(config: ModelConfig, params: dict, mesh_spec: str, call: str) -> di
     """Sharded vs unsharded outputs of one call on one mesh."""
     model = Transformer(config)
     tokens, positions, start, caches = call_inputs(config, call, np.random.default_rng(7))
-    want_logits, want_caches = forward(model, params, tokens, positions, start, caches, CACHE_LEN)
+    want_logits, want_caches = forward(model, params, tokens, positions, start, caches)
 
     mesh = make_mesh(mesh_spec)
     placed = jax.device_put(params, param_shardings(params, mesh))
@@ -105,7 +104,7 @@ def run_case(config: ModelConfig, params: dict, mesh_spec: str, call: str) -> di
     tokens, positions, start = (
         jax.device_put(x, slot_sharding(mesh, x.shape)) for x in (tokens, positions, start)
     )
-    logits, new_caches = forward(model, placed, tokens, positions, start, caches, CACHE_LEN)
+    logits, new_caches = forward(model, placed, tokens, positions, start, caches)
 
     def shard(x) -> list[int]:
         return list(x.sharding.shard_shape(x.shape))

@@ -50,6 +50,21 @@ def test_batched_equals_alone_with_mixed_lengths_and_settings(llm, golden):
     assert together == alone
 
 
+def test_sequences_crossing_a_cache_capacity_keep_their_tokens(llm, golden):
+    """The cache grows when a slot passes the smallest capacity and shrinks when it
+    leaves; neither changes any request's tokens."""
+    first = llm.engine.capacities[0]
+    base = golden["prompts"][2]["ids"] * 8
+    jobs = [
+        (base[: first - 6], SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)),
+        (base[:20], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)),
+        (base[:45], SamplingParams(temperature=0.8, max_tokens=40, seed=3, ignore_eos=True)),
+    ]
+    alone = [llm.generate(ids, params).token_ids for ids, params in jobs]
+    together = run_concurrently(llm, jobs, stagger=0.3)
+    assert together == alone
+
+
 def test_burst_of_varied_requests_never_compiles(llm, golden):
     llm.warmup()
     compiled = llm.engine.compilations

@@ -56,7 +56,7 @@ def param_shapes(config: ModelConfig) -> dict:
 
     def init():
         caches = init_cache(config, 1, 4, jnp.float32)
-        return model.init(jax.random.PRNGKey(0), tokens, tokens, tokens[:, 0], caches, 4)
+        return model.init(jax.random.PRNGKey(0), tokens, tokens, tokens[:, 0], caches)
 
     return jax.eval_shape(init)["params"]
 

@@ -1,7 +1,5 @@
 """The transformer on a tiny random config: KV-cache decoding equals the full pass."""
 
-from functools import partial
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,15 +17,15 @@ def params():
     tokens = jnp.zeros((1, 4), jnp.int32)
     start = jnp.zeros((1,), jnp.int32)
     variables = MODEL.init(
-        jax.random.PRNGKey(0), tokens, tokens, start, init_cache(CONFIG, 1, 4, jnp.float32), 4
+        jax.random.PRNGKey(0), tokens, tokens, start, init_cache(CONFIG, 1, 4, jnp.float32)
     )
     return variables["params"]
 
 
-@partial(jax.jit, static_argnums=5)
-def step(params, tokens, positions, start, caches, attn_len):
+@jax.jit
+def step(params, tokens, positions, start, caches):
     """tokens [B, T] at positions [B, T] written from start [B] → (logits [B, T, V], caches)."""
-    hidden, caches = MODEL.apply({"params": params}, tokens, positions, start, caches, attn_len)
+    hidden, caches = MODEL.apply({"params": params}, tokens, positions, start, caches)
     return MODEL.apply({"params": params}, hidden, method=Transformer.logits), caches
 
 
@@ -35,7 +33,7 @@ def full_logits(params, tokens):
     """Logits [T, V] of a fresh pass over tokens [1, T]."""
     t = tokens.shape[1]
     caches = init_cache(CONFIG, 1, t, jnp.float32)
-    logits, _ = step(params, tokens, jnp.arange(t)[None], jnp.zeros((1,), jnp.int32), caches, t)
+    logits, _ = step(params, tokens, jnp.arange(t)[None], jnp.zeros((1,), jnp.int32), caches)
     return logits[0]
 
 
@@ -47,11 +45,11 @@ def test_prefill_then_decode_equals_full_forward(params):
     cache_len, split = 64, 10
     caches = init_cache(CONFIG, 1, cache_len, jnp.float32)
     start = jnp.zeros((1,), jnp.int32)
-    logits, caches = step(params, tokens[:, :split], jnp.arange(split)[None], start, caches, 64)
+    logits, caches = step(params, tokens[:, :split], jnp.arange(split)[None], start, caches)
     stepped = [logits[0]]
     for pos in range(split, tokens.shape[1]):
         one = tokens[:, pos : pos + 1]
-        logits, caches = step(params, one, jnp.array([[pos]]), jnp.array([pos]), caches, cache_len)
+        logits, caches = step(params, one, jnp.array([[pos]]), jnp.array([pos]), caches)
         stepped.append(logits[0])
     np.testing.assert_allclose(np.concatenate(stepped), full, atol=1e-5)
 
@@ -69,10 +67,10 @@ def test_batch_rows_at_different_positions_are_independent(params):
         for pos in range(seq.shape[1] - 1):
             tokens = jnp.zeros((2, 1), jnp.int32).at[row, 0].set(seq[0, pos])
             positions = jnp.full((2, 1), cache_len - 1).at[row, 0].set(pos)
-            _, caches = step(params, tokens, positions, positions[:, 0], caches, cache_len)
+            _, caches = step(params, tokens, positions, positions[:, 0], caches)
     last = jnp.array([[a[0, -1]], [b[0, -1]]])
     positions = jnp.array([[a.shape[1] - 1], [b.shape[1] - 1]])
-    logits, _ = step(params, last, positions, positions[:, 0], caches, cache_len)
+    logits, _ = step(params, last, positions, positions[:, 0], caches)
     np.testing.assert_allclose(logits[0, 0], full_logits(params, a)[-1], atol=1e-5)
     np.testing.assert_allclose(logits[1, 0], full_logits(params, b)[-1], atol=1e-5)
 
