@@ -101,8 +101,13 @@ def prefill_bucket_sizes(sizes: Sequence[int] | None, max_seq_len: int) -> tuple
 
 
 def row_bucket_sizes(batch: int) -> tuple[int, ...]:
-    """Decode row counts compiled for a batch of B slots: 1, 4, 16, … and B."""
-    sizes, n = [], 1
+    """Decode row counts compiled for a batch of B slots: 2, 8, 32, … and B.
+
+    The smallest is 2, not 1: XLA:CPU compiles a one-row update of a larger
+    cache into a guarded write that copies the whole cache every layer, which
+    made a lone request's step 5x slower than a two-row one.
+    """
+    sizes, n = [], min(2, batch)
     while n < batch:
         sizes.append(n)
         n *= 4
