@@ -28,6 +28,7 @@ The scheduler knows nothing of text: detokenizing and stop strings happen in
 the consumer's thread (see `LLM.stream`), which cancels when it sees a stop.
 """
 
+import atexit
 import logging
 import queue
 import threading
@@ -135,6 +136,9 @@ class Scheduler:
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
         self._thread.start()
+        # A daemon thread still inside XLA when the interpreter finalises aborts
+        # the process ("terminate called ..."); stop it cleanly at exit instead.
+        atexit.register(self.stop)
 
     # ---- any thread -----------------------------------------------------------------
 
@@ -174,6 +178,7 @@ class Scheduler:
         return self._error is not None
 
     def stop(self) -> None:
+        """Finish the step in flight and end the scheduler thread."""
         self._stopping.set()
         self._thread.join(timeout=10)
 

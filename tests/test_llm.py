@@ -1,8 +1,14 @@
 """The Python API on the real default model: text, finish reasons, stops, seeds, limits."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from model import SamplingParams
+
+ROOT = Path(__file__).resolve().parent.parent
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -59,3 +65,21 @@ def test_context_overflow_names_the_counts(llm):
         llm.generate(ids, SamplingParams(max_tokens=13))
     with pytest.raises(ValueError, match="your messages resulted in 600 tokens"):
         llm.generate([1] * 600, SamplingParams())
+
+
+def test_a_script_using_the_python_api_exits_cleanly():
+    """The scheduler thread is stopped at exit: the process ends with status 0 instead of
+    aborting while the thread is inside XLA."""
+    script = (
+        "from model import LLM, SamplingParams\n"
+        "llm = LLM(max_seq_len=256, batch=2, prefill_buckets=[64])\n"
+        "ids = llm.encode_chat([{'role': 'user', 'content': 'Hi'}])\n"
+        "params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)\n"
+        "print(llm.generate(ids, params).token_ids)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "terminate called" not in done.stderr
+    assert len(done.stdout.strip().strip("()").split(",")) == 4
