@@ -54,8 +54,8 @@ class Server:
     created: int
     fingerprint: str
 
-    def model_card(self) -> ModelCard:
-        return ModelCard(id=self.settings.model_name, created=self.created)
+    def model_card(self, name: str) -> ModelCard:
+        return ModelCard(id=name, created=self.created)
 
 
 Route = Callable[[Server, flask.Request], flask.Response]
@@ -172,24 +172,25 @@ def json_response(payload: dict, status: int = 200, headers: dict | None = None)
 def chat_completions(server: Server, request: flask.Request) -> flask.Response:
     """POST /v1/chat/completions."""
     chat = parse_chat_request(read_json(request, server.settings.max_request_bytes))
-    if chat.model != server.settings.model_name:
+    if chat.model not in server.settings.model_names:
         raise model_not_found(chat.model)
     return chat_completion(server.host.llm(), chat, server.fingerprint)
 
 
 def list_models(server: Server, request: flask.Request) -> flask.Response:
-    """GET /v1/models: the one model this server serves."""
-    return flask.Response(
-        ModelList(data=[server.model_card()]).model_dump_json(), mimetype="application/json"
-    )
+    """GET /v1/models: the model this server serves, under its id and each alias."""
+    cards = [server.model_card(name) for name in server.settings.model_names]
+    return flask.Response(ModelList(data=cards).model_dump_json(), mimetype="application/json")
 
 
 def retrieve_model(server: Server, request: flask.Request) -> flask.Response:
     """GET /v1/models/{id}."""
     model_id = request.path.split("/models/", 1)[1]
-    if model_id != server.settings.model_name:
+    if model_id not in server.settings.model_names:
         raise model_not_found(model_id, param=None)
-    return flask.Response(server.model_card().model_dump_json(), mimetype="application/json")
+    return flask.Response(
+        server.model_card(model_id).model_dump_json(), mimetype="application/json"
+    )
 
 
 def health(server: Server, request: flask.Request) -> flask.Response:

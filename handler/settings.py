@@ -27,7 +27,11 @@ class Settings(BaseSettings):
     (SmolLM2-135M-Instruct)."""
 
     model_name: str = "smollm2-135m-instruct"
-    """Model id listed by `/v1/models`; requests must name it in `model`."""
+    """Model id listed by `/v1/models`; requests must name it (or an alias) in `model`."""
+
+    model_aliases: Annotated[list[str], NoDecode] = Field(default=[])
+    """Comma-separated other names for the model, e.g. `default,fast,pro`. Each is
+    listed by `/v1/models`, and a reply echoes the name the request used."""
 
     max_seq_len: int = Field(default=2048, ge=16)
     """Context limit in tokens, prompt plus completion, per request."""
@@ -67,6 +71,19 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [int(size) for size in value.split(",") if size.strip()]
         return value
+
+    @field_validator("model_aliases", mode="before")
+    @classmethod
+    def _split_aliases(cls, value: object) -> object:
+        """Accept "default,fast" (the environment form) as well as a list."""
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
+    @property
+    def model_names(self) -> list[str]:
+        """Every name the model answers to: its id first, then the aliases."""
+        return list(dict.fromkeys([self.model_name, *self.model_aliases]))
 
     @field_validator("api_keys", mode="before")
     @classmethod

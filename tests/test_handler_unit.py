@@ -492,6 +492,22 @@ def test_served_model_name_comes_from_settings(serve):
     assert client.post(CHAT, json=chat_body()).status_code == 404
 
 
+def test_model_aliases_are_listed_served_and_echoed(serve, monkeypatch):
+    monkeypatch.setenv("JAXCHAT_MODEL_ALIASES", "default, fast,pro")
+    client = serve()
+    ids = [card["id"] for card in client.get("/v1/models").get_json()["data"]]
+    assert ids == [MODEL, "default", "fast", "pro"]
+    for name in ("fast", MODEL):
+        assert client.post(CHAT, json=chat_body(model=name)).get_json()["model"] == name
+        assert client.get(f"/v1/models/{name}").get_json()["id"] == name
+    stream = client.post(CHAT, json=chat_body(model="pro", stream=True)).get_data(as_text=True)
+    chunks = [json.loads(line[6:]) for line in stream.splitlines() if line[6:].startswith("{")]
+    assert chunks and all(chunk["model"] == "pro" for chunk in chunks)
+    response = client.post(CHAT, json=chat_body(model="slow"))
+    assert_error(response, 404, "not_found_error", param="model", code="model_not_found")
+    assert client.get("/v1/models/slow").status_code == 404
+
+
 # Auth.
 
 

@@ -95,6 +95,7 @@ def base_url(tmp_path_factory):
         "JAXCHAT_MAX_SEQ_LEN": str(MAX_SEQ_LEN),
         # Fewer slots than the concurrency test's streams, so requests also queue.
         "JAXCHAT_MAX_BATCH": "16",
+        "JAXCHAT_MODEL_ALIASES": "default,fast",
     }
     with running_server(tmp_path_factory.mktemp("server"), env) as url:
         yield url
@@ -205,10 +206,24 @@ def test_sixty_four_concurrent_streams_all_complete_correctly(client):
 
 
 def test_models_are_listed(client):
-    assert [m.id for m in client.models.list()] == [MODEL]
+    assert [m.id for m in client.models.list()] == [MODEL, "default", "fast"]
     assert client.models.retrieve(MODEL).id == MODEL
+    assert client.models.retrieve("fast").id == "fast"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("no-such-model")
+
+
+def test_an_alias_serves_the_model_and_is_echoed(client):
+    reply = client.chat.completions.create(
+        model="fast", messages=CAPITAL["messages"], temperature=0, max_tokens=8
+    )
+    assert reply.model == "fast"
+    content = reply.choices[0].message.content
+    assert content and CAPITAL_REPLY.startswith(content)
+    stream = client.chat.completions.create(
+        model="default", messages=CAPITAL["messages"], max_tokens=4, stream=True
+    )
+    assert {chunk.model for chunk in stream} == {"default"}
 
 
 @pytest.mark.parametrize(

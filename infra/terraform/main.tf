@@ -57,6 +57,10 @@ resource "google_cloud_run_v2_service" "jaxchat" {
         name  = "JAXCHAT_MODEL_NAME"
         value = var.model_name
       }
+      env {
+        name  = "JAXCHAT_MODEL_ALIASES"
+        value = join(",", var.model_aliases)
+      }
       dynamic "env" {
         for_each = var.model_uri == "" ? [] : [var.model_uri]
         content {

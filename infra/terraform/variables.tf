@@ -23,6 +23,12 @@ variable "model_name" {
   default = "smollm2-135m-instruct"
 }
 
+variable "model_aliases" {
+  description = "Other names clients may use for the model (JAXCHAT_MODEL_ALIASES)."
+  type        = list(string)
+  default     = []
+}
+
 variable "model_uri" {
   type        = string
   default     = ""
