@@ -64,34 +64,18 @@ class Settings(BaseSettings):
     port: int = Field(default=8080, validation_alias=AliasChoices("port", "PORT"))
     """Port to listen on, from the plain `PORT` variable (as Cloud Run sets it)."""
 
-    @field_validator("prefill_buckets", mode="before")
+    @field_validator("prefill_buckets", "model_aliases", "api_keys", mode="before")
     @classmethod
-    def _split_buckets(cls, value: object) -> object:
-        """Accept "64,256,1024" (the environment form) as well as a list."""
+    def _split_commas(cls, value: object) -> object:
+        """Accept "a,b,c" (the environment form) as well as a list."""
         if isinstance(value, str):
-            return [int(size) for size in value.split(",") if size.strip()]
-        return value
-
-    @field_validator("model_aliases", mode="before")
-    @classmethod
-    def _split_aliases(cls, value: object) -> object:
-        """Accept "default,fast" (the environment form) as well as a list."""
-        if isinstance(value, str):
-            return [name.strip() for name in value.split(",") if name.strip()]
+            return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
     @property
     def model_names(self) -> list[str]:
         """Every name the model answers to: its id first, then the aliases."""
         return list(dict.fromkeys([self.model_name, *self.model_aliases]))
-
-    @field_validator("api_keys", mode="before")
-    @classmethod
-    def _split_keys(cls, value: object) -> object:
-        """Accept "k1,k2" (the environment form) as well as a list."""
-        if isinstance(value, str):
-            return [key.strip() for key in value.split(",") if key.strip()]
-        return value
 
     @property
     def llm_dtype(self) -> str | None:
