@@ -1,10 +1,15 @@
 """The engine: jitted prefill, insert and generate over a static KV cache.
 
-- `prefill(params, tokens[Tb], true_len, sampling)` runs a prompt padded to a
-  bucket length Tb and samples its first token, returning a `Prefix`.
-- `insert(prefix, state, slot)` copies the prefix KV into one slot of the
-  decode state (the state is donated, so the cache is updated in place).
-- `generate(params, state)` decodes one token for every slot at once.
+- `prefill(params, tokens[Tb], true_len, sampling, allowed)` runs a prompt
+  padded to a bucket length Tb and samples its first token, returning a `Prefix`.
+- `insert(prefix, state, slot, …)` copies the prefix KV into one slot of the
+  decode state (the state is donated, so the cache is updated in place). A
+  "restarted" insert leaves the first token to the decode step instead, which
+  is how the n choices of one request share a single prefill.
+- `generate(params, state, allowed)` decodes one token for every slot at once.
+
+`allowed` is a grammar bitmask per row (see model/sampling.py); rows that are
+not constrained have every bit set.
 
 Shapes are static: B slots, a set of prefill buckets, and a set of cache
 capacities (powers of two up to S = max_seq_len). The decode state's cache is
@@ -29,6 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 from model.config import ModelConfig
 from model.sampling import SlotSampling, sample
+from model.sampling_params import SamplingParams
 from model.transformer import LayerCache, Transformer, init_cache, resize_cache
 from sharding import (
     MODEL,
@@ -49,13 +55,16 @@ Params = dict
 
 @flax.struct.dataclass
 class Prefix:
-    """A prefilled prompt: caches [1, K, Tb, H] per layer, its length, first token."""
+    """A prefilled prompt: caches per layer, its length, last and first tokens."""
 
     caches: list[LayerCache]
     length: jax.Array  # i32 scalar: true prompt length
+    last_token: jax.Array  # i32 scalar: the prompt's last token
     token: jax.Array  # i32 scalar: first sampled token
     logprob: jax.Array  # f32 scalar
-    sampling: SlotSampling  # [1] settings, key already advanced
+    top_ids: jax.Array  # [TOP_LOGPROBS] i32: the most likely first tokens (if asked)
+    top_logprobs: jax.Array  # [TOP_LOGPROBS] f32
+    sampling: SlotSampling  # [1] settings: key advanced, prompt tokens seen, counts
 
 
 @flax.struct.dataclass
@@ -157,6 +166,7 @@ class Engine:
         self.prefill_buckets = prefill_bucket_sizes(prefill_buckets, max_seq_len)
         self.capacities = buckets(min(min_capacity, max_seq_len), max_seq_len)
         self.row_buckets = row_bucket_sizes(batch)
+        self.mask_words = -(-config.vocab_size // 32)
         # Fixed output layouts: donated buffers stay in place and every call
         # of a compiled variant sees the layouts it was compiled for.
         self.state_sharding = self._state_sharding()
@@ -170,8 +180,8 @@ class Engine:
         self._generate = jax.jit(
             self._generate_impl,
             donate_argnums=(1,),
-            static_argnums=(2,),
-            out_shardings=(self.state_sharding, replicated, replicated, replicated),
+            static_argnums=(3,),
+            out_shardings=(self.state_sharding, *[replicated] * 5),
         )
         self._resize = jax.jit(
             self._resize_impl,
@@ -179,6 +189,7 @@ class Engine:
             out_shardings=self.state_sharding,
         )
         self._forward = jax.jit(self._forward_impl)
+        self._all_allowed = jax.device_put(self.unconstrained(batch), replicated)
         self._compiled: dict[tuple[str, object], jax.stages.Compiled] = {}
         self.compilations = 0
 
@@ -189,13 +200,17 @@ class Engine:
             self.mesh, (b, c.n_kv_heads, self.max_seq_len, c.head_dim), self.rules
         )
         slots = slot_sharding(self.mesh, (b,), self.rules)
+        sampling = jax.tree_util.tree_map(
+            lambda a: slot_sharding(self.mesh, a.shape, self.rules),
+            jax.eval_shape(partial(self._init_sampling, b)),
+        )
         return DecodeState(
             [LayerCache(cache, cache) for _ in range(c.n_layers)],
             slots,
             slots,
             slots,
             slots,
-            SlotSampling(slots, slots, slots, slot_sharding(self.mesh, (b, 2), self.rules)),
+            sampling,
         )
 
     def _prefix_sharding(self) -> Prefix:
@@ -210,13 +225,22 @@ class Engine:
             one,
             one,
             one,
-            SlotSampling(one, one, one, one),
+            one,
+            one,
+            one,
+            jax.tree_util.tree_map(lambda _: one, jax.eval_shape(partial(self._init_sampling, 1))),
         )
+
+    def _init_sampling(self, rows: int) -> SlotSampling:
+        """Disabled settings for `rows` slots, with the model's vocabulary width."""
+        zeros = np.zeros(rows)
+        key = np.zeros((rows, 2), np.uint32)
+        return SlotSampling.create(zeros, zeros + 1, zeros, key, vocab_size=self.config.vocab_size)
 
     # ---- pure functions under jit ------------------------------------------------
 
-    def _prefill_impl(self, params, tokens, true_len, sampling: SlotSampling) -> Prefix:
-        """tokens [Tb] padded, true_len scalar, sampling [1] → Prefix."""
+    def _prefill_impl(self, params, tokens, true_len, sampling: SlotSampling, allowed) -> Prefix:
+        """tokens [Tb] padded, true_len scalar, sampling [1], allowed [1, W] → Prefix."""
         bucket = tokens.shape[0]
         positions = jnp.arange(bucket, dtype=jnp.int32)[None]
         caches = init_cache(self.config, 1, bucket, self.dtype)
@@ -225,12 +249,26 @@ class Engine:
         )
         last = jax.lax.dynamic_index_in_dim(hidden[:, 0], true_len - 1, axis=1)  # [D, 1]
         logits = self.model.apply({"params": params}, last, method=Transformer.logits)
-        token, logprob, keys = sample(logits, sampling)
-        return Prefix(caches, true_len, token[0], logprob[0], sampling.replace(key=keys))
+        in_prompt = jnp.arange(bucket) < true_len
+        seen = sampling.seen.at[0, tokens].max(in_prompt)
+        out = sample(logits, sampling.replace(seen=seen), allowed)
+        return Prefix(
+            caches,
+            true_len,
+            tokens[true_len - 1],
+            out.tokens[0],
+            out.logprobs[0],
+            out.top_ids[0],
+            out.top_logprobs[0],
+            out.sampling,
+        )
 
     def _insert_impl(
-        self, prefix: Prefix, state: DecodeState, slot, remaining, stop_at_eos
+        self, prefix: Prefix, state: DecodeState, slot, remaining, stop_at_eos, restart, key
     ) -> DecodeState:
+        """restart: re-run the prompt's last position in the decode step, which then
+        samples this slot's first token with `key` (the prefill's token is not used)."""
+
         def put(cache, new):  # cache [B, ...], new [1, ...] (Tb positions of S)
             return jax.lax.dynamic_update_slice(cache, new, (slot, 0, 0, 0))
 
@@ -238,20 +276,25 @@ class Engine:
             LayerCache(put(c.k, p.k), put(c.v, p.v))
             for c, p in zip(state.caches, prefix.caches, strict=True)
         ]
+        one = prefix.sampling.replace(
+            key=jnp.where(restart, key[None], prefix.sampling.key),
+            counts=jnp.where(restart, 0, prefix.sampling.counts),
+        )
         sampling = jax.tree_util.tree_map(
-            lambda all_, one: all_.at[slot].set(one[0]), state.sampling, prefix.sampling
+            lambda all_, one: all_.at[slot].set(one[0]), state.sampling, one
         )
         return DecodeState(
             caches,
-            state.tokens.at[slot].set(prefix.token),
-            state.positions.at[slot].set(prefix.length),
+            state.tokens.at[slot].set(jnp.where(restart, prefix.last_token, prefix.token)),
+            state.positions.at[slot].set(prefix.length - restart.astype(jnp.int32)),
             state.remaining.at[slot].set(remaining),
             state.stop_at_eos.at[slot].set(stop_at_eos),
             sampling,
         )
 
-    def _generate_impl(self, params, state: DecodeState, rows: int):
-        """One decode step for slots [0, rows) → (state, tokens [B], logprobs [B], done [B]).
+    def _generate_impl(self, params, state: DecodeState, allowed, rows: int):
+        """One decode step for slots [0, rows) → (state, tokens [B], logprobs [B], done [B],
+        top_ids [B, TOP_LOGPROBS], top_logprobs [B, TOP_LOGPROBS]).
 
         Slots from `rows` on are left as they are (their outputs are 0/False):
         the scheduler fills the lowest free slot first, so a lightly loaded
@@ -269,7 +312,8 @@ class Engine:
         )
         logits = self.model.apply({"params": params}, hidden[:, :, 0], method=Transformer.logits)
         sampling = jax.tree_util.tree_map(lambda a: a[:rows], state.sampling)
-        tokens, logprobs, keys = sample(logits, sampling)
+        out = sample(logits, sampling, allowed[:rows])
+        tokens = out.tokens
         remaining = state.remaining[:rows] - 1
         done = (jnp.isin(tokens, self.stop_ids) & state.stop_at_eos[:rows]) | (remaining <= 0)
         new_state = state.replace(
@@ -277,13 +321,17 @@ class Engine:
             tokens=state.tokens.at[:rows].set(tokens),
             positions=state.positions.at[:rows].set(positions + 1),
             remaining=state.remaining.at[:rows].set(remaining),
-            sampling=state.sampling.replace(key=state.sampling.key.at[:rows].set(keys)),
+            sampling=state.sampling.replace(
+                key=state.sampling.key.at[:rows].set(out.sampling.key),
+                counts=state.sampling.counts.at[:rows].set(out.sampling.counts),
+            ),
         )
 
         def padded(a: jax.Array) -> jax.Array:
-            return jnp.zeros((self.batch,), a.dtype).at[:rows].set(a)
+            return jnp.zeros((self.batch, *a.shape[1:]), a.dtype).at[:rows].set(a)
 
-        return new_state, padded(tokens), padded(logprobs), padded(done)
+        outputs = (tokens, out.logprobs, done, out.top_ids, out.top_logprobs)
+        return new_state, *(padded(a) for a in outputs)
 
     def _resize_impl(self, state: DecodeState, capacity: int) -> DecodeState:
         """The state with every cache cut or zero-padded to `capacity` positions."""
@@ -309,7 +357,7 @@ class Engine:
             jnp.zeros((b,), jnp.int32),
             jnp.zeros((b,), jnp.int32),
             jnp.ones((b,), bool),
-            SlotSampling.create(np.zeros(b), np.ones(b), np.zeros(b), np.zeros((b, 2), np.uint32)),
+            self._init_sampling(b),
         )
 
     def init_state(self) -> DecodeState:
@@ -319,23 +367,28 @@ class Engine:
     def _lower(self, kind: str, size):
         """Trace one variant. size: the prefill bucket for prefill; (bucket, capacity) for
         insert; (capacity, rows) for generate; (from, to) capacities for resize."""
-        sampling = jax.eval_shape(lambda: one_slot_sampling(0.0, 1.0, 0, 0))
+        sampling = jax.eval_shape(partial(self._init_sampling, 1))
         token_spec = jax.ShapeDtypeStruct((), jnp.int32)
+        mask_spec = jax.ShapeDtypeStruct((1, self.mask_words), jnp.int32)
         if kind == "prefill":
             tokens = jax.ShapeDtypeStruct((size,), jnp.int32)
-            return self._prefill.lower(self.params, tokens, token_spec, sampling)
+            return self._prefill.lower(self.params, tokens, token_spec, sampling, mask_spec)
         capacity = size[0] if kind in ("generate", "resize") else size[1]
         state = jax.eval_shape(partial(self._init_state_impl, capacity))
         state = placed(state, self.state_sharding)
         if kind == "insert":
             tokens = jax.ShapeDtypeStruct((size[0],), jnp.int32)
-            prefix = jax.eval_shape(self._prefill, self.params, tokens, token_spec, sampling)
+            prefix = jax.eval_shape(
+                self._prefill, self.params, tokens, token_spec, sampling, mask_spec
+            )
             prefix = placed(prefix, self.prefix_sharding)
             flag = jax.ShapeDtypeStruct((), jnp.bool_)
-            return self._insert.lower(prefix, state, token_spec, token_spec, flag)
+            key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+            return self._insert.lower(prefix, state, token_spec, token_spec, flag, flag, key)
         if kind == "resize":
             return self._resize.lower(state, size[1])
-        return self._generate.lower(self.params, state, size[1])
+        masks = jax.ShapeDtypeStruct((self.batch, self.mask_words), jnp.int32)
+        return self._generate.lower(self.params, state, masks, size[1])
 
     def _executable(self, kind: str, size):
         """The compiled variant, compiling it on first use (counted in `compilations`)."""
@@ -364,38 +417,90 @@ class Engine:
         self._compiled.update(done)
         self.compilations += len(done)
 
-    def prefill(self, tokens: Sequence[int], sampling: SlotSampling) -> Prefix:
-        """Prefill a prompt (list of ids) with one slot's sampling settings."""
+    def unconstrained(self, rows: int) -> np.ndarray:
+        """A grammar bitmask [rows, W] that allows every token."""
+        return np.full((rows, self.mask_words), -1, np.int32)
+
+    def sampling(self, params: SamplingParams, seed: int) -> SlotSampling:
+        """[1]-shaped settings for one request's prefill; its key comes from `seed`."""
+        v = self.config.vocab_size
+        bias = np.zeros((1, v), np.float32)
+        for token, value in (params.logit_bias or {}).items():
+            if not 0 <= token < v:
+                raise ValueError(f"logit_bias token id {token} is not in the vocabulary [0, {v})")
+            bias[0, token] = value
+        return SlotSampling.create(
+            [params.temperature],
+            [params.top_p],
+            [params.top_k],
+            prng_key(seed)[None],
+            vocab_size=v,
+            min_p=[params.min_p],
+            frequency_penalty=[params.frequency_penalty],
+            presence_penalty=[params.presence_penalty],
+            repetition_penalty=[params.repetition_penalty],
+            top_logprobs=[params.top_logprobs],
+            logit_bias=bias,
+        )
+
+    def prefill(
+        self, tokens: Sequence[int], sampling: SlotSampling, allowed: np.ndarray | None = None
+    ) -> Prefix:
+        """Prefill a prompt (list of ids) with one slot's sampling settings (see `sampling`)
+        and optionally a grammar bitmask [1, W] for its first token."""
         n = len(tokens)
         if not 0 < n < self.max_seq_len:
             raise ValueError(f"prompt of {n} tokens does not fit max_seq_len {self.max_seq_len}")
         bucket = pick_bucket(self.prefill_buckets, n)
         padded = np.zeros(bucket, np.int32)
         padded[:n] = tokens
-        return self._executable("prefill", bucket)(self.params, padded, np.int32(n), sampling)
+        allowed = self.unconstrained(1) if allowed is None else allowed
+        run = self._executable("prefill", bucket)
+        return run(self.params, padded, np.int32(n), sampling, allowed)
 
     def insert(
-        self, prefix: Prefix, state: DecodeState, slot: int, remaining: int, stop_at_eos=True
+        self,
+        prefix: Prefix,
+        state: DecodeState,
+        slot: int,
+        remaining: int,
+        stop_at_eos: bool = True,
+        restart_seed: int | None = None,
     ) -> DecodeState:
         """Copy a prefix into `slot`, which may generate `remaining` more tokens.
 
-        The state's cache grows first if the prefix is longer. `state` is
-        donated and must not be used again.
+        restart_seed: instead of continuing from the prefill's token, sample
+        the slot's first token in the next decode step from this seed (used by
+        the 2nd…nth choices of a request). The state's cache grows first if the
+        prefix is longer. `state` is donated and must not be used again.
         """
         bucket = prefix.caches[0].v.shape[2]
         state = self.resize(state, max(state.capacity, pick_bucket(self.capacities, bucket)))
-        args = (np.int32(slot), np.int32(remaining), np.bool_(stop_at_eos))
+        restart = restart_seed is not None
+        key = prng_key(restart_seed) if restart else np.zeros(2, np.uint32)
+        args = (np.int32(slot), np.int32(remaining), np.bool_(stop_at_eos), np.bool_(restart), key)
         return self._executable("insert", (bucket, state.capacity))(prefix, state, *args)
 
-    def generate(self, state: DecodeState, max_position: int, rows: int | None = None):
+    def generate(
+        self,
+        state: DecodeState,
+        max_position: int,
+        rows: int | None = None,
+        allowed: np.ndarray | jax.Array | None = None,
+    ):
         """One step for slots [0, rows) (default all); `max_position` bounds their positions.
 
-        The cache is first resized to the capacity bucket of max_position + 1.
-        Returns (state, tokens [B], logprobs [B], done [B]); `state` is donated.
+        allowed: grammar bitmasks [B, W] (default: no constraint). The cache is
+        first resized to the capacity bucket of max_position + 1. Returns
+        (state, tokens [B], logprobs [B], done [B], top_ids [B, K], top_logprobs
+        [B, K]); `state` is donated.
         """
         state = self.resize(state, pick_bucket(self.capacities, max_position + 1))
         rows = pick_bucket(self.row_buckets, rows or self.batch)
-        return self._executable("generate", (state.capacity, rows))(self.params, state)
+        if allowed is None:
+            allowed = self._all_allowed
+        run = self._executable("generate", (state.capacity, rows))
+        return run(self.params, state, allowed)
 
     def resize(self, state: DecodeState, capacity: int) -> DecodeState:
         """The state with `capacity` cache positions, one bucket step at a time (donated)."""
@@ -419,7 +524,11 @@ def placed(specs, shardings):
     )
 
 
-def one_slot_sampling(temperature: float, top_p: float, top_k: int, seed: int) -> SlotSampling:
-    """[1]-shaped sampling settings for a prefill; the PRNG key comes from `seed` (int64)."""
-    key = jax.random.fold_in(jax.random.PRNGKey(seed & 0xFFFFFFFF), (seed >> 32) & 0xFFFFFFFF)
-    return SlotSampling.create([temperature], [top_p], [top_k], key[None])
+def prng_key(seed: int) -> np.ndarray:
+    """A PRNG key [2] u32 from a 64-bit seed, computed on the host (no device work).
+
+    Equal to jax.random.PRNGKey(seed) for seeds below 2**32; the high word
+    takes the key's first half, so distinct int64 seeds give distinct keys.
+    """
+    seed &= 0xFFFFFFFFFFFFFFFF
+    return np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32)

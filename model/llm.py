@@ -8,8 +8,11 @@ for piece in llm.chat([{"role": "user", "content": "Hi"}], stream=True):
 """
 
 import secrets
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -17,19 +20,23 @@ from jax.sharding import Mesh
 
 from model.chat_template import ChatTemplate
 from model.detokenizer import IncrementalDetokenizer
-from model.engine import Engine, one_slot_sampling
+from model.engine import Engine
 from model.gguf_loader import load_gguf
-from model.sampling_params import Delta, FinishReason, SamplingParams
+from model.sampling_params import Delta, FinishReason, SamplingParams, TokenLogprob
 from model.scheduler import Scheduler, TokenEvent
 from model.sources import resolve_model
 from model.stop_strings import StopStringMatcher
 from model.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from model.grammar import Grammars
 from sharding import make_mesh, maybe_initialize_distributed
 
 DEFAULT_MAX_SEQ_LEN = 2048
 DEFAULT_BATCH = 32
 DEFAULT_MAX_QUEUE = 256
 Messages = str | Sequence[dict]
+SEED_STRIDE = 0x9E3779B97F4A7C15  # choice i of a seeded request uses seed + i * stride
 
 
 def compute_dtype(name: str | None) -> jnp.dtype:
@@ -43,11 +50,13 @@ def compute_dtype(name: str | None) -> jnp.dtype:
 
 @dataclass(frozen=True)
 class Completion:
-    """A finished generation: its text, every sampled token id, and why it ended."""
+    """A finished generation (one choice): its text, every sampled token id, why it
+    ended, and the tokens' log-probabilities when asked for."""
 
     text: str
     token_ids: tuple[int, ...]
     finish_reason: FinishReason
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 class LLM:
@@ -99,6 +108,13 @@ class LLM:
         """True once the engine raised: the scheduler no longer serves requests."""
         return self.scheduler.failed
 
+    @cached_property
+    def grammars(self) -> "Grammars":
+        """Grammar compilation for this tokenizer (built on first use: about a second)."""
+        from model.grammar import Grammars
+
+        return Grammars(self.tokenizer)
+
     def warmup(self) -> None:
         """Compile every shape serving can use; afterwards no request compiles."""
         self.engine.warmup()
@@ -132,57 +148,67 @@ class LLM:
         return max_tokens
 
     def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[Delta]:
-        """Generate from token ids, yielding a Delta per sampled token.
+        """Generate from token ids, yielding a Delta per sampled token of each choice.
 
         Text in the deltas is final: whole UTF-8 characters, never a possible
-        start of a stop string. The last delta has the finish_reason. Closing
-        the iterator early cancels the request. Raises ValueError when the
-        request cannot fit the context, QueueFull when the scheduler is full.
+        start of a stop string. Each choice's last delta has its finish_reason;
+        deltas of the n choices interleave. Closing the iterator early cancels
+        the request. Raises ValueError when the request cannot fit the context
+        or the batch, QueueFull when the scheduler is full.
         """
         budget = self.max_new_tokens(len(prompt_ids), params.max_tokens)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
-        sampling = one_slot_sampling(params.temperature, params.top_p, params.top_k, seed)
-        handle = self.scheduler.submit(prompt_ids, sampling, budget, not params.ignore_eos)
+        seeds = [(seed + i * SEED_STRIDE) & (2**64 - 1) for i in range(params.n)]
+        constraints = None
+        if params.grammar is not None:
+            constraints = [self.grammars.matcher(params.grammar) for _ in range(params.n)]
+        handle = self.scheduler.submit(
+            prompt_ids,
+            self.engine.sampling(params, seed),
+            budget,
+            not params.ignore_eos,
+            seeds=seeds,
+            constraints=constraints,
+            top_logprobs=params.top_logprobs if params.logprobs else 0,
+        )
+        choices = [_ChoiceText(self.tokenizer, params, i) for i in range(params.n)]
+        running = params.n
         try:
-            yield from self._text_deltas(handle, params.stop, params.ignore_eos)
+            for event in handle:
+                choice = choices[event.index]
+                if choice.finished:
+                    continue
+                delta = choice.add(event)
+                if delta.finish_reason and event.finish_reason is None:
+                    handle.cancel(event.index)  # a stop string ended it: free the slot
+                yield delta
+                running -= delta.finish_reason is not None
+                if not running:
+                    return
         finally:
-            handle.cancel()  # a no-op when finished; frees the slot when abandoned
+            handle.cancel()  # a no-op when finished; frees the slots when abandoned
 
-    def _text_deltas(
-        self, events: Iterator[TokenEvent], stop: Sequence[str], ignore_eos: bool
-    ) -> Iterator[Delta]:
-        """Token events → Deltas of final text, cut at the first stop string."""
-        detok = IncrementalDetokenizer(self.tokenizer)
-        stops = StopStringMatcher(stop)
-
-        def final_text(text: str) -> tuple[str, bool]:
-            """`text` plus whatever detokenizer and stop matcher still hold."""
-            tail, stopped = stops.add(detok.flush())
-            return text + tail + ("" if stopped else stops.flush()), stopped
-
-        for event in events:
-            token, reason = event.token, event.finish_reason
-            if token in self.tokenizer.stop_ids and not ignore_eos:
-                text, stopped = "", False
-            else:
-                text, stopped = stops.add(detok.add(token))
-            if reason and not stopped:
-                text, stopped = final_text(text)
-            if stopped:
-                yield Delta(text, (token,), "stop")
-                return
-            yield Delta(text, (token,), reason)
-            if reason:
-                return
+    def generate_choices(
+        self, prompt_ids: Sequence[int], params: SamplingParams
+    ) -> list[Completion]:
+        """Run `stream` to the end and collect each choice's result."""
+        text = [[] for _ in range(params.n)]
+        ids = [[] for _ in range(params.n)]
+        logprobs = [[] for _ in range(params.n)]
+        reasons: list[FinishReason] = ["length"] * params.n
+        for delta in self.stream(prompt_ids, params):
+            text[delta.index].append(delta.text)
+            ids[delta.index].extend(delta.token_ids)
+            logprobs[delta.index].extend(delta.logprobs)
+            reasons[delta.index] = delta.finish_reason or reasons[delta.index]
+        return [
+            Completion("".join(t), tuple(i), r, tuple(lp))
+            for t, i, r, lp in zip(text, ids, reasons, logprobs, strict=True)
+        ]
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Completion:
-        """Run `stream` to the end and collect the result."""
-        text, ids, reason = [], [], "length"
-        for delta in self.stream(prompt_ids, params):
-            text.append(delta.text)
-            ids.extend(delta.token_ids)
-            reason = delta.finish_reason or reason
-        return Completion("".join(text), tuple(ids), reason)
+        """Run `stream` to the end and collect the result (the first choice)."""
+        return self.generate_choices(prompt_ids, params)[0]
 
     def chat(self, messages: Messages, *, stream: bool = False, **sampling) -> str | Iterator[str]:
         """Reply to a conversation (or a single user string).
@@ -198,3 +224,60 @@ class LLM:
         if stream:
             return (d.text for d in self.stream(ids, params) if d.text)
         return self.generate(ids, params).text
+
+
+class _ChoiceText:
+    """One choice's token events → Deltas of final text, cut at the first stop string.
+
+    With logprobs, each token gets the part of the content it accounts for:
+    what the detokenizer released at that token ("" for a token ending inside
+    a UTF-8 character, whose text arrives with the token that completes it),
+    cut where a stop string begins. Entries are released with their text, so
+    the entries' texts always concatenate to the content sent so far.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, params: SamplingParams, index: int) -> None:
+        self.tokenizer = tokenizer
+        self.index = index
+        self.ignore_eos = params.ignore_eos
+        self.logprobs = params.logprobs
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.stops = StopStringMatcher(params.stop)
+        self.pending: deque[list] = deque()  # [token id, text, logprob, top] awaiting release
+        self.unassigned = ""  # released text not yet attributed to a token
+        self.finished = False
+
+    def add(self, event: TokenEvent) -> Delta:
+        token, reason = event.token, event.finish_reason
+        is_stop_token = token in self.tokenizer.stop_ids and not self.ignore_eos
+        piece = "" if is_stop_token else self.detok.add(token)
+        text, stopped = self.stops.add(piece)
+        if self.logprobs and not is_stop_token:
+            self.pending.append([token, piece, event.logprob, event.top])
+        if reason and not stopped:
+            tail = self.detok.flush()
+            if tail and self.pending:
+                self.pending[-1][1] += tail
+            more, stopped = self.stops.add(tail)
+            text += more + ("" if stopped else self.stops.flush())
+        if stopped:
+            reason = "stop"
+        self.finished = reason is not None
+        entries = self._release(text, final=self.finished) if self.logprobs else ()
+        return Delta(text, (token,), reason, self.index, entries)
+
+    def _release(self, text: str, *, final: bool) -> tuple[TokenLogprob, ...]:
+        """Entries for the pending tokens whose text is now fully released."""
+        self.unassigned += text
+        out = []
+        while self.pending and len(self.pending[0][1]) <= len(self.unassigned):
+            token, piece, logprob, top = self.pending.popleft()
+            out.append(TokenLogprob(token, piece, logprob, top))
+            self.unassigned = self.unassigned[len(piece) :]
+        if final:
+            if self.unassigned and self.pending:  # the token a stop string cut into
+                token, _, logprob, top = self.pending.popleft()
+                out.append(TokenLogprob(token, self.unassigned, logprob, top))
+            self.pending.clear()
+            self.unassigned = ""
+        return tuple(out)

@@ -1,38 +1,109 @@
-"""Token sampling on device, per slot: greedy, temperature, top-k and top-p.
+"""Token sampling on device, per slot: penalties, logit bias, grammar masks, greedy,
+temperature, top-k, top-p and min-p, plus the log-probabilities clients ask for.
 
 Every setting is a per-slot array, so one compiled step serves a batch that
-mixes greedy and sampled requests. Each transform is a small function of
-logits [B, V]; `sample` composes them.
+mixes greedy, sampled, penalised and constrained requests. Each transform is a
+small function of logits [B, V]; `sample` composes them, and skips (under
+`lax.cond`) the ones no slot in the batch uses.
 """
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 NEG_INF = jnp.finfo(jnp.float32).min
+TOP_LOGPROBS = 20  # the most alternatives a client may ask for per token (OpenAI's bound)
 
 
 @flax.struct.dataclass
 class SlotSampling:
-    """Sampling settings of B slots: temperature, top_p [B] f32; top_k [B] i32; key [B, 2] u32.
+    """Sampling settings and state of B slots.
 
-    temperature 0 is greedy; top_k 0 and top_p 1 disable those filters.
+    [B] f32: temperature (0 is greedy), top_p (1 disables), min_p (0 disables),
+    frequency_penalty, presence_penalty (0 disable), repetition_penalty (1 disables).
+    [B] i32: top_k (0 disables), top_logprobs (alternatives to report; 0 none).
+    [B] bool: has_bias (logit_bias is not all zero).
+    [B, V]: logit_bias f32; counts i32 (times each token was generated);
+    seen bool (tokens of the prompt, for the repetition penalty).
+    key [B, 2] u32: the slot's PRNG key, advanced every draw.
     """
 
     temperature: jax.Array
     top_p: jax.Array
     top_k: jax.Array
+    min_p: jax.Array
+    frequency_penalty: jax.Array
+    presence_penalty: jax.Array
+    repetition_penalty: jax.Array
+    top_logprobs: jax.Array
+    has_bias: jax.Array
+    logit_bias: jax.Array
+    counts: jax.Array
+    seen: jax.Array
     key: jax.Array
 
     @classmethod
-    def create(cls, temperature, top_p, top_k, key) -> "SlotSampling":
+    def create(
+        cls,
+        temperature,
+        top_p,
+        top_k,
+        key,
+        *,
+        vocab_size: int | None = None,
+        min_p=None,
+        frequency_penalty=None,
+        presence_penalty=None,
+        repetition_penalty=None,
+        top_logprobs=None,
+        logit_bias=None,
+    ) -> "SlotSampling":
+        """Settings for len(temperature) slots; omitted ones are disabled.
+
+        vocab_size defaults to logit_bias's width (else 1: a batch that never
+        uses penalties, bias or counts, as in tests of the basic transforms).
+        """
+        b = len(temperature)
+        v = vocab_size or (np.shape(logit_bias)[1] if logit_bias is not None else 1)
+
+        def per_slot(value, default, dtype):
+            return jnp.asarray(np.full(b, default) if value is None else value, dtype)
+
+        bias = np.zeros((b, v), np.float32) if logit_bias is None else np.asarray(logit_bias)
         return cls(
-            jnp.asarray(temperature, jnp.float32),
-            jnp.asarray(top_p, jnp.float32),
-            jnp.asarray(top_k, jnp.int32),
-            jnp.asarray(key, jnp.uint32),
+            temperature=per_slot(temperature, 1.0, jnp.float32),
+            top_p=per_slot(top_p, 1.0, jnp.float32),
+            top_k=per_slot(top_k, 0, jnp.int32),
+            min_p=per_slot(min_p, 0.0, jnp.float32),
+            frequency_penalty=per_slot(frequency_penalty, 0.0, jnp.float32),
+            presence_penalty=per_slot(presence_penalty, 0.0, jnp.float32),
+            repetition_penalty=per_slot(repetition_penalty, 1.0, jnp.float32),
+            top_logprobs=per_slot(top_logprobs, 0, jnp.int32),
+            has_bias=jnp.asarray(np.any(bias != 0, axis=1)),
+            logit_bias=jnp.asarray(bias, jnp.float32),
+            counts=jnp.zeros((b, v), jnp.int32),
+            seen=jnp.zeros((b, v), bool),
+            key=jnp.asarray(key, jnp.uint32),
         )
+
+
+@flax.struct.dataclass
+class Sampled:
+    """What `sample` returns for B rows.
+
+    tokens [B] i32; logprobs [B] f32: the model's log-probability of each token
+    (before any transform); top_ids [B, TOP_LOGPROBS] i32 and top_logprobs
+    [B, TOP_LOGPROBS] f32: the most likely tokens (zeros unless some slot asked);
+    sampling: the settings with advanced keys and updated counts.
+    """
+
+    tokens: jax.Array
+    logprobs: jax.Array
+    top_ids: jax.Array
+    top_logprobs: jax.Array
+    sampling: SlotSampling
 
 
 def scale_by_temperature(logits: jax.Array, temperature: jax.Array) -> jax.Array:
@@ -56,6 +127,37 @@ def top_p_mask(sorted_logits: jax.Array, top_p: jax.Array) -> jax.Array:
     return jnp.where(keep, sorted_logits, NEG_INF)
 
 
+def min_p_cutoff(logits: jax.Array, min_p: jax.Array) -> jax.Array:
+    """The smallest logit min-p keeps [B]: probability at least min_p times the top one's."""
+    top = jnp.max(logits, axis=-1)
+    return jnp.where(min_p > 0, top + jnp.log(jnp.maximum(min_p, 1e-30)), NEG_INF)
+
+
+def apply_penalties(logits: jax.Array, s: SlotSampling) -> jax.Array:
+    """Repetition, frequency and presence penalties, then the logit bias, on [B, V] logits.
+
+    repetition_penalty (as in transformers and vLLM) divides positive and
+    multiplies negative logits of tokens in the prompt or the output so far;
+    frequency and presence penalties (as OpenAI defines them) subtract
+    count * frequency_penalty + (count > 0) * presence_penalty for generated tokens.
+    """
+    generated = s.counts > 0
+    r = s.repetition_penalty[:, None]
+    repeated = jnp.where(logits > 0, logits / r, logits * r)
+    logits = jnp.where(generated | s.seen, repeated, logits)
+    logits = logits - s.frequency_penalty[:, None] * s.counts
+    logits = logits - s.presence_penalty[:, None] * generated
+    return logits + s.logit_bias
+
+
+def apply_token_mask(logits: jax.Array, allowed: jax.Array) -> jax.Array:
+    """Keep the tokens whose bit is set in `allowed` [B, ceil(V/32)] i32 (llguidance's layout:
+    bit j of word i is token 32*i + j)."""
+    bits = (allowed[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1  # [B, W, 32]
+    keep = bits.reshape(allowed.shape[0], -1)[:, : logits.shape[-1]] != 0
+    return jnp.where(keep, logits, NEG_INF)
+
+
 def _filter_cutoff(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
     """The smallest logit that top-k and top-p keep, per row [B] (sorts the vocabulary)."""
     sorted_logits = -jnp.sort(-logits, axis=-1)  # descending
@@ -68,7 +170,7 @@ def _no_cutoff(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Arr
 
 
 def _draw(logits: jax.Array, s: SlotSampling, keys: jax.Array) -> jax.Array:
-    """One categorical draw per row over the logits top-k/top-p keep.
+    """One categorical draw per row over the logits top-k, top-p and min-p keep.
 
     Filters become a per-row cutoff and the draw always runs over the
     vocabulary in token order, so a row's token depends only on its own
@@ -77,24 +179,51 @@ def _draw(logits: jax.Array, s: SlotSampling, keys: jax.Array) -> jax.Array:
     scaled = scale_by_temperature(logits, s.temperature)
     needs_sort = jnp.any((s.top_k > 0) | (s.top_p < 1.0))
     cutoff = lax.cond(needs_sort, _filter_cutoff, _no_cutoff, scaled, s.top_k, s.top_p)
+    cutoff = jnp.maximum(cutoff, min_p_cutoff(scaled, s.min_p))
     kept = jnp.where(scaled >= cutoff[:, None], scaled, NEG_INF)
     return jax.vmap(jax.random.categorical)(keys, kept)
 
 
-def sample(logits: jax.Array, s: SlotSampling) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """logits [B, V] f32 → (tokens [B], logprobs [B], next keys [B, 2]).
+def _top(logprobs: jax.Array) -> tuple[jax.Array, jax.Array]:
+    k = min(TOP_LOGPROBS, logprobs.shape[-1])  # tiny test vocabularies: pad to the fixed width
+    values, ids = lax.top_k(logprobs, k)
+    pad = ((0, 0), (0, TOP_LOGPROBS - k))
+    return jnp.pad(ids.astype(jnp.int32), pad), jnp.pad(values, pad, constant_values=-jnp.inf)
 
-    logprobs are the model's log-probabilities of the chosen tokens before any
-    sampling transform. Random draws (and the sort for top-k/top-p) run only
-    when some slot needs them, so an all-greedy batch pays for an argmax.
+
+def _no_top(logprobs: jax.Array) -> tuple[jax.Array, jax.Array]:
+    shape = (logprobs.shape[0], TOP_LOGPROBS)
+    return jnp.zeros(shape, jnp.int32), jnp.zeros(shape, jnp.float32)
+
+
+def sample(logits: jax.Array, s: SlotSampling, allowed: jax.Array | None = None) -> Sampled:
+    """Sample one token per row of logits [B, V] f32.
+
+    allowed: an optional grammar bitmask [B, ceil(V/32)] i32 (all bits set for
+    unconstrained rows). Reported log-probabilities are the model's, before
+    penalties, bias, mask and temperature. Each stage runs only when some slot
+    needs it, so an all-greedy batch pays for an argmax and a log-softmax.
     """
     split = jax.vmap(lambda k: jax.random.split(k, 2))(s.key)  # [B, 2, 2]
     next_keys, keys = split[:, 0], split[:, 1]
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    adjusted = (
+        (s.frequency_penalty != 0)
+        | (s.presence_penalty != 0)
+        | (s.repetition_penalty != 1)
+        | s.has_bias
+    )
+    logits = lax.cond(jnp.any(adjusted), apply_penalties, lambda x, _: x, logits, s)
+    if allowed is not None:
+        constrained = jnp.any(allowed != -1)
+        logits = lax.cond(constrained, apply_token_mask, lambda x, _: x, logits, allowed)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     sampled = lax.cond(
         jnp.any(s.temperature > 0), lambda: _draw(logits, s, keys).astype(jnp.int32), lambda: greedy
     )
     tokens = jnp.where(s.temperature > 0, sampled, greedy)
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
     chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
-    return tokens, chosen, next_keys
+    top_ids, top_logprobs = lax.cond(jnp.any(s.top_logprobs > 0), _top, _no_top, logprobs)
+    rows = jnp.arange(tokens.shape[0])
+    counts = s.counts.at[rows, jnp.minimum(tokens, s.counts.shape[1] - 1)].add(1)
+    return Sampled(tokens, chosen, top_ids, top_logprobs, s.replace(key=next_keys, counts=counts))

@@ -3,37 +3,70 @@
 from dataclasses import dataclass, field
 from typing import Literal
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request generation settings.
 
-    temperature 0 means greedy. top_k 0 and top_p 1 disable those filters.
-    max_tokens None means "until the context is full". seed None draws a fresh
-    seed; a fixed seed makes sampling reproducible. stop strings end the
-    generation and are never part of the returned text.
+    temperature 0 means greedy. top_k 0, top_p 1 and min_p 0 disable those
+    filters. max_tokens None means "until the context is full". seed None
+    draws a fresh seed; a fixed seed makes sampling reproducible whatever else
+    shares the batch. stop strings end the generation and are never part of
+    the returned text. frequency/presence penalties follow OpenAI (-2..2),
+    repetition_penalty transformers (1 disables). logit_bias maps token ids to
+    a bias added to their logits. logprobs: report each token's log-probability
+    and its top_logprobs most likely alternatives (0..20). n: choices that
+    share one prompt prefill. grammar: an llguidance grammar (model/grammar.py)
+    every choice's output must follow.
     """
 
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
     max_tokens: int | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
+    n: int = 1
+    grammar: str | None = None
     ignore_eos: bool = False  # keep generating past stop tokens (benchmarks)
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token with its log-probability and the most likely alternatives.
+
+    text: the part of the reply this token accounts for (the texts of a
+    choice's tokens concatenate to its content); top: (token id, logprob) pairs.
+    """
+
+    token_id: int
+    text: str
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Delta:
-    """One step of a streamed generation.
+    """One step of a streamed generation, for choice `index`.
 
     text: newly decoded text that is final (complete UTF-8, not a possible
     stop-string prefix); may be empty. token_ids: the tokens sampled since the
-    previous delta. finish_reason: None until the last delta of the stream.
+    previous delta. logprobs: entries for the tokens whose text is released in
+    this delta (only when asked for). finish_reason: None until the choice's
+    last delta.
     """
 
     text: str
     token_ids: tuple[int, ...] = field(default_factory=tuple)
     finish_reason: FinishReason | None = None
+    index: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()

@@ -4,12 +4,15 @@ The engine decodes B slots at once with a single compiled step. Requests do
 not arrive in batches, so the scheduler fills slots as they free up:
 
 - `submit` puts a request on a bounded waiting queue and returns a `Handle`
-  at once; a full queue raises `QueueFull` (the server answers 503).
+  at once; a full queue raises `QueueFull` (the server answers 503). A
+  request may ask for n choices: they share one prefill and take n slots.
 - The scheduler thread loops. Each turn it first drops cancelled requests
   (their slots free at once), then admits waiting requests into free slots:
   each is prefilled on its own (its first token comes from the prefill, so
   time to first token does not wait for the batch) and its KV cache inserted
-  into the slot. Then it runs one `generate` step for all slots.
+  into the slot; further choices of the request are inserted "restarted", so
+  the decode step samples their first tokens with their own keys. Then it
+  runs one `generate` step for all slots.
 - The host never waits for the step it just dispatched: it reads the tokens
   of the previous step while the device computes the next one. A slot that
   finished in step n has therefore already run in step n+1; that token is
@@ -19,8 +22,13 @@ not arrive in batches, so the scheduler fills slots as they free up:
   budget) live on the device in the decode state, so a mixed batch is one
   compiled step. The step reports which slots are done (stop token or budget);
   the host delivers tokens and frees those slots.
-- A consumer that stops listening calls `Handle.cancel()`; the slot is freed
-  before the next step is dispatched.
+- A request with a grammar (`Constraint`) needs its token mask before each
+  step, which depends on the token the previous step sampled. While such a
+  request runs, the scheduler reads each step's tokens before dispatching
+  the next (it stops overlapping host and device work); the others in the
+  batch are otherwise unaffected.
+- A consumer that stops listening calls `Handle.cancel()` (or cancels one
+  choice); the slot is freed before the next step is dispatched.
 - If the engine raises, every waiting and running request receives the error
   and the scheduler marks itself failed; `submit` then raises too.
 
@@ -54,11 +62,23 @@ class EngineFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class TokenEvent:
-    """One sampled token of a request; finish_reason is set on its last token."""
+    """One sampled token of choice `index`; finish_reason is set on its last token.
+
+    top: the most likely tokens as (id, logprob) pairs, when the request asked.
+    """
 
     token: int
     logprob: float
     finish_reason: FinishReason | None = None
+    index: int = 0
+    top: tuple[tuple[int, float], ...] = ()
+
+
+class Constraint(Protocol):
+    """A grammar's state for one choice (see model/grammar.py)."""
+
+    def fill(self, bitmask: np.ndarray, row: int) -> None: ...
+    def accept(self, token: int) -> bool: ...
 
 
 class Engine(Protocol):
@@ -67,50 +87,91 @@ class Engine(Protocol):
     batch: int
     stop_ids: np.ndarray
 
+    def unconstrained(self, rows: int) -> np.ndarray: ...
     def init_state(self): ...
-    def prefill(self, tokens: Sequence[int], sampling: SlotSampling): ...
-    def insert(self, prefix, state, slot: int, remaining: int): ...
-    def generate(self, state, max_position: int, rows: int): ...
+    def prefill(self, tokens: Sequence[int], sampling: SlotSampling, allowed=None): ...
+    def insert(self, prefix, state, slot, remaining, stop_at_eos=True, restart_seed=None): ...
+    def generate(self, state, max_position: int, rows: int, allowed=None): ...
 
 
 class Handle:
-    """A submitted request: iterate it for TokenEvents; `cancel()` stops it."""
+    """A submitted request: iterate it for the TokenEvents of all its choices.
 
-    def __init__(self) -> None:
+    Iteration ends after every choice's last event. `cancel()` stops the
+    request, `cancel(index)` one choice (which then sends no more events).
+    """
+
+    def __init__(self, n: int = 1) -> None:
+        self.n = n
         self._events: queue.SimpleQueue[TokenEvent | BaseException] = queue.SimpleQueue()
         self._cancelled = threading.Event()
+        self._cancelled_choices: set[int] = set()
 
     def __iter__(self) -> Iterator[TokenEvent]:
-        while True:
+        finished: set[int] = set()
+        while any(i not in finished and not self.choice_cancelled(i) for i in range(self.n)):
             event = self._events.get()
             if isinstance(event, BaseException):
                 raise event
             yield event
             if event.finish_reason is not None:
-                return
+                finished.add(event.index)
 
-    def cancel(self) -> None:
-        """Stop generating; safe to call at any time, from any thread."""
-        self._cancelled.set()
+    def cancel(self, index: int | None = None) -> None:
+        """Stop generating (one choice, or all); safe at any time, from any thread."""
+        if index is None:
+            self._cancelled.set()
+        else:
+            self._cancelled_choices.add(index)
 
     @property
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
+    def choice_cancelled(self, index: int) -> bool:
+        return self._cancelled.is_set() or index in self._cancelled_choices
+
 
 @dataclass
 class _Request:
-    prompt_ids: list[int]
-    sampling: SlotSampling  # [1]-shaped settings for the prefill
+    """One choice of a submitted request; it owns a slot while it decodes."""
+
+    index: int
+    handle: Handle
     max_new: int
     stop_at_eos: bool
-    handle: Handle
+    seed: int  # the 2nd…nth choices draw their first token in the step with this seed
+    constraint: Constraint | None = None
+    top_logprobs: int = 0
     position: int = 0  # where the slot's next token is written
     finished: bool = False
 
-    def emit(self, token: int, logprob: float, reason: FinishReason | None = None) -> None:
-        self.handle._events.put(TokenEvent(token, logprob, reason))
+    def emit(
+        self,
+        token: int,
+        logprob: float,
+        reason: FinishReason | None = None,
+        top: tuple[tuple[int, float], ...] = (),
+    ) -> None:
+        self.handle._events.put(TokenEvent(token, logprob, reason, self.index, top))
         self.finished = reason is not None
+
+    @property
+    def cancelled(self) -> bool:
+        return self.handle.choice_cancelled(self.index)
+
+
+@dataclass
+class _Group:
+    """A submitted request: one prompt, one prefill, its choices."""
+
+    prompt_ids: list[int]
+    sampling: SlotSampling  # [1]-shaped settings for the prefill
+    choices: list[_Request]
+
+    @property
+    def handle(self) -> Handle:
+        return self.choices[0].handle
 
 
 @dataclass
@@ -120,6 +181,8 @@ class _Step:
     tokens: object  # device arrays, read on delivery
     logprobs: object
     done: object
+    top_ids: object
+    top_logprobs: object
     owners: list[_Request | None] = field(default_factory=list)
 
 
@@ -129,7 +192,8 @@ class Scheduler:
     def __init__(self, engine: Engine, *, max_queue: int = 256, prefill_budget: int = 2048):
         self.engine = engine
         self.prefill_budget = prefill_budget
-        self._waiting: queue.Queue[_Request] = queue.Queue(maxsize=max_queue)
+        self._waiting: queue.Queue[_Group] = queue.Queue(maxsize=max_queue)
+        self._next: _Group | None = None  # taken from the queue, waiting for enough free slots
         self._slots: list[_Request | None] = [None] * engine.batch
         self._stop_ids = frozenset(int(t) for t in engine.stop_ids)
         self._error: BaseException | None = None
@@ -148,21 +212,37 @@ class Scheduler:
         sampling: SlotSampling,
         max_new: int,
         stop_at_eos: bool = True,
+        *,
+        seeds: Sequence[int] = (0,),
+        constraints: Sequence[Constraint | None] | None = None,
+        top_logprobs: int = 0,
     ) -> Handle:
-        """Queue a request for up to `max_new` tokens; stop tokens end it if `stop_at_eos`.
+        """Queue a request for len(seeds) choices of up to `max_new` tokens each.
 
-        Raises QueueFull at the queue's bound, EngineFailed after an engine failure.
+        Stop tokens end a choice if `stop_at_eos`. seeds[i] is choice i's seed
+        (the first choice's key is already in `sampling`); constraints[i] its
+        grammar, if any. top_logprobs: alternatives to report per token.
+        Raises QueueFull at the queue's bound, EngineFailed after an engine
+        failure, ValueError if the choices cannot fit the batch.
         """
         if self._error is not None:
             raise EngineFailed(f"the engine failed: {self._error}")
-        request = _Request(list(prompt_ids), sampling, max_new, stop_at_eos, Handle())
+        n = len(seeds)
+        if n > self.engine.batch:
+            raise ValueError(f"n={n} choices exceed the {self.engine.batch} decode slots")
+        constraints = constraints or [None] * n
+        handle = Handle(n)
+        choices = [
+            _Request(i, handle, max_new, stop_at_eos, seeds[i], constraints[i], top_logprobs)
+            for i in range(n)
+        ]
         try:
-            self._waiting.put_nowait(request)
+            self._waiting.put_nowait(_Group(list(prompt_ids), sampling, choices))
         except queue.Full:
             raise QueueFull(f"{self._waiting.maxsize} requests are already waiting") from None
         if self._error is not None:  # failed while we queued: nobody will serve it
             self._fail_all(self._error)
-        return request.handle
+        return handle
 
     @property
     def active(self) -> int:
@@ -171,7 +251,7 @@ class Scheduler:
 
     @property
     def waiting(self) -> int:
-        return self._waiting.qsize()
+        return self._waiting.qsize() + (self._next is not None)
 
     @property
     def failed(self) -> bool:
@@ -198,6 +278,10 @@ class Scheduler:
         while not self._stopping.is_set():
             self._drop_cancelled()
             state = self._admit(state, block=in_flight is None and self.active == 0)
+            if in_flight is not None and self._constrained():
+                # The next masks depend on the tokens in flight: read them first.
+                self._deliver(in_flight)
+                in_flight = None
             step = None
             if self.active:
                 step, state = self._dispatch(state)
@@ -207,40 +291,73 @@ class Scheduler:
 
     def _drop_cancelled(self) -> None:
         for slot, request in enumerate(self._slots):
-            if request is not None and request.handle.cancelled:
+            if request is not None and request.cancelled:
                 request.finished = True
                 self._slots[slot] = None
 
+    def _constrained(self) -> bool:
+        return any(r is not None and r.constraint is not None for r in self._slots)
+
     def _admit(self, state, *, block: bool):
-        """Prefill waiting requests into free slots, within the prefill token budget."""
+        """Prefill waiting requests into free slots, within the prefill token budget.
+
+        A request waits (first in line) until all its choices fit.
+        """
         budget = self.prefill_budget
-        while budget > 0 and None in self._slots:
-            try:
-                request = self._waiting.get(timeout=0.1) if block else self._waiting.get_nowait()
-            except queue.Empty:
-                return state
+        while budget > 0:
+            if self._next is None:
+                try:
+                    timeout = 0.1 if block else None
+                    self._next = self._waiting.get(block=block, timeout=timeout)
+                except queue.Empty:
+                    return state
             block = False
-            if request.handle.cancelled:
+            group = self._next
+            if group.handle.cancelled:
+                self._next = None
                 continue
-            budget -= len(request.prompt_ids)
-            state = self._start(request, state)
+            if self._slots.count(None) < len(group.choices):
+                return state
+            self._next = None
+            budget -= len(group.prompt_ids)
+            state = self._start(group, state)
         return state
 
-    def _start(self, request: _Request, state):
-        prefix = self.engine.prefill(request.prompt_ids, request.sampling)
+    def _start(self, group: _Group, state):
+        """Prefill a request; its first choice continues from the prefill's token, the
+        others are inserted to sample their first token in the next step."""
+        first = group.choices[0]
+        allowed = None
+        if first.constraint is not None:
+            allowed = self.engine.unconstrained(1)
+            first.constraint.fill(allowed, 0)
+        prefix = self.engine.prefill(group.prompt_ids, group.sampling, allowed)
         token, logprob = int(prefix.token), float(prefix.logprob)
-        if request.stop_at_eos and token in self._stop_ids:
-            request.emit(token, logprob, "stop")
-        elif request.max_new <= 1:
-            request.emit(token, logprob, "length")
+        top = _top(prefix.top_ids, prefix.top_logprobs, first.top_logprobs)
+        if first.constraint is not None and token not in self._stop_ids:
+            first.constraint.accept(token)
+        if first.cancelled:
+            first.finished = True
+        elif first.stop_at_eos and token in self._stop_ids:
+            first.emit(token, logprob, "stop", top)
+        elif first.max_new <= 1:
+            first.emit(token, logprob, "length", top)
         else:
-            request.emit(token, logprob)
-            slot = self._slots.index(None)
-            state = self.engine.insert(
-                prefix, state, slot, request.max_new - 1, request.stop_at_eos
+            first.emit(token, logprob, None, top)
+            state = self._occupy(first, prefix, state, first.max_new - 1, len(group.prompt_ids))
+        for choice in group.choices[1:]:
+            state = self._occupy(
+                choice, prefix, state, choice.max_new, len(group.prompt_ids) - 1, choice.seed
             )
-            request.position = len(request.prompt_ids)
-            self._slots[slot] = request
+        return state
+
+    def _occupy(self, request: _Request, prefix, state, remaining, position, restart_seed=None):
+        slot = self._slots.index(None)
+        state = self.engine.insert(
+            prefix, state, slot, remaining, request.stop_at_eos, restart_seed=restart_seed
+        )
+        request.position = position
+        self._slots[slot] = request
         return state
 
     def _dispatch(self, state) -> tuple[_Step, object]:
@@ -248,13 +365,22 @@ class Scheduler:
         # Slots fill lowest-first, so the step only needs rows up to the last busy one.
         rows = max(i for i, r in enumerate(self._slots) if r is not None) + 1
         max_position = max(r.position for r in active)
-        state, tokens, logprobs, done = self.engine.generate(state, max_position, rows)
+        allowed = None
+        if self._constrained():
+            allowed = self.engine.unconstrained(self.engine.batch)
+            for slot, request in enumerate(self._slots):
+                if request is not None and request.constraint is not None:
+                    request.constraint.fill(allowed, slot)
+        state, *outputs = self.engine.generate(state, max_position, rows, allowed=allowed)
         for request in active:
             request.position += 1
-        return _Step(tokens, logprobs, done, list(self._slots)), state
+        return _Step(*outputs, owners=list(self._slots)), state
 
     def _deliver(self, step: _Step) -> None:
         tokens, logprobs, done = (np.asarray(a) for a in (step.tokens, step.logprobs, step.done))
+        wants_top = any(r is not None and r.top_logprobs for r in step.owners)
+        top_ids = np.asarray(step.top_ids) if wants_top else None
+        top_logprobs = np.asarray(step.top_logprobs) if wants_top else None
         for slot, request in enumerate(step.owners):
             if request is None or request.finished:
                 continue  # freed, cancelled or finished after this step was sent
@@ -264,7 +390,16 @@ class Scheduler:
                 stopped = request.stop_at_eos and token in self._stop_ids
                 reason = "stop" if stopped else "length"
                 self._slots[slot] = None
-            request.emit(token, float(logprobs[slot]), reason)
+            elif (
+                request.constraint is not None
+                and token not in self._stop_ids
+                and not request.constraint.accept(token)
+            ):
+                log.warning("a constrained choice sampled token %d outside its grammar", token)
+            top = ()
+            if request.top_logprobs:
+                top = _top(top_ids[slot], top_logprobs[slot], request.top_logprobs)
+            request.emit(token, float(logprobs[slot]), reason, top)
 
     def _fail_all(self, exc: BaseException) -> None:
         error = EngineFailed(f"the engine failed: {exc}")
@@ -272,8 +407,19 @@ class Scheduler:
             if request is not None:
                 request.handle._events.put(error)
                 self._slots[slot] = None
+        if self._next is not None:
+            self._next.handle._events.put(error)
+            self._next = None
         while True:
             try:
                 self._waiting.get_nowait().handle._events.put(error)
             except queue.Empty:
                 return
+
+
+def _top(ids, logprobs, k: int) -> tuple[tuple[int, float], ...]:
+    """The k most likely (token id, logprob) pairs from the step's top arrays."""
+    if not k:
+        return ()
+    pairs = zip(np.asarray(ids)[:k], np.asarray(logprobs)[:k], strict=True)
+    return tuple((int(i), float(lp)) for i, lp in pairs)

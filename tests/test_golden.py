@@ -8,7 +8,7 @@ to 2e-3 (measured about 1.5e-4) and the argmax agrees at every position.
 import numpy as np
 import pytest
 
-from model.engine import one_slot_sampling
+from model.sampling_params import SamplingParams
 
 LOGIT_ATOL = 2e-3
 
@@ -31,11 +31,11 @@ def test_greedy_tokens_match_reference(llm, golden, index):
     """32 greedy tokens through prefill → insert → generate, past EOS like the reference."""
     prompt = golden["prompts"][index]
     engine = llm.engine
-    prefix = engine.prefill(prompt["ids"], one_slot_sampling(0.0, 1.0, 0, seed=0))
+    prefix = engine.prefill(prompt["ids"], engine.sampling(SamplingParams(temperature=0), seed=0))
     state = engine.insert(prefix, engine.init_state(), 0, remaining=len(prompt["greedy"]))
     tokens, position = [int(prefix.token)], len(prompt["ids"])
     while len(tokens) < len(prompt["greedy"]):
-        state, step, _, _ = engine.generate(state, position)
+        state, step, *_ = engine.generate(state, position)
         tokens.append(int(step[0]))
         position += 1
     assert tokens == prompt["greedy"]

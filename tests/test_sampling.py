@@ -4,10 +4,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model.sampling import NEG_INF, SlotSampling, top_k_mask, top_p_mask
+from model.sampling import NEG_INF, SlotSampling, apply_penalties, top_k_mask, top_p_mask
 from model.sampling import sample as eager_sample
 
-sample = jax.jit(eager_sample)
+_sample = jax.jit(eager_sample)
+
+
+def sample(logits, s, allowed=None):
+    out = _sample(logits, s, allowed)
+    return out.tokens, out.logprobs, out.top_ids, out.top_logprobs, out.sampling
 
 
 def settings(temperature, top_p, top_k, seeds):
@@ -32,7 +37,7 @@ def test_top_p_mask_keeps_the_smallest_prefix_reaching_p():
 
 def test_temperature_zero_is_argmax_whatever_the_key():
     logits = jnp.array([[0.1, 2.0, 1.9, -1.0]] * 4)
-    tokens, logprobs, _ = sample(logits, settings([0.0] * 4, [1.0] * 4, [0] * 4, [1, 2, 3, 4]))
+    tokens, logprobs, *_ = sample(logits, settings([0.0] * 4, [1.0] * 4, [0] * 4, [1, 2, 3, 4]))
     assert tokens.tolist() == [1, 1, 1, 1]
     expected = np.asarray(jax.nn.log_softmax(logits[0]))[1]
     np.testing.assert_allclose(np.asarray(logprobs), expected, rtol=1e-6)
@@ -41,7 +46,7 @@ def test_temperature_zero_is_argmax_whatever_the_key():
 def test_mixed_batch_each_slot_follows_its_own_settings():
     logits = jnp.array([[0.0, 1.0, 3.0, 2.0]] * 3)
     # greedy, top_k=1 (so effectively greedy), and top_p tiny (only the top token)
-    tokens, _, _ = sample(logits, settings([0.0, 1.5, 1.0], [1.0, 1.0, 1e-3], [0, 1, 0], [7, 8, 9]))
+    tokens, *_ = sample(logits, settings([0.0, 1.5, 1.0], [1.0, 1.0, 1e-3], [0, 1, 0], [7, 8, 9]))
     assert tokens.tolist() == [2, 2, 2]
 
 
@@ -49,20 +54,20 @@ def test_a_rows_draw_does_not_depend_on_its_neighbours_filters():
     """An unfiltered row draws the same token whether or not another row needs the sort."""
     logits = jnp.asarray(np.random.default_rng(0).standard_normal((2, 300)), jnp.float32)
     for seed in range(20):
-        plain, _, _ = sample(logits, settings([1.0, 1.0], [1.0, 1.0], [0, 0], [seed, 99]))
-        mixed, _, _ = sample(logits, settings([1.0, 1.0], [1.0, 0.5], [0, 3], [seed, 99]))
+        plain, *_ = sample(logits, settings([1.0, 1.0], [1.0, 1.0], [0, 0], [seed, 99]))
+        mixed, *_ = sample(logits, settings([1.0, 1.0], [1.0, 0.5], [0, 3], [seed, 99]))
         assert int(plain[0]) == int(mixed[0])
 
 
 def test_same_key_same_draws_and_keys_advance():
     logits = jnp.zeros((1, 50))
     s = settings([1.0], [1.0], [0], [42])
-    first, _, keys = sample(logits, s)
-    again, _, _ = sample(logits, s)
+    first, _, _, _, s1 = sample(logits, s)
+    again, *_ = sample(logits, s)
     assert first.tolist() == again.tolist()
     draws = []
     for _ in range(20):
-        token, _, keys = sample(logits, s.replace(key=keys))
+        token, _, _, _, s1 = sample(logits, s1)
         draws.append(int(token[0]))
     assert len(set(draws)) > 5  # advancing keys give fresh draws from a uniform distribution
 
@@ -71,7 +76,96 @@ def test_top_k_sampling_follows_the_renormalised_distribution():
     """With top_k=2 over probabilities (0.6, 0.3, 0.1), draws split 2:1 between the top two."""
     n = 4000
     logits = jnp.log(jnp.array([[0.3, 0.1, 0.6]] * n))
-    tokens, _, _ = sample(logits, settings([1.0] * n, [1.0] * n, [2] * n, range(n)))
+    tokens, *_ = sample(logits, settings([1.0] * n, [1.0] * n, [2] * n, range(n)))
     counts = np.bincount(np.asarray(tokens), minlength=3)
     assert counts[1] == 0
     assert abs(counts[2] / n - 2 / 3) < 0.03
+
+
+def with_history(s: SlotSampling, counts, seen) -> SlotSampling:
+    return s.replace(counts=jnp.asarray(counts, jnp.int32), seen=jnp.asarray(seen, bool))
+
+
+def test_frequency_presence_and_repetition_penalties_by_hand():
+    logits = jnp.array([[2.0, -1.0, 0.5, 3.0]] * 3)
+    s = SlotSampling.create(
+        [0.0] * 3,
+        None,
+        None,
+        np.zeros((3, 2), np.uint32),
+        vocab_size=4,
+        frequency_penalty=[0.5, 0.0, 0.0],
+        presence_penalty=[0.0, 1.0, 0.0],
+        repetition_penalty=[1.0, 1.0, 2.0],
+    )
+    counts = [[3, 0, 1, 0], [3, 0, 1, 0], [0, 1, 0, 0]]  # generated so far
+    seen = [[False] * 4, [False] * 4, [True, False, False, False]]  # in the prompt
+    out = np.asarray(apply_penalties(logits, with_history(s, counts, seen)))
+    np.testing.assert_allclose(out[0], [2.0 - 1.5, -1.0, 0.5 - 0.5, 3.0])  # 0.5 per occurrence
+    np.testing.assert_allclose(out[1], [1.0, -1.0, -0.5, 3.0])  # 1.0 once per generated token
+    np.testing.assert_allclose(out[2], [1.0, -2.0, 0.5, 3.0])  # prompt and output: /2 or *2
+
+
+def test_logit_bias_moves_the_greedy_choice_and_penalties_change_what_is_sampled():
+    logits = jnp.array([[2.0, -1.0, 0.5, 3.0]] * 2)
+    bias = np.zeros((2, 4), np.float32)
+    bias[0, 1] = 100.0  # force token 1
+    bias[1, 3] = -100.0  # ban token 3
+    s = SlotSampling.create([0.0, 0.0], None, None, np.zeros((2, 2), np.uint32), logit_bias=bias)
+    tokens, logprobs, *_ = sample(logits, s)
+    assert tokens.tolist() == [1, 0]
+    # Reported log-probabilities are the model's, before the bias.
+    expected = np.asarray(jax.nn.log_softmax(logits[0]))
+    np.testing.assert_allclose(np.asarray(logprobs), expected[[1, 0]], rtol=1e-6)
+    # A frequency penalty on the top token flips greedy to the runner-up.
+    s = SlotSampling.create(
+        [0.0], None, None, np.zeros((1, 2), np.uint32), vocab_size=4, frequency_penalty=[2.0]
+    )
+    tokens, *_ = sample(logits[:1], with_history(s, [[0, 0, 0, 1]], [[False] * 4]))
+    assert tokens.tolist() == [0]
+
+
+def test_counts_track_the_sampled_tokens():
+    logits = jnp.array([[0.0, 5.0, 1.0]])
+    s = SlotSampling.create([0.0], None, None, np.zeros((1, 2), np.uint32), vocab_size=3)
+    *_, s1 = sample(logits, s)
+    *_, s2 = sample(logits, s1)
+    assert np.asarray(s2.counts).tolist() == [[0, 2, 0]]
+
+
+def test_grammar_bitmask_allows_only_its_tokens():
+    v = 40  # two 32-bit words
+    logits = jnp.asarray(np.arange(v, dtype=np.float32)[None].repeat(3, 0))  # 39 is the argmax
+    allowed = np.full((3, 2), -1, np.int32)
+    allowed[0] = [1 << 5, 0]  # only token 5
+    allowed[1] = [0, (1 << 1) | (1 << 3)]  # tokens 33 and 35
+    s = SlotSampling.create([0.0, 1.0, 0.0], None, None, np.arange(6).reshape(3, 2), vocab_size=v)
+    for _ in range(5):
+        tokens, *_, s = sample(logits, s, jnp.asarray(allowed))
+        assert int(tokens[0]) == 5 and int(tokens[1]) in (33, 35) and int(tokens[2]) == 39
+
+
+def test_min_p_drops_tokens_below_the_fraction_of_the_top_probability():
+    n = 3000
+    probs = np.array([0.5, 0.3, 0.15, 0.05])  # min_p 0.2: keep p >= 0.1 → tokens 0, 1, 2
+    logits = jnp.log(jnp.asarray(probs[None].repeat(n, 0), jnp.float32))
+    keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(n))
+    s = SlotSampling.create([1.0] * n, None, None, keys, vocab_size=4, min_p=[0.2] * n)
+    tokens, *_ = sample(logits, s)
+    counts = np.bincount(np.asarray(tokens), minlength=4) / n
+    assert counts[3] == 0
+    np.testing.assert_allclose(counts[:3], probs[:3] / 0.95, atol=0.03)
+
+
+def test_top_logprobs_are_the_most_likely_tokens_in_order():
+    logits = jnp.asarray(np.random.default_rng(1).standard_normal((2, 100)), jnp.float32)
+    s = SlotSampling.create(
+        [0.0, 0.0], None, None, np.zeros((2, 2), np.uint32), vocab_size=100, top_logprobs=[3, 0]
+    )
+    _, _, top_ids, top_logprobs, _ = sample(logits, s)
+    reference = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    order = np.argsort(-reference, axis=-1)[:, :20]
+    assert np.asarray(top_ids).tolist() == order.tolist()
+    np.testing.assert_allclose(
+        np.asarray(top_logprobs), np.take_along_axis(reference, order, 1), rtol=1e-5
+    )

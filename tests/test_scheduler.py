@@ -2,7 +2,8 @@
 
 The mock's rules: a prompt's first token is 50 + sum(prompt) % 50; every decode
 step adds 1 to each slot's last token; token 99 is the stop token. So a request
-with prompt [p] and budget n yields 50+p, 51+p, … until 99 or n tokens.
+with prompt [p] and budget n yields 50+p, 51+p, … until 99 or n tokens. A
+further choice with seed s starts from the next step at 50 + p + s.
 """
 
 import threading
@@ -21,6 +22,8 @@ STOP = 99
 class MockPrefix:
     token: int
     logprob: float = -0.5
+    top_ids: tuple = ()
+    top_logprobs: tuple = ()
 
 
 class MockEngine:
@@ -37,20 +40,25 @@ class MockEngine:
         self.gate = threading.Event()
         self.gate.set()
 
+    def unconstrained(self, rows):
+        return np.full((rows, 1), -1, np.int32)
+
     def init_state(self):
         return {"tokens": np.zeros(self.batch, int), "remaining": np.zeros(self.batch, int)}
 
-    def prefill(self, tokens, sampling):
+    def prefill(self, tokens, sampling, allowed=None):
         self.calls.append(("prefill", tuple(tokens)))
         return MockPrefix(50 + sum(tokens) % 50)
 
-    def insert(self, prefix, state, slot, remaining, stop_at_eos=True):
+    def insert(self, prefix, state, slot, remaining, stop_at_eos=True, restart_seed=None):
         self.calls.append(("insert", slot, self.steps))
-        state["tokens"][slot] = prefix.token
+        # A restarted choice's first token comes from the next step: prefix token + seed.
+        restarted = restart_seed is not None
+        state["tokens"][slot] = prefix.token + restart_seed - 1 if restarted else prefix.token
         state["remaining"][slot] = remaining
         return state
 
-    def generate(self, state, max_position, rows):
+    def generate(self, state, max_position, rows, allowed=None):
         self.rows.append(rows)
         self.gate.wait()
         self.steps += 1
@@ -59,7 +67,8 @@ class MockEngine:
         time.sleep(self.step_delay)
         state = {"tokens": state["tokens"] + 1, "remaining": state["remaining"] - 1}
         done = (state["tokens"] == STOP) | (state["remaining"] <= 0)
-        return state, state["tokens"].copy(), np.full(self.batch, -0.25), done
+        top = np.zeros((self.batch, 20))
+        return state, state["tokens"].copy(), np.full(self.batch, -0.25), done, top, top
 
 
 def expected(prompt: list[int], budget: int) -> tuple[list[int], str]:
@@ -162,3 +171,47 @@ def test_engine_failure_reaches_every_request_and_later_submits(make):
     with pytest.raises(EngineFailed):
         scheduler.submit([1], None, 5)
     assert scheduler.failed
+
+
+def test_choices_share_one_prefill_and_each_finishes_once(make):
+    engine = MockEngine(batch=4)
+    scheduler = make(engine)
+    handle = scheduler.submit([1], None, 6, seeds=[0, 3, 40])
+    by_choice: dict[int, list] = {0: [], 1: [], 2: []}
+    for event in handle:
+        by_choice[event.index].append(event)
+    assert [c[0] for c in engine.calls].count("prefill") == 1
+    assert [e.token for e in by_choice[0]] == list(range(51, 57))
+    assert [e.token for e in by_choice[1]] == list(range(54, 60))
+    assert [e.token for e in by_choice[2]] == list(range(91, 97))
+    for events in by_choice.values():
+        assert [e.finish_reason for e in events] == [None] * 5 + ["length"]
+
+
+def test_choices_wait_for_enough_free_slots(make):
+    engine = MockEngine(batch=2, step_delay=0.002)
+    scheduler = make(engine)
+    first = scheduler.submit([0], None, 5)
+    both = scheduler.submit([2], None, 3, seeds=[0, 1])
+    assert run(first) == expected([0], 5)
+    tokens = {0: [], 1: []}
+    for event in both:
+        tokens[event.index].append(event.token)
+    assert tokens == {0: [52, 53, 54], 1: [53, 54, 55]}
+
+
+def test_more_choices_than_slots_is_refused(make):
+    scheduler = make(MockEngine(batch=2))
+    with pytest.raises(ValueError, match="n=3 choices exceed the 2 decode slots"):
+        scheduler.submit([1], None, 2, seeds=[0, 1, 2])
+
+
+def test_cancelling_one_choice_leaves_the_others_running(make):
+    engine = MockEngine(batch=2, step_delay=0.002)
+    scheduler = make(engine)
+    handle = scheduler.submit([0], None, 30, seeds=[0, 1])
+    handle.cancel(1)
+    events = list(handle)
+    assert {e.index for e in events} <= {0, 1}
+    assert [e.token for e in events if e.index == 0] == list(range(50, 80))
+    assert all(e.finish_reason is None for e in events if e.index == 1)
