@@ -4,20 +4,30 @@ Chat templates are written against transformers' `apply_chat_template`, so the
 environment here copies its setup: a sandboxed, immutable Jinja environment
 with trim_blocks / lstrip_blocks, the loopcontrols extension, transformers'
 `tojson` filter and the `raise_exception` / `strftime_now` globals.
+
+Tools: a template whose source uses the `tools` variable gets the OpenAI tool
+list and messages as they are. Other templates (SmolLM2's, plain ChatML) get
+Hermes-style text instead: the tool list in the system prompt, an assistant's
+`tool_calls` as <tool_call> blocks after its content, and `tool` results as a
+user turn of <tool_response> blocks, the way Qwen2.5's template renders them.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import gguf
 import jinja2
+import jinja2.meta
 from jinja2 import nodes
 from jinja2.ext import Extension, loopcontrols
 from jinja2.parser import Parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from model.tool_calls import hermes_call_text, hermes_system_prompt
 
 if TYPE_CHECKING:
     from model.tokenizer import Tokenizer
@@ -102,6 +112,101 @@ def flatten_content(message: dict[str, Any]) -> dict[str, Any]:
     return {**message, "content": "\n".join(texts)}
 
 
+def _developer_as_system(message: dict[str, Any]) -> dict[str, Any]:
+    return {**message, "role": "system"} if message.get("role") == "developer" else message
+
+
+def _arguments_as_dict(message: dict[str, Any]) -> dict[str, Any]:
+    """`message` with JSON-string tool-call arguments parsed into dicts.
+
+    Tool-aware templates (Qwen2.5, Llama 3.1, ...) write `arguments | tojson`,
+    which would quote an OpenAI JSON string a second time; transformers' docs
+    ask for dicts, and vLLM converts the same way. Unparseable strings stay.
+    """
+    if not message.get("tool_calls"):
+        return message
+    calls = []
+    for call in message["tool_calls"]:
+        function = call.get("function") if isinstance(call, dict) else None
+        arguments = function.get("arguments") if isinstance(function, dict) else None
+        if isinstance(arguments, str):
+            try:
+                parsed = json.loads(arguments)
+            except json.JSONDecodeError:
+                parsed = None
+            if isinstance(parsed, dict):
+                call = {**call, "function": {**function, "arguments": parsed}}
+        calls.append(call)
+    return {**message, "tool_calls": calls}
+
+
+def _assistant_calls_as_text(message: dict[str, Any]) -> dict[str, Any]:
+    """An assistant message with `tool_calls` as content followed by <tool_call> blocks."""
+    blocks = []
+    for call in message["tool_calls"]:
+        function = call.get("function", call)
+        blocks.append(hermes_call_text(function["name"], function.get("arguments", {})))
+    content = message.get("content")
+    rest = {k: v for k, v in message.items() if k != "tool_calls"}
+    return {**rest, "content": "\n".join([content, *blocks] if content else blocks)}
+
+
+def _hermes_history(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Tool calls and results as plain text, for templates that do not know about tools.
+
+    Consecutive `tool` messages become one user turn of <tool_response> blocks.
+    """
+    out: list[dict[str, Any]] = []
+    previous_role = None
+    for message in messages:
+        role = message.get("role")
+        if role == "tool":
+            response = f"<tool_response>\n{message.get('content') or ''}\n</tool_response>"
+            if previous_role == "tool":
+                out[-1] = {**out[-1], "content": out[-1]["content"] + "\n" + response}
+            else:
+                out.append({"role": "user", "content": response})
+        elif role == "assistant" and message.get("tool_calls"):
+            out.append(_assistant_calls_as_text(message))
+        else:
+            out.append(message)
+        previous_role = role
+    return out
+
+
+def _with_tools_prompt(
+    messages: list[dict[str, Any]], tools: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Messages with the Hermes tools section appended to (or as) the first system message."""
+    section = hermes_system_prompt(tools)
+    if messages and messages[0].get("role") in ("system", "developer"):
+        first = messages[0]
+        content = first.get("content")
+        return [
+            {**first, "content": f"{content}\n\n{section}" if content else section},
+            *messages[1:],
+        ]
+    return [{"role": "system", "content": section}, *messages]
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    """A compiled template and what its source knows about."""
+
+    template: jinja2.Template
+    uses_tools: bool  # reads the `tools` variable
+    knows_developer: bool  # mentions the "developer" role
+
+
+def _compile(env: jinja2.Environment, source: str) -> _Compiled:
+    ast = env.parse(source)
+    return _Compiled(
+        template=env.from_string(ast),
+        uses_tools="tools" in jinja2.meta.find_undeclared_variables(ast),
+        knows_developer="developer" in source,
+    )
+
+
 class ChatTemplate:
     """A compiled chat template that turns a message list into a prompt string."""
 
@@ -117,15 +222,15 @@ class ChatTemplate:
 
         variants: optional named alternatives (GGUF `tokenizer.chat_template.<name>`);
         the "tool_use" one, if present, is used when tools are given, as in
-        transformers.
+        transformers. Whether each template reads `tools` is decided here, once.
         """
         self.source = source
         self.bos_token = bos_token
         self.eos_token = eos_token
         env = _environment()
         try:
-            self._template = env.from_string(source)
-            self._variants = {name: env.from_string(s) for name, s in (variants or {}).items()}
+            self._default = _compile(env, source)
+            self._variants = {name: _compile(env, s) for name, s in (variants or {}).items()}
         except jinja2.TemplateSyntaxError as exc:
             raise TemplateError(f"chat template does not compile: {exc}") from exc
 
@@ -154,22 +259,33 @@ class ChatTemplate:
     ) -> str:
         """Return the prompt text for `messages`.
 
-        add_generation_prompt: append the assistant-turn opener. tools: JSON
-        tool schemas, passed as `tools`. extra: further template variables
-        (e.g. enable_thinking). Raises TemplateError if the template raises
-        or fails.
+        add_generation_prompt: append the assistant-turn opener. tools: OpenAI
+        tool dicts; passed as `tools` to a template that reads them, otherwise
+        described in the system prompt (see the module docstring), as is any
+        tool-call history. Role "developer" becomes "system" for templates
+        that never mention it. extra: further template variables (e.g.
+        enable_thinking). Raises TemplateError if the template raises or fails.
         """
-        template = self._variants.get("tool_use", self._template) if tools else self._template
+        compiled = self._variants.get("tool_use", self._default) if tools else self._default
+        messages = [flatten_content(m) for m in messages]
+        if not compiled.knows_developer:
+            messages = [_developer_as_system(m) for m in messages]
+        if compiled.uses_tools:
+            messages = [_arguments_as_dict(m) for m in messages]
+        else:
+            messages = _hermes_history(messages)
+            if tools:
+                messages = _with_tools_prompt(messages, tools)
         context = {
             "bos_token": self.bos_token,
             "eos_token": self.eos_token,
             **extra,
-            "messages": [flatten_content(m) for m in messages],
+            "messages": messages,
             "tools": tools,
             "add_generation_prompt": add_generation_prompt,
         }
         try:
-            return template.render(**context)
+            return compiled.template.render(**context)
         except TemplateError:
             raise
         except jinja2.TemplateError as exc:
