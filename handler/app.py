@@ -19,6 +19,7 @@ from typing import Any
 import flask
 
 from handler.chat import chat_completion, parse_chat_request
+from handler.completions import completion, parse_completion_request
 from handler.errors import (
     RETRY_AFTER_SECONDS,
     APIError,
@@ -111,6 +112,8 @@ def find_routes(path: str) -> tuple[dict[str, Route], bool]:
             break
     if path == "/chat/completions":
         return {"POST": chat_completions}, True
+    if path == "/completions":
+        return {"POST": completions}, True
     if path == "/models":
         return {"GET": list_models}, True
     if path.startswith("/models/") and len(path) > len("/models/"):
@@ -175,6 +178,14 @@ def chat_completions(server: Server, request: flask.Request) -> flask.Response:
     if chat.model not in server.settings.model_names:
         raise model_not_found(chat.model)
     return chat_completion(server.host.llm(), chat, server.fingerprint)
+
+
+def completions(server: Server, request: flask.Request) -> flask.Response:
+    """POST /v1/completions (the legacy prompt API)."""
+    body = parse_completion_request(read_json(request, server.settings.max_request_bytes))
+    if body.model not in server.settings.model_names:
+        raise model_not_found(body.model)
+    return completion(server.host.llm(), body, server.fingerprint)
 
 
 def list_models(server: Server, request: flask.Request) -> flask.Response:

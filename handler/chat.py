@@ -3,14 +3,21 @@
 Generation starts before the response does: the first delta is awaited while
 the request can still fail as an ordinary HTTP error. After the headers went
 out, a failure becomes an SSE error event followed by `[DONE]`.
+
+n choices stream interleaved, each with its index, its own role chunk first
+and exactly one finish_reason. With tools offered, each choice's text goes
+through a tool-call parser: text before a call is content, each call is sent
+whole as one tool_call delta (id and name once), and finish_reason becomes
+`tool_calls`. `required` and named tool choices, json_object and json_schema
+are enforced by a grammar (model/grammar.py), not by asking the model.
 """
 
 import itertools
 import logging
 import time
 import uuid
-from collections.abc import Generator, Iterator
-from dataclasses import dataclass
+from collections.abc import Generator, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import flask
@@ -24,14 +31,28 @@ from handler.schemas import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     Choice,
+    ChoiceLogprobs,
     ChunkChoice,
     ChunkDelta,
+    CompletionRequest,
+    FunctionCallOut,
+    TokenLogprobOut,
+    ToolCallChunk,
+    ToolCallOut,
+    TopLogprob,
     Usage,
-    reject_unsupported,
     validation_error,
 )
-from model.sampling_params import Delta, SamplingParams
+from model.grammar import GrammarError
+from model.sampling_params import Delta, SamplingParams, TokenLogprob
 from model.scheduler import QueueFull
+from model.tool_calls import (
+    ContentDelta,
+    ToolCallDelta,
+    ToolCallStream,
+    new_call_id,
+    parse_tool_calls,
+)
 
 if TYPE_CHECKING:
     from model.llm import LLM
@@ -48,7 +69,6 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
     if request.model_extra:
         # Names only: values may hold anything, including secrets.
         log.info("ignoring unknown request fields: %s", ", ".join(sorted(request.model_extra)))
-    reject_unsupported(request)
     return request
 
 
@@ -66,10 +86,21 @@ class ReplyHeader:
         return cls(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model, system_fingerprint)
 
     def chunk(
-        self, delta: ChunkDelta | None, finish_reason: str | None = None, usage: Usage | None = None
+        self,
+        delta: ChunkDelta | None,
+        finish_reason: str | None = None,
+        usage: Usage | None = None,
+        index: int = 0,
+        logprobs: ChoiceLogprobs | None = None,
     ) -> ChatCompletionChunk:
         """A chunk with one choice, or (delta None) the usage-only chunk with no choices."""
-        choices = [] if delta is None else [ChunkChoice(delta=delta, finish_reason=finish_reason)]
+        choices = []
+        if delta is not None:
+            choices = [
+                ChunkChoice(
+                    index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason
+                )
+            ]
         return ChatCompletionChunk(
             id=self.id,
             created=self.created,
@@ -84,18 +115,19 @@ def chat_completion(llm: "LLM", request: ChatCompletionRequest, fingerprint: str
     """Generate the reply to a validated request, streamed or as one JSON object."""
     prompt_ids = encode_prompt(llm, request)
     check_context(llm.max_seq_len, len(prompt_ids), request)
-    engine_stream, deltas = start_generation(llm, prompt_ids, request.sampling_params())
+    check_choices(llm, request)
+    params = request.sampling_params(grammar_for(llm, request))
+    engine_stream, deltas = start_generation(llm, prompt_ids, params)
     header = ReplyHeader.new(request.model, fingerprint)
+    shaper = ReplyShaper(llm.tokenizer, request)
     if request.stream:
-        events = stream_events(
-            header, deltas, engine_stream, len(prompt_ids), request.include_usage
-        )
+        events = stream_events(header, shaper, deltas, engine_stream, len(prompt_ids))
         response = flask.Response(events, mimetype=sse.CONTENT_TYPE, headers=sse.HEADERS)
         # Also cancel the generation if the body is never iterated.
         response.call_on_close(engine_stream.close)
         return response
     try:
-        text, completion_tokens, finish_reason = collect(deltas)
+        results = collect(deltas, params.n)
     finally:
         engine_stream.close()
     reply = ChatCompletion(
@@ -103,16 +135,107 @@ def chat_completion(llm: "LLM", request: ChatCompletionRequest, fingerprint: str
         created=header.created,
         model=header.model,
         system_fingerprint=header.system_fingerprint,
-        choices=[Choice(message=AssistantMessage(content=text), finish_reason=finish_reason)],
-        usage=Usage.of(len(prompt_ids), completion_tokens),
+        choices=[shaper.choice(i, result) for i, result in enumerate(results)],
+        usage=Usage.of(len(prompt_ids), sum(r.tokens for r in results)),
     )
     return flask.Response(reply.model_dump_json(), mimetype="application/json")
+
+
+def check_choices(llm: "LLM", request: ChatCompletionRequest | CompletionRequest) -> None:
+    """400s for settings only the loaded model can check: n against the decode slots,
+    logit_bias token ids against the vocabulary."""
+    if (request.n or 1) > llm.batch:
+        raise invalid_request(
+            f"n={request.n} is more than this server's {llm.batch} decode slots.", param="n"
+        )
+    for key in request.logit_bias or {}:
+        if not 0 <= int(key) < llm.vocab_size:
+            raise invalid_request(
+                f"logit_bias: token id {key} is not in the vocabulary (0 to {llm.vocab_size - 1}).",
+                param="logit_bias",
+            )
+
+
+def grammar_for(llm: "LLM", request: ChatCompletionRequest) -> str | None:
+    """The grammar every choice must follow: a forced tool call or a JSON response format."""
+    forced = request.forced_tool if request.calls_tools else False
+    try:
+        if forced:
+            return llm.grammars.tool_calls(
+                request.tool_dicts(),
+                name=forced if isinstance(forced, str) else None,
+                parallel=request.parallel_tool_calls is not False,
+            )
+        response_format = request.response_format
+        if response_format is None or response_format.type == "text":
+            return None
+        if response_format.type == "json_object":
+            return llm.grammars.json_object()
+        schema = response_format.json_schema
+        return llm.grammars.json_schema(schema.schema_ or {}, strict=bool(schema.strict))
+    except GrammarError as exc:
+        raise invalid_request(str(exc), param="tools" if forced else "response_format") from None
+
+
+@dataclass
+class ChoiceResult:
+    """One choice, collected: its text, token count, finish_reason and logprob entries."""
+
+    text: str = ""
+    tokens: int = 0
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+class ReplyShaper:
+    """Turns engine output into OpenAI choices: logprob entries, tool calls, finish reasons."""
+
+    def __init__(self, tokenizer: Any, request: ChatCompletionRequest) -> None:
+        self.tokenizer = tokenizer
+        self.request = request
+        self.parallel = request.parallel_tool_calls is not False
+
+    def logprobs(self, entries: Sequence[TokenLogprob]) -> ChoiceLogprobs | None:
+        """OpenAI's logprobs object for `entries` (None unless the request asked)."""
+        if not self.request.logprobs:
+            return None
+        return ChoiceLogprobs(content=[self._entry(e) for e in entries])
+
+    def _entry(self, entry: TokenLogprob) -> TokenLogprobOut:
+        top = [self._alternative(i, lp) for i, lp in entry.top]
+        raw = self.tokenizer.token_bytes(entry.token_id)
+        return TokenLogprobOut(
+            token=entry.text, logprob=entry.logprob, bytes=list(raw), top_logprobs=top
+        )
+
+    def _alternative(self, token_id: int, logprob: float) -> TopLogprob:
+        raw = self.tokenizer.token_bytes(token_id)
+        return TopLogprob(token=raw.decode("utf-8", "replace"), logprob=logprob, bytes=list(raw))
+
+    def choice(self, index: int, result: ChoiceResult) -> Choice:
+        """A non-streamed choice; tool calls are parsed out of the text when tools are offered."""
+        content, calls, reason = result.text, None, result.finish_reason
+        if self.request.calls_tools:
+            before, parsed = parse_tool_calls(result.text)
+            if parsed:
+                parsed = parsed if self.parallel else parsed[:1]
+                content, reason = before, "tool_calls"
+                calls = [
+                    ToolCallOut(id=new_call_id(), function=FunctionCallOut(**vars(call)))
+                    for call in parsed
+                ]
+        return Choice(
+            index=index,
+            message=AssistantMessage(content=content, tool_calls=calls),
+            logprobs=self.logprobs(result.logprobs),
+            finish_reason=reason,
+        )
 
 
 def encode_prompt(llm: "LLM", request: ChatCompletionRequest) -> list[int]:
     """Render the chat template and tokenize; a template rejection is a 400."""
     try:
-        return llm.encode_chat(request.template_messages())
+        return llm.encode_chat(request.template_messages(), tools=request.tool_dicts())
     except ValueError as exc:
         raise invalid_request(str(exc), param="messages") from None
 
@@ -160,30 +283,42 @@ def start_generation(
     return engine_stream, itertools.chain([first], engine_stream)
 
 
-def collect(deltas: Iterator[Delta]) -> tuple[str, int, str]:
-    """The whole reply: (text, completion tokens, finish_reason)."""
-    pieces: list[str] = []
-    tokens = 0
+def collect(deltas: Iterator[Delta], n: int) -> list[ChoiceResult]:
+    """Every choice of the reply, in index order."""
+    results = [ChoiceResult() for _ in range(n)]
     for delta in deltas:
-        pieces.append(delta.text)
-        tokens += len(delta.token_ids)
-        if delta.finish_reason:
-            return "".join(pieces), tokens, delta.finish_reason
-    raise RuntimeError("the engine's stream ended without a finish_reason")
+        result = results[delta.index]
+        result.text += delta.text
+        result.tokens += len(delta.token_ids)
+        result.logprobs.extend(delta.logprobs)
+        result.finish_reason = delta.finish_reason or result.finish_reason
+    if any(r.finish_reason is None for r in results):
+        raise RuntimeError("the engine's stream ended before every choice finished")
+    return results
 
 
 def stream_events(
     header: ReplyHeader,
+    shaper: ReplyShaper,
     deltas: Iterator[Delta],
     engine_stream: Generator[Delta, None, None],
     prompt_tokens: int,
-    include_usage: bool,
 ) -> Iterator[str]:
-    """The SSE body: role chunk, content chunks, one finish chunk, [usage], [DONE]."""
-    yield sse.event(header.chunk(ChunkDelta(role="assistant", content="")))
+    """The SSE body: a role chunk per choice, their content chunks, one finish chunk
+    each, [usage], [DONE]."""
+    request = shaper.request
+    n = request.n or 1
+    for index in range(n):
+        yield sse.event(header.chunk(ChunkDelta(role="assistant", content=""), index=index))
     try:
-        completion_tokens = yield from _content_events(header, deltas)
-        if include_usage:
+        choices = [ChoiceStream(header, shaper, i) for i in range(n)]
+        completion_tokens = 0
+        for delta in deltas:
+            completion_tokens += len(delta.token_ids)
+            yield from choices[delta.index].events(delta)
+        if not all(choice.finished for choice in choices):
+            raise RuntimeError("the engine's stream ended before every choice finished")
+        if request.include_usage:
             yield sse.event(header.chunk(None, usage=Usage.of(prompt_tokens, completion_tokens)))
     except Exception:
         log.exception("generation failed after the response started")
@@ -194,14 +329,47 @@ def stream_events(
     yield sse.done()
 
 
-def _content_events(header: ReplyHeader, deltas: Iterator[Delta]) -> Generator[str, None, int]:
-    """Content chunks up to and including the one with finish_reason; returns the token count."""
-    tokens = 0
-    for delta in deltas:
-        tokens += len(delta.token_ids)
-        if delta.text or delta.finish_reason:
-            content = ChunkDelta(content=delta.text or None)
-            yield sse.event(header.chunk(content, finish_reason=delta.finish_reason))
-        if delta.finish_reason:
-            return tokens
-    raise RuntimeError("the engine's stream ended without a finish_reason")
+class ChoiceStream:
+    """One choice's deltas → SSE chunks (content, tool calls, logprobs, finish)."""
+
+    def __init__(self, header: ReplyHeader, shaper: ReplyShaper, index: int) -> None:
+        self.header = header
+        self.shaper = shaper
+        self.index = index
+        self.tools = ToolCallStream() if shaper.request.calls_tools else None
+        self.calls = 0
+        self.finished = False
+
+    def events(self, delta: Delta) -> Iterator[str]:
+        logprobs = self.shaper.logprobs(delta.logprobs) if delta.logprobs else None
+        reason = delta.finish_reason
+        self.finished = reason is not None
+        if self.tools is None:
+            if delta.text or reason or logprobs:
+                yield self._chunk(ChunkDelta(content=delta.text or None), reason, logprobs)
+            return
+        parsed = self.tools.feed(delta.text) + (self.tools.finish() if reason else [])
+        content = "".join(e.text for e in parsed if isinstance(e, ContentDelta))
+        calls = [e for e in parsed if isinstance(e, ToolCallDelta)]
+        if not self.shaper.parallel:
+            calls = calls[: max(0, 1 - self.calls)]
+        if content or logprobs:
+            yield self._chunk(ChunkDelta(content=content or None), None, logprobs)
+        if calls:
+            self.calls += len(calls)
+            chunks = [
+                ToolCallChunk(
+                    index=c.index,
+                    id=c.id,
+                    function=FunctionCallOut(name=c.name, arguments=c.arguments),
+                )
+                for c in calls
+            ]
+            yield self._chunk(ChunkDelta(tool_calls=chunks))
+        if reason:
+            yield self._chunk(ChunkDelta(), "tool_calls" if self.calls else reason)
+
+    def _chunk(
+        self, delta: ChunkDelta, reason: str | None = None, logprobs: ChoiceLogprobs | None = None
+    ) -> str:
+        return sse.event(self.header.chunk(delta, reason, index=self.index, logprobs=logprobs))

@@ -4,8 +4,7 @@ Request fields share bounded `Field`s (the llama-cpp-python `server/types.py`
 habit), so a range is written once. Unknown fields are accepted and ignored, as
 OpenAI and vLLM do; the handler logs their names. Validation errors become 400s
 whose `param` names the offending field ("messages.0.role", "temperature").
-Parameters that are valid OpenAI but not implemented by the engine yet are
-rejected by `reject_unsupported` with a 400 naming them, never silently dropped.
+Checks that need the model (vocabulary, batch, grammars) are in handler/chat.py.
 """
 
 from typing import Annotated, Any, Literal
@@ -20,7 +19,7 @@ from pydantic import (
     model_serializer,
 )
 
-from handler.errors import APIError, invalid_request, unsupported
+from handler.errors import APIError, invalid_request
 from model.sampling_params import SamplingParams
 
 # Shared, bounded fields. `None` means "not sent": the engine default applies.
@@ -120,10 +119,27 @@ class NamedToolChoice(BaseModel):
     function: FunctionName
 
 
+class JSONSchema(BaseModel):
+    """`response_format.json_schema`: a named schema, optionally strict."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(BaseModel):
     model_config = ConfigDict(extra="allow")
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
+    json_schema: JSONSchema | None = Field(default=None, validate_default=True)
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema_for_json_schema(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None and info.data.get("type") == "json_schema":
+            raise ValueError("json_schema is required when type is 'json_schema'")
+        return value
 
 
 class StreamOptions(BaseModel):
@@ -184,6 +200,41 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("stream_options is only allowed when stream is true")
         return value
 
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice_needs_tools(cls, value: Any, info: ValidationInfo) -> Any:
+        tools = info.data.get("tools")
+        if value is None or value == "none":
+            return value
+        if not tools:
+            raise ValueError("tool_choice is only allowed when tools are given")
+        if isinstance(value, NamedToolChoice):
+            names = [tool.function.name for tool in tools]
+            if value.function.name not in names:
+                raise ValueError(
+                    f"tool_choice names function '{value.function.name}', which is not "
+                    f"in tools ({', '.join(names)})"
+                )
+        return value
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether tools are offered to the model (tool_choice is not 'none')."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    @property
+    def forced_tool(self) -> str | None | bool:
+        """The function a named tool_choice forces, True for 'required', else False."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.function.name
+        return self.tool_choice == "required"
+
+    def tool_dicts(self) -> list[dict] | None:
+        """The tools for the chat template, or None when none are offered."""
+        if not self.calls_tools:
+            return None
+        return [tool.model_dump(exclude_none=True) for tool in self.tools]
+
     @property
     def max_tokens_param(self) -> str:
         """The name of the field that set the completion budget, for error messages."""
@@ -204,47 +255,107 @@ class ChatCompletionRequest(BaseModel):
         """The messages as plain dicts for `LLM.encode_chat`."""
         return [message.for_template() for message in self.messages]
 
-    def sampling_params(self) -> SamplingParams:
-        """The engine's view of this request (unsupported fields already rejected)."""
-        return SamplingParams(
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=max(self.top_k or 0, 0),
-            max_tokens=self.completion_budget,
-            seed=self.seed,
-            stop=tuple(self.stop or ()),
-            ignore_eos=self.ignore_eos,
+    def sampling_params(self, grammar: str | None = None) -> SamplingParams:
+        """The engine's view of this request; `grammar` constrains every choice."""
+        return sampling_params(
+            self, self.completion_budget, bool(self.logprobs), self.top_logprobs or 0, grammar
         )
 
 
-def reject_unsupported(request: ChatCompletionRequest) -> None:
-    """Raise a 400 naming the first parameter the engine cannot honour yet."""
-    problem = _first_unsupported(request)
-    if problem is not None:
-        raise unsupported(*problem)
+def sampling_params(
+    request: Any, max_tokens: int | None, logprobs: bool, top_logprobs: int, grammar: str | None
+) -> SamplingParams:
+    """SamplingParams from the sampling fields chat and legacy completions share."""
+
+    def given(value: Any, default: Any) -> Any:
+        return default if value is None else value
+
+    return SamplingParams(
+        temperature=given(request.temperature, 1.0),
+        top_p=given(request.top_p, 1.0),
+        top_k=max(request.top_k or 0, 0),
+        min_p=given(request.min_p, 0.0),
+        max_tokens=max_tokens,
+        seed=request.seed,
+        stop=tuple(request.stop or ()),
+        frequency_penalty=given(request.frequency_penalty, 0.0),
+        presence_penalty=given(request.presence_penalty, 0.0),
+        repetition_penalty=given(request.repetition_penalty, 1.0),
+        logit_bias={int(k): v for k, v in (request.logit_bias or {}).items()} or None,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        n=request.n or 1,
+        grammar=grammar,
+        ignore_eos=request.ignore_eos,
+    )
 
 
-def _first_unsupported(r: ChatCompletionRequest) -> tuple[str, str] | None:
-    if r.n is not None and r.n > 1:
-        return "n", f"n={r.n} (more than one choice per request)"
-    if r.logprobs:
-        return "logprobs", "logprobs"
-    if r.tool_choice == "required" or isinstance(r.tool_choice, NamedToolChoice):
-        return "tool_choice", "Forcing a tool call with tool_choice"
-    if r.tools and r.tool_choice != "none":
-        return "tools", "Tool calling (tools with tool_choice other than 'none')"
-    if r.response_format is not None and r.response_format.type != "text":
-        return "response_format", f"response_format type '{r.response_format.type}'"
-    for name in ("frequency_penalty", "presence_penalty"):
-        if getattr(r, name):
-            return name, f"A non-zero {name}"
-    if r.repetition_penalty is not None and r.repetition_penalty != 1.0:
-        return "repetition_penalty", "A repetition_penalty other than 1"
-    if r.logit_bias:
-        return "logit_bias", "logit_bias"
-    if r.min_p:
-        return "min_p", "A min_p above 0"
-    return None
+class CompletionRequest(BaseModel):
+    """The body of the legacy `POST /v1/completions`: raw prompts, no chat template."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    model: str = Field(min_length=1)
+    # One prompt as text or token ids, or a batch of either (each gets n choices).
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=16, ge=1, description="OpenAI's default is 16.")
+    temperature: float | None = temperature_field
+    top_p: float | None = top_p_field
+    top_k: int | None = top_k_field
+    min_p: float | None = min_p_field
+    frequency_penalty: float | None = penalty_field
+    presence_penalty: float | None = penalty_field
+    repetition_penalty: float | None = repetition_penalty_field
+    logit_bias: dict[TokenIdKey, LogitBias] | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=5, description="Alternatives per token.")
+    n: int | None = n_field
+    best_of: int | None = Field(default=None, ge=1, le=128)
+    seed: int | None = seed_field
+    echo: bool = False
+    suffix: str | None = None
+    ignore_eos: bool = False
+    stop: list[StopString] | None = Field(default=None, max_length=MAX_STOP_STRINGS)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    _stop_as_list = field_validator("stop", mode="before")(
+        ChatCompletionRequest._stop_as_list.__func__
+    )
+    _stream_options_need_stream = field_validator("stream_options")(
+        ChatCompletionRequest._stream_options_need_stream.__func__
+    )
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_empty(cls, value: Any) -> Any:
+        if isinstance(value, list) and (
+            not value or any(len(p) == 0 for p in value if isinstance(p, str | list))
+        ):
+            raise ValueError("prompt must not be empty")
+        return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None and value != (info.data.get("n") or 1):
+            raise ValueError("best_of other than n is not supported")
+        return value
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value: Any) -> Any:
+        if value:
+            raise ValueError("suffix (insertion) is not supported by this model")
+        return value
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def sampling_params(self) -> SamplingParams:
+        logprobs = self.logprobs is not None
+        return sampling_params(self, self.max_tokens, logprobs, self.logprobs or 0, None)
 
 
 # Segments of a pydantic error location that name a union member, not a field.
@@ -306,15 +417,48 @@ class Usage(BaseModel):
         )
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str  # a JSON object, serialised
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    tool_calls: list[ToolCallOut] | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_tool_calls(self, handler: Any) -> dict:
+        data = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobOut(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprobOut] | None
 
 
 class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: str
 
 
@@ -330,22 +474,32 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class ToolCallChunk(BaseModel):
+    """A streamed tool call: sent whole, once, so id and name are never repeated."""
+
+    index: int
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class ChunkDelta(BaseModel):
     """What a chunk adds to a choice; fields left None are omitted on the wire."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallChunk] | None = None
 
-    @model_serializer
-    def _present_fields(self) -> dict[str, str]:
+    @model_serializer(mode="wrap")
+    def _present_fields(self, handler: Any) -> dict:
         # The SDK concatenates repeated strings, so absent means absent, not null.
-        return {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class ChunkChoice(BaseModel):
     index: int = 0
     delta: ChunkDelta
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -371,3 +525,31 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy logprobs object: parallel lists over the choice's tokens."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class TextCompletion(BaseModel):
+    """A legacy completion, or (streamed) one chunk of it."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None

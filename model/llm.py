@@ -108,6 +108,15 @@ class LLM:
         """True once the engine raised: the scheduler no longer serves requests."""
         return self.scheduler.failed
 
+    @property
+    def batch(self) -> int:
+        """Decode slots: the most choices one request can have."""
+        return self.engine.batch
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
     @cached_property
     def grammars(self) -> "Grammars":
         """Grammar compilation for this tokenizer (built on first use: about a second)."""

@@ -8,6 +8,9 @@ import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
+# The e2e server process, shared by the e2e modules (started on first use).
+from tests.server_process import base_url, client  # noqa: E402, F401
+
 
 @pytest.fixture(scope="session")
 def golden() -> dict:

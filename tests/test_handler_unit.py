@@ -49,6 +49,9 @@ class CharTokenizer:
     def decode(self, ids: list[int]) -> str:
         return "".join(map(chr, ids))
 
+    def token_bytes(self, token_id: int) -> bytes:
+        return chr(token_id).encode()
+
 
 class FakeLLM:
     """An engine with hand-computable behaviour.
@@ -64,13 +67,15 @@ class FakeLLM:
         self.failed = False
         self.tokenizer = CharTokenizer()
         self.max_seq_len = max_seq_len
+        self.batch = 4
+        self.vocab_size = 0x110000  # every code point
         self.calls: list[SamplingParams] = []
         self.closed_streams = 0
 
     def warmup(self) -> None:
         pass
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
         if "REJECT" in text:
             raise ValueError("the chat template rejects this conversation")
@@ -363,39 +368,77 @@ def test_invalid_request_names_the_param(serve, body, param):
     assert error["message"].startswith(param)
 
 
-UNSUPPORTED = {
-    "n=2": (chat_body(n=2), "n"),
-    "logprobs": (chat_body(logprobs=True), "logprobs"),
-    "logprobs with top_logprobs": (chat_body(logprobs=True, top_logprobs=3), "logprobs"),
-    "tools (auto by default)": (
-        chat_body(tools=[{"type": "function", "function": {"name": "f"}}]),
-        "tools",
-    ),
-    "tool_choice required": (chat_body(tool_choice="required"), "tool_choice"),
-    "named tool_choice": (
-        chat_body(tool_choice={"type": "function", "function": {"name": "f"}}),
+TOOL = {"type": "function", "function": {"name": "f"}}
+MODEL_CHECKS = {
+    "tool_choice required without tools": (chat_body(tool_choice="required"), "tool_choice"),
+    "tool_choice auto without tools": (chat_body(tool_choice="auto"), "tool_choice"),
+    "named tool_choice not in tools": (
+        chat_body(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "g"}}),
         "tool_choice",
     ),
-    "json_object": (chat_body(response_format={"type": "json_object"}), "response_format"),
-    "json_schema": (
-        chat_body(response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
-        "response_format",
+    "tool name with spaces": (
+        chat_body(tools=[{"type": "function", "function": {"name": "a b"}}]),
+        "tools.0.function.name",
     ),
-    "frequency_penalty": (chat_body(frequency_penalty=0.5), "frequency_penalty"),
-    "presence_penalty": (chat_body(presence_penalty=-1), "presence_penalty"),
-    "repetition_penalty": (chat_body(repetition_penalty=1.1), "repetition_penalty"),
-    "logit_bias": (chat_body(logit_bias={"5": 10}), "logit_bias"),
-    "min_p": (chat_body(min_p=0.05), "min_p"),
+    "json_schema without its schema object": (
+        chat_body(response_format={"type": "json_schema"}),
+        "response_format.json_schema",
+    ),
+    "json_schema without a name": (
+        chat_body(response_format={"type": "json_schema", "json_schema": {"schema": {}}}),
+        "response_format.json_schema.name",
+    ),
+    "n beyond the decode slots": (chat_body(n=5), "n"),
+    "logit_bias token beyond the vocabulary": (chat_body(logit_bias={"1114112": 5}), "logit_bias"),
 }
 
 
-@pytest.mark.parametrize("body, param", UNSUPPORTED.values(), ids=UNSUPPORTED.keys())
-def test_unsupported_parameters_are_refused(serve, body, param):
-    error = assert_error(serve().post(CHAT, json=body), 400, "invalid_request_error", param)
-    assert "not supported yet" in error["message"]
+@pytest.mark.parametrize("body, param", MODEL_CHECKS.values(), ids=MODEL_CHECKS.keys())
+def test_requests_the_model_cannot_serve_are_400_naming_the_param(serve, body, param):
+    llm = FakeLLM()
+    error = assert_error(serve(llm=llm).post(CHAT, json=body), 400, "invalid_request_error", param)
+    assert llm.calls == []  # nothing reached the engine
+    assert error["message"]
 
 
-def test_neutral_values_of_unsupported_parameters_are_accepted(serve):
+def test_every_sampling_field_reaches_the_engine(serve):
+    llm = FakeLLM()
+    body = chat_body(
+        temperature=0.7,
+        top_p=0.9,
+        top_k=40,
+        min_p=0.05,
+        frequency_penalty=0.5,
+        presence_penalty=-1,
+        repetition_penalty=1.1,
+        logit_bias={"65": -100, "66": 2.5},
+        logprobs=True,
+        top_logprobs=3,
+        seed=-7,
+        stop=["zz"],
+        max_completion_tokens=9,
+    )
+    assert serve(llm=llm).post(CHAT, json=body).status_code == 200
+    assert llm.calls == [
+        SamplingParams(
+            temperature=0.7,
+            top_p=0.9,
+            top_k=40,
+            min_p=0.05,
+            max_tokens=9,
+            seed=-7,
+            stop=("zz",),
+            frequency_penalty=0.5,
+            presence_penalty=-1.0,
+            repetition_penalty=1.1,
+            logit_bias={65: -100.0, 66: 2.5},
+            logprobs=True,
+            top_logprobs=3,
+        )
+    ]
+
+
+def test_neutral_values_are_accepted(serve):
     body = chat_body(
         n=1,
         logprobs=False,
@@ -457,7 +500,7 @@ def test_unknown_model_is_404(serve):
     assert "gpt-4o" in error["message"]
 
 
-@pytest.mark.parametrize("path", ["/v2/chat/completions", "/v1/completions", "/", "/v1"])
+@pytest.mark.parametrize("path", ["/v2/chat/completions", "/v1/embeddings", "/", "/v1"])
 def test_unknown_path_is_404(serve, path):
     assert_error(serve().post(path, json=chat_body()), 404, "not_found_error")
 
@@ -706,3 +749,35 @@ def test_completion_beyond_the_context_is_400_with_counts(serve, field):
     assert "33 tokens (9 in the messages, 24 in the completion)" in error["message"]
     reply = client.post(CHAT, json=chat_body(**{field: 23})).get_json()  # exactly 32 fits
     assert reply["usage"]["completion_tokens"] == 13
+
+
+def test_legacy_completions_route_answers_with_a_text_completion(serve):
+    llm = FakeLLM()
+    for path in ("/v1/completions", "/completions", "/api/v1/completions"):
+        response = serve(llm=llm).post(path, json={"model": MODEL, "prompt": "hi", "stop": ","})
+        body = response.get_json()
+        assert (response.status_code, body["object"]) == (200, "text_completion")
+        assert body["id"].startswith("cmpl-")
+        assert body["choices"] == [
+            {"index": 0, "text": "Hello", "logprobs": None, "finish_reason": "stop"}
+        ]
+        assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 5, "total_tokens": 7}
+    # The legacy default budget is 16 tokens.
+    assert llm.calls[-1].max_tokens == 16 and llm.calls[-1].stop == (",",)
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"prompt": []}, "prompt"),
+        ({"prompt": "hi", "suffix": "x"}, "suffix"),
+        ({"prompt": "hi", "best_of": 3}, "best_of"),
+        ({"prompt": "hi", "logprobs": 6}, "logprobs"),
+        ({"prompt": [70000000]}, "prompt"),
+        ({"prompt": "hi", "max_tokens": 100}, "max_tokens"),
+        ({}, "prompt"),
+    ],
+)
+def test_legacy_completions_validation(serve, body, param):
+    response = serve().post("/v1/completions", json={"model": MODEL, **body})
+    assert_error(response, 400, "invalid_request_error", param)

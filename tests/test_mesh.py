@@ -12,7 +12,7 @@ import sys
 import openai
 import pytest
 
-from tests.test_server_e2e import REPO, running_server
+from tests.server_process import REPO, running_server
 
 EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
 

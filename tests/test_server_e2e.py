@@ -1,109 +1,27 @@
 """A real server process with the real default model, driven by the official SDK.
 
 One functions-framework process (gunicorn, forked worker, model loaded in the
-background) serves the whole module, with API keys on. Expected token counts
+background; tests/server_process.py) serves the session, with API keys on. Expected token counts
 and greedy replies come from the Hugging Face reference
 (tests/fixtures/smollm2_golden.json), not from jaxchat.
 """
 
-import contextlib
 import json
-import os
-import signal
-import socket
-import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import openai
 import pytest
 import requests
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.server_process import MAX_BATCH, MAX_SEQ_LEN, MODEL, REPO
+
 GOLDEN = json.loads((REPO / "tests" / "fixtures" / "smollm2_golden.json").read_text())
-MODEL = "smollm2-135m-instruct"
-KEY = "e2e-test-key"
-MAX_SEQ_LEN = 512
-LOAD_TIMEOUT_S = 360
 # The reference's greedy continuations of GOLDEN["prompts"][0] and [1], up to EOS.
 CAPITAL = GOLDEN["prompts"][0]
 CAPITAL_REPLY = "The capital of France is Paris."
 HAIKU = GOLDEN["prompts"][1]
 HAIKU_REPLY = "The ocean's a mirror, reflecting the world's beauty."
 PRIMES = GOLDEN["prompts"][2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until_healthy(base_url: str, process: subprocess.Popen, log_path: Path) -> None:
-    deadline = time.monotonic() + LOAD_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"server exited with {process.returncode}:\n{log_path.read_text()[-5000:]}")
-        try:
-            if requests.get(f"{base_url}/health", timeout=5).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass  # not listening yet
-        time.sleep(1)
-    pytest.fail(f"server not healthy after {LOAD_TIMEOUT_S} s:\n{log_path.read_text()[-5000:]}")
-
-
-@contextlib.contextmanager
-def running_server(workdir: Path, env: dict[str, str]):
-    """Run `functions-framework --target=app --source=main.py` with `env` added; yield its URL."""
-    port = free_port()
-    log_path = workdir / "server.log"
-    command = [
-        str(REPO / ".venv" / "bin" / "functions-framework"),
-        "--target=app",
-        "--source=main.py",
-        "--host=127.0.0.1",
-        f"--port={port}",
-    ]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            command,
-            cwd=REPO,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_healthy(url, process, log_path)
-        yield url
-    finally:
-        process.send_signal(signal.SIGTERM)  # gunicorn's master stops its workers
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)  # our own session: master and workers
-            process.wait()
-
-
-@pytest.fixture(scope="module")
-def base_url(tmp_path_factory):
-    env = {
-        "JAXCHAT_API_KEYS": f"{KEY},another-key",
-        "JAXCHAT_MAX_SEQ_LEN": str(MAX_SEQ_LEN),
-        # Fewer slots than the concurrency test's streams, so requests also queue.
-        "JAXCHAT_MAX_BATCH": "16",
-        "JAXCHAT_MODEL_ALIASES": "default,fast",
-    }
-    with running_server(tmp_path_factory.mktemp("server"), env) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def client(base_url):
-    return openai.OpenAI(base_url=f"{base_url}/v1", api_key=KEY, max_retries=0, timeout=300)
 
 
 def complete(client, conversation: dict, **kwargs):
@@ -232,7 +150,7 @@ def test_an_alias_serves_the_model_and_is_echoed(client):
         ({"temperature": 3}, "temperature"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"max_tokens": 0}, "max_tokens"),
-        ({"extra_body": {"n": 2}}, "n"),
+        ({"n": MAX_BATCH + 1}, "n"),
         ({"max_tokens": MAX_SEQ_LEN}, "max_tokens"),
         ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
     ],

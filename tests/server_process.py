@@ -1,0 +1,93 @@
+"""The real server process for end-to-end tests: functions-framework serving the
+default model, started once per test session and shared by every e2e module."""
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import openai
+import pytest
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL = "smollm2-135m-instruct"
+KEY = "e2e-test-key"
+MAX_SEQ_LEN = 512
+MAX_BATCH = 16
+LOAD_TIMEOUT_S = 360
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_healthy(base_url: str, process: subprocess.Popen, log_path: Path) -> None:
+    deadline = time.monotonic() + LOAD_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"server exited with {process.returncode}:\n{log_path.read_text()[-5000:]}")
+        try:
+            if requests.get(f"{base_url}/health", timeout=5).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass  # not listening yet
+        time.sleep(1)
+    pytest.fail(f"server not healthy after {LOAD_TIMEOUT_S} s:\n{log_path.read_text()[-5000:]}")
+
+
+@contextlib.contextmanager
+def running_server(workdir: Path, env: dict[str, str]):
+    """Run `functions-framework --target=app --source=main.py` with `env` added; yield its URL."""
+    port = free_port()
+    log_path = workdir / "server.log"
+    command = [
+        str(REPO / ".venv" / "bin" / "functions-framework"),
+        "--target=app",
+        "--source=main.py",
+        "--host=127.0.0.1",
+        f"--port={port}",
+    ]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            command,
+            cwd=REPO,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(url, process, log_path)
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)  # gunicorn's master stops its workers
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)  # our own session: master and workers
+            process.wait()
+
+
+@pytest.fixture(scope="session")
+def base_url(tmp_path_factory):
+    env = {
+        "JAXCHAT_API_KEYS": f"{KEY},another-key",
+        "JAXCHAT_MAX_SEQ_LEN": str(MAX_SEQ_LEN),
+        # Fewer slots than the concurrency test's streams, so requests also queue.
+        "JAXCHAT_MAX_BATCH": str(MAX_BATCH),
+        "JAXCHAT_MODEL_ALIASES": "default,fast",
+    }
+    with running_server(tmp_path_factory.mktemp("server"), env) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def client(base_url):
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key=KEY, max_retries=0, timeout=300)
