@@ -189,7 +189,9 @@ class Engine:
             out_shardings=self.state_sharding,
         )
         self._forward = jax.jit(self._forward_impl)
-        self._all_allowed = jax.device_put(self.unconstrained(batch), replicated)
+        # Grammar masks [B, W] are split like the slots; a committed array must match.
+        self.mask_sharding = slot_sharding(self.mesh, (batch, self.mask_words), rules)
+        self._all_allowed = jax.device_put(self.unconstrained(batch), self.mask_sharding)
         self._compiled: dict[tuple[str, object], jax.stages.Compiled] = {}
         self.compilations = 0
 
@@ -387,7 +389,9 @@ class Engine:
             return self._insert.lower(prefix, state, token_spec, token_spec, flag, flag, key)
         if kind == "resize":
             return self._resize.lower(state, size[1])
-        masks = jax.ShapeDtypeStruct((self.batch, self.mask_words), jnp.int32)
+        masks = jax.ShapeDtypeStruct(
+            (self.batch, self.mask_words), jnp.int32, sharding=self.mask_sharding
+        )
         return self._generate.lower(self.params, state, masks, size[1])
 
     def _executable(self, kind: str, size):
