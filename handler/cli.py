@@ -1,0 +1,171 @@
+"""The `jaxchat` command: serve, chat in the terminal, benchmark.
+
+    jaxchat serve [--model M] [--port 8080] [--host 0.0.0.0] [--max-batch 32] …
+    jaxchat chat  [--model M] [--system "…"] [--temperature 0.7] [--max-tokens 512]
+    jaxchat bench [--model M] [--decode-tokens 256] [--repeats 3]
+
+`serve` runs the same functions-framework app as `make serve`; its options
+are the JAXCHAT_* settings (README), passed on through the environment.
+`chat` streams replies from the Python API with no HTTP; `/reset` clears the
+conversation, `/exit` (or Ctrl-D) leaves.
+"""
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+# `serve` options → the settings they set (handler/settings.py).
+SERVE_SETTINGS = {
+    "model": "JAXCHAT_MODEL",
+    "model_name": "JAXCHAT_MODEL_NAME",
+    "max_seq_len": "JAXCHAT_MAX_SEQ_LEN",
+    "max_batch": "JAXCHAT_MAX_BATCH",
+    "mesh": "JAXCHAT_MESH",
+    "dtype": "JAXCHAT_DTYPE",
+    "api_keys": "JAXCHAT_API_KEYS",
+    "port": "PORT",
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return {"serve": run_serve, "chat": run_chat, "bench": run_bench}[args.command](args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxchat", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve the OpenAI API over HTTP")
+    serve.add_argument("--model", help="GGUF path or gs:// URI (default: the bundled model)")
+    serve.add_argument("--model-name")
+    serve.add_argument("--max-seq-len", type=int)
+    serve.add_argument("--max-batch", type=int)
+    serve.add_argument("--mesh", help="DATAxMODEL, e.g. 2x4")
+    serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16"])
+    serve.add_argument("--api-keys", help="comma-separated bearer keys")
+    serve.add_argument("--port", type=int, default=int(os.environ.get("PORT", 8080)))
+    serve.add_argument("--host", default="0.0.0.0")
+
+    chat = commands.add_parser("chat", help="chat with the model in the terminal")
+    chat.add_argument("--model", help="GGUF path or gs:// URI (default: the bundled model)")
+    chat.add_argument("--system", help="a system prompt")
+    chat.add_argument("--temperature", type=float, default=0.7)
+    chat.add_argument("--top-p", type=float, default=0.95)
+    chat.add_argument("--max-tokens", type=int, default=512)
+    chat.add_argument("--max-seq-len", type=int, default=2048)
+    chat.add_argument("--seed", type=int)
+
+    bench = commands.add_parser("bench", help="batch-1 decode and prefill rates")
+    bench.add_argument("--model", help="GGUF path or gs:// URI (default: the bundled model)")
+    bench.add_argument("--decode-tokens", type=int, default=256)
+    bench.add_argument("--prefill-tokens", type=int, default=512)
+    bench.add_argument("--repeats", type=int, default=3)
+
+    return parser
+
+
+def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+    """The functions-framework command line and the environment settings for `serve`."""
+    spec = importlib.util.find_spec("main")
+    if spec is None or spec.origin is None:
+        raise SystemExit("jaxchat serve: the functions-framework source main.py is not installed")
+    env = {
+        name: str(getattr(args, option))
+        for option, name in SERVE_SETTINGS.items()
+        if getattr(args, option) is not None
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "functions_framework",
+        "--target=app",
+        f"--source={spec.origin}",
+        f"--host={args.host}",
+        f"--port={args.port}",
+    ]
+    return command, env
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    command, env = serve_command(args)
+    os.environ.update(env)
+    os.execv(command[0], command)  # the server replaces this process (signals reach it)
+    return 0  # not reached
+
+
+def status(message: str) -> None:
+    """A progress line on stderr, so piped replies stay clean."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def load(model: str | None, **kwargs):
+    from model import LLM
+
+    status(f"loading {model or 'the bundled SmolLM2-135M-Instruct'} …")
+    start = time.perf_counter()
+    llm = LLM(model, **kwargs)
+    status(f"loaded in {time.perf_counter() - start:.1f} s")
+    return llm
+
+
+def run_chat(args: argparse.Namespace, stdin=None, stdout=None) -> int:
+    """The interactive loop (stdin/stdout are parameters so tests can drive it)."""
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    llm = load(args.model, max_seq_len=args.max_seq_len, batch=2)
+    from model import SamplingParams
+
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = []
+    status("type a message; /reset clears the conversation, /exit leaves")
+    while True:
+        stdout.write("> ")
+        stdout.flush()
+        line = stdin.readline()
+        if not line or line.strip() == "/exit":
+            return 0
+        text = line.strip()
+        if text == "/reset":
+            history.clear()
+            continue
+        if not text:
+            continue
+        history.append({"role": "user", "content": text})
+        ids = llm.encode_chat(system + history)
+        budget = min(args.max_tokens, llm.max_seq_len - len(ids))
+        if budget <= 0:
+            status("the conversation fills the context: /reset to start over")
+            history.pop()
+            continue
+        params = SamplingParams(
+            temperature=args.temperature, top_p=args.top_p, max_tokens=budget, seed=args.seed
+        )
+        reply = []
+        for delta in llm.stream(ids, params):
+            reply.append(delta.text)
+            stdout.write(delta.text)
+            stdout.flush()
+        stdout.write("\n")
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from benchmarks import engine_bench
+
+    llm = load(args.model, max_seq_len=max(1024, args.prefill_tokens + 1), batch=1)
+    status("compiling …")
+    start = time.perf_counter()
+    llm.warmup()
+    status(f"compiled in {time.perf_counter() - start:.1f} s")
+    decode = engine_bench.decode_rate(llm, args.decode_tokens, args.repeats)
+    prefill = engine_bench.prefill_rate(llm, args.prefill_tokens, args.repeats)
+    print(f"decode, batch 1:              {decode:7.1f} tok/s")
+    print(f"prefill, {args.prefill_tokens}-token prompt:   {prefill:7.1f} tok/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
