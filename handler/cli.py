@@ -112,10 +112,10 @@ def load(model: str | None, **kwargs):
     return llm
 
 
-def run_chat(args: argparse.Namespace, stdin=None, stdout=None) -> int:
-    """The interactive loop (stdin/stdout are parameters so tests can drive it)."""
+def run_chat(args: argparse.Namespace, llm=None, stdin=None, stdout=None) -> int:
+    """The interactive loop (the model and streams are parameters so tests can drive it)."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    llm = load(args.model, max_seq_len=args.max_seq_len, batch=2)
+    llm = llm or load(args.model, max_seq_len=args.max_seq_len, batch=2)
     from model import SamplingParams
 
     system = [{"role": "system", "content": args.system}] if args.system else []

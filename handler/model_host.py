@@ -32,8 +32,10 @@ def load_llm(settings: Settings) -> "LLM":
     """Build the engine from settings (the production factory)."""
     # Imported here, not at module level: the model package pulls in JAX, which
     # the gunicorn master must not set up before it forks.
+    from model.compile_cache import enable_compile_cache
     from model.llm import LLM
 
+    enable_compile_cache(settings.compile_cache)
     return LLM(
         settings.model,
         max_seq_len=settings.max_seq_len,

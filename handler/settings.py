@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     """Comma-separated API keys accepted as `Authorization: Bearer <key>`.
     Empty disables authentication (`/health` never needs a key)."""
 
+    compile_cache: str | None = None
+    """Directory of JAX's persistent compilation cache: a restart with a warm cache
+    loads every executable instead of compiling it. Unset: no cache (beyond
+    `JAX_COMPILATION_CACHE_DIR`, which JAX reads itself)."""
+
     max_request_bytes: int = Field(default=1 << 20, ge=1024)
     """Largest request body accepted, in bytes; larger bodies get 413."""
 

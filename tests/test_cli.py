@@ -1,15 +1,16 @@
 """The `jaxchat` command: its serve command line, a real server it starts, and a chat
-session in a real subprocess on the real model (reference replies from HF)."""
+session on the real model (reference replies from HF)."""
 
+import io
 import json
-import os
 import subprocess
 import sys
 
 import openai
 import requests
 
-from handler.cli import build_parser, serve_command
+from handler.cli import build_parser, run_chat, serve_command
+from model.sampling_params import SamplingParams
 from tests.server_process import REPO, free_port, wait_until_healthy
 
 GOLDEN = json.loads((REPO / "tests" / "fixtures" / "smollm2_golden.json").read_text())
@@ -66,20 +67,25 @@ def test_serve_runs_the_server(tmp_path):
         process.wait(timeout=30)
 
 
-def test_chat_streams_replies_and_keeps_the_conversation():
-    session = "What is the capital of France?\n/reset\nWhat is the capital of France?\n/exit\n"
-    result = subprocess.run(
-        [*JAXCHAT, "chat", "--temperature", "0", "--max-tokens", "32", "--max-seq-len", "256"],
-        input=session,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+def test_chat_streams_replies_and_keeps_the_conversation(llm):
+    session = io.StringIO(
+        "What is the capital of France?\n/reset\nWhat is the capital of France?\n"
+        "And of Italy?\n/exit\n"
     )
-    assert result.returncode == 0, result.stderr[-2000:]
-    # Two identical greedy turns (the second after /reset), each the reference reply.
-    # One prompt per line read: reply, /reset (nothing), reply, /exit (nothing).
-    turns = result.stdout.split("> ")[1:]
-    assert turns == [CAPITAL_REPLY + "\n", "", CAPITAL_REPLY + "\n", ""]
-    assert "loading" in result.stderr and "loaded in" in result.stderr
+    out = io.StringIO()
+    args = build_parser().parse_args(["chat", "--temperature", "0", "--max-tokens", "32"])
+    assert run_chat(args, llm=llm, stdin=session, stdout=out) == 0
+    # One prompt per line read: reply, /reset (nothing), the same reply again (the
+    # history was cleared), a reply in context, /exit (nothing).
+    turns = out.getvalue().split("> ")[1:]
+    assert turns[:4] == [CAPITAL_REPLY + "\n", "", CAPITAL_REPLY + "\n"] + turns[3:4]
+    assert turns[4] == ""
+    follow_up = llm.encode_chat(
+        [
+            *CAPITAL["messages"],
+            {"role": "assistant", "content": CAPITAL_REPLY},
+            {"role": "user", "content": "And of Italy?"},
+        ]
+    )
+    expected = llm.generate(follow_up, SamplingParams(temperature=0, max_tokens=32)).text
+    assert turns[3] == expected + "\n"
