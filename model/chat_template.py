@@ -15,8 +15,10 @@ user turn of <tool_response> blocks, the way Qwen2.5's template renders them.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import gguf
@@ -247,6 +249,30 @@ class ChatTemplate:
                 variants[key.removeprefix(prefix)] = field.contents()
         return cls(
             source, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token, variants=variants
+        )
+
+    @classmethod
+    def from_hf_dir(cls, path: str | os.PathLike[str], tokenizer: Tokenizer) -> ChatTemplate:
+        """Template of a Hugging Face directory (ChatML if it has none).
+
+        Read from `chat_template.jinja` or `tokenizer_config.json`'s `chat_template`,
+        which is a string or a list of {"name", "template"} (named variants).
+        """
+        path = Path(path)
+        config_file = path / "tokenizer_config.json"
+        config = (
+            json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        )
+        templates = config.get("chat_template") or CHATML_TEMPLATE
+        if isinstance(templates, list):
+            templates = {t["name"]: t["template"] for t in templates}
+        else:
+            templates = {"default": templates}
+        if (path / "chat_template.jinja").is_file():
+            templates["default"] = (path / "chat_template.jinja").read_text(encoding="utf-8")
+        source = templates.pop("default", CHATML_TEMPLATE)
+        return cls(
+            source, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token, variants=templates
         )
 
     def render(

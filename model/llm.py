@@ -22,6 +22,7 @@ from model.chat_template import ChatTemplate
 from model.detokenizer import IncrementalDetokenizer
 from model.engine import Engine
 from model.gguf_loader import load_gguf
+from model.hf_loader import load_hf
 from model.sampling_params import Delta, FinishReason, SamplingParams, TokenLogprob
 from model.scheduler import Scheduler, TokenEvent
 from model.sources import resolve_model
@@ -62,8 +63,9 @@ class Completion:
 class LLM:
     """A loaded model with its tokenizer, chat template and compiled engine.
 
-    model: a GGUF path, or None for the bundled default. max_seq_len bounds
-    prompt + completion tokens (default 2048, at most the model's context).
+    model: a GGUF path, a Hugging Face directory, or None for the bundled
+    default. max_seq_len bounds prompt + completion tokens (default 2048, at
+    most the model's context).
     batch: decode slots run together (continuous batching); max_queue bounds
     the requests waiting for a slot. prefill_buckets: prompt lengths prefill
     is compiled for (default powers of two). mesh: a Mesh or a "DATAxMODEL"
@@ -85,11 +87,16 @@ class LLM:
         maybe_initialize_distributed()  # multi-host slices: before any backend use
         self.path = resolve_model(model)
         self.dtype = compute_dtype(dtype)
-        self.config, params, reader = load_gguf(self.path, self.dtype)
+        if self.path.is_dir():  # a Hugging Face directory
+            self.config, params = load_hf(self.path, self.dtype)
+            self.tokenizer = Tokenizer.from_hf_dir(self.path)
+            self.template = ChatTemplate.from_hf_dir(self.path, self.tokenizer)
+        else:
+            self.config, params, reader = load_gguf(self.path, self.dtype)
+            self.tokenizer = Tokenizer.from_gguf(reader)
+            self.template = ChatTemplate.from_gguf(reader, self.tokenizer)
         if not isinstance(mesh, Mesh):
             mesh = make_mesh(mesh, config=self.config)
-        self.tokenizer = Tokenizer.from_gguf(reader)
-        self.template = ChatTemplate.from_gguf(reader, self.tokenizer)
         self.max_seq_len = min(max_seq_len or DEFAULT_MAX_SEQ_LEN, self.config.max_position)
         self.engine = Engine(
             self.config,

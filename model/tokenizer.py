@@ -1,4 +1,4 @@
-"""Tokenizer rebuilt from the metadata of a GGUF file.
+"""Tokenizer from the metadata of a GGUF file or the files of a Hugging Face directory.
 
 GGUF stores the vocabulary itself (tokens, token types, BPE merges or
 SentencePiece scores), so no tokenizer.json / tokenizer.model is needed. Two
@@ -8,6 +8,10 @@ backends, chosen by `tokenizer.ggml.model`:
   pre-tokenizer llama.cpp associates with `tokenizer.ggml.pre`.
 * ``llama``: SentencePiece, from a ModelProto assembled from the GGUF pieces.
 
+A Hugging Face directory gives `tokenizer.json`, run by `tokenizers` as it is,
+or `tokenizer.model`, run by SentencePiece; `tokenizer_config.json` adds
+bos/eos and added tokens.
+
 Decoding is done here, from per-token bytes, for both backends: that keeps
 `Tokenizer.decode` and the streaming `IncrementalDetokenizer` byte-for-byte
 consistent.
@@ -15,11 +19,14 @@ consistent.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from functools import cache
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 import gguf
 import sentencepiece as spm
@@ -150,15 +157,22 @@ class _SentencePiece:
     """SentencePiece BPE through the `sentencepiece` package, from GGUF pieces."""
 
     def __init__(
-        self, reader: gguf.GGUFReader, tokens: Sequence[str], types: Sequence[int]
+        self, proto: sp_pb2.ModelProto, tokens: Sequence[str], types: Sequence[int]
     ) -> None:
-        proto = _sentencepiece_proto(reader, tokens, types)
+        """proto: the SentencePiece model; tokens/types: the full vocabulary, which may
+        extend past the proto with added tokens (matched here, like control tokens)."""
         self.add_dummy_prefix = proto.normalizer_spec.add_dummy_prefix
         self.sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
         # SentencePiece does not know control tokens in text; split them out first.
-        # User-defined pieces are left to SentencePiece, which matches them itself.
+        # User-defined pieces are left to SentencePiece, which matches them itself,
+        # except added tokens past the end of its model, which it does not know.
+        n_proto = len(proto.pieces)
         specials = sorted(
-            {t for t, k in zip(tokens, types, strict=True) if k in (CONTROL, UNKNOWN) and t},
+            {
+                t
+                for i, (t, k) in enumerate(zip(tokens, types, strict=True))
+                if t and (k in (CONTROL, UNKNOWN) or i >= n_proto)
+            },
             key=len,
             reverse=True,
         )
@@ -221,68 +235,235 @@ def _sentencepiece_proto(
     return proto
 
 
-class Tokenizer:
-    """Text <-> token ids for a GGUF model, plus the special-token facts a server needs.
+def _read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in `path`, or {} if the file does not exist."""
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
-    Build with `Tokenizer.from_gguf(reader)` or `Tokenizer.from_file(path)`.
+
+class _Tokenizers:
+    """A tokenizer.json run by HF `tokenizers` as it is (its own pre-tokenizer, added tokens)."""
+
+    def __init__(self, hf: HFTokenizer) -> None:
+        self.hf = hf
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+
+@dataclass
+class _HFVocab:
+    """What a Hugging Face tokenizer file says about its vocabulary."""
+
+    kind: str
+    tokens: list[str]
+    types: list[int]
+    backend: _Backend
+    byte_level: bool
+    bos_id: int | None = None  # defaults; tokenizer_config.json takes precedence
+    eos_id: int | None = None
+    auto_prefix: list[int] = field(default_factory=list)  # ids the post-processor prepends
+    add_dummy_prefix: bool = False
+
+
+def _mentions(node: Any, kind: str) -> bool:
+    """Whether a tokenizer.json component (possibly a Sequence) contains type `kind`."""
+    if isinstance(node, dict):
+        return node.get("type") == kind or any(_mentions(v, kind) for v in node.values())
+    if isinstance(node, list):
+        return any(_mentions(v, kind) for v in node)
+    return False
+
+
+def _tokenizers_vocab(file: Path) -> _HFVocab:
+    """Vocabulary and backend of a tokenizer.json (byte-level BPE or SentencePiece-style)."""
+    hf = HFTokenizer.from_file(str(file))
+    spec = json.loads(file.read_text(encoding="utf-8"))
+    vocab = hf.get_vocab(with_added_tokens=True)
+    tokens = [""] * (max(vocab.values()) + 1)
+    types = [UNUSED] * len(tokens)
+    for token, i in vocab.items():
+        tokens[i], types[i] = token, NORMAL
+    byte_level = _mentions(spec.get("decoder"), "ByteLevel")
+    if not byte_level and spec.get("model", {}).get("byte_fallback"):
+        for i, token in enumerate(tokens):
+            if re.fullmatch(r"<0x[0-9A-F]{2}>", token):
+                types[i] = BYTE
+    for i, added in hf.get_added_tokens_decoder().items():
+        types[i] = CONTROL if added.special else USER_DEFINED
+    # SentencePiece-style tokenizer.json files strip the dummy-prefix space on decode.
+    decoder = json.dumps(spec.get("decoder"))
+    strips = not byte_level and (
+        '"Strip"' in decoder or _mentions(spec.get("pre_tokenizer"), "Metaspace")
+    )
+    return _HFVocab(
+        kind="tokenizers",
+        tokens=tokens,
+        types=types,
+        backend=_Tokenizers(hf),
+        byte_level=byte_level,
+        auto_prefix=hf.encode("", add_special_tokens=True).ids,
+        add_dummy_prefix=strips,
+    )
+
+
+def _sentencepiece_file_vocab(file: Path, tok_config: dict[str, Any]) -> _HFVocab:
+    """Vocabulary and backend of a tokenizer.model, extended by tokenizer_config's added tokens."""
+    proto = sp_pb2.ModelProto.FromString(file.read_bytes())
+    tokens = [p.piece for p in proto.pieces]
+    types = [int(p.type) for p in proto.pieces]
+    added = {int(i): d for i, d in tok_config.get("added_tokens_decoder", {}).items()}
+    for i in sorted(i for i in added if i >= len(proto.pieces)):
+        tokens += [""] * (i + 1 - len(tokens))
+        types += [UNUSED] * (i + 1 - len(types))
+        tokens[i] = added[i]["content"]
+        types[i] = CONTROL if added[i].get("special") else USER_DEFINED
+    trainer = proto.trainer_spec
+    return _HFVocab(
+        kind="llama",
+        tokens=tokens,
+        types=types,
+        backend=_SentencePiece(proto, tokens, types),
+        byte_level=False,
+        bos_id=trainer.bos_id if trainer.bos_id >= 0 else None,
+        eos_id=trainer.eos_id if trainer.eos_id >= 0 else None,
+        add_dummy_prefix=proto.normalizer_spec.add_dummy_prefix,
+    )
+
+
+class Tokenizer:
+    """Text <-> token ids for a model, plus the special-token facts a server needs.
+
+    Build with `Tokenizer.from_gguf(reader)`, `Tokenizer.from_file(gguf_path)` or
+    `Tokenizer.from_hf_dir(directory)`.
     """
 
-    def __init__(self, reader: gguf.GGUFReader) -> None:
-        """Build from an open GGUFReader (use `from_gguf` / `from_file`)."""
-        self.kind: str = _field(reader, "tokenizer.ggml.model")
-        self._tokens: list[str] = list(_field(reader, "tokenizer.ggml.tokens"))
+    def __init__(
+        self,
+        *,
+        kind: str,
+        tokens: Sequence[str],
+        types: Sequence[int],
+        backend: _Backend,
+        byte_level: bool,
+        bos_id: int | None,
+        eos_id: int | None,
+        add_bos: bool,
+        strips_leading_space: bool,
+        extra_stop_ids: Iterable[int | None] = (),
+    ) -> None:
+        """Assemble from a vocabulary (tokens and their SentencePiece-numbered types)
+        and an encoding backend; prefer the `from_*` constructors.
+
+        byte_level: tokens are GPT-2 byte-level strings (else '▁'/'<0xNN>' pieces).
+        strips_leading_space: decode drops the leading space of the first normal
+        piece, as SentencePiece does for its dummy prefix.
+        extra_stop_ids: stop ids besides eos and the known end-of-turn tokens.
+        """
+        self.kind = kind
+        self._tokens = list(tokens)
+        self._types = [int(t) for t in types]
+        self._backend = backend
+        self._byte_level = byte_level
+        self.strips_leading_space = strips_leading_space
+        self._bos_id, self._eos_id = bos_id, eos_id
+        self.add_bos = add_bos
         n = len(self._tokens)
-        self._types: list[int] = [
-            int(t) for t in _field(reader, "tokenizer.ggml.token_type", [NORMAL] * n)
-        ]
-        if self.kind == "gpt2":
-            merges = _field(reader, "tokenizer.ggml.merges", [])
-            pre = _field(reader, "tokenizer.ggml.pre", "default")
-            self._backend: _Backend = _ByteLevelBPE(self._tokens, self._types, merges, pre)
-            self.strips_leading_space = False
-        elif self.kind == "llama":
-            backend = _SentencePiece(reader, self._tokens, self._types)
-            self._backend = backend
-            # SentencePiece's decode drops the space of its own dummy prefix.
-            self.strips_leading_space = backend.add_dummy_prefix
-        else:
-            raise ValueError(f"unsupported tokenizer.ggml.model {self.kind!r}")
-        self._bos_id = _field(reader, "tokenizer.ggml.bos_token_id")
-        self._eos_id = _field(reader, "tokenizer.ggml.eos_token_id")
-        self.add_bos: bool = bool(
-            _field(reader, "tokenizer.ggml.add_bos_token", self.kind == "llama")
-        )
         self.special_ids: frozenset[int] = frozenset(
             i for i, k in enumerate(self._types) if k in (CONTROL, UNKNOWN)
         )
-        self.stop_ids: frozenset[int] = self._find_stop_ids(reader)
+        first_id = {t: i for i, t in reversed(list(enumerate(self._tokens)))}
+        stops = {first_id[t] for t in END_OF_TURN_TOKENS if t in first_id}
+        stops.update(i for i in (eos_id, *extra_stop_ids) if i is not None and 0 <= i < n)
+        self.stop_ids: frozenset[int] = frozenset(int(i) for i in stops)
         self._bytes: list[bytes] = [self._compute_bytes(i) for i in range(n)]
 
     @classmethod
     def from_gguf(cls, reader: gguf.GGUFReader) -> Tokenizer:
         """Build the tokenizer described by an open GGUF file's metadata."""
-        return cls(reader)
+        kind: str = _field(reader, "tokenizer.ggml.model")
+        tokens: list[str] = list(_field(reader, "tokenizer.ggml.tokens"))
+        types = [
+            int(t) for t in _field(reader, "tokenizer.ggml.token_type", [NORMAL] * len(tokens))
+        ]
+        backend: _Backend
+        if kind == "gpt2":
+            merges = _field(reader, "tokenizer.ggml.merges", [])
+            pre = _field(reader, "tokenizer.ggml.pre", "default")
+            backend = _ByteLevelBPE(tokens, types, merges, pre)
+        elif kind == "llama":
+            backend = _SentencePiece(_sentencepiece_proto(reader, tokens, types), tokens, types)
+        else:
+            raise ValueError(f"unsupported tokenizer.ggml.model {kind!r}")
+        return cls(
+            kind=kind,
+            tokens=tokens,
+            types=types,
+            backend=backend,
+            byte_level=kind == "gpt2",
+            bos_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+            eos_id=_field(reader, "tokenizer.ggml.eos_token_id"),
+            add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", kind == "llama")),
+            strips_leading_space=getattr(backend, "add_dummy_prefix", False),
+            extra_stop_ids=[
+                _field(reader, f"tokenizer.ggml.{key}_token_id") for key in ("eot", "eom")
+            ],
+        )
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> Tokenizer:
         """Open the GGUF file at `path` and build its tokenizer."""
-        return cls(gguf.GGUFReader(path))
+        return cls.from_gguf(gguf.GGUFReader(path))
 
-    def _find_stop_ids(self, reader: gguf.GGUFReader) -> frozenset[int]:
-        """eos, the known end-of-turn tokens in this vocab, and GGUF's eot/eom ids."""
-        first_id = {t: i for i, t in reversed(list(enumerate(self._tokens)))}
-        stops = {first_id[t] for t in END_OF_TURN_TOKENS if t in first_id}
-        for key in ("eos", "eot", "eom"):
-            token_id = _field(reader, f"tokenizer.ggml.{key}_token_id")
-            if token_id is not None and 0 <= token_id < len(self._tokens):
-                stops.add(int(token_id))
-        return frozenset(stops)
+    @classmethod
+    def from_hf_dir(cls, path: str | os.PathLike[str]) -> Tokenizer:
+        """Build from a Hugging Face model directory.
+
+        Reads `tokenizer.json` (HF `tokenizers`) or else `tokenizer.model`
+        (SentencePiece); `tokenizer_config.json` for bos/eos, add_bos_token and
+        added tokens; `generation_config.json` for extra eos ids; and pads the
+        vocabulary with empty unused entries up to `config.json`'s vocab_size.
+        """
+        path = Path(path)
+        tok_config = _read_json(path / "tokenizer_config.json")
+        if (path / "tokenizer.json").is_file():
+            vocab = _tokenizers_vocab(path / "tokenizer.json")
+        elif (path / "tokenizer.model").is_file():
+            vocab = _sentencepiece_file_vocab(path / "tokenizer.model", tok_config)
+        else:
+            raise FileNotFoundError(f"{path} has neither tokenizer.json nor tokenizer.model")
+        first_id = {t: i for i, t in reversed(list(enumerate(vocab.tokens)))}
+
+        def token_id(key: str, default: int | None) -> int | None:
+            token = tok_config.get(key)
+            token = token.get("content") if isinstance(token, dict) else token
+            return first_id.get(token, default) if token else default
+
+        bos_id = token_id("bos_token", vocab.bos_id)
+        eos_id = token_id("eos_token", vocab.eos_id)
+        auto_bos = bos_id is not None and vocab.auto_prefix[:1] == [bos_id]
+        generation_eos = _read_json(path / "generation_config.json").get("eos_token_id")
+        if isinstance(generation_eos, int):
+            generation_eos = [generation_eos]
+        n_model = _read_json(path / "config.json").get("vocab_size", 0)
+        pad = max(0, n_model - len(vocab.tokens))
+        return cls(
+            kind=vocab.kind,
+            tokens=vocab.tokens + [""] * pad,
+            types=vocab.types + [UNUSED] * pad,
+            backend=vocab.backend,
+            byte_level=vocab.byte_level,
+            bos_id=bos_id,
+            eos_id=eos_id,
+            add_bos=bool(tok_config.get("add_bos_token", auto_bos or vocab.kind == "llama")),
+            strips_leading_space=vocab.add_dummy_prefix,
+            extra_stop_ids=generation_eos or (),
+        )
 
     def _compute_bytes(self, token_id: int) -> bytes:
         token, kind = self._tokens[token_id], self._types[token_id]
         if kind in (CONTROL, USER_DEFINED, UNKNOWN):
             return token.encode()
-        if isinstance(self._backend, _ByteLevelBPE):
+        if self._byte_level:
             return _ByteLevelBPE.piece_bytes(token)
         return _SentencePiece.piece_bytes(token, kind)
 
@@ -291,7 +472,7 @@ class Tokenizer:
     def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
         """Return the token ids of `text`; special tokens written in it become their ids.
 
-        add_bos: prepend bos; None uses the GGUF's tokenizer.ggml.add_bos_token.
+        add_bos: prepend bos; None uses the model's add_bos_token setting.
         """
         ids = self._backend.encode(text)
         add = self.add_bos if add_bos is None else add_bos
@@ -342,12 +523,12 @@ class Tokenizer:
 
     @property
     def bos_id(self) -> int | None:
-        """Beginning-of-sequence id, or None if the GGUF defines none."""
+        """Beginning-of-sequence id, or None if the model defines none."""
         return None if self._bos_id is None else int(self._bos_id)
 
     @property
     def eos_id(self) -> int | None:
-        """End-of-sequence id, or None if the GGUF defines none."""
+        """End-of-sequence id, or None if the model defines none."""
         return None if self._eos_id is None else int(self._eos_id)
 
     @property
