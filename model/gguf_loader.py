@@ -97,6 +97,13 @@ def config_from_gguf(reader: gguf.GGUFReader, meta: dict[str, Any] | None = None
     meta = meta if meta is not None else read_metadata(reader)
     names = {t.name for t in reader.tensors}
     config = ModelConfig.from_gguf_metadata(meta, has_output="output.weight" in names)
+    if "rope_freqs.weight" in names:
+        # llama.cpp stores Llama-3.1 RoPE scaling as per-frequency factors; ignoring
+        # them would silently change the model.
+        raise ValueError(
+            "this GGUF scales RoPE with a rope_freqs tensor (Llama 3.1), which is not "
+            "supported for GGUF yet; serve the Hugging Face checkpoint directory instead"
+        )
     if "blk.0.attn_q.bias" in names and not config.qkv_bias:
         config = dataclasses.replace(config, qkv_bias=True)
     return config

@@ -52,10 +52,18 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
             f"unsupported model_type {model_type!r} in config.json "
             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
-    scaling = cfg.get("rope_scaling")
-    scaling_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
-    if scaling_type != "default":
-        # The transformer's RoPE uses plain theta; scaled frequencies would be silently wrong.
+    scaling = cfg.get("rope_scaling") or {}
+    scaling_type = scaling.get("rope_type", scaling.get("type", "default"))
+    rope_scaling = None
+    if scaling_type == "llama3":
+        rope_scaling = (
+            float(scaling["factor"]),
+            float(scaling["low_freq_factor"]),
+            float(scaling["high_freq_factor"]),
+            int(scaling["original_max_position_embeddings"]),
+        )
+    elif scaling_type != "default":
+        # Other scalings change the frequencies differently; ignoring one would be silently wrong.
         raise ValueError(f"rope_scaling type {scaling_type!r} in config.json is not supported yet")
     if model_type != "qwen2" and cfg.get("attention_bias"):
         raise ValueError("attention_bias true in config.json: o_proj biases are not supported")
@@ -80,6 +88,7 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=model_type == "qwen2",
         max_position=max_position,
+        rope_scaling=rope_scaling,
     )
 
 

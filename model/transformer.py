@@ -22,6 +22,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from model.config import ModelConfig
@@ -63,13 +64,13 @@ def resize_cache(cache: LayerCache, length: int) -> LayerCache:
     return LayerCache(fit(cache.k, 3), fit(cache.v, 2))
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
     """Rotary embedding, the rotate-half layout of HF Llama.
 
-    x [heads, H, B, T], positions [B, T] → same shape. Angles in f32.
+    x [heads, H, B, T], positions [B, T], inv_freq [H/2] (ModelConfig.rope_frequencies)
+    → same shape as x. Angles in f32.
     """
-    half = x.shape[1] // 2
-    inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))  # [H/2]
+    inv_freq = jnp.asarray(inv_freq, jnp.float32)
     angles = inv_freq[:, None, None] * positions.astype(jnp.float32)  # [H/2, B, T]
     sin, cos = jnp.sin(angles), jnp.cos(angles)
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=1)
@@ -135,8 +136,9 @@ class Attention(nn.Module):
             qkv = qkv + bias[:, None, None]
         b, t = x.shape[1:]
         q, key, value = jnp.split(qkv.reshape(n + 2 * k, h, b, t), [n, n + k])
-        q = rope(q, positions, c.rope_theta)  # [N, H, B, T]
-        key = rope(key, positions, c.rope_theta).transpose(2, 3, 0, 1)  # [B, T, K, H]
+        inv_freq = c.rope_frequencies()
+        q = rope(q, positions, inv_freq)  # [N, H, B, T]
+        key = rope(key, positions, inv_freq).transpose(2, 3, 0, 1)  # [B, T, K, H]
         cache = write_rows(cache, key, value.transpose(2, 3, 0, 1), start)
 
         keys, values = cache.k[:b], cache.v[:b]  # [B, K, H, S], [B, K, S, H]: rows computed here

@@ -296,9 +296,28 @@ def test_real_configs_parse():
     )
 
 
-def test_llama31_rope_scaling_is_refused_not_ignored():
-    with pytest.raises(ValueError, match="rope_scaling type 'llama3'"):
-        config_from_hf(LLAMA_31_8B)
+def test_llama31_rope_scaling_keeps_high_divides_low_and_blends_the_middle():
+    config = config_from_hf(LLAMA_31_8B)
+    assert config.rope_scaling == (8.0, 1.0, 4.0, 8192)
+    plain = 1.0 / 500000.0 ** (np.arange(64) / 64)  # head_dim 128
+    scaled = config.rope_frequencies().astype(np.float64)
+    wavelength = 2 * np.pi / plain
+    short, long = wavelength < 8192 / 4.0, wavelength > 8192 / 1.0
+    assert short.any() and long.any() and (~short & ~long).any()
+    np.testing.assert_allclose(scaled[short], plain[short], rtol=1e-6)
+    np.testing.assert_allclose(scaled[long], plain[long] / 8.0, rtol=1e-6)
+    middle = ~short & ~long
+    assert np.all(scaled[middle] < plain[middle]) and np.all(scaled[middle] > plain[middle] / 8)
+    # In the middle band, 1/wavelength blends linearly: at the band's edges it meets both.
+    smooth = (8192 / wavelength[middle] - 1.0) / (4.0 - 1.0)
+    np.testing.assert_allclose(
+        scaled[middle], (1 - smooth) * plain[middle] / 8 + smooth * plain[middle], rtol=1e-6
+    )
+
+
+def test_other_rope_scalings_are_refused_not_ignored():
+    with pytest.raises(ValueError, match="rope_scaling type 'yarn'"):
+        config_from_hf({**LLAMA_31_8B, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
 
 
 def test_unsupported_model_type_is_named():

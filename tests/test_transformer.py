@@ -79,7 +79,8 @@ def test_rope_rotates_pairs_of_halves():
     """Position p rotates (x[i], x[i+H/2]) by p·θ^(-2i/H), as HF's rotate_half does."""
     h, theta, pos = 8, 10000.0, 3
     x = jnp.asarray(np.random.default_rng(2).standard_normal((1, h, 1, 1)), jnp.float32)
-    out = np.asarray(rope(x, jnp.array([[pos]]), theta))[0, :, 0, 0]
+    inv_freq = 1.0 / theta ** (np.arange(h // 2) / (h // 2))
+    out = np.asarray(rope(x, jnp.array([[pos]]), inv_freq))[0, :, 0, 0]
     xs = np.asarray(x)[0, :, 0, 0]
     for i in range(h // 2):
         angle = pos * theta ** (-2 * i / h)
