@@ -84,8 +84,11 @@ def write_llama_gguf(
     weights: dict[str, np.ndarray],
     qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
     tokenizer_kv: dict | None = None,
+    extra_tensors: dict[str, np.ndarray] | None = None,
 ) -> None:
-    """Write a llama-architecture GGUF; 2-D matrices stored as `qtype`, norms as F32."""
+    """Write a llama-architecture GGUF; 2-D matrices stored as `qtype`, norms as F32.
+
+    extra_tensors are written as they are (e.g. llama.cpp's `rope_freqs.weight`)."""
     writer = gguf.GGUFWriter(path, "llama")
     writer.add_block_count(config.n_layers)
     writer.add_context_length(config.max_position)
@@ -98,7 +101,7 @@ def write_llama_gguf(
     writer.add_vocab_size(config.vocab_size)
     for key, value in (tokenizer_kv or {}).items():
         getattr(writer, key)(value)
-    for name, w in gguf_tensors(config, weights).items():
+    for name, w in {**gguf_tensors(config, weights), **(extra_tensors or {})}.items():
         if w.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
             writer.add_tensor(name, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
         else:

@@ -14,7 +14,7 @@ import pytest
 
 from model.config import ModelConfig
 from model.engine import Engine
-from model.gguf_loader import load_gguf, load_gguf_params
+from model.gguf_loader import config_from_gguf, load_gguf, load_gguf_params
 from tests.gguf_writer import hf_random_weights, write_llama_gguf
 
 Q = gguf.GGMLQuantizationType
@@ -113,3 +113,12 @@ def test_missing_tensor_is_named(tmp_path):
     reader = gguf.GGUFReader(path)
     with pytest.raises(ValueError, match=r"lacks tensors: blk\.1\."):
         load_gguf_params(reader, dataclasses.replace(CONFIG, n_layers=3), jnp.float32, "llama")
+
+
+def test_llama31_rope_freqs_are_refused_not_ignored(tmp_path):
+    path = tmp_path / "rope_freqs.gguf"
+    factors = np.ones(CONFIG.head_dim // 2, np.float32)
+    weights = hf_random_weights(CONFIG)
+    write_llama_gguf(path, CONFIG, weights, extra_tensors={"rope_freqs.weight": factors})
+    with pytest.raises(ValueError, match="rope_freqs tensor"):
+        config_from_gguf(gguf.GGUFReader(path))
