@@ -272,3 +272,23 @@ def test_killed_download_leaves_a_prefix_that_resumes(bucket, client, session, t
 
     assert gcs.download(uri, tmp_path, client).read_bytes() == data
     assert session.media_bytes == len(data) - len(kept)
+
+
+def test_default_model_served_from_gcs_gives_the_reference_greedy_reply(
+    bucket, tmp_path, monkeypatch, golden
+):
+    """LLM("gs://…/model.gguf") (what JAXCHAT_MODEL=gs://… loads) answers like the HF
+    reference on the same weights."""
+    monkeypatch.setattr(gcs, "CHUNK_BYTES", 16 * 2**20)
+    if bucket.get_blob("smollm2/model.gguf") is None:
+        bucket.blob("smollm2/model.gguf").upload_from_filename(bundled_model_path())
+    monkeypatch.setenv("JAXCHAT_CACHE_DIR", str(tmp_path))
+    from model import LLM, SamplingParams
+
+    llm = LLM(f"gs://{BUCKET}/smollm2/model.gguf", max_seq_len=128, batch=2)
+    assert llm.path.is_relative_to(tmp_path)
+    prompt = golden["prompts"][0]
+    reply = llm.generate(prompt["ids"], SamplingParams(temperature=0, max_tokens=16))
+    assert list(reply.token_ids) == prompt["greedy"][: len(reply.token_ids)]
+    assert reply.text == "The capital of France is Paris."
+    llm.scheduler.stop()
