@@ -23,8 +23,9 @@ class Settings(BaseSettings):
     )
 
     model: str | None = None
-    """Path of the weights, a GGUF file. Unset serves the bundled default model
-    (SmolLM2-135M-Instruct)."""
+    """The weights: a GGUF file, a Hugging Face directory (config.json, safetensors,
+    tokenizer), or `gs://bucket/path` to either. Unset serves the bundled default
+    model (SmolLM2-135M-Instruct)."""
 
     model_name: str = "smollm2-135m-instruct"
     """Model id listed by `/v1/models`; requests must name it (or an alias) in `model`."""
