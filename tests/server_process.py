@@ -42,17 +42,17 @@ def wait_until_healthy(base_url: str, process: subprocess.Popen, log_path: Path)
 
 
 @contextlib.contextmanager
-def running_server(workdir: Path, env: dict[str, str]):
-    """Run `functions-framework --target=app --source=main.py` with `env` added; yield its URL."""
+def running_server(workdir: Path, env: dict[str, str], *, cli: bool = False):
+    """Run `functions-framework --target=app --source=main.py` (as `make serve` does), or
+    with cli=True `jaxchat serve`, with `env` added; yield its URL."""
     port = free_port()
     log_path = workdir / "server.log"
-    command = [
-        str(REPO / ".venv" / "bin" / "functions-framework"),
-        "--target=app",
-        "--source=main.py",
-        "--host=127.0.0.1",
-        f"--port={port}",
-    ]
+    bin_dir = REPO / ".venv" / "bin"
+    if cli:
+        command = [str(bin_dir / "jaxchat"), "serve", "--host=127.0.0.1", f"--port={port}"]
+    else:
+        command = [str(bin_dir / "functions-framework"), "--target=app", "--source=main.py"]
+        command += ["--host=127.0.0.1", f"--port={port}"]
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             command,
@@ -84,7 +84,8 @@ def base_url(tmp_path_factory):
         "JAXCHAT_MAX_BATCH": str(MAX_BATCH),
         "JAXCHAT_MODEL_ALIASES": "default,fast",
     }
-    with running_server(tmp_path_factory.mktemp("server"), env) as url:
+    # Started through the `jaxchat serve` command: the e2e tests cover it too.
+    with running_server(tmp_path_factory.mktemp("server"), env, cli=True) as url:
         yield url
 
 

@@ -1,22 +1,16 @@
-"""The `jaxchat` command: its serve command line, a real server it starts, and a chat
-session on the real model (reference replies from HF)."""
+"""The `jaxchat` command: its serve command line, the real server it starts (the e2e
+server), and a chat session on the real model (reference replies from HF)."""
 
 import io
 import json
-import subprocess
-import sys
-
-import openai
-import requests
 
 from handler.cli import build_parser, run_chat, serve_command
 from model.sampling_params import SamplingParams
-from tests.server_process import REPO, free_port, wait_until_healthy
+from tests.server_process import REPO
 
 GOLDEN = json.loads((REPO / "tests" / "fixtures" / "smollm2_golden.json").read_text())
 CAPITAL = GOLDEN["prompts"][0]
 CAPITAL_REPLY = "The capital of France is Paris."
-JAXCHAT = [sys.executable, "-m", "handler.cli"]
 
 
 def test_serve_options_become_settings():
@@ -31,40 +25,12 @@ def _parse(argv):
     return build_parser().parse_args(argv)
 
 
-def test_serve_runs_the_server(tmp_path):
-    port = free_port()
-    log_path = tmp_path / "serve.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [
-                *JAXCHAT,
-                "serve",
-                "--port",
-                str(port),
-                "--host",
-                "127.0.0.1",
-                "--max-seq-len",
-                "256",
-                "--max-batch",
-                "2",
-            ],
-            cwd=tmp_path,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_healthy(url, process, log_path)
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
-        reply = client.chat.completions.create(
-            model="smollm2-135m-instruct", messages=CAPITAL["messages"], temperature=0
-        )
-        assert reply.choices[0].message.content == CAPITAL_REPLY
-        assert requests.get(f"{url}/health", timeout=5).json() == {"status": "ok"}
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+def test_the_e2e_server_is_started_by_jaxchat_serve(client):
+    """tests/server_process.py runs `jaxchat serve`; every e2e test goes through it."""
+    reply = client.chat.completions.create(
+        model="smollm2-135m-instruct", messages=CAPITAL["messages"], temperature=0
+    )
+    assert reply.choices[0].message.content == CAPITAL_REPLY
 
 
 def test_chat_streams_replies_and_keeps_the_conversation(llm):
