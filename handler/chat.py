@@ -18,10 +18,10 @@ import time
 import uuid
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import flask
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from handler import sse
 from handler.errors import internal_error, invalid_request, overloaded
@@ -58,12 +58,18 @@ if TYPE_CHECKING:
     from model.llm import LLM
 
 log = logging.getLogger(__name__)
+Request = TypeVar("Request", bound=BaseModel)
 
 
 def parse_chat_request(body: Any) -> ChatCompletionRequest:
     """Validate a decoded JSON body; raises a 400 APIError naming the bad field."""
+    return parse_request(ChatCompletionRequest, body)
+
+
+def parse_request(schema: type[Request], body: Any) -> Request:
+    """Validate a decoded JSON body as `schema`; raises a 400 APIError naming the bad field."""
     try:
-        request = ChatCompletionRequest.model_validate(body)
+        request = schema.model_validate(body)
     except ValidationError as exc:
         raise validation_error(exc) from None
     if request.model_extra:

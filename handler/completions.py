@@ -13,10 +13,9 @@ import uuid
 from collections.abc import Iterator
 
 import flask
-from pydantic import ValidationError
 
 from handler import sse
-from handler.chat import ChoiceResult, check_choices, collect, start_generation
+from handler.chat import ChoiceResult, check_choices, collect, parse_request, start_generation
 from handler.errors import internal_error, invalid_request
 from handler.schemas import (
     CompletionChoice,
@@ -24,7 +23,6 @@ from handler.schemas import (
     CompletionRequest,
     TextCompletion,
     Usage,
-    validation_error,
 )
 from model.sampling_params import TokenLogprob
 
@@ -33,13 +31,7 @@ log = logging.getLogger(__name__)
 
 def parse_completion_request(body) -> CompletionRequest:
     """Validate a decoded JSON body; raises a 400 APIError naming the bad field."""
-    try:
-        request = CompletionRequest.model_validate(body)
-    except ValidationError as exc:
-        raise validation_error(exc) from None
-    if request.model_extra:
-        log.info("ignoring unknown request fields: %s", ", ".join(sorted(request.model_extra)))
-    return request
+    return parse_request(CompletionRequest, body)
 
 
 def prompt_ids(llm, request: CompletionRequest) -> list[list[int]]:
