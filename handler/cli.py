@@ -1,13 +1,18 @@
-"""The `jaxchat` command: serve, chat in the terminal, benchmark.
+"""The `jaxchat` command: serve, chat in the terminal, benchmark, convert.
 
-    jaxchat serve [--model M] [--port 8080] [--host 0.0.0.0] [--max-batch 32] …
-    jaxchat chat  [--model M] [--system "…"] [--temperature 0.7] [--max-tokens 512]
-    jaxchat bench [--model M] [--decode-tokens 256] [--repeats 3]
+    jaxchat serve   [--model M] [--port 8080] [--host 0.0.0.0] [--max-batch 32] …
+    jaxchat chat    [--model M] [--system "…"] [--temperature 0.7] [--max-tokens 512]
+    jaxchat bench   [--model M] [--decode-tokens 256] [--repeats 3]
+    jaxchat convert SRC DEST [--int8] [--dtype float32|bfloat16]
 
 `serve` runs the same functions-framework app as `make serve`; its options
 are the JAXCHAT_* settings (README), passed on through the environment.
 `chat` streams replies from the Python API with no HTTP; `/reset` clears the
 conversation, `/exit` (or Ctrl-D) leaves.
+`convert` writes a model (any model URI; `default` for the bundled one) as a
+jaxchat Orbax checkpoint directory (model/checkpoint.py), which every `--model`
+accepts and which restores sharded onto the mesh; `--int8` stores the matmul
+weights as int8 with a scale per output row.
 """
 
 import argparse
@@ -16,6 +21,10 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
+
+MODEL_HELP = "a GGUF file, a Hugging Face or jaxchat checkpoint directory, or gs:// to one"
+CACHE_HELP = "keep compiled executables here (a directory or gs:// prefix)"
 
 # `serve` options → the settings they set (handler/settings.py).
 SERVE_SETTINGS = {
@@ -26,13 +35,15 @@ SERVE_SETTINGS = {
     "mesh": "JAXCHAT_MESH",
     "dtype": "JAXCHAT_DTYPE",
     "api_keys": "JAXCHAT_API_KEYS",
+    "compile_cache": "JAXCHAT_COMPILE_CACHE",
     "port": "PORT",
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return {"serve": run_serve, "chat": run_chat, "bench": run_bench}[args.command](args)
+    commands = {"serve": run_serve, "chat": run_chat, "bench": run_bench, "convert": run_convert}
+    return commands[args.command](args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,30 +51,48 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="serve the OpenAI API over HTTP")
-    serve.add_argument("--model", help="GGUF path or gs:// URI (default: the bundled model)")
+    serve.add_argument("--model", help=MODEL_HELP)
     serve.add_argument("--model-name")
     serve.add_argument("--max-seq-len", type=int)
     serve.add_argument("--max-batch", type=int)
     serve.add_argument("--mesh", help="DATAxMODEL, e.g. 2x4")
     serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16"])
     serve.add_argument("--api-keys", help="comma-separated bearer keys")
+    serve.add_argument("--compile-cache", help=CACHE_HELP)
     serve.add_argument("--port", type=int, default=int(os.environ.get("PORT", 8080)))
     serve.add_argument("--host", default="0.0.0.0")
 
     chat = commands.add_parser("chat", help="chat with the model in the terminal")
-    chat.add_argument("--model", help="GGUF path or gs:// URI (default: the bundled model)")
+    chat.add_argument("--model", help=MODEL_HELP)
     chat.add_argument("--system", help="a system prompt")
     chat.add_argument("--temperature", type=float, default=0.7)
     chat.add_argument("--top-p", type=float, default=0.95)
     chat.add_argument("--max-tokens", type=int, default=512)
     chat.add_argument("--max-seq-len", type=int, default=2048)
     chat.add_argument("--seed", type=int)
+    chat.add_argument("--compile-cache", help=CACHE_HELP)
 
     bench = commands.add_parser("bench", help="batch-1 decode and prefill rates")
-    bench.add_argument("--model", help="GGUF path or gs:// URI (default: the bundled model)")
+    bench.add_argument("--model", help=MODEL_HELP)
     bench.add_argument("--decode-tokens", type=int, default=256)
     bench.add_argument("--prefill-tokens", type=int, default=512)
     bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--compile-cache", help=CACHE_HELP)
+
+    convert = commands.add_parser("convert", help="write a model as a jaxchat Orbax checkpoint")
+    convert.add_argument(
+        "src", help="GGUF path, Hugging Face directory or gs:// URI; 'default': the bundled model"
+    )
+    convert.add_argument("dest", help="the checkpoint directory to create (new or empty)")
+    convert.add_argument(
+        "--int8", action="store_true", help="int8 weight-only quantization of the matmul weights"
+    )
+    convert.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="how the other weights are stored (default float32)",
+    )
 
     return parser
 
@@ -115,7 +144,9 @@ def load(model: str | None, **kwargs):
 def run_chat(args: argparse.Namespace, llm=None, stdin=None, stdout=None) -> int:
     """The interactive loop (the model and streams are parameters so tests can drive it)."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    llm = llm or load(args.model, max_seq_len=args.max_seq_len, batch=2)
+    llm = llm or load(
+        args.model, max_seq_len=args.max_seq_len, batch=2, compile_cache=args.compile_cache
+    )
     from model import SamplingParams
 
     system = [{"role": "system", "content": args.system}] if args.system else []
@@ -155,7 +186,12 @@ def run_chat(args: argparse.Namespace, llm=None, stdin=None, stdout=None) -> int
 def run_bench(args: argparse.Namespace) -> int:
     from benchmarks import engine_bench
 
-    llm = load(args.model, max_seq_len=max(1024, args.prefill_tokens + 1), batch=1)
+    llm = load(
+        args.model,
+        max_seq_len=max(1024, args.prefill_tokens + 1),
+        batch=1,
+        compile_cache=args.compile_cache,
+    )
     status("compiling …")
     start = time.perf_counter()
     llm.warmup()
@@ -164,6 +200,25 @@ def run_bench(args: argparse.Namespace) -> int:
     prefill = engine_bench.prefill_rate(llm, args.prefill_tokens, args.repeats)
     print(f"decode, batch 1:              {decode:7.1f} tok/s")
     print(f"prefill, {args.prefill_tokens}-token prompt:   {prefill:7.1f} tok/s")
+    return 0
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """Convert SRC to the checkpoint DEST; the last line (stdout) is DEST and its size."""
+    from model.checkpoint import convert, directory_bytes
+    from model.sources import resolve_model
+
+    start = time.perf_counter()
+    try:
+        src = resolve_model(None if args.src == "default" else args.src)
+        quantize = "int8" if args.int8 else None
+        source = str(src) if args.src == "default" else args.src
+        convert(src, args.dest, quantize=quantize, dtype=args.dtype, source=source, report=status)
+    except (OSError, ValueError) as e:
+        status(f"jaxchat convert: error: {e}")
+        return 1
+    status(f"converted in {time.perf_counter() - start:.1f} s")
+    print(f"{Path(args.dest)}  {directory_bytes(args.dest) / 1e6:.1f} MB")
     return 0
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -29,6 +30,7 @@ from jinja2.ext import Extension, loopcontrols
 from jinja2.parser import Parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from model.gguf_loader import read_metadata
 from model.tool_calls import hermes_call_text, hermes_system_prompt
 
 if TYPE_CHECKING:
@@ -239,14 +241,15 @@ class ChatTemplate:
     @classmethod
     def from_gguf(cls, reader: gguf.GGUFReader, tokenizer: Tokenizer) -> ChatTemplate:
         """Template from GGUF `tokenizer.chat_template` (ChatML if absent)."""
-        source = CHATML_TEMPLATE
-        variants: dict[str, str] = {}
+        return cls.from_metadata(read_metadata(reader), tokenizer)
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, Any], tokenizer: Tokenizer) -> ChatTemplate:
+        """Template from GGUF metadata (key → value): `tokenizer.chat_template` and
+        its named variants `tokenizer.chat_template.<name>` (ChatML if absent)."""
         prefix = "tokenizer.chat_template."
-        for key, field in reader.fields.items():
-            if key == "tokenizer.chat_template":
-                source = field.contents()
-            elif key.startswith(prefix):
-                variants[key.removeprefix(prefix)] = field.contents()
+        source = meta.get("tokenizer.chat_template", CHATML_TEMPLATE)
+        variants = {k.removeprefix(prefix): v for k, v in meta.items() if k.startswith(prefix)}
         return cls(
             source, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token, variants=variants
         )

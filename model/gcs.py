@@ -1,8 +1,9 @@
 """Model weights from Cloud Storage: a `gs://` URI downloaded into a verified local cache.
 
 `gs://bucket/name` is an object (a `.gguf` file) or, when no object has that exact name,
-a prefix ("directory") holding a GGUF or a Hugging Face checkpoint (config.json,
-*.safetensors, tokenizer files). Either lands at `<cache>/gcs/<bucket>/<name>`, a file or a
+a prefix ("directory") holding a GGUF, a Hugging Face checkpoint (config.json,
+*.safetensors, tokenizer files) or a jaxchat checkpoint (jaxchat.json, params/, tokenizer
+files; model/checkpoint.py). Either lands at `<cache>/gcs/<bucket>/<name>`, a file or a
 directory with the prefix's files under their relative names.
 
 A cached file is reused when its size and crc32c equal the object's metadata; otherwise it
@@ -66,7 +67,8 @@ def download(uri: str, cache_dir: Path, client: storage.Client | None = None) ->
 
     Returns the file for a `.gguf` object, or the directory for a prefix. Raises
     FileNotFoundError (no such bucket, object or prefix), PermissionError (403),
-    ValueError (not a model: neither a .gguf nor a prefix with config.json or a .gguf)
+    ValueError (not a model: neither a .gguf nor a prefix with config.json, jaxchat.json
+    or a .gguf)
     and CorruptDownload (size or crc32c mismatch); each message names the URI.
     """
     bucket_name, name = parse_uri(uri)
@@ -125,12 +127,12 @@ def _model_blobs(bucket: storage.Bucket, name: str, uri: str) -> dict[str, stora
     if not blobs:
         raise FileNotFoundError(f"{uri}: no such object or prefix")
     by_path = {b.name.removeprefix(prefix): b for b in blobs}
-    if "config.json" not in by_path and not any(
+    if not {"config.json", "jaxchat.json"} & by_path.keys() and not any(
         p.endswith(".gguf") and "/" not in p for p in by_path
     ):
         raise ValueError(
-            f"{uri} holds no model: expected a .gguf or config.json directly under it, "
-            f"found {sorted(by_path)[:5]}"
+            f"{uri} holds no model: expected a .gguf, config.json (Hugging Face) or "
+            f"jaxchat.json (jaxchat checkpoint) directly under it, found {sorted(by_path)[:5]}"
         )
     for path in by_path:  # object names may hold anything; keep files inside the cache
         if ".." in PurePosixPath(path).parts or path.startswith("/"):

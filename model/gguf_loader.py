@@ -6,6 +6,7 @@ transform from the GGUF (numpy, [out, in]) layout to ours. Quantised tensors
 """
 
 import dataclasses
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,22 @@ PERMUTED_QK_ARCHS = ("llama", "mistral")
 def read_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
     """All key/value fields of a GGUF file as Python values."""
     return {key: field.contents() for key, field in reader.fields.items()}
+
+
+def metadata_json(metadata: dict[str, Any]) -> str:
+    """GGUF metadata as JSON, read back with json.loads: GGUFReader takes seconds to
+    parse a large vocabulary, JSON milliseconds."""
+    return json.dumps(metadata, default=_json_value)
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, bytes):
+        return list(value)
+    raise TypeError(f"cannot store {type(value).__name__} as JSON")
 
 
 def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:

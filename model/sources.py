@@ -1,7 +1,8 @@
 """Where weights come from: a model URI resolved to a local file or directory.
 
-A URI is a local `.gguf` file, a local Hugging Face directory, or `gs://bucket/path` to
-either, downloaded into the cache (`JAXCHAT_CACHE_DIR`, default `~/.cache/jaxchat`).
+A URI is a local `.gguf` file, a local Hugging Face directory, a jaxchat checkpoint
+directory (`jaxchat convert`), or `gs://bucket/path` to any of them, downloaded into the
+cache (`JAXCHAT_CACHE_DIR`, default `~/.cache/jaxchat`).
 """
 
 import importlib.util

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -33,6 +33,8 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
+
+from model.gguf_loader import read_metadata
 
 # GGUF token types; the numbering is SentencePiece's ModelProto.SentencePiece.Type.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -75,12 +77,6 @@ def gpt2_byte_decoder() -> dict[str, int]:
     extra = (b for b in range(256) if b not in to_char)
     to_char.update({b: chr(256 + n) for n, b in enumerate(extra)})
     return {c: b for b, c in to_char.items()}
-
-
-def _field(reader: gguf.GGUFReader, key: str, default=None):
-    """Return the decoded value of GGUF metadata `key`, or `default` if absent."""
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
 
 
 class _Backend(Protocol):
@@ -199,10 +195,10 @@ class _SentencePiece:
 
 
 def _sentencepiece_proto(
-    reader: gguf.GGUFReader, tokens: Sequence[str], types: Sequence[int]
+    meta: Mapping[str, Any], tokens: Sequence[str], types: Sequence[int]
 ) -> sp_pb2.ModelProto:
     """Assemble a SentencePiece BPE ModelProto from GGUF tokens, scores and types."""
-    scores = _field(reader, "tokenizer.ggml.scores") or [0.0] * len(tokens)
+    scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
     proto = sp_pb2.ModelProto()
     for token, score, kind in zip(tokens, scores, types, strict=True):
         piece = proto.pieces.add()
@@ -216,21 +212,19 @@ def _sentencepiece_proto(
     trainer.vocab_size = len(tokens)
     # Padding is left out: encoding never needs it, and GGUFs often reuse eos/unk for it.
     for kind_name, key in (("unk", "unknown"), ("bos", "bos"), ("eos", "eos")):
-        token_id = _field(reader, f"tokenizer.ggml.{key}_token_id")
+        token_id = meta.get(f"tokenizer.ggml.{key}_token_id")
         setattr(trainer, f"{kind_name}_id", -1 if token_id is None else int(token_id))
         if token_id is not None:
             setattr(trainer, f"{kind_name}_piece", tokens[token_id])
     if trainer.unk_id < 0 and UNKNOWN in types:
         trainer.unk_id = list(types).index(UNKNOWN)
     norm = proto.normalizer_spec
-    charsmap = _field(reader, "tokenizer.ggml.precompiled_charsmap")
+    charsmap = meta.get("tokenizer.ggml.precompiled_charsmap")
     norm.name = "user_defined" if charsmap else "identity"
     if charsmap:
         norm.precompiled_charsmap = bytes(charsmap)
-    norm.add_dummy_prefix = bool(_field(reader, "tokenizer.ggml.add_space_prefix", True))
-    norm.remove_extra_whitespaces = bool(
-        _field(reader, "tokenizer.ggml.remove_extra_whitespaces", False)
-    )
+    norm.add_dummy_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    norm.remove_extra_whitespaces = bool(meta.get("tokenizer.ggml.remove_extra_whitespaces", False))
     norm.escape_whitespaces = True
     return proto
 
@@ -380,18 +374,21 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, reader: gguf.GGUFReader) -> Tokenizer:
         """Build the tokenizer described by an open GGUF file's metadata."""
-        kind: str = _field(reader, "tokenizer.ggml.model")
-        tokens: list[str] = list(_field(reader, "tokenizer.ggml.tokens"))
-        types = [
-            int(t) for t in _field(reader, "tokenizer.ggml.token_type", [NORMAL] * len(tokens))
-        ]
+        return cls.from_metadata(read_metadata(reader))
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, Any]) -> Tokenizer:
+        """Build the tokenizer described by GGUF metadata (key → value, as `read_metadata`)."""
+        kind: str = meta.get("tokenizer.ggml.model")
+        tokens: list[str] = list(meta.get("tokenizer.ggml.tokens"))
+        types = [int(t) for t in meta.get("tokenizer.ggml.token_type", [NORMAL] * len(tokens))]
         backend: _Backend
         if kind == "gpt2":
-            merges = _field(reader, "tokenizer.ggml.merges", [])
-            pre = _field(reader, "tokenizer.ggml.pre", "default")
+            merges = meta.get("tokenizer.ggml.merges", [])
+            pre = meta.get("tokenizer.ggml.pre", "default")
             backend = _ByteLevelBPE(tokens, types, merges, pre)
         elif kind == "llama":
-            backend = _SentencePiece(_sentencepiece_proto(reader, tokens, types), tokens, types)
+            backend = _SentencePiece(_sentencepiece_proto(meta, tokens, types), tokens, types)
         else:
             raise ValueError(f"unsupported tokenizer.ggml.model {kind!r}")
         return cls(
@@ -400,13 +397,11 @@ class Tokenizer:
             types=types,
             backend=backend,
             byte_level=kind == "gpt2",
-            bos_id=_field(reader, "tokenizer.ggml.bos_token_id"),
-            eos_id=_field(reader, "tokenizer.ggml.eos_token_id"),
-            add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", kind == "llama")),
+            bos_id=meta.get("tokenizer.ggml.bos_token_id"),
+            eos_id=meta.get("tokenizer.ggml.eos_token_id"),
+            add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama")),
             strips_leading_space=getattr(backend, "add_dummy_prefix", False),
-            extra_stop_ids=[
-                _field(reader, f"tokenizer.ggml.{key}_token_id") for key in ("eot", "eom")
-            ],
+            extra_stop_ids=[meta.get(f"tokenizer.ggml.{key}_token_id") for key in ("eot", "eom")],
         )
 
     @classmethod

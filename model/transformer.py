@@ -16,6 +16,8 @@ attention itself.
 Activations are feature-major, [D, B, T], and weights [out, in] (the layout of
 GGUF and HF checkpoints): every projection is `W @ x`. XLA:CPU runs that form
 about twice as fast as `x @ W` for the few-row matrices of batched decoding.
+A projection weight may also be an int8 `QuantizedWeight` (model/quantize.py):
+`dense` turns it back into a compute-dtype matrix inside the jitted step.
 """
 
 import flax.linen as nn
@@ -26,6 +28,7 @@ import numpy as np
 from jax import lax
 
 from model.config import ModelConfig
+from model.quantize import dense
 
 
 @flax.struct.dataclass
@@ -130,7 +133,7 @@ class Attention(nn.Module):
         init = nn.initializers.normal(0.02)
         w_qkv = self.param("qkv", init, ((n + 2 * k) * h, c.dim), self.dtype)  # [E, D]
         w_o = self.param("o", init, (c.dim, n * h), self.dtype)
-        qkv = jnp.einsum("ED,DBT->EBT", w_qkv, x)  # E = (N+2K)·H
+        qkv = jnp.einsum("ED,DBT->EBT", dense(w_qkv, self.dtype), x)  # E = (N+2K)·H
         if c.qkv_bias:
             bias = self.param("qkv_bias", nn.initializers.zeros, ((n + 2 * k) * h,), self.dtype)
             qkv = qkv + bias[:, None, None]
@@ -161,7 +164,7 @@ class Attention(nn.Module):
         else:
             out = jnp.einsum("BKQS,BKSH->BKQH", probs, values)  # [B, K, G·T, H]
         out = out.reshape(b, k, g, t, h).transpose(1, 2, 4, 0, 3).reshape(n * h, b, t)
-        return jnp.einsum("DE,EBT->DBT", w_o, out), cache
+        return jnp.einsum("DE,EBT->DBT", dense(w_o, self.dtype), out), cache
 
 
 class MLP(nn.Module):
@@ -176,8 +179,8 @@ class MLP(nn.Module):
         init = nn.initializers.normal(0.02)
         gate_up = self.param("gate_up", init, (2 * c.ffn_dim, c.dim), self.dtype)
         down = self.param("down", init, (c.dim, c.ffn_dim), self.dtype)
-        gate, up = jnp.split(jnp.einsum("FD,DBT->FBT", gate_up, x), 2)
-        return jnp.einsum("DF,FBT->DBT", down, jax.nn.silu(gate) * up)
+        gate, up = jnp.split(jnp.einsum("FD,DBT->FBT", dense(gate_up, self.dtype), x), 2)
+        return jnp.einsum("DF,FBT->DBT", dense(down, self.dtype), jax.nn.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -229,7 +232,8 @@ class Transformer(nn.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [D, ...] → logits [..., V] in f32."""
-        head = self.embed.embedding if self.config.tie_embeddings else self.lm_head  # [V, D]
+        tied = self.config.tie_embeddings
+        head = self.embed.embedding if tied else dense(self.lm_head, self.dtype)  # [V, D]
         out = jnp.einsum("VD,D...->V...", head, hidden)
         # The barrier keeps XLA from folding the transpose into the product:
         # XLA:CPU runs the [V, B] product about twice as fast as [B, V].

@@ -17,6 +17,12 @@ the fused output. It costs extra communication per layer (XLA logs
 collective-permutes/all-gathers besides the 1-2 all-reduces). Removing it
 needs a model layout change (qkv as [K, G+2, H, D], gate_up as [2, F, D], split
 over K and F), not a different rule here.
+
+An int8 weight (a `QuantizedWeight` node, model/quantize.py) is placed by the rule
+of its plain weight's path: `.../qkv/values` [out, in] gets qkv's spec, and
+`.../qkv/scale` [out, 1] is split along its rows exactly where the values' rows are
+split and is replicated otherwise. A scale thus never falls back on its own; only
+its values can (and are logged as `.../values`).
 """
 
 import re
@@ -27,6 +33,7 @@ import jax
 from jax.sharding import AbstractMesh, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from model.quantize import QuantizedWeight
 from sharding.mesh import DATA, MODEL
 
 AnyMesh = Mesh | AbstractMesh
@@ -124,23 +131,40 @@ def _placement(path: str, shape: tuple[int, ...], wanted: P, mesh: AnyMesh) -> P
     return Placement(path, shape, wanted, fit_spec(shape, wanted, mesh))
 
 
+def _is_quantized(node: Any) -> bool:
+    return isinstance(node, QuantizedWeight)
+
+
+def _quantized_placement(
+    path: str, weight: QuantizedWeight, wanted: P, mesh: AnyMesh
+) -> QuantizedWeight:
+    """Placements of an int8 weight: values as the plain weight, scale rows as values' rows."""
+    values = _placement(f"{path}/values", tuple(weight.values.shape), wanted, mesh)
+    rows = P(values.used[0], None)
+    scale = Placement(f"{path}/scale", tuple(weight.scale.shape), rows, rows)
+    return QuantizedWeight(values, scale)
+
+
 def param_placements(
     params_or_shapes, mesh: AnyMesh, rules: ShardingRules = TENSOR_PARALLEL
 ) -> Any:
     """The parameter tree (arrays or ShapeDtypeStructs) → same tree of `Placement`.
 
     Pass `variables["params"]`: paths are matched without the "params" prefix.
-    ValueError names a parameter that no rule matches.
+    A QuantizedWeight becomes a QuantizedWeight of two Placements (see the module
+    docstring). ValueError names a parameter that no rule matches.
     """
 
-    def place(path, leaf) -> Placement:
+    def place(path, leaf) -> Placement | QuantizedWeight:
         name = _path_str(path)
         for pattern, spec in rules.params:
             if re.fullmatch(pattern, name):
+                if isinstance(leaf, QuantizedWeight):
+                    return _quantized_placement(name, leaf, spec, mesh)
                 return _placement(name, tuple(leaf.shape), spec, mesh)
         raise ValueError(f"no partition rule matches parameter {name!r}")
 
-    return jax.tree_util.tree_map_with_path(place, params_or_shapes)
+    return jax.tree_util.tree_map_with_path(place, params_or_shapes, is_leaf=_is_quantized)
 
 
 def param_shardings(params_or_shapes, mesh: AnyMesh, rules: ShardingRules = TENSOR_PARALLEL) -> Any:

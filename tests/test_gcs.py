@@ -32,6 +32,13 @@ HF_FILES = {
     "tokenizer.json": b'{"version": "1.0", "model": {"type": "BPE"}}',
     "extra/notes.txt": b"nested files keep their relative path",
 }
+# A jaxchat checkpoint: no config.json and no .gguf, only jaxchat.json marks it a model.
+CHECKPOINT_FILES = {
+    "jaxchat.json": b'{"format": "jaxchat-orbax", "version": 1}',
+    "params/_METADATA": b"{}",
+    "params/ocdbt.process_0/d/5668019de886263e7cc44697f41d707c": os.urandom(2**20 + 11),
+    "tokenizer.json": b'{"version": "1.0", "model": {"type": "BPE"}}',
+}
 
 
 def free_port() -> int:
@@ -73,11 +80,14 @@ def emulator() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def bucket(emulator: str) -> storage.Bucket:
-    """The test bucket with model.gguf, an HF checkpoint prefix and a prefix with no model."""
+    """The test bucket with model.gguf, HF and jaxchat checkpoint prefixes and a prefix with
+    no model."""
     bucket = gcs.make_client().create_bucket(BUCKET)
     bucket.blob("model.gguf").upload_from_string(GGUF_BYTES)
     for name, data in HF_FILES.items():
         bucket.blob(f"hf/smol/{name}").upload_from_string(data)
+    for name, data in CHECKPOINT_FILES.items():
+        bucket.blob(f"ckpt/smol-int8/{name}").upload_from_string(data)
     bucket.blob("junk/readme.md").upload_from_string(b"no weights here")
     bucket.blob("weights.bin").upload_from_string(b"not a gguf")
     return bucket
@@ -130,6 +140,14 @@ def test_prefix_is_downloaded_as_a_directory(bucket, tmp_path, monkeypatch):
     assert files == HF_FILES
 
 
+def test_jaxchat_checkpoint_prefix_is_downloaded_as_a_directory(bucket, tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXCHAT_CACHE_DIR", str(tmp_path))
+    path = resolve_model(f"gs://{BUCKET}/ckpt/smol-int8")
+    assert path == tmp_path / "gcs" / BUCKET / "ckpt" / "smol-int8"
+    files = {p.relative_to(path).as_posix(): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+    assert files == CHECKPOINT_FILES
+
+
 def test_second_resolve_transfers_no_data(client, session, tmp_path):
     uri = f"gs://{BUCKET}/model.gguf"
     path = gcs.download(uri, tmp_path, client)
@@ -152,6 +170,8 @@ def test_prefix_without_model_files_is_value_error(bucket, tmp_path):
     for uri in (f"gs://{BUCKET}/junk", f"gs://{BUCKET}/weights.bin"):
         with pytest.raises(ValueError, match=uri):
             gcs.download(uri, tmp_path)
+    with pytest.raises(ValueError, match="expected a .gguf, config.json .* or jaxchat.json"):
+        gcs.download(f"gs://{BUCKET}/junk", tmp_path)
     assert not (tmp_path / "gcs" / BUCKET / "junk").exists()
 
 

@@ -24,6 +24,7 @@ from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
 from model.config import ModelConfig
+from model.quantize import map_matmul_weights, path_str, quantized_shape
 from model.transformer import Transformer, init_cache
 from sharding import (
     AXES,
@@ -130,6 +131,27 @@ def test_fallbacks_names_the_replicated_tensors_and_the_cache():
     assert [f.path for f in fallbacks(param_shapes(ODD), mesh(2, 3), cache_shape=cache)] == [
         "embed/embedding",
         "lm_head",
+    ]
+
+
+def test_int8_weights_take_their_plain_weights_layout_and_scales_never_fall_back():
+    shapes = map_matmul_weights(quantized_shape, param_shapes(ODD))
+    placed = jax.tree_util.tree_leaves_with_path(param_shardings(shapes, mesh(4, 2)))
+    specs = {path_str(path): s.spec for path, s in placed}
+    # model=2: qkv's 54 and gate_up's 90 rows split, so do their scales [rows, 1]; o
+    # splits its columns, its scale stays whole; down (F=45) and lm_head (V=257) do not split.
+    assert specs["layers_1/attn/qkv/values"] == specs["layers_1/attn/qkv/scale"] == P(M, None)
+    assert specs["layers_1/mlp/gate_up/scale"] == P(M, None)
+    assert specs["layers_1/attn/o/values"] == P(None, M)
+    assert specs["layers_1/attn/o/scale"] == P(None, None)
+    assert specs["layers_1/mlp/down/values"] == specs["layers_1/mlp/down/scale"] == P(None, None)
+    assert specs["lm_head/values"] == specs["lm_head/scale"] == P(None, None)
+    assert specs["embed/embedding"] == P(None, None)  # not quantized
+    assert [f.path for f in fallbacks(shapes, mesh(4, 2))] == [
+        "embed/embedding",
+        "layers_0/mlp/down/values",
+        "layers_1/mlp/down/values",
+        "lm_head/values",
     ]
 
 

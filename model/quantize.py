@@ -1,0 +1,81 @@
+"""Int8 weight-only quantization of the matmul weights.
+
+Symmetric, per output row: row r of a weight W [out, in] is kept as int8 values in
+[-127, 127] and one f32 scale, max|W[r]| / 127, so W ≈ values * scale with an error of
+at most scale/2 per entry. A scale per row, rather than one per matrix, keeps rows of
+small weights from being rounded on the scale of the largest row.
+
+Only the 2-D matmul weights are quantized (qkv, o, gate_up, down and an untied
+lm_head). The embedding stays in the compute dtype (a lookup reads one row; as a tied
+head it is also the output projection), and so do norms and biases (tiny).
+Activations and the matmuls stay in the compute dtype: `dense` dequantizes inside the
+jitted function, so stored and resident weights take a quarter of f32. XLA:CPU does not
+fuse the dequantization into the matmul but writes the f32 matrix out every step, so
+there an int8 model decodes slower than f32 (SmolLM2-135M: about 4x); the gain is size.
+"""
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+INT8_MAX = 127
+# '/'-joined parameter paths of the matmul weights, all [out, in].
+MATMUL_WEIGHTS = re.compile(r"layers_\d+/(attn/(qkv|o)|mlp/(gate_up|down))|lm_head")
+
+
+@flax.struct.dataclass
+class QuantizedWeight:
+    """An int8 matmul weight: values [out, in] int8 and scale [out, 1] f32; W ≈ values * scale.
+
+    `values` is the first field on purpose: Flax checks an existing param's shape
+    against its first leaf, which is then the declared [out, in] shape.
+    """
+
+    values: jax.Array
+    scale: jax.Array
+
+
+Weight = jax.Array | QuantizedWeight
+
+
+def dense(w: Weight, dtype: jnp.dtype) -> jax.Array:
+    """A matmul weight as a plain array: `w` itself if it is one, else values * scale as dtype."""
+    if isinstance(w, QuantizedWeight):
+        return (w.values.astype(jnp.float32) * w.scale).astype(dtype)
+    return w
+
+
+def quantize_int8(w: Any) -> QuantizedWeight:
+    """A weight [out, in] (any float array) → its QuantizedWeight, computed in NumPy f32."""
+    w = np.asarray(w, np.float32)
+    scale = np.abs(w).max(axis=1, keepdims=True) / INT8_MAX  # [out, 1]
+    safe = np.where(scale == 0, 1.0, scale)  # an all-zero row stays zero
+    values = np.clip(np.rint(w / safe), -INT8_MAX, INT8_MAX).astype(np.int8)
+    return QuantizedWeight(jnp.asarray(values), jnp.asarray(scale, jnp.float32))
+
+
+def quantized_shape(w: jax.ShapeDtypeStruct) -> QuantizedWeight:
+    """The ShapeDtypeStructs of `quantize_int8(w)`: values [out, in] int8, scale [out, 1] f32."""
+    rows = w.shape[0]
+    return QuantizedWeight(
+        jax.ShapeDtypeStruct(w.shape, jnp.int8), jax.ShapeDtypeStruct((rows, 1), jnp.float32)
+    )
+
+
+def path_str(path: tuple[Any, ...]) -> str:
+    """A tree path as the '/'-joined names the sharding rules match ("layers_0/attn/qkv")."""
+    return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def map_matmul_weights(fn: Callable[[Any], Any], params: Any, other=lambda x: x) -> Any:
+    """The parameter tree with `fn` applied to each matmul weight and `other` to the rest."""
+
+    def visit(path, leaf):
+        return fn(leaf) if MATMUL_WEIGHTS.fullmatch(path_str(path)) else other(leaf)
+
+    return jax.tree_util.tree_map_with_path(visit, params)
