@@ -6,7 +6,7 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PORT=8080 \
     THREADS=64 \
-    JAX_COMPILATION_CACHE_DIR=/var/cache/jaxchat/xla
+    JAXCHAT_COMPILE_CACHE=/var/cache/jaxchat/compile
 
 WORKDIR /app
 COPY pyproject.toml README.md main.py ./

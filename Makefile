@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8080
-# Compiled XLA programs persist here, so later runs skip compilation.
+# Compiled XLA programs persist here, so later runs skip compilation: JAX's cache for
+# tests and tools, jaxchat's (executables plus a prepared model copy) for the server.
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
+JAXCHAT_COMPILE_CACHE ?= $(CURDIR)/.cache/compile
 
 .PHONY: setup serve test bench lint format clean
 
@@ -19,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 serve: setup
-	PORT=$(PORT) $(BIN)/functions-framework --target=app --source=main.py --port=$(PORT)
+	PORT=$(PORT) JAXCHAT_COMPILE_CACHE=$(JAXCHAT_COMPILE_CACHE) $(BIN)/functions-framework --target=app --source=main.py --port=$(PORT)
 
 test: setup
 	$(BIN)/python -m pytest

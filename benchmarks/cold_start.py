@@ -1,8 +1,9 @@
 """Cold start of the real server: process start → /health 200 → first streamed token.
 
 Starts `functions-framework --source=main.py` on a free loopback port twice:
-with an empty XLA compilation cache (cold), then with the cache the first run
-filled (warm). Speaks only HTTP, so it measures what a Cloud Run user feels.
+with an empty JAXCHAT_COMPILE_CACHE (cold), then with the cache the first run
+filled (warm: the engine's executables and the prepared model copy). Speaks only
+HTTP, so it measures what a Cloud Run user feels.
 
     python -m benchmarks.cold_start [--max-seq-len 2048]
 """
@@ -40,7 +41,11 @@ def first_token(port: int) -> None:
 def run_once(cache_dir: str, max_seq_len: int) -> tuple[float, float]:
     """(seconds to /health 200, seconds to the first streamed token), from process start."""
     port = free_port()
-    env = server_env(port, max_seq_len) | {"JAX_COMPILATION_CACHE_DIR": cache_dir}
+    env = server_env(port, max_seq_len) | {
+        "JAXCHAT_COMPILE_CACHE": cache_dir,
+        "JAXCHAT_CACHE_DIR": str(Path(cache_dir) / "downloads"),
+    }
+    env.pop("JAX_COMPILATION_CACHE_DIR")  # only jaxchat's cache: nothing else warm
     log = Path(cache_dir) / f"server-{port}.log"
     start = time.monotonic()
     proc = start_server(port, env, log)

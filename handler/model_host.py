@@ -32,10 +32,8 @@ def load_llm(settings: Settings) -> "LLM":
     """Build the engine from settings (the production factory)."""
     # Imported here, not at module level: the model package pulls in JAX, which
     # the gunicorn master must not set up before it forks.
-    from model.compile_cache import enable_compile_cache
     from model.llm import LLM
 
-    enable_compile_cache(settings.compile_cache)
     return LLM(
         settings.model,
         max_seq_len=settings.max_seq_len,
@@ -44,6 +42,7 @@ def load_llm(settings: Settings) -> "LLM":
         prefill_buckets=settings.prefill_buckets or None,
         mesh=settings.mesh,
         dtype=settings.llm_dtype,
+        compile_cache=settings.compile_cache,
     )
 
 
@@ -101,7 +100,9 @@ class ModelHost:
         started = time.monotonic()
         try:
             llm = self._factory()
-            llm.warmup()
+            # Cached executables finish loading in the background while requests
+            # are served (a request loads what it needs itself).
+            llm.warmup(wait=False)
         except Exception as exc:
             log.exception("model failed to load")
             self._error = f"{type(exc).__name__}: {exc}"

@@ -60,9 +60,10 @@ class Settings(BaseSettings):
     Empty disables authentication (`/health` never needs a key)."""
 
     compile_cache: str | None = None
-    """Directory of JAX's persistent compilation cache: a restart with a warm cache
-    loads every executable instead of compiling it. Unset: no cache (beyond
-    `JAX_COMPILATION_CACHE_DIR`, which JAX reads itself)."""
+    """Compilation cache: a local directory or a `gs://bucket/prefix` (mirrored under
+    JAXCHAT_CACHE_DIR). A restart with a warm cache loads every executable instead
+    of compiling it, and is ready as soon as the model is loaded. Unset: no cache
+    (beyond `JAX_COMPILATION_CACHE_DIR`, which JAX reads itself)."""
 
     max_request_bytes: int = Field(default=1 << 20, ge=1024)
     """Largest request body accepted, in bytes; larger bodies get 413."""

@@ -16,11 +16,18 @@ capacities (powers of two up to S = max_seq_len). The decode state's cache is
 as long as the bucket of the longest active sequence: `generate` grows or
 shrinks it (one copy) when that bucket changes, so attention reads exactly the
 positions it needs from contiguous memory. `warmup` compiles every variant, so
-serving never compiles.
+serving never compiles. With an executable store (model/executables.py),
+compiled variants are saved, and a later engine with the same fingerprint
+loads them instead: `warmup` then returns at once and `preload` loads them in
+the background, any variant a request needs first being loaded on demand.
 """
 
 import logging
 import os
+import sys
+import threading
+import time
+from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -31,8 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
 
 from model.config import ModelConfig
+from model.executables import ExecutableStore, compile_variant, fingerprint
 from model.sampling import SlotSampling, sample
 from model.sampling_params import SamplingParams
 from model.transformer import LayerCache, Transformer, init_cache, resize_cache
@@ -151,6 +160,7 @@ class Engine:
         min_capacity: int = 256,
         mesh: Mesh | None = None,
         rules: ShardingRules = TENSOR_PARALLEL,
+        executables: os.PathLike | None = None,
     ) -> None:
         self.config = config
         self.mesh = mesh if mesh is not None else make_mesh(None, config=config)
@@ -193,7 +203,32 @@ class Engine:
         self.mask_sharding = slot_sharding(self.mesh, (batch, self.mask_words), rules)
         self._all_allowed = jax.device_put(self.unconstrained(batch), self.mask_sharding)
         self._compiled: dict[tuple[str, object], jax.stages.Compiled] = {}
-        self.compilations = 0
+        self._locks: defaultdict[tuple[str, object], threading.Lock] = defaultdict(threading.Lock)
+        self._locks_lock = threading.Lock()
+        self.compilations = 0  # variants compiled by this engine
+        self.loaded = 0  # variants loaded from the store
+        self.store = None if executables is None else ExecutableStore(executables, self.key())
+
+    def key(self) -> str:
+        """The fingerprint of everything this engine's executables depend on."""
+        avals = jax.tree.map(lambda a: (a.shape, str(a.dtype), str(a.sharding.spec)), self.params)
+        mesh = (dict(self.mesh.shape), self.mesh.device_ids.tolist())
+        return fingerprint(
+            (
+                self.config,
+                str(jnp.dtype(self.dtype)),
+                self.batch,
+                self.max_seq_len,
+                self.prefill_buckets,
+                self.capacities,
+                self.row_buckets,
+                self.stop_ids.tolist(),
+                self.rules,
+                mesh,
+                jax.tree_util.tree_structure(self.params),
+                jax.tree.leaves(avals, is_leaf=lambda x: isinstance(x, tuple)),
+            )
+        )
 
     def _state_sharding(self) -> DecodeState:
         """The decode state's layout: slots over 'data', KV heads over 'model'."""
@@ -364,14 +399,17 @@ class Engine:
 
     def init_state(self) -> DecodeState:
         """A fresh decode state, laid out on the mesh."""
-        return self._init_state()
+        return self._executable("init", self.capacities[0])()
 
     def _lower(self, kind: str, size):
         """Trace one variant. size: the prefill bucket for prefill; (bucket, capacity) for
-        insert; (capacity, rows) for generate; (from, to) capacities for resize."""
+        insert; (capacity, rows) for generate; (from, to) capacities for resize; the
+        capacity for init (a fresh state)."""
         sampling = jax.eval_shape(partial(self._init_sampling, 1))
         token_spec = jax.ShapeDtypeStruct((), jnp.int32)
         mask_spec = jax.ShapeDtypeStruct((1, self.mask_words), jnp.int32)
+        if kind == "init":
+            return self._init_state.lower()
         if kind == "prefill":
             tokens = jax.ShapeDtypeStruct((size,), jnp.int32)
             return self._prefill.lower(self.params, tokens, token_spec, sampling, mask_spec)
@@ -395,18 +433,37 @@ class Engine:
         return self._generate.lower(self.params, state, masks, size[1])
 
     def _executable(self, kind: str, size):
-        """The compiled variant, compiling it on first use (counted in `compilations`)."""
-        key = (kind, size)
-        if key not in self._compiled:
-            self._compiled[key] = self._lower(kind, size).compile()
-            self.compilations += 1
-        return self._compiled[key]
+        """The compiled variant: loaded from the store or compiled on first use."""
+        variant = (kind, size)
+        compiled = self._compiled.get(variant)
+        if compiled is not None:
+            return compiled
+        with self._locks_lock:
+            lock = self._locks[variant]
+        with lock:  # a request and the preloader may want the same variant
+            if variant not in self._compiled:
+                compiled = self.store.load(kind, size) if self.store else None
+                if compiled is None:
+                    compiled = self._compile(variant)
+                else:
+                    self.loaded += 1
+                self._compiled[variant] = compiled
+        return self._compiled[variant]
+
+    def _compile(self, variant: tuple[str, object]) -> jax.stages.Compiled:
+        """Compile a variant (counted in `compilations`) and save it to the store."""
+        compiled, storable = compile_variant(self._lower(*variant))
+        self.compilations += 1
+        if self.store is not None and storable:
+            self.store.save(*variant, compiled)
+        return compiled
 
     def variants(self) -> list[tuple[str, object]]:
         """Every (kind, size) that serving can call."""
         caps = self.capacities
         return (
-            [("prefill", b) for b in self.prefill_buckets]
+            [("init", caps[0])]
+            + [("prefill", b) for b in self.prefill_buckets]
             + [("insert", (b, c)) for b in self.prefill_buckets for c in caps if c >= b]
             + [("generate", (c, r)) for c in caps for r in self.row_buckets]
             + [("resize", pair) for pair in zip(caps, caps[1:], strict=False)]
@@ -414,12 +471,26 @@ class Engine:
         )
 
     def warmup(self, workers: int | None = None) -> None:
-        """Compile every variant up front, a few at a time (XLA compiles off the GIL)."""
-        todo = [v for v in self.variants() if v not in self._compiled]
-        with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-            done = list(pool.map(lambda v: (v, self._lower(*v).compile()), todo))
-        self._compiled.update(done)
-        self.compilations += len(done)
+        """Compile every variant the store lacks (all of them without a store), a few
+        at a time (XLA compiles off the GIL), with a progress bar on a terminal.
+        Stored variants are left to `preload` or to first use."""
+        store = self.store if self.store is not None else ()
+        todo = [v for v in self.variants() if v not in self._compiled and v not in store]
+        if not todo:
+            return
+        started = time.monotonic()
+        quiet = not sys.stderr.isatty()
+        bar = tqdm(total=len(todo), desc="compiling", unit="variant", disable=quiet)
+        with bar, ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+            for _ in pool.map(lambda v: self._executable(*v), todo):
+                bar.update()
+        log.info("compiled %d variants in %.1f s", len(todo), time.monotonic() - started)
+
+    def preload(self) -> None:
+        """Load every variant not yet in memory, smallest shapes first (what the first
+        requests need), so requests rarely wait for a load."""
+        for kind, size in sorted(self.variants(), key=_largest_dimension):
+            self._executable(kind, size)
 
     def unconstrained(self, rows: int) -> np.ndarray:
         """A grammar bitmask [rows, W] that allows every token."""
@@ -445,6 +516,7 @@ class Engine:
             repetition_penalty=[params.repetition_penalty],
             top_logprobs=[params.top_logprobs],
             logit_bias=bias,
+            xp=np,
         )
 
     def prefill(
@@ -517,6 +589,11 @@ class Engine:
     def forward(self, tokens) -> jax.Array:
         """Full-sequence logits [B, T, V] for tokens [B, T] (compiles per shape)."""
         return self._forward(self.params, jnp.asarray(tokens, jnp.int32))
+
+
+def _largest_dimension(variant: tuple[str, object]) -> int:
+    size = variant[1]
+    return max(size) if isinstance(size, tuple) else size
 
 
 def placed(specs, shardings):

@@ -7,7 +7,9 @@ for piece in llm.chat([{"role": "user", "content": "Hi"}], stream=True):
     print(piece, end="")
 """
 
+import logging
 import secrets
+import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -19,19 +21,23 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from model.chat_template import ChatTemplate
+from model.checkpoint import is_checkpoint, load_checkpoint, load_tokenizer, read_manifest
+from model.compile_cache import open_compile_cache
 from model.detokenizer import IncrementalDetokenizer
 from model.engine import Engine
-from model.gguf_loader import load_gguf
 from model.hf_loader import load_hf
+from model.prepared import load_gguf_prepared
 from model.sampling_params import Delta, FinishReason, SamplingParams, TokenLogprob
 from model.scheduler import Scheduler, TokenEvent
-from model.sources import resolve_model
+from model.sources import cache_dir, resolve_model
 from model.stop_strings import StopStringMatcher
 from model.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from model.grammar import Grammars
 from sharding import make_mesh, maybe_initialize_distributed
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_SEQ_LEN = 2048
 DEFAULT_BATCH = 32
@@ -63,13 +69,16 @@ class Completion:
 class LLM:
     """A loaded model with its tokenizer, chat template and compiled engine.
 
-    model: a GGUF path, a Hugging Face directory, or None for the bundled
-    default. max_seq_len bounds prompt + completion tokens (default 2048, at
-    most the model's context).
+    model: a GGUF path, a Hugging Face directory, a jaxchat checkpoint
+    directory (model/checkpoint.py), or None for the bundled default.
+    max_seq_len bounds prompt + completion tokens (default 2048, at most the
+    model's context).
     batch: decode slots run together (continuous batching); max_queue bounds
     the requests waiting for a slot. prefill_buckets: prompt lengths prefill
     is compiled for (default powers of two). mesh: a Mesh or a "DATAxMODEL"
     spec such as "2x4" (default: every device, shaped to fit the model).
+    compile_cache: a directory or gs:// prefix keeping compiled executables
+    across restarts (model/compile_cache.py).
     Any number of threads may share one LLM.
     """
 
@@ -83,18 +92,27 @@ class LLM:
         prefill_buckets: Sequence[int] | None = None,
         mesh: str | Mesh | None = None,
         dtype: str | None = None,
+        compile_cache: str | None = None,
     ) -> None:
         maybe_initialize_distributed()  # multi-host slices: before any backend use
+        self.compile_cache = open_compile_cache(compile_cache, cache_dir())
         self.path = resolve_model(model)
         self.dtype = compute_dtype(dtype)
-        if self.path.is_dir():  # a Hugging Face directory
+        if is_checkpoint(self.path):  # jaxchat's Orbax checkpoint: restored onto the mesh
+            self.config = read_manifest(self.path).config
+            if not isinstance(mesh, Mesh):
+                mesh = make_mesh(mesh, config=self.config)
+            _, params = load_checkpoint(self.path, mesh, self.dtype)
+            self.tokenizer, self.template = load_tokenizer(self.path)
+        elif self.path.is_dir():  # a Hugging Face directory
             self.config, params = load_hf(self.path, self.dtype)
             self.tokenizer = Tokenizer.from_hf_dir(self.path)
             self.template = ChatTemplate.from_hf_dir(self.path, self.tokenizer)
         else:
-            self.config, params, reader = load_gguf(self.path, self.dtype)
-            self.tokenizer = Tokenizer.from_gguf(reader)
-            self.template = ChatTemplate.from_gguf(reader, self.tokenizer)
+            prepared = self.compile_cache and self.compile_cache.directory / "models"
+            self.config, params, meta = load_gguf_prepared(self.path, self.dtype, prepared)
+            self.tokenizer = Tokenizer.from_metadata(meta)
+            self.template = ChatTemplate.from_metadata(meta, self.tokenizer)
         if not isinstance(mesh, Mesh):
             mesh = make_mesh(mesh, config=self.config)
         self.max_seq_len = min(max_seq_len or DEFAULT_MAX_SEQ_LEN, self.config.max_position)
@@ -107,6 +125,7 @@ class LLM:
             prefill_buckets=prefill_buckets,
             dtype=self.dtype,
             mesh=mesh,
+            executables=self.compile_cache and self.compile_cache.executables,
         )
         self.scheduler = Scheduler(self.engine, max_queue=max_queue)
 
@@ -131,9 +150,27 @@ class LLM:
 
         return Grammars(self.tokenizer)
 
-    def warmup(self) -> None:
-        """Compile every shape serving can use; afterwards no request compiles."""
+    def warmup(self, *, wait: bool = True) -> None:
+        """Compile every shape serving can use; afterwards no request compiles.
+
+        With a compile cache, variants compiled here are saved (and pushed to a
+        gs:// cache), and cached variants are loaded, not compiled: all of them
+        before returning, or with wait=False in a background thread, any variant
+        a request needs first being loaded on demand.
+        """
         self.engine.warmup()
+        if self.compile_cache is not None and self.engine.compilations:
+            self.compile_cache.push()
+        if wait:
+            self.engine.preload()
+        else:
+            threading.Thread(target=self._preload, name="preload", daemon=True).start()
+
+    def _preload(self) -> None:
+        try:
+            self.engine.preload()
+        except Exception:  # a request that needs the variant loads it itself
+            log.exception("loading cached executables failed")
 
     def encode_chat(self, messages: Messages, tools: list[dict] | None = None) -> list[int]:
         """Render messages with the chat template (plus the generation prompt) → token ids.

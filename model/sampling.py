@@ -59,17 +59,20 @@ class SlotSampling:
         repetition_penalty=None,
         top_logprobs=None,
         logit_bias=None,
+        xp=jnp,
     ) -> "SlotSampling":
         """Settings for len(temperature) slots; omitted ones are disabled.
 
         vocab_size defaults to logit_bias's width (else 1: a batch that never
         uses penalties, bias or counts, as in tests of the basic transforms).
+        xp=numpy builds host arrays, for an argument of a compiled step: eager
+        jnp calls would each compile a small executable on first use.
         """
         b = len(temperature)
         v = vocab_size or (np.shape(logit_bias)[1] if logit_bias is not None else 1)
 
         def per_slot(value, default, dtype):
-            return jnp.asarray(np.full(b, default) if value is None else value, dtype)
+            return xp.asarray(np.full(b, default) if value is None else value, dtype)
 
         bias = np.zeros((b, v), np.float32) if logit_bias is None else np.asarray(logit_bias)
         return cls(
@@ -81,11 +84,11 @@ class SlotSampling:
             presence_penalty=per_slot(presence_penalty, 0.0, jnp.float32),
             repetition_penalty=per_slot(repetition_penalty, 1.0, jnp.float32),
             top_logprobs=per_slot(top_logprobs, 0, jnp.int32),
-            has_bias=jnp.asarray(np.any(bias != 0, axis=1)),
-            logit_bias=jnp.asarray(bias, jnp.float32),
-            counts=jnp.zeros((b, v), jnp.int32),
-            seen=jnp.zeros((b, v), bool),
-            key=jnp.asarray(key, jnp.uint32),
+            has_bias=xp.asarray(np.any(bias != 0, axis=1)),
+            logit_bias=xp.asarray(bias, jnp.float32),
+            counts=xp.zeros((b, v), jnp.int32),
+            seen=xp.zeros((b, v), bool),
+            key=xp.asarray(key, jnp.uint32),
         )
 
 

@@ -72,7 +72,7 @@ class FakeLLM:
         self.calls: list[SamplingParams] = []
         self.closed_streams = 0
 
-    def warmup(self) -> None:
+    def warmup(self, *, wait: bool = True) -> None:
         pass
 
     def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
