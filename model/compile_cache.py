@@ -17,10 +17,14 @@ rebuild from the model itself.
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 
 from model import gcs
+
+if TYPE_CHECKING:
+    from google.cloud import storage
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +51,7 @@ class CompileCache:
     def executables(self) -> Path:
         return self.directory / SHARED
 
-    def _blobs(self) -> dict[str, "gcs.storage.Blob"]:
+    def _blobs(self) -> dict[str, "storage.Blob"]:
         """The cache's shared objects by their path relative to the prefix."""
         client = gcs.make_client()
         start = f"{self.prefix}/" if self.prefix else ""

@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -486,11 +486,32 @@ class Engine:
                 bar.update()
         log.info("compiled %d variants in %.1f s", len(todo), time.monotonic() - started)
 
-    def preload(self) -> None:
-        """Load every variant not yet in memory, smallest shapes first (what the first
-        requests need), so requests rarely wait for a load."""
-        for kind, size in sorted(self.variants(), key=_largest_dimension):
-            self._executable(kind, size)
+    def preload(self, until: Callable[[], bool] = lambda: True) -> None:
+        """Load every variant not yet in memory, in the order short requests need them,
+        so requests rarely wait for a load; stop early once `until()` is false.
+
+        One at a time, in one thread: loading runs off the GIL, so a request that
+        needs a variant not loaded yet loads it meanwhile on the other core.
+        """
+        for variant in sorted(self.variants(), key=self._first_needed):
+            if not until():
+                return
+            self._executable(*variant)
+
+    def _first_needed(self, variant: tuple[str, object]) -> tuple[int, int]:
+        """Preload order: by the capacity a variant works at, then by the tokens or rows
+        it handles (a few-row step first: every request needs one; a request loads its
+        prefill bucket itself meanwhile)."""
+        kind, size = variant
+        if kind == "prefill":
+            rank = pick_bucket(self.capacities, size), size
+        elif kind in ("insert", "resize"):
+            rank = max(size), min(size)
+        elif kind == "generate":
+            rank = size  # (capacity, rows)
+        else:
+            rank = 0, 0
+        return rank
 
     def unconstrained(self, rows: int) -> np.ndarray:
         """A grammar bitmask [rows, W] that allows every token."""
@@ -589,11 +610,6 @@ class Engine:
     def forward(self, tokens) -> jax.Array:
         """Full-sequence logits [B, T, V] for tokens [B, T] (compiles per shape)."""
         return self._forward(self.params, jnp.asarray(tokens, jnp.int32))
-
-
-def _largest_dimension(variant: tuple[str, object]) -> int:
-    size = variant[1]
-    return max(size) if isinstance(size, tuple) else size
 
 
 def placed(specs, shardings):

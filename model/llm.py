@@ -164,11 +164,13 @@ class LLM:
         if wait:
             self.engine.preload()
         else:
-            threading.Thread(target=self._preload, name="preload", daemon=True).start()
+            # Not a daemon: at exit it finishes the variant it is loading and stops (a
+            # daemon thread killed inside XLA's loader aborts the process).
+            threading.Thread(target=self._preload, name="preload").start()
 
     def _preload(self) -> None:
         try:
-            self.engine.preload()
+            self.engine.preload(until=threading.main_thread().is_alive)
         except Exception:  # a request that needs the variant loads it itself
             log.exception("loading cached executables failed")
 
