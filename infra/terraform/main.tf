@@ -28,6 +28,14 @@ resource "google_storage_bucket_iam_member" "weights_reader" {
   member = "serviceAccount:${google_service_account.jaxchat.email}"
 }
 
+# The shared compilation cache (JAXCHAT_COMPILE_CACHE) lives in the same bucket: instances
+# list and read it, and upload the executables they compiled (never overwriting one).
+resource "google_storage_bucket_iam_member" "compile_cache_writer" {
+  bucket = google_storage_bucket.weights.name
+  role   = "roles/storage.objectCreator"
+  member = "serviceAccount:${google_service_account.jaxchat.email}"
+}
+
 resource "google_artifact_registry_repository" "images" {
   repository_id = "jaxchat"
   location      = var.region
@@ -60,6 +68,10 @@ resource "google_cloud_run_v2_service" "jaxchat" {
       env {
         name  = "JAXCHAT_MODEL_ALIASES"
         value = join(",", var.model_aliases)
+      }
+      env {
+        name  = "JAXCHAT_COMPILE_CACHE"
+        value = "gs://${google_storage_bucket.weights.name}/compile-cache"
       }
       dynamic "env" {
         for_each = var.model_uri == "" ? [] : [var.model_uri]
