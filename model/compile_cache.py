@@ -10,8 +10,8 @@ URI names a Cloud Storage prefix mirrored by a local directory under the
 download cache: `pull` fetches the executables the mirror lacks at start-up,
 `push` uploads the ones Cloud Storage lacks after something was compiled, so
 every instance of a service shares one cache. Prepared model copies
-(model/prepared.py, under `models/`) stay local: they are large and quick to
-rebuild from the model itself.
+(model/prepared.py) are kept in the download cache, not here: they are large
+and quick to rebuild from the model itself.
 """
 
 import logging

@@ -119,9 +119,13 @@ class ExecutableStore:
             return None
 
     def save(self, kind: str, size, compiled: jax.stages.Compiled) -> None:
-        """Write atomically: a reader never sees a partial file."""
+        """Write atomically: a reader never sees a partial file. A failed write (a full
+        or read-only disk) costs the next start its speed, not this one its model."""
         data = pickle.dumps(serialize_executable.serialize(compiled))
         file = self._file(kind, size)
-        with tempfile.NamedTemporaryFile(dir=self.directory, suffix=".tmp", delete=False) as tmp:
-            tmp.write(data)
-        os.replace(tmp.name, file)
+        try:
+            with tempfile.NamedTemporaryFile(dir=self.directory, suffix=".tmp", delete=False) as f:
+                f.write(data)
+            os.replace(f.name, file)
+        except OSError as error:
+            log.warning("could not store the compiled variant %s: %s", file, error)

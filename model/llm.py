@@ -109,7 +109,8 @@ class LLM:
             self.tokenizer = Tokenizer.from_hf_dir(self.path)
             self.template = ChatTemplate.from_hf_dir(self.path, self.tokenizer)
         else:
-            prepared = self.compile_cache and self.compile_cache.directory / "models"
+            # With a compile cache, start-up is worth caching: the GGUF is prepared once.
+            prepared = cache_dir() / "models" if self.compile_cache else None
             self.config, params, meta = load_gguf_prepared(self.path, self.dtype, prepared)
             self.tokenizer = Tokenizer.from_metadata(meta)
             self.template = ChatTemplate.from_metadata(meta, self.tokenizer)

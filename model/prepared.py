@@ -3,8 +3,8 @@
 Opening a GGUF costs seconds that have nothing to do with the weights:
 `gguf.GGUFReader` parses every metadata field element by element (about 6 s
 for a 49k-token vocabulary), and dequantising the tensors takes about 3 s more.
-With a compile cache, the first load writes what it produced into
-`<cache>/models/<key>/`: the f32 parameters as one safetensors file (read back
+With a compile cache set, the first load writes what it produced into
+`$JAXCHAT_CACHE_DIR/models/<key>/`: the f32 parameters as one safetensors file (read back
 through a memory map) and the metadata as JSON. The key covers the file (path,
 size, modification time) and the loader's code, so a changed file or loader is
 prepared afresh.

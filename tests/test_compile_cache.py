@@ -119,7 +119,7 @@ def test_a_local_directory_cache_with_a_damaged_entry_recompiles_only_that(cold,
     shutil.copytree(mirror / "compile" / BUCKET / "smollm2", local)
     damaged = sorted(local.glob("executables/*/prefill-*.xla"))[0]
     damaged.write_bytes(damaged.read_bytes()[:1000])
-    warm = run(str(local), prompt, tmp_path / "downloads")
+    warm = run(str(local), prompt, mirror)  # the prepared model copy is in the downloads
     assert warm["compiled"] == warm["backend_compiles"] == 1
     assert warm["loaded"] == warm["variants"] - 1
     assert warm["gguf_opened"] == 0
