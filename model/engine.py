@@ -504,14 +504,12 @@ class Engine:
         prefill bucket itself meanwhile)."""
         kind, size = variant
         if kind == "prefill":
-            rank = pick_bucket(self.capacities, size), size
-        elif kind in ("insert", "resize"):
-            rank = max(size), min(size)
-        elif kind == "generate":
-            rank = size  # (capacity, rows)
-        else:
-            rank = 0, 0
-        return rank
+            return pick_bucket(self.capacities, size), size
+        if kind in ("insert", "resize"):
+            return max(size), min(size)
+        if kind == "generate":
+            return size  # (capacity, rows)
+        return 0, 0  # init
 
     def unconstrained(self, rows: int) -> np.ndarray:
         """A grammar bitmask [rows, W] that allows every token."""

@@ -9,6 +9,8 @@ import pytest
 FIXTURES = Path(__file__).parent / "fixtures"
 
 # The e2e server process, shared by the e2e modules (started on first use).
+# A Cloud Storage emulator process, per module that uses it.
+from tests.gcs_emulator import emulator  # noqa: E402, F401
 from tests.server_process import base_url, client  # noqa: E402, F401
 
 

@@ -2,10 +2,12 @@
 default model, started once per test session and shared by every e2e module."""
 
 import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,11 +16,29 @@ import pytest
 import requests
 
 REPO = Path(__file__).resolve().parent.parent
+# Eight fake CPU devices for multi-device tests, even on a machine with accelerators.
+EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
 MODEL = "smollm2-135m-instruct"
 KEY = "e2e-test-key"
 MAX_SEQ_LEN = 512
 MAX_BATCH = 16
 LOAD_TIMEOUT_S = 360
+
+
+def run_python_report(args: list[str], env: dict[str, str] | None = None, timeout: float = 900):
+    """Run `python ARGS` in the repository (a fresh process) and return the JSON value
+    it printed on its last line; the test fails with its stderr if it exits non-zero."""
+    result = subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO,
+        env=env if env is not None else dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if result.returncode:
+        pytest.fail(f"python {' '.join(args)[:80]} failed:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def free_port() -> int:

@@ -8,8 +8,6 @@ import functools
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -33,14 +31,13 @@ from model.tokenizer import Tokenizer
 from model.transformer import Transformer, init_cache
 from sharding import make_mesh
 from tests.gguf_writer import hf_random_weights
-from tests.server_process import REPO
+from tests.server_process import EIGHT_DEVICES, run_python_report
 from tests.test_hf_loader import flat
 from tests.tiny_models import TINY_LLAMA, train_sentencepiece, write_tiny_pair
 
 TOKENS = [1, 17, 42, 5, 88, 3, 64, 30, 9, 211, 300]
 MESSAGES = [{"role": "user", "content": "the quick brown fox"}]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
-EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
 
 
 @pytest.fixture(scope="module")
@@ -211,16 +208,9 @@ def test_2x4_mesh_restores_each_shard_in_place_and_generates_the_gguf_tokens(tin
     if config.tie_embeddings:
         pytest.skip("the untied model covers lm_head too")
     f32, int8 = str(root / "from_gguf"), str(root / "int8")
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.checkpoint_mesh", f32, int8],
-        cwd=REPO,
-        env={**os.environ, **EIGHT_DEVICES},
-        capture_output=True,
-        text=True,
-        timeout=600,
+    report = run_python_report(
+        ["-m", "tests.checkpoint_mesh", f32, int8], {**os.environ, **EIGHT_DEVICES}, timeout=600
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
     # qkv [128, 64] and gate_up [256, 64] split by rows over model=4, o [64, 64] and
     # down [64, 128] by columns; embedding and lm_head [320, 64] by vocab rows.
     split = {

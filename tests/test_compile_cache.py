@@ -9,14 +9,11 @@ reference's greedy tokens every time, so a wrong executable cannot pass.
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 from google.cloud import storage
 
-from tests.server_process import REPO
-from tests.test_gcs import emulator  # noqa: F401 - a fixture used here
+from tests.server_process import run_python_report
 
 BUCKET = "compile-cache"
 
@@ -53,16 +50,7 @@ def run(cache: str, prompt: dict, download_dir) -> dict:
     """One process start with the compile cache `cache`; its report."""
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     env["JAXCHAT_CACHE_DIR"] = str(download_dir)
-    result = subprocess.run(
-        [sys.executable, "-c", RUN, cache, json.dumps(prompt["ids"])],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = run_python_report(["-c", RUN, cache, json.dumps(prompt["ids"])], env)
     assert report["ids"] == prompt["greedy"][: len(report["ids"])], "not the reference reply"
     return report
 
@@ -73,7 +61,7 @@ def prompt(golden) -> dict:
 
 
 @pytest.fixture(scope="module")
-def cold(emulator, prompt, tmp_path_factory):  # noqa: F811 - the imported fixture
+def cold(emulator, prompt, tmp_path_factory):
     """The first start of the first instance: gs:// cache and local mirror both empty."""
     storage.Client().create_bucket(BUCKET)
     mirror = tmp_path_factory.mktemp("instance-a")

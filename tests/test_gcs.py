@@ -6,13 +6,10 @@ inferred.
 """
 
 import os
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -39,43 +36,6 @@ CHECKPOINT_FILES = {
     "params/ocdbt.process_0/d/5668019de886263e7cc44697f41d707c": os.urandom(2**20 + 11),
     "tokenizer.json": b'{"version": "1.0", "model": {"type": "BPE"}}',
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until_up(url: str, proc: subprocess.Popen, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the emulator exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"the emulator at {url} did not answer in {timeout} s")
-
-
-@pytest.fixture(scope="module")
-def emulator() -> Iterator[str]:
-    """A gcp-storage-emulator process on a free port, in memory; STORAGE_EMULATOR_HOST set."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1"]
-    cmd += ["--port", str(port), "--in-memory", "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_until_up(url + "/", proc)
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("STORAGE_EMULATOR_HOST", url)
-            yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -132,20 +92,17 @@ def test_gguf_object_is_downloaded_byte_identical(bucket, tmp_path, monkeypatch)
     assert not path.with_name("model.gguf.partial").exists()
 
 
-def test_prefix_is_downloaded_as_a_directory(bucket, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("prefix", "expected"),
+    [("hf/smol/", HF_FILES), ("ckpt/smol-int8", CHECKPOINT_FILES)],
+    ids=["hugging-face", "jaxchat-checkpoint"],
+)
+def test_prefix_is_downloaded_as_a_directory(bucket, tmp_path, monkeypatch, prefix, expected):
     monkeypatch.setenv("JAXCHAT_CACHE_DIR", str(tmp_path))
-    path = resolve_model(f"gs://{BUCKET}/hf/smol/")
-    assert path == tmp_path / "gcs" / BUCKET / "hf" / "smol"
+    path = resolve_model(f"gs://{BUCKET}/{prefix}")
+    assert path == tmp_path / "gcs" / BUCKET / prefix.strip("/")
     files = {p.relative_to(path).as_posix(): p.read_bytes() for p in path.rglob("*") if p.is_file()}
-    assert files == HF_FILES
-
-
-def test_jaxchat_checkpoint_prefix_is_downloaded_as_a_directory(bucket, tmp_path, monkeypatch):
-    monkeypatch.setenv("JAXCHAT_CACHE_DIR", str(tmp_path))
-    path = resolve_model(f"gs://{BUCKET}/ckpt/smol-int8")
-    assert path == tmp_path / "gcs" / BUCKET / "ckpt" / "smol-int8"
-    files = {p.relative_to(path).as_posix(): p.read_bytes() for p in path.rglob("*") if p.is_file()}
-    assert files == CHECKPOINT_FILES
+    assert files == expected
 
 
 def test_second_resolve_transfers_no_data(client, session, tmp_path):

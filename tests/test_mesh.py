@@ -4,32 +4,20 @@ Both run with 8 host CPU devices (XLA_FLAGS=--xla_force_host_platform_device_cou
 in their own processes, since XLA fixes the device count when its backend starts.
 """
 
-import json
 import os
-import subprocess
-import sys
 
 import openai
 import pytest
 
-from tests.server_process import REPO, running_server
-
-EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+from tests.server_process import EIGHT_DEVICES, run_python_report, running_server
 
 
 def test_meshes_give_the_reference_greedy_tokens(golden):
     """Slots over 'data' (8x1) and KV heads split over 'model' (1x3); 2x4 runs in the server."""
     specs = ["8x1", "1x3"]
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.mesh_greedy", *specs],
-        cwd=REPO,
-        env={**os.environ, **EIGHT_DEVICES},
-        capture_output=True,
-        text=True,
-        timeout=1200,
+    tokens = run_python_report(
+        ["-m", "tests.mesh_greedy", *specs], {**os.environ, **EIGHT_DEVICES}, timeout=1200
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    tokens = json.loads(result.stdout.strip().splitlines()[-1])
     for spec in specs:
         for prompt, got in zip(golden["prompts"], tokens[spec], strict=True):
             assert got == prompt["greedy"][: len(got)] and len(got) == 24, spec

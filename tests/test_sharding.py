@@ -11,10 +11,7 @@ Two kinds of tests:
   differences, once per module, and the tests below assert on it.
 """
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -40,6 +37,7 @@ from sharding import (
     parse_mesh_spec,
     slot_sharding,
 )
+from tests.server_process import run_python_report
 from tests.sharding_report import CASES, CONFIGS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -275,17 +273,7 @@ def report() -> dict:
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
     env["JAX_PLATFORMS"] = "cpu"  # fake CPU devices even on a machine with accelerators
-    child = subprocess.run(
-        [sys.executable, "-m", "tests.sharding_report"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=800,
-    )
-    if child.returncode:
-        pytest.fail(f"tests.sharding_report failed:\n{child.stderr[-4000:]}")
-    return json.loads(child.stdout.splitlines()[-1])
+    return run_python_report(["-m", "tests.sharding_report"], env, timeout=800)
 
 
 def test_child_has_eight_devices(report):
