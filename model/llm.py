@@ -141,6 +141,11 @@ class LLM:
         return self.engine.batch
 
     @property
+    def max_queue(self) -> int:
+        """Requests that may wait for a slot (0: no bound)."""
+        return self.scheduler.max_queue
+
+    @property
     def vocab_size(self) -> int:
         return self.config.vocab_size
 
@@ -209,9 +214,12 @@ class LLM:
         Text in the deltas is final: whole UTF-8 characters, never a possible
         start of a stop string. Each choice's last delta has its finish_reason;
         deltas of the n choices interleave. Closing the iterator early cancels
-        the request. Raises ValueError when the request cannot fit the context
-        or the batch, QueueFull when the scheduler is full.
+        the request. Raises ValueError when the prompt is empty or holds ids
+        outside the vocabulary, or the request cannot fit the context or the
+        batch; QueueFull when the scheduler is full; RequestFailed (from the
+        iterator) when this request failed inside the engine.
         """
+        check_prompt(prompt_ids, self.vocab_size)
         budget = self.max_new_tokens(len(prompt_ids), params.max_tokens)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         seeds = [(seed + i * SEED_STRIDE) & (2**64 - 1) for i in range(params.n)]
@@ -280,6 +288,18 @@ class LLM:
         if stream:
             return (d.text for d in self.stream(ids, params) if d.text)
         return self.generate(ids, params).text
+
+
+def check_prompt(prompt_ids: Sequence[int], vocab_size: int) -> None:
+    """ValueError unless the prompt is at least one token, each in [0, vocab_size)."""
+    if not prompt_ids:
+        raise ValueError("The prompt is empty; it needs at least one token.")
+    outside = [t for t in prompt_ids if not 0 <= t < vocab_size]
+    if outside:
+        raise ValueError(
+            f"The prompt holds token ids outside the vocabulary [0, {vocab_size}): "
+            f"{', '.join(map(str, outside[:5]))}{' ...' if len(outside) > 5 else ''}."
+        )
 
 
 class _ChoiceText:

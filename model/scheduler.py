@@ -29,8 +29,12 @@ not arrive in batches, so the scheduler fills slots as they free up:
   batch are otherwise unaffected.
 - A consumer that stops listening calls `Handle.cancel()` (or cancels one
   choice); the slot is freed before the next step is dispatched.
-- If the engine raises, every waiting and running request receives the error
-  and the scheduler marks itself failed; `submit` then raises too.
+- A failure on one request's path (its prefill, its insert, its grammar's
+  mask or bookkeeping) fails that request alone with `RequestFailed`; the
+  others keep decoding. Only a fault that loses the shared decode state (a
+  failed decode step, or an insert that consumed the state) fails the
+  engine: then every waiting and running request receives `EngineFailed` at
+  once, and `submit` raises it from then on.
 
 The scheduler knows nothing of text: detokenizing and stop strings happen in
 the consumer's thread (see `LLM.stream`), which cancels when it sees a stop.
@@ -44,6 +48,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import jax
 import numpy as np
 
 from model.sampling import SlotSampling
@@ -58,6 +63,11 @@ class QueueFull(Exception):
 
 class EngineFailed(RuntimeError):
     """The engine raised; the scheduler no longer serves requests."""
+
+
+class RequestFailed(RuntimeError):
+    """One request failed inside the scheduler (a server fault, not the client's);
+    every other request goes on."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +116,7 @@ class Handle:
         self._events: queue.SimpleQueue[TokenEvent | BaseException] = queue.SimpleQueue()
         self._cancelled = threading.Event()
         self._cancelled_choices: set[int] = set()
+        self._error: BaseException | None = None
 
     def __iter__(self) -> Iterator[TokenEvent]:
         finished: set[int] = set()
@@ -116,6 +127,14 @@ class Handle:
             yield event
             if event.finish_reason is not None:
                 finished.add(event.index)
+        if self._error is not None:
+            raise self._error
+
+    def fail(self, error: BaseException) -> None:
+        """End the request with `error` (raised to its consumer) and free its slots."""
+        self._error = error
+        self._events.put(error)
+        self._cancelled.set()
 
     def cancel(self, index: int | None = None) -> None:
         """Stop generating (one choice, or all); safe at any time, from any thread."""
@@ -195,6 +214,7 @@ class Scheduler:
         self._waiting: queue.Queue[_Group] = queue.Queue(maxsize=max_queue)
         self._next: _Group | None = None  # taken from the queue, waiting for enough free slots
         self._slots: list[_Request | None] = [None] * engine.batch
+        self._state = None  # the engine's decode state; only the scheduler thread touches it
         self._stop_ids = frozenset(int(t) for t in engine.stop_ids)
         self._error: BaseException | None = None
         self._stopping = threading.Event()
@@ -245,6 +265,10 @@ class Scheduler:
         return handle
 
     @property
+    def max_queue(self) -> int:
+        return self._waiting.maxsize
+
+    @property
     def active(self) -> int:
         """Slots decoding right now."""
         return sum(r is not None for r in self._slots)
@@ -273,18 +297,16 @@ class Scheduler:
             self._fail_all(exc)
 
     def _loop(self) -> None:
-        state = self.engine.init_state()
+        self._state = self.engine.init_state()
         in_flight: _Step | None = None
         while not self._stopping.is_set():
             self._drop_cancelled()
-            state = self._admit(state, block=in_flight is None and self.active == 0)
+            self._admit(block=in_flight is None and self.active == 0)
             if in_flight is not None and self._constrained():
                 # The next masks depend on the tokens in flight: read them first.
                 self._deliver(in_flight)
                 in_flight = None
-            step = None
-            if self.active:
-                step, state = self._dispatch(state)
+            step = self._dispatch() if self.active else None
             if in_flight is not None:
                 self._deliver(in_flight)
             in_flight = step
@@ -298,7 +320,7 @@ class Scheduler:
     def _constrained(self) -> bool:
         return any(r is not None and r.constraint is not None for r in self._slots)
 
-    def _admit(self, state, *, block: bool):
+    def _admit(self, *, block: bool) -> None:
         """Prefill waiting requests into free slots, within the prefill token budget.
 
         A request waits (first in line) until all its choices fit.
@@ -310,20 +332,22 @@ class Scheduler:
                     timeout = 0.1 if block else None
                     self._next = self._waiting.get(block=block, timeout=timeout)
                 except queue.Empty:
-                    return state
+                    return
             block = False
             group = self._next
             if group.handle.cancelled:
                 self._next = None
                 continue
             if self._slots.count(None) < len(group.choices):
-                return state
+                return
             self._next = None
             budget -= len(group.prompt_ids)
-            state = self._start(group, state)
-        return state
+            try:
+                self._start(group)
+            except Exception as exc:
+                self._fail_request(group.handle, exc)
 
-    def _start(self, group: _Group, state):
+    def _start(self, group: _Group) -> None:
         """Prefill a request; its first choice continues from the prefill's token, the
         others are inserted to sample their first token in the next step."""
         first = group.choices[0]
@@ -344,37 +368,42 @@ class Scheduler:
             first.emit(token, logprob, "length", top)
         else:
             first.emit(token, logprob, None, top)
-            state = self._occupy(first, prefix, state, first.max_new - 1, len(group.prompt_ids))
+            self._occupy(first, prefix, first.max_new - 1, len(group.prompt_ids))
         for choice in group.choices[1:]:
-            state = self._occupy(
-                choice, prefix, state, choice.max_new, len(group.prompt_ids) - 1, choice.seed
+            self._occupy(
+                choice, prefix, choice.max_new, len(group.prompt_ids) - 1, choice.seed
             )
-        return state
 
-    def _occupy(self, request: _Request, prefix, state, remaining, position, restart_seed=None):
+    def _occupy(self, request: _Request, prefix, remaining, position, restart_seed=None):
         slot = self._slots.index(None)
-        state = self.engine.insert(
-            prefix, state, slot, remaining, request.stop_at_eos, restart_seed=restart_seed
+        self._state = self.engine.insert(
+            prefix, self._state, slot, remaining, request.stop_at_eos, restart_seed=restart_seed
         )
         request.position = position
         self._slots[slot] = request
-        return state
 
-    def _dispatch(self, state) -> tuple[_Step, object]:
-        active = [r for r in self._slots if r is not None]
-        # Slots fill lowest-first, so the step only needs rows up to the last busy one.
-        rows = max(i for i, r in enumerate(self._slots) if r is not None) + 1
-        max_position = max(r.position for r in active)
+    def _dispatch(self) -> _Step | None:
         allowed = None
         if self._constrained():
             allowed = self.engine.unconstrained(self.engine.batch)
             for slot, request in enumerate(self._slots):
                 if request is not None and request.constraint is not None:
-                    request.constraint.fill(allowed, slot)
-        state, *outputs = self.engine.generate(state, max_position, rows, allowed=allowed)
+                    try:
+                        request.constraint.fill(allowed, slot)
+                    except Exception as exc:
+                        self._fail_request(request.handle, exc)
+        active = [r for r in self._slots if r is not None]
+        if not active:
+            return None
+        # Slots fill lowest-first, so the step only needs rows up to the last busy one.
+        rows = max(i for i, r in enumerate(self._slots) if r is not None) + 1
+        max_position = max(r.position for r in active)
+        self._state, *outputs = self.engine.generate(
+            self._state, max_position, rows, allowed=allowed
+        )
         for request in active:
             request.position += 1
-        return _Step(*outputs, owners=list(self._slots)), state
+        return _Step(*outputs, owners=list(self._slots))
 
     def _deliver(self, step: _Step) -> None:
         tokens, logprobs, done = (np.asarray(a) for a in (step.tokens, step.logprobs, step.done))
@@ -384,37 +413,61 @@ class Scheduler:
         for slot, request in enumerate(step.owners):
             if request is None or request.finished:
                 continue  # freed, cancelled or finished after this step was sent
-            token = int(tokens[slot])
-            reason = None
-            if done[slot]:
-                stopped = request.stop_at_eos and token in self._stop_ids
-                reason = "stop" if stopped else "length"
+            try:
+                token = int(tokens[slot])
+                reason = None
+                if done[slot]:
+                    stopped = request.stop_at_eos and token in self._stop_ids
+                    reason = "stop" if stopped else "length"
+                elif (
+                    request.constraint is not None
+                    and token not in self._stop_ids
+                    and not request.constraint.accept(token)
+                ):
+                    log.warning("a constrained choice sampled token %d outside its grammar", token)
+                top = ()
+                if request.top_logprobs:
+                    top = _top(top_ids[slot], top_logprobs[slot], request.top_logprobs)
+            except Exception as exc:
+                self._fail_request(request.handle, exc)
+                continue
+            if reason is not None:
                 self._slots[slot] = None
-            elif (
-                request.constraint is not None
-                and token not in self._stop_ids
-                and not request.constraint.accept(token)
-            ):
-                log.warning("a constrained choice sampled token %d outside its grammar", token)
-            top = ()
-            if request.top_logprobs:
-                top = _top(top_ids[slot], top_logprobs[slot], request.top_logprobs)
             request.emit(token, float(logprobs[slot]), reason, top)
+
+    def _fail_request(self, handle: Handle, exc: Exception) -> None:
+        """Fail one request and free its slots, unless `exc` lost the shared decode state
+        (an insert that consumed it): that is the engine's failure, raised on."""
+        if not _intact(self._state):
+            handle.fail(EngineFailed(f"the engine failed: {exc}"))  # in no slot nor queue yet
+            raise exc
+        log.error("a request failed; the others go on", exc_info=exc)
+        handle.fail(RequestFailed(f"{type(exc).__name__}: {exc}"))
+        for slot, request in enumerate(self._slots):
+            if request is not None and request.handle is handle:
+                request.finished = True
+                self._slots[slot] = None
 
     def _fail_all(self, exc: BaseException) -> None:
         error = EngineFailed(f"the engine failed: {exc}")
         for slot, request in enumerate(self._slots):
             if request is not None:
-                request.handle._events.put(error)
+                request.handle.fail(error)
                 self._slots[slot] = None
         if self._next is not None:
-            self._next.handle._events.put(error)
+            self._next.handle.fail(error)
             self._next = None
         while True:
             try:
-                self._waiting.get_nowait().handle._events.put(error)
+                self._waiting.get_nowait().handle.fail(error)
             except queue.Empty:
                 return
+
+
+def _intact(state) -> bool:
+    """Whether no buffer of the decode state was consumed (donated to a call that failed)."""
+    leaves = jax.tree_util.tree_leaves(state)
+    return not any(getattr(leaf, "is_deleted", lambda: False)() for leaf in leaves)
 
 
 def _top(ids, logprobs, k: int) -> tuple[tuple[int, float], ...]:

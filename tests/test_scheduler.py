@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from model.scheduler import EngineFailed, QueueFull, Scheduler
+from model.scheduler import EngineFailed, QueueFull, RequestFailed, Scheduler
 
 STOP = 99
 
@@ -215,3 +215,117 @@ def test_cancelling_one_choice_leaves_the_others_running(make):
     assert {e.index for e in events} <= {0, 1}
     assert [e.token for e in events if e.index == 0] == list(range(50, 80))
     assert all(e.finish_reason is None for e in events if e.index == 1)
+
+
+# ---- a failure on one request's path fails that request alone -------------------------
+
+
+class FaultyEngine(MockEngine):
+    """MockEngine whose prefill or insert raises for the prompt [13]."""
+
+    def __init__(self, batch: int, fail_in: str, **kwargs):
+        super().__init__(batch, **kwargs)
+        self.fail_in = fail_in
+        self.prompt = ()
+
+    def prefill(self, tokens, sampling, allowed=None):
+        self.prompt = tuple(tokens)
+        if self.fail_in == "prefill" and self.prompt == (13,):
+            raise RuntimeError("prefill of an odd prompt failed")
+        return super().prefill(tokens, sampling, allowed)
+
+    def insert(self, prefix, state, slot, remaining, stop_at_eos=True, restart_seed=None):
+        if self.fail_in == "insert" and self.prompt == (13,):
+            raise RuntimeError("insert failed")
+        return super().insert(prefix, state, slot, remaining, stop_at_eos, restart_seed)
+
+
+@pytest.mark.parametrize("fail_in", ["prefill", "insert"])
+def test_a_request_failing_in_the_engine_fails_alone(make, fail_in):
+    engine = FaultyEngine(batch=3, fail_in=fail_in, step_delay=0.002)
+    scheduler = make(engine)
+    prompts = [[1], [13], [2], [3]]
+    handles = [scheduler.submit(p, None, 8, seeds=[0, 5]) for p in prompts]
+    results = {}
+    for prompt, handle in zip(prompts, handles, strict=True):
+        results[prompt[0]] = {}
+        try:
+            for event in handle:
+                results[prompt[0]].setdefault(event.index, []).append(event.token)
+        except RequestFailed as exc:
+            results[prompt[0]] = str(exc)
+    assert results[13] == {
+        "prefill": "RuntimeError: prefill of an odd prompt failed",
+        "insert": "RuntimeError: insert failed",
+    }[fail_in]
+    for p in (1, 2, 3):  # choice 0 from the prefill, choice 1 restarted with seed 5
+        assert results[p] == {0: expected([p], 8)[0], 1: list(range(55 + p, 63 + p))}
+    assert not scheduler.failed and scheduler.active == 0
+    assert run(scheduler.submit([4], None, 3)) == expected([4], 3)
+
+
+class FailingConstraint:
+    """A grammar whose mask fails at its `fail_at`-th fill (or accept)."""
+
+    def __init__(self, fail_at: int, in_accept: bool = False):
+        self.fail_at, self.in_accept, self.calls = fail_at, in_accept, 0
+
+    def _count(self, accepting: bool) -> None:
+        if accepting == self.in_accept:
+            self.calls += 1
+            if self.calls == self.fail_at:
+                raise RuntimeError("the grammar engine broke")
+
+    def fill(self, bitmask, row):
+        self._count(False)
+
+    def accept(self, token):
+        self._count(True)
+        return True
+
+
+@pytest.mark.parametrize("in_accept", [False, True], ids=["fill", "accept"])
+def test_a_grammar_failing_mid_stream_fails_its_request_alone(make, in_accept):
+    engine = MockEngine(batch=2, step_delay=0.002)
+    scheduler = make(engine)
+    broken = scheduler.submit([0], None, 30, constraints=[FailingConstraint(4, in_accept)])
+    plain = scheduler.submit([5], None, 20)
+    tokens = []
+    with pytest.raises(RequestFailed, match="the grammar engine broke"):
+        tokens.extend(e.token for e in broken)
+    assert 1 <= len(tokens) <= 4 and tokens == list(range(50, 50 + len(tokens)))
+    assert run(plain) == expected([5], 20)
+    # The failed request's slot is free again: two requests run at once.
+    again = [scheduler.submit([i], None, 5) for i in (6, 7)]
+    assert [run(h) for h in again] == [expected([6], 5), expected([7], 5)]
+    assert not scheduler.failed
+
+
+class Consumed(np.ndarray):
+    """A decode-state buffer that a failed call consumed (as donation does)."""
+
+    def is_deleted(self) -> bool:
+        return True
+
+
+class StateLosingEngine(MockEngine):
+    """An insert that fails after consuming the shared decode state: an engine fault."""
+
+    def insert(self, prefix, state, slot, remaining, stop_at_eos=True, restart_seed=None):
+        if prefix.token == 50 + 13:
+            state["tokens"] = state["tokens"].view(Consumed)
+            raise RuntimeError("the device lost the state")
+        return super().insert(prefix, state, slot, remaining, stop_at_eos, restart_seed)
+
+
+def test_losing_the_decode_state_fails_every_request_at_once(make):
+    engine = StateLosingEngine(batch=2, step_delay=0.01)
+    scheduler = make(engine)
+    running = scheduler.submit([1], None, 1000)
+    next(iter(running))  # decoding
+    doomed = scheduler.submit([13], None, 5)
+    waiting = [scheduler.submit([i], None, 5) for i in (2, 3, 4)]
+    for handle in [running, doomed, *waiting]:
+        with pytest.raises(EngineFailed, match="the device lost the state"):
+            list(handle)
+    assert scheduler.failed
