@@ -6,10 +6,14 @@ out, a failure becomes an SSE error event followed by `[DONE]`.
 
 n choices stream interleaved, each with its index, its own role chunk first
 and exactly one finish_reason. With tools offered, each choice's text goes
-through a tool-call parser: text before a call is content, each call is sent
-whole as one tool_call delta (id and name once), and finish_reason becomes
-`tool_calls`. `required` and named tool choices, json_object and json_schema
-are enforced by a grammar (model/grammar.py), not by asking the model.
+through a tool-call parser (model/tool_calls.py): text before a call is
+content; a call's first delta carries its id, type and name, later ones its
+arguments as they are generated; finish_reason becomes `tool_calls`. A reply
+cut by max_tokens keeps its complete calls and drops the incomplete tail
+(when streamed, the tail was already sent, and finish_reason says `length`).
+`required` and named tool choices, json_object and json_schema are enforced
+by a grammar (model/grammar.py), not by asking the model. A request with the
+deprecated `functions` gets `function_call` instead of `tool_calls`.
 """
 
 import itertools
@@ -24,7 +28,7 @@ import flask
 from pydantic import BaseModel, ValidationError
 
 from handler import sse
-from handler.errors import internal_error, invalid_request, overloaded
+from handler.errors import engine_failed, internal_error, invalid_request, overloaded
 from handler.schemas import (
     AssistantMessage,
     ChatCompletion,
@@ -35,7 +39,9 @@ from handler.schemas import (
     ChunkChoice,
     ChunkDelta,
     CompletionRequest,
+    FunctionCallChunk,
     FunctionCallOut,
+    NamedToolChoice,
     TokenLogprobOut,
     ToolCallChunk,
     ToolCallOut,
@@ -45,13 +51,14 @@ from handler.schemas import (
 )
 from model.grammar import GrammarError
 from model.sampling_params import Delta, SamplingParams, TokenLogprob
-from model.scheduler import QueueFull
+from model.scheduler import EngineFailed, QueueFull, RequestFailed
 from model.tool_calls import (
     ContentDelta,
-    ToolCallDelta,
+    Event,
+    ToolCallArguments,
+    ToolCallStart,
     ToolCallStream,
     new_call_id,
-    parse_tool_calls,
 )
 
 if TYPE_CHECKING:
@@ -199,7 +206,15 @@ class ReplyShaper:
     def __init__(self, tokenizer: Any, request: ChatCompletionRequest) -> None:
         self.tokenizer = tokenizer
         self.request = request
-        self.parallel = request.parallel_tool_calls is not False
+        named = isinstance(request.tool_choice, NamedToolChoice)
+        # Which calls a reply keeps: all, or (not parallel) the first.
+        self.kept_calls = None if request.parallel_tool_calls is not False and not named else {0}
+        self.tool_names = [t.function.name for t in request.tools] if request.calls_tools else None
+        self.calls_finish = "function_call" if request.uses_functions else "tool_calls"
+
+    def tool_parser(self) -> ToolCallStream | None:
+        """A parser for one choice's text, or None when no tools are offered."""
+        return None if self.tool_names is None else ToolCallStream(self.tool_names)
 
     def logprobs(self, entries: Sequence[TokenLogprob]) -> ChoiceLogprobs | None:
         """OpenAI's logprobs object for `entries` (None unless the request asked)."""
@@ -219,20 +234,33 @@ class ReplyShaper:
         return TopLogprob(token=raw.decode("utf-8", "replace"), logprob=logprob, bytes=list(raw))
 
     def choice(self, index: int, result: ChoiceResult) -> Choice:
-        """A non-streamed choice; tool calls are parsed out of the text when tools are offered."""
-        content, calls, reason = result.text, None, result.finish_reason
-        if self.request.calls_tools:
-            before, parsed = parse_tool_calls(result.text)
-            if parsed:
-                parsed = parsed if self.parallel else parsed[:1]
-                content, reason = before, "tool_calls"
-                calls = [
-                    ToolCallOut(id=new_call_id(), function=FunctionCallOut(**vars(call)))
-                    for call in parsed
-                ]
+        """A non-streamed choice: complete tool calls are parsed out of the text."""
+        content, reason, message = result.text, result.finish_reason, None
+        parser = self.tool_parser()
+        if parser is not None:
+            events = parser.feed(result.text) + parser.finish()
+            content = "".join(e.text for e in events if isinstance(e, ContentDelta))
+            content = content if content.strip() else None
+            calls = [
+                call
+                for i, call in enumerate(parser.complete_calls())
+                if self.kept_calls is None or i in self.kept_calls
+            ]
+            if calls:
+                reason = self.calls_finish
+                if self.request.uses_functions:
+                    message = AssistantMessage(
+                        content=content, function_call=FunctionCallOut(**vars(calls[0]))
+                    )
+                else:
+                    out = [
+                        ToolCallOut(id=new_call_id(), function=FunctionCallOut(**vars(c)))
+                        for c in calls
+                    ]
+                    message = AssistantMessage(content=content, tool_calls=out)
         return Choice(
             index=index,
-            message=AssistantMessage(content=content, tool_calls=calls),
+            message=message or AssistantMessage(content=content),
             logprobs=self.logprobs(result.logprobs),
             finish_reason=reason,
         )
@@ -275,7 +303,8 @@ def start_generation(
 
     Returns the engine's generator (close it to cancel) and an iterator over
     all its deltas, the first included. The engine's ValueError (a request it
-    refuses) is a 400.
+    refuses) is a 400; a request that failed in the engine a 500; a failed
+    engine a 503.
     """
     try:
         engine_stream = llm.stream(prompt_ids, params)
@@ -284,6 +313,10 @@ def start_generation(
         raise invalid_request(str(exc)) from None
     except QueueFull as exc:
         raise overloaded(str(exc)) from None
+    except EngineFailed:
+        raise engine_failed() from None
+    except RequestFailed:
+        raise internal_error() from None  # the scheduler logged why
     except StopIteration:
         raise RuntimeError("the engine's stream ended without any delta") from None
     return engine_stream, itertools.chain([first], engine_stream)
@@ -342,8 +375,8 @@ class ChoiceStream:
         self.header = header
         self.shaper = shaper
         self.index = index
-        self.tools = ToolCallStream() if shaper.request.calls_tools else None
-        self.calls = 0
+        self.tools = shaper.tool_parser()
+        self.calls_started = False
         self.finished = False
 
     def events(self, delta: Delta) -> Iterator[str]:
@@ -356,24 +389,40 @@ class ChoiceStream:
             return
         parsed = self.tools.feed(delta.text) + (self.tools.finish() if reason else [])
         content = "".join(e.text for e in parsed if isinstance(e, ContentDelta))
-        calls = [e for e in parsed if isinstance(e, ToolCallDelta)]
-        if not self.shaper.parallel:
-            calls = calls[: max(0, 1 - self.calls)]
         if content or logprobs:
             yield self._chunk(ChunkDelta(content=content or None), None, logprobs)
-        if calls:
-            self.calls += len(calls)
-            chunks = [
-                ToolCallChunk(
-                    index=c.index,
-                    id=c.id,
-                    function=FunctionCallOut(name=c.name, arguments=c.arguments),
-                )
-                for c in calls
-            ]
-            yield self._chunk(ChunkDelta(tool_calls=chunks))
+        calls = self._call_delta(parsed)
+        if calls is not None:
+            yield self._chunk(calls)
         if reason:
-            yield self._chunk(ChunkDelta(), "tool_calls" if self.calls else reason)
+            kept = self.shaper.kept_calls
+            if self.calls_started and not self.tools.incomplete(kept):
+                reason = self.shaper.calls_finish
+            yield self._chunk(ChunkDelta(), reason)
+
+    def _call_delta(self, parsed: list[Event]) -> ChunkDelta | None:
+        """The tool-call parts among `parsed`, one entry per call, as a delta (or None)."""
+        parts: dict[int, ToolCallChunk] = {}
+        for event in parsed:
+            if not isinstance(event, ToolCallStart | ToolCallArguments):
+                continue
+            kept = self.shaper.kept_calls
+            if kept is not None and event.index not in kept:
+                continue
+            part = parts.setdefault(
+                event.index, ToolCallChunk(index=event.index, function=FunctionCallChunk())
+            )
+            if isinstance(event, ToolCallStart):
+                self.calls_started = True
+                part.id, part.type = event.id, "function"
+                part.function.name, part.function.arguments = event.name, ""
+            else:
+                part.function.arguments = (part.function.arguments or "") + event.text
+        if not parts:
+            return None
+        if self.shaper.request.uses_functions:
+            return ChunkDelta(function_call=parts[0].function)
+        return ChunkDelta(tool_calls=list(parts.values()))
 
     def _chunk(
         self, delta: ChunkDelta, reason: str | None = None, logprobs: ChoiceLogprobs | None = None

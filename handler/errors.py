@@ -142,6 +142,17 @@ def model_failed() -> APIError:
     return APIError(503, "The model failed to load.", "server_error", code="model_load_failed")
 
 
+def engine_failed() -> APIError:
+    """503 when the engine failed (a device fault): this instance serves no more, and
+    /health says so, so that the platform replaces it."""
+    return APIError(
+        503,
+        "The inference engine of this server instance failed; retry on another instance.",
+        "server_error",
+        code="engine_failed",
+    )
+
+
 def internal_error() -> APIError:
     """500 for an unexpected failure while serving one request."""
     return APIError(500, "The server had an error while processing your request.", "server_error")

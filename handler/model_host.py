@@ -17,7 +17,7 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
-from handler.errors import model_failed, model_loading
+from handler.errors import engine_failed, model_failed, model_loading
 from handler.settings import Settings
 
 if TYPE_CHECKING:
@@ -137,4 +137,6 @@ class ModelHost:
         self.start()
         if self._llm is not None and not self._llm.failed:
             return self._llm
+        if self._llm is not None:
+            raise engine_failed()
         raise model_failed() if self.status == "failed" else model_loading()

@@ -1,10 +1,13 @@
 """Pydantic models of the OpenAI chat-completions API: requests and responses.
 
 Request fields share bounded `Field`s (the llama-cpp-python `server/types.py`
-habit), so a range is written once. Unknown fields are accepted and ignored, as
-OpenAI and vLLM do; the handler logs their names. Validation errors become 400s
+habit), so a range is written once. Types are strict, as OpenAI's are: `"0.5"`
+is not a number and `1` not a boolean (an integer is a number, though), and
+every integer is bounded. Unknown fields are accepted and ignored, as OpenAI
+and vLLM do; the handler logs their names. Validation errors become 400s
 whose `param` names the offending field ("messages.0.role", "temperature").
 Checks that need the model (vocabulary, batch, grammars) are in handler/chat.py.
+The deprecated `functions` / `function_call` fields are read as tools.
 """
 
 from typing import Annotated, Any, Literal
@@ -17,16 +20,22 @@ from pydantic import (
     ValidationInfo,
     field_validator,
     model_serializer,
+    model_validator,
 )
 
 from handler.errors import APIError, invalid_request
 from model.sampling_params import SamplingParams
 
+# The largest value of an integer field that has no natural bound (the engine's int32).
+INT32_MAX = 2**31 - 1
+
 # Shared, bounded fields. `None` means "not sent": the engine default applies.
-max_tokens_field = Field(default=None, ge=1, description="Most tokens to generate.")
+max_tokens_field = Field(default=None, ge=1, le=INT32_MAX, description="Most tokens to generate.")
 temperature_field = Field(default=None, ge=0.0, le=2.0, description="0 is greedy.")
 top_p_field = Field(default=None, gt=0.0, le=1.0, description="Nucleus mass kept.")
-top_k_field = Field(default=None, ge=-1, description="Top tokens kept; 0 or -1 disable.")
+top_k_field = Field(
+    default=None, ge=-1, le=INT32_MAX, description="Top tokens kept; 0 or -1 disable."
+)
 min_p_field = Field(default=None, ge=0.0, le=1.0, description="Min probability vs. the top.")
 penalty_field = Field(default=None, ge=-2.0, le=2.0, description="OpenAI-style penalty.")
 repetition_penalty_field = Field(default=None, gt=0.0, description="1 disables.")
@@ -36,41 +45,49 @@ top_logprobs_field = Field(default=None, ge=0, le=20, description="Alternatives 
 
 MAX_STOP_STRINGS = 4
 StopString = Annotated[str, Field(min_length=1)]
-TokenIdKey = Annotated[str, Field(pattern=r"^-?\d+$")]
+TokenIdKey = Annotated[str, Field(pattern=r"^-?\d{1,10}$")]
 LogitBias = Annotated[float, Field(ge=-100.0, le=100.0)]
 
 
-class TextPart(BaseModel):
+class Strict(BaseModel):
+    """A request model: strict types, finite numbers, unknown fields accepted."""
+
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="allow")
+
+
+class TextPart(Strict):
     """One `{"type": "text", "text": …}` part of an array-valued content."""
 
-    model_config = ConfigDict(extra="allow")
     type: Literal["text"]
     text: str
 
 
-class FunctionCall(BaseModel):
+class FunctionCall(Strict):
     name: str
     arguments: str
 
 
-class ToolCall(BaseModel):
+class ToolCall(Strict):
     """A tool call made by the assistant earlier in the conversation."""
 
-    model_config = ConfigDict(extra="allow")
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class ChatMessage(BaseModel):
-    """One conversation message; content is a string or a list of text parts."""
+class ChatMessage(Strict):
+    """One conversation message; content is a string or a list of text parts.
 
-    model_config = ConfigDict(extra="allow")
+    The deprecated `function` role (a function's result, named by `name`) and
+    an assistant's `function_call` are read as a tool result and a tool call.
+    """
+
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextPart] | None = Field(default=None, validate_default=True)
-    name: str | None = None
+    name: str | None = Field(default=None, validate_default=True)
     tool_call_id: str | None = None
     tool_calls: list[ToolCall] | None = None
+    function_call: FunctionCall | None = None
 
     @field_validator("content")
     @classmethod
@@ -79,6 +96,13 @@ class ChatMessage(BaseModel):
         role = info.data.get("role")
         if value is None and role is not None and role != "assistant":
             raise ValueError(f"content is required for a '{role}' message")
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _function_result_is_named(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None and info.data.get("role") == "function":
+            raise ValueError("name is required for a 'function' message")
         return value
 
     def text(self) -> str:
@@ -92,45 +116,51 @@ class ChatMessage(BaseModel):
     def for_template(self) -> dict:
         """The message as the chat template expects it: role and string content."""
         message = self.model_dump(exclude_none=True, include={"role", "name", "tool_call_id"})
+        if self.role == "function":
+            message["role"] = "tool"
         message["content"] = self.text()
-        if self.tool_calls:
-            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        calls = self.tool_calls
+        if not calls and self.function_call is not None:
+            calls = [ToolCall(id="call_0", function=self.function_call)]
+        if calls:
+            message["tool_calls"] = [
+                call.model_dump(include={"id", "type", "function"}) for call in calls
+            ]
         return message
 
 
-class FunctionDefinition(BaseModel):
+class FunctionDefinition(Strict):
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class Tool(BaseModel):
+class Tool(Strict):
     type: Literal["function"]
     function: FunctionDefinition
 
 
-class FunctionName(BaseModel):
+class FunctionName(Strict):
     name: str
 
 
-class NamedToolChoice(BaseModel):
+class NamedToolChoice(Strict):
     type: Literal["function"]
     function: FunctionName
 
 
-class JSONSchema(BaseModel):
+class JSONSchema(Strict):
     """`response_format.json_schema`: a named schema, optionally strict."""
 
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=True)
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
     description: str | None = None
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
     strict: bool | None = None
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class ResponseFormat(Strict):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JSONSchema | None = Field(default=None, validate_default=True)
 
@@ -142,15 +172,12 @@ class ResponseFormat(BaseModel):
         return value
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class StreamOptions(Strict):
     include_usage: bool | None = None
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(Strict):
     """The body of `POST /v1/chat/completions`."""
-
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: str = Field(min_length=1)
     messages: list[ChatMessage] = Field(min_length=1)
@@ -176,6 +203,8 @@ class ChatCompletionRequest(BaseModel):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    functions: list[FunctionDefinition] | None = Field(default=None, min_length=1)
+    function_call: Literal["none", "auto"] | FunctionName | None = None
     user: str | None = None
 
     @field_validator("stop", mode="before")
@@ -216,6 +245,46 @@ class ChatCompletionRequest(BaseModel):
                     f"in tools ({', '.join(names)})"
                 )
         return value
+
+    @field_validator("functions")
+    @classmethod
+    def _functions_or_tools(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None and info.data.get("tools") is not None:
+            raise ValueError("give tools or the deprecated functions, not both")
+        return value
+
+    @field_validator("function_call")
+    @classmethod
+    def _function_call_needs_functions(cls, value: Any, info: ValidationInfo) -> Any:
+        functions = info.data.get("functions")
+        if value is None:
+            return value
+        if not functions:
+            raise ValueError("function_call is only allowed when functions are given")
+        names = [f.name for f in functions]
+        if isinstance(value, FunctionName) and value.name not in names:
+            raise ValueError(
+                f"function_call names function '{value.name}', which is not in functions "
+                f"({', '.join(names)})"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _functions_as_tools(self) -> "ChatCompletionRequest":
+        """The deprecated functions are tools; function_call is tool_choice; one call at most."""
+        if self.functions is not None:
+            self.tools = [Tool(type="function", function=f) for f in self.functions]
+            choice = self.function_call
+            if isinstance(choice, FunctionName):
+                choice = NamedToolChoice(type="function", function=choice)
+            self.tool_choice = choice
+            self.parallel_tool_calls = False
+        return self
+
+    @property
+    def uses_functions(self) -> bool:
+        """Whether the request used the deprecated functions: the reply uses function_call."""
+        return self.functions is not None
 
     @property
     def calls_tools(self) -> bool:
@@ -290,15 +359,16 @@ def sampling_params(
     )
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(Strict):
     """The body of the legacy `POST /v1/completions`: raw prompts, no chat template."""
 
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
-
     model: str = Field(min_length=1)
-    # One prompt as text or token ids, or a batch of either (each gets n choices).
+    # One prompt as text or token ids, or a batch of either (each gets n choices); an
+    # empty prompt starts from the model's BOS token. Ids are checked against the vocabulary.
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1, description="OpenAI's default is 16.")
+    max_tokens: int | None = Field(
+        default=16, ge=1, le=INT32_MAX, description="OpenAI's default is 16."
+    )
     temperature: float | None = temperature_field
     top_p: float | None = top_p_field
     top_k: int | None = top_k_field
@@ -325,15 +395,6 @@ class CompletionRequest(BaseModel):
     _stream_options_need_stream = field_validator("stream_options")(
         ChatCompletionRequest._stream_options_need_stream.__func__
     )
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt_not_empty(cls, value: Any) -> Any:
-        if isinstance(value, list) and (
-            not value or any(len(p) == 0 for p in value if isinstance(p, str | list))
-        ):
-            raise ValueError("prompt must not be empty")
-        return value
 
     @field_validator("best_of")
     @classmethod
@@ -429,15 +490,20 @@ class ToolCallOut(BaseModel):
 
 
 class AssistantMessage(BaseModel):
+    """A reply message; `function_call` (deprecated) replaces `tool_calls` when the
+    request used `functions`."""
+
     role: Literal["assistant"] = "assistant"
     content: str | None
     tool_calls: list[ToolCallOut] | None = None
+    function_call: FunctionCallOut | None = None
 
     @model_serializer(mode="wrap")
-    def _omit_absent_tool_calls(self, handler: Any) -> dict:
+    def _omit_absent_calls(self, handler: Any) -> dict:
         data = handler(self)
-        if data.get("tool_calls") is None:
-            data.pop("tool_calls", None)
+        for key in ("tool_calls", "function_call"):
+            if data.get(key) is None:
+                data.pop(key, None)
         return data
 
 
@@ -474,26 +540,38 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
-class ToolCallChunk(BaseModel):
-    """A streamed tool call: sent whole, once, so id and name are never repeated."""
+class PresentFields(BaseModel):
+    """A streamed object whose fields left None are omitted on the wire: the SDK
+    concatenates repeated strings, so absent must mean absent, not null."""
+
+    @model_serializer(mode="wrap")
+    def _present_fields(self, handler: Any) -> dict:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class FunctionCallChunk(PresentFields):
+    """Part of a streamed call: the name once, in its first chunk; arguments fragments."""
+
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallChunk(PresentFields):
+    """A streamed tool call's part: id, type and name in the first one for its index."""
 
     index: int
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCallOut
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallChunk
 
 
-class ChunkDelta(BaseModel):
+class ChunkDelta(PresentFields):
     """What a chunk adds to a choice; fields left None are omitted on the wire."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[ToolCallChunk] | None = None
-
-    @model_serializer(mode="wrap")
-    def _present_fields(self, handler: Any) -> dict:
-        # The SDK concatenates repeated strings, so absent means absent, not null.
-        return {k: v for k, v in handler(self).items() if v is not None}
+    function_call: FunctionCallChunk | None = None
 
 
 class ChunkChoice(BaseModel):

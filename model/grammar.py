@@ -35,6 +35,8 @@ from model.tokenizer import END_OF_TURN_TOKENS, Tokenizer
 _COMPACT_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 _CALL_OPEN, _CALL_CLOSE = "<tool_call>\n", "\n</tool_call>"
+# The arguments of a function declared without parameters: exactly `{}`.
+NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 
 
 class GrammarError(ValueError):
@@ -97,10 +99,12 @@ class Grammars:
         """Grammar for forced Hermes tool calls: `<tool_call>\\n{json}\\n</tool_call>` blocks.
 
         Each block is `{"name": <fn>, "arguments": {...}}`, the arguments
-        matching that function's `parameters` schema (any object if missing).
-        tools: OpenAI tool dicts. name: allow only this function. parallel:
-        one or more blocks separated by "\\n"; otherwise exactly one.
-        Raises GrammarError for a bad parameters schema or an unknown `name`.
+        matching that function's `parameters` schema (`{}` if it has none, as
+        OpenAI defines a function without parameters). tools: OpenAI tool
+        dicts. name: exactly one call, of this function. parallel: one or
+        more blocks separated by "\\n" (the model may stop after any of
+        them); otherwise exactly one. Raises GrammarError for a bad
+        parameters schema or an unknown `name`.
         """
         functions = [tool.get("function") or {} for tool in tools]
         chosen = [i for i, f in enumerate(functions) if name is None or f.get("name") == name]
@@ -114,7 +118,7 @@ class Grammars:
         calls = " | ".join(f"call_{i}" for i in chosen)
         lark = "\n".join(
             [
-                'start: call ("\\n" call)*' if parallel else "start: call",
+                'start: call ("\\n" call)*' if parallel and name is None else "start: call",
                 f"call: {_lark_string(_CALL_OPEN)} ({calls}) {_lark_string(_CALL_CLOSE)}",
                 *rules,
             ]
@@ -135,7 +139,9 @@ class Grammars:
         fn_name = function.get("name")
         if not isinstance(fn_name, str) or not fn_name:
             raise GrammarError(f"{field}.name must be a non-empty string")
-        parameters = function.get("parameters") or {"type": "object"}
+        parameters = function.get("parameters")
+        if parameters is None or parameters == {}:
+            parameters = NO_PARAMETERS
         if not isinstance(parameters, dict):
             raise GrammarError(f"{field}.parameters must be a JSON object")
         strict = bool(function.get("strict", False))

@@ -10,7 +10,8 @@ import pytest
 from model.tool_calls import (
     ContentDelta,
     ParsedCall,
-    ToolCallDelta,
+    ToolCallArguments,
+    ToolCallStart,
     ToolCallStream,
     hermes_call_text,
     hermes_system_prompt,
@@ -78,9 +79,10 @@ def test_parse_text_and_one_call() -> None:
         "Let me check.\n<tool_call>\n"
         '{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n</tool_call>'
     )
+    # The arguments are the model's own JSON text.
     assert parse_tool_calls(text) == (
         "Let me check.\n",
-        [ParsedCall("get_weather", '{"city":"Paris","days":2}')],
+        [ParsedCall("get_weather", '{"city": "Paris", "days": 2}')],
     )
 
 
@@ -89,12 +91,23 @@ def test_parse_two_calls_blank_content() -> None:
         '\n<tool_call>\n{"name": "a", "arguments": {}}\n</tool_call>\n'
         '<tool_call>{"arguments": {"x": [1, 2]}, "name": "b"}</tool_call>\n'
     )
-    assert parse_tool_calls(text) == (None, [ParsedCall("a", "{}"), ParsedCall("b", '{"x":[1,2]}')])
+    assert parse_tool_calls(text) == (
+        None,
+        [ParsedCall("a", "{}"), ParsedCall("b", '{"x": [1, 2]}')],
+    )
 
 
 def test_parse_arguments_as_json_string() -> None:
     text = '<tool_call>{"name": "f", "arguments": "{\\"q\\": \\"ß\\"}"}</tool_call>'
-    assert parse_tool_calls(text) == (None, [ParsedCall("f", '{"q":"ß"}')])
+    assert parse_tool_calls(text) == (None, [ParsedCall("f", '{"q": "ß"}')])
+
+
+def test_parse_other_members_and_parameters_key() -> None:
+    text = (
+        '<tool_call>{"id": 7, "x": [1, {"y": "}"}], "name": "a", '
+        '"parameters": {"s": "a\\"b}"}, "z": null}</tool_call>'
+    )
+    assert parse_tool_calls(text) == (None, [ParsedCall("a", '{"s": "a\\"b}"}')])
 
 
 def test_parse_unterminated_final_block() -> None:
@@ -105,29 +118,60 @@ def test_parse_unterminated_final_block() -> None:
 def test_parse_list_in_one_block() -> None:
     # SmolLM2's own tool format puts a JSON list of calls in one block.
     text = '<tool_call>[{"name": "a", "arguments": {"n": 1}}, {"name": "b"}]</tool_call>'
-    assert parse_tool_calls(text) == (None, [ParsedCall("a", '{"n":1}'), ParsedCall("b", "{}")])
+    assert parse_tool_calls(text) == (None, [ParsedCall("a", '{"n": 1}'), ParsedCall("b", "{}")])
+
+
+def test_a_call_cut_off_is_dropped_and_the_complete_ones_stay() -> None:
+    # What a forced call looks like when max_tokens cuts a repeated call short.
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    for cut in (
+        '\n<tool_call>\n{"name": "get_weather", "arguments": {"ci',
+        "\n<tool_",
+        "\n<tool_call>\n{",
+    ):
+        assert parse_tool_calls(call + cut) == (
+            None,
+            [ParsedCall("get_weather", '{"city": "Paris"}')],
+        ), cut
+    # Cut before any call completed: neither calls nor markup.
+    assert parse_tool_calls('Sure. <tool_call>\n{"name": "get_weather", "argu') == ("Sure. ", [])
 
 
 @pytest.mark.parametrize(
     "text",
     [
-        'Hi <tool_call>{"name": "a", "arguments": {</tool_call>',  # malformed JSON
-        '<tool_call>{"name": "a"}</tool_call><tool_call>{"arguments": {}}</tool_call>',  # no name
+        '<tool_call>{"arguments": {}}</tool_call>',  # no name
         '<tool_call>{"name": "", "arguments": {}}</tool_call>',  # empty name
+        '<tool_call>{"name": 3}</tool_call>',  # name not a string
         '<tool_call>{"name": "a", "arguments": [1]}</tool_call>',  # arguments not an object
         '<tool_call>{"name": "a", "arguments": "not json"}</tool_call>',
         "<tool_call>[]</tool_call>",
-        '<tool_call>{"name": "a"}<tool_call>{"name": "b"}</tool_call>',  # nested open tag
+        "<tool_call>{broken",
         "I would use <tool_call> here.",
+        '<tool_call>{"name": "unknown", "arguments": {}}</tool_call>',  # not an offered tool
     ],
 )
-def test_parse_invalid_block_makes_everything_content(text: str) -> None:
-    assert parse_tool_calls(text) == (text, [])
+def test_a_first_block_that_is_not_a_call_makes_everything_content(text: str) -> None:
+    assert parse_tool_calls(text, names=["a", "get_weather"]) == (text, [])
+
+
+def test_broken_arguments_after_the_call_began_leave_it_incomplete() -> None:
+    # The call began when '{' opened its arguments; '<' cannot follow in JSON.
+    text = 'Hi <tool_call>{"name": "a", "arguments": {</tool_call>'
+    stream = ToolCallStream()
+    events = stream.feed(text) + stream.finish()
+    assert events[0] == ContentDelta("Hi ")
+    assert [type(e) for e in events[1:]] == [ToolCallStart, ToolCallArguments]
+    assert stream.complete_calls() == [] and stream.incomplete()
+    assert parse_tool_calls(text) == ("Hi ", [])
 
 
 def test_text_between_and_after_blocks_is_dropped() -> None:
     text = 'A<tool_call>{"name": "a"}</tool_call> and <tool_call>{"name": "b"}</tool_call> done'
     assert parse_tool_calls(text) == ("A", [ParsedCall("a", "{}"), ParsedCall("b", "{}")])
+    # A later block that is not a call is dropped with the rest, the calls stay.
+    text = '<tool_call>{"name": "a"}</tool_call><tool_call>{"name": 3}</tool_call>'
+    assert parse_tool_calls(text) == (None, [ParsedCall("a", "{}")])
 
 
 def counting_ids() -> ToolCallStream:
@@ -135,13 +179,18 @@ def counting_ids() -> ToolCallStream:
     return ToolCallStream(new_id=lambda: f"id{next(counter)}")
 
 
-def run_stream(pieces: list[str]) -> tuple[str | None, list[ParsedCall], list[ToolCallDelta]]:
+def run_stream(pieces: list[str]) -> tuple[str | None, list[ParsedCall], list[ToolCallStart]]:
+    """Content, calls as a client accumulates them (complete or not), and the starts."""
     stream = counting_ids()
     events = [e for piece in pieces for e in stream.feed(piece)] + stream.finish()
     text = "".join(e.text for e in events if isinstance(e, ContentDelta))
-    calls = [e for e in events if isinstance(e, ToolCallDelta)]
-    parsed = [ParsedCall(c.name, c.arguments) for c in calls]
-    return text or None, parsed, calls
+    starts = [e for e in events if isinstance(e, ToolCallStart)]
+    arguments = {start.index: "" for start in starts}
+    for event in events:
+        if isinstance(event, ToolCallArguments):
+            arguments[event.index] += event.text
+    calls = [ParsedCall(s.name, arguments[s.index]) for s in starts]
+    return (text if text.strip() else None), calls, starts
 
 
 STREAM_TEXTS = [
@@ -154,22 +203,28 @@ STREAM_TEXTS = [
     ' <tool_call>{"name": "a"}</tool_call><tool_call>{"name": 3}</tool_call>',
     '<<tool_call>{"name": "a"}</tool_call>',
     "ok <tool_call>{broken",
+    '<tool_call>[{"arguments": {"n": [1, {"m": "x\\\\"}]}, "name": "a"}, {"name": "b"}]</tool_call>',
+    '<tool_call>\n{"name": "a", "arguments": {"c": "Paris"}}\n</tool_call>\n<tool_call>\n{"name": "a", "ar',
 ]
 
 
 @pytest.mark.parametrize("text", STREAM_TEXTS)
 def test_stream_equals_parse_for_random_splits(text: str) -> None:
     rng = random.Random(1234)
-    expected = parse_tool_calls(text)
+    stream = counting_ids()
+    whole = stream.feed(text) + stream.finish()
+    expected_content, complete = parse_tool_calls(text)
     for _ in range(200):
         cuts = sorted(rng.sample(range(1, len(text)), rng.randint(0, min(8, len(text) - 1))))
         pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
-        content, parsed, calls = run_stream(pieces)
-        assert (content, parsed) == expected, pieces
-        assert [c.index for c in calls] == list(range(len(calls)))
-        assert [c.id for c in calls] == [f"id{i}" for i in range(len(calls))]
-    one_char = run_stream(list(text))
-    assert one_char[:2] == expected
+        content, calls, starts = run_stream(pieces)
+        assert content == expected_content, pieces
+        # Accumulated deltas give every started call; the complete ones are the parse's.
+        assert [c for c in calls if c in complete] == complete
+        assert [s.index for s in starts] == list(range(len(starts)))
+        assert [s.id for s in starts] == [f"id{i}" for i in range(len(starts))]
+        assert starts == [e for e in whole if isinstance(e, ToolCallStart)]
+    assert run_stream(list(text))[:2] == run_stream([text])[:2]
 
 
 def test_partial_tag_is_held_back() -> None:
@@ -180,14 +235,22 @@ def test_partial_tag_is_held_back() -> None:
     assert stream.finish() == [ContentDelta("<")]
 
 
-def test_calls_come_at_finish_with_ids() -> None:
-    stream = ToolCallStream()
+def test_a_call_streams_its_name_first_then_its_arguments_as_generated() -> None:
+    stream = ToolCallStream(names=["f"])
     assert stream.feed("hello <tool") == [ContentDelta("hello ")]
-    assert stream.feed('_call>{"name": "f", "arguments": {"a": 1}}</tool_call>') == []
-    [call] = stream.finish()
-    assert isinstance(call, ToolCallDelta)
-    assert (call.index, call.name, call.arguments) == (0, "f", '{"a":1}')
-    assert re.fullmatch(r"call_[0-9a-f]{24}", call.id)
+    assert stream.feed('_call>{"name": "f", "argu') == []
+    start, first = stream.feed('ments": {"a"')
+    assert isinstance(start, ToolCallStart) and (start.index, start.name) == (0, "f")
+    assert re.fullmatch(r"call_[0-9a-f]{24}", start.id)
+    # The fragment that opened the arguments comes right after the start.
+    assert first == ToolCallArguments(0, '{"a"')
+    assert stream.feed(": 1") == [ToolCallArguments(0, ": 1")]
+    assert stream.incomplete()
+    assert stream.feed("}}</tool_") == [ToolCallArguments(0, "}")]
+    assert not stream.incomplete()
+    assert stream.feed("call>") == []
+    assert stream.finish() == []
+    assert stream.complete_calls() == [ParsedCall("f", '{"a": 1}')]
 
 
 def test_blank_prefix_is_held_until_known() -> None:
@@ -197,5 +260,5 @@ def test_blank_prefix_is_held_until_known() -> None:
 
     stream = ToolCallStream()
     assert stream.feed("\n") == []
-    assert stream.feed("<tool_call>{oops") == []
-    assert stream.finish() == [ContentDelta("\n<tool_call>{oops")]  # a failed call is content
+    assert stream.feed("<tool_call>{oops") == [ContentDelta("\n<tool_call>{oops")]
+    assert stream.finish() == []  # a failed call is content
