@@ -14,10 +14,10 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import flask
 
+from handler.body import read_json
 from handler.chat import chat_completion, parse_chat_request
 from handler.completions import completion, parse_completion_request
 from handler.errors import (
@@ -26,11 +26,9 @@ from handler.errors import (
     authentication_failed,
     error_response,
     internal_error,
-    invalid_request,
     method_not_allowed,
     model_not_found,
     path_not_found,
-    request_too_large,
 )
 from handler.model_host import ModelHost
 from handler.schemas import ModelCard, ModelList
@@ -43,7 +41,6 @@ Handler = Callable[[flask.Request], flask.Response]
 # OpenAI clients are configured with a base URL ending in /v1 (the SDK), /api/v1
 # (OpenRouter-style clients) or nothing; all reach the same routes.
 API_PREFIXES = ("/api/v1", "/v1")
-READ_CHUNK_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -135,35 +132,6 @@ def check_api_key(keys: list[str], authorization: str | None) -> None:
     matches = [hmac.compare_digest(offered, key.encode()) for key in keys]
     if not any(matches):
         raise authentication_failed("Incorrect API key provided.")
-
-
-def read_json(request: flask.Request, limit: int) -> Any:
-    """The request body decoded as JSON: 413 beyond `limit` bytes, 400 if not JSON."""
-    if request.content_length is not None and request.content_length > limit:
-        raise request_too_large(limit)
-    body = _read_at_most(request, limit + 1)
-    if len(body) > limit:
-        raise request_too_large(limit)
-    try:
-        return json.loads(body)
-    except (ValueError, RecursionError) as exc:
-        raise invalid_request(
-            f"We could not parse the JSON body of your request: {exc}", code="invalid_json"
-        ) from None
-
-
-def _read_at_most(request: flask.Request, size: int) -> bytes:
-    # Read the stream in bounded pieces: a chunked body has no Content-Length
-    # to check up front, and one read() may return less than asked.
-    chunks: list[bytes] = []
-    total = 0
-    while total < size:
-        chunk = request.stream.read(min(READ_CHUNK_BYTES, size - total))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        total += len(chunk)
-    return b"".join(chunks)
 
 
 def json_response(payload: dict, status: int = 200, headers: dict | None = None) -> flask.Response:

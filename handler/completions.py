@@ -34,16 +34,43 @@ def parse_completion_request(body) -> CompletionRequest:
     return parse_request(CompletionRequest, body)
 
 
-def prompt_ids(llm, request: CompletionRequest) -> list[list[int]]:
-    """Each prompt as token ids; 400 when one does not fit with its max_tokens."""
+def prompts_of(request: CompletionRequest) -> list[str | list[int]]:
+    """The request's prompts: one string or id list, or a batch of them (`[]` is one
+    empty prompt)."""
     prompts = request.prompt
-    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-        prompts = [prompts]
-    encoded = [llm.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-    for index, ids in enumerate(encoded):
+    if isinstance(prompts, str) or not prompts or isinstance(prompts[0], int):
+        return [prompts]
+    return list(prompts)
+
+
+def prompt_ids(llm, request: CompletionRequest) -> list[list[int]]:
+    """Each prompt as token ids; 400 when one does not fit with its max_tokens.
+
+    An empty prompt starts from the model's BOS token (as OpenAI's models start
+    from <|endoftext|>); a model without one cannot continue nothing: 400.
+    """
+    prompts = prompts_of(request)
+    if llm.max_queue and len(prompts) > llm.max_queue:
+        raise invalid_request(
+            f"A batch of {len(prompts)} prompts is more than this server queues at once "
+            f"({llm.max_queue}); send smaller batches.",
+            param="prompt",
+        )
+    encoded = []
+    for index, prompt in enumerate(prompts):
+        ids = llm.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            if llm.tokenizer.bos_id is None:
+                raise invalid_request(
+                    f"prompt {index} is empty, and this model has no BOS token to start from.",
+                    param="prompt",
+                )
+            ids = [llm.tokenizer.bos_id]
         if any(not 0 <= t < llm.vocab_size for t in ids):
             raise invalid_request(
-                f"prompt {index} holds token ids outside the vocabulary.", "prompt"
+                f"prompt {index} holds token ids outside the vocabulary "
+                f"(0 to {llm.vocab_size - 1}).",
+                param="prompt",
             )
         budget = request.max_tokens or 1
         if len(ids) + budget > llm.max_seq_len:
@@ -54,17 +81,22 @@ def prompt_ids(llm, request: CompletionRequest) -> list[list[int]]:
                 param="max_tokens" if request.max_tokens else "prompt",
                 code="context_length_exceeded",
             )
+        encoded.append(ids)
     return encoded
 
 
 class LegacyShaper:
     """Engine output → legacy choices: echoed prompts and the parallel-list logprobs."""
 
-    def __init__(self, llm, request: CompletionRequest, prompts: list[list[int]]) -> None:
+    def __init__(self, llm, request: CompletionRequest) -> None:
         self.tokenizer = llm.tokenizer
         self.request = request
         self.n = request.n or 1
-        self.echoes = [self.tokenizer.decode(ids) if request.echo else "" for ids in prompts]
+        self.echoes = [self._echo(p) if request.echo else "" for p in prompts_of(request)]
+
+    def _echo(self, prompt: str | list[int]) -> str:
+        """The prompt as sent: its text, or its ids decoded."""
+        return prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)
 
     def logprobs(self, entries: list[TokenLogprob], offset: int) -> CompletionLogprobs | None:
         """Logprobs for `entries`, whose text starts at `offset` in the choice's text."""
@@ -110,7 +142,7 @@ def completion(llm, request: CompletionRequest, fingerprint: str) -> flask.Respo
         for engine_stream, _ in started:
             engine_stream.close()
         raise
-    shaper = LegacyShaper(llm, request, prompts)
+    shaper = LegacyShaper(llm, request)
     reply = TextCompletion(
         id=f"cmpl-{uuid.uuid4().hex}",
         created=int(time.time()),

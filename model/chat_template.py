@@ -293,7 +293,8 @@ class ChatTemplate:
         described in the system prompt (see the module docstring), as is any
         tool-call history. Role "developer" becomes "system" for templates
         that never mention it. extra: further template variables (e.g.
-        enable_thinking). Raises TemplateError if the template raises or fails.
+        enable_thinking). Raises TemplateError if the template raises or fails in
+        any way (a template written for other inputs may, e.g., add None to a string).
         """
         compiled = self._variants.get("tool_use", self._default) if tools else self._default
         messages = [flatten_content(m) for m in messages]
@@ -317,5 +318,5 @@ class ChatTemplate:
             return compiled.template.render(**context)
         except TemplateError:
             raise
-        except jinja2.TemplateError as exc:
-            raise TemplateError(f"chat template failed: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - a template may fail on any input it does not expect
+            raise TemplateError(f"chat template failed: {type(exc).__name__}: {exc}") from exc

@@ -526,7 +526,7 @@ class Engine:
         return SlotSampling.create(
             [params.temperature],
             [params.top_p],
-            [params.top_k],
+            [min(params.top_k, v)],  # keeping more than the vocabulary keeps all of it
             prng_key(seed)[None],
             vocab_size=v,
             min_p=[params.min_p],

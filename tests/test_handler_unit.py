@@ -41,7 +41,10 @@ app = make_handler(settings, host)
 
 
 class CharTokenizer:
-    """One token per character; the id is the code point."""
+    """One token per character; the id is the code point. No BOS unless one is given."""
+
+    def __init__(self, bos_id: int | None = None) -> None:
+        self.bos_id = bos_id
 
     def encode(self, text: str) -> list[int]:
         return [ord(c) for c in text]
@@ -53,24 +56,37 @@ class CharTokenizer:
         return chr(token_id).encode()
 
 
+class FakeGrammars:
+    """Grammar "compilation" that names what was asked for."""
+
+    def tool_calls(self, tools: list[dict], *, name: str | None = None, parallel: bool = True):
+        return f"tool_calls name={name} parallel={parallel}"
+
+    def json_object(self) -> str:
+        return "json_object"
+
+
 class FakeLLM:
     """An engine with hand-computable behaviour.
 
     encode_chat renders each message as "<role>: <content>\\n". stream replies
-    REPLY_PIECES, cut at the first stop string (finish "stop") or at max_tokens
+    `pieces` (REPLY_PIECES unless given), cut at the first stop string (finish "stop") or at max_tokens
     tokens (finish "length"). A prompt containing "REJECT" fails the template,
     "LATE BOOM" raises after the first delta, "BOOM" raises before any delta,
     "BUSY" finds the scheduler's queue full.
     """
 
-    def __init__(self, max_seq_len: int = 64):
+    def __init__(self, max_seq_len: int = 64, pieces=REPLY_PIECES, bos_id: int | None = None):
         self.failed = False
-        self.tokenizer = CharTokenizer()
+        self.pieces = pieces
+        self.tokenizer = CharTokenizer(bos_id)
         self.max_seq_len = max_seq_len
         self.batch = 4
+        self.max_queue = 256
         self.vocab_size = 0x110000  # every code point
         self.calls: list[SamplingParams] = []
         self.closed_streams = 0
+        self.grammars = FakeGrammars()
 
     def warmup(self, *, wait: bool = True) -> None:
         pass
@@ -93,7 +109,7 @@ class FakeLLM:
                 raise RuntimeError("engine exploded")
             text, finish = self.reply(params)
             position = 0
-            for index, piece in enumerate(REPLY_PIECES):
+            for index, piece in enumerate(self.pieces):
                 if index == 1 and "LATE BOOM" in prompt:
                     raise RuntimeError("engine exploded mid-stream")
                 part = text[position : position + len(piece)]
@@ -105,10 +121,9 @@ class FakeLLM:
         finally:
             self.closed_streams += 1
 
-    @staticmethod
-    def reply(params: SamplingParams) -> tuple[str, str]:
+    def reply(self, params: SamplingParams) -> tuple[str, str]:
         """The full reply text and finish_reason for `params`."""
-        text, finish = REPLY, "stop"
+        text, finish = "".join(self.pieces), "stop"
         for stop in params.stop:
             if stop in text:
                 text = text[: text.index(stop)]
@@ -313,6 +328,183 @@ def test_closing_the_stream_cancels_generation(serve):
     assert fake.closed_streams == 1
 
 
+# Tool calls, as a model writes them and as OpenAI streams them.
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {"name": "get_weather", "parameters": {"type": "object"}},
+}
+# Prose, a call to get_weather for Paris, then one for Rome.
+CALL_PIECES = (
+    "Sure.",
+    "\n<tool_call>\n",
+    '{"name": "get_weather", ',
+    '"arguments": {"city": ',
+    '"Paris"}}',
+    "\n</tool_call>",
+    "\n<tool_call>\n",
+    '{"name": "get_weather", "arguments": {"ci',
+    'ty": "Rome"}}\n</tool_call>',
+)
+CALLS_TEXT = "".join(CALL_PIECES)
+CUT_IN_SECOND_CALL = CALLS_TEXT.index("Rome")
+
+
+def tool_chat(serve, **fields):
+    llm = FakeLLM(max_seq_len=512, pieces=CALL_PIECES)
+    return serve(llm=llm).post(CHAT, json=chat_body(tools=[WEATHER_TOOL], **fields))
+
+
+def streamed_calls(events: list) -> tuple[str, dict[int, list[dict]], list[str]]:
+    """(content, tool-call parts per index in order, finish reasons) of an SSE reply."""
+    content, parts, finishes = "", {}, []
+    for event in events[:-1]:
+        choice = event["choices"][0]
+        content += choice["delta"].get("content") or ""
+        for part in choice["delta"].get("tool_calls", []):
+            parts.setdefault(part["index"], []).append(part)
+        if choice["finish_reason"]:
+            finishes.append(choice["finish_reason"])
+    return content, parts, finishes
+
+
+def test_tool_calls_non_streamed(serve):
+    choice = tool_chat(serve).get_json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["content"] == "Sure.\n"
+    calls = choice["message"]["tool_calls"]
+    assert [(c["type"], c["function"]["name"]) for c in calls] == [("function", "get_weather")] * 2
+    assert [json.loads(c["function"]["arguments"]) for c in calls] == [
+        {"city": "Paris"},
+        {"city": "Rome"},
+    ]
+    assert len({c["id"] for c in calls}) == 2
+
+
+def test_streamed_tool_calls_carry_id_and_name_once_then_argument_fragments(serve):
+    content, parts, finishes = streamed_calls(sse_events(tool_chat(serve, stream=True)))
+    assert content == "Sure.\n" and finishes == ["tool_calls"]
+    assert sorted(parts) == [0, 1]
+    for index, city in ((0, "Paris"), (1, "Rome")):
+        first, *rest = parts[index]
+        assert first["id"].startswith("call_") and first["type"] == "function"
+        assert first["function"]["name"] == "get_weather"
+        # Later parts carry only the index and argument fragments, as generated.
+        assert rest and all(set(p) == {"index", "function"} for p in rest)
+        assert all(set(p["function"]) == {"arguments"} for p in rest)
+        arguments = "".join(p["function"].get("arguments", "") for p in parts[index])
+        assert json.loads(arguments) == {"city": city}
+    # The start comes with the first fragment ('{"city": '), then '"Paris"}' follows.
+    assert len(parts[0]) == 2
+
+
+def test_a_reply_cut_by_max_tokens_keeps_its_complete_calls(serve):
+    choice = tool_chat(serve, max_tokens=CUT_IN_SECOND_CALL).get_json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["content"] == "Sure.\n"
+    [call] = choice["message"]["tool_calls"]
+    assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+    # Streamed, the cut call was already under way: finish_reason says so.
+    events = sse_events(tool_chat(serve, max_tokens=CUT_IN_SECOND_CALL, stream=True))
+    _, parts, finishes = streamed_calls(events)
+    assert sorted(parts) == [0, 1] and finishes == ["length"]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"parallel_tool_calls": False},
+        {"tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
+    ],
+    ids=["parallel_tool_calls false", "named tool_choice"],
+)
+def test_one_call_when_parallel_calls_are_off(serve, fields):
+    response = tool_chat(serve, **fields)
+    [call] = response.get_json()["choices"][0]["message"]["tool_calls"]
+    assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+    _, parts, finishes = streamed_calls(sse_events(tool_chat(serve, stream=True, **fields)))
+    assert sorted(parts) == [0] and finishes == ["tool_calls"]
+
+
+def test_deprecated_functions_get_a_function_call(serve):
+    llm = FakeLLM(max_seq_len=512, pieces=CALL_PIECES)
+    client = serve(llm=llm)
+    body = chat_body(
+        functions=[{"name": "get_weather", "parameters": {"type": "object"}}],
+        messages=[
+            *HELLO,
+            {
+                "role": "assistant",
+                "content": None,
+                "function_call": {"name": "get_weather", "arguments": "{}"},
+            },
+            {"role": "function", "name": "get_weather", "content": "18 C"},
+        ],
+    )
+    choice = client.post(CHAT, json=body).get_json()["choices"][0]
+    assert choice["finish_reason"] == "function_call"
+    assert "tool_calls" not in choice["message"]
+    assert choice["message"]["function_call"] == {
+        "name": "get_weather",
+        "arguments": '{"city": "Paris"}',
+    }
+    assert llm.calls[-1].grammar is None  # function_call auto: nothing forced
+    events = sse_events(client.post(CHAT, json={**body, "stream": True}))
+    parts = [
+        e["choices"][0]["delta"]["function_call"]
+        for e in events[:-1]
+        if "function_call" in e["choices"][0]["delta"]
+    ]
+    assert parts[0]["name"] == "get_weather" and all("name" not in p for p in parts[1:])
+    assert json.loads("".join(p["arguments"] for p in parts)) == {"city": "Paris"}
+    assert events[-2]["choices"][0]["finish_reason"] == "function_call"
+
+
+def test_function_messages_reach_the_template_as_tool_turns(serve):
+    llm = FakeLLM(max_seq_len=512)
+    seen = []
+    llm.encode_chat = lambda messages, tools=None: seen.append((messages, tools)) or [65]
+    body = chat_body(
+        functions=[{"name": "f"}],
+        function_call={"name": "f"},
+        messages=[
+            *HELLO,
+            {
+                "role": "assistant",
+                "content": None,
+                "function_call": {"name": "f", "arguments": "{}"},
+            },
+            {"role": "function", "name": "f", "content": "done"},
+        ],
+    )
+    serve(llm=llm).post(CHAT, json=body)
+    messages, tools = seen[0]
+    assert messages[1]["tool_calls"] == [
+        {"id": "call_0", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    ]
+    assert messages[2] == {"role": "tool", "name": "f", "content": "done"}
+    assert tools == [{"type": "function", "function": {"name": "f"}}]
+
+
+# Legacy completions: empty prompts.
+
+
+@pytest.mark.parametrize("prompt", ["", [], [[]], [""]])
+def test_an_empty_prompt_starts_from_bos(serve, prompt):
+    llm = FakeLLM(bos_id=2)
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 4, "echo": True}
+    reply = serve(llm=llm).post("/v1/completions", json=body).get_json()
+    assert reply["choices"][0]["text"] == "Hell"  # the echo of an empty prompt is empty
+    assert reply["usage"]["prompt_tokens"] == 1
+
+
+def test_an_empty_prompt_without_bos_is_400(serve):
+    llm = FakeLLM()
+    response = serve(llm=llm).post("/v1/completions", json={"model": MODEL, "prompt": ""})
+    error = assert_error(response, 400, "invalid_request_error", "prompt")
+    assert "BOS" in error["message"] and llm.calls == []
+
+
 # Validation.
 
 BAD_REQUESTS = {
@@ -359,13 +551,83 @@ BAD_REQUESTS = {
     "logit_bias key not a token id": (chat_body(logit_bias={"abc": 1}), "logit_bias.abc"),
     "unknown tool_choice": (chat_body(tool_choice="sometimes"), "tool_choice"),
     "unknown response_format": (chat_body(response_format={"type": "xml"}), "response_format.type"),
+    # Types are strict, as OpenAI's are.
+    "temperature as a string": (chat_body(temperature="0.5"), "temperature"),
+    "stream as a string": (chat_body(stream="yes"), "stream"),
+    "stream as a number": (chat_body(stream=1), "stream"),
+    "logprobs as a number": (chat_body(logprobs=1), "logprobs"),
+    "n as a float": (chat_body(n=2.0), "n"),
+    "content part text as a number": (
+        chat_body(messages=[{"role": "user", "content": [{"type": "text", "text": 5}]}]),
+        "messages.0.content.0.text",
+    ),
+    # Every integer is bounded.
+    "top_k beyond int32": (chat_body(top_k=2**31), "top_k"),
+    "max_tokens beyond int32": (chat_body(max_tokens=2**31), "max_tokens"),
+    "logit_bias key of many digits": (
+        chat_body(logit_bias={"1" * 5000: 1}),
+        "logit_bias." + "1" * 5000,
+    ),
+    # Text must be valid Unicode.
+    "lone surrogate in content": (
+        chat_body(messages=[{"role": "user", "content": "hi \ud800"}]),
+        "messages.0.content",
+    ),
+    "lone surrogate in a text part": (
+        chat_body(messages=[{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]),
+        "messages.0.content.0.text",
+    ),
+    "lone surrogate in a tool description": (
+        chat_body(
+            tools=[{"type": "function", "function": {"name": "f", "description": "a\udc00"}}]
+        ),
+        "tools.0.function.description",
+    ),
+    "lone surrogate in a key": (chat_body(metadata={"k\ud800": 1}), "metadata"),
+    "nesting beyond 64 levels": (
+        chat_body(response_format={"type": "json_object", "x": json.loads("[" * 70 + "]" * 70)}),
+        "response_format",
+    ),
+    # The deprecated functions.
+    "function message without a name": (
+        chat_body(messages=[{"role": "function", "content": "18 C"}]),
+        "messages.0.name",
+    ),
+    "functions and tools": (
+        chat_body(
+            tools=[{"type": "function", "function": {"name": "f"}}], functions=[{"name": "g"}]
+        ),
+        "functions",
+    ),
+    "function_call without functions": (chat_body(function_call="auto"), "function_call"),
+    "function_call not in functions": (
+        chat_body(functions=[{"name": "f"}], function_call={"name": "g"}),
+        "function_call",
+    ),
 }
 
 
-@pytest.mark.parametrize("body, param", BAD_REQUESTS.values(), ids=BAD_REQUESTS.keys())
+@pytest.mark.parametrize("body, param", BAD_REQUESTS.values(), ids=list(BAD_REQUESTS))
 def test_invalid_request_names_the_param(serve, body, param):
-    error = assert_error(serve().post(CHAT, json=body), 400, "invalid_request_error", param)
-    assert error["message"].startswith(param)
+    llm = FakeLLM()
+    response = serve(llm=llm).post(CHAT, json=body)
+    error = assert_error(response, 400, "invalid_request_error", param)
+    assert error["message"].startswith(param[:200])
+    assert llm.calls == []
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded"])
+def test_a_body_not_declared_as_json_is_400(serve, content_type):
+    client = serve()
+    data = json.dumps(chat_body())
+    error = assert_error(
+        client.post(CHAT, data=data, content_type=content_type), 400, "invalid_request_error"
+    )
+    assert "application/json" in error["message"] and error["code"] == "invalid_content_type"
+    # A body with no Content-Type at all, or a +json one, is read as JSON.
+    for content_type in (None, "application/vnd.api+json", "application/json; charset=utf-8"):
+        reply = client.post(CHAT, data=data, content_type=content_type).get_json()
+        assert reply["choices"][0]["message"]["content"] == REPLY, content_type
 
 
 TOOL = {"type": "function", "function": {"name": "f"}}
@@ -474,6 +736,7 @@ GARBAGE_BODIES = {
     "null": b"null",
     "deep nesting": b"[" * 100_000,
     "NaN temperature": json.dumps(chat_body(temperature=float("nan"))).encode(),
+    "Infinity in an unknown field": json.dumps(chat_body(x=float("inf"))).encode(),
 }
 
 
@@ -665,7 +928,7 @@ def test_engine_failure_turns_health_503_and_requests_503(serve):
     fake.failed = True
     health = client.get("/health")
     assert health.status_code == 503 and health.get_json()["status"] == "failed"
-    assert_error(client.post(CHAT, json=chat_body()), 503, "server_error", code="model_load_failed")
+    assert_error(client.post(CHAT, json=chat_body()), 503, "server_error", code="engine_failed")
 
 
 def wait_for_child(pid: int, timeout: float = 30) -> int:
