@@ -44,6 +44,7 @@ from model.config import ModelConfig
 from model.executables import ExecutableStore, compile_variant, fingerprint
 from model.sampling import SlotSampling, sample
 from model.sampling_params import SamplingParams
+from model.source_digest import source_digest
 from model.transformer import LayerCache, Transformer, init_cache, resize_cache
 from sharding import (
     MODEL,
@@ -227,6 +228,7 @@ class Engine:
                 mesh,
                 jax.tree_util.tree_structure(self.params),
                 jax.tree.leaves(avals, is_leaf=lambda x: isinstance(x, tuple)),
+                source_digest(__name__),  # every module the traced code comes from
             )
         )
 

@@ -4,9 +4,10 @@ JAX's persistent compilation cache skips XLA compilation but still traces and
 lowers every function to compute its key: for the engine's unrolled layers that
 is about a second per variant, most of a warm start. This store keys each
 variant by a fingerprint of everything its executable depends on (the JAX
-build, the devices and mesh, the host CPU, the model config, the engine's
-shapes and the engine's source code), so a hit is one file read and one
-`deserialize_and_load`, with no tracing.
+and Flax builds, the backend, devices and mesh, the host CPU, the model
+config, the engine's shapes, and the source of every project module the
+engine imports, at any depth: model/source_digest.py), so a hit is one file
+read and one `deserialize_and_load`, with no tracing.
 
 A file that fails to load (truncated, written by another build) is a miss:
 the variant is compiled again and the file replaced. An executable that JAX's
@@ -24,26 +25,13 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
+import flax
 import jax
 import jaxlib
 from jax import monitoring
 from jax.experimental import serialize_executable
 
 log = logging.getLogger(__name__)
-
-# The packages whose code is compiled into the engine's executables.
-_SOURCE_PACKAGES = ("model", "sharding")
-
-
-def source_digest() -> str:
-    """A digest of the Python sources of the packages the executables are built from."""
-    root = Path(__file__).resolve().parent.parent
-    digest = hashlib.sha256()
-    for package in _SOURCE_PACKAGES:
-        for file in sorted((root / package).glob("*.py")):
-            digest.update(file.name.encode())
-            digest.update(file.read_bytes())
-    return digest.hexdigest()
 
 
 def host_cpu() -> str:
@@ -58,17 +46,17 @@ def host_cpu() -> str:
 
 
 def fingerprint(parts: Iterable[object]) -> str:
-    """A short hex key for an engine: `parts` describe its shapes, model and mesh;
-    the JAX build, devices, host CPU, XLA flags and source code are added here."""
+    """A short hex key for an engine: `parts` describe its shapes, model, mesh and source
+    code; the JAX and Flax builds, backend, devices, host CPU and XLA flags are added here."""
     devices = jax.devices()
     context = (
         jax.__version__,
         jaxlib.__version__,
+        flax.__version__,
         jax.default_backend(),
         [d.device_kind for d in devices],
         host_cpu(),
         os.environ.get("XLA_FLAGS", ""),
-        source_digest(),
     )
     return hashlib.sha256(repr((context, *parts)).encode()).hexdigest()[:32]
 

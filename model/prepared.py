@@ -6,8 +6,10 @@ for a 49k-token vocabulary), and dequantising the tensors takes about 3 s more.
 With a compile cache set, the first load writes what it produced into
 `$JAXCHAT_CACHE_DIR/models/<key>/`: the f32 parameters as one safetensors file (read back
 through a memory map) and the metadata as JSON. The key covers the file (path,
-size, modification time) and the loader's code, so a changed file or loader is
-prepared afresh.
+size, modification time), the source of every project module this one imports
+at any depth (the loader, config parsing: model/source_digest.py) and the
+versions of the libraries that decode the blocks, so a changed file, loader,
+config parser or library is prepared afresh.
 """
 
 import dataclasses
@@ -17,6 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,7 @@ from safetensors.numpy import load_file, save_file
 from model import gguf_loader
 from model.checkpoint import config_from_json
 from model.config import ModelConfig
+from model.source_digest import source_digest
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +39,14 @@ FORMAT = 1
 Params = dict
 
 
+# The libraries whose code turns GGUF blocks into the stored arrays.
+LIBRARIES = ("gguf", "numpy", "safetensors")
+
+
 def _key(path: Path) -> str:
     stat = path.stat()
-    loader = Path(gguf_loader.__file__).read_bytes()
-    identity = (FORMAT, str(path.resolve()), stat.st_size, stat.st_mtime_ns, loader)
+    code = (source_digest(__name__), [version(lib) for lib in LIBRARIES])
+    identity = (FORMAT, str(path.resolve()), stat.st_size, stat.st_mtime_ns, code)
     return hashlib.sha256(repr(identity).encode()).hexdigest()[:32]
 
 

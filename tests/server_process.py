@@ -25,12 +25,14 @@ MAX_BATCH = 16
 LOAD_TIMEOUT_S = 360
 
 
-def run_python_report(args: list[str], env: dict[str, str] | None = None, timeout: float = 900):
-    """Run `python ARGS` in the repository (a fresh process) and return the JSON value
-    it printed on its last line; the test fails with its stderr if it exits non-zero."""
+def run_python_report(
+    args: list[str], env: dict[str, str] | None = None, timeout: float = 900, cwd: Path = REPO
+):
+    """Run `python ARGS` in `cwd` (the repository; a fresh process) and return the JSON
+    value it printed on its last line; the test fails with its stderr if it exits non-zero."""
     result = subprocess.run(
         [sys.executable, *args],
-        cwd=REPO,
+        cwd=cwd,
         env=env if env is not None else dict(os.environ),
         capture_output=True,
         text=True,

@@ -1,0 +1,149 @@
+"""Cache keys that cannot go stale: an edit to the code that built a cache entry misses it.
+
+Each run is a fresh process (a restart after an upgrade) that imports the project
+from a copy of its source tree, which the tests then edit. The edits change what the
+code computes, so a stale entry would show in the result, not only in the counts:
+
+- compiled executables (JAXCHAT_COMPILE_CACHE): flipping the sign of the logits, from
+  a module in a new nested folder, changes the greedy tokens; changing that module
+  alone must compile again and give the tokens back;
+- prepared GGUF copies: an edit to config parsing must parse the GGUF again and
+  give the edited config.
+"""
+
+import inspect
+import os
+import shutil
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from model.config import ModelConfig
+from model.transformer import Transformer
+from tests.gguf_writer import hf_random_weights
+from tests.server_process import REPO, run_python_report
+from tests.tiny_models import TINY_LLAMA, train_sentencepiece, write_tiny_pair
+
+SERVE_ONE = """
+import json, sys
+import gguf
+from model import LLM, SamplingParams
+
+opened = []
+init = gguf.GGUFReader.__init__
+gguf.GGUFReader.__init__ = lambda self, *a, **k: opened.append(1) or init(self, *a, **k)
+llm = LLM(sys.argv[1], max_seq_len=32, batch=2, prefill_buckets=[32], compile_cache=sys.argv[2])
+llm.warmup()
+reply = llm.generate([5, 9, 17, 33], SamplingParams(temperature=0, max_tokens=8))
+print(json.dumps({
+    "compiled": llm.engine.compilations,
+    "loaded": llm.engine.loaded,
+    "gguf_opened": len(opened),
+    "ids": list(reply.token_ids),
+}))
+"""
+
+PREPARE = """
+import json, sys
+from pathlib import Path
+import gguf
+import jax.numpy as jnp
+from model.prepared import load_gguf_prepared
+
+opened = []
+init = gguf.GGUFReader.__init__
+gguf.GGUFReader.__init__ = lambda self, *a, **k: opened.append(1) or init(self, *a, **k)
+config, _, _ = load_gguf_prepared(Path(sys.argv[1]), jnp.float32, Path(sys.argv[2]))
+print(json.dumps({"gguf_opened": len(opened), "norm_eps": config.norm_eps}))
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny")
+    weights = hf_random_weights(TINY_LLAMA, seed=11)
+    gguf_path, _ = write_tiny_pair(root, TINY_LLAMA, weights, train_sentencepiece())
+    return gguf_path
+
+
+@pytest.fixture
+def tree(tmp_path) -> Path:
+    """A copy of the project's packages, importable on its own."""
+    for package in ("model", "sharding"):
+        shutil.copytree(
+            REPO / package, tmp_path / "src" / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    return tmp_path / "src"
+
+
+def run(tree: Path, script: str, *args: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env["PYTHONPATH"] = str(tree)
+    env["JAXCHAT_CACHE_DIR"] = str(tree.parent / "downloads")
+    return run_python_report(["-c", script, *args], env, cwd=tree)
+
+
+def in_copy(tree: Path, obj: object) -> Path:
+    """The copy of the source file that defines `obj`."""
+    return tree / Path(inspect.getsourcefile(obj)).relative_to(REPO)
+
+
+def append(file: Path, code: str) -> None:
+    file.write_text(file.read_text() + "\n" + textwrap.dedent(code))
+
+
+def test_an_edit_to_traced_code_in_a_nested_module_compiles_again(tree, tiny_gguf):
+    cache = str(tree.parent / "compile")
+    first = run(tree, SERVE_ONE, str(tiny_gguf), cache)
+    assert first["compiled"] >= 4 and first["loaded"] == 0
+    again = run(tree, SERVE_ONE, str(tiny_gguf), cache)
+    assert (again["compiled"], again["loaded"]) == (0, first["compiled"])
+    assert again["ids"] == first["ids"]
+
+    # The logits' sign now comes from a module in a new nested folder.
+    nested = tree / "model" / "probe" / "flip"
+    nested.mkdir(parents=True)
+    (nested.parent / "__init__.py").write_text("")
+    (nested / "__init__.py").write_text("")
+    (nested / "sign.py").write_text("SIGN = -1.0\n")
+    append(
+        in_copy(tree, Transformer),
+        """
+        from model.probe.flip import sign as _sign
+
+        _logits = Transformer.logits
+        Transformer.logits = lambda self, hidden: _sign.SIGN * _logits(self, hidden)
+        """,
+    )
+    flipped = run(tree, SERVE_ONE, str(tiny_gguf), cache)
+    assert flipped["compiled"] == first["compiled"] and flipped["loaded"] == 0
+    assert flipped["ids"] != first["ids"]  # the least likely tokens now
+
+    (nested / "sign.py").write_text("SIGN = 1.0\n")  # only the nested module changes
+    restored = run(tree, SERVE_ONE, str(tiny_gguf), cache)
+    assert restored["compiled"] == first["compiled"] and restored["loaded"] == 0
+    assert restored["ids"] == first["ids"]  # a stale executable would give `flipped`'s
+
+
+def test_an_edit_to_config_parsing_prepares_the_model_again(tree, tiny_gguf):
+    prepared = str(tree.parent / "prepared")
+    first = run(tree, PREPARE, str(tiny_gguf), prepared)
+    assert first == {"gguf_opened": 1, "norm_eps": pytest.approx(TINY_LLAMA.norm_eps)}
+    assert run(tree, PREPARE, str(tiny_gguf), prepared)["gguf_opened"] == 0
+
+    append(
+        in_copy(tree, ModelConfig.from_gguf_metadata),
+        """
+        import dataclasses as _dataclasses
+
+        _parse = ModelConfig.from_gguf_metadata.__func__
+        ModelConfig.from_gguf_metadata = classmethod(
+            lambda cls, meta, **kw: _dataclasses.replace(_parse(cls, meta, **kw), norm_eps=0.125)
+        )
+        """,
+    )
+    edited = run(tree, PREPARE, str(tiny_gguf), prepared)
+    assert edited == {"gguf_opened": 1, "norm_eps": 0.125}  # a stale copy: 0 and the old eps
+    # From then on the new copy is read.
+    assert run(tree, PREPARE, str(tiny_gguf), prepared) == {"gguf_opened": 0, "norm_eps": 0.125}
