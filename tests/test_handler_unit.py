@@ -70,10 +70,10 @@ class FakeLLM:
     """An engine with hand-computable behaviour.
 
     encode_chat renders each message as "<role>: <content>\\n". stream replies
-    `pieces` (REPLY_PIECES unless given), cut at the first stop string (finish "stop") or at max_tokens
-    tokens (finish "length"). A prompt containing "REJECT" fails the template,
-    "LATE BOOM" raises after the first delta, "BOOM" raises before any delta,
-    "BUSY" finds the scheduler's queue full.
+    `pieces` (REPLY_PIECES unless given), cut at the first stop string (finish
+    "stop") or at max_tokens tokens (finish "length"). A prompt containing
+    "REJECT" fails the template, "LATE BOOM" raises after the first delta,
+    "BOOM" raises before any delta, "BUSY" finds the scheduler's queue full.
     """
 
     def __init__(self, max_seq_len: int = 64, pieces=REPLY_PIECES, bos_id: int | None = None):

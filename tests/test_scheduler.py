@@ -254,10 +254,13 @@ def test_a_request_failing_in_the_engine_fails_alone(make, fail_in):
                 results[prompt[0]].setdefault(event.index, []).append(event.token)
         except RequestFailed as exc:
             results[prompt[0]] = str(exc)
-    assert results[13] == {
-        "prefill": "RuntimeError: prefill of an odd prompt failed",
-        "insert": "RuntimeError: insert failed",
-    }[fail_in]
+    assert (
+        results[13]
+        == {
+            "prefill": "RuntimeError: prefill of an odd prompt failed",
+            "insert": "RuntimeError: insert failed",
+        }[fail_in]
+    )
     for p in (1, 2, 3):  # choice 0 from the prefill, choice 1 restarted with seed 5
         assert results[p] == {0: expected([p], 8)[0], 1: list(range(55 + p, 63 + p))}
     assert not scheduler.failed and scheduler.active == 0

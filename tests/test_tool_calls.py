@@ -203,8 +203,10 @@ STREAM_TEXTS = [
     ' <tool_call>{"name": "a"}</tool_call><tool_call>{"name": 3}</tool_call>',
     '<<tool_call>{"name": "a"}</tool_call>',
     "ok <tool_call>{broken",
-    '<tool_call>[{"arguments": {"n": [1, {"m": "x\\\\"}]}, "name": "a"}, {"name": "b"}]</tool_call>',
-    '<tool_call>\n{"name": "a", "arguments": {"c": "Paris"}}\n</tool_call>\n<tool_call>\n{"name": "a", "ar',
+    '<tool_call>[{"arguments": {"n": [1, {"m": "x\\\\"}]}, "name": "a"}, '
+    '{"name": "b"}]</tool_call>',
+    '<tool_call>\n{"name": "a", "arguments": {"c": "Paris"}}\n</tool_call>\n'
+    '<tool_call>\n{"name": "a", "ar',
 ]
 
 
