@@ -370,9 +370,7 @@ class Scheduler:
             first.emit(token, logprob, None, top)
             self._occupy(first, prefix, first.max_new - 1, len(group.prompt_ids))
         for choice in group.choices[1:]:
-            self._occupy(
-                choice, prefix, choice.max_new, len(group.prompt_ids) - 1, choice.seed
-            )
+            self._occupy(choice, prefix, choice.max_new, len(group.prompt_ids) - 1, choice.seed)
 
     def _occupy(self, request: _Request, prefix, remaining, position, restart_seed=None):
         slot = self._slots.index(None)
