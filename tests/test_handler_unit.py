@@ -1,26 +1,22 @@
 """The HTTP handler against a fake engine whose every output is computable by hand.
 
-The app under test is the one functions-framework builds: `create_app` loads a
-small source file (written to tmp_path) that calls `make_handler` exactly as
-main.py does, except that the settings and the model host come from a module
-the test puts in `sys.modules`, so each test can inject its own fake.
+The app under test is the one functions-framework builds (tests/function_app.py),
+with each test's own fake model host.
 """
 
 import json
 import os
 import signal
-import sys
 import threading
 import time
-import types
 
-import functions_framework
 import pytest
 
 from handler.model_host import ModelHost
 from handler.settings import Settings
 from model.sampling_params import Delta, SamplingParams
 from model.scheduler import QueueFull
+from tests.function_app import app_client
 
 MODEL = "smollm2-135m-instruct"
 CHAT = "/v1/chat/completions"
@@ -30,14 +26,6 @@ REPLY = "".join(REPLY_PIECES)
 # "user: hi\n" is the fake's rendering of HELLO: 9 tokens.
 HELLO = [{"role": "user", "content": "hi"}]
 HELLO_PROMPT_TOKENS = 9
-
-WIRING_MODULE = "jaxchat_unit_wiring"
-SOURCE = f"""
-from handler.app import make_handler
-from {WIRING_MODULE} import host, settings
-
-app = make_handler(settings, host)
-"""
 
 
 class CharTokenizer:
@@ -138,23 +126,13 @@ def serve(tmp_path, monkeypatch):
     for name in list(os.environ):
         if name.startswith("JAXCHAT_"):
             monkeypatch.delenv(name)
-    # create_app records these in os.environ and sys.modules; restore them afterwards.
-    monkeypatch.setenv("FUNCTION_TARGET", "app")
-    monkeypatch.setenv("FUNCTION_SIGNATURE_TYPE", "http")
-    monkeypatch.delitem(sys.modules, "unit_main", raising=False)
 
     def build(llm: FakeLLM | None = None, host: ModelHost | None = None, **settings):
         if host is None:
             fake = llm or FakeLLM()
             host = ModelHost(lambda: fake)
             assert host.wait(5) == "ready"
-        wiring = types.ModuleType(WIRING_MODULE)
-        wiring.settings = Settings(**settings)
-        wiring.host = host
-        monkeypatch.setitem(sys.modules, WIRING_MODULE, wiring)
-        source = tmp_path / "unit_main.py"
-        source.write_text(SOURCE)
-        return functions_framework.create_app(target="app", source=str(source)).test_client()
+        return app_client(monkeypatch, tmp_path, host, Settings(**settings))
 
     return build
 
