@@ -2,11 +2,14 @@
 
 import subprocess
 import sys
+import types
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from model import SamplingParams
+from model.scheduler import RequestFailed
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,3 +86,52 @@ def test_a_script_using_the_python_api_exits_cleanly():
     assert done.returncode == 0, done.stderr[-2000:]
     assert "terminate called" not in done.stderr
     assert len(done.stdout.strip().strip("()").split(",")) == 4
+
+
+class BreakingConstraint:
+    """A grammar (any text allowed) whose engine breaks at its third mask."""
+
+    def __init__(self, grammar: str) -> None:
+        self.fills = 0
+
+    def fill(self, bitmask, row):
+        self.fills += 1
+        if self.fills == 3:
+            raise RuntimeError("the grammar engine broke")
+
+    def accept(self, token):
+        return True
+
+
+@pytest.mark.parametrize("fault", ["prefill", "grammar"])
+def test_a_fault_in_one_request_fails_it_alone(llm, golden, monkeypatch, fault):
+    """Among concurrent greedy requests, one fails in the engine (its prefill, or its
+    grammar mid-stream); the others still give the reference tokens."""
+    poisoned = [7, 7, 7, 7]
+    prefill = llm.engine.prefill
+
+    def faulty_prefill(tokens, sampling, allowed=None):
+        if fault == "prefill" and list(tokens) == poisoned:
+            raise RuntimeError("prefill of an odd prompt failed")
+        return prefill(tokens, sampling, allowed)
+
+    monkeypatch.setattr(llm.engine, "prefill", faulty_prefill)
+    if fault == "grammar":  # shadows the cached property for this test only
+        monkeypatch.setitem(
+            vars(llm), "grammars", types.SimpleNamespace(matcher=BreakingConstraint)
+        )
+
+    prompts = golden["prompts"]
+    expected = [p["greedy"][:12] for p in prompts]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    bad = SamplingParams(
+        temperature=0, max_tokens=12, grammar="any" if fault == "grammar" else None
+    )
+    with ThreadPoolExecutor(len(prompts) + 1) as pool:
+        good = [pool.submit(llm.generate, p["ids"], params) for p in prompts]
+        failed = pool.submit(llm.generate, poisoned, bad)
+        with pytest.raises(RequestFailed, match="RuntimeError: .* failed|broke"):
+            failed.result()
+        assert [list(f.result().token_ids) for f in good] == expected
+    assert not llm.failed and llm.scheduler.active == 0
+    assert list(llm.generate(prompts[0]["ids"], params).token_ids) == expected[0]

@@ -376,39 +376,137 @@ def test_required_tool_call_non_streamed(client):
     jsonschema.validate(arguments, schema["function"]["parameters"])
 
 
-def test_named_tool_call_streamed_arrives_as_one_delta(client):
+def test_named_tool_call_streams_id_and_name_then_argument_fragments(client):
     stream = client.chat.completions.create(
         model=MODEL,
         messages=ASK,
         tools=[WEATHER, TIME],
         tool_choice={"type": "function", "function": {"name": "get_time"}},
-        parallel_tool_calls=False,
         temperature=0,
         max_tokens=80,
         stream=True,
     )
     slot = collect_stream(stream)[0]
     assert slot["finishes"] == ["tool_calls"] and slot["roles"] == 1
-    (call,) = slot["calls"]
-    assert call.index == 0 and call.id.startswith("call_") and call.function.name == "get_time"
-    assert "timezone" in json.loads(call.function.arguments)
+    first, *rest = slot["calls"]
+    assert first.index == 0 and first.id.startswith("call_") and first.type == "function"
+    assert first.function.name == "get_time"
+    # Then only fragments of the arguments, as they are generated, for the same call.
+    assert len(rest) >= 3
+    assert all(c.index == 0 and c.id is None and c.function.name is None for c in rest)
+    arguments = "".join(c.function.arguments or "" for c in slot["calls"])
+    jsonschema.validate(json.loads(arguments), TIME["function"]["parameters"])
 
 
-def test_sdk_stream_accumulates_the_tool_call(client):
-    """The SDK's stream helper concatenates deltas: id and name must arrive once."""
-    with client.chat.completions.stream(
+def test_named_tool_choice_yields_exactly_one_call(client):
+    # Parallel calls are allowed by default; a named function is still called once.
+    reply = client.chat.completions.create(
         model=MODEL,
         messages=ASK,
         tools=[WEATHER],
-        tool_choice="required",
-        parallel_tool_calls=False,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
         temperature=0,
         max_tokens=80,
-    ) as stream:
+    )
+    choice = reply.choices[0]
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and choice.finish_reason == "tool_calls"
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    assert reply.usage.completion_tokens < 80  # the grammar ended the reply after one call
+
+
+def test_required_calls_cut_by_max_tokens_keep_the_complete_ones(client):
+    # The model repeats the call until max_tokens cuts the repetition short.
+    kwargs = {"tools": [WEATHER], "tool_choice": "required", "temperature": 0, "max_tokens": 48}
+    reply = client.chat.completions.create(model=MODEL, messages=ASK, **kwargs)
+    choice = reply.choices[0]
+    assert reply.usage.completion_tokens == 48  # it was cut
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert choice.message.tool_calls
+    for call in choice.message.tool_calls:
+        assert call.function.name == "get_weather"
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+
+
+def test_a_tool_without_parameters_is_called_with_no_arguments(client):
+    clock = {"type": "function", "function": {"name": "get_clock", "description": "The time."}}
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "What time is it?"}],
+        tools=[clock],
+        tool_choice="required",
+        temperature=0,
+        max_tokens=100,
+    )
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and reply.usage.completion_tokens < 100
+    assert [(c.function.name, c.function.arguments) for c in choice.message.tool_calls] == [
+        ("get_clock", "{}")
+    ] * len(choice.message.tool_calls)
+
+
+def test_deprecated_functions_get_a_function_call(client):
+    kwargs = {
+        "model": MODEL,
+        "messages": ASK,
+        "functions": [WEATHER["function"]],
+        "function_call": {"name": "get_weather"},
+        "temperature": 0,
+        "max_tokens": 80,
+    }
+    choice = client.chat.completions.create(**kwargs).choices[0]
+    assert choice.finish_reason == "function_call" and choice.message.tool_calls is None
+    assert choice.message.function_call.name == "get_weather"
+    arguments = json.loads(choice.message.function_call.arguments)
+    jsonschema.validate(arguments, WEATHER["function"]["parameters"])
+    parts = [
+        c.choices[0].delta.function_call
+        for c in client.chat.completions.create(**kwargs, stream=True)
+        if c.choices and c.choices[0].delta.function_call
+    ]
+    assert parts[0].name == "get_weather" and all(p.name is None for p in parts[1:])
+    assert json.loads("".join(p.arguments or "" for p in parts)) == arguments
+    # The function's result goes back as a `function` message.
+    follow_up = [
+        *ASK,
+        {"role": "assistant", "content": None, "function_call": choice.message.function_call},
+        {"role": "function", "name": "get_weather", "content": "18 C and sunny"},
+    ]
+    reply = client.chat.completions.create(
+        **{**kwargs, "messages": follow_up, "function_call": "none"}
+    )
+    assert reply.choices[0].message.content and reply.choices[0].finish_reason in ("stop", "length")
+
+
+def test_sdk_stream_accumulates_the_tool_calls(client):
+    """The SDK's stream helper concatenates deltas: id and name must arrive once per call,
+    and the accumulated calls must be what the same request returns unstreamed."""
+    kwargs = {
+        "model": MODEL,
+        "messages": ASK,
+        "tools": [WEATHER],
+        "tool_choice": "required",
+        "temperature": 0,
+        "max_tokens": 48,
+    }
+    with client.chat.completions.stream(**kwargs) as stream:
         final = stream.get_final_completion()
-    (call,) = final.choices[0].message.tool_calls
-    assert call.function.name == "get_weather" and call.id.startswith("call_")
-    assert "city" in json.loads(call.function.arguments)
+    calls = final.choices[0].message.tool_calls
+    assert calls and all(c.function.name == "get_weather" for c in calls)
+    assert all(c.id.startswith("call_") and len(c.id) == 29 for c in calls)
+    unstreamed = client.chat.completions.create(**kwargs).choices[0].message.tool_calls
+    # Streamed, a call cut short by max_tokens was already sent; the complete ones agree.
+    complete = [c for c in calls if is_json_object(c.function.arguments)]
+    assert [(c.function.name, c.function.arguments) for c in complete] == [
+        (c.function.name, c.function.arguments) for c in unstreamed
+    ]
+
+
+def is_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 def test_follow_up_turn_with_a_tool_result(client):

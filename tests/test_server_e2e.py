@@ -13,7 +13,7 @@ import openai
 import pytest
 import requests
 
-from tests.server_process import MAX_BATCH, MAX_SEQ_LEN, MODEL, REPO
+from tests.server_process import KEY, MAX_BATCH, MAX_SEQ_LEN, MODEL, REPO
 
 GOLDEN = json.loads((REPO / "tests" / "fixtures" / "smollm2_golden.json").read_text())
 # The reference's greedy continuations of GOLDEN["prompts"][0] and [1], up to EOS.
@@ -182,3 +182,97 @@ def test_wrong_key_raises_authentication_error(base_url):
     with pytest.raises(openai.AuthenticationError):
         intruder.models.list()
     assert requests.get(f"{base_url}/health", timeout=5).json() == {"status": "ok"}
+
+
+# Requests that used to break the server: each is answered, and a normal streamed
+# request right after it gets the reference reply.
+HI = [{"role": "user", "content": "hi"}]
+BREAKERS = {
+    "empty completions prompt": ("/v1/completions", {"prompt": "", "max_tokens": 4}, 200, None),
+    "empty token prompt": ("/v1/completions", {"prompt": [], "max_tokens": 4}, 200, None),
+    "empty prompt in a batch": ("/v1/completions", {"prompt": [[]], "max_tokens": 2}, 200, None),
+    "token id outside the vocabulary": (
+        "/v1/completions",
+        {"prompt": [1, 49152], "max_tokens": 2},
+        400,
+        "prompt",
+    ),
+    "lone surrogate in a message": (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi \ud800"}]},
+        400,
+        "messages.0.content",
+    ),
+    "lone surrogate in a prompt": (
+        "/v1/completions",
+        {"prompt": "hi \udfff"},
+        400,
+        "prompt",
+    ),
+    "lone surrogate in a tool description": (
+        "/v1/chat/completions",
+        {
+            "messages": HI,
+            "tools": [{"type": "function", "function": {"name": "f", "description": "\ud800"}}],
+        },
+        400,
+        "tools.0.function.description",
+    ),
+    "top_k beyond int32": ("/v1/chat/completions", {"messages": HI, "top_k": 2**31}, 400, "top_k"),
+    "top_k beyond int64": ("/v1/chat/completions", {"messages": HI, "top_k": 2**70}, 400, "top_k"),
+    "temperature as a string": (
+        "/v1/chat/completions",
+        {"messages": HI, "temperature": "0.5"},
+        400,
+        "temperature",
+    ),
+    "stream as a string": (
+        "/v1/chat/completions",
+        {"messages": HI, "stream": "yes"},
+        400,
+        "stream",
+    ),
+    "seed of -2**63": (
+        "/v1/chat/completions",
+        {"messages": HI, "seed": -(2**63), "max_tokens": 2},
+        200,
+        None,
+    ),
+}
+
+
+@pytest.mark.parametrize("path, body, status, param", BREAKERS.values(), ids=list(BREAKERS))
+def test_the_server_survives_requests_that_used_to_break_it(
+    client, base_url, path, body, status, param
+):
+    response = requests.post(
+        base_url + path,
+        json={"model": MODEL, **body},
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=120,
+    )
+    assert response.status_code == status, response.text
+    if status == 200:
+        choices = response.json()["choices"]
+        texts = [c["text"] if "text" in c else c["message"]["content"] for c in choices]
+        assert all(texts) and all(c["finish_reason"] for c in choices), choices
+    else:
+        error = response.json()["error"]
+        assert (error["type"], error["param"]) == ("invalid_request_error", param), error
+    text, finishes, _ = stream(client, CAPITAL, temperature=0)
+    assert (text, finishes) == (CAPITAL_REPLY, ["stop"])
+
+
+def test_a_body_sent_as_text_plain_is_400(client, base_url):
+    body = json.dumps({"model": MODEL, "messages": HI})
+    for content_type in ("text/plain", "application/x-www-form-urlencoded"):
+        response = requests.post(
+            f"{base_url}/v1/chat/completions",
+            data=body,
+            headers={"Authorization": f"Bearer {KEY}", "Content-Type": content_type},
+            timeout=30,
+        )
+        assert response.status_code == 400
+        assert response.json()["error"]["code"] == "invalid_content_type"
+    text, finishes, _ = stream(client, CAPITAL, temperature=0)
+    assert (text, finishes) == (CAPITAL_REPLY, ["stop"])
