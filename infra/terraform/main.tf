@@ -86,6 +86,7 @@ resource "google_cloud_run_v2_service" "jaxchat" {
         period_seconds    = 5
         failure_threshold = 120
       }
+      # /health turns 503 for good if the engine fails (a device fault): replace the instance.
       liveness_probe {
         http_get { path = "/health" }
         period_seconds = 30
