@@ -217,7 +217,7 @@ class ToolCallStream:
         if block.state == "open":
             return ""
         self._block = None
-        if block.state == "not_a_call" and not self._calls:
+        if block.state == "not_a_call":
             self._plain = True  # the first block is not a call: all of it is content
             content, self._pending = self._pending + CALL_OPEN + block.text, ""
             events += self._release(content)
@@ -258,7 +258,8 @@ class _Block:
     changes anything but `pos`, so it can be retried from the same position
     when more text comes. Arguments are scanned character by character
     instead, and released as they arrive. state: "open"; "closed" (`rest` is
-    the text after the block); or "not_a_call" (before any of its calls began).
+    the text after the block, or after where its calls stop making sense); or
+    "not_a_call" (no call began, in this block or before it).
     """
 
     def __init__(
@@ -289,10 +290,10 @@ class _Block:
                 self.pos = mark
                 return
             except _NotACall:
-                if len(self.calls) == self.first:
-                    self.state = "not_a_call"
-                else:  # after this block's calls: the block ends here
+                if self.calls:  # after calls: the block ends where the calls do
                     self._close(self.pos)
+                else:
+                    self.state = "not_a_call"
                 return
             if step is None:
                 return

@@ -172,6 +172,9 @@ def test_text_between_and_after_blocks_is_dropped() -> None:
     # A later block that is not a call is dropped with the rest, the calls stay.
     text = '<tool_call>{"name": "a"}</tool_call><tool_call>{"name": 3}</tool_call>'
     assert parse_tool_calls(text) == (None, [ParsedCall("a", "{}")])
+    # ... but a call after it still counts.
+    text += ' and <tool_call>{"name": "b"}</tool_call>'
+    assert parse_tool_calls(text) == (None, [ParsedCall("a", "{}"), ParsedCall("b", "{}")])
 
 
 def counting_ids() -> ToolCallStream:
@@ -207,6 +210,10 @@ STREAM_TEXTS = [
     '{"name": "b"}]</tool_call>',
     '<tool_call>\n{"name": "a", "arguments": {"c": "Paris"}}\n</tool_call>\n'
     '<tool_call>\n{"name": "a", "ar',
+    '<tool_call>{"name": "a"}</tool_call><tool_call>{"name": 3}</tool_call> x '
+    '<tool_call>{"name": "b", "arguments": {"k": "<"}} junk</tool_call><tool_call>{"name": "c"',
+    'A <tool_call>{"name": "a", "arguments": {"x": 1, <}}</tool_call><tool_call>{"name": "b"}',
+
 ]
 
 
