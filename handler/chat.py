@@ -241,11 +241,7 @@ class ReplyShaper:
             events = parser.feed(result.text) + parser.finish()
             content = "".join(e.text for e in events if isinstance(e, ContentDelta))
             content = content if content.strip() else None
-            calls = [
-                call
-                for i, call in enumerate(parser.complete_calls())
-                if self.kept_calls is None or i in self.kept_calls
-            ]
+            calls = parser.complete_calls(self.kept_calls)
             if calls:
                 reason = self.calls_finish
                 if self.request.uses_functions:

@@ -175,9 +175,14 @@ class ToolCallStream:
         rest, self._pending = self._pending, ""
         return self._release(rest) if self._started or rest.strip() else []
 
-    def complete_calls(self) -> list[ParsedCall]:
-        """The calls whose arguments closed as a JSON object, in order."""
-        return [ParsedCall(c.name, c.arguments) for c in self._calls if c.complete]
+    def complete_calls(self, indices: Collection[int] | None = None) -> list[ParsedCall]:
+        """The calls (among `indices`; default all) whose arguments closed as a JSON
+        object, in order."""
+        return [
+            ParsedCall(call.name, call.arguments)
+            for index, call in enumerate(self._calls)
+            if call.complete and (indices is None or index in indices)
+        ]
 
     def incomplete(self, indices: Collection[int] | None = None) -> bool:
         """Whether a started call (among `indices`; default all) did not complete."""

@@ -404,6 +404,23 @@ def test_one_call_when_parallel_calls_are_off(serve, fields):
     assert sorted(parts) == [0] and finishes == ["tool_calls"]
 
 
+def test_with_parallel_calls_off_only_the_first_call_counts_even_when_broken(serve):
+    broken_first = (
+        '<tool_call>{"name": "get_weather", "arguments": {"city": <}}</tool_call>',
+        '<tool_call>{"name": "get_weather", "arguments": {}}</tool_call>',
+    )
+    llm = FakeLLM(max_seq_len=512, pieces=broken_first)
+    client = serve(llm=llm)
+    body = chat_body(tools=[WEATHER_TOOL])
+    choice = client.post(CHAT, json=body).get_json()["choices"][0]
+    assert [c["function"]["arguments"] for c in choice["message"]["tool_calls"]] == ["{}"]
+    one = client.post(CHAT, json={**body, "parallel_tool_calls": False}).get_json()["choices"][0]
+    assert (one["message"], one["finish_reason"]) == (
+        {"role": "assistant", "content": None},
+        "stop",
+    )
+
+
 def test_deprecated_functions_get_a_function_call(serve):
     llm = FakeLLM(max_seq_len=512, pieces=CALL_PIECES)
     client = serve(llm=llm)

@@ -213,7 +213,6 @@ STREAM_TEXTS = [
     '<tool_call>{"name": "a"}</tool_call><tool_call>{"name": 3}</tool_call> x '
     '<tool_call>{"name": "b", "arguments": {"k": "<"}} junk</tool_call><tool_call>{"name": "c"',
     'A <tool_call>{"name": "a", "arguments": {"x": 1, <}}</tool_call><tool_call>{"name": "b"}',
-
 ]
 
 
