@@ -232,18 +232,11 @@ class ChatCompletionRequest(Strict):
     @field_validator("tool_choice")
     @classmethod
     def _tool_choice_needs_tools(cls, value: Any, info: ValidationInfo) -> Any:
-        tools = info.data.get("tools")
         if value is None or value == "none":
             return value
-        if not tools:
-            raise ValueError("tool_choice is only allowed when tools are given")
-        if isinstance(value, NamedToolChoice):
-            names = [tool.function.name for tool in tools]
-            if value.function.name not in names:
-                raise ValueError(
-                    f"tool_choice names function '{value.function.name}', which is not "
-                    f"in tools ({', '.join(names)})"
-                )
+        tools = info.data.get("tools")
+        name = value.function.name if isinstance(value, NamedToolChoice) else None
+        _check_choice("tool_choice", name, "tools", tools and [t.function for t in tools])
         return value
 
     @field_validator("functions")
@@ -256,17 +249,10 @@ class ChatCompletionRequest(Strict):
     @field_validator("function_call")
     @classmethod
     def _function_call_needs_functions(cls, value: Any, info: ValidationInfo) -> Any:
-        functions = info.data.get("functions")
         if value is None:
             return value
-        if not functions:
-            raise ValueError("function_call is only allowed when functions are given")
-        names = [f.name for f in functions]
-        if isinstance(value, FunctionName) and value.name not in names:
-            raise ValueError(
-                f"function_call names function '{value.name}', which is not in functions "
-                f"({', '.join(names)})"
-            )
+        name = value.name if isinstance(value, FunctionName) else None
+        _check_choice("function_call", name, "functions", info.data.get("functions"))
         return value
 
     @model_validator(mode="after")
@@ -328,6 +314,19 @@ class ChatCompletionRequest(Strict):
         """The engine's view of this request; `grammar` constrains every choice."""
         return sampling_params(
             self, self.completion_budget, bool(self.logprobs), self.top_logprobs or 0, grammar
+        )
+
+
+def _check_choice(
+    field: str, name: str | None, given: str, functions: list[FunctionDefinition] | None
+) -> None:
+    """ValueError unless functions are given and a named choice is one of them."""
+    if not functions:
+        raise ValueError(f"{field} is only allowed when {given} are given")
+    names = [function.name for function in functions]
+    if name is not None and name not in names:
+        raise ValueError(
+            f"{field} names function '{name}', which is not in {given} ({', '.join(names)})"
         )
 
 
