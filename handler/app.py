@@ -85,6 +85,7 @@ def make_handler(settings: Settings, host: ModelHost | None = None) -> Handler:
 def system_fingerprint(settings: Settings) -> str:
     """Identifies the serving configuration, so clients can notice it changed."""
     config = f"{settings.model}|{settings.model_name}|{settings.dtype}|{settings.max_seq_len}"
+    config += f"|{settings.kv_pool}"
     return "fp_" + hashlib.sha256(config.encode()).hexdigest()[:12]
 
 

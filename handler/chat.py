@@ -49,9 +49,9 @@ from handler.schemas import (
     Usage,
     validation_error,
 )
+from model.engine.scheduler import EngineFailed, QueueFull, RequestFailed
 from model.grammar import GrammarError
 from model.sampling_params import Delta, SamplingParams, TokenLogprob
-from model.scheduler import EngineFailed, QueueFull, RequestFailed
 from model.tool_calls import (
     ContentDelta,
     Event,

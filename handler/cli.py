@@ -1,6 +1,6 @@
 """The `jaxchat` command: serve, chat in the terminal, benchmark, convert.
 
-    jaxchat serve   [--model M] [--port 8080] [--host 0.0.0.0] [--max-batch 32] …
+    jaxchat serve   [--model M] [--port 8080] [--host 0.0.0.0] [--max-batch 32] [--kv-pool N] …
     jaxchat chat    [--model M] [--system "…"] [--temperature 0.7] [--max-tokens 512]
     jaxchat bench   [--model M] [--decode-tokens 256] [--repeats 3]
     jaxchat convert SRC DEST [--int8] [--dtype float32|bfloat16]
@@ -32,6 +32,7 @@ SERVE_SETTINGS = {
     "model_name": "JAXCHAT_MODEL_NAME",
     "max_seq_len": "JAXCHAT_MAX_SEQ_LEN",
     "max_batch": "JAXCHAT_MAX_BATCH",
+    "kv_pool": "JAXCHAT_KV_POOL",
     "mesh": "JAXCHAT_MESH",
     "dtype": "JAXCHAT_DTYPE",
     "api_keys": "JAXCHAT_API_KEYS",
@@ -55,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model-name")
     serve.add_argument("--max-seq-len", type=int)
     serve.add_argument("--max-batch", type=int)
+    serve.add_argument(
+        "--kv-pool", help="KV pool: tokens (65536) or a fraction of free memory (0.5)"
+    )
     serve.add_argument("--mesh", help="DATAxMODEL, e.g. 2x4")
     serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16"])
     serve.add_argument("--api-keys", help="comma-separated bearer keys")
@@ -68,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, default=0.7)
     chat.add_argument("--top-p", type=float, default=0.95)
     chat.add_argument("--max-tokens", type=int, default=512)
-    chat.add_argument("--max-seq-len", type=int, default=2048)
+    chat.add_argument("--max-seq-len", type=int, help="default: the model's context")
     chat.add_argument("--seed", type=int)
     chat.add_argument("--compile-cache", help=CACHE_HELP)
 

@@ -39,7 +39,7 @@ def load_llm(settings: Settings) -> "LLM":
         max_seq_len=settings.max_seq_len,
         batch=settings.max_batch,
         max_queue=settings.max_queue,
-        prefill_buckets=settings.prefill_buckets or None,
+        kv_pool=settings.kv_pool,
         mesh=settings.mesh,
         dtype=settings.llm_dtype,
         compile_cache=settings.compile_cache,

@@ -34,19 +34,21 @@ class Settings(BaseSettings):
     """Comma-separated other names for the model, e.g. `default,fast,pro`. Each is
     listed by `/v1/models`, and a reply echoes the name the request used."""
 
-    max_seq_len: int = Field(default=2048, ge=16)
-    """Context limit in tokens, prompt plus completion, per request."""
+    max_seq_len: int | None = Field(default=None, ge=16)
+    """Context limit in tokens, prompt plus completion, per request. Unset: the
+    model's own context (8192 for SmolLM2); a larger value is capped to it."""
 
     max_batch: int = Field(default=32, ge=1, le=1024)
     """Decode slots run together in one step (continuous batching): the most
-    requests generating at once. Each slot holds a KV cache of `max_seq_len`."""
+    requests generating at once."""
+
+    kv_pool: str | None = Field(default=None, pattern=r"^(\d+|0?\.\d+|1\.0*)$")
+    """Size of the KV pool every sequence's keys and values share: a number of
+    tokens (`65536`) or a fraction of the memory free at start-up (`0.5`). Unset:
+    32768 tokens on CPU (1.5 GB for SmolLM2-135M), 85% of free device memory on GPU/TPU."""
 
     max_queue: int = Field(default=256, ge=0)
     """Requests that may wait for a free slot; beyond it requests get 503 with Retry-After."""
-
-    prefill_buckets: Annotated[list[int], NoDecode] = Field(default=[])
-    """Comma-separated prompt lengths that prefill is compiled for (a prompt is
-    padded to the next one). Empty: powers of two from 32 up to `max_seq_len`."""
 
     mesh: str | None = None
     """Device mesh as DATAxMODEL, e.g. `2x4` (slots split over 2, weights and KV
@@ -71,7 +73,7 @@ class Settings(BaseSettings):
     port: int = Field(default=8080, validation_alias=AliasChoices("port", "PORT"))
     """Port to listen on, from the plain `PORT` variable (as Cloud Run sets it)."""
 
-    @field_validator("prefill_buckets", "model_aliases", "api_keys", mode="before")
+    @field_validator("model_aliases", "api_keys", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         """Accept "a,b,c" (the environment form) as well as a list."""

@@ -34,9 +34,9 @@ from model.chat_template import ChatTemplate
 from model.config import ModelConfig
 from model.gguf_loader import Params, load_gguf, metadata_json, read_metadata
 from model.hf_loader import load_hf
+from model.nn.transformer import param_shapes
 from model.quantize import map_matmul_weights, path_str, quantize_int8, quantized_shape
 from model.tokenizer import Tokenizer
-from model.transformer import Transformer, init_cache
 from sharding.rules import TENSOR_PARALLEL, ShardingRules, param_shardings
 
 FORMAT = "jaxchat-orbax"
@@ -291,14 +291,7 @@ def directory_bytes(path: str | Path) -> int:
 def abstract_params(config: ModelConfig, dtype: jnp.dtype, quantization: str | None) -> Params:
     """The parameter tree as ShapeDtypeStructs: Transformer(config, dtype)'s, with the
     matmul weights as QuantizedWeight shapes for "int8". Nothing is allocated."""
-    model = Transformer(config, dtype)
-
-    def init() -> Params:
-        tokens = jnp.zeros((1, 1), jnp.int32)
-        caches = init_cache(config, 1, 1, dtype)
-        return model.init(jax.random.PRNGKey(0), tokens, tokens, tokens[:, 0], caches)["params"]
-
-    shapes = jax.eval_shape(init)
+    shapes = param_shapes(config, dtype)
     return map_matmul_weights(quantized_shape, shapes) if quantization == "int8" else shapes
 
 

@@ -22,13 +22,13 @@ from jax.sharding import Mesh
 
 from model.chat_template import ChatTemplate
 from model.checkpoint import is_checkpoint, load_checkpoint, load_tokenizer, read_manifest
-from model.compile_cache import open_compile_cache
 from model.detokenizer import IncrementalDetokenizer
-from model.engine import Engine
+from model.engine.engine import Engine, default_pool_tokens
+from model.engine.executables import open_compile_cache
+from model.engine.scheduler import Scheduler, TokenEvent
 from model.hf_loader import load_hf
 from model.prepared import load_gguf_prepared
 from model.sampling_params import Delta, FinishReason, SamplingParams, TokenLogprob
-from model.scheduler import Scheduler, TokenEvent
 from model.sources import cache_dir, resolve_model
 from model.stop_strings import StopStringMatcher
 from model.tokenizer import Tokenizer
@@ -39,7 +39,6 @@ from sharding import make_mesh, maybe_initialize_distributed
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_SEQ_LEN = 2048
 DEFAULT_BATCH = 32
 DEFAULT_MAX_QUEUE = 256
 Messages = str | Sequence[dict]
@@ -71,14 +70,15 @@ class LLM:
 
     model: a GGUF path, a Hugging Face directory, a jaxchat checkpoint
     directory (model/checkpoint.py), or None for the bundled default.
-    max_seq_len bounds prompt + completion tokens (default 2048, at most the
-    model's context).
+    max_seq_len bounds prompt + completion tokens (default and at most: the
+    model's own context).
     batch: decode slots run together (continuous batching); max_queue bounds
-    the requests waiting for a slot. prefill_buckets: prompt lengths prefill
-    is compiled for (default powers of two). mesh: a Mesh or a "DATAxMODEL"
-    spec such as "2x4" (default: every device, shaped to fit the model).
-    compile_cache: a directory or gs:// prefix keeping compiled executables
-    across restarts (model/compile_cache.py).
+    the requests waiting for a slot. kv_pool: the KV pool's size, in tokens
+    ("65536" or an int) or as a fraction of free memory ("0.5"); default: see
+    model/engine/engine.py's `default_pool_tokens`. mesh: a Mesh or a
+    "DATAxMODEL" spec such as "2x4" (default: every device, shaped to fit the
+    model). compile_cache: a directory or gs:// prefix keeping compiled
+    executables across restarts (model/engine/executables.py).
     Any number of threads may share one LLM.
     """
 
@@ -89,7 +89,7 @@ class LLM:
         max_seq_len: int | None = None,
         batch: int = DEFAULT_BATCH,
         max_queue: int = DEFAULT_MAX_QUEUE,
-        prefill_buckets: Sequence[int] | None = None,
+        kv_pool: str | int | None = None,
         mesh: str | Mesh | None = None,
         dtype: str | None = None,
         compile_cache: str | None = None,
@@ -116,14 +116,21 @@ class LLM:
             self.template = ChatTemplate.from_metadata(meta, self.tokenizer)
         if not isinstance(mesh, Mesh):
             mesh = make_mesh(mesh, config=self.config)
-        self.max_seq_len = min(max_seq_len or DEFAULT_MAX_SEQ_LEN, self.config.max_position)
+        self.max_seq_len = min(max_seq_len or self.config.max_position, self.config.max_position)
+        pool = default_pool_tokens(
+            self.config,
+            self.dtype,
+            batch,
+            self.max_seq_len,
+            None if kv_pool is None else str(kv_pool),
+        )
         self.engine = Engine(
             self.config,
             params,
             max_seq_len=self.max_seq_len,
             batch=batch,
+            pool_tokens=pool,
             stop_ids=self.tokenizer.stop_ids,
-            prefill_buckets=prefill_buckets,
             dtype=self.dtype,
             mesh=mesh,
             executables=self.compile_cache and self.compile_cache.executables,
@@ -228,10 +235,9 @@ class LLM:
             constraints = [self.grammars.matcher(params.grammar) for _ in range(params.n)]
         handle = self.scheduler.submit(
             prompt_ids,
-            self.engine.sampling(params, seed),
+            [self.engine.sampling(params, s, prompt_ids) for s in seeds],
             budget,
             not params.ignore_eos,
-            seeds=seeds,
             constraints=constraints,
             top_logprobs=params.top_logprobs if params.logprobs else 0,
         )

@@ -6,11 +6,11 @@ from sharding.rules import (
     TENSOR_PARALLEL,
     Placement,
     ShardingRules,
-    cache_sharding,
     fallbacks,
     fit_spec,
     param_placements,
     param_shardings,
+    pool_sharding,
     slot_sharding,
 )
 
@@ -21,7 +21,6 @@ __all__ = [
     "TENSOR_PARALLEL",
     "Placement",
     "ShardingRules",
-    "cache_sharding",
     "default_mesh_shape",
     "distributed_requested",
     "fallbacks",
@@ -31,5 +30,6 @@ __all__ = [
     "param_placements",
     "param_shardings",
     "parse_mesh_spec",
+    "pool_sharding",
     "slot_sharding",
 ]

@@ -1,11 +1,11 @@
 """Partition rules as data: which mesh axis splits which dimension of each array.
 
 Parameters are matched by an ordered table of (regex over the '/'-joined path,
-PartitionSpec); the first full match wins. The KV cache [B, K, S, H] and the
-per-slot decode arrays [B] / [B, 2] have one spec each. Every spec is fitted to
-the array: a dimension whose size does not divide its mesh axis size drops that
-axis (is replicated), so any model runs on any mesh; `fallbacks` lists the
-tensors this happened to, for logging.
+PartitionSpec); the first full match wins. The KV pool's blocks [NB, K, H, BS]
+(and [NB, K, BS, H]) and the per-slot arrays [B] / [B, V] have one spec each.
+Every spec is fitted to the array: a dimension whose size does not divide its
+mesh axis size drops that axis (is replicated), so any model runs on any mesh;
+`fallbacks` lists the tensors this happened to, for logging.
 
 Weights are [out, in]. Fused matrices (why a plain row split is kept): qkv
 [(N+2K)·H, D] stacks q, k, v and gate_up [2F, D] stacks gate, up along the
@@ -42,15 +42,15 @@ Rule = tuple[str, P]
 
 @dataclass(frozen=True)
 class ShardingRules:
-    """Specs for parameters, the KV cache and per-slot arrays.
+    """Specs for parameters, the KV pool and per-slot arrays.
 
     The field defaults shard nothing (a single-device layout on any mesh);
     `tensor_parallel()` is the layout for serving.
     """
 
     params: tuple[Rule, ...] = ((r".*", P()),)
-    cache: P = P()  # [B, K, S, H]
-    slots: P = P()  # [B] or [B, 2]
+    pool: P = P()  # [NB, K, H, BS] and [NB, K, BS, H]
+    slots: P = P()  # [B] or [B, V]
 
     @classmethod
     def tensor_parallel(cls) -> "ShardingRules":
@@ -58,7 +58,9 @@ class ShardingRules:
 
         Each matrix split by its outputs is followed by one split by its inputs
         (qkv → o, gate_up → down), so attention and MLP each end in one
-        all-reduce over 'model' (Megatron style).
+        all-reduce over 'model' (Megatron style). The pool's KV heads follow
+        the heads; its blocks are on every 'data' device, since any sequence's
+        blocks may be anywhere in it.
         """
         return cls(
             params=(
@@ -71,7 +73,7 @@ class ShardingRules:
                 (r"layers_\d+/mlp/down", P(None, MODEL)),  # [D, F]
                 (r"(layers_\d+/)?\w+_norm/scale", P()),  # [D], tiny: replicated
             ),
-            cache=P(DATA, MODEL, None, None),
+            pool=P(None, MODEL, None, None),
             slots=P(DATA),
         )
 
@@ -177,28 +179,28 @@ def fallbacks(
     params_or_shapes,
     mesh: AnyMesh,
     rules: ShardingRules = TENSOR_PARALLEL,
-    cache_shape: tuple[int, ...] | None = None,
+    pool_shape: tuple[int, ...] | None = None,
 ) -> list[Placement]:
     """Tensors replicated along an axis their rule splits, in tree order, for logging.
 
-    With `cache_shape` ([B, K, S, H]) the KV cache is checked too, as "kv_cache".
+    With `pool_shape` ([NB, K, H, BS]) the KV pool is checked too, as "kv_pool".
     """
     placements = jax.tree.leaves(param_placements(params_or_shapes, mesh, rules))
-    if cache_shape is not None:
-        placements.append(_placement("kv_cache", tuple(cache_shape), rules.cache, mesh))
+    if pool_shape is not None:
+        placements.append(_placement("kv_pool", tuple(pool_shape), rules.pool, mesh))
     return [p for p in placements if p.fell_back]
 
 
-def cache_sharding(
+def pool_sharding(
     mesh: AnyMesh, shape: tuple[int, ...], rules: ShardingRules = TENSOR_PARALLEL
 ) -> NamedSharding:
-    """NamedSharding for one cache array [B, K, S, H]: slots over 'data', KV
-    heads over 'model', each only where it divides."""
-    return NamedSharding(mesh, fit_spec(tuple(shape), rules.cache, mesh))
+    """NamedSharding for one layer's pool array [NB, K, H, BS]: KV heads over 'model'
+    where they divide."""
+    return NamedSharding(mesh, fit_spec(tuple(shape), rules.pool, mesh))
 
 
 def slot_sharding(
     mesh: AnyMesh, shape: tuple[int, ...], rules: ShardingRules = TENSOR_PARALLEL
 ) -> NamedSharding:
-    """NamedSharding for a per-slot array [B] or [B, 2]: B over 'data' where it divides."""
+    """NamedSharding for a per-slot array [B] or [B, V]: B over 'data' where it divides."""
     return NamedSharding(mesh, fit_spec(tuple(shape), rules.slots, mesh))

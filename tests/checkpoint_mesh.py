@@ -19,7 +19,7 @@ import numpy as np
 
 from model import LLM, SamplingParams
 from model.checkpoint import abstract_params, load_checkpoint, read_manifest
-from model.engine import Engine
+from model.engine.engine import Engine
 from sharding import make_mesh, param_shardings
 
 TOKENS = [1, 17, 42, 5, 88, 3, 64, 30, 9, 211, 300]
@@ -51,7 +51,7 @@ def restored(path: str) -> dict:
 
 def main(paths: list[str]) -> None:
     results = {path: restored(path) for path in paths}
-    llm = LLM(paths[0], max_seq_len=64, batch=2, dtype="float32", mesh="2x4", prefill_buckets=[32])
+    llm = LLM(paths[0], max_seq_len=64, batch=2, dtype="float32", mesh="2x4")
     prompt = llm.encode_chat(MESSAGES)
     results[paths[0]] |= {"prompt": prompt, "greedy": list(llm.generate(prompt, GREEDY).token_ids)}
     llm.scheduler.stop()

@@ -20,7 +20,7 @@ def main(specs: list[str]) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     results = {}
     for spec in specs:
-        llm = LLM(max_seq_len=128, batch=8, mesh=spec, prefill_buckets=[64])
+        llm = LLM(max_seq_len=128, batch=8, mesh=spec)
         results[spec] = [list(llm.generate(p["ids"], params).token_ids) for p in prompts]
         llm.scheduler.stop()
     print(json.dumps(results))

@@ -2,10 +2,14 @@
 
 `python -m tests.sharding_report` with XLA_FLAGS=--xla_force_host_platform_device_count=8
 prints one JSON report: the meshes `make_mesh` builds, the errors it raises,
-and for each (config, mesh, call) how far the sharded forward pass is from the
-unsharded one and how the weights and cache were actually split. This module
-computes; the test file asserts. (XLA fixes the CPU device count when the
-backend first starts, which in a pytest process has likely happened already.)
+and for each (config, mesh, call) how far the sharded call is from the
+unsharded one and how the weights and the KV pool were actually split. The
+calls: "forward", a causal pass over 8 sequences without a pool; "step", a
+step through a pool of random history with 8 decode rows at different
+positions and a prefill region of two segments (one continuing a prompt).
+This module computes; the test file asserts. (XLA fixes the CPU device count
+when the backend first starts, which in a pytest process has likely happened
+already.)
 """
 
 import json
@@ -16,8 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from model.config import ModelConfig
-from model.transformer import Transformer, init_cache
-from sharding import cache_sharding, make_mesh, param_shardings, slot_sharding
+from model.nn.attention import Layout, init_pool
+from model.nn.transformer import Transformer, forward_layout, param_shapes
+from sharding import make_mesh, param_shardings, pool_sharding
 
 CONFIGS = {
     "tiny": ModelConfig.tiny(),
@@ -28,23 +33,16 @@ CONFIGS = {
         ffn_dim=96, qkv_bias=True,
     ),
 }  # fmt: skip
-# (config, mesh, call): "prefill" and "decode" have B=8 slots so 'data' splits;
-# "prefill1" is the engine's B=1 prefill, whose slots cannot split. gqa3 adds
-# what tiny lacks: 'model' = 3 splitting every weight, K=3 not splitting by 4.
+# (config, mesh, call). gqa3 adds what tiny lacks: 'model' = 3 splitting every
+# weight, K=3 not splitting by 4.
 CASES = [
-    ("tiny", "8x1", "prefill"),
-    ("tiny", "8x1", "decode"),
-    ("tiny", "2x4", "prefill"),
-    ("tiny", "2x4", "decode"),
-    ("tiny", "2x4", "prefill1"),
-    ("tiny", "1x3", "prefill"),
-    ("tiny", "1x3", "decode"),
-    ("gqa3", "2x4", "prefill"),
-    ("gqa3", "2x4", "decode"),
-    ("gqa3", "1x3", "prefill"),
-    ("gqa3", "1x3", "decode"),
-]
-CACHE_LEN = 16
+    (config, mesh, call)
+    for config, mesh in (
+        ("tiny", "8x1"), ("tiny", "2x4"), ("tiny", "1x3"), ("gqa3", "2x4"), ("gqa3", "1x3")
+    )
+    for call in ("forward", "step")
+]  # fmt: skip
+BS, NB, MB = 4, 16, 8  # pool block size, blocks, blocks per sequence
 MESH_SPECS = {"8x1": "8x1", "2x4": "2x4", "1x3": "1x3", "default": None}
 BAD_SPECS = ("3x3", "abc", "9x1", "0x8")
 
@@ -52,59 +50,63 @@ BAD_SPECS = ("3x3", "abc", "9x1", "0x8")
 def random_params(config: ModelConfig, seed: int) -> dict:
     """The parameter tree filled from numpy (no init compile): weights and
     biases ~ N(0, 0.05²), norm scales ~ 1 + N(0, 0.05²)."""
-    model = Transformer(config)
-    tokens = jnp.zeros((1, 4), jnp.int32)
-
-    def init():
-        caches = init_cache(config, 1, 4, jnp.float32)
-        return model.init(jax.random.PRNGKey(0), tokens, tokens, tokens[:, 0], caches)
-
     rng = np.random.default_rng(seed)
 
     def fill(path, leaf) -> np.ndarray:
         x = 0.05 * rng.standard_normal(leaf.shape).astype(np.float32)
         return x + 1 if path[-1].key == "scale" else x
 
-    return jax.tree_util.tree_map_with_path(fill, jax.eval_shape(init)["params"])
+    return jax.tree_util.tree_map_with_path(fill, param_shapes(config))
 
 
 @partial(jax.jit, static_argnums=0)
-def forward(model, params, tokens, positions, start, caches):
-    """(logits [B, T, V], caches) of one Transformer call."""
-    hidden, caches = model.apply({"params": params}, tokens, positions, start, caches)
-    return model.apply({"params": params}, hidden, method=Transformer.logits), caches
+def run(model, params, tokens, layout, pool):
+    """(logits [T, V], pool) of one Transformer call."""
+    hidden, pool = model.apply({"params": params}, tokens, layout, pool)
+    return model.apply({"params": params}, hidden, method=Transformer.logits), pool
 
 
 def call_inputs(config: ModelConfig, call: str, rng: np.random.Generator):
-    """tokens [B, T], positions [B, T], start [B], caches per layer (S = CACHE_LEN)."""
-    shape = (1 if call == "prefill1" else 8, 1 if call == "decode" else 12)
-    tokens = rng.integers(0, config.vocab_size, shape).astype(np.int32)
-    if call == "decode":
-        # Slots at different offsets, attending over a cache of random history.
-        positions = np.array([[3], [7], [0], [15], [9], [1], [12], [5]], np.int32)
-        caches = [
-            jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32), layer)
-            for layer in init_cache(config, shape[0], CACHE_LEN, jnp.float32)
-        ]
-    else:
-        positions = np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy()
-        caches = init_cache(config, shape[0], CACHE_LEN, jnp.float32)
-    return tokens, positions, positions[:, 0].copy(), caches
+    """tokens [T], layout, pool (None for "forward")."""
+    if call == "forward":
+        tokens = rng.integers(0, config.vocab_size, 8 * 12).astype(np.int32)
+        return tokens, forward_layout(8, 12), None
+    pool = [
+        jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32), layer)
+        for layer in init_pool(
+            config.n_layers, NB, BS, config.n_kv_heads, config.head_dim, jnp.float32
+        )
+    ]
+    tables = np.stack([rng.permutation(NB)[:MB] for _ in range(9)]).astype(np.int32)
+    context = np.array([3, 7, 0, 15, 9, 1, 12, 5], np.int32)  # 8 decode rows
+    # The region: 5 tokens continuing a prompt after 6 pooled positions, 4 of a new one.
+    region = np.array([6, 7, 8, 9, 10, 0, 1, 2, 3], np.int32)
+    positions = np.concatenate([context, region])
+    write = np.full(len(positions), NB * BS, np.int32)
+    write[:8] = tables[np.arange(8), context // BS] * BS + context % BS
+    layout = Layout(
+        positions=positions,
+        context=context,
+        block_tables=tables[:8],
+        segments=np.array([0] * 5 + [1] * 4, np.int32),
+        prior=np.int32(6),
+        prior_blocks=tables[8],
+        write=write,
+    )
+    return rng.integers(0, config.vocab_size, len(positions)).astype(np.int32), layout, pool
 
 
 def run_case(config: ModelConfig, params: dict, mesh_spec: str, call: str) -> dict:
     """Sharded vs unsharded outputs of one call on one mesh."""
     model = Transformer(config)
-    tokens, positions, start, caches = call_inputs(config, call, np.random.default_rng(7))
-    want_logits, want_caches = forward(model, params, tokens, positions, start, caches)
+    tokens, layout, pool = call_inputs(config, call, np.random.default_rng(7))
+    want_logits, want_pool = run(model, params, tokens, layout, pool)
 
     mesh = make_mesh(mesh_spec)
     placed = jax.device_put(params, param_shardings(params, mesh))
-    caches = jax.device_put(caches, jax.tree.map(lambda x: cache_sharding(mesh, x.shape), caches))
-    tokens, positions, start = (
-        jax.device_put(x, slot_sharding(mesh, x.shape)) for x in (tokens, positions, start)
-    )
-    logits, new_caches = forward(model, placed, tokens, positions, start, caches)
+    if pool is not None:
+        pool = jax.device_put(pool, jax.tree.map(lambda x: pool_sharding(mesh, x.shape), pool))
+    logits, new_pool = run(model, placed, tokens, layout, pool)
 
     def shard(x) -> list[int]:
         return list(x.sharding.shard_shape(x.shape))
@@ -114,12 +116,10 @@ def run_case(config: ModelConfig, params: dict, mesh_spec: str, call: str) -> di
     def max_diff(a, b) -> float:  # on the host: no compile per sharding
         return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
 
+    pools = zip(jax.tree.leaves(new_pool), jax.tree.leaves(want_pool), strict=True)
     return {
         "max_logit_diff": max_diff(logits, want_logits),
-        "max_cache_diff": max(
-            max_diff(a, b)
-            for a, b in zip(jax.tree.leaves(new_caches), jax.tree.leaves(want_caches), strict=True)
-        ),
+        "max_pool_diff": max((max_diff(a, b) for a, b in pools), default=0.0),
         "shards": {
             "embed": shard(placed["embed"]["embedding"]),
             "qkv": shard(layer["attn"]["qkv"]),
@@ -127,8 +127,7 @@ def run_case(config: ModelConfig, params: dict, mesh_spec: str, call: str) -> di
             "gate_up": shard(layer["mlp"]["gate_up"]),
             "down": shard(layer["mlp"]["down"]),
             "lm_head": shard(placed["lm_head"]),
-            "cache": shard(caches[0].k),
-            "tokens": shard(tokens),
+            "pool": shard(new_pool[0].k) if new_pool is not None else None,
         },
         "logits_devices": len(logits.sharding.device_set),
     }

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from model.config import ModelConfig
-from model.transformer import Transformer
+from model.nn.transformer import Transformer
 from tests.gguf_writer import hf_random_weights
 from tests.server_process import REPO, run_python_report
 from tests.tiny_models import TINY_LLAMA, train_sentencepiece, write_tiny_pair
@@ -33,7 +33,7 @@ from model import LLM, SamplingParams
 opened = []
 init = gguf.GGUFReader.__init__
 gguf.GGUFReader.__init__ = lambda self, *a, **k: opened.append(1) or init(self, *a, **k)
-llm = LLM(sys.argv[1], max_seq_len=32, batch=2, prefill_buckets=[32], compile_cache=sys.argv[2])
+llm = LLM(sys.argv[1], max_seq_len=32, batch=2, compile_cache=sys.argv[2])
 llm.warmup()
 reply = llm.generate([5, 9, 17, 33], SamplingParams(temperature=0, max_tokens=8))
 print(json.dumps({

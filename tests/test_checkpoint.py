@@ -26,9 +26,9 @@ from model.checkpoint import (
     read_manifest,
 )
 from model.gguf_loader import load_gguf
+from model.nn.transformer import Transformer, forward_logits
 from model.quantize import MATMUL_WEIGHTS, QuantizedWeight
 from model.tokenizer import Tokenizer
-from model.transformer import Transformer, init_cache
 from sharding import make_mesh
 from tests.gguf_writer import hf_random_weights
 from tests.server_process import EIGHT_DEVICES, run_python_report
@@ -70,21 +70,13 @@ def logits(config, params) -> np.ndarray:
 def _forward(config):
     model = Transformer(config)
     tokens = jnp.asarray([TOKENS], jnp.int32)
-    positions = jnp.arange(len(TOKENS))[None]
-
-    @jax.jit
-    def run(params):
-        caches = init_cache(config, 1, len(TOKENS), jnp.float32)
-        hidden, _ = model.apply({"params": params}, tokens, positions, positions[:, 0], caches)
-        return model.apply({"params": params}, hidden, method=Transformer.logits)[0]
-
-    return run
+    return jax.jit(lambda params: forward_logits(model, params, tokens)[0])
 
 
 @functools.cache
 def greedy(path) -> tuple[list[int], tuple[int, ...], str, frozenset[int]]:
     """(prompt ids, greedy ids, text, stop ids) of the model at `path`, one device."""
-    llm = LLM(str(path), max_seq_len=64, batch=2, dtype="float32", prefill_buckets=[32])
+    llm = LLM(str(path), max_seq_len=64, batch=2, dtype="float32")
     prompt = llm.encode_chat(MESSAGES)
     out = llm.generate(prompt, GREEDY)
     llm.scheduler.stop()

@@ -32,13 +32,13 @@ gguf_opened = []
 open_gguf = gguf.GGUFReader.__init__
 gguf.GGUFReader.__init__ = lambda self, *a, **k: gguf_opened.append(1) or open_gguf(self, *a, **k)
 
-llm = LLM(max_seq_len=256, batch=2, prefill_buckets=[64], compile_cache=sys.argv[1])
+llm = LLM(max_seq_len=256, batch=2, compile_cache=sys.argv[1])
 llm.warmup()
 reply = llm.generate(json.loads(sys.argv[2]), SamplingParams(temperature=0, max_tokens=12))
 print(json.dumps({
     "compiled": llm.engine.compilations,
     "loaded": llm.engine.loaded,
-    "variants": len(llm.engine.variants()),
+    "variants": len(llm.engine.variants.names),
     "backend_compiles": len(backend_compiles),
     "gguf_opened": len(gguf_opened),
     "ids": list(reply.token_ids),
@@ -105,7 +105,7 @@ def test_a_local_directory_cache_with_a_damaged_entry_recompiles_only_that(cold,
     _, mirror = cold
     local = tmp_path / "cache"
     shutil.copytree(mirror / "compile" / BUCKET / "smollm2", local)
-    damaged = sorted(local.glob("executables/*/prefill-*.xla"))[0]
+    damaged = sorted(local.glob("executables/*/step-*.xla"))[0]
     damaged.write_bytes(damaged.read_bytes()[:1000])
     warm = run(str(local), prompt, mirror)  # the prepared model copy is in the downloads
     assert warm["compiled"] == warm["backend_compiles"] == 1

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from model.config import ModelConfig
-from model.engine import Engine
+from model.engine.engine import Engine
 from model.gguf_loader import config_from_gguf, load_gguf, load_gguf_params
 from tests.gguf_writer import hf_random_weights, write_llama_gguf
 

@@ -5,9 +5,13 @@ same Q4_1 weights exactly, so only float summation order differs: logits agree
 to 2e-3 (measured about 1.5e-4) and the argmax agrees at every position.
 """
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from model.nn.attention import Layout, init_pool
+from model.nn.transformer import Transformer
 from model.sampling_params import SamplingParams
 
 LOGIT_ATOL = 2e-3
@@ -28,17 +32,47 @@ def test_full_forward_logits_match_reference(llm, golden, golden_logits, index):
 
 @pytest.mark.parametrize("index", [0, 1, 2])
 def test_greedy_tokens_match_reference(llm, golden, index):
-    """32 greedy tokens through prefill → insert → generate, past EOS like the reference."""
+    """32 greedy tokens through the serving path (admission, prefill and decode steps
+    over the KV pool), past EOS like the reference."""
     prompt = golden["prompts"][index]
-    engine = llm.engine
-    prefix = engine.prefill(prompt["ids"], engine.sampling(SamplingParams(temperature=0), seed=0))
-    state = engine.insert(prefix, engine.init_state(), 0, remaining=len(prompt["greedy"]))
-    tokens, position = [int(prefix.token)], len(prompt["ids"])
-    while len(tokens) < len(prompt["greedy"]):
-        state, step, *_ = engine.generate(state, position)
-        tokens.append(int(step[0]))
-        position += 1
-    assert tokens == prompt["greedy"]
+    params = SamplingParams(temperature=0, max_tokens=len(prompt["greedy"]), ignore_eos=True)
+    assert list(llm.generate(prompt["ids"], params).token_ids) == prompt["greedy"]
+
+
+def test_chunked_prefill_gives_the_logits_of_one_pass(llm, golden):
+    """The longest golden prompt in chunks of 7, 13, 16 and the rest, through the pool
+    (each chunk reading the earlier ones from it), against one plain causal pass."""
+    ids = golden["prompts"][2]["ids"]
+    engine, bs, blocks = llm.engine, 4, 32
+    config = engine.config
+    pool = init_pool(config.n_layers, blocks, bs, config.n_kv_heads, config.head_dim, jnp.float32)
+    table = np.random.default_rng(3).permutation(blocks).astype(np.int32)
+    step = jax.jit(
+        lambda params, pool, tokens, layout: engine.model.apply(
+            {"params": params}, tokens, layout, pool
+        )
+    )
+    head = jax.jit(
+        lambda params, hidden: engine.model.apply(
+            {"params": params}, hidden, method=Transformer.logits
+        )
+    )
+    logits = []
+    for start, end in ((0, 7), (7, 20), (20, 36), (36, len(ids))):
+        positions = np.arange(start, end, dtype=np.int32)
+        layout = Layout(
+            positions=positions,
+            context=np.zeros((0,), np.int32),
+            block_tables=np.zeros((0, blocks), np.int32),
+            segments=np.zeros(end - start, np.int32),
+            prior=np.int32(start),
+            prior_blocks=table,
+            write=(table[positions // bs] * bs + positions % bs).astype(np.int32),
+        )
+        hidden, pool = step(engine.params, pool, np.asarray(ids[start:end], np.int32), layout)
+        logits.append(np.asarray(head(engine.params, hidden)))
+    full = np.asarray(engine.forward([ids]))[0]
+    np.testing.assert_allclose(np.concatenate(logits), full, atol=LOGIT_ATOL)
 
 
 def test_prompt_tokens_match_reference(llm, golden):

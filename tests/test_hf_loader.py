@@ -16,7 +16,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from model import SamplingParams
 from model.chat_template import ChatTemplate
 from model.config import ModelConfig
-from model.engine import Engine
+from model.engine.engine import Engine
 from model.gguf_loader import load_gguf
 from model.hf_loader import config_from_hf, load_hf
 from model.llm import LLM
@@ -89,7 +89,7 @@ def test_llm_greedy_tokens_and_text_match_gguf(tmp_path, proto):
     greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
     results = []
     for path in (gguf_path, hf_path):
-        llm = LLM(str(path), max_seq_len=64, batch=2, dtype="float32", prefill_buckets=[32])
+        llm = LLM(str(path), max_seq_len=64, batch=2, dtype="float32")
         prompt = llm.encode_chat(messages)
         results.append((prompt, llm.generate(prompt, greedy), llm.tokenizer.stop_ids))
         llm.scheduler.stop()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from model import SamplingParams
-from model.scheduler import RequestFailed
+from model.engine.scheduler import RequestFailed
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,7 +75,7 @@ def test_a_script_using_the_python_api_exits_cleanly():
     aborting while the thread is inside XLA."""
     script = (
         "from model import LLM, SamplingParams\n"
-        "llm = LLM(max_seq_len=256, batch=2, prefill_buckets=[64])\n"
+        "llm = LLM(max_seq_len=256, batch=2)\n"
         "ids = llm.encode_chat([{'role': 'user', 'content': 'Hi'}])\n"
         "params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)\n"
         "print(llm.generate(ids, params).token_ids)\n"
@@ -103,30 +103,36 @@ class BreakingConstraint:
         return True
 
 
-@pytest.mark.parametrize("fault", ["prefill", "grammar"])
+@pytest.mark.parametrize("fault", ["admission", "grammar"])
 def test_a_fault_in_one_request_fails_it_alone(llm, golden, monkeypatch, fault):
-    """Among concurrent greedy requests, one fails in the engine (its prefill, or its
+    """Among concurrent greedy requests, one fails in the engine (its admission, or its
     grammar mid-stream); the others still give the reference tokens."""
     poisoned = [7, 7, 7, 7]
-    prefill = llm.engine.prefill
+    rows = []
+    sampling, admit = llm.engine.sampling, llm.engine.admit
 
-    def faulty_prefill(tokens, sampling, allowed=None):
-        if fault == "prefill" and list(tokens) == poisoned:
-            raise RuntimeError("prefill of an odd prompt failed")
-        return prefill(tokens, sampling, allowed)
+    def marked_sampling(params, seed, prompt_ids=()):
+        row = sampling(params, seed, prompt_ids)
+        if list(prompt_ids) == poisoned:
+            rows.append(row)
+        return row
 
-    monkeypatch.setattr(llm.engine, "prefill", faulty_prefill)
+    def faulty_admit(state, slot, row):
+        if fault == "admission" and any(row is r for r in rows):
+            raise RuntimeError("admission of an odd request failed")
+        return admit(state, slot, row)
+
+    monkeypatch.setattr(llm.engine, "sampling", marked_sampling)
+    monkeypatch.setattr(llm.engine, "admit", faulty_admit)
     if fault == "grammar":  # shadows the cached property for this test only
-        monkeypatch.setitem(
-            vars(llm), "grammars", types.SimpleNamespace(matcher=BreakingConstraint)
-        )
+        broken = types.SimpleNamespace(matcher=BreakingConstraint)
+        monkeypatch.setitem(vars(llm), "grammars", broken)
 
     prompts = golden["prompts"]
     expected = [p["greedy"][:12] for p in prompts]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    bad = SamplingParams(
-        temperature=0, max_tokens=12, grammar="any" if fault == "grammar" else None
-    )
+    grammar = "any text" if fault == "grammar" else None
+    bad = SamplingParams(temperature=0, max_tokens=12, grammar=grammar)
     with ThreadPoolExecutor(len(prompts) + 1) as pool:
         good = [pool.submit(llm.generate, p["ids"], params) for p in prompts]
         failed = pool.submit(llm.generate, poisoned, bad)

@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model.sampling import NEG_INF, SlotSampling, apply_penalties, top_k_mask, top_p_mask
-from model.sampling import sample as eager_sample
+from model.nn.sampling import NEG_INF, SlotSampling, apply_penalties, top_k_mask, top_p_mask
+from model.nn.sampling import sample as eager_sample
 
 _sample = jax.jit(eager_sample)
 

@@ -1,9 +1,12 @@
 """The scheduler against a mock engine whose outputs are worked out by hand.
 
-The mock's rules: a prompt's first token is 50 + sum(prompt) % 50; every decode
-step adds 1 to each slot's last token; token 99 is the stop token. So a request
-with prompt [p] and budget n yields 50+p, 51+p, … until 99 or n tokens. A
-further choice with seed s starts from the next step at 50 + p + s.
+The mock stores each step's tokens in a NumPy "pool" at the plan's write positions,
+and samples a slot's next token from what the pool holds for it, read through the
+plan's block tables and the attention's visibility rules (a decode row sees its
+positions 0..context; a prefill token its segment's earlier tokens and, for segment
+0, the `prior` positions): token = 50 + (sum of the visible tokens + salt) % 50,
+where salt is the slot's setting. Token 99 is the stop token. A wrong block table,
+position or write shows as a wrong token.
 """
 
 import threading
@@ -13,74 +16,138 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from model.scheduler import EngineFailed, QueueFull, RequestFailed, Scheduler
+from model.engine.engine import StepPlan
+from model.engine.scheduler import EngineFailed, QueueFull, RequestFailed, Scheduler
+from model.engine.variants import SMALL_CHUNK, StepShape, step_shapes
+from model.nn.attention import Layout
 
 STOP = 99
+BS = 4
+
+
+def expected(prompt: list[int], budget: int, salt: int = 0) -> tuple[list[int], str]:
+    """The mock's tokens for `prompt` and its finish reason."""
+    tokens, out = list(prompt), []
+    while len(out) < budget:
+        out.append(50 + (sum(tokens) + salt) % 50)
+        tokens.append(out[-1])
+        if out[-1] == STOP:
+            return out, "stop"
+    return out, "length"
 
 
 @dataclass
-class MockPrefix:
-    token: int
-    logprob: float = -0.5
-    top_ids: tuple = ()
-    top_logprobs: tuple = ()
+class MockOutputs:
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    top_ids: np.ndarray
+    top_logprobs: np.ndarray
 
 
 class MockEngine:
-    """Engine API on NumPy; records every call for the tests to inspect."""
+    """The engine's contract on NumPy; records what each step carried."""
 
-    def __init__(self, batch: int, step_delay: float = 0.0, fail_at_step: int | None = None):
+    def __init__(self, batch: int, pool_blocks: int = 256, max_seq_len: int = 1024, **faults):
         self.batch = batch
+        self.block_size = BS
+        self.pool_blocks = pool_blocks
+        self.table_width = -(-max_seq_len // BS)
         self.stop_ids = np.array([STOP])
-        self.step_delay = step_delay
-        self.fail_at_step = fail_at_step
-        self.calls: list[tuple] = []
-        self.steps = 0
-        self.rows: list[int] = []
+        self.shapes = step_shapes(batch, max_seq_len)
+        self.step_delay = faults.get("step_delay", 0.0)
+        self.fail_at_step = faults.get("fail_at_step")
+        self.fail_admit = faults.get("fail_admit")  # a salt whose admission raises
+        self.steps: list[dict] = []
         self.gate = threading.Event()
         self.gate.set()
 
-    def unconstrained(self, rows):
-        return np.full((rows, 1), -1, np.int32)
-
     def init_state(self):
-        return {"tokens": np.zeros(self.batch, int), "remaining": np.zeros(self.batch, int)}
+        return {
+            "pool": np.full(self.pool_blocks * BS, -1),
+            "tokens": np.zeros(self.batch, int),
+            "salt": np.zeros(self.batch, int),
+        }
 
-    def prefill(self, tokens, sampling, allowed=None):
-        self.calls.append(("prefill", tuple(tokens)))
-        return MockPrefix(50 + sum(tokens) % 50)
-
-    def insert(self, prefix, state, slot, remaining, stop_at_eos=True, restart_seed=None):
-        self.calls.append(("insert", slot, self.steps))
-        # A restarted choice's first token comes from the next step: prefix token + seed.
-        restarted = restart_seed is not None
-        state["tokens"][slot] = prefix.token + restart_seed - 1 if restarted else prefix.token
-        state["remaining"][slot] = remaining
+    def admit(self, state, slot, row):
+        if row == self.fail_admit:
+            raise RuntimeError("admission failed")
+        state["salt"][slot] = row
+        state["tokens"][slot] = 0
         return state
 
-    def generate(self, state, max_position, rows, allowed=None):
-        self.rows.append(rows)
+    def empty_plan(self, shape: StepShape) -> StepPlan:
+        r, t = shape.rows, shape.tokens
+        layout = Layout(
+            positions=np.zeros(t, np.int32),
+            context=np.full(r, -1, np.int32),
+            block_tables=np.zeros((r, self.table_width), np.int32),
+            segments=np.full(shape.prefill, -1, np.int32),
+            prior=np.int32(0),
+            prior_blocks=np.zeros(self.table_width, np.int32),
+            write=np.full(t, self.pool_blocks * BS, np.int32),
+        )
+        return StepPlan(
+            np.zeros(t, np.int32), layout, np.zeros(r, bool), np.zeros(r, np.int32),
+            np.zeros(r, bool), np.full((r, 1), -1, np.int32),
+        )  # fmt: skip
+
+    def step(self, state, plan: StepPlan):
         self.gate.wait()
-        self.steps += 1
-        if self.fail_at_step == self.steps:
+        if self.fail_at_step == len(self.steps) + 1:
             raise RuntimeError("device fell over")
         time.sleep(self.step_delay)
-        state = {"tokens": state["tokens"] + 1, "remaining": state["remaining"] - 1}
-        done = (state["tokens"] == STOP) | (state["remaining"] <= 0)
-        top = np.zeros((self.batch, 20))
-        return state, state["tokens"].copy(), np.full(self.batch, -0.25), done, top, top
+        lay, pool, r = plan.layout, state["pool"], plan.layout.rows
+        tokens = plan.tokens.copy()
+        tokens[:r] = np.where(plan.decode, state["tokens"][:r], tokens[:r])
+        seg, pos = lay.segments, lay.positions[r:]
+        for g in set(seg[seg >= 0].tolist()):
+            if g > 0:  # only segment 0 may continue a prompt
+                assert pos[seg == g].min() == 0, "a later segment does not start a prompt"
+        for t, where in enumerate(lay.write):
+            if where < len(pool):
+                pool[where] = tokens[t]
+        out = np.zeros(r, int)
+        for row in np.flatnonzero(plan.sample):
+            src = plan.sample_from[row]
+            if src < r:  # a decode row: its positions 0..context through its blocks
+                flat = self._flat(lay.block_tables[row], lay.context[row] + 1)
+                total = pool[flat].sum()
+            else:  # a prefill token: its segment up to it, and segment 0's prior
+                i = src - r
+                mine = (seg == seg[i]) & (pos <= pos[i])
+                total = tokens[r:][mine].sum()
+                if seg[i] == 0:
+                    total += pool[self._flat(lay.prior_blocks, int(lay.prior))].sum()
+            assert (pool[self._flat(lay.block_tables[row], 0)] >= 0).all()
+            out[row] = 50 + (total + state["salt"][row]) % 50
+            state["tokens"][row] = out[row]
+        self.steps.append(
+            {
+                "rows": r,
+                "decode": int(plan.decode.sum()),
+                "prefill": int((seg >= 0).sum()),
+                "segments": len(set(seg[seg >= 0].tolist())),
+            }
+        )
+        zeros = np.zeros((r, 20))
+        return state, MockOutputs(out, np.full(r, -0.25), zeros, zeros)
 
-
-def expected(prompt: list[int], budget: int) -> tuple[list[int], str]:
-    first = 50 + sum(prompt) % 50
-    tokens = list(range(first, min(first + budget, STOP + 1)))
-    return tokens, "stop" if tokens[-1] == STOP else "length"
+    def _flat(self, table, length: int) -> np.ndarray:
+        p = np.arange(length)
+        return table[p // BS] * BS + p % BS
 
 
 def run(handle) -> tuple[list[int], str]:
     events = list(handle)
     assert all(e.finish_reason is None for e in events[:-1])
     return [e.token for e in events], events[-1].finish_reason
+
+
+def by_choice(handle) -> dict[int, tuple[list[int], str]]:
+    out: dict[int, list] = {}
+    for event in handle:
+        out.setdefault(event.index, []).append(event)
+    return {i: ([e.token for e in es], es[-1].finish_reason) for i, es in out.items()}
 
 
 @pytest.fixture
@@ -98,173 +165,166 @@ def make():
 
 
 def test_each_request_gets_its_own_sequence_and_finish_reason(make):
-    scheduler = make(MockEngine(batch=4))
-    cases = [([1], 5), ([40], 100), ([3, 4], 1), ([49], 30), ([0], 89)]
-    handles = [scheduler.submit(p, None, n) for p, n in cases]
-    for (prompt, budget), handle in zip(cases, handles, strict=True):
-        assert run(handle) == expected(prompt, budget)
+    engine = MockEngine(batch=1)
+    engine.gate.clear()  # steps block: nothing finishes
+    scheduler = make(engine, max_queue=2)
+    first = scheduler.submit([1, 2], [0], 3)
+    while scheduler.active == 0:  # wait until the first request took the slot
+        time.sleep(0.001)
+    queued = [scheduler.submit([2], [0], 3), scheduler.submit([3, 4, 5], [7], 6)]
+    with pytest.raises(QueueFull, match="2 requests are already waiting"):
+        scheduler.submit([4], [0], 3)
+    engine.gate.set()
+    assert run(first) == expected([1, 2], 3)
+    assert [run(h) for h in queued] == [expected([2], 3), expected([3, 4, 5], 6, salt=7)]
 
 
-def test_first_token_stop_or_budget_of_one_never_takes_a_slot(make):
-    engine = MockEngine(batch=2)
-    scheduler = make(engine)
-    assert run(scheduler.submit([49], None, 10)) == ([STOP], "stop")
-    assert run(scheduler.submit([5], None, 1)) == ([55], "length")
-    assert [c[0] for c in engine.calls] == ["prefill", "prefill"]
-    assert engine.steps == 0
+def test_a_stop_token_or_a_budget_ends_a_sequence(make):
+    scheduler = make(MockEngine(batch=2))
+    assert run(scheduler.submit([49], [0], 10)) == ([99], "stop")  # 50 + 49 = 99
+    assert run(scheduler.submit([1], [0], 1)) == ([51], "length")
+    tokens, reason = run(scheduler.submit([49], [0], 10, stop_at_eos=False))
+    assert tokens == expected([49], 10)[0][:1] + tokens[1:] and len(tokens) == 10
+    assert reason == "length"
 
 
 def test_slots_are_reused_and_never_oversubscribed(make):
     engine = MockEngine(batch=2, step_delay=0.002)
     scheduler = make(engine)
-    cases = [([i], 3 + i % 4) for i in range(7)]
-    handles = [scheduler.submit(p, None, n) for p, n in cases]
-    for (prompt, budget), handle in zip(cases, handles, strict=True):
-        assert run(handle) == expected(prompt, budget)
-    inserts = [c[1] for c in engine.calls if c[0] == "insert"]
-    assert sorted(set(inserts)) == [0, 1]
-    assert set(engine.rows) <= {1, 2} and 1 in engine.rows  # the last request runs alone
-    assert len(inserts) == 7
-    # Prefills happen in submission order (FIFO).
-    assert [c[1] for c in engine.calls if c[0] == "prefill"] == [(i,) for i in range(7)]
+    prompts = [[i, i + 1] for i in range(7)]
+    handles = [scheduler.submit(p, [0], 5) for p in prompts]
+    assert [run(h) for h in handles] == [expected(p, 5) for p in prompts]
+    assert max(s["decode"] for s in engine.steps) <= 2
+    assert scheduler.active == 0 and scheduler.pool.available == engine.pool_blocks
 
 
 def test_cancelled_request_frees_its_slot_within_a_step(make):
     engine = MockEngine(batch=1, step_delay=0.005)
     scheduler = make(engine)
-    long = scheduler.submit([0], None, 10**6)
-    events = iter(long)
-    for _ in range(3):
-        next(events)
-    long.cancel()
-    steps_at_cancel = engine.steps
-    # The next request can only run once the single slot is free.
-    assert run(scheduler.submit([2], None, 4)) == expected([2], 4)
-    kind, slot, steps_at_insert = engine.calls[-1]
-    assert (kind, slot) == ("insert", 0)
-    # At most the step in flight when cancel() landed and one dispatched meanwhile.
-    assert steps_at_insert - steps_at_cancel <= 2
+    endless = scheduler.submit([1], [0], 10_000, stop_at_eos=False)
+    next(iter(endless))
+    endless.cancel()
+    steps_at_cancel = len(engine.steps)
+    assert run(scheduler.submit([5], [0], 3)) == expected([5], 3)
+    assert len(engine.steps) - steps_at_cancel <= 6
 
 
 def test_full_queue_raises_and_recovers(make):
     engine = MockEngine(batch=1)
-    engine.gate.clear()  # decode steps block: nothing finishes
-    scheduler = make(engine, max_queue=2)
-    first = scheduler.submit([1], None, 3)
-    while not engine.calls:  # wait until the first request left the queue for the slot
+    engine.gate.clear()
+    scheduler = make(engine, max_queue=1)
+    running = scheduler.submit([1], [0], 2)
+    while scheduler.active == 0:
         time.sleep(0.001)
-    queued = [scheduler.submit([2], None, 3), scheduler.submit([3], None, 3)]
-    with pytest.raises(QueueFull, match="2 requests are already waiting"):
-        scheduler.submit([4], None, 3)
+    waiting = scheduler.submit([2], [0], 2)
+    with pytest.raises(QueueFull):
+        scheduler.submit([3], [0], 2)
     engine.gate.set()
-    assert run(first) == expected([1], 3)
-    assert [run(h) for h in queued] == [expected([2], 3), expected([3], 3)]
+    assert [run(running), run(waiting)] == [expected([1], 2), expected([2], 2)]
+    assert run(scheduler.submit([3], [0], 2)) == expected([3], 2)
 
 
 def test_engine_failure_reaches_every_request_and_later_submits(make):
     engine = MockEngine(batch=2, fail_at_step=3)
     scheduler = make(engine)
-    handles = [scheduler.submit([i], None, 50) for i in range(4)]
+    handles = [scheduler.submit([i], [0], 50, stop_at_eos=False) for i in range(4)]
     for handle in handles:
         with pytest.raises(EngineFailed, match="device fell over"):
             list(handle)
     with pytest.raises(EngineFailed):
-        scheduler.submit([1], None, 5)
+        scheduler.submit([1], [0], 5)
     assert scheduler.failed
 
 
-def test_choices_share_one_prefill_and_each_finishes_once(make):
+# ---- prefill: chunks, sharing, prefix caching ---------------------------------------
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode(make):
+    engine = MockEngine(batch=4, step_delay=0.001)
+    scheduler = make(engine)
+    short = scheduler.submit([3], [0], 60, stop_at_eos=False)
+    next(iter(short))  # decoding
+    long_prompt = list(range(1, 301))
+    long = scheduler.submit(long_prompt, [1], 4, stop_at_eos=False)
+    assert run(long) == expected(long_prompt, 4, salt=1)
+    steps = [s for s in engine.steps if s["prefill"]][1:]  # the 1st is the short prompt's
+    # The 300 tokens came in chunks of at most SMALL_CHUNK, every one beside a decode row.
+    assert len(steps) >= 300 // SMALL_CHUNK and all(s["prefill"] <= SMALL_CHUNK for s in steps)
+    assert all(s["decode"] >= 1 for s in steps)
+    short.cancel()
+
+
+def test_several_new_prompts_share_a_step(make):
+    engine = MockEngine(batch=8)
+    engine.gate.clear()
+    scheduler = make(engine)
+    prompts = [[i] * (i + 2) for i in range(1, 6)]
+    handles = [scheduler.submit(p, [i], 3) for i, p in enumerate(prompts)]
+    while scheduler.active < 5:
+        time.sleep(0.001)
+    engine.gate.set()
+    assert [run(h) for h in handles] == [expected(p, 3, i) for i, p in enumerate(prompts)]
+    assert engine.steps[0]["segments"] == 5  # all five prompts in the first step
+
+
+def test_choices_share_the_prompt_and_compute_only_its_last_block(make):
     engine = MockEngine(batch=4)
     scheduler = make(engine)
-    handle = scheduler.submit([1], None, 6, seeds=[0, 3, 40])
-    by_choice: dict[int, list] = {0: [], 1: [], 2: []}
-    for event in handle:
-        by_choice[event.index].append(event)
-    assert [c[0] for c in engine.calls].count("prefill") == 1
-    assert [e.token for e in by_choice[0]] == list(range(51, 57))
-    assert [e.token for e in by_choice[1]] == list(range(54, 60))
-    assert [e.token for e in by_choice[2]] == list(range(91, 97))
-    for events in by_choice.values():
-        assert [e.finish_reason for e in events] == [None] * 5 + ["length"]
+    prompt = list(range(1, 11))  # 10 tokens: two full blocks of 4, then 2 more
+    handle = scheduler.submit(prompt, [0, 3, 40], 6, stop_at_eos=False)
+    assert by_choice(handle) == {i: expected(prompt, 6, s) for i, s in enumerate([0, 3, 40])}
+    # 10 prompt tokens for the 1st choice, then only the 2 past the full blocks for each other.
+    assert sum(s["prefill"] for s in engine.steps) == 10 + 2 + 2
 
 
-def test_choices_wait_for_enough_free_slots(make):
-    engine = MockEngine(batch=2, step_delay=0.002)
+def test_a_cached_prefix_is_not_computed_again(make):
+    engine = MockEngine(batch=2)
     scheduler = make(engine)
-    first = scheduler.submit([0], None, 5)
-    both = scheduler.submit([2], None, 3, seeds=[0, 1])
-    assert run(first) == expected([0], 5)
-    tokens = {0: [], 1: []}
-    for event in both:
-        tokens[event.index].append(event.token)
-    assert tokens == {0: [52, 53, 54], 1: [53, 54, 55]}
+    system = list(range(1, 26))  # 25 tokens: 6 full blocks
+    first = system + [7, 8]
+    assert run(scheduler.submit(first, [0], 3)) == expected(first, 3)
+    computed = sum(s["prefill"] for s in engine.steps)
+    second = system + [9, 9, 9]
+    assert run(scheduler.submit(second, [0], 3)) == expected(second, 3)
+    assert sum(s["prefill"] for s in engine.steps) - computed == len(second) - 24
+    assert scheduler.pool.hits >= 6
 
 
-def test_more_choices_than_slots_is_refused(make):
-    scheduler = make(MockEngine(batch=2))
-    with pytest.raises(ValueError, match="n=3 choices exceed the 2 decode slots"):
-        scheduler.submit([1], None, 2, seeds=[0, 1, 2])
-
-
-def test_cancelling_one_choice_leaves_the_others_running(make):
-    engine = MockEngine(batch=2, step_delay=0.002)
+def test_when_the_pool_is_full_requests_wait_then_complete(make):
+    # 24 blocks of 4: a 28-token prompt takes 8 (its first token's position too), so
+    # three are admitted at a time and the others wait in the queue.
+    engine = MockEngine(batch=8, pool_blocks=24, step_delay=0.001)
     scheduler = make(engine)
-    handle = scheduler.submit([0], None, 30, seeds=[0, 1])
-    handle.cancel(1)
-    events = list(handle)
-    assert {e.index for e in events} <= {0, 1}
-    assert [e.token for e in events if e.index == 0] == list(range(50, 80))
-    assert all(e.finish_reason is None for e in events if e.index == 1)
+    prompts = [[i + 1] * 28 for i in range(8)]
+    handles = [scheduler.submit(p, [i], 10, stop_at_eos=False) for i, p in enumerate(prompts)]
+    assert [run(h) for h in handles] == [expected(p, 10, i) for i, p in enumerate(prompts)]
+    assert max(s["decode"] + s["segments"] for s in engine.steps) <= 3
+    assert scheduler.pool.available == 24
+
+
+def test_a_preempted_stream_resumes_with_the_same_tokens(make):
+    # Two long generations that cannot both fit: one is preempted and prefilled again.
+    engine = MockEngine(batch=2, pool_blocks=12, max_seq_len=48)
+    scheduler = make(engine)
+    a = scheduler.submit([1, 2, 3], [0], 40, stop_at_eos=False)
+    b = scheduler.submit([4, 5], [9], 40, stop_at_eos=False)
+    assert run(a) == expected([1, 2, 3], 40)
+    assert run(b) == expected([4, 5], 40, salt=9)
+    assert sum(s["prefill"] for s in engine.steps) > 5  # something was computed twice
 
 
 # ---- a failure on one request's path fails that request alone -------------------------
 
 
-class FaultyEngine(MockEngine):
-    """MockEngine whose prefill or insert raises for the prompt [13]."""
-
-    def __init__(self, batch: int, fail_in: str, **kwargs):
-        super().__init__(batch, **kwargs)
-        self.fail_in = fail_in
-        self.prompt = ()
-
-    def prefill(self, tokens, sampling, allowed=None):
-        self.prompt = tuple(tokens)
-        if self.fail_in == "prefill" and self.prompt == (13,):
-            raise RuntimeError("prefill of an odd prompt failed")
-        return super().prefill(tokens, sampling, allowed)
-
-    def insert(self, prefix, state, slot, remaining, stop_at_eos=True, restart_seed=None):
-        if self.fail_in == "insert" and self.prompt == (13,):
-            raise RuntimeError("insert failed")
-        return super().insert(prefix, state, slot, remaining, stop_at_eos, restart_seed)
-
-
-@pytest.mark.parametrize("fail_in", ["prefill", "insert"])
-def test_a_request_failing_in_the_engine_fails_alone(make, fail_in):
-    engine = FaultyEngine(batch=3, fail_in=fail_in, step_delay=0.002)
+def test_a_request_failing_at_admission_fails_alone(make):
+    engine = MockEngine(batch=3, step_delay=0.002, fail_admit=13)
     scheduler = make(engine)
-    prompts = [[1], [13], [2], [3]]
-    handles = [scheduler.submit(p, None, 8, seeds=[0, 5]) for p in prompts]
-    results = {}
-    for prompt, handle in zip(prompts, handles, strict=True):
-        results[prompt[0]] = {}
-        try:
-            for event in handle:
-                results[prompt[0]].setdefault(event.index, []).append(event.token)
-        except RequestFailed as exc:
-            results[prompt[0]] = str(exc)
-    assert (
-        results[13]
-        == {
-            "prefill": "RuntimeError: prefill of an odd prompt failed",
-            "insert": "RuntimeError: insert failed",
-        }[fail_in]
-    )
-    for p in (1, 2, 3):  # choice 0 from the prefill, choice 1 restarted with seed 5
-        assert results[p] == {0: expected([p], 8)[0], 1: list(range(55 + p, 63 + p))}
+    handles = {salt: scheduler.submit([salt, 1], [salt], 8) for salt in (1, 13, 2, 3)}
+    with pytest.raises(RequestFailed, match="RuntimeError: admission failed"):
+        list(handles.pop(13))
+    for salt, handle in handles.items():
+        assert run(handle) == expected([salt, 1], 8, salt)
     assert not scheduler.failed and scheduler.active == 0
-    assert run(scheduler.submit([4], None, 3)) == expected([4], 3)
 
 
 class FailingConstraint:
@@ -291,43 +351,43 @@ class FailingConstraint:
 def test_a_grammar_failing_mid_stream_fails_its_request_alone(make, in_accept):
     engine = MockEngine(batch=2, step_delay=0.002)
     scheduler = make(engine)
-    broken = scheduler.submit([0], None, 30, constraints=[FailingConstraint(4, in_accept)])
-    plain = scheduler.submit([5], None, 20)
+    constraint = FailingConstraint(4, in_accept)
+    broken = scheduler.submit([0], [0], 30, constraints=[constraint], stop_at_eos=False)
+    plain = scheduler.submit([5], [0], 20, stop_at_eos=False)
     tokens = []
     with pytest.raises(RequestFailed, match="the grammar engine broke"):
         tokens.extend(e.token for e in broken)
-    assert 1 <= len(tokens) <= 4 and tokens == list(range(50, 50 + len(tokens)))
+    assert 1 <= len(tokens) <= 4 and tokens == expected([0], len(tokens))[0]
     assert run(plain) == expected([5], 20)
-    # The failed request's slot is free again: two requests run at once.
-    again = [scheduler.submit([i], None, 5) for i in (6, 7)]
+    again = [scheduler.submit([i], [0], 5) for i in (6, 7)]
     assert [run(h) for h in again] == [expected([6], 5), expected([7], 5)]
     assert not scheduler.failed
 
 
 class Consumed(np.ndarray):
-    """A decode-state buffer that a failed call consumed (as donation does)."""
+    """A state buffer that a failed call consumed (as donation does)."""
 
     def is_deleted(self) -> bool:
         return True
 
 
 class StateLosingEngine(MockEngine):
-    """An insert that fails after consuming the shared decode state: an engine fault."""
+    """An admission that fails after consuming the shared state: an engine fault."""
 
-    def insert(self, prefix, state, slot, remaining, stop_at_eos=True, restart_seed=None):
-        if prefix.token == 50 + 13:
+    def admit(self, state, slot, row):
+        if row == 13:
             state["tokens"] = state["tokens"].view(Consumed)
             raise RuntimeError("the device lost the state")
-        return super().insert(prefix, state, slot, remaining, stop_at_eos, restart_seed)
+        return super().admit(state, slot, row)
 
 
-def test_losing_the_decode_state_fails_every_request_at_once(make):
+def test_losing_the_state_fails_every_request_at_once(make):
     engine = StateLosingEngine(batch=2, step_delay=0.01)
     scheduler = make(engine)
-    running = scheduler.submit([1], None, 1000)
-    next(iter(running))  # decoding
-    doomed = scheduler.submit([13], None, 5)
-    waiting = [scheduler.submit([i], None, 5) for i in (2, 3, 4)]
+    running = scheduler.submit([1], [0], 1000, stop_at_eos=False)
+    next(iter(running))
+    doomed = scheduler.submit([2], [13], 5)
+    waiting = [scheduler.submit([i], [0], 5) for i in (2, 3, 4)]
     for handle in [running, doomed, *waiting]:
         with pytest.raises(EngineFailed, match="the device lost the state"):
             list(handle)

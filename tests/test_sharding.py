@@ -15,18 +15,16 @@ import os
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import pytest
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
 from model.config import ModelConfig
+from model.nn.transformer import param_shapes
 from model.quantize import map_matmul_weights, path_str, quantized_shape
-from model.transformer import Transformer, init_cache
 from sharding import (
     AXES,
     ShardingRules,
-    cache_sharding,
     default_mesh_shape,
     distributed_requested,
     fallbacks,
@@ -35,10 +33,11 @@ from sharding import (
     maybe_initialize_distributed,
     param_shardings,
     parse_mesh_spec,
+    pool_sharding,
     slot_sharding,
 )
 from tests.server_process import run_python_report
-from tests.sharding_report import CASES, CONFIGS
+from tests.sharding_report import BS, CASES, CONFIGS, NB
 
 REPO = Path(__file__).resolve().parents[1]
 D, M = "data", "model"
@@ -46,18 +45,6 @@ D, M = "data", "model"
 
 def mesh(data: int, model: int) -> AbstractMesh:
     return AbstractMesh((data, model), AXES)
-
-
-def param_shapes(config: ModelConfig) -> dict:
-    """The Transformer's parameter tree as ShapeDtypeStructs (nothing allocated)."""
-    model = Transformer(config)
-    tokens = jnp.zeros((1, 4), jnp.int32)
-
-    def init():
-        caches = init_cache(config, 1, 4, jnp.float32)
-        return model.init(jax.random.PRNGKey(0), tokens, tokens, tokens[:, 0], caches)
-
-    return jax.eval_shape(init)["params"]
 
 
 def specs_by_path(tree) -> dict[str, P]:
@@ -113,20 +100,20 @@ def test_tensors_whose_dim_does_not_divide_are_replicated():
     assert specs["lm_head"] == P(None, None)
 
 
-def test_fallbacks_names_the_replicated_tensors_and_the_cache():
-    cache = (8, ODD.n_kv_heads, 16, ODD.head_dim)
-    found = fallbacks(param_shapes(ODD), mesh(4, 2), cache_shape=cache)
+def test_fallbacks_names_the_replicated_tensors_and_the_pool():
+    pool = (64, ODD.n_kv_heads, ODD.head_dim, 16)
+    found = fallbacks(param_shapes(ODD), mesh(4, 2), pool_shape=pool)
     assert [f.path for f in found] == [
         "embed/embedding",
         "layers_0/mlp/down",
         "layers_1/mlp/down",
         "lm_head",
-        "kv_cache",
+        "kv_pool",
     ]
-    # K=3 stays whole, but the slots still split over 'data'.
-    assert found[-1].used == P(D, None, None, None)
-    assert "kv_cache [8, 3, 16, 6]" in str(found[-1])
-    assert [f.path for f in fallbacks(param_shapes(ODD), mesh(2, 3), cache_shape=cache)] == [
+    # K=3 does not split over model=2: the pool stays whole.
+    assert found[-1].used == P(None, None, None, None)
+    assert "kv_pool [64, 3, 6, 16]" in str(found[-1])
+    assert [f.path for f in fallbacks(param_shapes(ODD), mesh(2, 3), pool_shape=pool)] == [
         "embed/embedding",
         "lm_head",
     ]
@@ -156,14 +143,13 @@ def test_int8_weights_take_their_plain_weights_layout_and_scales_never_fall_back
 @pytest.mark.parametrize(
     "shape, data, model, spec",
     [
-        ((8, 2, 16, 16), 4, 2, P(D, M, None, None)),
-        ((8, 3, 16, 16), 4, 2, P(D, None, None, None)),  # K=3 over model=2
-        ((1, 2, 32, 16), 4, 2, P(None, M, None, None)),  # a B=1 prefill cache
-        ((6, 2, 16, 16), 4, 1, P(None, M, None, None)),  # 6 slots over data=4
+        ((64, 2, 16, 16), 4, 2, P(None, M, None, None)),  # blocks on every data device
+        ((64, 3, 16, 16), 4, 2, P(None, None, None, None)),  # K=3 over model=2
+        ((64, 3, 16, 16), 1, 3, P(None, M, None, None)),
     ],
 )
-def test_cache_sharding(shape, data, model, spec):
-    assert cache_sharding(mesh(data, model), shape).spec == spec
+def test_pool_sharding(shape, data, model, spec):
+    assert pool_sharding(mesh(data, model), shape).spec == spec
 
 
 @pytest.mark.parametrize(
@@ -178,7 +164,7 @@ def test_default_rules_shard_nothing():
     rules = ShardingRules()
     specs = specs_by_path(param_shardings(param_shapes(ModelConfig.tiny()), mesh(2, 4), rules))
     assert all(all(a is None for a in spec) for spec in specs.values())
-    assert cache_sharding(mesh(2, 4), (8, 2, 16, 16), rules).spec == P(None, None, None, None)
+    assert pool_sharding(mesh(2, 4), (64, 2, 16, 16), rules).spec == P(None, None, None, None)
     assert slot_sharding(mesh(2, 4), (8,), rules).spec == P(None)
 
 
@@ -331,10 +317,10 @@ def full_shapes(c: ModelConfig) -> dict[str, list[int]]:
 
 
 @pytest.mark.parametrize("config, mesh_spec, call", CASES, ids=["/".join(c) for c in CASES])
-def test_sharded_forward_equals_unsharded(report, config, mesh_spec, call):
+def test_sharded_calls_equal_unsharded(report, config, mesh_spec, call):
     case = report["cases"][f"{config}/{mesh_spec}/{call}"]
     assert case["max_logit_diff"] <= 1e-5
-    assert case["max_cache_diff"] <= 1e-5
+    assert case["max_pool_diff"] <= 1e-5
 
     # The weights really were split as the rules say (not silently replicated).
     c, split = CONFIGS[config], MODEL_SPLIT[(config, mesh_spec)]
@@ -342,10 +328,9 @@ def test_sharded_forward_equals_unsharded(report, config, mesh_spec, call):
         shape[SPLIT_AXIS[name]] //= split
         assert case["shards"][name] == shape, name
 
-    # Cache [B, S, K, H]: slots over 'data', K over 'model', each where it divides.
+    # Pool [NB, K, H, BS]: K over 'model' where it divides, blocks everywhere.
     data, model = parse_mesh_spec(mesh_spec)
-    b = 1 if call == "prefill1" else 8
-    b_local = b // data if b % data == 0 else b
-    k_local = c.n_kv_heads // model if c.n_kv_heads % model == 0 else c.n_kv_heads
-    assert case["shards"]["cache"] == [b_local, k_local, 16, c.head_dim]
+    if call == "step":
+        k_local = c.n_kv_heads // model if c.n_kv_heads % model == 0 else c.n_kv_heads
+        assert case["shards"]["pool"] == [NB, k_local, c.head_dim, BS]
     assert case["logits_devices"] == data * model

@@ -1,4 +1,5 @@
-"""The transformer on a tiny random config: KV-cache decoding equals the full pass."""
+"""The transformer on a tiny random config, through the paged pool: chunked prefill and
+decode rows give the logits of one plain causal pass."""
 
 import jax
 import jax.numpy as jnp
@@ -6,82 +7,115 @@ import numpy as np
 import pytest
 
 from model.config import ModelConfig
-from model.transformer import Transformer, init_cache, rope
+from model.nn.attention import Layout, init_pool
+from model.nn.transformer import Transformer, forward_layout, forward_logits, rope
 
 CONFIG = ModelConfig.tiny()
 MODEL = Transformer(CONFIG)
+BS, NB, MB = 4, 32, 24  # block size, pool blocks, blocks per sequence
+NONE = NB * BS  # a write position beyond the pool: no write
 
 
 @pytest.fixture(scope="module")
 def params():
-    tokens = jnp.zeros((1, 4), jnp.int32)
-    start = jnp.zeros((1,), jnp.int32)
-    variables = MODEL.init(
-        jax.random.PRNGKey(0), tokens, tokens, start, init_cache(CONFIG, 1, 4, jnp.float32)
-    )
-    return variables["params"]
+    tokens = jnp.zeros((4,), jnp.int32)
+    return MODEL.init(jax.random.PRNGKey(0), tokens, forward_layout(1, 4))["params"]
 
 
 @jax.jit
-def step(params, tokens, positions, start, caches):
-    """tokens [B, T] at positions [B, T] written from start [B] → (logits [B, T, V], caches)."""
-    hidden, caches = MODEL.apply({"params": params}, tokens, positions, start, caches)
-    return MODEL.apply({"params": params}, hidden, method=Transformer.logits), caches
+def pooled_step(params, pool, tokens, layout):
+    """Logits [T, V] of one step through the pool, and the pool."""
+    hidden, pool = MODEL.apply({"params": params}, tokens, layout, pool)
+    return MODEL.apply({"params": params}, hidden, method=Transformer.logits), pool
 
 
-def full_logits(params, tokens):
-    """Logits [T, V] of a fresh pass over tokens [1, T]."""
-    t = tokens.shape[1]
-    caches = init_cache(CONFIG, 1, t, jnp.float32)
-    logits, _ = step(params, tokens, jnp.arange(t)[None], jnp.zeros((1,), jnp.int32), caches)
-    return logits[0]
+def flat(table: np.ndarray, positions) -> np.ndarray:
+    positions = np.asarray(positions)
+    return table[positions // BS] * BS + positions % BS
 
 
-def test_prefill_then_decode_equals_full_forward(params):
+def chunk_layout(table: np.ndarray, start: int, length: int, pad: int) -> Layout:
+    """A prefill region of one segment at positions start..start+length, then padding."""
+    positions = np.arange(start, start + length)
+    return Layout(
+        positions=np.concatenate([positions, np.zeros(pad)]).astype(np.int32),
+        context=np.zeros((0,), np.int32),
+        block_tables=np.zeros((0, MB), np.int32),
+        segments=np.concatenate([np.zeros(length), np.full(pad, -1)]).astype(np.int32),
+        prior=np.int32(start),
+        prior_blocks=table,
+        write=np.concatenate([flat(table, positions), np.full(pad, NONE)]).astype(np.int32),
+    )
+
+
+def decode_layout(tables: np.ndarray, positions: list[int]) -> Layout:
+    """One decode row per table, row r at positions[r]; no prefill region."""
+    positions = np.asarray(positions, np.int32)
+    return Layout(
+        positions=positions,
+        context=positions,
+        block_tables=tables,
+        segments=np.zeros((0,), np.int32),
+        prior=np.int32(0),
+        prior_blocks=tables[0],
+        write=np.array([flat(t, p) for t, p in zip(tables, positions, strict=True)], np.int32),
+    )
+
+
+def new_pool():
+    return init_pool(CONFIG.n_layers, NB, BS, CONFIG.n_kv_heads, CONFIG.head_dim, jnp.float32)
+
+
+def random_table(rng, blocks: int) -> np.ndarray:
+    return np.concatenate([rng.permutation(NB)[:blocks], np.zeros(MB - blocks)]).astype(np.int32)
+
+
+def test_chunked_prefill_then_decode_equals_one_forward_pass(params):
     rng = np.random.default_rng(0)
-    tokens = jnp.asarray(rng.integers(0, CONFIG.vocab_size, (1, 24)), jnp.int32)
-    full = full_logits(params, tokens)
+    tokens = rng.integers(0, CONFIG.vocab_size, 40).astype(np.int32)
+    full = np.asarray(forward_logits(MODEL, params, jnp.asarray(tokens)[None]))[0]
+    pool, table = new_pool(), random_table(rng, 12)
+    got = []
+    # Chunks of 7 then 13 tokens (crossing blocks), each padded to 16, then decode rows.
+    for start, length in ((0, 7), (7, 13)):
+        chunk = np.pad(tokens[start : start + length], (0, 16 - length))
+        layout = chunk_layout(table, start, length, 16 - length)
+        logits, pool = pooled_step(params, pool, jnp.asarray(chunk), layout)
+        got.append(np.asarray(logits)[:length])
+    for position in range(20, 40):
+        step_tokens = jnp.asarray(tokens[position : position + 1])
+        logits, pool = pooled_step(
+            params, pool, step_tokens, decode_layout(table[None], [position])
+        )
+        got.append(np.asarray(logits))
+    np.testing.assert_allclose(np.concatenate(got), full, atol=2e-5)
 
-    cache_len, split = 64, 10
-    caches = init_cache(CONFIG, 1, cache_len, jnp.float32)
-    start = jnp.zeros((1,), jnp.int32)
-    logits, caches = step(params, tokens[:, :split], jnp.arange(split)[None], start, caches)
-    stepped = [logits[0]]
-    for pos in range(split, tokens.shape[1]):
-        one = tokens[:, pos : pos + 1]
-        logits, caches = step(params, one, jnp.array([[pos]]), jnp.array([pos]), caches)
-        stepped.append(logits[0])
-    np.testing.assert_allclose(np.concatenate(stepped), full, atol=1e-5)
 
-
-def test_batch_rows_at_different_positions_are_independent(params):
-    """Two slots decoding at different offsets give each row's own logits."""
+def test_decode_rows_at_different_positions_are_independent(params):
+    """Two sequences prefilled apart, then decoded in one step: each gets its own logits."""
     rng = np.random.default_rng(1)
-    a = jnp.asarray(rng.integers(0, CONFIG.vocab_size, (1, 9)), jnp.int32)
-    b = jnp.asarray(rng.integers(0, CONFIG.vocab_size, (1, 5)), jnp.int32)
-    cache_len = 16
-    caches = init_cache(CONFIG, 2, cache_len, jnp.float32)
-    # Fill each row's history one token at a time (the other row writes to its
-    # last cache position, which nothing reads), then decode one more for both.
-    for row, seq in ((0, a), (1, b)):
-        for pos in range(seq.shape[1] - 1):
-            tokens = jnp.zeros((2, 1), jnp.int32).at[row, 0].set(seq[0, pos])
-            positions = jnp.full((2, 1), cache_len - 1).at[row, 0].set(pos)
-            _, caches = step(params, tokens, positions, positions[:, 0], caches)
-    last = jnp.array([[a[0, -1]], [b[0, -1]]])
-    positions = jnp.array([[a.shape[1] - 1], [b.shape[1] - 1]])
-    logits, _ = step(params, last, positions, positions[:, 0], caches)
-    np.testing.assert_allclose(logits[0, 0], full_logits(params, a)[-1], atol=1e-5)
-    np.testing.assert_allclose(logits[1, 0], full_logits(params, b)[-1], atol=1e-5)
+    a = rng.integers(0, CONFIG.vocab_size, 9).astype(np.int32)
+    b = rng.integers(0, CONFIG.vocab_size, 5).astype(np.int32)
+    pool = new_pool()
+    tables = np.stack([random_table(rng, 4), random_table(rng, 4)])
+    tables[1, :4] = np.setdiff1d(np.arange(NB), tables[0, :4])[:4]  # disjoint blocks
+    for seq, table in ((a, tables[0]), (b, tables[1])):
+        n = len(seq) - 1
+        _, pool = pooled_step(params, pool, jnp.asarray(seq[:n]), chunk_layout(table, 0, n, 0))
+    last = jnp.asarray([a[-1], b[-1]])
+    logits, _ = pooled_step(params, pool, last, decode_layout(tables, [len(a) - 1, len(b) - 1]))
+    for row, seq in enumerate((a, b)):
+        want = forward_logits(MODEL, params, jnp.asarray(seq)[None])[0, -1]
+        np.testing.assert_allclose(logits[row], want, atol=2e-5)
 
 
 def test_rope_rotates_pairs_of_halves():
     """Position p rotates (x[i], x[i+H/2]) by p·θ^(-2i/H), as HF's rotate_half does."""
     h, theta, pos = 8, 10000.0, 3
-    x = jnp.asarray(np.random.default_rng(2).standard_normal((1, h, 1, 1)), jnp.float32)
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((1, h, 1)), jnp.float32)
     inv_freq = 1.0 / theta ** (np.arange(h // 2) / (h // 2))
-    out = np.asarray(rope(x, jnp.array([[pos]]), inv_freq))[0, :, 0, 0]
-    xs = np.asarray(x)[0, :, 0, 0]
+    out = np.asarray(rope(x, jnp.array([pos]), inv_freq))[0, :, 0]
+    xs = np.asarray(x)[0, :, 0]
     for i in range(h // 2):
         angle = pos * theta ** (-2 * i / h)
         c, s = np.cos(angle), np.sin(angle)

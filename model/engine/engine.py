@@ -1,0 +1,400 @@
+"""The engine: one compiled step that decodes and prefills together over a paged KV pool.
+
+JetStream's engine roles, in two calls over typed pytrees:
+- insert: `admit(state, slot, row)` puts a new sequence's sampling settings (its
+  PRNG key, penalties, logit bias, the prompt's tokens for the repetition
+  penalty) into its slot;
+- prefill and generate: `step(state, plan)` runs R decode rows (each slot's
+  newest token, taken from the state) and a prefill region of prompt chunks in
+  one forward pass over the pool, and samples one token for every row the plan
+  marks: decode rows, and slots whose prompt's last chunk is in the region.
+
+The plan is built on the host by the scheduler (model/engine/scheduler.py) from
+its block tables: which positions each token has, which blocks hold its keys,
+where its key and value go. The device keeps only the pool, each slot's newest
+token and its sampling state. Shapes come from a few `StepShape`s
+(model/engine/variants.py), so no context length or pool size adds an
+executable; `warmup` compiles them all (or loads them from an executable store)
+before serving, and serving never compiles.
+"""
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from functools import partial
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from model.config import ModelConfig
+from model.engine.executables import ExecutableStore, fingerprint
+from model.engine.variants import StepShape, Variants, step_shapes
+from model.nn.attention import DECODE_CHUNK, PRIOR_CHUNK, LayerCache, Layout, init_pool
+from model.nn.sampling import TOP_LOGPROBS, SlotSampling, sample
+from model.nn.transformer import Transformer, forward_logits
+from model.sampling_params import SamplingParams
+from model.source_digest import source_digest
+from sharding import (
+    TENSOR_PARALLEL,
+    ShardingRules,
+    fallbacks,
+    make_mesh,
+    param_shardings,
+    pool_sharding,
+    slot_sharding,
+)
+
+log = logging.getLogger(__name__)
+
+Params = dict
+BLOCK_SIZE = 16  # positions per pool block
+
+
+@flax.struct.dataclass
+class EngineState:
+    """What the device keeps between steps, for B slots.
+
+    pool: per layer, the keys and values of every sequence (model/nn/attention.py);
+    tokens [B]: each slot's newest sampled token, the input of its next decode row;
+    sampling: each slot's sampling settings and state (key, counts).
+    """
+
+    pool: list[LayerCache]
+    tokens: jax.Array
+    sampling: SlotSampling
+
+
+@flax.struct.dataclass
+class StepPlan:
+    """One step's inputs, host arrays shaped by a StepShape (R rows, P prefill tokens).
+
+    tokens [T]: the prefill region's tokens (decode rows' entries are ignored);
+    layout: positions, decode contexts and block tables, segments, writes;
+    decode [R] bool: row r is slot r's decode row (its token comes from the state);
+    sample_from [R] i32: the token whose output slot r samples from;
+    sample [R] bool: slot r samples a token this step;
+    allowed [R, W] i32: grammar bitmasks (all bits set: unconstrained).
+    """
+
+    tokens: np.ndarray
+    layout: Layout
+    decode: np.ndarray
+    sample_from: np.ndarray
+    sample: np.ndarray
+    allowed: np.ndarray
+
+
+@flax.struct.dataclass
+class StepOutputs:
+    """Per row r: the sampled token and its log-probability, and the most likely
+    tokens [R, TOP_LOGPROBS] (zeros unless some row asked). Rows not sampling: junk."""
+
+    tokens: jax.Array
+    logprobs: jax.Array
+    top_ids: jax.Array
+    top_logprobs: jax.Array
+
+
+def default_pool_tokens(
+    config: ModelConfig, dtype, batch: int, max_seq_len: int, spec: str | None = None
+) -> int:
+    """KV pool size in positions, from JAXCHAT_KV_POOL-style `spec`: a number of tokens
+    ("65536"), a fraction of the memory that is free now ("0.5"), or None: on CPU
+    32768 positions (about 1.5 GB for SmolLM2-135M in f32), else 85% of the free
+    device memory. At least one full context, and never past batch × context."""
+    c = config
+    per_token = 2 * c.n_layers * c.n_kv_heads * c.head_dim * jnp.dtype(dtype).itemsize
+    if spec and "." not in spec:
+        tokens = int(spec)
+    elif spec or jax.default_backend() != "cpu":
+        fraction = float(spec) if spec else 0.85
+        tokens = int(fraction * free_memory_bytes() / per_token)
+    else:
+        tokens = 32768
+    return max(max_seq_len, min(tokens, batch * max_seq_len))
+
+
+def free_memory_bytes() -> int:
+    """Free memory of the first device (accelerators), or the host's available memory."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    with open("/proc/meminfo") as meminfo:
+        fields = dict(line.split(":", 1) for line in meminfo)
+    return int(fields["MemAvailable"].split()[0]) * 1024
+
+
+class Engine:
+    """Compiled admit/step for one model over a device mesh and a paged KV pool.
+
+    batch: decode slots B. pool_tokens: KV pool positions (rounded down to blocks).
+    Weights, pool and per-slot arrays are laid out by `rules` (sharding/rules.py);
+    the default mesh is one device, the same code path.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        params: Params,
+        *,
+        max_seq_len: int,
+        batch: int = 1,
+        pool_tokens: int | None = None,
+        stop_ids: Sequence[int] = (),
+        dtype=jnp.float32,
+        mesh: Mesh | None = None,
+        rules: ShardingRules = TENSOR_PARALLEL,
+        executables: os.PathLike | None = None,
+    ) -> None:
+        self.config = config
+        self.mesh = mesh if mesh is not None else make_mesh(None, config=config)
+        self.rules = rules
+        pool_shape = (1, config.n_kv_heads, config.head_dim, BLOCK_SIZE)
+        for placement in fallbacks(params, self.mesh, rules, pool_shape=pool_shape):
+            log.info("replicated instead of split: %s", placement)
+        self.params = jax.device_put(params, param_shardings(params, self.mesh, rules))
+        self.max_seq_len = max_seq_len
+        self.batch = batch
+        self.stop_ids = np.asarray(sorted(stop_ids) or [-1], np.int32)
+        self.dtype = dtype
+        self.model = Transformer(config, dtype)
+        self.block_size = BLOCK_SIZE
+        pool_tokens = pool_tokens or default_pool_tokens(config, dtype, batch, max_seq_len)
+        self.pool_blocks = max(pool_tokens // BLOCK_SIZE, -(-max_seq_len // BLOCK_SIZE))
+        self.table_width = table_width(max_seq_len, BLOCK_SIZE)
+        self.shapes = step_shapes(batch, max_seq_len)
+        self.mask_words = -(-config.vocab_size // 32)
+        self.state_sharding = self._state_sharding()
+        self._init_state = jax.jit(self._init_state_impl, out_shardings=self.state_sharding)
+        self._admit = jax.jit(
+            self._admit_impl, donate_argnums=(0,), out_shardings=self.state_sharding
+        )
+        replicated = NamedSharding(self.mesh, P())
+        self._step = jax.jit(
+            self._step_impl,
+            donate_argnums=(1,),
+            out_shardings=(self.state_sharding, StepOutputs(*[replicated] * 4)),
+        )
+        self._forward = jax.jit(partial(forward_logits, self.model))
+        names = [("init", 0), ("admit", 0), *(("step", shape) for shape in self.shapes)]
+        store = None if executables is None else ExecutableStore(executables, self.key())
+        self.variants = Variants(names, self._lower, store)
+
+    def key(self) -> str:
+        """The fingerprint of everything this engine's executables depend on."""
+        avals = jax.tree.map(lambda a: (a.shape, str(a.dtype), str(a.sharding.spec)), self.params)
+        mesh = (dict(self.mesh.shape), self.mesh.device_ids.tolist())
+        return fingerprint(
+            (
+                self.config,
+                str(jnp.dtype(self.dtype)),
+                self.batch,
+                self.max_seq_len,
+                self.pool_blocks,
+                self.block_size,
+                self.shapes,
+                self.stop_ids.tolist(),
+                self.rules,
+                mesh,
+                jax.tree_util.tree_structure(self.params),
+                jax.tree.leaves(avals, is_leaf=lambda x: isinstance(x, tuple)),
+                source_digest(__name__),  # every module the traced code comes from
+            )
+        )
+
+    @property
+    def compilations(self) -> int:
+        """Executables compiled by this engine."""
+        return self.variants.compilations
+
+    @property
+    def loaded(self) -> int:
+        """Executables loaded from the store."""
+        return self.variants.loaded
+
+    # ---- layouts -------------------------------------------------------------------
+
+    def _state_sharding(self) -> EngineState:
+        """The state's layout: KV heads over 'model', slots over 'data'."""
+        c = self.config
+        k_shape = (self.pool_blocks, c.n_kv_heads, c.head_dim, self.block_size)
+        cache = pool_sharding(self.mesh, k_shape, self.rules)
+        slots = slot_sharding(self.mesh, (self.batch,), self.rules)
+        sampling = jax.tree_util.tree_map(
+            lambda a: slot_sharding(self.mesh, a.shape, self.rules),
+            jax.eval_shape(partial(self._init_sampling, self.batch)),
+        )
+        return EngineState([LayerCache(cache, cache)] * c.n_layers, slots, sampling)
+
+    def _init_sampling(self, rows: int) -> SlotSampling:
+        """Disabled settings for `rows` slots, with the model's vocabulary width."""
+        zeros = np.zeros(rows)
+        key = np.zeros((rows, 2), np.uint32)
+        return SlotSampling.create(zeros, zeros + 1, zeros, key, vocab_size=self.config.vocab_size)
+
+    # ---- pure functions under jit --------------------------------------------------
+
+    def _init_state_impl(self) -> EngineState:
+        c = self.config
+        pool = init_pool(
+            c.n_layers, self.pool_blocks, self.block_size, c.n_kv_heads, c.head_dim, self.dtype
+        )
+        return EngineState(
+            pool, jnp.zeros((self.batch,), jnp.int32), self._init_sampling(self.batch)
+        )
+
+    def _admit_impl(self, state: EngineState, slot, row: SlotSampling) -> EngineState:
+        """`row` ([1]-shaped settings) into slot `slot`; its newest token reset."""
+        sampling = jax.tree_util.tree_map(
+            lambda all_, one: all_.at[slot].set(one[0]), state.sampling, row
+        )
+        return state.replace(sampling=sampling, tokens=state.tokens.at[slot].set(0))
+
+    def _step_impl(self, params, state: EngineState, plan: StepPlan):
+        """One step (see the module docstring) → (state, StepOutputs [R])."""
+        r = plan.layout.rows
+        tokens = plan.tokens.at[:r].set(jnp.where(plan.decode, state.tokens[:r], plan.tokens[:r]))
+        hidden, pool = self.model.apply({"params": params}, tokens, plan.layout, state.pool)
+        chosen = hidden[:, plan.sample_from]  # [D, R]
+        logits = self.model.apply({"params": params}, chosen, method=Transformer.logits)
+        rows = jax.tree_util.tree_map(lambda a: a[:r], state.sampling)
+        out = sample(logits, rows, plan.allowed)
+        keep = plan.sample
+        sampling = state.sampling.replace(
+            key=state.sampling.key.at[:r].set(jnp.where(keep[:, None], out.sampling.key, rows.key)),
+            counts=state.sampling.counts.at[:r].set(
+                jnp.where(keep[:, None], out.sampling.counts, rows.counts)
+            ),
+        )
+        state = EngineState(
+            pool, state.tokens.at[:r].set(jnp.where(keep, out.tokens, state.tokens[:r])), sampling
+        )
+        return state, StepOutputs(out.tokens, out.logprobs, out.top_ids, out.top_logprobs)
+
+    # ---- compiled variants ---------------------------------------------------------
+
+    def _lower(self, kind: str, size) -> jax.stages.Lowered:
+        """Trace one variant: "init", "admit", or "step" of a StepShape."""
+        if kind == "init":
+            return self._init_state.lower()
+        state = jax.eval_shape(self._init_state_impl)
+        state = jax.tree_util.tree_map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+            state,
+            self.state_sharding,
+        )
+        if kind == "admit":
+            row = jax.eval_shape(partial(self._init_sampling, 1))
+            return self._admit.lower(state, jax.ShapeDtypeStruct((), jnp.int32), row)
+        plan = jax.tree_util.tree_map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.empty_plan(size)
+        )
+        return self._step.lower(self.params, state, plan)
+
+    def warmup(self, workers: int | None = None) -> None:
+        """Compile every variant the executable store lacks (see Variants.warmup)."""
+        self.variants.warmup(workers)
+
+    def preload(self, until=lambda: True) -> None:
+        """Load every stored variant not yet in memory (see Variants.preload)."""
+        self.variants.preload(until)
+
+    # ---- host-side API -------------------------------------------------------------
+
+    def init_state(self) -> EngineState:
+        """A zeroed pool and idle slots, laid out on the mesh."""
+        return self.variants("init")()
+
+    def admit(self, state: EngineState, slot: int, row: SlotSampling) -> EngineState:
+        """Slot `slot` gets the settings `row` (see `sampling`); `state` is donated."""
+        return self.variants("admit")(state, np.int32(slot), row)
+
+    def step(self, state: EngineState, plan: StepPlan) -> tuple[EngineState, StepOutputs]:
+        """Run one step (`plan` shaped by one of `shapes`); `state` is donated."""
+        shape = StepShape(plan.layout.rows, plan.tokens.shape[0] - plan.layout.rows)
+        return self.variants("step", shape)(self.params, state, plan)
+
+    def empty_plan(self, shape: StepShape) -> StepPlan:
+        """A plan of `shape` that changes nothing: idle rows, padding, no writes, no samples."""
+        r, t, mb = shape.rows, shape.tokens, self.table_width
+        layout = Layout(
+            positions=np.zeros(t, np.int32),
+            context=np.full(r, -1, np.int32),
+            block_tables=np.zeros((r, mb), np.int32),
+            segments=np.full(shape.prefill, -1, np.int32),
+            prior=np.int32(0),
+            prior_blocks=np.zeros(mb, np.int32),
+            write=np.full(t, self.pool_blocks * self.block_size, np.int32),
+        )
+        return StepPlan(
+            tokens=np.zeros(t, np.int32),
+            layout=layout,
+            decode=np.zeros(r, bool),
+            sample_from=np.zeros(r, np.int32),
+            sample=np.zeros(r, bool),
+            allowed=self.unconstrained(r),
+        )
+
+    def unconstrained(self, rows: int) -> np.ndarray:
+        """A grammar bitmask [rows, W] that allows every token."""
+        return np.full((rows, self.mask_words), -1, np.int32)
+
+    def sampling(
+        self, params: SamplingParams, seed: int, prompt_ids: Sequence[int] = ()
+    ) -> SlotSampling:
+        """[1]-shaped settings for one sequence: its key from `seed`, the prompt's tokens
+        marked seen (for the repetition penalty)."""
+        v = self.config.vocab_size
+        bias = np.zeros((1, v), np.float32)
+        for token, value in (params.logit_bias or {}).items():
+            if not 0 <= token < v:
+                raise ValueError(f"logit_bias token id {token} is not in the vocabulary [0, {v})")
+            bias[0, token] = value
+        row = SlotSampling.create(
+            [params.temperature],
+            [params.top_p],
+            [min(params.top_k, v)],  # keeping more than the vocabulary keeps all of it
+            prng_key(seed)[None],
+            vocab_size=v,
+            min_p=[params.min_p],
+            frequency_penalty=[params.frequency_penalty],
+            presence_penalty=[params.presence_penalty],
+            repetition_penalty=[params.repetition_penalty],
+            top_logprobs=[params.top_logprobs],
+            logit_bias=bias,
+            xp=np,
+        )
+        seen = np.zeros((1, v), bool)
+        seen[0, np.asarray(prompt_ids, np.int64)] = True
+        return row.replace(seen=seen)
+
+    def forward(self, tokens) -> jax.Array:
+        """Full-sequence logits [B, T, V] for tokens [B, T] (tests and scoring; compiles
+        per shape)."""
+        return self._forward(self.params, jnp.asarray(tokens, jnp.int32))
+
+
+def table_width(max_seq_len: int, block_size: int) -> int:
+    """MB: blocks per block table, enough for `max_seq_len` positions and a multiple of
+    both attention chunks' block counts (so no chunk's slice runs past the table)."""
+    needed = -(-max_seq_len // block_size)
+    step = math.lcm(*(max(1, chunk // block_size) for chunk in (DECODE_CHUNK, PRIOR_CHUNK)))
+    return -(-needed // step) * step
+
+
+def prng_key(seed: int) -> np.ndarray:
+    """A PRNG key [2] u32 from a 64-bit seed, computed on the host (no device work).
+
+    Equal to jax.random.PRNGKey(seed) for seeds below 2**32; the high word
+    takes the key's first half, so distinct int64 seeds give distinct keys.
+    """
+    seed &= 0xFFFFFFFFFFFFFFFF
+    return np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32)
+
+
+__all__ = ["BLOCK_SIZE", "TOP_LOGPROBS", "Engine", "EngineState", "StepOutputs", "StepPlan"]

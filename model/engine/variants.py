@@ -1,0 +1,163 @@
+"""The engine's compiled variants: the few step shapes, and their executables.
+
+A step has R decode rows (slot r is row r) and a prefill region of P tokens.
+Its cost follows its shape, not the context: a lone stream wants a one-row step
+(a matrix-vector product streams the weights once), a full batch all B rows,
+and prefill a region whose size trades time to first token against the pause
+it puts on the streams already decoding. The shapes, for B slots:
+
+- decode only: R = 1, 8, 32, … up to B, with P = 0;
+- decode with a small prefill chunk (SMALL_CHUNK tokens): R = 8, 32, … B, so
+  new prompts join a running batch without stalling it for long;
+- a large chunk (LARGE_CHUNK tokens) with R = B, for prompts when nothing decodes.
+
+With B = 32 that is six steps; with the state's initialisation and a slot's
+admission, eight executables, whatever the context length or pool size.
+
+`Variants` holds the executables by name: loaded from an executable store, or
+compiled, on first use, once (a lock per variant); `warmup` compiles all of them
+a few at a time, `preload` loads stored ones in the order short requests need.
+"""
+
+import logging
+import os
+import sys
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import jax
+from tqdm import tqdm
+
+from model.engine.executables import ExecutableStore, compile_variant
+
+log = logging.getLogger(__name__)
+
+SMALL_CHUNK = 64
+LARGE_CHUNK = 512
+
+
+@dataclass(frozen=True, order=True)
+class StepShape:
+    """R decode rows and a prefill region of P tokens."""
+
+    rows: int
+    prefill: int
+
+    @property
+    def tokens(self) -> int:
+        """T = R + P."""
+        return self.rows + self.prefill
+
+
+def row_buckets(batch: int) -> tuple[int, ...]:
+    """Decode row counts for B slots: 1, then 8, 32, … below B, then B."""
+    sizes, n = [1], 8
+    while n < batch:
+        sizes.append(n)
+        n *= 4
+    return tuple(sorted({*sizes, batch}))
+
+
+def step_shapes(batch: int, max_seq_len: int) -> tuple[StepShape, ...]:
+    """Every step shape an engine with `batch` slots compiles (see the module docstring)."""
+    rows = row_buckets(batch)
+    small, large = min(SMALL_CHUNK, max_seq_len), min(LARGE_CHUNK, max_seq_len)
+    shapes = {StepShape(r, 0) for r in rows}
+    shapes |= {StepShape(r, small) for r in rows if r >= min(8, batch)}
+    shapes.add(StepShape(batch, large))
+    return tuple(sorted(shapes))
+
+
+def pick_shape(shapes: Sequence[StepShape], rows: int, prefill: int) -> StepShape:
+    """The cheapest shape with at least `rows` rows and room for `prefill` tokens
+    (the largest region there is, if none has room: the rest waits for the next step)."""
+    fits = [s for s in shapes if s.rows >= rows and s.prefill >= prefill]
+    if not fits:
+        fits = [max((s for s in shapes if s.rows >= rows), key=lambda s: s.prefill)]
+    return min(fits, key=lambda s: (s.tokens, s.rows))
+
+
+Variant = tuple[str, object]  # (kind, size): ("step", StepShape), ("admit", 0), ("init", 0)
+
+
+class Variants:
+    """Compiled executables by variant: loaded from `store` or compiled by `lower(*variant)`."""
+
+    def __init__(
+        self,
+        names: Sequence[Variant],
+        lower: Callable[[str, object], jax.stages.Lowered],
+        store: ExecutableStore | None,
+    ) -> None:
+        self.names = tuple(names)
+        self._lower = lower
+        self._store = store
+        self._compiled: dict[Variant, jax.stages.Compiled] = {}
+        self._locks: defaultdict[Variant, threading.Lock] = defaultdict(threading.Lock)
+        self._locks_lock = threading.Lock()
+        self.compilations = 0  # variants compiled here
+        self.loaded = 0  # variants loaded from the store
+
+    def __call__(self, kind: str, size: object = 0) -> jax.stages.Compiled:
+        """The executable of a variant, loaded or compiled on first use."""
+        variant = (kind, size)
+        compiled = self._compiled.get(variant)
+        if compiled is not None:
+            return compiled
+        with self._locks_lock:
+            lock = self._locks[variant]
+        with lock:  # a request and the preloader may want the same variant
+            if variant not in self._compiled:
+                compiled = self._store.load(kind, _key(size)) if self._store else None
+                if compiled is None:
+                    compiled = self._compile(variant)
+                else:
+                    self.loaded += 1
+                self._compiled[variant] = compiled
+        return self._compiled[variant]
+
+    def _compile(self, variant: Variant) -> jax.stages.Compiled:
+        compiled, storable = compile_variant(self._lower(*variant))
+        self.compilations += 1
+        if self._store is not None and storable:
+            self._store.save(variant[0], _key(variant[1]), compiled)
+        return compiled
+
+    def warmup(self, workers: int | None = None) -> None:
+        """Compile every variant the store lacks, a few at a time (XLA compiles off the
+        GIL), with a progress bar on a terminal; stored ones are left to `preload`."""
+        stored = self._store if self._store is not None else ()
+        todo = [
+            v for v in self.names if v not in self._compiled and (v[0], _key(v[1])) not in stored
+        ]
+        if not todo:
+            return
+        started = time.monotonic()
+        quiet = not sys.stderr.isatty()
+        bar = tqdm(total=len(todo), desc="compiling", unit="variant", disable=quiet)
+        with bar, ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+            for _ in pool.map(lambda v: self(*v), todo):
+                bar.update()
+        log.info("compiled %d variants in %.1f s", len(todo), time.monotonic() - started)
+
+    def preload(self, until: Callable[[], bool] = lambda: True) -> None:
+        """Load every variant not yet in memory, smallest steps first (what a lone short
+        request needs), stopping early once `until()` is false."""
+        for variant in sorted(self.names, key=_load_order):
+            if not until():
+                return
+            self(*variant)
+
+
+def _key(size: object) -> object:
+    """A variant's size as the store names it."""
+    return (size.rows, size.prefill) if isinstance(size, StepShape) else size
+
+
+def _load_order(variant: Variant) -> tuple[int, int]:
+    kind, size = variant
+    return (size.tokens, size.rows) if isinstance(size, StepShape) else (-1, 0)

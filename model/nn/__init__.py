@@ -1,0 +1,1 @@
+"""The network, pure JAX with no I/O: transformer layers, paged attention, sampling."""

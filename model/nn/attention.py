@@ -1,0 +1,222 @@
+"""Attention over a paged KV pool, for one step that mixes decode rows and prefill chunks.
+
+Axis letters: T step tokens, R decode rows, P prefill-region tokens (T = R + P),
+N query heads, K kv heads, G = N / K, H head dim, C key positions per chunk,
+NB pool blocks, BS positions per block, MB blocks per sequence.
+
+The pool holds every sequence's keys and values in fixed-size blocks: per layer,
+k [NB, K, H, BS] and v [NB, K, BS, H] (keys keep positions minor and values keep
+features minor, so both products run along contiguous memory). A sequence's
+block table lists its blocks in order; position p of the sequence lives in
+block table[p // BS] at offset p % BS.
+
+A step's tokens are laid out by a `Layout`:
+- the first R tokens are decode rows, one per slot: row r is slot r's newest
+  token at position context[r], attending to its keys 0..context[r] through its
+  block table (context -1: the row is idle);
+- the other P tokens are the prefill region: chunks of prompts, each a
+  "segment" of consecutive positions. They attend to each other (same segment,
+  causal), and segment 0 also to the `prior` positions its sequence already has
+  in the pool (a later chunk of a long prompt, or a prompt whose prefix was
+  cached). Other segments start at position 0.
+
+Every token's key and value are written to the pool first (`write` is its flat
+position block * BS + offset, or beyond the pool for none), then read back:
+writing before reading is what lets XLA update the pool in place. Softmax runs
+online over chunks of C keys, so the work follows the longest context in the
+step, while the shapes (and so the compiled program) do not depend on it.
+"""
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+NEG_INF = jnp.finfo(jnp.float32).min
+# Keys per loop iteration: a decode row's chunk is read for every row at once,
+# a prior-context chunk once for the whole region (so it can be larger).
+DECODE_CHUNK = 128
+PRIOR_CHUNK = 1024
+
+
+@flax.struct.dataclass
+class LayerCache:
+    """One layer's share of the pool: k [NB, K, H, BS], v [NB, K, BS, H]."""
+
+    k: jax.Array
+    v: jax.Array
+
+    @property
+    def block_size(self) -> int:
+        return self.k.shape[-1]
+
+
+def init_pool(n_layers: int, blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype):
+    """Zeroed per-layer pools of `blocks` blocks of `block_size` positions."""
+    k, h, bs = kv_heads, head_dim, block_size
+    return [
+        LayerCache(jnp.zeros((blocks, k, h, bs), dtype), jnp.zeros((blocks, k, bs, h), dtype))
+        for _ in range(n_layers)
+    ]
+
+
+@flax.struct.dataclass
+class Layout:
+    """Where a step's T tokens are: positions, decode rows, prefill segments, writes.
+
+    positions [T] i32; context [R] i32 (decode row r's position, -1 idle);
+    block_tables [R, MB] i32 (decode rows' blocks); segments [P] i32 (prefill
+    token's segment, -1 padding); prior i32 (segment 0's positions already in the
+    pool); prior_blocks [MB] i32 (segment 0's blocks); write [T] i32 (flat pool
+    position of each token's key and value; NB * BS or more: none).
+    """
+
+    positions: jax.Array
+    context: jax.Array
+    block_tables: jax.Array
+    segments: jax.Array
+    prior: jax.Array
+    prior_blocks: jax.Array
+    write: jax.Array
+
+    @property
+    def rows(self) -> int:
+        """R: decode rows."""
+        return self.context.shape[0]
+
+
+def write_pool(cache: LayerCache, key: jax.Array, value: jax.Array, write: jax.Array) -> LayerCache:
+    """The pool with key, value [K, H, T] stored at flat positions write [T] (beyond: dropped)."""
+    bs = cache.block_size
+    block, offset = write // bs, write % bs
+    # Positions beyond the pool are the "no write" marker: mode="drop" skips them.
+    return LayerCache(
+        cache.k.at[block, :, :, offset].set(key.transpose(2, 0, 1), mode="drop"),
+        cache.v.at[block, :, offset, :].set(value.transpose(2, 0, 1), mode="drop"),
+    )
+
+
+def chunk_blocks(positions: int, block_size: int, table_width: int) -> int:
+    """Blocks per loop iteration for chunks of about `positions` keys: it must divide the
+    block-table width, or the last chunk's slice would be shifted back to fit."""
+    blocks = max(1, min(positions // block_size, table_width))
+    while table_width % blocks:
+        blocks -= 1
+    return blocks
+
+
+def _online(state, scores, values):
+    """One online-softmax update: state (max, sum, acc) [..., Q] / [..., Q, H];
+    scores [..., Q, C] already masked; values(probs) → [..., Q, H]."""
+    top, total, acc = state
+    new_top = jnp.maximum(top, jnp.max(scores, axis=-1))
+    rescale = jnp.exp(top - new_top)
+    # A query with every key masked so far has new_top = NEG_INF: keep its probabilities 0.
+    probs = jnp.where(scores > NEG_INF, jnp.exp(scores - new_top[..., None]), 0.0)
+    return (
+        new_top,
+        total * rescale + jnp.sum(probs, axis=-1),
+        acc * rescale[..., None] + values(probs),
+    )
+
+
+def _finish(state) -> jax.Array:
+    _, total, acc = state
+    return acc / jnp.maximum(total, 1e-30)[..., None]  # an idle row has total 0: output 0
+
+
+def _empty(shape: tuple[int, ...], head_dim: int):
+    return (
+        jnp.full(shape, NEG_INF, jnp.float32),
+        jnp.zeros(shape, jnp.float32),
+        jnp.zeros((*shape, head_dim), jnp.float32),
+    )
+
+
+def decode_attention(
+    q: jax.Array,
+    cache: LayerCache,
+    context: jax.Array,
+    block_tables: jax.Array,
+    chunk: int = DECODE_CHUNK,
+) -> jax.Array:
+    """Decode rows: q [R, K, G, H] → [R, K, G, H], each row over its keys 0..context[r],
+    `chunk` keys per loop iteration."""
+    rows, k, g, h = q.shape
+    bs = cache.block_size
+    per_chunk = chunk_blocks(chunk, bs, block_tables.shape[1])
+    width = per_chunk * bs
+    scale = h**-0.5
+    chunks = (jnp.max(context) + width) // width  # covers position max(context); 0 if all idle
+
+    def body(c, state):
+        ids = lax.dynamic_slice_in_dim(block_tables, c * per_chunk, per_chunk, axis=1)  # [R, n]
+        keys, values = cache.k[ids], cache.v[ids]  # [R, n, K, H, BS], [R, n, K, BS, H]
+        s = jnp.einsum("rkgh,rnkhs->rkgns", q, keys).astype(jnp.float32) * scale
+        pos = c * width + jnp.arange(width).reshape(per_chunk, bs)
+        visible = pos[None] <= context[:, None, None]  # [R, n, BS]
+        s = jnp.where(visible[:, None, None], s, NEG_INF).reshape(rows, k, g, width)
+
+        def weighted(p):
+            p = p.reshape(rows, k, g, per_chunk, bs).astype(values.dtype)
+            return jnp.einsum("rkgns,rnksh->rkgh", p, values).astype(jnp.float32)
+
+        return _online(state, s, weighted)
+
+    state = lax.fori_loop(0, chunks, body, _empty((rows, k, g), h))
+    return _finish(state).astype(q.dtype)
+
+
+def region_attention(
+    q: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    layout: Layout,
+    cache: LayerCache | None,
+    prior_chunk: int = PRIOR_CHUNK,
+) -> jax.Array:
+    """Prefill region: q [K, G, H, P], its own key and value [K, H, P] → [K, G, H, P].
+
+    Each token sees the tokens of its segment at or before its position, and
+    segment 0's tokens also see the `prior` positions in the pool (read
+    `prior_chunk` keys per loop iteration).
+    """
+    k, g, h, p = q.shape
+    scale = h**-0.5
+    seg, pos = layout.segments, layout.positions[layout.rows :]
+    s = jnp.einsum("kghq,khp->kgqp", q, key).astype(jnp.float32) * scale
+    visible = (seg[:, None] == seg[None, :]) & (pos[None, :] <= pos[:, None]) & (seg[:, None] >= 0)
+    s = jnp.where(visible, s, NEG_INF)
+    weighted = lambda probs: jnp.einsum("kgqp,khp->kgqh", probs.astype(value.dtype), value)  # noqa: E731
+    state = _online(_empty((k, g, p), h), s, lambda probs: weighted(probs).astype(jnp.float32))
+    if cache is not None:
+        state = _prior_attention(q, cache, layout, state, prior_chunk)
+    return _finish(state).astype(q.dtype).transpose(0, 1, 3, 2)
+
+
+def _prior_attention(q: jax.Array, cache: LayerCache, layout: Layout, state, chunk: int):
+    """Adds segment 0's prior positions (read from the pool) to the online softmax."""
+    k, g, h, p = q.shape
+    bs = cache.block_size
+    per_chunk = chunk_blocks(chunk, bs, layout.prior_blocks.shape[0])
+    width = per_chunk * bs
+    scale = h**-0.5
+    first = layout.segments == 0  # [P]
+    chunks = (layout.prior + width - 1) // width
+
+    def body(c, state):
+        ids = lax.dynamic_slice_in_dim(layout.prior_blocks, c * per_chunk, per_chunk)  # [n]
+        keys = cache.k[ids].transpose(1, 2, 0, 3).reshape(k, h, width)  # [K, H, C]
+        values = cache.v[ids].transpose(1, 0, 2, 3).reshape(k, width, h)  # [K, C, H]
+        s = jnp.einsum("kghq,khc->kgqc", q, keys).astype(jnp.float32) * scale
+        visible = first[:, None] & (c * width + jnp.arange(width) < layout.prior)[None, :]
+        s = jnp.where(visible, s, NEG_INF)
+        return _online(
+            state,
+            s,
+            lambda probs: jnp.einsum("kgqc,kch->kgqh", probs.astype(values.dtype), values).astype(
+                jnp.float32
+            ),
+        )
+
+    return lax.fori_loop(0, chunks, body, state)

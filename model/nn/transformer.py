@@ -1,0 +1,209 @@
+"""The Llama-family decoder as Flax modules.
+
+Axis letters, used in every einsum and shape comment:
+T step tokens, R decode rows, P prefill tokens, N query heads, K kv heads,
+G query heads per kv head, H head dim, D model dim, F MLP dim, V vocab.
+
+One call runs a step's tokens, flat: decode rows and prefill chunks of any
+sequences (model/nn/attention.py's `Layout` says which is which), reading and
+writing keys and values in the paged pool. Without a pool it is a plain causal
+forward pass over the segments (tests, scoring).
+
+Activations are feature-major, [D, T], and weights [out, in] (the layout of
+GGUF and HF checkpoints): every projection is `W @ x`. XLA:CPU runs that form
+about twice as fast as `x @ W` for the few-row matrices of batched decoding.
+A projection weight may also be an int8 `QuantizedWeight` (model/quantize.py):
+`dense` turns it back into a compute-dtype matrix inside the jitted step.
+Layers are unrolled, each with its own weights and pool buffers: a scan over
+stacked weights copies each layer's weights every step (about 17 ms a token
+for SmolLM2-135M on a 2-core CPU), more than it saves in compile time.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from model.config import ModelConfig
+from model.nn.attention import (
+    LayerCache,
+    Layout,
+    decode_attention,
+    region_attention,
+    write_pool,
+)
+from model.quantize import dense
+
+
+def rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotary embedding, the rotate-half layout of HF Llama.
+
+    x [heads, H, T], positions [T], inv_freq [H/2] (ModelConfig.rope_frequencies)
+    → same shape as x. Angles in f32.
+    """
+    inv_freq = jnp.asarray(inv_freq, jnp.float32)
+    angles = inv_freq[:, None] * positions.astype(jnp.float32)  # [H/2, T]
+    sin, cos = jnp.sin(angles), jnp.cos(angles)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=1)
+    return out.astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """Normalises over the feature axis, axis 0 of [D, ...]."""
+
+    eps: float
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[0],), self.dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=0, keepdims=True) + self.eps)
+        scale = scale.astype(jnp.float32).reshape((-1,) + (1,) * (x.ndim - 1))
+        return (normed * scale).astype(self.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with one fused [q; k; v] projection, over the paged pool."""
+
+    config: ModelConfig
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, layout: Layout, cache: LayerCache | None
+    ) -> tuple[jax.Array, LayerCache | None]:
+        """x [D, T] → (out [D, T], the pool with this step's keys and values)."""
+        c = self.config
+        n, k, h, g = c.n_heads, c.n_kv_heads, c.head_dim, c.group_size
+        init = nn.initializers.normal(0.02)
+        w_qkv = self.param("qkv", init, ((n + 2 * k) * h, c.dim), self.dtype)  # [E, D]
+        w_o = self.param("o", init, (c.dim, n * h), self.dtype)
+        qkv = jnp.einsum("ED,DT->ET", dense(w_qkv, self.dtype), x)  # E = (N+2K)·H
+        if c.qkv_bias:
+            bias = self.param("qkv_bias", nn.initializers.zeros, ((n + 2 * k) * h,), self.dtype)
+            qkv = qkv + bias[:, None]
+        t = x.shape[1]
+        q, key, value = jnp.split(qkv.reshape(n + 2 * k, h, t), [n, n + k])
+        inv_freq = c.rope_frequencies()
+        q = rope(q, layout.positions, inv_freq).reshape(k, g, h, t)  # [K, G, H, T]
+        key = rope(key, layout.positions, inv_freq)  # [K, H, T]
+        if cache is not None:
+            cache = write_pool(cache, key, value, layout.write)
+        r = layout.rows
+        outs = []
+        if r:
+            decoded = decode_attention(
+                q[..., :r].transpose(3, 0, 1, 2), cache, layout.context, layout.block_tables
+            )  # [R, K, G, H]
+            outs.append(decoded.transpose(1, 2, 3, 0))
+        if t > r:
+            outs.append(region_attention(q[..., r:], key[..., r:], value[..., r:], layout, cache))
+        out = jnp.concatenate(outs, axis=-1).reshape(n * h, t)
+        return jnp.einsum("DE,ET->DT", dense(w_o, self.dtype), out), cache
+
+
+class MLP(nn.Module):
+    """SwiGLU with gate and up fused into one [2F, D] matrix."""
+
+    config: ModelConfig
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:  # [D, T]
+        c = self.config
+        init = nn.initializers.normal(0.02)
+        gate_up = self.param("gate_up", init, (2 * c.ffn_dim, c.dim), self.dtype)
+        down = self.param("down", init, (c.dim, c.ffn_dim), self.dtype)
+        gate, up = jnp.split(jnp.einsum("FD,DT->FT", dense(gate_up, self.dtype), x), 2)
+        return jnp.einsum("DF,FT->DT", dense(down, self.dtype), jax.nn.silu(gate) * up)
+
+
+class Block(nn.Module):
+    config: ModelConfig
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array, layout: Layout, cache: LayerCache | None):
+        c = self.config
+        h, cache = Attention(c, self.dtype, name="attn")(
+            RMSNorm(c.norm_eps, self.dtype, name="attn_norm")(x), layout, cache
+        )
+        x = x + h
+        x = x + MLP(c, self.dtype, name="mlp")(RMSNorm(c.norm_eps, self.dtype, name="mlp_norm")(x))
+        return x, cache
+
+
+class Transformer(nn.Module):
+    """tokens [T] laid out by a `Layout` → (hidden [D, T], the pool updated).
+
+    `logits` maps hidden states to the vocabulary. Without a pool (None) the
+    call is a causal forward pass over the layout's prefill segments.
+    """
+
+    config: ModelConfig
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self) -> None:
+        c = self.config
+        self.embed = nn.Embed(c.vocab_size, c.dim, dtype=self.dtype, param_dtype=self.dtype)
+        self.layers = [Block(c, self.dtype) for _ in range(c.n_layers)]
+        self.final_norm = RMSNorm(c.norm_eps, self.dtype)
+        if not c.tie_embeddings:
+            self.lm_head = self.param(
+                "lm_head", nn.initializers.normal(0.02), (c.vocab_size, c.dim), self.dtype
+            )
+
+    def __call__(
+        self, tokens: jax.Array, layout: Layout, pool: list[LayerCache] | None = None
+    ) -> tuple[jax.Array, list[LayerCache] | None]:
+        x = self.embed(tokens).T  # [D, T]
+        caches = pool if pool is not None else [None] * len(self.layers)
+        new_pool = []
+        for layer, cache in zip(self.layers, caches, strict=True):
+            x, cache = layer(x, layout, cache)
+            new_pool.append(cache)
+        return self.final_norm(x), (new_pool if pool is not None else None)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden [D, ...] → logits [..., V] in f32."""
+        tied = self.config.tie_embeddings
+        head = self.embed.embedding if tied else dense(self.lm_head, self.dtype)  # [V, D]
+        out = jnp.einsum("VD,D...->V...", head, hidden)
+        # The barrier keeps XLA from folding the transpose into the product:
+        # XLA:CPU runs the [V, B] product about twice as fast as [B, V].
+        out = lax.optimization_barrier(out)
+        return jnp.moveaxis(out, 0, -1).astype(jnp.float32)
+
+
+def forward_layout(batch: int, length: int) -> Layout:
+    """The layout of a causal forward pass, without a pool, over `batch` sequences of
+    `length` tokens flattened row by row: each sequence is a segment."""
+    return Layout(
+        positions=np.tile(np.arange(length, dtype=np.int32), batch),
+        context=np.zeros((0,), np.int32),
+        block_tables=np.zeros((0, 1), np.int32),
+        segments=np.repeat(np.arange(batch, dtype=np.int32), length),
+        prior=np.int32(0),
+        prior_blocks=np.zeros((1,), np.int32),
+        write=np.zeros((batch * length,), np.int32),
+    )
+
+
+def param_shapes(config: ModelConfig, dtype=jnp.float32) -> dict:
+    """The parameter tree of Transformer(config, dtype) as ShapeDtypeStructs (nothing
+    allocated)."""
+    model = Transformer(config, dtype)
+    tokens = np.zeros(4, np.int32)
+    init = lambda: model.init(jax.random.PRNGKey(0), tokens, forward_layout(1, 4))  # noqa: E731
+    return jax.eval_shape(init)["params"]
+
+
+def forward_logits(model: Transformer, params: dict, tokens: jax.Array) -> jax.Array:
+    """Logits [B, T, V] (f32) of a causal forward pass over tokens [B, T], no pool."""
+    batch, length = tokens.shape
+    hidden, _ = model.apply({"params": params}, tokens.reshape(-1), forward_layout(batch, length))
+    logits = model.apply({"params": params}, hidden, method=Transformer.logits)  # [B·T, V]
+    return logits.reshape(batch, length, -1)

@@ -1,0 +1,117 @@
+"""Paged attention against a dense NumPy reference, and a model step through the pool
+against a plain causal forward pass.
+
+The reference gathers each sequence's keys and values position by position through its
+block table and runs softmax attention over them; nothing of model/nn/attention.py's
+chunking, online softmax or block layout is shared with it.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model.nn.attention import LayerCache, Layout, decode_attention, region_attention
+
+K, G, H, BS = 2, 3, 8, 4  # GQA: 3 query heads per kv head
+NB, MB = 64, 24  # pool blocks; blocks per sequence (96 positions)
+
+
+def random_pool(rng) -> tuple[LayerCache, np.ndarray, np.ndarray]:
+    """A pool of random keys and values, and the same as dense [NB·BS, K, H] arrays."""
+    keys = rng.standard_normal((NB * BS, K, H)).astype(np.float32)
+    values = rng.standard_normal((NB * BS, K, H)).astype(np.float32)
+    k = keys.reshape(NB, BS, K, H).transpose(0, 2, 3, 1)  # [NB, K, H, BS]
+    v = values.reshape(NB, BS, K, H).transpose(0, 2, 1, 3)  # [NB, K, BS, H]
+    return LayerCache(jnp.asarray(k), jnp.asarray(v)), keys, values
+
+
+def sequence_positions(table: np.ndarray, length: int) -> np.ndarray:
+    """Flat pool positions of a sequence's first `length` positions."""
+    pos = np.arange(length)
+    return table[pos // BS] * BS + pos % BS
+
+
+def reference(q: np.ndarray, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Softmax attention of q [Q, K, G, H] over keys, values [S, K, H] → [Q, K, G, H]."""
+    scores = np.einsum("qkgh,skh->qkgs", q, keys) / np.sqrt(H)
+    scores -= scores.max(-1, keepdims=True)
+    probs = np.exp(scores)
+    probs /= probs.sum(-1, keepdims=True)
+    return np.einsum("qkgs,skh->qkgh", probs, values)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(7)
+
+
+@pytest.mark.parametrize("chunk", [8, 128])
+def test_decode_rows_equal_the_dense_reference(rng, chunk):
+    """Rows at mixed lengths (block boundaries, one position, one idle row) over
+    shuffled blocks, with loop chunks smaller and larger than a sequence."""
+    cache, keys, values = random_pool(rng)
+    contexts = np.array([0, 3, 4, 5, 31, 63, 95, -1], np.int32)  # key positions 0..context
+    rows = len(contexts)
+    tables = np.stack([rng.permutation(NB)[:MB] for _ in range(rows)]).astype(np.int32)
+    q = rng.standard_normal((rows, K, G, H)).astype(np.float32)
+    out = np.asarray(
+        jax.jit(decode_attention, static_argnums=4)(
+            jnp.asarray(q), cache, jnp.asarray(contexts), jnp.asarray(tables), chunk
+        )
+    )
+    for r, context in enumerate(contexts):
+        if context < 0:
+            np.testing.assert_array_equal(out[r], 0)
+            continue
+        flat = sequence_positions(tables[r], context + 1)
+        expected = reference(q[r : r + 1], keys[flat], values[flat])[0]
+        np.testing.assert_allclose(out[r], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("prior", [0, 1, 17, 40])
+@pytest.mark.parametrize("chunk", [8, 1024])
+def test_prefill_segments_equal_the_dense_reference(rng, prior, chunk):
+    """Three segments in one region (the first after `prior` pooled positions), padding."""
+    cache, keys, values = random_pool(rng)
+    lengths = [5, 9, 3]
+    pad = 3
+    segments = np.concatenate([np.full(n, i) for i, n in enumerate(lengths)] + [np.full(pad, -1)])
+    starts = [prior, 0, 0]
+    positions = np.concatenate(
+        [np.arange(s, s + n) for s, n in zip(starts, lengths, strict=True)] + [np.zeros(pad)]
+    ).astype(np.int32)
+    p = len(segments)
+    table = rng.permutation(NB)[:MB].astype(np.int32)
+    q = rng.standard_normal((p, K, G, H)).astype(np.float32)
+    key = rng.standard_normal((p, K, H)).astype(np.float32)
+    value = rng.standard_normal((p, K, H)).astype(np.float32)
+    layout = Layout(
+        positions=jnp.asarray(positions),
+        context=jnp.zeros((0,), jnp.int32),
+        block_tables=jnp.zeros((0, MB), jnp.int32),
+        segments=jnp.asarray(segments, jnp.int32),
+        prior=jnp.int32(prior),
+        prior_blocks=jnp.asarray(table),
+        write=jnp.zeros((p,), jnp.int32),
+    )
+    out = jax.jit(region_attention, static_argnums=5)(
+        jnp.asarray(q.transpose(1, 2, 3, 0)),  # [K, G, H, P]
+        jnp.asarray(key.transpose(1, 2, 0)),  # [K, H, P]
+        jnp.asarray(value.transpose(1, 2, 0)),
+        layout,
+        cache,
+        chunk,
+    )
+    out = np.asarray(out).transpose(3, 0, 1, 2)  # [P, K, G, H]
+    pooled = sequence_positions(table, prior)
+    for t in range(p):
+        seg = segments[t]
+        if seg < 0:
+            continue
+        mine = np.flatnonzero((segments == seg) & (positions <= positions[t]))
+        ks, vs = key[mine], value[mine]
+        if seg == 0:
+            ks = np.concatenate([keys[pooled], ks])
+            vs = np.concatenate([values[pooled], vs])
+        np.testing.assert_allclose(out[t], reference(q[t : t + 1], ks, vs)[0], atol=1e-5)
