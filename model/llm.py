@@ -10,6 +10,7 @@ for piece in llm.chat([{"role": "user", "content": "Hi"}], stream=True):
 import logging
 import secrets
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from model.detokenizer import IncrementalDetokenizer
 from model.engine.engine import Engine, default_pool_tokens
 from model.engine.executables import open_compile_cache
 from model.engine.scheduler import Scheduler, TokenEvent
+from model.engine.variants import FIRST_NEEDED
 from model.hf_loader import load_hf
 from model.prepared import load_gguf_prepared
 from model.sampling_params import Delta, FinishReason, SamplingParams, TokenLogprob
@@ -164,28 +166,45 @@ class LLM:
         return Grammars(self.tokenizer)
 
     def warmup(self, *, wait: bool = True) -> None:
-        """Compile every shape serving can use; afterwards no request compiles.
+        """Compile every step shape serving can use; afterwards no request compiles.
 
-        With a compile cache, variants compiled here are saved (and pushed to a
-        gs:// cache), and cached variants are loaded, not compiled: all of them
-        before returning, or with wait=False in a background thread, any variant
-        a request needs first being loaded on demand.
+        With a compile cache, executables compiled here are saved (and pushed to a
+        gs:// cache), and cached ones are loaded, not compiled. wait=False returns
+        once what a first short request needs is in memory: the other stored
+        executables then load in a background thread, and the faster unrolled
+        decode steps load or compile there while nothing is being served (loading
+        and compiling hold the interpreter, so they would stall requests).
         """
         self.engine.warmup()
-        if self.compile_cache is not None and self.engine.compilations:
-            self.compile_cache.push()
+        self._push()
         if wait:
             self.engine.preload()
-        else:
-            # Not a daemon: at exit it finishes the variant it is loading and stops (a
-            # daemon thread killed inside XLA's loader aborts the process).
-            threading.Thread(target=self._preload, name="preload").start()
+            self.engine.upgrade()
+            self._push()
+            return
+        self.engine.preload(count=FIRST_NEEDED)
+        # Not a daemon: at exit it finishes the executable it is on and stops (a
+        # daemon thread killed inside XLA's loader aborts the process).
+        threading.Thread(target=self._preload, name="preload").start()
+
+    def _push(self) -> None:
+        if self.compile_cache is not None and self.engine.compilations:
+            self.compile_cache.push()
 
     def _preload(self) -> None:
+        alive = threading.main_thread().is_alive
+
+        def when_idle() -> bool:
+            while alive() and not self.scheduler.idle:
+                time.sleep(0.1)
+            return alive()
+
         try:
-            self.engine.preload(until=threading.main_thread().is_alive)
-        except Exception:  # a request that needs the variant loads it itself
-            log.exception("loading cached executables failed")
+            self.engine.preload(until=alive)
+            self.engine.upgrade(until=when_idle)
+            self._push()
+        except Exception:  # a request that needs a stored executable loads it itself
+            log.exception("loading or compiling the faster executables failed")
 
     def encode_chat(self, messages: Messages, tools: list[dict] | None = None) -> list[int]:
         """Render messages with the chat template (plus the generation prompt) → token ids.

@@ -71,12 +71,8 @@ def call_inputs(config: ModelConfig, call: str, rng: np.random.Generator):
     if call == "forward":
         tokens = rng.integers(0, config.vocab_size, 8 * 12).astype(np.int32)
         return tokens, forward_layout(8, 12), None
-    pool = [
-        jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32), layer)
-        for layer in init_pool(
-            config.n_layers, NB, BS, config.n_kv_heads, config.head_dim, jnp.float32
-        )
-    ]
+    shapes = init_pool(config.n_layers, NB, BS, config.n_kv_heads, config.head_dim, jnp.float32)
+    pool = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32), shapes)
     tables = np.stack([rng.permutation(NB)[:MB] for _ in range(9)]).astype(np.int32)
     context = np.array([3, 7, 0, 15, 9, 1, 12, 5], np.int32)  # 8 decode rows
     # The region: 5 tokens continuing a prompt after 6 pooled positions, 4 of a new one.
@@ -127,7 +123,7 @@ def run_case(config: ModelConfig, params: dict, mesh_spec: str, call: str) -> di
             "gate_up": shard(layer["mlp"]["gate_up"]),
             "down": shard(layer["mlp"]["down"]),
             "lm_head": shard(placed["lm_head"]),
-            "pool": shard(new_pool[0].k) if new_pool is not None else None,
+            "pool": shard(new_pool.k) if new_pool is not None else None,
         },
         "logits_devices": len(logits.sharding.device_set),
     }

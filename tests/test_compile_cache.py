@@ -38,7 +38,7 @@ reply = llm.generate(json.loads(sys.argv[2]), SamplingParams(temperature=0, max_
 print(json.dumps({
     "compiled": llm.engine.compilations,
     "loaded": llm.engine.loaded,
-    "variants": len(llm.engine.variants.names),
+    "variants": len(llm.engine.variants.names) + len(llm.engine.variants.upgrades),
     "backend_compiles": len(backend_compiles),
     "gguf_opened": len(gguf_opened),
     "ids": list(reply.token_ids),

@@ -11,19 +11,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model.nn.attention import LayerCache, Layout, decode_attention, region_attention
+from model.nn.attention import Layout, Pool, decode_attention, region_attention
 
 K, G, H, BS = 2, 3, 8, 4  # GQA: 3 query heads per kv head
 NB, MB = 64, 24  # pool blocks; blocks per sequence (96 positions)
 
 
-def random_pool(rng) -> tuple[LayerCache, np.ndarray, np.ndarray]:
+def random_pool(rng) -> tuple[Pool, np.ndarray, np.ndarray]:
     """A pool of random keys and values, and the same as dense [NB·BS, K, H] arrays."""
     keys = rng.standard_normal((NB * BS, K, H)).astype(np.float32)
     values = rng.standard_normal((NB * BS, K, H)).astype(np.float32)
     k = keys.reshape(NB, BS, K, H).transpose(0, 2, 3, 1)  # [NB, K, H, BS]
     v = values.reshape(NB, BS, K, H).transpose(0, 2, 1, 3)  # [NB, K, BS, H]
-    return LayerCache(jnp.asarray(k), jnp.asarray(v)), keys, values
+    return Pool(jnp.asarray(k), jnp.asarray(v)), keys, values
 
 
 def sequence_positions(table: np.ndarray, length: int) -> np.ndarray:
@@ -56,8 +56,8 @@ def test_decode_rows_equal_the_dense_reference(rng, chunk):
     tables = np.stack([rng.permutation(NB)[:MB] for _ in range(rows)]).astype(np.int32)
     q = rng.standard_normal((rows, K, G, H)).astype(np.float32)
     out = np.asarray(
-        jax.jit(decode_attention, static_argnums=4)(
-            jnp.asarray(q), cache, jnp.asarray(contexts), jnp.asarray(tables), chunk
+        jax.jit(decode_attention, static_argnums=5)(
+            jnp.asarray(q), cache, jnp.asarray(contexts), jnp.asarray(tables), 0, chunk
         )
     )
     for r, context in enumerate(contexts):
@@ -95,12 +95,13 @@ def test_prefill_segments_equal_the_dense_reference(rng, prior, chunk):
         prior_blocks=jnp.asarray(table),
         write=jnp.zeros((p,), jnp.int32),
     )
-    out = jax.jit(region_attention, static_argnums=5)(
+    out = jax.jit(region_attention, static_argnums=6)(
         jnp.asarray(q.transpose(1, 2, 3, 0)),  # [K, G, H, P]
         jnp.asarray(key.transpose(1, 2, 0)),  # [K, H, P]
         jnp.asarray(value.transpose(1, 2, 0)),
         layout,
         cache,
+        0,
         chunk,
     )
     out = np.asarray(out).transpose(3, 0, 1, 2)  # [P, K, G, H]

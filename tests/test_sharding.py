@@ -328,9 +328,9 @@ def test_sharded_calls_equal_unsharded(report, config, mesh_spec, call):
         shape[SPLIT_AXIS[name]] //= split
         assert case["shards"][name] == shape, name
 
-    # Pool [NB, K, H, BS]: K over 'model' where it divides, blocks everywhere.
+    # Pool [L·NB, K, H, BS]: K over 'model' where it divides, blocks everywhere.
     data, model = parse_mesh_spec(mesh_spec)
     if call == "step":
         k_local = c.n_kv_heads // model if c.n_kv_heads % model == 0 else c.n_kv_heads
-        assert case["shards"]["pool"] == [NB, k_local, c.head_dim, BS]
+        assert case["shards"]["pool"] == [c.n_layers * NB, k_local, c.head_dim, BS]
     assert case["logits_devices"] == data * model

@@ -1,6 +1,8 @@
 """The transformer on a tiny random config, through the paged pool: chunked prefill and
 decode rows give the logits of one plain causal pass."""
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,7 @@ import pytest
 
 from model.config import ModelConfig
 from model.nn.attention import Layout, init_pool
-from model.nn.transformer import Transformer, forward_layout, forward_logits, rope
+from model.nn.transformer import Transformer, forward_layout, forward_logits, rope, stack_layers
 
 CONFIG = ModelConfig.tiny()
 MODEL = Transformer(CONFIG)
@@ -22,11 +24,15 @@ def params():
     return MODEL.init(jax.random.PRNGKey(0), tokens, forward_layout(1, 4))["params"]
 
 
-@jax.jit
-def pooled_step(params, pool, tokens, layout):
+@partial(jax.jit, static_argnums=0)
+def run(model, params, pool, tokens, layout):
     """Logits [T, V] of one step through the pool, and the pool."""
-    hidden, pool = MODEL.apply({"params": params}, tokens, layout, pool)
-    return MODEL.apply({"params": params}, hidden, method=Transformer.logits), pool
+    hidden, pool = model.apply({"params": params}, tokens, layout, pool)
+    return model.apply({"params": params}, hidden, method=Transformer.logits), pool
+
+
+def pooled_step(params, pool, tokens, layout):
+    return run(MODEL, params, pool, tokens, layout)
 
 
 def flat(table: np.ndarray, positions) -> np.ndarray:
@@ -70,10 +76,19 @@ def random_table(rng, blocks: int) -> np.ndarray:
     return np.concatenate([rng.permutation(NB)[:blocks], np.zeros(MB - blocks)]).astype(np.int32)
 
 
-def test_chunked_prefill_then_decode_equals_one_forward_pass(params):
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_chunked_prefill_then_decode_equals_one_forward_pass(params, scan):
+    """Also with the layers in one scan over stacked weights, as the engine runs its
+    larger steps."""
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, CONFIG.vocab_size, 40).astype(np.int32)
     full = np.asarray(forward_logits(MODEL, params, jnp.asarray(tokens)[None]))[0]
+    model = Transformer(CONFIG, scan_layers=scan)
+    weights = stack_layers(params, CONFIG.n_layers) if scan else params
+
+    def pooled_step(params, pool, tokens, layout):
+        return run(model, weights, pool, tokens, layout)
+
     pool, table = new_pool(), random_table(rng, 12)
     got = []
     # Chunks of 7 then 13 tokens (crossing blocks), each padded to 16, then decode rows.

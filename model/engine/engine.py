@@ -34,9 +34,9 @@ from jax.sharding import PartitionSpec as P
 from model.config import ModelConfig
 from model.engine.executables import ExecutableStore, fingerprint
 from model.engine.variants import StepShape, Variants, step_shapes
-from model.nn.attention import DECODE_CHUNK, PRIOR_CHUNK, LayerCache, Layout, init_pool
+from model.nn.attention import DECODE_CHUNK, PRIOR_CHUNK, Layout, Pool, init_pool
 from model.nn.sampling import TOP_LOGPROBS, SlotSampling, sample
-from model.nn.transformer import Transformer, forward_logits
+from model.nn.transformer import Transformer, forward_logits, stack_layers
 from model.sampling_params import SamplingParams
 from model.source_digest import source_digest
 from sharding import (
@@ -53,18 +53,19 @@ log = logging.getLogger(__name__)
 
 Params = dict
 BLOCK_SIZE = 16  # positions per pool block
+SCAN, UNROLLED = "scan", "unrolled"  # how a step executable runs the layers
 
 
 @flax.struct.dataclass
 class EngineState:
     """What the device keeps between steps, for B slots.
 
-    pool: per layer, the keys and values of every sequence (model/nn/attention.py);
+    pool: every layer's keys and values of every sequence (model/nn/attention.py);
     tokens [B]: each slot's newest sampled token, the input of its next decode row;
     sampling: each slot's sampling settings and state (key, counts).
     """
 
-    pool: list[LayerCache]
+    pool: Pool
     tokens: jax.Array
     sampling: SlotSampling
 
@@ -134,7 +135,9 @@ class Engine:
 
     batch: decode slots B. pool_tokens: KV pool positions (rounded down to blocks).
     Weights, pool and per-slot arrays are laid out by `rules` (sharding/rules.py);
-    the default mesh is one device, the same code path.
+    the default mesh is one device, the same code path. `params` holds the
+    unrolled layers' weights (None where no step unrolls them), `stacked` the
+    scanned layers' weights.
     """
 
     def __init__(
@@ -157,12 +160,24 @@ class Engine:
         pool_shape = (1, config.n_kv_heads, config.head_dim, BLOCK_SIZE)
         for placement in fallbacks(params, self.mesh, rules, pool_shape=pool_shape):
             log.info("replicated instead of split: %s", placement)
-        self.params = jax.device_put(params, param_shardings(params, self.mesh, rules))
+        shardings = param_shardings(params, self.mesh, rules)
         self.max_seq_len = max_seq_len
         self.batch = batch
         self.stop_ids = np.asarray(sorted(stop_ids) or [-1], np.int32)
         self.dtype = dtype
         self.model = Transformer(config, dtype)
+        self.scanned_model = Transformer(config, dtype, scan_layers=True)
+        # Every step shape runs its layers as one scan, which compiles 3-4x faster than
+        # unrolled layers. XLA:CPU copies a layer's weights out of the stack every step,
+        # which the smallest decode steps feel: on CPU they also get unrolled layers (with
+        # their own copy of the weights), compiled as upgrades in the background.
+        self.unrolled_shapes = (
+            {s for s in step_shapes(batch, max_seq_len) if s.prefill == 0 and s.rows <= 8}
+            if jax.default_backend() == "cpu"
+            else set()
+        )
+        self.stacked = self._stack(params, shardings)
+        self.params = jax.device_put(params, shardings) if self.unrolled_shapes else None
         self.block_size = BLOCK_SIZE
         pool_tokens = pool_tokens or default_pool_tokens(config, dtype, batch, max_seq_len)
         self.pool_blocks = max(pool_tokens // BLOCK_SIZE, -(-max_seq_len // BLOCK_SIZE))
@@ -175,19 +190,42 @@ class Engine:
             self._admit_impl, donate_argnums=(0,), out_shardings=self.state_sharding
         )
         replicated = NamedSharding(self.mesh, P())
-        self._step = jax.jit(
-            self._step_impl,
-            donate_argnums=(1,),
-            out_shardings=(self.state_sharding, StepOutputs(*[replicated] * 4)),
-        )
+        self._steps = {
+            scanned: jax.jit(
+                partial(self._step_impl, self.scanned_model if scanned else self.model),
+                donate_argnums=(1,),
+                out_shardings=(self.state_sharding, StepOutputs(*[replicated] * 4)),
+            )
+            for scanned in (False, True)
+        }
         self._forward = jax.jit(partial(forward_logits, self.model))
-        names = [("init", 0), ("admit", 0), *(("step", shape) for shape in self.shapes)]
+        self._forward_scanned = jax.jit(partial(forward_logits, self.scanned_model))
+        names = [("init", 0), ("admit", 0), *(("step", (s, SCAN)) for s in self.shapes)]
+        upgrades = [("step", (s, UNROLLED)) for s in sorted(self.unrolled_shapes)]
         store = None if executables is None else ExecutableStore(executables, self.key())
-        self.variants = Variants(names, self._lower, store)
+        self.variants = Variants(names, self._lower, store, upgrades)
+
+    def _stack(self, params: Params, shardings) -> Params:
+        """The layers' weights stacked for the scanned layers, laid out like each layer's:
+        on the host when they are host arrays (a loader's), else on the devices."""
+        layer = shardings["layers_0"]
+        stacked_shardings = {
+            **{k: v for k, v in shardings.items() if not k.startswith("layers_")},
+            "layers": jax.tree.map(lambda s: NamedSharding(self.mesh, P(None, *s.spec)), layer),
+        }
+        if all(isinstance(x, np.ndarray) for x in jax.tree.leaves(params)):
+            stacked = jax.tree.map(
+                lambda *xs: np.stack(xs),
+                *[{"layers": params[f"layers_{i}"]} for i in range(self.config.n_layers)],
+            )
+            rest = {k: v for k, v in params.items() if not k.startswith("layers_")}
+            return jax.device_put({**rest, **stacked}, stacked_shardings)
+        stack = partial(stack_layers, n_layers=self.config.n_layers)
+        return jax.jit(stack, out_shardings=stacked_shardings)(params)
 
     def key(self) -> str:
         """The fingerprint of everything this engine's executables depend on."""
-        avals = jax.tree.map(lambda a: (a.shape, str(a.dtype), str(a.sharding.spec)), self.params)
+        avals = jax.tree.map(lambda a: (a.shape, str(a.dtype), str(a.sharding.spec)), self.stacked)
         mesh = (dict(self.mesh.shape), self.mesh.device_ids.tolist())
         return fingerprint(
             (
@@ -198,10 +236,11 @@ class Engine:
                 self.pool_blocks,
                 self.block_size,
                 self.shapes,
+                sorted(self.unrolled_shapes),
                 self.stop_ids.tolist(),
                 self.rules,
                 mesh,
-                jax.tree_util.tree_structure(self.params),
+                jax.tree_util.tree_structure(self.stacked),
                 jax.tree.leaves(avals, is_leaf=lambda x: isinstance(x, tuple)),
                 source_digest(__name__),  # every module the traced code comes from
             )
@@ -222,14 +261,14 @@ class Engine:
     def _state_sharding(self) -> EngineState:
         """The state's layout: KV heads over 'model', slots over 'data'."""
         c = self.config
-        k_shape = (self.pool_blocks, c.n_kv_heads, c.head_dim, self.block_size)
-        cache = pool_sharding(self.mesh, k_shape, self.rules)
+        k_shape = (c.n_layers * self.pool_blocks, c.n_kv_heads, c.head_dim, self.block_size)
+        pool = pool_sharding(self.mesh, k_shape, self.rules)
         slots = slot_sharding(self.mesh, (self.batch,), self.rules)
         sampling = jax.tree_util.tree_map(
             lambda a: slot_sharding(self.mesh, a.shape, self.rules),
             jax.eval_shape(partial(self._init_sampling, self.batch)),
         )
-        return EngineState([LayerCache(cache, cache)] * c.n_layers, slots, sampling)
+        return EngineState(Pool(pool, pool), slots, sampling)
 
     def _init_sampling(self, rows: int) -> SlotSampling:
         """Disabled settings for `rows` slots, with the model's vocabulary width."""
@@ -255,21 +294,22 @@ class Engine:
         )
         return state.replace(sampling=sampling, tokens=state.tokens.at[slot].set(0))
 
-    def _step_impl(self, params, state: EngineState, plan: StepPlan):
+    def _step_impl(self, model: Transformer, params, state: EngineState, plan: StepPlan):
         """One step (see the module docstring) → (state, StepOutputs [R])."""
         r = plan.layout.rows
         tokens = plan.tokens.at[:r].set(jnp.where(plan.decode, state.tokens[:r], plan.tokens[:r]))
-        hidden, pool = self.model.apply({"params": params}, tokens, plan.layout, state.pool)
+        hidden, pool = model.apply({"params": params}, tokens, plan.layout, state.pool)
         chosen = hidden[:, plan.sample_from]  # [D, R]
-        logits = self.model.apply({"params": params}, chosen, method=Transformer.logits)
+        logits = model.apply({"params": params}, chosen, method=Transformer.logits)
         rows = jax.tree_util.tree_map(lambda a: a[:r], state.sampling)
         out = sample(logits, rows, plan.allowed)
         keep = plan.sample
+        # Only the rows that sampled advance their key and count their token: a scatter
+        # of R entries, not a pass over the [B, V] counts.
+        counts = state.sampling.counts.at[jnp.arange(r), out.tokens].add(keep.astype(jnp.int32))
         sampling = state.sampling.replace(
             key=state.sampling.key.at[:r].set(jnp.where(keep[:, None], out.sampling.key, rows.key)),
-            counts=state.sampling.counts.at[:r].set(
-                jnp.where(keep[:, None], out.sampling.counts, rows.counts)
-            ),
+            counts=counts,
         )
         state = EngineState(
             pool, state.tokens.at[:r].set(jnp.where(keep, out.tokens, state.tokens[:r])), sampling
@@ -292,17 +332,23 @@ class Engine:
             row = jax.eval_shape(partial(self._init_sampling, 1))
             return self._admit.lower(state, jax.ShapeDtypeStruct((), jnp.int32), row)
         plan = jax.tree_util.tree_map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.empty_plan(size)
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.empty_plan(size[0])
         )
-        return self._step.lower(self.params, state, plan)
+        shape, layers = size
+        params = self.stacked if layers == SCAN else self.params
+        return self._steps[layers == SCAN].lower(params, state, plan)
 
     def warmup(self, workers: int | None = None) -> None:
         """Compile every variant the executable store lacks (see Variants.warmup)."""
         self.variants.warmup(workers)
 
-    def preload(self, until=lambda: True) -> None:
-        """Load every stored variant not yet in memory (see Variants.preload)."""
-        self.variants.preload(until)
+    def preload(self, until=lambda: True, count: int | None = None) -> None:
+        """Load stored variants not yet in memory (see Variants.preload)."""
+        self.variants.preload(until, count)
+
+    def upgrade(self, until=lambda: True) -> None:
+        """Load or compile the faster unrolled steps (see Variants.upgrade)."""
+        self.variants.upgrade(until)
 
     # ---- host-side API -------------------------------------------------------------
 
@@ -317,7 +363,9 @@ class Engine:
     def step(self, state: EngineState, plan: StepPlan) -> tuple[EngineState, StepOutputs]:
         """Run one step (`plan` shaped by one of `shapes`); `state` is donated."""
         shape = StepShape(plan.layout.rows, plan.tokens.shape[0] - plan.layout.rows)
-        return self.variants("step", shape)(self.params, state, plan)
+        if self.variants.ready("step", (shape, UNROLLED)):
+            return self.variants("step", (shape, UNROLLED))(self.params, state, plan)
+        return self.variants("step", (shape, SCAN))(self.stacked, state, plan)
 
     def empty_plan(self, shape: StepShape) -> StepPlan:
         """A plan of `shape` that changes nothing: idle rows, padding, no writes, no samples."""
@@ -376,7 +424,10 @@ class Engine:
     def forward(self, tokens) -> jax.Array:
         """Full-sequence logits [B, T, V] for tokens [B, T] (tests and scoring; compiles
         per shape)."""
-        return self._forward(self.params, jnp.asarray(tokens, jnp.int32))
+        tokens = jnp.asarray(tokens, jnp.int32)
+        if self.params is None:
+            return self._forward_scanned(self.stacked, tokens)
+        return self._forward(self.params, tokens)
 
 
 def table_width(max_seq_len: int, block_size: int) -> int:

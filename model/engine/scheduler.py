@@ -305,6 +305,11 @@ class Scheduler:
         return sum(s is not None for s in self._slots)
 
     @property
+    def idle(self) -> bool:
+        """Nothing running and nothing waiting."""
+        return self.active == 0 and self._next is None and self._waiting.empty()
+
+    @property
     def failed(self) -> bool:
         return self._error is not None
 

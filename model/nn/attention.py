@@ -4,11 +4,13 @@ Axis letters: T step tokens, R decode rows, P prefill-region tokens (T = R + P),
 N query heads, K kv heads, G = N / K, H head dim, C key positions per chunk,
 NB pool blocks, BS positions per block, MB blocks per sequence.
 
-The pool holds every sequence's keys and values in fixed-size blocks: per layer,
-k [NB, K, H, BS] and v [NB, K, BS, H] (keys keep positions minor and values keep
-features minor, so both products run along contiguous memory). A sequence's
-block table lists its blocks in order; position p of the sequence lives in
-block table[p // BS] at offset p % BS.
+The pool holds every sequence's keys and values in fixed-size blocks, all
+layers in one pair of arrays: k [L·NB, K, H, BS] and v [L·NB, K, BS, H], layer
+l's blocks at l·NB … (l+1)·NB (keys keep positions minor and values keep
+features minor, so both products run along contiguous memory). One array lets
+a loop over the layers (`scan`) carry the pool and pick its layer by offset. A
+sequence's block table lists its blocks in order, the same in every layer;
+position p of the sequence lives in block table[p // BS] at offset p % BS.
 
 A step's tokens are laid out by a `Layout`:
 - the first R tokens are decode rows, one per slot: row r is slot r's newest
@@ -21,7 +23,7 @@ A step's tokens are laid out by a `Layout`:
   cached). Other segments start at position 0.
 
 Every token's key and value are written to the pool first (`write` is its flat
-position block * BS + offset, or beyond the pool for none), then read back:
+position block * BS + offset within a layer, or NB·BS or more for none), then read back:
 writing before reading is what lets XLA update the pool in place. Softmax runs
 online over chunks of C keys, so the work follows the longest context in the
 step, while the shapes (and so the compiled program) do not depend on it.
@@ -40,8 +42,8 @@ PRIOR_CHUNK = 1024
 
 
 @flax.struct.dataclass
-class LayerCache:
-    """One layer's share of the pool: k [NB, K, H, BS], v [NB, K, BS, H]."""
+class Pool:
+    """Every layer's keys and values: k [L·NB, K, H, BS], v [L·NB, K, BS, H]."""
 
     k: jax.Array
     v: jax.Array
@@ -52,12 +54,9 @@ class LayerCache:
 
 
 def init_pool(n_layers: int, blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype):
-    """Zeroed per-layer pools of `blocks` blocks of `block_size` positions."""
-    k, h, bs = kv_heads, head_dim, block_size
-    return [
-        LayerCache(jnp.zeros((blocks, k, h, bs), dtype), jnp.zeros((blocks, k, bs, h), dtype))
-        for _ in range(n_layers)
-    ]
+    """A zeroed pool of `blocks` blocks of `block_size` positions per layer."""
+    k, h, bs, nb = kv_heads, head_dim, block_size, n_layers * blocks
+    return Pool(jnp.zeros((nb, k, h, bs), dtype), jnp.zeros((nb, k, bs, h), dtype))
 
 
 @flax.struct.dataclass
@@ -85,14 +84,19 @@ class Layout:
         return self.context.shape[0]
 
 
-def write_pool(cache: LayerCache, key: jax.Array, value: jax.Array, write: jax.Array) -> LayerCache:
-    """The pool with key, value [K, H, T] stored at flat positions write [T] (beyond: dropped)."""
-    bs = cache.block_size
-    block, offset = write // bs, write % bs
-    # Positions beyond the pool are the "no write" marker: mode="drop" skips them.
-    return LayerCache(
-        cache.k.at[block, :, :, offset].set(key.transpose(2, 0, 1), mode="drop"),
-        cache.v.at[block, :, offset, :].set(value.transpose(2, 0, 1), mode="drop"),
+def write_pool(
+    pool: Pool, key: jax.Array, value: jax.Array, write: jax.Array, base, blocks: int
+) -> Pool:
+    """The pool with key, value [K, H, T] stored at flat positions write [T] of the layer
+    whose blocks start at `base` (a layer has `blocks` blocks; a position beyond: none)."""
+    bs = pool.block_size
+    block = write // bs
+    # Beyond the whole pool is the "no write" marker: mode="drop" skips it.
+    block = jnp.where(block < blocks, block + base, pool.k.shape[0])
+    offset = write % bs
+    return Pool(
+        pool.k.at[block, :, :, offset].set(key.transpose(2, 0, 1), mode="drop"),
+        pool.v.at[block, :, offset, :].set(value.transpose(2, 0, 1), mode="drop"),
     )
 
 
@@ -135,23 +139,24 @@ def _empty(shape: tuple[int, ...], head_dim: int):
 
 def decode_attention(
     q: jax.Array,
-    cache: LayerCache,
+    pool: Pool,
     context: jax.Array,
     block_tables: jax.Array,
+    base=0,
     chunk: int = DECODE_CHUNK,
 ) -> jax.Array:
-    """Decode rows: q [R, K, G, H] → [R, K, G, H], each row over its keys 0..context[r],
-    `chunk` keys per loop iteration."""
+    """Decode rows: q [R, K, G, H] → [R, K, G, H], each row over its keys 0..context[r] in
+    the layer whose blocks start at `base`, `chunk` keys per loop iteration."""
     rows, k, g, h = q.shape
-    bs = cache.block_size
+    bs = pool.block_size
     per_chunk = chunk_blocks(chunk, bs, block_tables.shape[1])
     width = per_chunk * bs
     scale = h**-0.5
     chunks = (jnp.max(context) + width) // width  # covers position max(context); 0 if all idle
 
     def body(c, state):
-        ids = lax.dynamic_slice_in_dim(block_tables, c * per_chunk, per_chunk, axis=1)  # [R, n]
-        keys, values = cache.k[ids], cache.v[ids]  # [R, n, K, H, BS], [R, n, K, BS, H]
+        ids = lax.dynamic_slice_in_dim(block_tables, c * per_chunk, per_chunk, axis=1) + base
+        keys, values = pool.k[ids], pool.v[ids]  # [R, n, K, H, BS], [R, n, K, BS, H]
         s = jnp.einsum("rkgh,rnkhs->rkgns", q, keys).astype(jnp.float32) * scale
         pos = c * width + jnp.arange(width).reshape(per_chunk, bs)
         visible = pos[None] <= context[:, None, None]  # [R, n, BS]
@@ -172,14 +177,15 @@ def region_attention(
     key: jax.Array,
     value: jax.Array,
     layout: Layout,
-    cache: LayerCache | None,
+    pool: Pool | None,
+    base=0,
     prior_chunk: int = PRIOR_CHUNK,
 ) -> jax.Array:
     """Prefill region: q [K, G, H, P], its own key and value [K, H, P] → [K, G, H, P].
 
     Each token sees the tokens of its segment at or before its position, and
-    segment 0's tokens also see the `prior` positions in the pool (read
-    `prior_chunk` keys per loop iteration).
+    segment 0's tokens also see the `prior` positions in the pool (the layer
+    whose blocks start at `base`; `prior_chunk` keys per loop iteration).
     """
     k, g, h, p = q.shape
     scale = h**-0.5
@@ -189,15 +195,15 @@ def region_attention(
     s = jnp.where(visible, s, NEG_INF)
     weighted = lambda probs: jnp.einsum("kgqp,khp->kgqh", probs.astype(value.dtype), value)  # noqa: E731
     state = _online(_empty((k, g, p), h), s, lambda probs: weighted(probs).astype(jnp.float32))
-    if cache is not None:
-        state = _prior_attention(q, cache, layout, state, prior_chunk)
+    if pool is not None:
+        state = _prior_attention(q, pool, layout, state, base, prior_chunk)
     return _finish(state).astype(q.dtype).transpose(0, 1, 3, 2)
 
 
-def _prior_attention(q: jax.Array, cache: LayerCache, layout: Layout, state, chunk: int):
+def _prior_attention(q: jax.Array, pool: Pool, layout: Layout, state, base, chunk: int):
     """Adds segment 0's prior positions (read from the pool) to the online softmax."""
     k, g, h, p = q.shape
-    bs = cache.block_size
+    bs = pool.block_size
     per_chunk = chunk_blocks(chunk, bs, layout.prior_blocks.shape[0])
     width = per_chunk * bs
     scale = h**-0.5
@@ -205,9 +211,9 @@ def _prior_attention(q: jax.Array, cache: LayerCache, layout: Layout, state, chu
     chunks = (layout.prior + width - 1) // width
 
     def body(c, state):
-        ids = lax.dynamic_slice_in_dim(layout.prior_blocks, c * per_chunk, per_chunk)  # [n]
-        keys = cache.k[ids].transpose(1, 2, 0, 3).reshape(k, h, width)  # [K, H, C]
-        values = cache.v[ids].transpose(1, 0, 2, 3).reshape(k, width, h)  # [K, C, H]
+        ids = lax.dynamic_slice_in_dim(layout.prior_blocks, c * per_chunk, per_chunk) + base
+        keys = pool.k[ids].transpose(1, 2, 0, 3).reshape(k, h, width)  # [K, H, C]
+        values = pool.v[ids].transpose(1, 0, 2, 3).reshape(k, width, h)  # [K, C, H]
         s = jnp.einsum("kghq,khc->kgqc", q, keys).astype(jnp.float32) * scale
         visible = first[:, None] & (c * width + jnp.arange(width) < layout.prior)[None, :]
         s = jnp.where(visible, s, NEG_INF)

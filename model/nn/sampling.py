@@ -187,15 +187,17 @@ def _draw(logits: jax.Array, s: SlotSampling, keys: jax.Array) -> jax.Array:
     return jax.vmap(jax.random.categorical)(keys, kept)
 
 
-def _top(logprobs: jax.Array) -> tuple[jax.Array, jax.Array]:
-    k = min(TOP_LOGPROBS, logprobs.shape[-1])  # tiny test vocabularies: pad to the fixed width
-    values, ids = lax.top_k(logprobs, k)
+def _top(logits: jax.Array, normaliser: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The TOP_LOGPROBS most likely tokens and their log-probabilities (logit - normaliser)."""
+    k = min(TOP_LOGPROBS, logits.shape[-1])  # tiny test vocabularies: pad to the fixed width
+    values, ids = lax.top_k(logits, k)
     pad = ((0, 0), (0, TOP_LOGPROBS - k))
+    values = values - normaliser[:, None]
     return jnp.pad(ids.astype(jnp.int32), pad), jnp.pad(values, pad, constant_values=-jnp.inf)
 
 
-def _no_top(logprobs: jax.Array) -> tuple[jax.Array, jax.Array]:
-    shape = (logprobs.shape[0], TOP_LOGPROBS)
+def _no_top(logits: jax.Array, normaliser: jax.Array) -> tuple[jax.Array, jax.Array]:
+    shape = (logits.shape[0], TOP_LOGPROBS)
     return jnp.zeros(shape, jnp.int32), jnp.zeros(shape, jnp.float32)
 
 
@@ -205,11 +207,13 @@ def sample(logits: jax.Array, s: SlotSampling, allowed: jax.Array | None = None)
     allowed: an optional grammar bitmask [B, ceil(V/32)] i32 (all bits set for
     unconstrained rows). Reported log-probabilities are the model's, before
     penalties, bias, mask and temperature. Each stage runs only when some slot
-    needs it, so an all-greedy batch pays for an argmax and a log-softmax.
+    needs it, so an all-greedy batch pays for an argmax and a log-sum-exp (no
+    [B, V] log-softmax is materialised).
     """
     split = jax.vmap(lambda k: jax.random.split(k, 2))(s.key)  # [B, 2, 2]
     next_keys, keys = split[:, 0], split[:, 1]
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    model_logits = logits
+    normaliser = jax.nn.logsumexp(logits, axis=-1)  # [B]: log-probability = logit - this
     adjusted = (
         (s.frequency_penalty != 0)
         | (s.presence_penalty != 0)
@@ -225,8 +229,9 @@ def sample(logits: jax.Array, s: SlotSampling, allowed: jax.Array | None = None)
         jnp.any(s.temperature > 0), lambda: _draw(logits, s, keys).astype(jnp.int32), lambda: greedy
     )
     tokens = jnp.where(s.temperature > 0, sampled, greedy)
-    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
-    top_ids, top_logprobs = lax.cond(jnp.any(s.top_logprobs > 0), _top, _no_top, logprobs)
+    chosen = jnp.take_along_axis(model_logits, tokens[:, None], axis=-1)[:, 0] - normaliser
+    wants_top = jnp.any(s.top_logprobs > 0)
+    top_ids, top_logprobs = lax.cond(wants_top, _top, _no_top, model_logits, normaliser)
     rows = jnp.arange(tokens.shape[0])
     counts = s.counts.at[rows, jnp.minimum(tokens, s.counts.shape[1] - 1)].add(1)
     return Sampled(tokens, chosen, top_ids, top_logprobs, s.replace(key=next_keys, counts=counts))

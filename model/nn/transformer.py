@@ -14,9 +14,12 @@ GGUF and HF checkpoints): every projection is `W @ x`. XLA:CPU runs that form
 about twice as fast as `x @ W` for the few-row matrices of batched decoding.
 A projection weight may also be an int8 `QuantizedWeight` (model/quantize.py):
 `dense` turns it back into a compute-dtype matrix inside the jitted step.
-Layers are unrolled, each with its own weights and pool buffers: a scan over
-stacked weights copies each layer's weights every step (about 17 ms a token
-for SmolLM2-135M on a 2-core CPU), more than it saves in compile time.
+The layers run unrolled (each with its own weights) or as one `nn.scan` over
+stacked weights: the scan compiles 3-4x faster, but on XLA:CPU slicing a
+layer's weights out of the stack copies them every step (about 17 ms for
+SmolLM2-135M), which only the smallest decode steps feel. The engine picks per
+step shape (model/engine/engine.py); `stack_layers` turns one parameter tree
+into the other. Both read and write the same pool.
 """
 
 import flax.linen as nn
@@ -26,13 +29,7 @@ import numpy as np
 from jax import lax
 
 from model.config import ModelConfig
-from model.nn.attention import (
-    LayerCache,
-    Layout,
-    decode_attention,
-    region_attention,
-    write_pool,
-)
+from model.nn.attention import Layout, Pool, decode_attention, region_attention, write_pool
 from model.quantize import dense
 
 
@@ -73,9 +70,9 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, layout: Layout, cache: LayerCache | None
-    ) -> tuple[jax.Array, LayerCache | None]:
-        """x [D, T] → (out [D, T], the pool with this step's keys and values)."""
+        self, x: jax.Array, layout: Layout, pool: Pool | None, layer
+    ) -> tuple[jax.Array, Pool | None]:
+        """x [D, T] → (out [D, T], the pool with this step's keys and values in `layer`)."""
         c = self.config
         n, k, h, g = c.n_heads, c.n_kv_heads, c.head_dim, c.group_size
         init = nn.initializers.normal(0.02)
@@ -90,19 +87,23 @@ class Attention(nn.Module):
         inv_freq = c.rope_frequencies()
         q = rope(q, layout.positions, inv_freq).reshape(k, g, h, t)  # [K, G, H, T]
         key = rope(key, layout.positions, inv_freq)  # [K, H, T]
-        if cache is not None:
-            cache = write_pool(cache, key, value, layout.write)
+        base = 0
+        if pool is not None:
+            blocks = pool.k.shape[0] // c.n_layers
+            base = layer * blocks
+            pool = write_pool(pool, key, value, layout.write, base, blocks)
         r = layout.rows
         outs = []
         if r:
             decoded = decode_attention(
-                q[..., :r].transpose(3, 0, 1, 2), cache, layout.context, layout.block_tables
+                q[..., :r].transpose(3, 0, 1, 2), pool, layout.context, layout.block_tables, base
             )  # [R, K, G, H]
             outs.append(decoded.transpose(1, 2, 3, 0))
         if t > r:
-            outs.append(region_attention(q[..., r:], key[..., r:], value[..., r:], layout, cache))
+            region = region_attention(q[..., r:], key[..., r:], value[..., r:], layout, pool, base)
+            outs.append(region)
         out = jnp.concatenate(outs, axis=-1).reshape(n * h, t)
-        return jnp.einsum("DE,ET->DT", dense(w_o, self.dtype), out), cache
+        return jnp.einsum("DE,ET->DT", dense(w_o, self.dtype), out), pool
 
 
 class MLP(nn.Module):
@@ -122,18 +123,21 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """One layer: carry (x [D, T], pool) and the layer's index → (carry, None)."""
+
     config: ModelConfig
     dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, x: jax.Array, layout: Layout, cache: LayerCache | None):
+    def __call__(self, carry, layer, layout: Layout):
         c = self.config
-        h, cache = Attention(c, self.dtype, name="attn")(
-            RMSNorm(c.norm_eps, self.dtype, name="attn_norm")(x), layout, cache
+        x, pool = carry
+        h, pool = Attention(c, self.dtype, name="attn")(
+            RMSNorm(c.norm_eps, self.dtype, name="attn_norm")(x), layout, pool, layer
         )
         x = x + h
         x = x + MLP(c, self.dtype, name="mlp")(RMSNorm(c.norm_eps, self.dtype, name="mlp_norm")(x))
-        return x, cache
+        return (x, pool), None
 
 
 class Transformer(nn.Module):
@@ -141,15 +145,28 @@ class Transformer(nn.Module):
 
     `logits` maps hidden states to the vocabulary. Without a pool (None) the
     call is a causal forward pass over the layout's prefill segments.
+    scan_layers: one `nn.scan` over stacked layer weights (params["layers"],
+    each [L, ...]) instead of unrolled layers (params["layers_0"], …).
     """
 
     config: ModelConfig
     dtype: jnp.dtype = jnp.float32
+    scan_layers: bool = False
 
     def setup(self) -> None:
         c = self.config
         self.embed = nn.Embed(c.vocab_size, c.dim, dtype=self.dtype, param_dtype=self.dtype)
-        self.layers = [Block(c, self.dtype) for _ in range(c.n_layers)]
+        if self.scan_layers:
+            scanned = nn.scan(
+                Block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(0, nn.broadcast),
+                length=c.n_layers,
+            )
+            self.layers = scanned(c, self.dtype)
+        else:
+            self.layers = [Block(c, self.dtype) for _ in range(c.n_layers)]
         self.final_norm = RMSNorm(c.norm_eps, self.dtype)
         if not c.tie_embeddings:
             self.lm_head = self.param(
@@ -157,15 +174,16 @@ class Transformer(nn.Module):
             )
 
     def __call__(
-        self, tokens: jax.Array, layout: Layout, pool: list[LayerCache] | None = None
-    ) -> tuple[jax.Array, list[LayerCache] | None]:
-        x = self.embed(tokens).T  # [D, T]
-        caches = pool if pool is not None else [None] * len(self.layers)
-        new_pool = []
-        for layer, cache in zip(self.layers, caches, strict=True):
-            x, cache = layer(x, layout, cache)
-            new_pool.append(cache)
-        return self.final_norm(x), (new_pool if pool is not None else None)
+        self, tokens: jax.Array, layout: Layout, pool: Pool | None = None
+    ) -> tuple[jax.Array, Pool | None]:
+        carry = (self.embed(tokens).T, pool)  # x [D, T]
+        if self.scan_layers:
+            carry, _ = self.layers(carry, jnp.arange(self.config.n_layers), layout)
+        else:
+            for index, layer in enumerate(self.layers):
+                carry, _ = layer(carry, index, layout)
+        x, pool = carry
+        return self.final_norm(x), pool
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [D, ...] → logits [..., V] in f32."""
@@ -207,3 +225,10 @@ def forward_logits(model: Transformer, params: dict, tokens: jax.Array) -> jax.A
     hidden, _ = model.apply({"params": params}, tokens.reshape(-1), forward_layout(batch, length))
     logits = model.apply({"params": params}, hidden, method=Transformer.logits)  # [B·T, V]
     return logits.reshape(batch, length, -1)
+
+
+def stack_layers(params: dict, n_layers: int) -> dict:
+    """Unrolled parameters (layers_0 … layers_{L-1}) → scanned ones (layers: each [L, ...])."""
+    layers = [params[f"layers_{i}"] for i in range(n_layers)]
+    rest = {k: v for k, v in params.items() if not k.startswith("layers_")}
+    return {**rest, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
