@@ -70,7 +70,7 @@ def load_gguf_prepared(
 
 def _cast(params: Params, dtype: jnp.dtype) -> Params:
     return {
-        k: _cast(v, dtype) if isinstance(v, dict) else jnp.asarray(v, dtype)
+        k: _cast(v, dtype) if isinstance(v, dict) else np.asarray(v).astype(dtype, copy=False)
         for k, v in params.items()
     }
 
@@ -92,7 +92,7 @@ def _unflatten(flat: dict[str, np.ndarray], dtype: jnp.dtype) -> Params:
         node = params
         for parent in parents:
             node = node.setdefault(parent, {})
-        node[leaf] = jnp.asarray(value, dtype)
+        node[leaf] = value.astype(dtype, copy=False)  # host arrays, as a loader's
     return params
 
 
