@@ -1,12 +1,22 @@
-"""Shared fixtures: the real default model, loaded once per test session."""
+"""Shared fixtures: the real default model, loaded once per test session (per xdist
+worker; `--dist loadfile` keeps each module on one worker)."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
+REPO = Path(__file__).parent.parent
+
+# One compile cache for every engine the tests start with the same settings (the `llm`
+# fixture, the e2e server, scripts), in this process and in the processes it starts, so
+# each set of executables is compiled once per run. Keys cover the source and the JAX
+# build, so a cache kept from an earlier run never hands out a stale executable. Tests
+# about the cache itself pass their own.
+os.environ.setdefault("JAXCHAT_COMPILE_CACHE", str(REPO / ".cache" / "test-compile"))
 
 # The e2e server process, shared by the e2e modules (started on first use).
 # A Cloud Storage emulator process, per module that uses it.
@@ -28,7 +38,10 @@ def golden_logits() -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="session")
 def llm():
-    """The bundled SmolLM2-135M-Instruct, float32, a 512-token context, 8 decode slots."""
+    """The bundled SmolLM2-135M-Instruct, float32, a 512-token context, 8 decode slots
+    (the e2e server's settings, so the two share their executables)."""
     from model import LLM
 
-    return LLM(max_seq_len=512, batch=8, dtype="float32")
+    return LLM(
+        max_seq_len=512, batch=8, dtype="float32", compile_cache=os.environ["JAXCHAT_COMPILE_CACHE"]
+    )
