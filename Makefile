@@ -30,7 +30,7 @@ bench: setup
 	$(BIN)/python -m benchmarks.engine_bench
 	$(BIN)/python -m benchmarks.cold_start
 	$(BIN)/python -m benchmarks.constrained_mix
-	$(BIN)/python -m benchmarks.serve_and_load --concurrency 1,8,32,64 --max-tokens 128
+	$(BIN)/python -m benchmarks.serve_and_load --concurrency 1,8,32,64 --max-tokens 128 --cases
 	bash benchmarks/llamacpp_peer.sh --concurrency 1,8,32,64 --max-tokens 128
 
 lint: setup

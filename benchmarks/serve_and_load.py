@@ -1,11 +1,13 @@
 """`make bench`'s load run: start jaxchat's real server, run benchmarks.load against it, stop it.
 
 Starts `functions-framework --target=app --source=main.py` on a free loopback
-port (JAXCHAT_MAX_SEQ_LEN=1024 and the repo's JAX compilation cache unless the
+port (at default settings, with the repo's JAX compilation cache unless the
 environment says otherwise), waits for GET /health == 200, then runs the load
-levels. Every option it does not know is passed on to benchmarks.load.
+levels. Every option it does not know is passed on to benchmarks.load. With
+--cases it then runs benchmarks.serving_cases against the same server, its
+resident memory included.
 
-    python -m benchmarks.serve_and_load --concurrency 1,8,32,64 --max-tokens 128
+    python -m benchmarks.serve_and_load --concurrency 1,8,32,64 --max-tokens 128 --cases
 """
 
 import argparse
@@ -18,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import load
+from benchmarks import load, serving_cases
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,11 +31,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def server_env(port: int, max_seq_len: int) -> dict[str, str]:
+def server_env(port: int, max_seq_len: int | None = None) -> dict[str, str]:
     """The environment for the server: the caller's, plus defaults it did not set."""
     env = dict(os.environ)
     env.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".cache" / "jax"))
-    env.setdefault("JAXCHAT_MAX_SEQ_LEN", str(max_seq_len))
+    if max_seq_len is not None:
+        env.setdefault("JAXCHAT_MAX_SEQ_LEN", str(max_seq_len))
     env["PORT"] = str(port)
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -94,8 +97,9 @@ def stop(proc: subprocess.Popen) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--max-seq-len", type=int, default=1024)
+    parser.add_argument("--max-seq-len", type=int, default=None, help="default: the model's")
     parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds")
+    parser.add_argument("--cases", action="store_true", help="then benchmarks.serving_cases")
     args, load_args = parser.parse_known_args(argv)
 
     port = free_port()
@@ -111,7 +115,10 @@ def main(argv: list[str] | None = None) -> int:
             base = ["--base-url", f"http://127.0.0.1:{port}/v1", "--api-key", api_key]
             # load_args come last, so an explicit --base-url or --api-key still wins;
             # with no --model, load asks /v1/models (JAXCHAT_MODEL_NAME may rename it).
-            return load.main(base + load_args)
+            status = load.main(base + load_args)
+            if args.cases:
+                status = status or serving_cases.main(base + ["--pid", str(proc.pid)])
+            return status
         finally:
             stop(proc)
 

@@ -1,0 +1,262 @@
+"""Serving cases beyond steady load, for any OpenAI-compatible server (jaxchat or a peer).
+
+Each case speaks only the public API through the official `openai` SDK:
+
+- prefix: TTFT of the second turn of a chat whose history is ~2,000 tokens,
+  when the server has just answered the first turn (its prefix cache can hit)
+  and when it has never seen that history (a miss: same length, another text);
+- interference: inter-token latency of 8 running streams, alone and while a
+  ~4,000-token prompt arrives and prefills (from its send to its first token);
+- long: the seconds to answer a ~6,600-token prompt on an idle server, then a
+  two-word request right after it;
+- memory: resident memory of the server's process tree (with --pid).
+
+Every history starts with its own nonce, so no run can hit another's cache.
+Prompt sizes are the server's own `usage.prompt_tokens`, printed with each case.
+
+    python -m benchmarks.serving_cases --base-url http://127.0.0.1:8080/v1 [--pid PID]
+"""
+
+import argparse
+import asyncio
+import random
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import openai
+
+from benchmarks.load import (
+    PROMPTS,
+    make_client,
+    percentile,
+    resolve_model,
+)
+
+# ~1.1 SmolLM2 tokens per word of this vocabulary; the cases print the real counts.
+VOCABULARY = (
+    "the river valley morning market train station garden letter window mountain "
+    "village harbour bread music lantern winter summer forest bridge road clock "
+    "teacher student library kitchen ocean island storm cloud field farmer horse "
+    "quiet bright old new small large early late warm cold green blue golden silver "
+    "walked found opened carried watched remembered wrote built painted followed "
+    "and but because while after before under over through across beside near"
+)
+WORDS = VOCABULARY.split()
+TOKENS_PER_WORD = 1.1
+
+
+def filler(tokens: int, seed: str) -> str:
+    """About `tokens` tokens of plain sentences, different for every seed."""
+    rng = random.Random(seed)
+    words, sentences = round(tokens / TOKENS_PER_WORD), []
+    while words > 0:
+        n = min(words, rng.randint(8, 16))
+        sentences.append(" ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + ".")
+        words -= n
+    return " ".join(sentences)
+
+
+def history(tokens: int) -> list[dict]:
+    """A first turn: a unique nonce first (so no earlier prefix matches), then notes."""
+    nonce = uuid.uuid4().hex
+    return [
+        {"role": "system", "content": f"Session {nonce}. You are a helpful assistant."},
+        {
+            "role": "user",
+            "content": f"My notes:\n{filler(tokens, nonce)}\n\nSummarise them in one line.",
+        },
+    ]
+
+
+async def first_token_time(
+    client: openai.AsyncOpenAI, model: str, messages: list[dict], max_tokens: int = 8
+) -> tuple[float, int]:
+    """(TTFT in seconds, prompt tokens) of one streamed greedy request."""
+    start, ttft, prompt_tokens = time.perf_counter(), None, -1
+    stream = await client.chat.completions.create(
+        model=model,
+        messages=messages,
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    async for chunk in stream:
+        if ttft is None and any(choice.delta.content for choice in chunk.choices):
+            ttft = time.perf_counter() - start
+        if chunk.usage is not None:
+            prompt_tokens = chunk.usage.prompt_tokens
+    if ttft is None:
+        raise RuntimeError("stream ended without content")
+    return ttft, prompt_tokens
+
+
+async def answer(
+    client: openai.AsyncOpenAI, model: str, messages: list[dict], max_tokens: int
+) -> tuple[str, float, int]:
+    """(reply, seconds, prompt tokens) of one non-streamed greedy request."""
+    start = time.perf_counter()
+    response = await client.chat.completions.create(
+        model=model,
+        messages=messages,
+        max_tokens=max_tokens,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    seconds = time.perf_counter() - start
+    return response.choices[0].message.content or "", seconds, response.usage.prompt_tokens
+
+
+# ---------------------------------------------------------------- cases
+
+
+async def prefix_case(client: openai.AsyncOpenAI, model: str, runs: int) -> None:
+    """Second-turn TTFT over a ~2,000-token history: just answered (hit) vs never seen (miss)."""
+    follow_up = {"role": "user", "content": "Now give three keywords from the notes."}
+    hits, misses, tokens = [], [], -1
+    for _ in range(runs):
+        first = history(2000)
+        reply, _, _ = await answer(client, model, first, max_tokens=24)
+        second = [*first, {"role": "assistant", "content": reply}, follow_up]
+        hit, tokens = await first_token_time(client, model, second)
+        # The same conversation shape and length around a history the server never saw.
+        unseen = [*history(2000), {"role": "assistant", "content": reply}, follow_up]
+        miss, _ = await first_token_time(client, model, unseen)
+        hits.append(hit)
+        misses.append(miss)
+    hit, miss = statistics.median(hits), statistics.median(misses)
+    print(
+        f"prefix       second turn over a {tokens}-token prompt, TTFT median of {runs}: "
+        f"history cached {hit:.3f} s, not cached {miss:.3f} s  ({hit / miss:.0%} of a miss)",
+        flush=True,
+    )
+
+
+async def interference_case(
+    client: openai.AsyncOpenAI, model: str, streams: int, alone_s: float
+) -> None:
+    """ITL of `streams` running streams alone, then while a ~4,000-token prompt prefills."""
+    chunk_times: list[list[float]] = []  # per request, filled as chunks arrive
+
+    async def worker(index: int) -> None:
+        while True:
+            times: list[float] = []
+            chunk_times.append(times)
+            stream = await client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": PROMPTS[index % len(PROMPTS)]}],
+                max_tokens=256,
+                temperature=0,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
+            async for chunk in stream:
+                if any(choice.delta.content for choice in chunk.choices):
+                    times.append(time.perf_counter())
+
+    workers = [asyncio.ensure_future(worker(i)) for i in range(streams)]
+    await asyncio.sleep(alone_s / 2)  # every stream running, prompts prefilled
+    alone_from = time.perf_counter()
+    await asyncio.sleep(alone_s)
+    sent = time.perf_counter()
+    ttft, tokens = await first_token_time(client, model, history(4000), max_tokens=4)
+    arrived = sent + ttft
+    for task in workers:
+        task.cancel()
+    await asyncio.gather(*workers, return_exceptions=True)
+
+    alone, during = [], []
+    for times in chunk_times:
+        for earlier, later in zip(times, times[1:], strict=False):
+            if alone_from <= later < sent:
+                alone.append(later - earlier)
+            elif sent <= later <= arrived:
+                during.append(later - earlier)
+    p50 = percentile(alone, 50)
+    print(
+        f"interference {streams} streams, ITL alone p50 {p50:.3f} s p99 "
+        f"{percentile(alone, 99):.3f} s; while a {tokens}-token prompt prefills "
+        f"({ttft:.1f} s to its first token) p50 {percentile(during, 50):.3f} s p99 "
+        f"{percentile(during, 99):.3f} s = {percentile(during, 99) / p50:.1f}x the p50 alone",
+        flush=True,
+    )
+
+
+async def long_case(client: openai.AsyncOpenAI, model: str, tokens: int, max_tokens: int) -> None:
+    """Seconds to answer one long prompt on an idle server, then a short request after it."""
+    _, seconds, prompt_tokens = await answer(client, model, history(tokens), max_tokens)
+    short = [{"role": "user", "content": "Hello there."}]
+    _, after, _ = await answer(client, model, short, max_tokens=8)
+    print(
+        f"long         a {prompt_tokens}-token prompt answered ({max_tokens} tokens) in "
+        f"{seconds:.1f} s; a two-word request right after it in {after:.2f} s",
+        flush=True,
+    )
+
+
+def tree_memory(pid: int) -> tuple[float, float]:
+    """(resident GB now, sum of each process's peak resident GB) of pid and its descendants."""
+    pids, frontier = [pid], [pid]
+    while frontier:
+        children = Path(f"/proc/{frontier.pop()}/task")
+        for task in children.iterdir() if children.exists() else ():
+            text = (task / "children").read_text().split()
+            pids.extend(int(c) for c in text)
+            frontier.extend(int(c) for c in text)
+    now = peak = 0.0
+    for p in set(pids):
+        status = dict(
+            line.split(":", 1) for line in Path(f"/proc/{p}/status").read_text().splitlines()
+        )
+        now += int(status["VmRSS"].split()[0]) / 1e6
+        peak += int(status["VmHWM"].split()[0]) / 1e6
+    return now, peak
+
+
+# ---------------------------------------------------------------- main
+
+CASES = ("prefix", "interference", "long")
+
+
+async def run(args: argparse.Namespace) -> None:
+    client = make_client(args.base_url, args.api_key, args.timeout)
+    async with client:
+        model = await resolve_model(client, args.model)
+        await first_token_time(client, model, [{"role": "user", "content": "Hi."}])  # warm-up
+        if "prefix" in args.cases:
+            await prefix_case(client, model, args.runs)
+        if "interference" in args.cases:
+            await interference_case(client, model, streams=8, alone_s=args.alone_seconds)
+        if "long" in args.cases:
+            await long_case(client, model, args.long_tokens, max_tokens=32)
+    if args.pid:
+        now, peak = tree_memory(args.pid)
+        print(f"memory       server resident {now:.2f} GB now, {peak:.2f} GB at peak", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base-url", default="http://127.0.0.1:8080/v1")
+    parser.add_argument("--model", default=None, help="model id; default: the first listed")
+    parser.add_argument("--api-key", default="unused")
+    parser.add_argument("--cases", default=",".join(CASES), type=lambda s: s.split(","))
+    parser.add_argument("--runs", type=int, default=3, help="prefix case repetitions")
+    parser.add_argument("--alone-seconds", type=float, default=8.0)
+    parser.add_argument("--long-tokens", type=int, default=6600)
+    parser.add_argument("--pid", type=int, default=None, help="server process, for memory")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="per request, seconds")
+    args = parser.parse_args(argv)
+    unknown = set(args.cases) - set(CASES)
+    if unknown:
+        parser.error(f"unknown cases {sorted(unknown)}; choose from {CASES}")
+    print(f"{args.base_url}: serving cases {args.cases}", flush=True)
+    asyncio.run(run(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
