@@ -21,9 +21,8 @@ import pytest
 
 from model.config import ModelConfig
 from model.nn.transformer import Transformer
-from tests.gguf_writer import hf_random_weights
 from tests.server_process import REPO, run_python_report
-from tests.tiny_models import TINY_LLAMA, train_sentencepiece, write_tiny_pair
+from tests.tiny_models import TINY_LLAMA, write_tiny_gguf
 
 SERVE_ONE = """
 import json, sys
@@ -62,9 +61,7 @@ print(json.dumps({"gguf_opened": len(opened), "norm_eps": config.norm_eps}))
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny")
-    weights = hf_random_weights(TINY_LLAMA, seed=11)
-    gguf_path, _ = write_tiny_pair(root, TINY_LLAMA, weights, train_sentencepiece())
-    return gguf_path
+    return write_tiny_gguf(root, TINY_LLAMA, seed=11)
 
 
 @pytest.fixture

@@ -12,8 +12,7 @@ import pytest
 from model import LLM, SamplingParams
 from model.gguf_loader import load_gguf
 from model.nn.transformer import Transformer, forward_logits
-from tests.gguf_writer import hf_random_weights
-from tests.tiny_models import TINY_LLAMA, train_sentencepiece, write_tiny_pair
+from tests.tiny_models import TINY_LLAMA, write_tiny_gguf
 
 CONFIG = dataclasses.replace(TINY_LLAMA, max_position=8192)
 PROMPT_TOKENS = 7000
@@ -23,9 +22,7 @@ NEW_TOKENS = 4
 @pytest.fixture(scope="module")
 def gguf_path(tmp_path_factory):
     root = tmp_path_factory.mktemp("long")
-    weights = hf_random_weights(CONFIG, seed=5)
-    path, _ = write_tiny_pair(root, CONFIG, weights, train_sentencepiece())
-    return path
+    return write_tiny_gguf(root, CONFIG, seed=5)
 
 
 def dense_argmax(path, tokens: list[int]) -> list[int]:

@@ -14,16 +14,13 @@ from model.chat_template import ChatTemplate
 from model.gguf_loader import load_gguf
 from model.prepared import load_gguf_prepared
 from model.tokenizer import Tokenizer
-from tests.gguf_writer import hf_random_weights
-from tests.tiny_models import TINY_LLAMA, train_sentencepiece, write_tiny_pair
+from tests.tiny_models import TINY_LLAMA, write_tiny_gguf
 
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    weights = hf_random_weights(TINY_LLAMA, seed=4)
-    gguf_path, _ = write_tiny_pair(root, TINY_LLAMA, weights, train_sentencepiece())
-    return gguf_path
+    return write_tiny_gguf(root, TINY_LLAMA, seed=4)
 
 
 @pytest.fixture

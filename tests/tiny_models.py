@@ -11,7 +11,7 @@ from safetensors.numpy import save_file
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from model.config import ModelConfig
-from tests.gguf_writer import write_llama_gguf
+from tests.gguf_writer import hf_random_weights, write_llama_gguf
 
 TINY_LLAMA = ModelConfig(
     vocab_size=320,
@@ -184,6 +184,14 @@ def llama2_tokenizer_config(chat_template: str = LLAMA2_TEMPLATE) -> dict:
         "chat_template": chat_template,
         "tokenizer_class": "LlamaTokenizer",
     }
+
+
+def write_tiny_gguf(path: Path, config: ModelConfig, seed: int) -> Path:
+    """`path`/tiny.gguf: random weights (seed) for `config` and a trained tokenizer."""
+    gguf_path = path / "tiny.gguf"
+    kv = spm_gguf_kv(train_sentencepiece(), LLAMA2_TEMPLATE)
+    write_llama_gguf(gguf_path, config, hf_random_weights(config, seed), tokenizer_kv=kv)
+    return gguf_path
 
 
 def write_tiny_pair(
