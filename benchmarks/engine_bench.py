@@ -25,7 +25,7 @@ def weight_bytes(llm: LLM) -> int:
 
     Looking up a token's embedding reads one row, but a tied head reads it all.
     """
-    leaves = jax.tree_util.tree_leaves_with_path(llm.engine.params)
+    leaves = jax.tree_util.tree_leaves_with_path(llm.engine.stacked)
     tied = llm.config.tie_embeddings
     return sum(x.nbytes for path, x in leaves if tied or "embed" not in jax.tree_util.keystr(path))
 

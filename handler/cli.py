@@ -35,6 +35,7 @@ SERVE_SETTINGS = {
     "kv_pool": "JAXCHAT_KV_POOL",
     "mesh": "JAXCHAT_MESH",
     "dtype": "JAXCHAT_DTYPE",
+    "unrolled_decode": "JAXCHAT_UNROLLED_DECODE",
     "api_keys": "JAXCHAT_API_KEYS",
     "compile_cache": "JAXCHAT_COMPILE_CACHE",
     "port": "PORT",
@@ -61,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--mesh", help="DATAxMODEL, e.g. 2x4")
     serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16"])
+    serve.add_argument(
+        "--unrolled-decode", choices=["auto", "on", "off"], help="faster one-row steps on CPU"
+    )
     serve.add_argument("--api-keys", help="comma-separated bearer keys")
     serve.add_argument("--compile-cache", help=CACHE_HELP)
     serve.add_argument("--port", type=int, default=int(os.environ.get("PORT", 8080)))

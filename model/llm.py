@@ -80,7 +80,9 @@ class LLM:
     model/engine/engine.py's `default_pool_tokens`. mesh: a Mesh or a
     "DATAxMODEL" spec such as "2x4" (default: every device, shaped to fit the
     model). compile_cache: a directory or gs:// prefix keeping compiled
-    executables across restarts (model/engine/executables.py).
+    executables across restarts (model/engine/executables.py). unrolled_decode:
+    whether the small decode steps also get faster unrolled executables (see
+    Engine; default: on CPU).
     Any number of threads may share one LLM.
     """
 
@@ -95,6 +97,7 @@ class LLM:
         mesh: str | Mesh | None = None,
         dtype: str | None = None,
         compile_cache: str | None = None,
+        unrolled_decode: bool | None = None,
     ) -> None:
         maybe_initialize_distributed()  # multi-host slices: before any backend use
         self.compile_cache = open_compile_cache(compile_cache, cache_dir())
@@ -136,6 +139,7 @@ class LLM:
             dtype=self.dtype,
             mesh=mesh,
             executables=self.compile_cache and self.compile_cache.executables,
+            unrolled=unrolled_decode,
         )
         self.scheduler = Scheduler(self.engine, max_queue=max_queue)
 

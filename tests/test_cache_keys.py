@@ -32,7 +32,7 @@ from model import LLM, SamplingParams
 opened = []
 init = gguf.GGUFReader.__init__
 gguf.GGUFReader.__init__ = lambda self, *a, **k: opened.append(1) or init(self, *a, **k)
-llm = LLM(sys.argv[1], max_seq_len=32, batch=2, compile_cache=sys.argv[2])
+llm = LLM(sys.argv[1], max_seq_len=32, batch=2, compile_cache=sys.argv[2], unrolled_decode=False)
 llm.warmup()
 reply = llm.generate([5, 9, 17, 33], SamplingParams(temperature=0, max_tokens=8))
 print(json.dumps({
@@ -94,9 +94,7 @@ def test_an_edit_to_traced_code_in_a_nested_module_compiles_again(tree, tiny_ggu
     cache = str(tree.parent / "compile")
     first = run(tree, SERVE_ONE, str(tiny_gguf), cache)
     assert first["compiled"] >= 4 and first["loaded"] == 0
-    again = run(tree, SERVE_ONE, str(tiny_gguf), cache)
-    assert (again["compiled"], again["loaded"]) == (0, first["compiled"])
-    assert again["ids"] == first["ids"]
+    # (That an unchanged tree loads them all again is tests/test_compile_cache.py's.)
 
     # The logits' sign now comes from a module in a new nested folder.
     nested = tree / "model" / "probe" / "flip"

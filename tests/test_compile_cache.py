@@ -1,19 +1,26 @@
 """JAXCHAT_COMPILE_CACHE: a warm restart compiles nothing and reads no GGUF, from a local
 directory or from a gs:// cache shared through a real Cloud Storage emulator.
 
-Each run is a fresh process (what a restart is) that serves one greedy request, counts
-XLA backend compilations and GGUF parses, and reports them; the reply must equal the HF
-reference's greedy tokens every time, so a wrong executable cannot pass.
+Each run is a fresh process (what a restart is) that serves one greedy request from a
+tiny Llama GGUF, counts XLA backend compilations and GGUF parses, and reports them; the
+reply must be the greedy continuation of one dense forward pass over the same tokens
+every time, so a wrong executable cannot pass. (The cache's code is the same for any
+model; the real one's executables only take longer to compile.)
 """
 
 import json
 import os
 import shutil
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from google.cloud import storage
 
+from model.gguf_loader import load_gguf
+from model.nn.transformer import Transformer, forward_logits
 from tests.server_process import run_python_report
+from tests.tiny_models import TINY_LLAMA, write_tiny_gguf
 
 BUCKET = "compile-cache"
 
@@ -32,9 +39,10 @@ gguf_opened = []
 open_gguf = gguf.GGUFReader.__init__
 gguf.GGUFReader.__init__ = lambda self, *a, **k: gguf_opened.append(1) or open_gguf(self, *a, **k)
 
-llm = LLM(max_seq_len=256, batch=2, compile_cache=sys.argv[1])
+llm = LLM(sys.argv[3], max_seq_len=256, batch=2, dtype="float32", compile_cache=sys.argv[1])
 llm.warmup()
-reply = llm.generate(json.loads(sys.argv[2]), SamplingParams(temperature=0, max_tokens=12))
+greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+reply = llm.generate(json.loads(sys.argv[2]), greedy)
 print(json.dumps({
     "compiled": llm.engine.compilations,
     "loaded": llm.engine.loaded,
@@ -50,14 +58,27 @@ def run(cache: str, prompt: dict, download_dir) -> dict:
     """One process start with the compile cache `cache`; its report."""
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     env["JAXCHAT_CACHE_DIR"] = str(download_dir)
-    report = run_python_report(["-c", RUN, cache, json.dumps(prompt["ids"])], env)
-    assert report["ids"] == prompt["greedy"][: len(report["ids"])], "not the reference reply"
+    args = ["-c", RUN, cache, json.dumps(prompt["ids"]), str(prompt["path"])]
+    report = run_python_report(args, env)
+    assert len(report["ids"]) == 12
+    assert report["ids"] == prompt["greedy"](report["ids"]), "not the reference reply"
     return report
 
 
 @pytest.fixture(scope="module")
-def prompt(golden) -> dict:
-    return golden["prompts"][0]
+def prompt(tmp_path_factory) -> dict:
+    """A tiny model, a prompt, and its reference: the argmax after each position of one
+    dense forward pass (no pool, no scan) over the prompt and a reply."""
+    path = write_tiny_gguf(tmp_path_factory.mktemp("tiny"), TINY_LLAMA, seed=21)
+    ids = [1, 5, 9, 17, 33, 40, 41, 42, 100, 7]
+    _, params, _ = load_gguf(path, jnp.float32)
+
+    def greedy(reply: list[int]) -> list[int]:
+        tokens = jnp.asarray([ids + reply], jnp.int32)
+        logits = np.asarray(forward_logits(Transformer(TINY_LLAMA), params, tokens))[0]
+        return [int(t) for t in logits[len(ids) - 1 : -1].argmax(-1)]
+
+    return {"path": path, "ids": ids, "greedy": greedy}
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +86,11 @@ def cold(emulator, prompt, tmp_path_factory):
     """The first start of the first instance: gs:// cache and local mirror both empty."""
     storage.Client().create_bucket(BUCKET)
     mirror = tmp_path_factory.mktemp("instance-a")
-    return run(f"gs://{BUCKET}/smollm2", prompt, mirror), mirror
+    return run(f"gs://{BUCKET}/tiny", prompt, mirror), mirror
 
 
 def executable_blobs() -> list[str]:
-    blobs = storage.Client().bucket(BUCKET).list_blobs(prefix="smollm2/")
+    blobs = storage.Client().bucket(BUCKET).list_blobs(prefix="tiny/")
     return sorted(blob.name for blob in blobs)
 
 
@@ -79,32 +100,32 @@ def test_a_cold_start_compiles_every_variant_and_shares_it(cold):
     assert report["loaded"] == 0 and report["gguf_opened"] == 1
     names = executable_blobs()
     assert len(names) == report["variants"]
-    assert all(name.startswith("smollm2/executables/") for name in names)  # no model copy
+    assert all(name.startswith("tiny/executables/") for name in names)  # no model copy
 
 
 def test_a_restart_compiles_nothing_and_reads_no_gguf(cold, prompt):
     _, mirror = cold
-    warm = run(f"gs://{BUCKET}/smollm2", prompt, mirror)
+    warm = run(f"gs://{BUCKET}/tiny", prompt, mirror)
     assert warm["compiled"] == warm["backend_compiles"] == 0
     assert warm["loaded"] == warm["variants"]
     assert warm["gguf_opened"] == 0  # the prepared copy was read instead
 
 
 def test_a_new_instance_loads_the_executables_from_cloud_storage(cold, prompt, tmp_path):
-    warm = run(f"gs://{BUCKET}/smollm2", prompt, tmp_path)  # an empty mirror
+    warm = run(f"gs://{BUCKET}/tiny", prompt, tmp_path)  # an empty mirror
     assert warm["compiled"] == warm["backend_compiles"] == 0
     assert warm["loaded"] == warm["variants"]
     assert warm["gguf_opened"] == 1  # the model copy is not shared: prepared locally
     assert executable_blobs() == sorted(
-        f"smollm2/{p.relative_to(tmp_path / 'compile' / BUCKET / 'smollm2').as_posix()}"
-        for p in (tmp_path / "compile" / BUCKET / "smollm2" / "executables").rglob("*.xla")
+        f"tiny/{p.relative_to(tmp_path / 'compile' / BUCKET / 'tiny').as_posix()}"
+        for p in (tmp_path / "compile" / BUCKET / "tiny" / "executables").rglob("*.xla")
     )
 
 
 def test_a_local_directory_cache_with_a_damaged_entry_recompiles_only_that(cold, prompt, tmp_path):
     _, mirror = cold
     local = tmp_path / "cache"
-    shutil.copytree(mirror / "compile" / BUCKET / "smollm2", local)
+    shutil.copytree(mirror / "compile" / BUCKET / "tiny", local)
     damaged = sorted(local.glob("executables/*/step-*.xla"))[0]
     damaged.write_bytes(damaged.read_bytes()[:1000])
     warm = run(str(local), prompt, mirror)  # the prepared model copy is in the downloads

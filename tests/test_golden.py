@@ -47,15 +47,12 @@ def test_chunked_prefill_gives_the_logits_of_one_pass(llm, golden):
     config = engine.config
     pool = init_pool(config.n_layers, blocks, bs, config.n_kv_heads, config.head_dim, jnp.float32)
     table = np.random.default_rng(3).permutation(blocks).astype(np.int32)
+    model = engine.scanned_model  # the layers as the steps run them
     step = jax.jit(
-        lambda params, pool, tokens, layout: engine.model.apply(
-            {"params": params}, tokens, layout, pool
-        )
+        lambda params, pool, tokens, layout: model.apply({"params": params}, tokens, layout, pool)
     )
     head = jax.jit(
-        lambda params, hidden: engine.model.apply(
-            {"params": params}, hidden, method=Transformer.logits
-        )
+        lambda params, hidden: model.apply({"params": params}, hidden, method=Transformer.logits)
     )
     logits = []
     for start, end in ((0, 7), (7, 20), (20, 36), (36, len(ids))):
@@ -69,8 +66,8 @@ def test_chunked_prefill_gives_the_logits_of_one_pass(llm, golden):
             prior_blocks=table,
             write=(table[positions // bs] * bs + positions % bs).astype(np.int32),
         )
-        hidden, pool = step(engine.params, pool, np.asarray(ids[start:end], np.int32), layout)
-        logits.append(np.asarray(head(engine.params, hidden)))
+        hidden, pool = step(engine.stacked, pool, np.asarray(ids[start:end], np.int32), layout)
+        logits.append(np.asarray(head(engine.stacked, hidden)))
     full = np.asarray(engine.forward([ids]))[0]
     np.testing.assert_allclose(np.concatenate(logits), full, atol=LOGIT_ATOL)
 
@@ -79,3 +76,14 @@ def test_prompt_tokens_match_reference(llm, golden):
     """Chat template + tokenizer give the reference's prompt ids."""
     for prompt in golden["prompts"]:
         assert llm.encode_chat(prompt["messages"]) == prompt["ids"]
+
+
+def test_unrolled_decode_steps_give_the_reference_greedy_tokens(llm, golden):
+    """Once the unrolled decode steps are in (JAXCHAT_UNROLLED_DECODE; loaded from the
+    tests' compile cache or compiled), a lone stream decodes through them."""
+    llm.engine.upgrade()
+    assert llm.engine.variants.upgrades
+    assert all(llm.engine.variants.ready(*variant) for variant in llm.engine.variants.upgrades)
+    prompt = golden["prompts"][1]
+    params = SamplingParams(temperature=0, max_tokens=len(prompt["greedy"]), ignore_eos=True)
+    assert list(llm.generate(prompt["ids"], params).token_ids) == prompt["greedy"]

@@ -25,7 +25,14 @@ def test_meshes_give_the_reference_greedy_tokens(golden):
 
 @pytest.fixture(scope="module")
 def mesh_server(tmp_path_factory):
-    env = {**EIGHT_DEVICES, "JAXCHAT_MESH": "2x4", "JAXCHAT_MAX_SEQ_LEN": "256"}
+    # Eight slots (four step shapes), and no unrolled steps compiling while it idles.
+    env = {
+        **EIGHT_DEVICES,
+        "JAXCHAT_MESH": "2x4",
+        "JAXCHAT_MAX_SEQ_LEN": "256",
+        "JAXCHAT_MAX_BATCH": "8",
+        "JAXCHAT_UNROLLED_DECODE": "off",
+    }
     with running_server(tmp_path_factory.mktemp("mesh"), env) as url:
         yield url
 

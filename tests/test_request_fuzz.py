@@ -1,6 +1,6 @@
 """Generated requests (tests/request_fuzz.py) against the real model: none gets a 5xx,
 every 4xx is an OpenAI error object, and the engine still answers a normal request with
-the Hugging Face reference's greedy reply afterwards. A thousand go through the Flask test
+the Hugging Face reference's greedy reply afterwards. Six hundred go through the Flask test
 client of the functions-framework app, a smaller run to the real server process
 (JAXCHAT_FUZZ_EXAMPLES=N sends N per route through the app instead, for a deeper run).
 """
@@ -20,7 +20,7 @@ from tests.function_app import app_client
 from tests.request_fuzz import CHAT, COMPLETIONS, MODEL, Request, check_reply, requests
 from tests.server_process import KEY
 
-EXAMPLES = {"client": int(os.environ.get("JAXCHAT_FUZZ_EXAMPLES", 500)), "server": 250}
+EXAMPLES = {"client": int(os.environ.get("JAXCHAT_FUZZ_EXAMPLES", 300)), "server": 150}
 
 
 def fuzz(route: str, examples: int, send) -> Counter:
@@ -73,7 +73,7 @@ def test_generated_requests_through_the_app_get_no_5xx(client, llm, golden, rout
 
     statuses = fuzz(route, EXAMPLES["client"], send)
     assert sum(statuses.values()) == EXAMPLES["client"]
-    assert statuses[200] >= 20 and statuses[400] >= 200  # both valid and broken bodies ran
+    assert statuses[200] >= 15 and statuses[400] >= 100  # both valid and broken bodies ran
 
     def post(path: str, body: dict):
         response = client.post(path, json=body)

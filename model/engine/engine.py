@@ -153,6 +153,7 @@ class Engine:
         mesh: Mesh | None = None,
         rules: ShardingRules = TENSOR_PARALLEL,
         executables: os.PathLike | None = None,
+        unrolled: bool | None = None,
     ) -> None:
         self.config = config
         self.mesh = mesh if mesh is not None else make_mesh(None, config=config)
@@ -171,9 +172,12 @@ class Engine:
         # unrolled layers. XLA:CPU copies a layer's weights out of the stack every step,
         # which the smallest decode steps feel: on CPU they also get unrolled layers (with
         # their own copy of the weights), compiled as upgrades in the background.
+        # unrolled=False skips them (one copy of the weights, fewer compiles); None: CPU only.
+        if unrolled is None:
+            unrolled = jax.default_backend() == "cpu"
         self.unrolled_shapes = (
             {s for s in step_shapes(batch, max_seq_len) if s.prefill == 0 and s.rows <= 8}
-            if jax.default_backend() == "cpu"
+            if unrolled
             else set()
         )
         self.stacked = self._stack(params, shardings)
@@ -198,8 +202,7 @@ class Engine:
             )
             for scanned in (False, True)
         }
-        self._forward = jax.jit(partial(forward_logits, self.model))
-        self._forward_scanned = jax.jit(partial(forward_logits, self.scanned_model))
+        self._forward = jax.jit(partial(forward_logits, self.scanned_model))
         names = [("init", 0), ("admit", 0), *(("step", (s, SCAN)) for s in self.shapes)]
         upgrades = [("step", (s, UNROLLED)) for s in sorted(self.unrolled_shapes)]
         store = None if executables is None else ExecutableStore(executables, self.key())
@@ -422,12 +425,9 @@ class Engine:
         return row.replace(seen=seen)
 
     def forward(self, tokens) -> jax.Array:
-        """Full-sequence logits [B, T, V] for tokens [B, T] (tests and scoring; compiles
-        per shape)."""
-        tokens = jnp.asarray(tokens, jnp.int32)
-        if self.params is None:
-            return self._forward_scanned(self.stacked, tokens)
-        return self._forward(self.params, tokens)
+        """Full-sequence logits [B, T, V] for tokens [B, T], through the scanned layers
+        the steps use (tests and scoring; compiles per shape)."""
+        return self._forward(self.stacked, jnp.asarray(tokens, jnp.int32))
 
 
 def table_width(max_seq_len: int, block_size: int) -> int:
