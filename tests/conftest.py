@@ -45,3 +45,23 @@ def llm():
     return LLM(
         max_seq_len=512, batch=8, dtype="float32", compile_cache=os.environ["JAXCHAT_COMPILE_CACHE"]
     )
+
+
+# The slowest modules first (timed from a clean clone), so the two xdist workers, which
+# `--dist loadfile` hands whole modules in collection order, finish together rather than
+# one waiting on a long module picked up late. The first e2e module's server fills the
+# compile cache while the other worker runs the mesh tests, so the next server (or `llm`)
+# loads its executables instead of compiling them again. The rest keep their order.
+SLOW_FIRST = (
+    "test_openai_surface.py",
+    "test_mesh.py",
+    "test_server_e2e.py",
+    "test_batching.py",
+    "test_request_fuzz.py",
+    "test_llm.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -105,6 +105,9 @@ def base_url(tmp_path_factory):
         # Fewer slots than the concurrency test's streams, so requests also queue.
         "JAXCHAT_MAX_BATCH": str(MAX_BATCH),
         "JAXCHAT_MODEL_ALIASES": "default,fast",
+        # Every request runs the scanned steps (tests/test_golden.py covers the unrolled
+        # ones), and nothing compiles while the server idles between tests.
+        "JAXCHAT_UNROLLED_DECODE": "off",
     }
     # Started through the `jaxchat serve` command: the e2e tests cover it too.
     with running_server(tmp_path_factory.mktemp("server"), env, cli=True) as url:

@@ -100,7 +100,7 @@ def test_a_fixed_seed_reproduces_a_sampled_reply(client):
 
 
 def test_sixty_four_concurrent_streams_all_complete_correctly(client):
-    """64 streams over 16 slots: every stream well-formed, greedy ones exactly right."""
+    """64 streams over 8 slots: every stream well-formed, greedy ones exactly right."""
     solo = complete(client, PRIMES, temperature=0, max_tokens=16).choices[0].message.content
 
     def one(index: int):
