@@ -19,7 +19,7 @@ from google.cloud import storage
 
 from model.gguf_loader import load_gguf
 from model.nn.transformer import Transformer, forward_logits
-from tests.server_process import run_python_report
+from tests.server_process import EIGHT_DEVICES, run_python_report
 from tests.tiny_models import TINY_LLAMA, write_tiny_gguf
 
 BUCKET = "compile-cache"
@@ -39,7 +39,10 @@ gguf_opened = []
 open_gguf = gguf.GGUFReader.__init__
 gguf.GGUFReader.__init__ = lambda self, *a, **k: gguf_opened.append(1) or open_gguf(self, *a, **k)
 
-llm = LLM(sys.argv[3], max_seq_len=256, batch=2, dtype="float32", compile_cache=sys.argv[1])
+mesh = sys.argv[4] if len(sys.argv) > 4 else None
+llm = LLM(
+    sys.argv[3], max_seq_len=256, batch=2, dtype="float32", compile_cache=sys.argv[1], mesh=mesh
+)
 llm.warmup()
 greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 reply = llm.generate(json.loads(sys.argv[2]), greedy)
@@ -54,11 +57,15 @@ print(json.dumps({
 """
 
 
-def run(cache: str, prompt: dict, download_dir) -> dict:
-    """One process start with the compile cache `cache`; its report."""
+def run(cache: str, prompt: dict, download_dir, mesh: str | None = None) -> dict:
+    """One process start with the compile cache `cache` (on `mesh` of 8 CPU devices, if
+    given); its report."""
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     env["JAXCHAT_CACHE_DIR"] = str(download_dir)
     args = ["-c", RUN, cache, json.dumps(prompt["ids"]), str(prompt["path"])]
+    if mesh:
+        env |= EIGHT_DEVICES
+        args.append(mesh)
     report = run_python_report(args, env)
     assert len(report["ids"]) == 12
     assert report["ids"] == prompt["greedy"](report["ids"]), "not the reference reply"
@@ -133,3 +140,14 @@ def test_a_local_directory_cache_with_a_damaged_entry_recompiles_only_that(cold,
     assert warm["loaded"] == warm["variants"] - 1
     assert warm["gguf_opened"] == 0
     assert len(damaged.read_bytes()) > 1000  # replaced by the recompiled variant
+
+
+def test_a_mesh_on_some_of_the_devices_loads_its_executables_again(prompt, tmp_path):
+    """A 2x2 mesh uses 4 of the 8 devices: its executables load onto those 4 (loaded onto
+    all 8, XLA aborts the process) and give the same tokens."""
+    cache = str(tmp_path / "cache")
+    first = run(cache, prompt, tmp_path, mesh="2x2")
+    assert first["compiled"] == first["variants"] and first["loaded"] == 0
+    again = run(cache, prompt, tmp_path, mesh="2x2")
+    assert again["compiled"] == again["backend_compiles"] == 0
+    assert again["loaded"] == again["variants"]

@@ -205,7 +205,11 @@ class Engine:
         self._forward = jax.jit(partial(forward_logits, self.scanned_model))
         names = [("init", 0), ("admit", 0), *(("step", (s, SCAN)) for s in self.shapes)]
         upgrades = [("step", (s, UNROLLED)) for s in sorted(self.unrolled_shapes)]
-        store = None if executables is None else ExecutableStore(executables, self.key())
+        store = (
+            None
+            if executables is None
+            else ExecutableStore(executables, self.key(), devices=self.mesh.devices.flat)
+        )
         self.variants = Variants(names, self._lower, store, upgrades)
 
     def _stack(self, params: Params, shardings) -> Params:

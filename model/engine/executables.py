@@ -31,7 +31,7 @@ import pickle
 import platform
 import tempfile
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -97,11 +97,19 @@ def compile_variant(lowered: jax.stages.Lowered) -> tuple[jax.stages.Compiled, b
 
 
 class ExecutableStore:
-    """Serialized executables of one engine (one fingerprint) under `directory`."""
+    """Serialized executables of one engine (one fingerprint) under `directory`.
 
-    def __init__(self, directory: Path, key: str) -> None:
+    devices: the devices the executables run on, in the mesh's order (default: every
+    device). An executable for a mesh on some of the devices must be loaded onto
+    exactly those: XLA aborts the process on a device count that does not match.
+    """
+
+    def __init__(
+        self, directory: Path, key: str, devices: Sequence[jax.Device] | None = None
+    ) -> None:
         self.directory = Path(directory) / key
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.devices = None if devices is None else tuple(devices)
 
     def _file(self, kind: str, size) -> Path:
         sizes = size if isinstance(size, tuple) else (size,)
@@ -117,7 +125,9 @@ class ExecutableStore:
             return None
         try:
             payload, in_tree, out_tree = pickle.loads(file.read_bytes())
-            return serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
+            return serialize_executable.deserialize_and_load(
+                payload, in_tree, out_tree, execution_devices=self.devices
+            )
         except Exception as error:  # noqa: BLE001 - any bad entry is just a miss
             log.warning("ignoring unreadable compiled variant %s: %s", file, error)
             return None
