@@ -262,7 +262,14 @@ def test_default_model_served_from_gcs_gives_the_reference_greedy_reply(
     monkeypatch.setenv("JAXCHAT_CACHE_DIR", str(tmp_path))
     from model import LLM, SamplingParams
 
-    llm = LLM(f"gs://{BUCKET}/smollm2/model.gguf", max_seq_len=128, batch=2)
+    # The `llm` fixture's settings and compile cache: the executables are the same.
+    llm = LLM(
+        f"gs://{BUCKET}/smollm2/model.gguf",
+        max_seq_len=512,
+        batch=8,
+        dtype="float32",
+        compile_cache=os.environ["JAXCHAT_COMPILE_CACHE"],
+    )
     assert llm.path.is_relative_to(tmp_path)
     prompt = golden["prompts"][0]
     reply = llm.generate(prompt["ids"], SamplingParams(temperature=0, max_tokens=16))

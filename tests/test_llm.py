@@ -74,8 +74,9 @@ def test_a_script_using_the_python_api_exits_cleanly():
     """The scheduler thread is stopped at exit: the process ends with status 0 instead of
     aborting while the thread is inside XLA."""
     script = (
+        "import os\n"
         "from model import LLM, SamplingParams\n"
-        "llm = LLM(max_seq_len=256, batch=2)\n"
+        "llm = LLM(max_seq_len=512, batch=8, compile_cache=os.environ['JAXCHAT_COMPILE_CACHE'])\n"
         "ids = llm.encode_chat([{'role': 'user', 'content': 'Hi'}])\n"
         "params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)\n"
         "print(llm.generate(ids, params).token_ids)\n"
