@@ -19,7 +19,7 @@ from google.cloud import storage
 
 from model.gguf_loader import load_gguf
 from model.nn.transformer import Transformer, forward_logits
-from tests.server_process import EIGHT_DEVICES, run_python_report
+from tests.server_process import run_python_report
 from tests.tiny_models import TINY_LLAMA, write_tiny_gguf
 
 BUCKET = "compile-cache"
@@ -58,13 +58,13 @@ print(json.dumps({
 
 
 def run(cache: str, prompt: dict, download_dir, mesh: str | None = None) -> dict:
-    """One process start with the compile cache `cache` (on `mesh` of 8 CPU devices, if
+    """One process start with the compile cache `cache` (on `mesh` of 2 CPU devices, if
     given); its report."""
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     env["JAXCHAT_CACHE_DIR"] = str(download_dir)
     args = ["-c", RUN, cache, json.dumps(prompt["ids"]), str(prompt["path"])]
     if mesh:
-        env |= EIGHT_DEVICES
+        env |= {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
         args.append(mesh)
     report = run_python_report(args, env)
     assert len(report["ids"]) == 12
@@ -143,11 +143,11 @@ def test_a_local_directory_cache_with_a_damaged_entry_recompiles_only_that(cold,
 
 
 def test_a_mesh_on_some_of_the_devices_loads_its_executables_again(prompt, tmp_path):
-    """A 2x2 mesh uses 4 of the 8 devices: its executables load onto those 4 (loaded onto
-    all 8, XLA aborts the process) and give the same tokens."""
+    """JAXCHAT_MESH=1x1 uses 1 of the 2 devices: its executables load onto that one
+    (loaded onto both, XLA aborts the process) and give the same tokens."""
     cache = str(tmp_path / "cache")
-    first = run(cache, prompt, tmp_path, mesh="2x2")
+    first = run(cache, prompt, tmp_path, mesh="1x1")
     assert first["compiled"] == first["variants"] and first["loaded"] == 0
-    again = run(cache, prompt, tmp_path, mesh="2x2")
+    again = run(cache, prompt, tmp_path, mesh="1x1")
     assert again["compiled"] == again["backend_compiles"] == 0
     assert again["loaded"] == again["variants"]

@@ -242,8 +242,7 @@ class Engine:
                 self.max_seq_len,
                 self.pool_blocks,
                 self.block_size,
-                self.shapes,
-                sorted(self.unrolled_shapes),
+                self.shapes,  # unrolled steps are stored by name: any engine may use them
                 self.stop_ids.tolist(),
                 self.rules,
                 mesh,
