@@ -154,9 +154,10 @@ async def interference_case(
                 stream=True,
                 extra_body={"ignore_eos": True},
             )
-            async for chunk in stream:
-                if any(choice.delta.content for choice in chunk.choices):
-                    times.append(time.perf_counter())
+            async with stream:  # closed when cancelled, so the server stops generating
+                async for chunk in stream:
+                    if any(choice.delta.content for choice in chunk.choices):
+                        times.append(time.perf_counter())
 
     workers = [asyncio.ensure_future(worker(i)) for i in range(streams)]
     await asyncio.sleep(alone_s / 2)  # every stream running, prompts prefilled
