@@ -43,7 +43,7 @@ def load_llm(settings: Settings) -> "LLM":
         mesh=settings.mesh,
         dtype=settings.llm_dtype,
         compile_cache=settings.compile_cache,
-        unrolled_decode={"auto": None, "on": True, "off": False}[settings.unrolled_decode],
+        unrolled_decode=settings.llm_unrolled_decode,
     )
 
 

@@ -96,3 +96,8 @@ class Settings(BaseSettings):
     def llm_dtype(self) -> str | None:
         """The dtype argument for `LLM`: None lets the engine choose by backend."""
         return None if self.dtype == "auto" else self.dtype
+
+    @property
+    def llm_unrolled_decode(self) -> bool | None:
+        """The unrolled_decode argument for `LLM`: None lets the engine choose by backend."""
+        return {"auto": None, "on": True, "off": False}[self.unrolled_decode]

@@ -17,10 +17,14 @@ import shutil
 import textwrap
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 
 from model.config import ModelConfig
-from model.nn.transformer import Transformer
+from model.engine.engine import Engine
+from model.engine.variants import StepShape
+from model.nn.transformer import Transformer, param_shapes
 from tests.server_process import REPO, run_python_report
 from tests.tiny_models import TINY_LLAMA, write_tiny_gguf
 
@@ -142,3 +146,17 @@ def test_an_edit_to_config_parsing_prepares_the_model_again(tree, tiny_gguf):
     assert edited == {"gguf_opened": 1, "norm_eps": 0.125}  # a stale copy: 0 and the old eps
     # From then on the new copy is read.
     assert run(tree, PREPARE, str(tiny_gguf), prepared) == {"gguf_opened": 0, "norm_eps": 0.125}
+
+
+def test_engines_with_and_without_unrolled_steps_share_executables():
+    """JAXCHAT_UNROLLED_DECODE=off drops the unrolled decode steps and their copy of the
+    weights, and keeps the key: its scanned executables are the other engine's."""
+    config = ModelConfig.tiny()
+    params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), param_shapes(config))
+    on = Engine(config, params, max_seq_len=64, batch=8, unrolled=True)
+    off = Engine(config, params, max_seq_len=64, batch=8, unrolled=False)
+    assert [size[0] for _, size in on.variants.upgrades] == [StepShape(1, 0), StepShape(8, 0)]
+    assert off.variants.upgrades == () and off.params is None and on.params is not None
+    assert on.variants.names == off.variants.names
+    assert on.key() == off.key()
+    assert Engine(config, params, max_seq_len=64, batch=4).key() != on.key()

@@ -854,6 +854,13 @@ def test_settings_from_environment(monkeypatch):
     monkeypatch.delenv("JAXCHAT_API_KEYS")
     monkeypatch.setenv("JAXCHAT_DTYPE", "auto")
     assert Settings().api_keys == [] and Settings().llm_dtype is None
+    assert Settings().llm_unrolled_decode is None
+    for value, unrolled in (("on", True), ("off", False)):
+        monkeypatch.setenv("JAXCHAT_UNROLLED_DECODE", value)
+        assert Settings().llm_unrolled_decode is unrolled
+    monkeypatch.setenv("JAXCHAT_UNROLLED_DECODE", "yes")
+    with pytest.raises(ValueError):
+        Settings()
 
 
 # Model lifecycle and engine failures.
