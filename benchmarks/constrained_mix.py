@@ -12,7 +12,7 @@ Prints the plain streams' median inter-token time in each (the first gap,
 which waits for the other prompts' prefills, left out), and the ratio
 "+8 JSON" / "+8 plain": the cost of the constraint itself (the token masks
 computed on the host, and the step no longer overlapping host work, see
-model/scheduler.py), beyond the cost of the rows. Also prints the
+model/engine/scheduler.py), beyond the cost of the rows. Also prints the
 constrained streams' own rate.
 
     python -m benchmarks.constrained_mix [--tokens 64] [--rounds 3]

@@ -6,13 +6,13 @@ out, a failure becomes an SSE error event followed by `[DONE]`.
 
 n choices stream interleaved, each with its index, its own role chunk first
 and exactly one finish_reason. With tools offered, each choice's text goes
-through a tool-call parser (model/tool_calls.py): text before a call is
+through a tool-call parser (model/text/tool_calls.py): text before a call is
 content; a call's first delta carries its id, type and name, later ones its
 arguments as they are generated; finish_reason becomes `tool_calls`. A reply
 cut by max_tokens keeps its complete calls and drops the incomplete tail
 (when streamed, the tail was already sent, and finish_reason says `length`).
 `required` and named tool choices, json_object and json_schema are enforced
-by a grammar (model/grammar.py), not by asking the model. A request with the
+by a grammar (model/text/grammar.py), not by asking the model. A request with the
 deprecated `functions` gets `function_call` instead of `tool_calls`.
 """
 
@@ -50,9 +50,8 @@ from handler.schemas import (
     validation_error,
 )
 from model.engine.scheduler import EngineFailed, QueueFull, RequestFailed
-from model.grammar import GrammarError
-from model.sampling_params import Delta, SamplingParams, TokenLogprob
-from model.tool_calls import (
+from model.text.grammar import GrammarError
+from model.text.tool_calls import (
     ContentDelta,
     Event,
     ToolCallArguments,
@@ -60,6 +59,7 @@ from model.tool_calls import (
     ToolCallStream,
     new_call_id,
 )
+from model.types import Delta, SamplingParams, TokenLogprob
 
 if TYPE_CHECKING:
     from model.llm import LLM

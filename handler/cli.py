@@ -10,7 +10,7 @@ are the JAXCHAT_* settings (README), passed on through the environment.
 `chat` streams replies from the Python API with no HTTP; `/reset` clears the
 conversation, `/exit` (or Ctrl-D) leaves.
 `convert` writes a model (any model URI; `default` for the bundled one) as a
-jaxchat Orbax checkpoint directory (model/checkpoint.py), which every `--model`
+jaxchat Orbax checkpoint directory (model/weights/orbax.py), which every `--model`
 accepts and which restores sharded onto the mesh; `--int8` stores the matmul
 weights as int8 with a scale per output row.
 """
@@ -213,8 +213,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def run_convert(args: argparse.Namespace) -> int:
     """Convert SRC to the checkpoint DEST; the last line (stdout) is DEST and its size."""
-    from model.checkpoint import convert, directory_bytes
-    from model.sources import resolve_model
+    from model.weights.orbax import convert, directory_bytes
+    from model.weights.sources import resolve_model
 
     start = time.perf_counter()
     try:

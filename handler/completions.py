@@ -24,7 +24,7 @@ from handler.schemas import (
     TextCompletion,
     Usage,
 )
-from model.sampling_params import TokenLogprob
+from model.types import TokenLogprob
 
 log = logging.getLogger(__name__)
 

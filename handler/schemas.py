@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from handler.errors import APIError, invalid_request
-from model.sampling_params import SamplingParams
+from model.types import SamplingParams
 
 # The largest value of an integer field that has no natural bound (the engine's int32).
 INT32_MAX = 2**31 - 1

@@ -8,15 +8,15 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from model.llm import LLM, Completion
-    from model.sampling_params import Delta, SamplingParams
+    from model.types import Delta, SamplingParams
 
 __all__ = ["LLM", "Completion", "Delta", "SamplingParams"]
 
 _HOMES = {
     "LLM": "model.llm",
     "Completion": "model.llm",
-    "Delta": "model.sampling_params",
-    "SamplingParams": "model.sampling_params",
+    "Delta": "model.types",
+    "SamplingParams": "model.types",
 }
 
 

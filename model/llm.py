@@ -21,22 +21,22 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from model.chat_template import ChatTemplate
-from model.checkpoint import is_checkpoint, load_checkpoint, load_tokenizer, read_manifest
-from model.detokenizer import IncrementalDetokenizer
 from model.engine.engine import Engine, default_pool_tokens
 from model.engine.executables import open_compile_cache
 from model.engine.scheduler import Scheduler, TokenEvent
 from model.engine.variants import FIRST_NEEDED
-from model.hf_loader import load_hf
-from model.prepared import load_gguf_prepared
-from model.sampling_params import Delta, FinishReason, SamplingParams, TokenLogprob
-from model.sources import cache_dir, resolve_model
-from model.stop_strings import StopStringMatcher
-from model.tokenizer import Tokenizer
+from model.text.chat_template import ChatTemplate
+from model.text.detokenizer import IncrementalDetokenizer
+from model.text.stop_strings import StopStringMatcher
+from model.text.tokenizer import Tokenizer
+from model.types import Delta, FinishReason, SamplingParams, TokenLogprob
+from model.weights.hf import load_hf
+from model.weights.orbax import is_checkpoint, load_checkpoint, load_tokenizer, read_manifest
+from model.weights.prepared import load_gguf_prepared
+from model.weights.sources import cache_dir, resolve_model
 
 if TYPE_CHECKING:
-    from model.grammar import Grammars
+    from model.text.grammar import Grammars
 from sharding import make_mesh, maybe_initialize_distributed
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class LLM:
     """A loaded model with its tokenizer, chat template and compiled engine.
 
     model: a GGUF path, a Hugging Face directory, a jaxchat checkpoint
-    directory (model/checkpoint.py), or None for the bundled default.
+    directory (model/weights/orbax.py), or None for the bundled default.
     max_seq_len bounds prompt + completion tokens (default and at most: the
     model's own context).
     batch: decode slots run together (continuous batching); max_queue bounds
@@ -165,7 +165,7 @@ class LLM:
     @cached_property
     def grammars(self) -> "Grammars":
         """Grammar compilation for this tokenizer (built on first use: about a second)."""
-        from model.grammar import Grammars
+        from model.text.grammar import Grammars
 
         return Grammars(self.tokenizer)
 

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
-from model.config import ModelConfig
+from model.nn.config import ModelConfig
 
 DATA = "data"
 MODEL = "model"

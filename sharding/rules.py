@@ -18,7 +18,7 @@ collective-permutes/all-gathers besides the 1-2 all-reduces). Removing it
 needs a model layout change (qkv as [K, G+2, H, D], gate_up as [2, F, D], split
 over K and F), not a different rule here.
 
-An int8 weight (a `QuantizedWeight` node, model/quantize.py) is placed by the rule
+An int8 weight (a `QuantizedWeight` node, model/nn/quantize.py) is placed by the rule
 of its plain weight's path: `.../qkv/values` [out, in] gets qkv's spec, and
 `.../qkv/scale` [out, 1] is split along its rows exactly where the values' rows are
 split and is replicated otherwise. A scale thus never falls back on its own; only
@@ -33,7 +33,7 @@ import jax
 from jax.sharding import AbstractMesh, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from model.quantize import QuantizedWeight
+from model.nn.quantize import QuantizedWeight
 from sharding.mesh import DATA, MODEL
 
 AnyMesh = Mesh | AbstractMesh

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from model import LLM, SamplingParams
-from model.checkpoint import abstract_params, load_checkpoint, read_manifest
 from model.engine.engine import Engine
+from model.weights.orbax import abstract_params, load_checkpoint, read_manifest
 from sharding import make_mesh, param_shardings
 
 TOKENS = [1, 17, 42, 5, 88, 3, 64, 30, 9, 211, 300]

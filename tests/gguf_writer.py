@@ -10,7 +10,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from model.config import ModelConfig
+from model.nn.config import ModelConfig
 
 
 def hf_random_weights(config: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:

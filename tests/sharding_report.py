@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model.config import ModelConfig
 from model.nn.attention import Layout, init_pool
+from model.nn.config import ModelConfig
 from model.nn.transformer import Transformer, forward_layout, param_shapes
 from sharding import make_mesh, param_shardings, pool_sharding
 

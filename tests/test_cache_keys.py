@@ -21,9 +21,9 @@ import jax
 import numpy as np
 import pytest
 
-from model.config import ModelConfig
 from model.engine.engine import Engine
 from model.engine.variants import StepShape
+from model.nn.config import ModelConfig
 from model.nn.transformer import Transformer, param_shapes
 from tests.server_process import REPO, run_python_report
 from tests.tiny_models import TINY_LLAMA, write_tiny_gguf
@@ -52,7 +52,7 @@ import json, sys
 from pathlib import Path
 import gguf
 import jax.numpy as jnp
-from model.prepared import load_gguf_prepared
+from model.weights.prepared import load_gguf_prepared
 
 opened = []
 init = gguf.GGUFReader.__init__

@@ -10,8 +10,8 @@ from pathlib import Path
 import gguf
 import pytest
 
-from model.chat_template import CHATML_TEMPLATE, ChatTemplate, TemplateError
-from model.tokenizer import Tokenizer
+from model.text.chat_template import CHATML_TEMPLATE, ChatTemplate, TemplateError
+from model.text.tokenizer import Tokenizer
 
 GOLDEN = Path(__file__).parent / "fixtures" / "smollm2_golden.json"
 

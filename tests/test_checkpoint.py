@@ -17,7 +17,11 @@ from jax.sharding import PartitionSpec as P
 
 from handler.cli import main
 from model import LLM, SamplingParams
-from model.checkpoint import (
+from model.nn.quantize import MATMUL_WEIGHTS, QuantizedWeight
+from model.nn.transformer import Transformer, forward_logits
+from model.text.tokenizer import Tokenizer
+from model.weights.gguf import load_gguf
+from model.weights.orbax import (
     MANIFEST,
     convert,
     is_checkpoint,
@@ -25,10 +29,6 @@ from model.checkpoint import (
     load_tokenizer,
     read_manifest,
 )
-from model.gguf_loader import load_gguf
-from model.nn.transformer import Transformer, forward_logits
-from model.quantize import MATMUL_WEIGHTS, QuantizedWeight
-from model.tokenizer import Tokenizer
 from sharding import make_mesh
 from tests.gguf_writer import hf_random_weights
 from tests.server_process import EIGHT_DEVICES, run_python_report

@@ -5,7 +5,7 @@ import io
 import json
 
 from handler.cli import build_parser, run_chat, serve_command
-from model.sampling_params import SamplingParams
+from model.types import SamplingParams
 from tests.server_process import REPO
 
 GOLDEN = json.loads((REPO / "tests" / "fixtures" / "smollm2_golden.json").read_text())

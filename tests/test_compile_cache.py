@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from google.cloud import storage
 
-from model.gguf_loader import load_gguf
 from model.nn.transformer import Transformer, forward_logits
+from model.weights.gguf import load_gguf
 from tests.server_process import run_python_report
 from tests.tiny_models import TINY_LLAMA, write_tiny_gguf
 

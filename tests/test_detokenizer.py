@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from model.detokenizer import IncrementalDetokenizer
-from model.tokenizer import Tokenizer
+from model.text.detokenizer import IncrementalDetokenizer
+from model.text.tokenizer import Tokenizer
 
 GOLDEN = Path(__file__).parent / "fixtures" / "smollm2_golden.json"
 

@@ -17,8 +17,8 @@ import requests
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
-from model import gcs
-from model.sources import bundled_model_path, resolve_model
+from model.weights import gcs
+from model.weights.sources import bundled_model_path, resolve_model
 
 BUCKET = "models"
 GGUF_BYTES = os.urandom(3 * 2**20 + 12345)  # not a multiple of the chunk size
@@ -232,7 +232,7 @@ def test_killed_download_leaves_a_prefix_that_resumes(bucket, client, session, t
     uri = f"gs://{BUCKET}/big.gguf"
     partial = tmp_path / "gcs" / BUCKET / "big.gguf.partial"
     script = (
-        "import sys; from pathlib import Path; from model import gcs; "
+        "import sys; from pathlib import Path; from model.weights import gcs; "
         "gcs.CHUNK_BYTES = 64 * 2**10; gcs.download(sys.argv[1], Path(sys.argv[2]))"
     )
     proc = subprocess.Popen([sys.executable, "-c", script, uri, str(tmp_path)])

@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model.config import ModelConfig
 from model.engine.engine import Engine
-from model.gguf_loader import config_from_gguf, load_gguf, load_gguf_params
+from model.nn.config import ModelConfig
+from model.weights.gguf import config_from_gguf, load_gguf, load_gguf_params
 from tests.gguf_writer import hf_random_weights, write_llama_gguf
 
 Q = gguf.GGMLQuantizationType

@@ -12,7 +12,7 @@ import pytest
 
 from model.nn.attention import Layout, init_pool
 from model.nn.transformer import Transformer
-from model.sampling_params import SamplingParams
+from model.types import SamplingParams
 
 LOGIT_ATOL = 2e-3
 

@@ -16,9 +16,9 @@ import jsonschema
 import numpy as np
 import pytest
 
-from model.grammar import Constraint, GrammarError, Grammars
-from model.sources import resolve_model
-from model.tokenizer import Tokenizer
+from model.text.grammar import Constraint, GrammarError, Grammars
+from model.text.tokenizer import Tokenizer
+from model.weights.sources import resolve_model
 
 SEEDS = range(20)
 MAX_STEPS = 400

@@ -15,7 +15,7 @@ import pytest
 from handler.model_host import ModelHost
 from handler.settings import Settings
 from model.engine.scheduler import QueueFull
-from model.sampling_params import Delta, SamplingParams
+from model.types import Delta, SamplingParams
 from tests.function_app import app_client
 
 MODEL = "smollm2-135m-instruct"

@@ -14,13 +14,13 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from model import SamplingParams
-from model.chat_template import ChatTemplate
-from model.config import ModelConfig
 from model.engine.engine import Engine
-from model.gguf_loader import load_gguf
-from model.hf_loader import config_from_hf, load_hf
 from model.llm import LLM
-from model.tokenizer import Tokenizer
+from model.nn.config import ModelConfig
+from model.text.chat_template import ChatTemplate
+from model.text.tokenizer import Tokenizer
+from model.weights.gguf import load_gguf
+from model.weights.hf import config_from_hf, load_hf
 from tests.gguf_writer import hf_random_weights
 from tests.test_gguf_loader import reference_logits
 from tests.tiny_models import (

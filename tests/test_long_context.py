@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from model import LLM, SamplingParams
-from model.gguf_loader import load_gguf
 from model.nn.transformer import Transformer, forward_logits
+from model.weights.gguf import load_gguf
 from tests.tiny_models import TINY_LLAMA, write_tiny_gguf
 
 CONFIG = dataclasses.replace(TINY_LLAMA, max_position=8192)

@@ -1,4 +1,4 @@
-"""Prepared GGUF copies (model/prepared.py): a second load reads the copy, not the GGUF,
+"""Prepared GGUF copies (model/weights/prepared.py): a second load reads the copy, not the GGUF,
 and gives identical config, parameters, tokenizer and template; a changed or damaged
 source or copy is prepared again."""
 
@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model.chat_template import ChatTemplate
-from model.gguf_loader import load_gguf
-from model.prepared import load_gguf_prepared
-from model.tokenizer import Tokenizer
+from model.text.chat_template import ChatTemplate
+from model.text.tokenizer import Tokenizer
+from model.weights.gguf import load_gguf
+from model.weights.prepared import load_gguf_prepared
 from tests.tiny_models import TINY_LLAMA, write_tiny_gguf
 
 

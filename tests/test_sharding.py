@@ -19,9 +19,9 @@ import pytest
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
-from model.config import ModelConfig
+from model.nn.config import ModelConfig
+from model.nn.quantize import map_matmul_weights, path_str, quantized_shape
 from model.nn.transformer import param_shapes
-from model.quantize import map_matmul_weights, path_str, quantized_shape
 from sharding import (
     AXES,
     ShardingRules,

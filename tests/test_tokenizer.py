@@ -13,8 +13,8 @@ import pytest
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-from model.detokenizer import IncrementalDetokenizer
-from model.tokenizer import Tokenizer, gpt2_byte_decoder, pre_tokenizer_for
+from model.text.detokenizer import IncrementalDetokenizer
+from model.text.tokenizer import Tokenizer, gpt2_byte_decoder, pre_tokenizer_for
 
 GOLDEN = Path(__file__).parent / "fixtures" / "smollm2_golden.json"
 

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from model.tool_calls import (
+from model.text.tool_calls import (
     ContentDelta,
     ParsedCall,
     ToolCallArguments,

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model.config import ModelConfig
 from model.nn.attention import Layout, init_pool
+from model.nn.config import ModelConfig
 from model.nn.transformer import Transformer, forward_layout, forward_logits, rope, stack_layers
 
 CONFIG = ModelConfig.tiny()

@@ -10,7 +10,7 @@ import sentencepiece as spm
 from safetensors.numpy import save_file
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-from model.config import ModelConfig
+from model.nn.config import ModelConfig
 from tests.gguf_writer import hf_random_weights, write_llama_gguf
 
 TINY_LLAMA = ModelConfig(

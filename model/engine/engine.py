@@ -31,14 +31,14 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from model.config import ModelConfig
 from model.engine.executables import ExecutableStore, fingerprint
 from model.engine.variants import StepShape, Variants, step_shapes
 from model.nn.attention import DECODE_CHUNK, PRIOR_CHUNK, Layout, Pool, init_pool
+from model.nn.config import ModelConfig
 from model.nn.sampling import TOP_LOGPROBS, SlotSampling, sample
 from model.nn.transformer import Transformer, forward_logits, stack_layers
-from model.sampling_params import SamplingParams
-from model.source_digest import source_digest
+from model.types import SamplingParams
+from model.weights.source_digest import source_digest
 from sharding import (
     TENSOR_PARALLEL,
     ShardingRules,

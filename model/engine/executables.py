@@ -7,7 +7,7 @@ is about a second per variant, most of a warm start. This store keys each
 variant by a fingerprint of everything its executable depends on (the JAX
 and Flax builds, the backend, devices and mesh, the host CPU, the model
 config, the engine's shapes, and the source of every project module the
-engine imports, at any depth: model/source_digest.py), so a hit is one file
+engine imports, at any depth: model/weights/source_digest.py), so a hit is one file
 read and one `deserialize_and_load`, with no tracing.
 
 A file that fails to load (truncated, written by another build) is a miss:
@@ -42,7 +42,7 @@ import jaxlib
 from jax import monitoring
 from jax.experimental import serialize_executable
 
-from model import gcs
+from model.weights import gcs
 
 log = logging.getLogger(__name__)
 

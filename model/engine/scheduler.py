@@ -58,7 +58,7 @@ import numpy as np
 from model.engine.blocks import BlockPool, Hash, chain_hash, prefix_hashes
 from model.engine.variants import LARGE_CHUNK, SMALL_CHUNK, StepShape, pick_shape
 from model.nn.sampling import SlotSampling
-from model.sampling_params import FinishReason
+from model.types import FinishReason
 
 log = logging.getLogger(__name__)
 

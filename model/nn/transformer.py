@@ -12,7 +12,7 @@ forward pass over the segments (tests, scoring).
 Activations are feature-major, [D, T], and weights [out, in] (the layout of
 GGUF and HF checkpoints): every projection is `W @ x`. XLA:CPU runs that form
 about twice as fast as `x @ W` for the few-row matrices of batched decoding.
-A projection weight may also be an int8 `QuantizedWeight` (model/quantize.py):
+A projection weight may also be an int8 `QuantizedWeight` (model/nn/quantize.py):
 `dense` turns it back into a compute-dtype matrix inside the jitted step.
 The layers run unrolled (each with its own weights) or as one `nn.scan` over
 stacked weights: the scan compiles 3-4x faster, but on XLA:CPU slicing a
@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from model.config import ModelConfig
 from model.nn.attention import Layout, Pool, decode_attention, region_attention, write_pool
-from model.quantize import dense
+from model.nn.config import ModelConfig
+from model.nn.quantize import dense
 
 
 def rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:

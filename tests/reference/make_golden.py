@@ -88,7 +88,7 @@ def main() -> None:
     tokenizer, model = load(args.gguf)
 
     rng = np.random.default_rng(0)
-    vocab = model.config.vocab_size
+    vocab = model.nn.config.vocab_size
     subset = np.sort(rng.choice(vocab, size=LOGIT_SUBSET, replace=False)).astype(np.int32)
 
     prompts, arrays = [], {"subset_ids": subset}

@@ -3,7 +3,7 @@
 `gs://bucket/name` is an object (a `.gguf` file) or, when no object has that exact name,
 a prefix ("directory") holding a GGUF, a Hugging Face checkpoint (config.json,
 *.safetensors, tokenizer files) or a jaxchat checkpoint (jaxchat.json, params/, tokenizer
-files; model/checkpoint.py). Either lands at `<cache>/gcs/<bucket>/<name>`, a file or a
+files; model/weights/orbax.py). Either lands at `<cache>/gcs/<bucket>/<name>`, a file or a
 directory with the prefix's files under their relative names.
 
 A cached file is reused when its size and crc32c equal the object's metadata; otherwise it

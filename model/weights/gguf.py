@@ -15,7 +15,7 @@ import gguf
 import jax.numpy as jnp
 import numpy as np
 
-from model.config import ModelConfig
+from model.nn.config import ModelConfig
 
 Params = dict[str, Any]
 

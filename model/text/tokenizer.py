@@ -34,7 +34,7 @@ from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from model.gguf_loader import read_metadata
+from model.weights.gguf import read_metadata
 
 # GGUF token types; the numbering is SentencePiece's ModelProto.SentencePiece.Type.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6

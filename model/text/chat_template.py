@@ -30,11 +30,11 @@ from jinja2.ext import Extension, loopcontrols
 from jinja2.parser import Parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from model.gguf_loader import read_metadata
-from model.tool_calls import hermes_call_text, hermes_system_prompt
+from model.text.tool_calls import hermes_call_text, hermes_system_prompt
+from model.weights.gguf import read_metadata
 
 if TYPE_CHECKING:
-    from model.tokenizer import Tokenizer
+    from model.text.tokenizer import Tokenizer
 
 # Used when a GGUF carries no template: the widely used ChatML format.
 CHATML_TEMPLATE = (

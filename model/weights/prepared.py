@@ -7,7 +7,7 @@ With a compile cache set, the first load writes what it produced into
 `$JAXCHAT_CACHE_DIR/models/<key>/`: the f32 parameters as one safetensors file (read back
 through a memory map) and the metadata as JSON. The key covers the file (path,
 size, modification time), the source of every project module this one imports
-at any depth (the loader, config parsing: model/source_digest.py) and the
+at any depth (the loader, config parsing: model/weights/source_digest.py) and the
 versions of the libraries that decode the blocks, so a changed file, loader,
 config parser or library is prepared afresh.
 """
@@ -28,10 +28,10 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from model import gguf_loader
-from model.checkpoint import config_from_json
-from model.config import ModelConfig
-from model.source_digest import source_digest
+from model.nn.config import ModelConfig
+from model.weights import gguf as gguf_loader
+from model.weights.orbax import config_from_json
+from model.weights.source_digest import source_digest
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ class SamplingParams:
     repetition_penalty transformers (1 disables). logit_bias maps token ids to
     a bias added to their logits. logprobs: report each token's log-probability
     and its top_logprobs most likely alternatives (0..20). n: choices that
-    share one prompt prefill. grammar: an llguidance grammar (model/grammar.py)
+    share one prompt prefill. grammar: an llguidance grammar (model/text/grammar.py)
     every choice's output must follow.
     """
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import codecs
 
-from model.tokenizer import Tokenizer
+from model.text.tokenizer import Tokenizer
 
 
 class IncrementalDetokenizer:

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
-from model.config import ModelConfig
-from model.gguf_loader import Params, Table
+from model.nn.config import ModelConfig
+from model.weights.gguf import Params, Table
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")  # SmolLM2 is model_type "llama"
 INDEX_FILE = "model.safetensors.index.json"

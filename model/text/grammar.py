@@ -29,7 +29,7 @@ import llguidance
 import numpy as np
 from llguidance.numpy import fill_next_token_bitmask
 
-from model.tokenizer import END_OF_TURN_TOKENS, Tokenizer
+from model.text.tokenizer import END_OF_TURN_TOKENS, Tokenizer
 
 # json.dumps' default separators and no other whitespace.
 _COMPACT_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}

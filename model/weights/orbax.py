@@ -7,7 +7,7 @@
     tokenizer.json … from a Hugging Face source: its tokenizer and config files, copied
 
 `convert` writes one with the GGUF / Hugging Face loaders, optionally with int8 matmul
-weights (model/quantize.py). `load_checkpoint` restores it onto a mesh: the target
+weights (model/nn/quantize.py). `load_checkpoint` restores it onto a mesh: the target
 NamedSharding of every parameter comes from the sharding rules, and Orbax reads each
 device's shard from tensorstore straight into that device. No full copy of a split
 array is assembled on the host or put on every device first, and the Engine's
@@ -30,13 +30,13 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from model.chat_template import ChatTemplate
-from model.config import ModelConfig
-from model.gguf_loader import Params, load_gguf, metadata_json, read_metadata
-from model.hf_loader import load_hf
+from model.nn.config import ModelConfig
+from model.nn.quantize import map_matmul_weights, path_str, quantize_int8, quantized_shape
 from model.nn.transformer import param_shapes
-from model.quantize import map_matmul_weights, path_str, quantize_int8, quantized_shape
-from model.tokenizer import Tokenizer
+from model.text.chat_template import ChatTemplate
+from model.text.tokenizer import Tokenizer
+from model.weights.gguf import Params, load_gguf, metadata_json, read_metadata
+from model.weights.hf import load_hf
 from sharding.rules import TENSOR_PARALLEL, ShardingRules, param_shardings
 
 FORMAT = "jaxchat-orbax"
@@ -181,7 +181,7 @@ def convert(
 ) -> Manifest:
     """Write the checkpoint directory `dest` from a GGUF file or Hugging Face directory `src`.
 
-    quantize: None, or "int8" for int8 matmul weights (model/quantize.py). dtype: how the
+    quantize: None, or "int8" for int8 matmul weights (model/nn/quantize.py). dtype: how the
     other weights are stored (float32 or bfloat16). source: recorded in jaxchat.json
     (default: `src`). report: called with a line per step. Returns the written Manifest.
     Raises FileExistsError when `dest` exists and is not an empty directory; `dest` only

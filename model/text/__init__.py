@@ -1,0 +1,1 @@
+"""Text in and out, without JAX: tokenizer, chat template, streaming text, tool calls, grammar."""
