@@ -25,6 +25,7 @@ from model.engine.engine import Engine, default_pool_tokens
 from model.engine.executables import open_compile_cache
 from model.engine.scheduler import Scheduler, TokenEvent
 from model.engine.variants import FIRST_NEEDED
+from model.limits import PROMPT, Names, check_request
 from model.text.chat_template import ChatTemplate
 from model.text.detokenizer import IncrementalDetokenizer
 from model.text.stop_strings import StopStringMatcher
@@ -220,23 +221,19 @@ class LLM:
         text = self.template.render(list(messages), add_generation_prompt=True, tools=tools)
         return self.tokenizer.encode(text)
 
-    def max_new_tokens(self, prompt_len: int, max_tokens: int | None) -> int:
-        """How many tokens a request may generate; ValueError when it cannot fit."""
-        room = self.max_seq_len - prompt_len
-        if room <= 0:
-            raise ValueError(
-                f"This model's maximum context length is {self.max_seq_len} tokens. "
-                f"However, your messages resulted in {prompt_len} tokens."
-            )
-        if max_tokens is None:
-            return room
-        if max_tokens > room:
-            raise ValueError(
-                f"This model's maximum context length is {self.max_seq_len} tokens. "
-                f"However, you requested {prompt_len + max_tokens} tokens "
-                f"({prompt_len} in the messages, {max_tokens} in the completion)."
-            )
-        return max_tokens
+    def check(
+        self, prompt_ids: Sequence[int], params: SamplingParams, names: Names = PROMPT
+    ) -> int:
+        """The completion budget of a request this model can serve; InvalidRequest (a
+        ValueError) otherwise (model/limits.py). `names`: the caller's field names."""
+        return check_request(
+            prompt_ids,
+            params,
+            vocab_size=self.vocab_size,
+            max_seq_len=self.max_seq_len,
+            slots=self.batch,
+            names=names,
+        )
 
     def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[Delta]:
         """Generate from token ids, yielding a Delta per sampled token of each choice.
@@ -249,8 +246,7 @@ class LLM:
         batch; QueueFull when the scheduler is full; RequestFailed (from the
         iterator) when this request failed inside the engine.
         """
-        check_prompt(prompt_ids, self.vocab_size)
-        budget = self.max_new_tokens(len(prompt_ids), params.max_tokens)
+        budget = self.check(prompt_ids, params)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         seeds = [(seed + i * SEED_STRIDE) & (2**64 - 1) for i in range(params.n)]
         constraints = None
@@ -317,18 +313,6 @@ class LLM:
         if stream:
             return (d.text for d in self.stream(ids, params) if d.text)
         return self.generate(ids, params).text
-
-
-def check_prompt(prompt_ids: Sequence[int], vocab_size: int) -> None:
-    """ValueError unless the prompt is at least one token, each in [0, vocab_size)."""
-    if not prompt_ids:
-        raise ValueError("The prompt is empty; it needs at least one token.")
-    outside = [t for t in prompt_ids if not 0 <= t < vocab_size]
-    if outside:
-        raise ValueError(
-            f"The prompt holds token ids outside the vocabulary [0, {vocab_size}): "
-            f"{', '.join(map(str, outside[:5]))}{' ...' if len(outside) > 5 else ''}."
-        )
 
 
 class _ChoiceText:

@@ -63,10 +63,10 @@ def test_seed_reproduces_sampling_and_differs_between_seeds(llm, golden):
 
 def test_context_overflow_names_the_counts(llm):
     ids = [1] * 500
-    counts = r"513 tokens \(500 in the messages, 13 in the completion\)"
+    counts = r"513 tokens \(500 in the prompt, 13 in the completion\)"
     with pytest.raises(ValueError, match=r"maximum context length is 512 tokens.*" + counts):
         llm.generate(ids, SamplingParams(max_tokens=13))
-    with pytest.raises(ValueError, match="your messages resulted in 600 tokens"):
+    with pytest.raises(ValueError, match="your prompt resulted in 600 tokens"):
         llm.generate([1] * 600, SamplingParams())
 
 

@@ -265,13 +265,11 @@ class Scheduler:
         own key); constraints[i] its grammar, if any. Stop tokens end a choice if
         `stop_at_eos`. top_logprobs: alternatives to report per token. Raises
         QueueFull at the queue's bound, EngineFailed after an engine failure,
-        ValueError if the choices cannot fit the batch or the prompt the pool.
+        ValueError if the prompt cannot fit the pool.
         """
         if self._error is not None:
             raise EngineFailed(f"the engine failed: {self._error}")
-        n = len(rows)
-        if n > self.engine.batch:
-            raise ValueError(f"n={n} choices exceed the {self.engine.batch} decode slots")
+        n = len(rows)  # at most the decode slots (model/limits.py checks requests)
         need = -(-(len(prompt_ids) + 1) // self.engine.block_size)
         if need > self.engine.pool_blocks:
             raise ValueError(
