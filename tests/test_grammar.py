@@ -18,6 +18,7 @@ import pytest
 
 from model.text.grammar import Constraint, GrammarError, Grammars
 from model.text.tokenizer import Tokenizer
+from model.weights.gguf import gguf_tokenizer
 from model.weights.sources import resolve_model
 
 SEEDS = range(20)
@@ -65,7 +66,7 @@ CALL = re.compile(r"<tool_call>\n(\{.*?\})\n</tool_call>", re.DOTALL)
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Tokenizer:
-    return Tokenizer.from_file(resolve_model(None))
+    return gguf_tokenizer(resolve_model(None))
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from model.llm import LLM
 from model.nn.config import ModelConfig
 from model.text.chat_template import ChatTemplate
 from model.text.tokenizer import Tokenizer
-from model.weights.gguf import load_gguf
+from model.weights.gguf import gguf_tokenizer, load_gguf
 from model.weights.hf import config_from_hf, load_hf
 from tests.gguf_writer import hf_random_weights
 from tests.test_gguf_loader import reference_logits
@@ -107,7 +107,7 @@ def test_llm_greedy_tokens_and_text_match_gguf(tmp_path, proto):
 def test_tokenizer_model_matches_sentencepiece_and_gguf(tmp_path, proto):
     gguf_path, hf_path = write_tiny_pair(tmp_path, TINY_LLAMA, hf_random_weights(TINY_LLAMA), proto)
     sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
-    hf_tok, gguf_tok = Tokenizer.from_hf_dir(hf_path), Tokenizer.from_file(gguf_path)
+    hf_tok, gguf_tok = Tokenizer.from_hf_dir(hf_path), gguf_tokenizer(gguf_path)
     assert hf_tok.vocab_size == gguf_tok.vocab_size == 320
     assert (hf_tok.bos_id, hf_tok.eos_id, hf_tok.bos_token, hf_tok.eos_token) == (
         1,

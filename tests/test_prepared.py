@@ -12,7 +12,7 @@ import pytest
 
 from model.text.chat_template import ChatTemplate
 from model.text.tokenizer import Tokenizer
-from model.weights.gguf import load_gguf
+from model.weights.gguf import load_gguf, read_metadata
 from model.weights.prepared import load_gguf_prepared
 from tests.tiny_models import TINY_LLAMA, write_tiny_gguf
 
@@ -54,13 +54,13 @@ def test_second_load_reads_the_copy_and_gives_the_same_model(tiny_gguf, tmp_path
         assert got_config == config
         assert_same_params(got_params, params)
         tokenizer = Tokenizer.from_metadata(meta)
-        reference = Tokenizer.from_gguf(reader)
+        reference = Tokenizer.from_metadata(read_metadata(reader))
         text = "the quick brown fox, 42 times"
         assert tokenizer.encode(text) == reference.encode(text)
         assert tokenizer.stop_ids == reference.stop_ids
         messages = [{"role": "user", "content": "hi"}]
         assert ChatTemplate.from_metadata(meta, tokenizer).render(messages) == (
-            ChatTemplate.from_gguf(reader, reference).render(messages)
+            ChatTemplate.from_metadata(read_metadata(reader), reference).render(messages)
         )
 
 

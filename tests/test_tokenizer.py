@@ -15,6 +15,7 @@ from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from model.text.detokenizer import IncrementalDetokenizer
 from model.text.tokenizer import Tokenizer, gpt2_byte_decoder, pre_tokenizer_for
+from model.weights.gguf import gguf_tokenizer
 
 GOLDEN = Path(__file__).parent / "fixtures" / "smollm2_golden.json"
 
@@ -29,7 +30,7 @@ def smollm2_path() -> Path:
 
 @pytest.fixture(scope="module")
 def smollm2() -> Tokenizer:
-    return Tokenizer.from_file(smollm2_path())
+    return gguf_tokenizer(smollm2_path())
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +174,7 @@ def spm_pair(request, tmp_path_factory) -> tuple[spm.SentencePieceProcessor, Tok
     proto = sp_pb2.ModelProto.FromString(model.getvalue())
     path = tmp_path_factory.mktemp("spm") / "tiny.gguf"
     write_spm_gguf(path, proto, add_space_prefix=request.param)
-    return spm.SentencePieceProcessor(model_proto=model.getvalue()), Tokenizer.from_file(path)
+    return spm.SentencePieceProcessor(model_proto=model.getvalue()), gguf_tokenizer(path)
 
 
 def test_spm_matches_sentencepiece(spm_pair) -> None:

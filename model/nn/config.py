@@ -2,7 +2,6 @@
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -91,39 +90,4 @@ class ModelConfig:
             norm_eps=1e-5,
             tie_embeddings=False,
             max_position=512,
-        )
-
-    @classmethod
-    def from_gguf_metadata(cls, meta: dict[str, Any], *, has_output: bool) -> "ModelConfig":
-        """Build from GGUF key/values (`{arch}.block_count`, …).
-
-        has_output: whether the file has an `output.weight` tensor; without it
-        the head is tied to the token embedding.
-        """
-        arch = meta["general.architecture"]
-        if arch not in ("llama", "mistral", "qwen2"):
-            raise ValueError(f"unsupported GGUF architecture {arch!r} (llama, mistral, qwen2)")
-
-        def get(key: str, default: Any = None) -> Any:
-            value = meta.get(f"{arch}.{key}", default)
-            if value is None:
-                raise ValueError(f"GGUF metadata lacks {arch}.{key}")
-            return value
-
-        dim = int(get("embedding_length"))
-        n_heads = int(get("attention.head_count"))
-        vocab = meta.get(f"{arch}.vocab_size") or len(meta["tokenizer.ggml.tokens"])
-        return cls(
-            vocab_size=int(vocab),
-            dim=dim,
-            n_layers=int(get("block_count")),
-            n_heads=n_heads,
-            n_kv_heads=int(get("attention.head_count_kv", n_heads)),
-            head_dim=int(meta.get(f"{arch}.attention.key_length", dim // n_heads)),
-            ffn_dim=int(get("feed_forward_length")),
-            rope_theta=float(get("rope.freq_base", 10000.0)),
-            norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-            tie_embeddings=not has_output,
-            qkv_bias=arch == "qwen2",
-            max_position=int(get("context_length", 2048)),
         )

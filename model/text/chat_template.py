@@ -22,7 +22,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import gguf
 import jinja2
 import jinja2.meta
 from jinja2 import nodes
@@ -31,7 +30,6 @@ from jinja2.parser import Parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from model.text.tool_calls import hermes_call_text, hermes_system_prompt
-from model.weights.gguf import read_metadata
 
 if TYPE_CHECKING:
     from model.text.tokenizer import Tokenizer
@@ -237,11 +235,6 @@ class ChatTemplate:
             self._variants = {name: _compile(env, s) for name, s in (variants or {}).items()}
         except jinja2.TemplateSyntaxError as exc:
             raise TemplateError(f"chat template does not compile: {exc}") from exc
-
-    @classmethod
-    def from_gguf(cls, reader: gguf.GGUFReader, tokenizer: Tokenizer) -> ChatTemplate:
-        """Template from GGUF `tokenizer.chat_template` (ChatML if absent)."""
-        return cls.from_metadata(read_metadata(reader), tokenizer)
 
     @classmethod
     def from_metadata(cls, meta: Mapping[str, Any], tokenizer: Tokenizer) -> ChatTemplate:

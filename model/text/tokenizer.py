@@ -28,13 +28,10 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Protocol
 
-import gguf
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
-
-from model.weights.gguf import read_metadata
 
 # GGUF token types; the numbering is SentencePiece's ModelProto.SentencePiece.Type.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -327,8 +324,8 @@ def _sentencepiece_file_vocab(file: Path, tok_config: dict[str, Any]) -> _HFVoca
 class Tokenizer:
     """Text <-> token ids for a model, plus the special-token facts a server needs.
 
-    Build with `Tokenizer.from_gguf(reader)`, `Tokenizer.from_file(gguf_path)` or
-    `Tokenizer.from_hf_dir(directory)`.
+    Build with `Tokenizer.from_metadata(gguf_metadata)` (model/weights/gguf.py reads a
+    file's) or `Tokenizer.from_hf_dir(directory)`.
     """
 
     def __init__(
@@ -372,13 +369,8 @@ class Tokenizer:
         self._bytes: dict[int, bytes] = {}  # filled on use: 49k tokens take 0.2 s up front
 
     @classmethod
-    def from_gguf(cls, reader: gguf.GGUFReader) -> Tokenizer:
-        """Build the tokenizer described by an open GGUF file's metadata."""
-        return cls.from_metadata(read_metadata(reader))
-
-    @classmethod
     def from_metadata(cls, meta: Mapping[str, Any]) -> Tokenizer:
-        """Build the tokenizer described by GGUF metadata (key → value, as `read_metadata`)."""
+        """Build the tokenizer described by GGUF metadata (key → value)."""
         kind: str = meta.get("tokenizer.ggml.model")
         tokens: list[str] = list(meta.get("tokenizer.ggml.tokens"))
         types = [int(t) for t in meta.get("tokenizer.ggml.token_type", [NORMAL] * len(tokens))]
@@ -403,11 +395,6 @@ class Tokenizer:
             strips_leading_space=getattr(backend, "add_dummy_prefix", False),
             extra_stop_ids=[meta.get(f"tokenizer.ggml.{key}_token_id") for key in ("eot", "eom")],
         )
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike[str]) -> Tokenizer:
-        """Open the GGUF file at `path` and build its tokenizer."""
-        return cls.from_gguf(gguf.GGUFReader(path))
 
     @classmethod
     def from_hf_dir(cls, path: str | os.PathLike[str]) -> Tokenizer:

@@ -7,6 +7,7 @@ transform from the GGUF (numpy, [out, in]) layout to ours. Quantised tensors
 
 import dataclasses
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from model.nn.config import ModelConfig
+from model.text.chat_template import ChatTemplate
+from model.text.tokenizer import Tokenizer
 
 Params = dict[str, Any]
 
@@ -109,11 +112,46 @@ def tensor_table(config: ModelConfig, arch: str) -> Table:
     return table
 
 
+def config_from_metadata(meta: dict[str, Any], *, has_output: bool) -> ModelConfig:
+    """The ModelConfig in GGUF key/values (`{arch}.block_count`, …).
+
+    has_output: whether the file has an `output.weight` tensor; without it the
+    head is tied to the token embedding.
+    """
+    arch = meta["general.architecture"]
+    if arch not in ("llama", "mistral", "qwen2"):
+        raise ValueError(f"unsupported GGUF architecture {arch!r} (llama, mistral, qwen2)")
+
+    def get(key: str, default: Any = None) -> Any:
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None:
+            raise ValueError(f"GGUF metadata lacks {arch}.{key}")
+        return value
+
+    dim = int(get("embedding_length"))
+    n_heads = int(get("attention.head_count"))
+    vocab = meta.get(f"{arch}.vocab_size") or len(meta["tokenizer.ggml.tokens"])
+    return ModelConfig(
+        vocab_size=int(vocab),
+        dim=dim,
+        n_layers=int(get("block_count")),
+        n_heads=n_heads,
+        n_kv_heads=int(get("attention.head_count_kv", n_heads)),
+        head_dim=int(meta.get(f"{arch}.attention.key_length", dim // n_heads)),
+        ffn_dim=int(get("feed_forward_length")),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        tie_embeddings=not has_output,
+        qkv_bias=arch == "qwen2",
+        max_position=int(get("context_length", 2048)),
+    )
+
+
 def config_from_gguf(reader: gguf.GGUFReader, meta: dict[str, Any] | None = None) -> ModelConfig:
     """The ModelConfig described by a GGUF file's metadata and tensor list."""
     meta = meta if meta is not None else read_metadata(reader)
     names = {t.name for t in reader.tensors}
-    config = ModelConfig.from_gguf_metadata(meta, has_output="output.weight" in names)
+    config = config_from_metadata(meta, has_output="output.weight" in names)
     if "rope_freqs.weight" in names:
         # llama.cpp stores Llama-3.1 RoPE scaling as per-frequency factors; ignoring
         # them would silently change the model.
@@ -156,3 +194,15 @@ def load_gguf(path: Path, dtype: jnp.dtype) -> tuple[ModelConfig, Params, gguf.G
     config = config_from_gguf(reader, meta)
     params = load_gguf_params(reader, config, dtype, meta["general.architecture"])
     return config, params, reader
+
+
+def gguf_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
+    """The tokenizer a GGUF file describes."""
+    return Tokenizer.from_metadata(read_metadata(gguf.GGUFReader(path)))
+
+
+def gguf_text(path: str | os.PathLike[str]) -> tuple[Tokenizer, ChatTemplate]:
+    """The tokenizer and chat template a GGUF file describes."""
+    meta = read_metadata(gguf.GGUFReader(path))
+    tokenizer = Tokenizer.from_metadata(meta)
+    return tokenizer, ChatTemplate.from_metadata(meta, tokenizer)
