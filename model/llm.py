@@ -11,7 +11,6 @@ import logging
 import secrets
 import threading
 import time
-from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -23,22 +22,16 @@ from jax.sharding import Mesh
 
 from model.engine.engine import Engine, default_pool_tokens
 from model.engine.executables import open_compile_cache
-from model.engine.scheduler import Scheduler, TokenEvent
+from model.engine.scheduler import Scheduler
 from model.engine.variants import FIRST_NEEDED
 from model.limits import PROMPT, Names, check_request
-from model.text.chat_template import ChatTemplate
-from model.text.detokenizer import IncrementalDetokenizer
-from model.text.stop_strings import StopStringMatcher
-from model.text.tokenizer import Tokenizer
+from model.text.stream import ChoiceText
 from model.types import Delta, FinishReason, SamplingParams, TokenLogprob
-from model.weights.hf import load_hf
-from model.weights.orbax import is_checkpoint, load_checkpoint, load_tokenizer, read_manifest
-from model.weights.prepared import load_gguf_prepared
-from model.weights.sources import cache_dir, resolve_model
+from model.weights.sources import cache_dir, load_model, resolve_model
 
 if TYPE_CHECKING:
     from model.text.grammar import Grammars
-from sharding import make_mesh, maybe_initialize_distributed
+from sharding import maybe_initialize_distributed
 
 log = logging.getLogger(__name__)
 
@@ -104,24 +97,11 @@ class LLM:
         self.compile_cache = open_compile_cache(compile_cache, cache_dir())
         self.path = resolve_model(model)
         self.dtype = compute_dtype(dtype)
-        if is_checkpoint(self.path):  # jaxchat's Orbax checkpoint: restored onto the mesh
-            self.config = read_manifest(self.path).config
-            if not isinstance(mesh, Mesh):
-                mesh = make_mesh(mesh, config=self.config)
-            _, params = load_checkpoint(self.path, mesh, self.dtype)
-            self.tokenizer, self.template = load_tokenizer(self.path)
-        elif self.path.is_dir():  # a Hugging Face directory
-            self.config, params = load_hf(self.path, self.dtype)
-            self.tokenizer = Tokenizer.from_hf_dir(self.path)
-            self.template = ChatTemplate.from_hf_dir(self.path, self.tokenizer)
-        else:
-            # With a compile cache, start-up is worth caching: the GGUF is prepared once.
-            prepared = cache_dir() / "models" if self.compile_cache else None
-            self.config, params, meta = load_gguf_prepared(self.path, self.dtype, prepared)
-            self.tokenizer = Tokenizer.from_metadata(meta)
-            self.template = ChatTemplate.from_metadata(meta, self.tokenizer)
-        if not isinstance(mesh, Mesh):
-            mesh = make_mesh(mesh, config=self.config)
+        # With a compile cache, start-up is worth caching: a GGUF is prepared once.
+        prepared = cache_dir() / "models" if self.compile_cache else None
+        loaded = load_model(self.path, mesh, self.dtype, prepared)
+        self.config, self.tokenizer = loaded.config, loaded.tokenizer
+        self.template = loaded.template
         self.max_seq_len = min(max_seq_len or self.config.max_position, self.config.max_position)
         pool = default_pool_tokens(
             self.config,
@@ -132,13 +112,13 @@ class LLM:
         )
         self.engine = Engine(
             self.config,
-            params,
+            loaded.params,
             max_seq_len=self.max_seq_len,
             batch=batch,
             pool_tokens=pool,
             stop_ids=self.tokenizer.stop_ids,
             dtype=self.dtype,
-            mesh=mesh,
+            mesh=loaded.mesh,
             executables=self.compile_cache and self.compile_cache.executables,
             unrolled=unrolled_decode,
         )
@@ -260,7 +240,7 @@ class LLM:
             constraints=constraints,
             top_logprobs=params.top_logprobs if params.logprobs else 0,
         )
-        choices = [_ChoiceText(self.tokenizer, params, i) for i in range(params.n)]
+        choices = [ChoiceText(self.tokenizer, params, i) for i in range(params.n)]
         running = params.n
         try:
             for event in handle:
@@ -313,60 +293,3 @@ class LLM:
         if stream:
             return (d.text for d in self.stream(ids, params) if d.text)
         return self.generate(ids, params).text
-
-
-class _ChoiceText:
-    """One choice's token events → Deltas of final text, cut at the first stop string.
-
-    With logprobs, each token gets the part of the content it accounts for:
-    what the detokenizer released at that token ("" for a token ending inside
-    a UTF-8 character, whose text arrives with the token that completes it),
-    cut where a stop string begins. Entries are released with their text, so
-    the entries' texts always concatenate to the content sent so far.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, params: SamplingParams, index: int) -> None:
-        self.tokenizer = tokenizer
-        self.index = index
-        self.ignore_eos = params.ignore_eos
-        self.logprobs = params.logprobs
-        self.detok = IncrementalDetokenizer(tokenizer)
-        self.stops = StopStringMatcher(params.stop)
-        self.pending: deque[list] = deque()  # [token id, text, logprob, top] awaiting release
-        self.unassigned = ""  # released text not yet attributed to a token
-        self.finished = False
-
-    def add(self, event: TokenEvent) -> Delta:
-        token, reason = event.token, event.finish_reason
-        is_stop_token = token in self.tokenizer.stop_ids and not self.ignore_eos
-        piece = "" if is_stop_token else self.detok.add(token)
-        text, stopped = self.stops.add(piece)
-        if self.logprobs and not is_stop_token:
-            self.pending.append([token, piece, event.logprob, event.top])
-        if reason and not stopped:
-            tail = self.detok.flush()
-            if tail and self.pending:
-                self.pending[-1][1] += tail
-            more, stopped = self.stops.add(tail)
-            text += more + ("" if stopped else self.stops.flush())
-        if stopped:
-            reason = "stop"
-        self.finished = reason is not None
-        entries = self._release(text, final=self.finished) if self.logprobs else ()
-        return Delta(text, (token,), reason, self.index, entries)
-
-    def _release(self, text: str, *, final: bool) -> tuple[TokenLogprob, ...]:
-        """Entries for the pending tokens whose text is now fully released."""
-        self.unassigned += text
-        out = []
-        while self.pending and len(self.pending[0][1]) <= len(self.unassigned):
-            token, piece, logprob, top = self.pending.popleft()
-            out.append(TokenLogprob(token, piece, logprob, top))
-            self.unassigned = self.unassigned[len(piece) :]
-        if final:
-            if self.unassigned and self.pending:  # the token a stop string cut into
-                token, _, logprob, top = self.pending.popleft()
-                out.append(TokenLogprob(token, self.unassigned, logprob, top))
-            self.pending.clear()
-            self.unassigned = ""
-        return tuple(out)

@@ -70,3 +70,17 @@ class Delta:
     finish_reason: FinishReason | None = None
     index: int = 0
     logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One sampled token of choice `index`; finish_reason is set on its last token.
+
+    top: the most likely tokens as (id, logprob) pairs, when the request asked.
+    """
+
+    token: int
+    logprob: float
+    finish_reason: FinishReason | None = None
+    index: int = 0
+    top: tuple[tuple[int, float], ...] = ()

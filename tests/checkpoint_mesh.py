@@ -19,7 +19,8 @@ import numpy as np
 
 from model import LLM, SamplingParams
 from model.engine.engine import Engine
-from model.weights.orbax import abstract_params, load_checkpoint, read_manifest
+from model.weights.manifest import read_manifest
+from model.weights.orbax import abstract_params, load_checkpoint
 from sharding import make_mesh, param_shardings
 
 TOKENS = [1, 17, 42, 5, 88, 3, 64, 30, 9, 211, 300]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from model.text.detokenizer import IncrementalDetokenizer
+from model.text.stream import IncrementalDetokenizer
 from model.text.tokenizer import Tokenizer
 from model.weights.gguf import gguf_tokenizer
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from model.text.stop_strings import StopStringMatcher
+from model.text.stream import StopStringMatcher
 
 
 def run(stops: list[str], chunks: list[str]) -> tuple[str, bool, list[str]]:

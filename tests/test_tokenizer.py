@@ -13,7 +13,7 @@ import pytest
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-from model.text.detokenizer import IncrementalDetokenizer
+from model.text.stream import IncrementalDetokenizer
 from model.text.tokenizer import Tokenizer, gpt2_byte_decoder, pre_tokenizer_for
 from model.weights.gguf import gguf_tokenizer
 

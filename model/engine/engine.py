@@ -36,7 +36,7 @@ from model.engine.variants import StepShape, Variants, step_shapes
 from model.nn.attention import DECODE_CHUNK, PRIOR_CHUNK, Layout, Pool, init_pool
 from model.nn.config import ModelConfig
 from model.nn.sampling import TOP_LOGPROBS, SlotSampling, sample
-from model.nn.transformer import Transformer, forward_logits, stack_layers
+from model.nn.transformer import Params, Transformer, forward_logits, stack_layers
 from model.types import SamplingParams
 from model.weights.source_digest import source_digest
 from sharding import (
@@ -51,7 +51,6 @@ from sharding import (
 
 log = logging.getLogger(__name__)
 
-Params = dict
 BLOCK_SIZE = 16  # positions per pool block
 SCAN, UNROLLED = "scan", "unrolled"  # how a step executable runs the layers
 

@@ -58,7 +58,7 @@ import numpy as np
 from model.engine.blocks import BlockPool, Hash, chain_hash, prefix_hashes
 from model.engine.variants import LARGE_CHUNK, SMALL_CHUNK, StepShape, pick_shape
 from model.nn.sampling import SlotSampling
-from model.types import FinishReason
+from model.types import TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -74,20 +74,6 @@ class EngineFailed(RuntimeError):
 class RequestFailed(RuntimeError):
     """One request failed inside the scheduler (a server fault, not the client's);
     every other request goes on."""
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """One sampled token of choice `index`; finish_reason is set on its last token.
-
-    top: the most likely tokens as (id, logprob) pairs, when the request asked.
-    """
-
-    token: int
-    logprob: float
-    finish_reason: FinishReason | None = None
-    index: int = 0
-    top: tuple[tuple[int, float], ...] = ()
 
 
 class Constraint(Protocol):

@@ -22,6 +22,8 @@ step shape (model/engine/engine.py); `stack_layers` turns one parameter tree
 into the other. Both read and write the same pool.
 """
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -31,6 +33,10 @@ from jax import lax
 from model.nn.attention import Layout, Pool, decode_attention, region_attention, write_pool
 from model.nn.config import ModelConfig
 from model.nn.quantize import dense
+
+# The parameter tree, {"embed": …, "layer_0": {"attn": {"qkv": …}, …}, …}: what every
+# loader in model/weights produces and the engine lays out on the mesh.
+Params = dict[str, Any]
 
 
 def rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:

@@ -30,11 +30,12 @@ import numpy as np
 from llguidance.numpy import fill_next_token_bitmask
 
 from model.text.tokenizer import END_OF_TURN_TOKENS, Tokenizer
+from model.text.tool_calls import CALL_CLOSE, CALL_OPEN
 
 # json.dumps' default separators and no other whitespace.
 _COMPACT_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
-_CALL_OPEN, _CALL_CLOSE = "<tool_call>\n", "\n</tool_call>"
+_CALL_OPEN, _CALL_CLOSE = f"{CALL_OPEN}\n", f"\n{CALL_CLOSE}"  # as hermes_call_text writes them
 # The arguments of a function declared without parameters: exactly `{}`.
 NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 

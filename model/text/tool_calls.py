@@ -34,6 +34,8 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from model.text.stream import longest_prefix_suffix
+
 CALL_OPEN = "<tool_call>"
 CALL_CLOSE = "</tool_call>"
 ARGUMENT_KEYS = ("arguments", "parameters")  # Llama 3.1 writes "parameters"
@@ -123,14 +125,6 @@ def parse_tool_calls(
     events = stream.feed(text) + stream.finish()
     content = "".join(e.text for e in events if isinstance(e, ContentDelta))
     return (content if content.strip() else None), stream.complete_calls()
-
-
-def longest_prefix_suffix(text: str, tag: str) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of `tag`."""
-    for size in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-size:]):
-            return size
-    return 0
 
 
 class ToolCallStream:

@@ -15,12 +15,12 @@ from typing import Any
 import gguf
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from model.nn.config import ModelConfig
+from model.nn.transformer import Params
 from model.text.chat_template import ChatTemplate
 from model.text.tokenizer import Tokenizer
-
-Params = dict[str, Any]
 
 # Architectures whose converter permuted Q/K rows into llama.cpp's interleaved
 # RoPE layout; we undo it to get the rotate-half layout of the HF weights.
@@ -178,13 +178,11 @@ def load_gguf_params(
         t = tensors[name]
         return gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
 
-    params: Params = {}
-    for path, (names, transform) in table.items():
-        node = params
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = jnp.asarray(transform(*map(dequantize, names)), dtype=dtype)
-    return params
+    flat = {
+        path: jnp.asarray(transform(*map(dequantize, names)), dtype=dtype)
+        for path, (names, transform) in table.items()
+    }
+    return traverse_util.unflatten_dict(flat)
 
 
 def load_gguf(path: Path, dtype: jnp.dtype) -> tuple[ModelConfig, Params, gguf.GGUFReader]:

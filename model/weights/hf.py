@@ -14,10 +14,12 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 from safetensors import safe_open
 
 from model.nn.config import ModelConfig
-from model.weights.gguf import Params, Table
+from model.nn.transformer import Params
+from model.weights.gguf import Table
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")  # SmolLM2 is model_type "llama"
 INDEX_FILE = "model.safetensors.index.json"
@@ -155,13 +157,11 @@ def load_hf_params(path: Path, config: ModelConfig, dtype: jnp.dtype) -> Params:
             # bf16/f16 checkpoints are widened so transforms and dtype casts are exact.
             return handles[files[name]].get_tensor(name).astype(np.float32, copy=False)
 
-        params: Params = {}
-        for param_path, (names, transform) in table.items():
-            node = params
-            for key in param_path[:-1]:
-                node = node.setdefault(key, {})
-            node[param_path[-1]] = jnp.asarray(transform(*map(read, names)), dtype=dtype)
-    return params
+        flat = {
+            param_path: jnp.asarray(transform(*map(read, names)), dtype=dtype)
+            for param_path, (names, transform) in table.items()
+        }
+    return traverse_util.unflatten_dict(flat)
 
 
 def load_hf(path: Path, dtype: jnp.dtype) -> tuple[ModelConfig, Params]:

@@ -15,7 +15,6 @@ device_put finds every array already in place.
 The tokenizer and chat template come from the usual constructors over the files above.
 """
 
-import dataclasses
 import json
 import os
 import shutil
@@ -37,15 +36,18 @@ from model.text.chat_template import ChatTemplate
 from model.text.tokenizer import Tokenizer
 from model.weights.gguf import Params, load_gguf, metadata_json, read_metadata
 from model.weights.hf import load_hf
+from model.weights.manifest import (
+    DTYPES,
+    GGUF_METADATA,
+    MANIFEST,
+    PARAMS,
+    QUANTIZATIONS,
+    Manifest,
+    is_checkpoint,
+    read_manifest,
+)
 from sharding.rules import TENSOR_PARALLEL, ShardingRules, param_shardings
 
-FORMAT = "jaxchat-orbax"
-VERSION = 1
-MANIFEST = "jaxchat.json"
-PARAMS = "params"
-GGUF_METADATA = "gguf_metadata.json"
-DTYPES = ("float32", "bfloat16")
-QUANTIZATIONS = (None, "int8")
 # What Tokenizer.from_hf_dir and ChatTemplate.from_hf_dir read; config.json too,
 # because the tokenizer pads its vocabulary to config.json's vocab_size.
 HF_TOKENIZER_FILES = (
@@ -57,114 +59,6 @@ HF_TOKENIZER_FILES = (
     "chat_template.jinja",
     "config.json",
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class Manifest:
-    """The contents of jaxchat.json. dtype: how unquantized weights are stored;
-    tokenizer: "gguf" (gguf_metadata.json) or "hf" (copied Hugging Face files)."""
-
-    config: ModelConfig
-    dtype: str
-    quantization: str | None
-    source: str
-    tokenizer: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "format": FORMAT,
-            "version": VERSION,
-            "config": dataclasses.asdict(self.config),
-            "dtype": self.dtype,
-            "quantization": self.quantization,
-            "source": self.source,
-            "tokenizer": self.tokenizer,
-        }
-
-
-def is_checkpoint(path: str | Path) -> bool:
-    """Whether `path` is a directory with a jaxchat.json (a checkpoint, maybe a broken one)."""
-    path = Path(path)
-    return path.is_dir() and (path / MANIFEST).is_file()
-
-
-def read_manifest(path: str | Path) -> Manifest:
-    """The Manifest of checkpoint directory `path`.
-
-    Raises FileNotFoundError without jaxchat.json, ValueError naming the file and the
-    field for anything malformed.
-    """
-    file = Path(path) / MANIFEST
-    if not file.is_file():
-        raise FileNotFoundError(f"{path} is not a jaxchat checkpoint: it has no {MANIFEST}")
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{file} is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{file} must hold a JSON object")
-
-    def field(name: str, allowed: tuple | type) -> Any:
-        value = data.get(name)
-        ok = value in allowed if isinstance(allowed, tuple) else isinstance(value, allowed)
-        if not ok:
-            want = allowed if isinstance(allowed, tuple) else allowed.__name__
-            raise ValueError(f"{file}: field {name!r} is {value!r}, expected {want}")
-        return value
-
-    field("format", (FORMAT,))
-    if isinstance(data.get("version"), int) and data["version"] > VERSION:
-        raise ValueError(f"{file}: version {data['version']} needs a newer jaxchat")
-    field("version", (VERSION,))
-    return Manifest(
-        config=config_from_json(field("config", dict), str(file)),
-        dtype=field("dtype", DTYPES),
-        quantization=field("quantization", QUANTIZATIONS),
-        source=field("source", str),
-        tokenizer=field("tokenizer", ("gguf", "hf")),
-    )
-
-
-def config_from_json(data: dict[str, Any], where: str) -> ModelConfig:
-    """A ModelConfig from jaxchat.json's "config" object; ValueError naming `where` and the field.
-
-    Absent fields with a default take it, so checkpoints outlive new optional fields.
-    """
-    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ValueError(f"{where}: unknown config field(s) {unknown}")
-    values = {}
-    for name, f in fields.items():
-        if name in data:
-            values[name] = _config_value(name, f.type, data[name], where)
-        elif f.default is dataclasses.MISSING:
-            raise ValueError(f"{where}: config lacks the field {name!r}")
-    try:
-        return ModelConfig(**values)
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from e
-
-
-def _config_value(name: str, kind: Any, value: Any, where: str) -> Any:
-    """A JSON value checked against its ModelConfig field's type; rope_scaling as a tuple."""
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    if kind is bool:
-        ok = isinstance(value, bool)
-    elif kind is int:
-        ok = number and isinstance(value, int)
-    elif kind is float:
-        ok, value = number, float(value) if number else value
-    elif name == "rope_scaling":  # null or [factor, low_freq, high_freq, original_max]
-        items = value if isinstance(value, list) else []
-        ok = value is None or (len(items) == 4 and all(isinstance(x, int | float) for x in items))
-        if ok and value is not None:
-            value = (float(items[0]), float(items[1]), float(items[2]), int(items[3]))
-    else:
-        ok = True  # a field added after this reader: ModelConfig checks it
-    if not ok:
-        raise ValueError(f"{where}: config field {name!r} has the invalid value {value!r}")
-    return value
 
 
 # ---- writing ----------------------------------------------------------------------------

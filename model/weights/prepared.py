@@ -23,20 +23,22 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from model.nn.config import ModelConfig
+from model.nn.transformer import Params
 from model.weights import gguf as gguf_loader
-from model.weights.orbax import config_from_json
+from model.weights.manifest import config_from_json
 from model.weights.source_digest import source_digest
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
-Params = dict
 
 
 # The libraries whose code turns GGUF blocks into the stored arrays.
@@ -69,31 +71,17 @@ def load_gguf_prepared(
 
 
 def _cast(params: Params, dtype: jnp.dtype) -> Params:
-    return {
-        k: _cast(v, dtype) if isinstance(v, dict) else np.asarray(v).astype(dtype, copy=False)
-        for k, v in params.items()
-    }
+    return jax.tree.map(lambda w: np.asarray(w).astype(dtype, copy=False), params)
 
 
-def _flatten(params: Params, prefix: str = "") -> dict[str, np.ndarray]:
-    flat: dict[str, np.ndarray] = {}
-    for name, value in params.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{name}/"))
-        else:
-            flat[prefix + name] = np.asarray(value, np.float32)
-    return flat
+def _flatten(params: Params) -> dict[str, np.ndarray]:
+    flat = traverse_util.flatten_dict(params, sep="/")
+    return {name: np.asarray(value, np.float32) for name, value in flat.items()}
 
 
 def _unflatten(flat: dict[str, np.ndarray], dtype: jnp.dtype) -> Params:
-    params: Params = {}
-    for name, value in flat.items():
-        *parents, leaf = name.split("/")
-        node = params
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        node[leaf] = value.astype(dtype, copy=False)  # host arrays, as a loader's
-    return params
+    # Host arrays, as a loader's.
+    return _cast(traverse_util.unflatten_dict(flat, sep="/"), dtype)
 
 
 def _read(prepared: Path, dtype: jnp.dtype) -> tuple[ModelConfig, Params, dict[str, Any]]:

