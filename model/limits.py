@@ -11,6 +11,10 @@ from dataclasses import dataclass
 
 from model.types import SamplingParams
 
+# Serving defaults, for `LLM` and the server's settings (handler/settings.py).
+DEFAULT_BATCH = 32  # decode slots: the most sequences generating at once
+DEFAULT_MAX_QUEUE = 256  # requests that may wait for a slot
+
 
 class InvalidRequest(ValueError):
     """A request the model cannot serve as asked; `param` names the offending field

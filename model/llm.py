@@ -20,11 +20,12 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from model.engine.engine import Engine, default_pool_tokens
+from model.engine.engine import Engine
 from model.engine.executables import open_compile_cache
 from model.engine.scheduler import Scheduler
+from model.engine.state import default_pool_tokens
 from model.engine.variants import FIRST_NEEDED
-from model.limits import PROMPT, Names, check_request
+from model.limits import DEFAULT_BATCH, DEFAULT_MAX_QUEUE, PROMPT, Names, check_request
 from model.text.stream import ChoiceText
 from model.types import Delta, FinishReason, SamplingParams, TokenLogprob
 from model.weights.sources import cache_dir, load_model, resolve_model
@@ -35,8 +36,6 @@ from sharding import maybe_initialize_distributed
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BATCH = 32
-DEFAULT_MAX_QUEUE = 256
 Messages = str | Sequence[dict]
 SEED_STRIDE = 0x9E3779B97F4A7C15  # choice i of a seeded request uses seed + i * stride
 
@@ -160,14 +159,14 @@ class LLM:
         decode steps load or compile there while nothing is being served (loading
         and compiling hold the interpreter, so they would stall requests).
         """
-        self.engine.warmup()
+        self.engine.variants.warmup()
         self._push()
         if wait:
-            self.engine.preload()
-            self.engine.upgrade()
+            self.engine.variants.preload()
+            self.engine.variants.upgrade()
             self._push()
             return
-        self.engine.preload(count=FIRST_NEEDED)
+        self.engine.variants.preload(count=FIRST_NEEDED)
         # Not a daemon: at exit it finishes the executable it is on and stops (a
         # daemon thread killed inside XLA's loader aborts the process).
         threading.Thread(target=self._preload, name="preload").start()
@@ -185,8 +184,8 @@ class LLM:
             return alive()
 
         try:
-            self.engine.preload(until=alive)
-            self.engine.upgrade(until=when_idle)
+            self.engine.variants.preload(until=alive)
+            self.engine.variants.upgrade(until=when_idle)
             self._push()
         except Exception:  # a request that needs a stored executable loads it itself
             log.exception("loading or compiling the faster executables failed")

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from model.engine.engine import StepPlan
 from model.engine.scheduler import EngineFailed, QueueFull, RequestFailed, Scheduler
+from model.engine.state import StepPlan
 from model.engine.variants import SMALL_CHUNK, StepShape, step_shapes
 from model.nn.attention import Layout
 

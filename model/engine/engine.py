@@ -19,12 +19,10 @@ before serving, and serving never compiles.
 """
 
 import logging
-import math
 import os
 from collections.abc import Sequence
 from functools import partial
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,8 +30,17 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from model.engine.executables import ExecutableStore, fingerprint
+from model.engine.state import (
+    EngineState,
+    StepOutputs,
+    StepPlan,
+    default_pool_tokens,
+    empty_plan,
+    sampling_row,
+    table_width,
+)
 from model.engine.variants import StepShape, Variants, step_shapes
-from model.nn.attention import DECODE_CHUNK, PRIOR_CHUNK, Layout, Pool, init_pool
+from model.nn.attention import Pool, init_pool
 from model.nn.config import ModelConfig
 from model.nn.sampling import TOP_LOGPROBS, SlotSampling, sample
 from model.nn.transformer import Params, Transformer, forward_logits, stack_layers
@@ -53,80 +60,6 @@ log = logging.getLogger(__name__)
 
 BLOCK_SIZE = 16  # positions per pool block
 SCAN, UNROLLED = "scan", "unrolled"  # how a step executable runs the layers
-
-
-@flax.struct.dataclass
-class EngineState:
-    """What the device keeps between steps, for B slots.
-
-    pool: every layer's keys and values of every sequence (model/nn/attention.py);
-    tokens [B]: each slot's newest sampled token, the input of its next decode row;
-    sampling: each slot's sampling settings and state (key, counts).
-    """
-
-    pool: Pool
-    tokens: jax.Array
-    sampling: SlotSampling
-
-
-@flax.struct.dataclass
-class StepPlan:
-    """One step's inputs, host arrays shaped by a StepShape (R rows, P prefill tokens).
-
-    tokens [T]: the prefill region's tokens (decode rows' entries are ignored);
-    layout: positions, decode contexts and block tables, segments, writes;
-    decode [R] bool: row r is slot r's decode row (its token comes from the state);
-    sample_from [R] i32: the token whose output slot r samples from;
-    sample [R] bool: slot r samples a token this step;
-    allowed [R, W] i32: grammar bitmasks (all bits set: unconstrained).
-    """
-
-    tokens: np.ndarray
-    layout: Layout
-    decode: np.ndarray
-    sample_from: np.ndarray
-    sample: np.ndarray
-    allowed: np.ndarray
-
-
-@flax.struct.dataclass
-class StepOutputs:
-    """Per row r: the sampled token and its log-probability, and the most likely
-    tokens [R, TOP_LOGPROBS] (zeros unless some row asked). Rows not sampling: junk."""
-
-    tokens: jax.Array
-    logprobs: jax.Array
-    top_ids: jax.Array
-    top_logprobs: jax.Array
-
-
-def default_pool_tokens(
-    config: ModelConfig, dtype, batch: int, max_seq_len: int, spec: str | None = None
-) -> int:
-    """KV pool size in positions, from JAXCHAT_KV_POOL-style `spec`: a number of tokens
-    ("65536"), a fraction of the memory that is free now ("0.5"), or None: on CPU
-    32768 positions (about 1.5 GB for SmolLM2-135M in f32), else 85% of the free
-    device memory. At least one full context, and never past batch × context."""
-    c = config
-    per_token = 2 * c.n_layers * c.n_kv_heads * c.head_dim * jnp.dtype(dtype).itemsize
-    if spec and "." not in spec:
-        tokens = int(spec)
-    elif spec or jax.default_backend() != "cpu":
-        fraction = float(spec) if spec else 0.85
-        tokens = int(fraction * free_memory_bytes() / per_token)
-    else:
-        tokens = 32768
-    return max(max_seq_len, min(tokens, batch * max_seq_len))
-
-
-def free_memory_bytes() -> int:
-    """Free memory of the first device (accelerators), or the host's available memory."""
-    stats = jax.devices()[0].memory_stats() or {}
-    if "bytes_limit" in stats:
-        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
-    with open("/proc/meminfo") as meminfo:
-        fields = dict(line.split(":", 1) for line in meminfo)
-    return int(fields["MemAvailable"].split()[0]) * 1024
 
 
 class Engine:
@@ -343,18 +276,6 @@ class Engine:
         params = self.stacked if layers == SCAN else self.params
         return self._steps[layers == SCAN].lower(params, state, plan)
 
-    def warmup(self, workers: int | None = None) -> None:
-        """Compile every variant the executable store lacks (see Variants.warmup)."""
-        self.variants.warmup(workers)
-
-    def preload(self, until=lambda: True, count: int | None = None) -> None:
-        """Load stored variants not yet in memory (see Variants.preload)."""
-        self.variants.preload(until, count)
-
-    def upgrade(self, until=lambda: True) -> None:
-        """Load or compile the faster unrolled steps (see Variants.upgrade)."""
-        self.variants.upgrade(until)
-
     # ---- host-side API -------------------------------------------------------------
 
     def init_state(self) -> EngineState:
@@ -374,80 +295,19 @@ class Engine:
 
     def empty_plan(self, shape: StepShape) -> StepPlan:
         """A plan of `shape` that changes nothing: idle rows, padding, no writes, no samples."""
-        r, t, mb = shape.rows, shape.tokens, self.table_width
-        layout = Layout(
-            positions=np.zeros(t, np.int32),
-            context=np.full(r, -1, np.int32),
-            block_tables=np.zeros((r, mb), np.int32),
-            segments=np.full(shape.prefill, -1, np.int32),
-            prior=np.int32(0),
-            prior_blocks=np.zeros(mb, np.int32),
-            write=np.full(t, self.pool_blocks * self.block_size, np.int32),
-        )
-        return StepPlan(
-            tokens=np.zeros(t, np.int32),
-            layout=layout,
-            decode=np.zeros(r, bool),
-            sample_from=np.zeros(r, np.int32),
-            sample=np.zeros(r, bool),
-            allowed=self.unconstrained(r),
-        )
-
-    def unconstrained(self, rows: int) -> np.ndarray:
-        """A grammar bitmask [rows, W] that allows every token."""
-        return np.full((rows, self.mask_words), -1, np.int32)
+        no_write = self.pool_blocks * self.block_size
+        return empty_plan(shape, self.table_width, no_write, self.mask_words)
 
     def sampling(
         self, params: SamplingParams, seed: int, prompt_ids: Sequence[int] = ()
     ) -> SlotSampling:
-        """[1]-shaped settings for one sequence: its key from `seed`, the prompt's tokens
-        marked seen (for the repetition penalty)."""
-        v = self.config.vocab_size
-        bias = np.zeros((1, v), np.float32)
-        for token, value in (params.logit_bias or {}).items():
-            if not 0 <= token < v:
-                raise ValueError(f"logit_bias token id {token} is not in the vocabulary [0, {v})")
-            bias[0, token] = value
-        row = SlotSampling.create(
-            [params.temperature],
-            [params.top_p],
-            [min(params.top_k, v)],  # keeping more than the vocabulary keeps all of it
-            prng_key(seed)[None],
-            vocab_size=v,
-            min_p=[params.min_p],
-            frequency_penalty=[params.frequency_penalty],
-            presence_penalty=[params.presence_penalty],
-            repetition_penalty=[params.repetition_penalty],
-            top_logprobs=[params.top_logprobs],
-            logit_bias=bias,
-            xp=np,
-        )
-        seen = np.zeros((1, v), bool)
-        seen[0, np.asarray(prompt_ids, np.int64)] = True
-        return row.replace(seen=seen)
+        """[1]-shaped settings for one sequence (see `sampling_row`)."""
+        return sampling_row(params, seed, prompt_ids, self.config.vocab_size)
 
     def forward(self, tokens) -> jax.Array:
         """Full-sequence logits [B, T, V] for tokens [B, T], through the scanned layers
         the steps use (tests and scoring; compiles per shape)."""
         return self._forward(self.stacked, jnp.asarray(tokens, jnp.int32))
-
-
-def table_width(max_seq_len: int, block_size: int) -> int:
-    """MB: blocks per block table, enough for `max_seq_len` positions and a multiple of
-    both attention chunks' block counts (so no chunk's slice runs past the table)."""
-    needed = -(-max_seq_len // block_size)
-    step = math.lcm(*(max(1, chunk // block_size) for chunk in (DECODE_CHUNK, PRIOR_CHUNK)))
-    return -(-needed // step) * step
-
-
-def prng_key(seed: int) -> np.ndarray:
-    """A PRNG key [2] u32 from a 64-bit seed, computed on the host (no device work).
-
-    Equal to jax.random.PRNGKey(seed) for seeds below 2**32; the high word
-    takes the key's first half, so distinct int64 seeds give distinct keys.
-    """
-    seed &= 0xFFFFFFFFFFFFFFFF
-    return np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32)
 
 
 __all__ = ["BLOCK_SIZE", "TOP_LOGPROBS", "Engine", "EngineState", "StepOutputs", "StepPlan"]

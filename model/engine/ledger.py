@@ -1,0 +1,147 @@
+"""The scheduler's bookkeeping of pool blocks per sequence, and the plan of a step.
+
+`Ledger` decides which blocks of the KV pool (model/engine/blocks.py) each
+running sequence holds: it reuses cached prefixes, grows a sequence block by
+block, preempts the newest sequence when the pool is out, and registers full
+blocks in the prefix cache. `build_plan` turns the sequences a step runs into
+the engine's StepPlan. Both run on the scheduler thread only.
+"""
+
+import logging
+
+import numpy as np
+
+from model.engine.blocks import BlockPool, chain_hash, prefix_hashes
+from model.engine.requests import Seq
+from model.engine.state import StepPlan
+
+log = logging.getLogger(__name__)
+
+
+class Ledger:
+    """Which pool blocks each sequence holds (see the module docstring)."""
+
+    def __init__(self, pool: BlockPool) -> None:
+        self.pool = pool
+        self.block_size = pool.block_size
+
+    def room_for(self, seq: Seq, live: list[Seq]) -> bool:
+        """Whether the pool can take this prompt besides what admitted sequences still need
+        (the rest of their prompts, and a block each for decoding)."""
+        bs = self.block_size
+        promised = sum(
+            max(0, -(-(max(s.target, s.length) + 1) // bs) - len(s.blocks)) for s in live
+        )
+        return -(-(len(seq.tokens) + 1) // bs) <= self.pool.available - promised
+
+    def look_up(self, seq: Seq) -> None:
+        """Reuse the cached blocks of the sequence's longest cached prefix (at most all but
+        the last token: its output is needed to sample the next)."""
+        bs = self.block_size
+        count = (seq.target - 1) // bs if seq.sample_at_target else seq.target // bs
+        hashes = prefix_hashes(seq.tokens, bs, count)
+        seq.blocks = self.pool.lookup(hashes)
+        seq.hashes = hashes[: len(seq.blocks)]
+        seq.computed = len(seq.blocks) * bs
+        seq.looked_up = True
+
+    def grow(self, seq: Seq, positions: int) -> bool:
+        """Blocks for the sequence's first `positions` positions; False if the pool ran out
+        first (the blocks taken so far stay with the sequence)."""
+        while len(seq.blocks) * self.block_size < positions:
+            block = self.pool.allocate()
+            if block is None:
+                return False
+            seq.blocks.append(block)
+        return True
+
+    def preempt(self, needy: Seq, live: list[Seq]) -> None:
+        """Free the blocks of the newest running sequence other than `needy` (see the
+        module docstring: it resumes with the same tokens)."""
+        victims = [s for s in live if s is not needy and s.blocks]
+        if not victims:
+            raise RuntimeError("the KV pool cannot hold one sequence's context")
+        victim = max(victims, key=lambda s: s.order)
+        log.info("KV pool full: preempting a sequence of %d tokens", victim.length)
+        self.pool.release(victim.blocks)
+        victim.blocks, victim.hashes = [], []
+        victim.computed = 0
+        victim.looked_up = False
+        if victim.length > len(victim.tokens):  # a first token not delivered: impossible here
+            raise RuntimeError("preempting a sequence with a token in flight")
+        if victim.generated:  # its newest token is the slot's input; prefill the rest
+            victim.target, victim.sample_at_target = len(victim.tokens) - 1, False
+
+    def register(self, seq: Seq) -> None:
+        """Cache every full block whose tokens are known and whose keys are computed."""
+        bs = self.block_size
+        while (len(seq.hashes) + 1) * bs <= min(seq.computed, len(seq.tokens)):
+            i = len(seq.hashes)
+            parent = seq.hashes[-1] if seq.hashes else None
+            seq.hashes.append(chain_hash(parent, seq.tokens[i * bs : (i + 1) * bs]))
+            self.pool.register(seq.blocks[i], seq.hashes[-1])
+
+    def prompt_chunks(self, live: list[Seq], budget: int) -> list[tuple[Seq, int]]:
+        """Prompt chunks for the prefill region: the oldest begun prompt first (the only
+        one that reads earlier positions from the pool), then new prompts, up to `budget`
+        tokens, while the pool has blocks for them."""
+        pending = [s for s in live if not s.decoding and s.may_prefill]
+        pending.sort(key=lambda s: (s.computed == 0 if s.looked_up else True, s.order))
+        segments: list[tuple[Seq, int]] = []
+        for seq in pending:
+            if budget <= 0:
+                break
+            if not seq.looked_up:
+                self.look_up(seq)
+            if segments and seq.computed > 0:
+                continue  # only the first segment may read earlier positions
+            n = min(seq.target - seq.computed, budget)
+            if n <= 0:
+                continue
+            if not self.grow(seq, seq.computed + n):
+                break  # the pool is full: the rest waits
+            segments.append((seq, n))
+            budget -= n
+        return segments
+
+    def release(self, seq: Seq) -> None:
+        """Give back a finished sequence's blocks (cached ones stay in the prefix cache)."""
+        self.pool.release(seq.blocks)
+        seq.blocks = []
+
+
+def build_plan(
+    plan: StepPlan, decode: list[Seq], segments: list[tuple[Seq, int]], bs: int
+) -> tuple[StepPlan, list[tuple[int, Seq]]]:
+    """Fill `plan` (an empty plan of the step's shape) with the decode rows and prompt
+    chunks; returns it and its sampled (row, sequence) pairs. bs: the block size."""
+    layout = plan.layout
+    rows = len(layout.context)
+    samplers = []
+    for seq in decode:
+        r, p = seq.slot, seq.length - 1
+        layout.positions[r] = layout.context[r] = p
+        layout.block_tables[r, : len(seq.blocks)] = seq.blocks
+        layout.write[r] = seq.blocks[p // bs] * bs + p % bs
+        plan.decode[r] = plan.sample[r] = True
+        plan.sample_from[r] = r
+        samplers.append((r, seq))
+    start = rows
+    for g, (seq, n) in enumerate(segments):
+        c = seq.computed
+        where = slice(start, start + n)
+        positions = np.arange(c, c + n)
+        plan.tokens[where] = seq.tokens[c : c + n]
+        layout.positions[where] = positions
+        layout.segments[start - rows : start - rows + n] = g
+        blocks = np.asarray(seq.blocks)
+        layout.write[where] = blocks[positions // bs] * bs + positions % bs
+        if g == 0:
+            layout = layout.replace(prior=np.int32(c))
+            layout.prior_blocks[: len(seq.blocks)] = seq.blocks
+        if seq.samples_after(n):
+            plan.sample[seq.slot] = True
+            plan.sample_from[seq.slot] = start + n - 1
+            samplers.append((seq.slot, seq))
+        start += n
+    return plan.replace(layout=layout), samplers

@@ -1,0 +1,248 @@
+"""A request inside the engine: its handle (what the caller iterates), its choices'
+sequences (what the scheduler plans), and the errors a caller may get."""
+
+import logging
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from model.engine.blocks import Hash
+from model.nn.sampling import SlotSampling
+from model.types import FinishReason, TokenEvent
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its bound; try again later."""
+
+
+class EngineFailed(RuntimeError):
+    """The engine raised; the scheduler no longer serves requests."""
+
+
+class RequestFailed(RuntimeError):
+    """One request failed inside the scheduler (a server fault, not the client's);
+    every other request goes on."""
+
+
+class Constraint(Protocol):
+    """A grammar's state for one choice (see model/text/grammar.py)."""
+
+    def fill(self, bitmask: np.ndarray, row: int) -> None: ...
+    def accept(self, token: int) -> bool: ...
+
+
+class Handle:
+    """A submitted request: iterate it for the TokenEvents of all its choices.
+
+    Iteration ends after every choice's last event. `cancel()` stops the
+    request, `cancel(index)` one choice (which then sends no more events).
+    """
+
+    def __init__(self, n: int = 1) -> None:
+        self.n = n
+        self._events: queue.SimpleQueue[TokenEvent | BaseException] = queue.SimpleQueue()
+        self._cancelled = threading.Event()
+        self._cancelled_choices: set[int] = set()
+        self._error: BaseException | None = None
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        finished: set[int] = set()
+        while any(i not in finished and not self.choice_cancelled(i) for i in range(self.n)):
+            event = self._events.get()
+            if isinstance(event, BaseException):
+                raise event
+            yield event
+            if event.finish_reason is not None:
+                finished.add(event.index)
+        if self._error is not None:
+            raise self._error
+
+    def put(self, event: TokenEvent) -> None:
+        """Send a choice's next event to the consumer (the scheduler thread calls this)."""
+        self._events.put(event)
+
+    def fail(self, error: BaseException) -> None:
+        """End the request with `error` (raised to its consumer) and free its slots."""
+        self._error = error
+        self._events.put(error)
+        self._cancelled.set()
+
+    def cancel(self, index: int | None = None) -> None:
+        """Stop generating (one choice, or all); safe at any time, from any thread."""
+        if index is None:
+            self._cancelled.set()
+        else:
+            self._cancelled_choices.add(index)
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def choice_cancelled(self, index: int) -> bool:
+        return self._cancelled.is_set() or index in self._cancelled_choices
+
+
+@dataclass(eq=False)
+class Seq:
+    """One choice of a request: its slot, tokens and blocks, from admission to its end.
+
+    tokens: the prompt and the tokens delivered so far; length: the same plus
+    those sampled but not delivered yet. computed: positions whose keys and
+    values are in the pool (or on their way, in a dispatched step). It prefills
+    until `target` (the prompt, or after a preemption all but its newest token,
+    which the device still holds as the slot's input), then decodes.
+    """
+
+    index: int
+    handle: Handle
+    row: SlotSampling
+    max_new: int
+    stop_at_eos: bool
+    tokens: list[int]
+    constraint: Constraint | None = None
+    top_logprobs: int = 0
+    first: "Seq | None" = None  # the 1st choice, whose prompt this one waits for
+    slot: int = -1
+    order: int = 0  # admission order (the newest is preempted first)
+    length: int = 0
+    computed: int = 0
+    target: int = 0
+    sample_at_target: bool = True
+    blocks: list[int] = field(default_factory=list)
+    hashes: list[Hash] = field(default_factory=list)  # of its leading registered blocks
+    generated: int = 0
+    finished: bool = False
+    looked_up: bool = False
+
+    @property
+    def cancelled(self) -> bool:
+        return self.handle.choice_cancelled(self.index)
+
+    @property
+    def may_prefill(self) -> bool:
+        """Whether this choice may prefill: the 1st choice's prompt must be in the pool."""
+        first = self.first
+        return first is None or first.finished or first.computed >= first.target
+
+    @property
+    def decoding(self) -> bool:
+        return self.looked_up and self.computed >= self.target
+
+    def samples_after(self, n: int) -> bool:
+        """Whether a prompt chunk of n tokens ends the prompt and samples the first token."""
+        return self.computed + n == self.target and self.sample_at_target
+
+    def ran(self, n: int) -> None:
+        """A dispatched step computes this sequence's next n positions (n = 1: a decode
+        row, whose sampled token extends it; else a prompt chunk, which may sample)."""
+        if self.decoding:
+            self.computed = self.length
+            self.length += 1
+            return
+        self.length += self.samples_after(n)
+        self.computed += n
+
+    def take(self, token: int, stop_ids: frozenset[int]) -> FinishReason | None:
+        """Append a delivered token; the finish reason if it ends the choice."""
+        self.tokens.append(token)
+        self.generated += 1
+        if self.stop_at_eos and token in stop_ids:
+            return "stop"
+        if self.generated >= self.max_new:
+            return "length"
+        if self.constraint is not None and not self.constraint.accept(token):
+            log.warning("a constrained choice sampled token %d outside its grammar", token)
+        return None
+
+    def emit(
+        self,
+        token: int,
+        logprob: float,
+        reason: FinishReason | None,
+        top: tuple[tuple[int, float], ...],
+    ) -> None:
+        self.handle.put(TokenEvent(token, logprob, reason, self.index, top))
+
+
+@dataclass
+class Group:
+    """A submitted request: its choices, admitted together."""
+
+    choices: list[Seq]
+
+    @classmethod
+    def create(
+        cls,
+        prompt_ids: Sequence[int],
+        rows: Sequence[SlotSampling],
+        max_new: int,
+        stop_at_eos: bool,
+        constraints: Sequence[Constraint | None],
+        top_logprobs: int,
+    ) -> "Group":
+        """A request of len(rows) choices, the 2nd…nth waiting for the 1st's prompt."""
+        handle = Handle(len(rows))
+        choices = [
+            Seq(i, handle, row, max_new, stop_at_eos, list(prompt_ids), constraints[i])
+            for i, row in enumerate(rows)
+        ]
+        for choice in choices:
+            choice.top_logprobs = top_logprobs
+            choice.first = choices[0] if choice.index else None
+        return cls(choices)
+
+    @property
+    def handle(self) -> Handle:
+        return self.choices[0].handle
+
+
+class WaitingLine:
+    """Submitted requests in order, at most `maxsize` (0: no bound), and the first in
+    line, taken off the queue while it waits for slots or blocks."""
+
+    def __init__(self, maxsize: int) -> None:
+        self._queue: queue.Queue[Group] = queue.Queue(maxsize=maxsize)
+        self._first: Group | None = None
+        self.maxsize = maxsize
+
+    def put(self, group: Group) -> None:
+        """Queue a request (any thread); QueueFull at the bound."""
+        try:
+            self._queue.put_nowait(group)
+        except queue.Full:
+            raise QueueFull(f"{self.maxsize} requests are already waiting") from None
+
+    def first(self, block: bool) -> Group | None:
+        """The first request in line that is not cancelled (waiting up to 0.1 s for one
+        if `block`), or None."""
+        while self._first is None or self._first.handle.cancelled:
+            try:
+                self._first = self._queue.get(block=block, timeout=0.1 if block else None)
+            except queue.Empty:
+                self._first = None
+                return None
+        return self._first
+
+    def pop(self) -> None:
+        """The first in line was admitted."""
+        self._first = None
+
+    def empty(self) -> bool:
+        return self._first is None and self._queue.empty()
+
+    def fail_all(self, error: BaseException) -> None:
+        """Fail every waiting request with `error`."""
+        if self._first is not None:
+            self._first.handle.fail(error)
+            self._first = None
+        while True:
+            try:
+                self._queue.get_nowait().handle.fail(error)
+            except queue.Empty:
+                return
