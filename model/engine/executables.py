@@ -32,7 +32,6 @@ import platform
 import tempfile
 import threading
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -47,7 +46,7 @@ from model.weights import gcs
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
-    from google.cloud import storage
+    pass
 
 
 def host_cpu() -> str:
@@ -145,7 +144,6 @@ class ExecutableStore:
             log.warning("could not store the compiled variant %s: %s", file, error)
 
 
-WORKERS = 8
 SHARED = "executables"  # the subdirectory mirrored to Cloud Storage
 
 
@@ -168,60 +166,30 @@ class CompileCache:
     def executables(self) -> Path:
         return self.directory / SHARED
 
-    def _blobs(self) -> dict[str, "storage.Blob"]:
-        """The cache's shared objects by their path relative to the prefix."""
-        client = gcs.make_client()
-        start = f"{self.prefix}/" if self.prefix else ""
-        shared = f"{start}{SHARED}/"
-        try:
-            blobs = client.bucket(self.bucket_name).list_blobs(prefix=shared)
-            return {blob.name[len(start) :]: blob for blob in blobs}
-        except gcs.exceptions.NotFound as error:
-            raise FileNotFoundError(f"compile cache {self.uri}: no such bucket") from error
-        except gcs.exceptions.Forbidden as error:
-            raise PermissionError(f"compile cache {self.uri}: {error.message}") from error
+    @property
+    def _shared_uri(self) -> str:
+        return f"{self.uri.rstrip('/')}/{SHARED}"
 
     def pull(self) -> int:
         """Download the objects the local mirror lacks (or holds stale); returns how many."""
         if self.bucket_name is None:
             return 0
-        todo = [
-            (blob, self.directory / name)
-            for name, blob in self._blobs().items()
-            if not name.endswith("/") and not gcs.matches(self.directory / name, blob)
-        ]
-
-        def fetch(item) -> None:
-            blob, path = item
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_name(path.name + ".partial")
-            blob.download_to_filename(partial)
-            partial.replace(path)
-
-        with ThreadPoolExecutor(WORKERS) as pool:
-            list(pool.map(fetch, todo))
-        log.info("compile cache: fetched %d files from %s", len(todo), self.uri)
-        return len(todo)
+        count = gcs.mirror(self._shared_uri, gcs.list_prefix(self._shared_uri), self.executables)
+        log.info("compile cache: fetched %d files from %s", count, self.uri)
+        return count
 
     def push(self) -> int:
         """Upload the local files Cloud Storage lacks; returns how many."""
         if self.bucket_name is None:
             return 0
-        remote = self._blobs()
-        bucket = gcs.make_client().bucket(self.bucket_name)
-        todo = [
-            path.relative_to(self.directory).as_posix()
+        remote = gcs.list_prefix(self._shared_uri)
+        todo = {
+            path.relative_to(self.executables).as_posix(): path
             for path in sorted(self.executables.rglob("*"))
             if path.is_file() and not path.name.endswith((".partial", ".tmp"))
-        ]
-        todo = [name for name in todo if name not in remote]
-
-        def upload(name: str) -> None:
-            blob = bucket.blob(f"{self.prefix}/{name}" if self.prefix else name)
-            blob.upload_from_filename(self.directory / name)
-
-        with ThreadPoolExecutor(WORKERS) as pool:
-            list(pool.map(upload, todo))
+        }
+        todo = {name: path for name, path in todo.items() if name not in remote}
+        gcs.upload(self._shared_uri, todo)
         log.info("compile cache: uploaded %d files to %s", len(todo), self.uri)
         return len(todo)
 

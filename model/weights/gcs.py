@@ -94,6 +94,44 @@ def download(uri: str, cache_dir: Path, client: storage.Client | None = None) ->
     return dest
 
 
+def list_prefix(uri: str, client: storage.Client | None = None) -> dict[str, storage.Blob]:
+    """The objects under the gs:// prefix `uri`, by their path below it.
+
+    Raises FileNotFoundError (no such bucket) or PermissionError (403), naming the URI.
+    """
+    bucket_name, name = parse_uri(uri)
+    prefix = f"{name.rstrip('/')}/" if name.strip("/") else ""
+    try:
+        blobs = (client or make_client()).bucket(bucket_name).list_blobs(prefix=prefix)
+        return {b.name[len(prefix) :]: b for b in blobs if not b.name.endswith("/")}
+    except exceptions.NotFound as e:
+        raise FileNotFoundError(f"{uri}: no such bucket") from e
+    except exceptions.Forbidden as e:
+        raise PermissionError(f"no permission to list {uri}: {e.message}") from e
+
+
+def mirror(uri: str, blobs: dict[str, storage.Blob], dest: Path) -> int:
+    """Download the objects in `blobs` (by path below `uri`) whose copies under `dest` are
+    missing or stale, verified and resumable as a model is; returns how many."""
+    todo = sum(not matches(dest / rel, b) for rel, b in blobs.items())
+    _fetch_all(uri, blobs, dest)
+    return todo
+
+
+def upload(uri: str, files: dict[str, Path], client: storage.Client | None = None) -> None:
+    """Upload local files to the gs:// prefix `uri` under the given relative names, WORKERS
+    at a time."""
+    bucket_name, name = parse_uri(uri)
+    prefix = f"{name.rstrip('/')}/" if name.strip("/") else ""
+    bucket = (client or make_client()).bucket(bucket_name)
+
+    def put(item: tuple[str, Path]) -> None:
+        bucket.blob(prefix + item[0]).upload_from_filename(item[1])
+
+    with ThreadPoolExecutor(WORKERS, thread_name_prefix="gcs") as pool:
+        list(pool.map(put, files.items()))
+
+
 def parse_uri(uri: str) -> tuple[str, str]:
     """(bucket, object name or prefix) of `gs://bucket/name`; the name may be empty."""
     if not is_gcs_uri(uri):
@@ -150,7 +188,8 @@ def _model_blobs(bucket: storage.Bucket, name: str, uri: str) -> dict[str, stora
 
 def _fetch_all(uri: str, blobs: dict[str, storage.Blob], dest: Path) -> None:
     """Download every blob whose cached copy is missing or stale, with one progress bar."""
-    todo = [(b, dest / rel) for rel, b in blobs.items() if not matches(dest / rel, b)]
+    todo = [(b, dest / rel if rel else dest) for rel, b in blobs.items()]
+    todo = [(b, path) for b, path in todo if not matches(path, b)]
     if not todo:
         log.info("%s: using the cached copy at %s", uri, dest)
         return
