@@ -13,8 +13,9 @@ import pytest
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
+from model.text.backends import gpt2_byte_decoder, pre_tokenizer_for
 from model.text.stream import IncrementalDetokenizer
-from model.text.tokenizer import Tokenizer, gpt2_byte_decoder, pre_tokenizer_for
+from model.text.tokenizer import Tokenizer
 from model.weights.gguf import gguf_tokenizer
 
 GOLDEN = Path(__file__).parent / "fixtures" / "smollm2_golden.json"
