@@ -118,7 +118,7 @@ class LLM:
             stop_ids=self.tokenizer.stop_ids,
             dtype=self.dtype,
             mesh=loaded.mesh,
-            executables=self.compile_cache and self.compile_cache.executables,
+            executables=self.compile_cache.executables if self.compile_cache else None,
             unrolled=unrolled_decode,
         )
         self.scheduler = Scheduler(self.engine, max_queue=max_queue)
@@ -260,9 +260,9 @@ class LLM:
         self, prompt_ids: Sequence[int], params: SamplingParams
     ) -> list[Completion]:
         """Run `stream` to the end and collect each choice's result."""
-        text = [[] for _ in range(params.n)]
-        ids = [[] for _ in range(params.n)]
-        logprobs = [[] for _ in range(params.n)]
+        text: list[list[str]] = [[] for _ in range(params.n)]
+        ids: list[list[int]] = [[] for _ in range(params.n)]
+        logprobs: list[list[TokenLogprob]] = [[] for _ in range(params.n)]
         reasons: list[FinishReason] = ["length"] * params.n
         for delta in self.stream(prompt_ids, params):
             text[delta.index].append(delta.text)

@@ -36,7 +36,8 @@ def parse_mesh_spec(spec: str) -> tuple[int, int]:
 class HasKVHeads(Protocol):
     """What the mesh's shape depends on: a model config's KV head count."""
 
-    n_kv_heads: int
+    @property
+    def n_kv_heads(self) -> int: ...
 
 
 def default_mesh_shape(n_devices: int, config: HasKVHeads) -> tuple[int, int]:

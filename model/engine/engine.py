@@ -19,9 +19,9 @@ before serving, and serving never compiles.
 """
 
 import logging
-import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +43,14 @@ from model.engine.variants import StepShape, Variants, step_shapes
 from model.nn.attention import Pool, init_pool
 from model.nn.config import ModelConfig
 from model.nn.sampling import TOP_LOGPROBS, SlotSampling, sample
-from model.nn.transformer import Params, Transformer, forward_logits, stack_layers
+from model.nn.transformer import (
+    Params,
+    Transformer,
+    apply_logits,
+    apply_step,
+    forward_logits,
+    stack_layers,
+)
 from model.types import SamplingParams
 from model.weights.source_digest import source_digest
 from sharding import (
@@ -80,11 +87,11 @@ class Engine:
         max_seq_len: int,
         batch: int = 1,
         pool_tokens: int | None = None,
-        stop_ids: Sequence[int] = (),
+        stop_ids: Collection[int] = (),
         dtype=jnp.float32,
         mesh: Mesh | None = None,
         rules: ShardingRules = TENSOR_PARALLEL,
-        executables: os.PathLike | None = None,
+        executables: Path | None = None,
         unrolled: bool | None = None,
     ) -> None:
         self.config = config
@@ -130,7 +137,8 @@ class Engine:
             scanned: jax.jit(
                 partial(self._step_impl, self.scanned_model if scanned else self.model),
                 donate_argnums=(1,),
-                out_shardings=(self.state_sharding, StepOutputs(*[replicated] * 4)),
+                # A tree of shardings in the shape of the outputs.
+                out_shardings=(self.state_sharding, StepOutputs(*[replicated] * 4)),  # type: ignore[arg-type]
             )
             for scanned in (False, True)
         }
@@ -140,7 +148,7 @@ class Engine:
         store = (
             None
             if executables is None
-            else ExecutableStore(executables, self.key(), devices=self.mesh.devices.flat)
+            else ExecutableStore(executables, self.key(), devices=list(self.mesh.devices.flat))
         )
         self.variants = Variants(names, self._lower, store, upgrades)
 
@@ -206,7 +214,8 @@ class Engine:
             lambda a: slot_sharding(self.mesh, a.shape, self.rules),
             jax.eval_shape(partial(self._init_sampling, self.batch)),
         )
-        return EngineState(Pool(pool, pool), slots, sampling)
+        # A tree of shardings in the shape of the state.
+        return EngineState(Pool(pool, pool), slots, sampling)  # type: ignore[arg-type]
 
     def _init_sampling(self, rows: int) -> SlotSampling:
         """Disabled settings for `rows` slots, with the model's vocabulary width."""
@@ -236,9 +245,10 @@ class Engine:
         """One step (see the module docstring) → (state, StepOutputs [R])."""
         r = plan.layout.rows
         tokens = plan.tokens.at[:r].set(jnp.where(plan.decode, state.tokens[:r], plan.tokens[:r]))
-        hidden, pool = model.apply({"params": params}, tokens, plan.layout, state.pool)
+        hidden, pool = apply_step(model, params, tokens, plan.layout, state.pool)
+        assert pool is not None  # a step with a pool returns it
         chosen = hidden[:, plan.sample_from]  # [D, R]
-        logits = model.apply({"params": params}, chosen, method=Transformer.logits)
+        logits = apply_logits(model, params, chosen)
         rows = jax.tree_util.tree_map(lambda a: a[:r], state.sampling)
         out = sample(logits, rows, plan.allowed)
         keep = plan.sample

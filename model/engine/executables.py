@@ -154,9 +154,9 @@ class CompileCache:
         """uri: a local path or gs:// prefix; download_dir: where gs:// mirrors live."""
         self.uri = uri
         if gcs.is_gcs_uri(uri):
-            self.bucket_name, prefix = gcs.parse_uri(uri)
-            self.prefix = prefix.strip("/")
-            self.directory = download_dir / "compile" / self.bucket_name / self.prefix
+            bucket, prefix = gcs.parse_uri(uri)
+            self.bucket_name: str | None = bucket
+            self.directory = download_dir / "compile" / bucket / prefix.strip("/")
         else:
             self.bucket_name = None
             self.directory = Path(uri).expanduser()

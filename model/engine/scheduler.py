@@ -66,7 +66,7 @@ from model.engine.requests import (
     Seq,
     WaitingLine,
 )
-from model.engine.state import StepPlan
+from model.engine.state import StepOutputs, StepPlan
 from model.engine.variants import LARGE_CHUNK, SMALL_CHUNK, StepShape, pick_shape
 from model.nn.sampling import SlotSampling
 
@@ -83,7 +83,9 @@ class Engine(Protocol):
     pool_blocks: int
     table_width: int
     stop_ids: np.ndarray
-    shapes: Sequence[StepShape]
+
+    @property
+    def shapes(self) -> Sequence[StepShape]: ...
 
     def init_state(self): ...
     def admit(self, state, slot: int, row: SlotSampling): ...
@@ -95,7 +97,7 @@ class Engine(Protocol):
 class _Step:
     """A dispatched step: its outputs (device arrays, read on delivery) and who samples."""
 
-    outputs: object
+    outputs: StepOutputs
     samplers: list[tuple[int, Seq]]  # (row, sequence) for every sampled row
 
 
@@ -206,6 +208,7 @@ class Scheduler:
             try:
                 step = self._dispatch(in_flight is not None)
             except _Sync:
+                assert in_flight is not None  # _Sync is only raised with a step in flight
                 self._deliver(in_flight)
                 in_flight = None
                 continue
@@ -303,7 +306,7 @@ class Scheduler:
         for row, seq in samplers:
             if seq.constraint is not None:
                 try:
-                    seq.constraint.fill(plan.allowed, row)
+                    seq.constraint.fill(np.asarray(plan.allowed), row)  # in place
                 except Exception as exc:
                     self._fail_request(seq.handle, exc)
 

@@ -3,6 +3,7 @@ and outputs, an empty plan, a request's per-slot sampling row, and the pool's si
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import flax.struct
 import jax
@@ -16,8 +17,7 @@ from model.nn.sampling import SlotSampling
 from model.types import SamplingParams
 
 
-@flax.struct.dataclass
-class EngineState:
+class EngineState(flax.struct.PyTreeNode):
     """What the device keeps between steps, for B slots.
 
     pool: every layer's keys and values of every sequence (model/nn/attention.py);
@@ -30,8 +30,7 @@ class EngineState:
     sampling: SlotSampling
 
 
-@flax.struct.dataclass
-class StepPlan:
+class StepPlan(flax.struct.PyTreeNode):
     """One step's inputs, host arrays shaped by a StepShape (R rows, P prefill tokens).
 
     tokens [T]: the prefill region's tokens (decode rows' entries are ignored);
@@ -42,16 +41,21 @@ class StepPlan:
     allowed [R, W] i32: grammar bitmasks (all bits set: unconstrained).
     """
 
-    tokens: np.ndarray
+    tokens: jax.Array
     layout: Layout
-    decode: np.ndarray
-    sample_from: np.ndarray
-    sample: np.ndarray
-    allowed: np.ndarray
+    decode: jax.Array
+    sample_from: jax.Array
+    sample: jax.Array
+    allowed: jax.Array
+
+    @classmethod
+    def host(cls, layout: Layout, **arrays: np.ndarray) -> "StepPlan":
+        """A plan of host arrays (filled in place by the scheduler). jit traces them as
+        jax.Array, the type the fields carry."""
+        return cls(layout=layout, **cast(dict[str, jax.Array], arrays))
 
 
-@flax.struct.dataclass
-class StepOutputs:
+class StepOutputs(flax.struct.PyTreeNode):
     """Per row r: the sampled token and its log-probability, and the most likely
     tokens [R, TOP_LOGPROBS] (zeros unless some row asked). Rows not sampling: junk."""
 
@@ -94,7 +98,7 @@ def empty_plan(shape: StepShape, table_width: int, no_write: int, mask_words: in
     """A plan of `shape` that changes nothing: idle rows, padding, no writes (`no_write`:
     a flat pool position past the pool), no samples, every token allowed."""
     r, t, mb = shape.rows, shape.tokens, table_width
-    layout = Layout(
+    layout = Layout.host(
         positions=np.zeros(t, np.int32),
         context=np.full(r, -1, np.int32),
         block_tables=np.zeros((r, mb), np.int32),
@@ -103,9 +107,9 @@ def empty_plan(shape: StepShape, table_width: int, no_write: int, mask_words: in
         prior_blocks=np.zeros(mb, np.int32),
         write=np.full(t, no_write, np.int32),
     )
-    return StepPlan(
+    return StepPlan.host(
+        layout,
         tokens=np.zeros(t, np.int32),
-        layout=layout,
         decode=np.zeros(r, bool),
         sample_from=np.zeros(r, np.int32),
         sample=np.zeros(r, bool),

@@ -32,6 +32,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import cast
 
 import jax
 from tqdm import tqdm
@@ -191,6 +192,6 @@ def _load_order(variant: Variant) -> tuple[int, int]:
     kind, size = variant
     if kind != "step":
         return (-2, 0)
-    shape = size[0]
+    shape = cast(tuple[StepShape, str], size)[0]
     first_prefill = shape.prefill and shape.prefill <= SMALL_CHUNK and shape.rows <= 8
     return (-1, 0) if first_prefill else (shape.tokens, shape.rows)

@@ -29,9 +29,12 @@ online over chunks of C keys, so the work follows the longest context in the
 step, while the shapes (and so the compiled program) do not depend on it.
 """
 
+from typing import cast
+
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 NEG_INF = jnp.finfo(jnp.float32).min
@@ -41,8 +44,7 @@ DECODE_CHUNK = 128
 PRIOR_CHUNK = 1024
 
 
-@flax.struct.dataclass
-class Pool:
+class Pool(flax.struct.PyTreeNode):
     """Every layer's keys and values: k [L·NB, K, H, BS], v [L·NB, K, BS, H]."""
 
     k: jax.Array
@@ -59,8 +61,7 @@ def init_pool(n_layers: int, blocks: int, block_size: int, kv_heads: int, head_d
     return Pool(jnp.zeros((nb, k, h, bs), dtype), jnp.zeros((nb, k, bs, h), dtype))
 
 
-@flax.struct.dataclass
-class Layout:
+class Layout(flax.struct.PyTreeNode):
     """Where a step's T tokens are: positions, decode rows, prefill segments, writes.
 
     positions [T] i32; context [R] i32 (decode row r's position, -1 idle);
@@ -82,6 +83,12 @@ class Layout:
     def rows(self) -> int:
         """R: decode rows."""
         return self.context.shape[0]
+
+    @classmethod
+    def host(cls, **arrays: np.ndarray | np.generic) -> "Layout":
+        """A layout of host arrays (filled in place before a step). jit traces them as
+        jax.Array, the type the fields carry."""
+        return cls(**cast(dict[str, jax.Array], arrays))
 
 
 def write_pool(

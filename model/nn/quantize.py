@@ -16,7 +16,7 @@ there an int8 model decodes slower than f32 (SmolLM2-135M: about 4x); the gain i
 
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import flax.struct
 import jax
@@ -28,8 +28,7 @@ INT8_MAX = 127
 MATMUL_WEIGHTS = re.compile(r"layers_\d+/(attn/(qkv|o)|mlp/(gate_up|down))|lm_head")
 
 
-@flax.struct.dataclass
-class QuantizedWeight:
+class QuantizedWeight(flax.struct.PyTreeNode):
     """An int8 matmul weight: values [out, in] int8 and scale [out, 1] f32; W ≈ values * scale.
 
     `values` is the first field on purpose: Flax checks an existing param's shape
@@ -60,11 +59,11 @@ def quantize_int8(w: Any) -> QuantizedWeight:
 
 
 def quantized_shape(w: jax.ShapeDtypeStruct) -> QuantizedWeight:
-    """The ShapeDtypeStructs of `quantize_int8(w)`: values [out, in] int8, scale [out, 1] f32."""
-    rows = w.shape[0]
-    return QuantizedWeight(
-        jax.ShapeDtypeStruct(w.shape, jnp.int8), jax.ShapeDtypeStruct((rows, 1), jnp.float32)
-    )
+    """The ShapeDtypeStructs of `quantize_int8(w)`: values [out, in] int8, scale [out, 1] f32
+    (a tree of shapes in the weight's type, as jax.eval_shape gives)."""
+    values = jax.ShapeDtypeStruct(w.shape, jnp.int8)
+    scale = jax.ShapeDtypeStruct((w.shape[0], 1), jnp.float32)
+    return QuantizedWeight(cast(jax.Array, values), cast(jax.Array, scale))
 
 
 def path_str(path: tuple[Any, ...]) -> str:

@@ -17,8 +17,7 @@ NEG_INF = jnp.finfo(jnp.float32).min
 TOP_LOGPROBS = 20  # the most alternatives a client may ask for per token (OpenAI's bound)
 
 
-@flax.struct.dataclass
-class SlotSampling:
+class SlotSampling(flax.struct.PyTreeNode):
     """Sampling settings and state of B slots.
 
     [B] f32: temperature (0 is greedy), top_p (1 disables), min_p (0 disables),
@@ -92,8 +91,7 @@ class SlotSampling:
         )
 
 
-@flax.struct.dataclass
-class Sampled:
+class Sampled(flax.struct.PyTreeNode):
     """What `sample` returns for B rows.
 
     tokens [B] i32; logprobs [B] f32: the model's log-probability of each token

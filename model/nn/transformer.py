@@ -22,7 +22,8 @@ step shape (model/engine/engine.py); `stack_layers` turns one parameter tree
 into the other. Both read and write the same pool.
 """
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, cast
 
 import flax.linen as nn
 import jax
@@ -45,8 +46,8 @@ def rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
     x [heads, H, T], positions [T], inv_freq [H/2] (ModelConfig.rope_frequencies)
     → same shape as x. Angles in f32.
     """
-    inv_freq = jnp.asarray(inv_freq, jnp.float32)
-    angles = inv_freq[:, None] * positions.astype(jnp.float32)  # [H/2, T]
+    freq = jnp.asarray(inv_freq, jnp.float32)
+    angles = freq[:, None] * positions.astype(jnp.float32)  # [H/2, T]
     sin, cos = jnp.sin(angles), jnp.cos(angles)
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=1)
@@ -101,6 +102,7 @@ class Attention(nn.Module):
         r = layout.rows
         outs = []
         if r:
+            assert pool is not None  # decode rows read their context from the pool
             decoded = decode_attention(
                 q[..., :r].transpose(3, 0, 1, 2), pool, layout.context, layout.block_tables, base
             )  # [R, K, G, H]
@@ -170,7 +172,7 @@ class Transformer(nn.Module):
                 in_axes=(0, nn.broadcast),
                 length=c.n_layers,
             )
-            self.layers = scanned(c, self.dtype)
+            self.layers: Block | Sequence[Block] = scanned(c, self.dtype)
         else:
             self.layers = [Block(c, self.dtype) for _ in range(c.n_layers)]
         self.final_norm = RMSNorm(c.norm_eps, self.dtype)
@@ -183,11 +185,11 @@ class Transformer(nn.Module):
         self, tokens: jax.Array, layout: Layout, pool: Pool | None = None
     ) -> tuple[jax.Array, Pool | None]:
         carry = (self.embed(tokens).T, pool)  # x [D, T]
-        if self.scan_layers:
-            carry, _ = self.layers(carry, jnp.arange(self.config.n_layers), layout)
-        else:
+        if isinstance(self.layers, Sequence):  # flax keeps a list as a tuple
             for index, layer in enumerate(self.layers):
                 carry, _ = layer(carry, index, layout)
+        else:  # one scanned Block over the stacked layers
+            carry, _ = self.layers(carry, jnp.arange(self.config.n_layers), layout)
         x, pool = carry
         return self.final_norm(x), pool
 
@@ -205,7 +207,7 @@ class Transformer(nn.Module):
 def forward_layout(batch: int, length: int) -> Layout:
     """The layout of a causal forward pass, without a pool, over `batch` sequences of
     `length` tokens flattened row by row: each sequence is a segment."""
-    return Layout(
+    return Layout.host(
         positions=np.tile(np.arange(length, dtype=np.int32), batch),
         context=np.zeros((0,), np.int32),
         block_tables=np.zeros((0, 1), np.int32),
@@ -225,11 +227,25 @@ def param_shapes(config: ModelConfig, dtype=jnp.float32) -> dict:
     return jax.eval_shape(init)["params"]
 
 
+def apply_step(
+    model: Transformer, params: Params, tokens: jax.Array, layout: Layout, pool: Pool | None
+) -> tuple[jax.Array, Pool | None]:
+    """`model` over a step's tokens [T] → (hidden [D, T], the pool with their keys and values)."""
+    return cast(
+        tuple[jax.Array, Pool | None], model.apply({"params": params}, tokens, layout, pool)
+    )
+
+
+def apply_logits(model: Transformer, params: Params, hidden: jax.Array) -> jax.Array:
+    """`model`'s logits [..., V] (f32) of hidden states [D, ...]."""
+    return cast(jax.Array, model.apply({"params": params}, hidden, method=Transformer.logits))
+
+
 def forward_logits(model: Transformer, params: dict, tokens: jax.Array) -> jax.Array:
     """Logits [B, T, V] (f32) of a causal forward pass over tokens [B, T], no pool."""
     batch, length = tokens.shape
-    hidden, _ = model.apply({"params": params}, tokens.reshape(-1), forward_layout(batch, length))
-    logits = model.apply({"params": params}, hidden, method=Transformer.logits)  # [B·T, V]
+    hidden, _ = apply_step(model, params, tokens.reshape(-1), forward_layout(batch, length), None)
+    logits = apply_logits(model, params, hidden)  # [B·T, V]
     return logits.reshape(batch, length, -1)
 
 

@@ -79,7 +79,7 @@ class ByteLevelBPE:
         for i, tok in enumerate(tokens):
             vocab.setdefault(tok, i)  # duplicates (rare padding entries): first id wins
         # Byte-level tokens never contain a real space, so the first space separates the pair.
-        pairs = [tuple(m.split(" ", 1)) for m in merges]
+        pairs = [(left, right) for left, right in (m.split(" ", 1) for m in merges)]
         # Llama-3 looks a whole pre-token up in the vocab before merging (llama.cpp does too).
         bpe = models.BPE(vocab, pairs, ignore_merges=pre in _LLAMA3_PRE)
         self.hf = HFTokenizer(bpe)

@@ -229,6 +229,7 @@ class Block:
 
     def _scan_arguments(self, events: list[Event]):
         scan = self._scan
+        assert scan is not None  # the step before began it
         start = scan.pos
         scan.advance(self.text)
         self.pos = scan.pos
@@ -276,9 +277,11 @@ class Block:
     # ---- calls --------------------------------------------------------------------------
 
     def _begin(self, events: list[Event]) -> None:
-        self.calls.append(Call(self._name))
+        name = self._name
+        assert name is not None  # a call begins once its name is read
+        self.calls.append(Call(name))
         self._begun = True
-        events.append(ToolCallStart(len(self.calls) - 1, self.new_id(), self._name))
+        events.append(ToolCallStart(len(self.calls) - 1, self.new_id(), name))
 
     def _add_arguments(self, text: str, events: list[Event]) -> None:
         if text:

@@ -130,7 +130,10 @@ def _arguments_as_dict(message: dict[str, Any]) -> dict[str, Any]:
     calls = []
     for call in message["tool_calls"]:
         function = call.get("function") if isinstance(call, dict) else None
-        arguments = function.get("arguments") if isinstance(function, dict) else None
+        if not isinstance(function, dict):
+            calls.append(call)
+            continue
+        arguments = function.get("arguments")
         if isinstance(arguments, str):
             try:
                 parsed = json.loads(arguments)

@@ -23,17 +23,24 @@ never match text inside the grammar.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import llguidance
 import numpy as np
 from llguidance.numpy import fill_next_token_bitmask
 
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions
+
 from model.text.tokenizer import END_OF_TURN_TOKENS, Tokenizer
 from model.text.tool_calls import CALL_CLOSE, CALL_OPEN
 
 # json.dumps' default separators and no other whitespace.
-_COMPACT_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+_COMPACT_JSON: JsonCompileOptions = {
+    "whitespace_flexible": False,
+    "item_separator": ", ",
+    "key_separator": ": ",
+}
 
 _CALL_OPEN, _CALL_CLOSE = f"{CALL_OPEN}\n", f"\n{CALL_CLOSE}"  # as hermes_call_text writes them
 # The arguments of a function declared without parameters: exactly `{}`.
@@ -204,7 +211,7 @@ def _stop_ids(tokenizer: Tokenizer) -> list[int]:
     return sorted(tokenizer.stop_ids, key=key)
 
 
-def _json_options(strict: bool) -> dict[str, Any]:
+def _json_options(strict: bool) -> JsonCompileOptions:
     """llguidance JSON options: compact whitespace; lenient (ignore unsupported) unless strict."""
     return {**_COMPACT_JSON, "lenient": not strict}
 

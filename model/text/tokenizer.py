@@ -93,8 +93,8 @@ class Tokenizer:
     @classmethod
     def from_metadata(cls, meta: Mapping[str, Any]) -> Tokenizer:
         """Build the tokenizer described by GGUF metadata (key → value)."""
-        kind: str = meta.get("tokenizer.ggml.model")
-        tokens: list[str] = list(meta.get("tokenizer.ggml.tokens"))
+        kind: str = meta["tokenizer.ggml.model"]
+        tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
         types = [int(t) for t in meta.get("tokenizer.ggml.token_type", [NORMAL] * len(tokens))]
         backend: Backend
         if kind == "gpt2":

@@ -202,6 +202,7 @@ class ToolCallStream:
     def _feed_block(self, text: str, events: list[Event]) -> str:
         """Text inside a block: its calls' events; returns the text after the block."""
         block = self._block
+        assert block is not None  # inside a block
         block.feed(text, events)
         if block.state == "open":
             return ""
