@@ -9,17 +9,17 @@ only.
 
 import hashlib
 import hmac
-import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import flask
 
 from handler.body import read_json
-from handler.chat import chat_completion, parse_chat_request
-from handler.completions import completion, parse_completion_request
+from handler.chat import chat_completion
+from handler.completions import completion
 from handler.errors import (
     RETRY_AFTER_SECONDS,
     APIError,
@@ -30,8 +30,14 @@ from handler.errors import (
     model_not_found,
     path_not_found,
 )
-from handler.model_host import ModelHost
-from handler.schemas import ModelCard, ModelList
+from handler.model_host import ModelHost, ServedModel
+from handler.requests import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerationRequest,
+    parse_request,
+)
+from handler.responses import ModelCard, ModelList, json_response
 from handler.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -57,6 +63,7 @@ class Server:
 
 
 Route = Callable[[Server, flask.Request], flask.Response]
+Body = TypeVar("Body", bound=GenerationRequest)
 
 
 def make_handler(settings: Settings, host: ModelHost | None = None) -> Handler:
@@ -135,32 +142,30 @@ def check_api_key(keys: list[str], authorization: str | None) -> None:
         raise authentication_failed("Incorrect API key provided.")
 
 
-def json_response(payload: dict, status: int = 200, headers: dict | None = None) -> flask.Response:
-    return flask.Response(
-        json.dumps(payload), status=status, mimetype="application/json", headers=headers
-    )
+def generation_route(
+    schema: type[Body], generate: Callable[[ServedModel, Body, str], flask.Response]
+) -> Route:
+    """A route that validates its body as `schema`, for a model this server serves,
+    and answers with `generate(llm, body, fingerprint)`."""
+
+    def route(server: Server, request: flask.Request) -> flask.Response:
+        body = parse_request(schema, read_json(request, server.settings.max_request_bytes))
+        if body.model not in server.settings.model_names:
+            raise model_not_found(body.model)
+        return generate(server.host.llm(), body, server.fingerprint)
+
+    return route
 
 
-def chat_completions(server: Server, request: flask.Request) -> flask.Response:
-    """POST /v1/chat/completions."""
-    chat = parse_chat_request(read_json(request, server.settings.max_request_bytes))
-    if chat.model not in server.settings.model_names:
-        raise model_not_found(chat.model)
-    return chat_completion(server.host.llm(), chat, server.fingerprint)
-
-
-def completions(server: Server, request: flask.Request) -> flask.Response:
-    """POST /v1/completions (the legacy prompt API)."""
-    body = parse_completion_request(read_json(request, server.settings.max_request_bytes))
-    if body.model not in server.settings.model_names:
-        raise model_not_found(body.model)
-    return completion(server.host.llm(), body, server.fingerprint)
+# POST /v1/chat/completions, and the legacy prompt API POST /v1/completions.
+chat_completions = generation_route(ChatCompletionRequest, chat_completion)
+completions = generation_route(CompletionRequest, completion)
 
 
 def list_models(server: Server, request: flask.Request) -> flask.Response:
     """GET /v1/models: the model this server serves, under its id and each alias."""
     cards = [server.model_card(name) for name in server.settings.model_names]
-    return flask.Response(ModelList(data=cards).model_dump_json(), mimetype="application/json")
+    return json_response(ModelList(data=cards))
 
 
 def retrieve_model(server: Server, request: flask.Request) -> flask.Response:
@@ -168,9 +173,7 @@ def retrieve_model(server: Server, request: flask.Request) -> flask.Response:
     model_id = request.path.split("/models/", 1)[1]
     if model_id not in server.settings.model_names:
         raise model_not_found(model_id, param=None)
-    return flask.Response(
-        server.model_card(model_id).model_dump_json(), mimetype="application/json"
-    )
+    return json_response(server.model_card(model_id))
 
 
 def health(server: Server, request: flask.Request) -> flask.Response:

@@ -1,8 +1,10 @@
 """The request body: its size, its Content-Type, and JSON that is valid Unicode.
 
-Every check here is a 4xx in OpenAI's shape. A body is JSON when its
-Content-Type is `application/json` (or `application/*+json`), or when it has
-none; anything else is a 400, also because `text/plain` and form bodies are
+Every check here is a 4xx in OpenAI's shape. The size limit is Werkzeug's
+`max_content_length`, set per request: a declared Content-Length beyond it is
+refused before reading, and a chunked body once it passes it. A body is JSON
+when its Content-Type is `application/json` (or `application/*+json`), or when
+it has none; anything else is a 400, also because `text/plain` and form bodies are
 what a browser may send cross-site without asking first. `NaN`/`Infinity`
 are not JSON. Text must be valid Unicode: a lone UTF-16 surrogate escape
 (`"\\ud800"`) decodes to a Python string that no tokenizer can take, so it is
@@ -14,10 +16,10 @@ import re
 from typing import Any
 
 import flask
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from handler.errors import invalid_request, request_too_large
 
-READ_CHUNK_BYTES = 64 * 1024
 # Deeper than any request or JSON schema needs, and shallow enough for every
 # recursive consumer (the chat template's tojson, the grammar compiler).
 MAX_DEPTH = 64
@@ -30,11 +32,7 @@ def read_json(request: flask.Request, limit: int) -> Any:
     Raises a 413 APIError beyond `limit` bytes and a 400 for everything else.
     """
     check_content_type(request.mimetype)
-    if request.content_length is not None and request.content_length > limit:
-        raise request_too_large(limit)
-    body = _read_at_most(request, limit + 1)
-    if len(body) > limit:
-        raise request_too_large(limit)
+    body = read_body(request, limit)
     try:
         value = json.loads(body, parse_constant=_not_json)
     except (ValueError, RecursionError) as exc:
@@ -43,6 +41,23 @@ def read_json(request: flask.Request, limit: int) -> Any:
         ) from None
     check_text(value)
     return value
+
+
+def read_body(request: flask.Request, limit: int) -> bytes:
+    """The body; a 413 APIError beyond `limit` bytes, as Werkzeug's `max_content_length`
+    finds it: a declared Content-Length is refused before reading; a chunked body is
+    cut at the limit, and reading on then raises (so a chunked body must stay under it)."""
+    request.max_content_length = limit
+    try:
+        body = request.get_data()
+        request.stream.read(1)
+    except RequestEntityTooLarge:
+        raise request_too_large(limit) from None
+    finally:
+        # functions-framework reads the body again after the reply (cached, unless
+        # the limit refused it): lift the limit for that.
+        request.max_content_length = None
+    return body
 
 
 def check_content_type(mimetype: str) -> None:
@@ -93,17 +108,3 @@ def _name(path: tuple[str, ...]) -> str:
 
 def _not_json(constant: str) -> None:
     raise ValueError(f"{constant} is not valid JSON")
-
-
-def _read_at_most(request: flask.Request, size: int) -> bytes:
-    # Read the stream in bounded pieces: a chunked body has no Content-Length
-    # to check up front, and one read() may return less than asked.
-    chunks: list[bytes] = []
-    total = 0
-    while total < size:
-        chunk = request.stream.read(min(READ_CHUNK_BYTES, size - total))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        total += len(chunk)
-    return b"".join(chunks)

@@ -1,12 +1,13 @@
 """The `jaxchat` command: serve, chat in the terminal, benchmark, convert.
 
-    jaxchat serve   [--model M] [--port 8080] [--host 0.0.0.0] [--max-batch 32] [--kv-pool N] …
+    jaxchat serve   [--host 0.0.0.0] [--model M] [--port 8080] [--max-batch 32] [--max-queue N] …
     jaxchat chat    [--model M] [--system "…"] [--temperature 0.7] [--max-tokens 512]
     jaxchat bench   [--model M] [--decode-tokens 256] [--repeats 3]
     jaxchat convert SRC DEST [--int8] [--dtype float32|bfloat16]
 
 `serve` runs the same functions-framework app as `make serve`; its options
-are the JAXCHAT_* settings (README), passed on through the environment.
+are the settings (handler/settings.py: `--max-batch` sets JAXCHAT_MAX_BATCH),
+generated from them and passed on through the environment, plus `--host`.
 `chat` streams replies from the Python API with no HTTP; `/reset` clears the
 conversation, `/exit` (or Ctrl-D) leaves.
 `convert` writes a model (any model URI; `default` for the bundled one) as a
@@ -20,26 +21,19 @@ import importlib.util
 import os
 import sys
 import time
+import types
+import typing
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from pydantic.fields import FieldInfo
+
+from handler.settings import Settings
 
 MODEL_HELP = "a GGUF file, a Hugging Face or jaxchat checkpoint directory, or gs:// to one"
 CACHE_HELP = "keep compiled executables here (a directory or gs:// prefix)"
-
-# `serve` options → the settings they set (handler/settings.py).
-SERVE_SETTINGS = {
-    "model": "JAXCHAT_MODEL",
-    "model_name": "JAXCHAT_MODEL_NAME",
-    "max_seq_len": "JAXCHAT_MAX_SEQ_LEN",
-    "max_batch": "JAXCHAT_MAX_BATCH",
-    "kv_pool": "JAXCHAT_KV_POOL",
-    "mesh": "JAXCHAT_MESH",
-    "dtype": "JAXCHAT_DTYPE",
-    "unrolled_decode": "JAXCHAT_UNROLLED_DECODE",
-    "api_keys": "JAXCHAT_API_KEYS",
-    "compile_cache": "JAXCHAT_COMPILE_CACHE",
-    "port": "PORT",
-}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -53,22 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="serve the OpenAI API over HTTP")
-    serve.add_argument("--model", help=MODEL_HELP)
-    serve.add_argument("--model-name")
-    serve.add_argument("--max-seq-len", type=int)
-    serve.add_argument("--max-batch", type=int)
-    serve.add_argument(
-        "--kv-pool", help="KV pool: tokens (65536) or a fraction of free memory (0.5)"
-    )
-    serve.add_argument("--mesh", help="DATAxMODEL, e.g. 2x4")
-    serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16"])
-    serve.add_argument(
-        "--unrolled-decode", choices=["auto", "on", "off"], help="faster one-row steps on CPU"
-    )
-    serve.add_argument("--api-keys", help="comma-separated bearer keys")
-    serve.add_argument("--compile-cache", help=CACHE_HELP)
-    serve.add_argument("--port", type=int, default=int(os.environ.get("PORT", 8080)))
-    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--host", default="0.0.0.0", help="the address to listen on")
+    for name, field in Settings.model_fields.items():
+        serve.add_argument(f"--{name.replace('_', '-')}", **setting_option(name, field))
 
     chat = commands.add_parser("chat", help="chat with the model in the terminal")
     chat.add_argument("--model", help=MODEL_HELP)
@@ -105,16 +86,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def setting_option(name: str, field: FieldInfo) -> dict[str, Any]:
+    """The argparse keywords of the `serve` option for setting `name`; not given, it
+    is None and the setting keeps its value (from the environment, or its default)."""
+    variable = Settings.variable(name)
+    text = f"{field.description or ''} ({variable})".replace("%", "%%")
+    kind = field.annotation
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        [kind] = [arg for arg in typing.get_args(kind) if arg is not type(None)]
+    if typing.get_origin(kind) is typing.Literal:
+        return {"choices": typing.get_args(kind), "help": text}
+    if kind in (int, float, str):
+        return {"type": kind, "help": text}
+    if typing.get_origin(kind) is list:  # comma-separated, as in the environment
+        return {"metavar": "A,B,...", "help": text}
+    raise TypeError(f"setting {name} ({kind}) has no command-line form")
+
+
 def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     """The functions-framework command line and the environment settings for `serve`."""
     spec = importlib.util.find_spec("main")
     if spec is None or spec.origin is None:
         raise SystemExit("jaxchat serve: the functions-framework source main.py is not installed")
-    env = {
-        name: str(getattr(args, option))
-        for option, name in SERVE_SETTINGS.items()
-        if getattr(args, option) is not None
-    }
+    given = {name: getattr(args, name) for name in Settings.model_fields}
+    given = {name: value for name, value in given.items() if value is not None}
+    try:
+        settings = Settings(**given)  # what the server will read: refuse bad values now
+    except ValidationError as exc:
+        raise SystemExit(f"jaxchat serve: {exc}") from None
+    env = {Settings.variable(name): str(value) for name, value in given.items()}
     command = [
         sys.executable,
         "-m",
@@ -122,7 +122,7 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         "--target=app",
         f"--source={spec.origin}",
         f"--host={args.host}",
-        f"--port={args.port}",
+        f"--port={settings.port}",
     ]
     return command, env
 

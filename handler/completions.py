@@ -7,49 +7,69 @@ batch decodes together. Streams carry `text_completion` chunks; a streamed
 batch sends each prompt's choices in turn.
 """
 
-import logging
-import time
-import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import flask
 
 from handler import sse
-from handler.chat import ChoiceResult, check_choices, collect, parse_request, start_generation
-from handler.errors import internal_error, invalid_request
-from handler.schemas import (
+from handler.errors import invalid_request
+from handler.generation import (
+    Generation,
+    ReplyHeader,
+    check_request,
+    close_all,
+    collect,
+    start_generations,
+)
+from handler.model_host import ServedModel
+from handler.requests import CompletionRequest
+from handler.responses import (
     CompletionChoice,
     CompletionLogprobs,
-    CompletionRequest,
     TextCompletion,
     Usage,
+    json_response,
 )
-from model.types import TokenLogprob
+from model.limits import Names
+from model.text.tokenizer import Tokenizer
+from model.types import ChoiceResult, Choices, TokenLogprob
 
-log = logging.getLogger(__name__)
-
-
-def parse_completion_request(body) -> CompletionRequest:
-    """Validate a decoded JSON body; raises a 400 APIError naming the bad field."""
-    return parse_request(CompletionRequest, body)
+# What this API calls the prompt and the completion budget, in 400s.
+NAMES = Names(prompt="prompt", max_tokens="max_tokens")
 
 
-def prompts_of(request: CompletionRequest) -> list[str | list[int]]:
-    """The request's prompts: one string or id list, or a batch of them (`[]` is one
-    empty prompt)."""
-    prompts = request.prompt
-    if isinstance(prompts, str) or not prompts or isinstance(prompts[0], int):
-        return [prompts]
-    return list(prompts)
+def completion(llm: ServedModel, request: CompletionRequest, fingerprint: str) -> flask.Response:
+    """Generate the completions of a validated request, streamed or as one JSON object."""
+    prompts = prompt_ids(llm, request)
+    params = request.sampling_params()
+    for index, ids in enumerate(prompts):
+        check_request(llm, ids, params, NAMES, batch_index=index if len(prompts) > 1 else None)
+    generations = start_generations(llm, prompts, params)
+    shaper = LegacyShaper(llm.tokenizer, request)
+    reply = TextCompletion(
+        **ReplyHeader.new("cmpl", request.model, fingerprint).fields(), choices=[]
+    )
+    if request.stream:
+        events = legacy_events(reply, shaper, generations)
+        return sse.stream_response(events, lambda: close_all(generations))
+    results = collect(generations, params.n)
+    reply.choices = [
+        shaper.choice(p, i, result)
+        for p, choices in enumerate(results)
+        for i, result in enumerate(choices)
+    ]
+    completion_tokens = sum(r.tokens for choices in results for r in choices)
+    reply.usage = Usage.of(sum(g.prompt_tokens for g in generations), completion_tokens)
+    return json_response(reply)
 
 
-def prompt_ids(llm, request: CompletionRequest) -> list[list[int]]:
-    """Each prompt as token ids; 400 when one does not fit with its max_tokens.
+def prompt_ids(llm: ServedModel, request: CompletionRequest) -> list[list[int]]:
+    """Each prompt as token ids (checked against the model by `check_request`).
 
     An empty prompt starts from the model's BOS token (as OpenAI's models start
     from <|endoftext|>); a model without one cannot continue nothing: 400.
     """
-    prompts = prompts_of(request)
+    prompts = request.prompts
     if llm.max_queue and len(prompts) > llm.max_queue:
         raise invalid_request(
             f"A batch of {len(prompts)} prompts is more than this server queues at once "
@@ -60,27 +80,13 @@ def prompt_ids(llm, request: CompletionRequest) -> list[list[int]]:
     for index, prompt in enumerate(prompts):
         ids = llm.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
-            if llm.tokenizer.bos_id is None:
+            bos_id = llm.tokenizer.bos_id
+            if bos_id is None:
                 raise invalid_request(
                     f"prompt {index} is empty, and this model has no BOS token to start from.",
                     param="prompt",
                 )
-            ids = [llm.tokenizer.bos_id]
-        if any(not 0 <= t < llm.vocab_size for t in ids):
-            raise invalid_request(
-                f"prompt {index} holds token ids outside the vocabulary "
-                f"(0 to {llm.vocab_size - 1}).",
-                param="prompt",
-            )
-        budget = request.max_tokens or 1
-        if len(ids) + budget > llm.max_seq_len:
-            raise invalid_request(
-                f"This model's maximum context length is {llm.max_seq_len} tokens. However, you "
-                f"requested {len(ids) + budget} tokens ({len(ids)} in prompt {index}, {budget} "
-                "in the completion). Reduce the length of the prompt or max_tokens.",
-                param="max_tokens" if request.max_tokens else "prompt",
-                code="context_length_exceeded",
-            )
+            ids = [bos_id]
         encoded.append(ids)
     return encoded
 
@@ -88,17 +94,17 @@ def prompt_ids(llm, request: CompletionRequest) -> list[list[int]]:
 class LegacyShaper:
     """Engine output → legacy choices: echoed prompts and the parallel-list logprobs."""
 
-    def __init__(self, llm, request: CompletionRequest) -> None:
-        self.tokenizer = llm.tokenizer
+    def __init__(self, tokenizer: Tokenizer, request: CompletionRequest) -> None:
+        self.tokenizer = tokenizer
         self.request = request
         self.n = request.n or 1
-        self.echoes = [self._echo(p) if request.echo else "" for p in prompts_of(request)]
+        self.echoes = [self._echo(p) if request.echo else "" for p in request.prompts]
 
     def _echo(self, prompt: str | list[int]) -> str:
         """The prompt as sent: its text, or its ids decoded."""
         return prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)
 
-    def logprobs(self, entries: list[TokenLogprob], offset: int) -> CompletionLogprobs | None:
+    def logprobs(self, entries: Sequence[TokenLogprob], offset: int) -> CompletionLogprobs | None:
         """Logprobs for `entries`, whose text starts at `offset` in the choice's text."""
         if self.request.logprobs is None:
             return None
@@ -125,82 +131,38 @@ class LegacyShaper:
             index=prompt * self.n + index,
             text=echo + result.text,
             logprobs=self.logprobs(result.logprobs, len(echo)),
-            finish_reason=result.finish_reason,
+            finish_reason=result.reason,
         )
 
 
-def completion(llm, request: CompletionRequest, fingerprint: str) -> flask.Response:
-    """Generate the completions of a validated request, streamed or as one JSON object."""
-    prompts = prompt_ids(llm, request)
-    check_choices(llm, request)
-    params = request.sampling_params()
-    started = []
-    try:
-        for ids in prompts:
-            started.append(start_generation(llm, ids, params))
-    except BaseException:
-        for engine_stream, _ in started:
-            engine_stream.close()
-        raise
-    shaper = LegacyShaper(llm, request)
-    reply = TextCompletion(
-        id=f"cmpl-{uuid.uuid4().hex}",
-        created=int(time.time()),
-        model=request.model,
-        system_fingerprint=fingerprint,
-        choices=[],
-    )
-    prompt_tokens = sum(len(ids) for ids in prompts)
-    if request.stream:
-        events = stream_events(reply, shaper, started, prompt_tokens)
-        response = flask.Response(events, mimetype=sse.CONTENT_TYPE, headers=sse.HEADERS)
-        response.call_on_close(lambda: [s.close() for s, _ in started])
-        return response
-    try:
-        results = [collect(deltas, params.n) for _, deltas in started]
-    finally:
-        for engine_stream, _ in started:
-            engine_stream.close()
-    reply.choices = [
-        shaper.choice(p, i, result)
-        for p, choices in enumerate(results)
-        for i, result in enumerate(choices)
-    ]
-    completion_tokens = sum(r.tokens for choices in results for r in choices)
-    reply.usage = Usage.of(prompt_tokens, completion_tokens)
-    return flask.Response(reply.model_dump_json(), mimetype="application/json")
-
-
-def stream_events(
-    reply: TextCompletion, shaper: LegacyShaper, started, prompt_tokens: int
+def legacy_events(
+    reply: TextCompletion, shaper: LegacyShaper, generations: Sequence[Generation]
 ) -> Iterator[str]:
-    """The SSE body: text chunks per choice (the echo first), one finish each, [usage], [DONE]."""
+    """The SSE events: text chunks per choice (the echo first), one finish each, and the
+    usage chunk when asked for (handler/sse.py adds [DONE])."""
 
-    def chunk(index: int, text: str, reason: str | None = None, logprobs=None) -> str:
+    def event(
+        index: int, text: str, reason: str | None = None, logprobs: CompletionLogprobs | None = None
+    ) -> str:
         choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=reason)
         return sse.event(reply.model_copy(update={"choices": [choice]}))
 
+    n = shaper.n
     completion_tokens = 0
-    try:
-        for prompt, (_, deltas) in enumerate(started):
-            offsets = dict.fromkeys(range(shaper.n), len(shaper.echoes[prompt]))
-            if shaper.echoes[prompt]:
-                for i in range(shaper.n):
-                    yield chunk(prompt * shaper.n + i, shaper.echoes[prompt])
-            for delta in deltas:
-                completion_tokens += len(delta.token_ids)
-                logprobs = shaper.logprobs(list(delta.logprobs), offsets[delta.index])
-                offsets[delta.index] += len(delta.text)
-                if delta.text or delta.finish_reason or delta.logprobs:
-                    index = prompt * shaper.n + delta.index
-                    yield chunk(index, delta.text, delta.finish_reason, logprobs)
-        if shaper.request.include_usage:
-            usage = Usage.of(prompt_tokens, completion_tokens)
-            yield sse.event(reply.model_copy(update={"choices": [], "usage": usage}))
-    except Exception:
-        log.exception("generation failed after the response started")
-        yield sse.error(internal_error())
-    finally:
-        for engine_stream, _ in started:
-            engine_stream.close()
-    yield sse.done()
+    for prompt, generation in enumerate(generations):
+        echo = shaper.echoes[prompt]
+        if echo:
+            for i in range(n):
+                yield event(prompt * n + i, echo)
+        choices = Choices(n)
+        for delta in generation.deltas:
+            result = choices.add(delta)
+            if delta.text or delta.finish_reason or delta.logprobs:
+                offset = len(echo) + len(result.text) - len(delta.text)
+                logprobs = shaper.logprobs(delta.logprobs, offset)
+                yield event(prompt * n + delta.index, delta.text, delta.finish_reason, logprobs)
+        choices.check_finished()
+        completion_tokens += choices.completion_tokens
+    if shaper.request.include_usage:
+        usage = Usage.of(sum(g.prompt_tokens for g in generations), completion_tokens)
+        yield sse.event(reply.model_copy(update={"choices": [], "usage": usage}))

@@ -6,6 +6,8 @@ the master, and threads do not survive a fork, so nothing loads at import:
 loading starts in each forked worker (an `os.register_at_fork` hook), or on the
 first request when there was no fork (Flask test client, debug server).
 Until the load finishes, requests get 503 with Retry-After.
+
+`ServedModel` is what the handler uses of `model.llm.LLM`; the tests serve a fake.
 """
 
 import functools
@@ -14,18 +16,59 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from handler.errors import engine_failed, model_failed, model_loading
 from handler.settings import Settings
+from model.limits import Names
+from model.types import Delta, SamplingParams
 
 if TYPE_CHECKING:
     from model.llm import LLM
+    from model.text.grammar import Grammars
+    from model.text.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 Status = Literal["loading", "ready", "failed"]
+
+
+class ServedModel(Protocol):
+    """What the handler uses of a loaded `model.llm.LLM` (see it for the details)."""
+
+    @property
+    def tokenizer(self) -> "Tokenizer": ...
+    @property
+    def grammars(self) -> "Grammars": ...
+    @property
+    def max_seq_len(self) -> int: ...
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def batch(self) -> int:
+        """Decode slots: the most choices one request can have."""
+
+    @property
+    def max_queue(self) -> int:
+        """Requests that may wait for a slot (0: no bound)."""
+
+    @property
+    def failed(self) -> bool:
+        """True once the engine failed: it serves no more requests."""
+
+    def warmup(self, *, wait: bool = True) -> None: ...
+
+    def encode_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        """Render the chat template and tokenize; ValueError when the template refuses."""
+
+    def check(self, prompt_ids: Sequence[int], params: SamplingParams, names: Names) -> int:
+        """The completion budget; InvalidRequest unless the model can serve the request."""
+
+    def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[Delta]:
+        """Generate; closing the iterator cancels. Raises what model/llm.py documents."""
 
 
 def load_llm(settings: Settings) -> "LLM":
@@ -53,7 +96,7 @@ class ModelHost:
     `factory` builds the (not yet warmed up) LLM; tests pass a fake.
     """
 
-    def __init__(self, factory: Callable[[], "LLM"]):
+    def __init__(self, factory: Callable[[], ServedModel]):
         self._factory = factory
         self._reset()
 
@@ -66,7 +109,7 @@ class ModelHost:
         self._lock = threading.Lock()
         self._finished = threading.Event()  # set once loading succeeded or failed
         self._thread: threading.Thread | None = None
-        self._llm: LLM | None = None
+        self._llm: ServedModel | None = None
         self._error: str | None = None
 
     def start(self) -> None:
@@ -133,7 +176,7 @@ class ModelHost:
         self._finished.wait(timeout)
         return self.status
 
-    def llm(self) -> "LLM":
+    def llm(self) -> ServedModel:
         """The ready LLM; raises a 503 APIError while loading or after a failed load."""
         self.start()
         if self._llm is not None and not self._llm.failed:

@@ -1,13 +1,17 @@
 """Runtime settings for the server, read from the environment.
 
-Every field is documented by its docstring; the README's settings table is
-generated from them, so keep each to one or two sentences a deployer can act on.
+Every field is documented by its docstring; the README's settings table and the
+`jaxchat serve` options (handler/cli.py) are generated from them, so keep each to
+one or two sentences a deployer can act on. Defaults the Python API shares come
+from model/limits.py.
 """
 
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from model.limits import DEFAULT_BATCH, DEFAULT_MAX_QUEUE
 
 
 class Settings(BaseSettings):
@@ -38,7 +42,7 @@ class Settings(BaseSettings):
     """Context limit in tokens, prompt plus completion, per request. Unset: the
     model's own context (8192 for SmolLM2); a larger value is capped to it."""
 
-    max_batch: int = Field(default=32, ge=1, le=1024)
+    max_batch: int = Field(default=DEFAULT_BATCH, ge=1, le=1024)
     """Decode slots run together in one step (continuous batching): the most
     requests generating at once."""
 
@@ -47,7 +51,7 @@ class Settings(BaseSettings):
     tokens (`65536`) or a fraction of the memory free at start-up (`0.5`). Unset:
     32768 tokens on CPU (1.5 GB for SmolLM2-135M), 85% of free device memory on GPU/TPU."""
 
-    max_queue: int = Field(default=256, ge=0)
+    max_queue: int = Field(default=DEFAULT_MAX_QUEUE, ge=0)
     """Requests that may wait for a free slot; beyond it requests get 503 with Retry-After."""
 
     mesh: str | None = None
@@ -76,7 +80,7 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(default=1 << 20, ge=1024)
     """Largest request body accepted, in bytes; larger bodies get 413."""
 
-    port: int = Field(default=8080, validation_alias=AliasChoices("port", "PORT"))
+    port: int = Field(default=8080, validation_alias="PORT")
     """Port to listen on, from the plain `PORT` variable (as Cloud Run sets it)."""
 
     @field_validator("model_aliases", "api_keys", mode="before")
@@ -86,6 +90,15 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @classmethod
+    def variable(cls, name: str) -> str:
+        """The environment variable that sets field `name`: `JAXCHAT_<NAME>`, or the
+        field's alias (`PORT`)."""
+        alias = cls.model_fields[name].validation_alias
+        if isinstance(alias, str):
+            return alias
+        return f"{cls.model_config['env_prefix']}{name.upper()}"
 
     @property
     def model_names(self) -> list[str]:

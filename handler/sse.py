@@ -1,22 +1,28 @@
-"""Server-sent-events framing for streamed chat completions.
+"""Server-sent events: the framing of streamed replies, and the streamed response.
 
 Each event is one `data: <json>` line and a blank line; the stream ends with
-`data: [DONE]`. Lines starting with ":" are comments that clients ignore, which
-makes them safe keep-alives.
+`data: [DONE]`. Once the headers went out, a failure can no longer be an HTTP
+error: it becomes an `{"error": {...}}` event, followed by `[DONE]`.
 """
 
 import json
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
 
+import flask
 from pydantic import BaseModel
 
-from handler.errors import APIError
+from handler.errors import APIError, internal_error
+
+log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "text/event-stream"
 # Stop proxies (nginx, Cloud Run's front end honours it too) from buffering the stream.
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def event(payload: BaseModel | dict) -> str:
+def event(payload: BaseModel | dict[str, Any]) -> str:
     """One `data: {json}` event for a pydantic model or a plain dict."""
     if isinstance(payload, BaseModel):
         text = payload.model_dump_json()
@@ -35,6 +41,22 @@ def done() -> str:
     return "data: [DONE]\n\n"
 
 
-def comment(text: str = "") -> str:
-    """A comment line: ignored by clients, keeps idle connections open."""
-    return f": {text}\n\n"
+def stream_response(events: Iterator[str], close: Callable[[], None]) -> flask.Response:
+    """The streamed response of `events`, then `[DONE]`; an exception among them
+    becomes an error event. `close` cancels the generation: it runs when the events
+    end or fail, when the client disconnects, and when the body is never iterated."""
+
+    def body() -> Iterator[str]:
+        try:
+            yield from events
+        except Exception:
+            log.exception("generation failed after the response started")
+            yield error(internal_error())
+        finally:
+            # Runs on client disconnect too (GeneratorExit).
+            close()
+        yield done()
+
+    response = flask.Response(body(), mimetype=CONTENT_TYPE, headers=HEADERS)
+    response.call_on_close(close)
+    return response

@@ -15,6 +15,7 @@ import pytest
 from handler.model_host import ModelHost
 from handler.settings import Settings
 from model.engine.scheduler import QueueFull
+from model.llm import LLM
 from model.types import Delta, SamplingParams
 from tests.function_app import app_client
 
@@ -78,6 +79,9 @@ class FakeLLM:
 
     def warmup(self, *, wait: bool = True) -> None:
         pass
+
+    # The real model's request checks (model/limits.py), on this fake's sizes.
+    check = LLM.check
 
     def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
