@@ -7,14 +7,14 @@ name is used: importing a submodule (or `handler.app`) does not load the engine.
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from model.llm import LLM, Completion
-    from model.types import Delta, SamplingParams
+    from model.llm import LLM
+    from model.types import Completion, Delta, SamplingParams
 
 __all__ = ["LLM", "Completion", "Delta", "SamplingParams"]
 
 _HOMES = {
     "LLM": "model.llm",
-    "Completion": "model.llm",
+    "Completion": "model.types",
     "Delta": "model.types",
     "SamplingParams": "model.types",
 }

@@ -12,7 +12,6 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING
 
@@ -27,7 +26,7 @@ from model.engine.state import default_pool_tokens
 from model.engine.variants import FIRST_NEEDED
 from model.limits import DEFAULT_BATCH, DEFAULT_MAX_QUEUE, PROMPT, Names, check_request
 from model.text.stream import ChoiceText
-from model.types import Delta, FinishReason, SamplingParams, TokenLogprob
+from model.types import Choices, Completion, Delta, SamplingParams
 from model.weights.sources import cache_dir, load_model, resolve_model
 
 if TYPE_CHECKING:
@@ -47,17 +46,6 @@ def compute_dtype(name: str | None) -> jnp.dtype:
     if name not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be auto, float32 or bfloat16, not {name!r}")
     return jnp.dtype(name)
-
-
-@dataclass(frozen=True)
-class Completion:
-    """A finished generation (one choice): its text, every sampled token id, why it
-    ended, and the tokens' log-probabilities when asked for."""
-
-    text: str
-    token_ids: tuple[int, ...]
-    finish_reason: FinishReason
-    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 class LLM:
@@ -260,19 +248,10 @@ class LLM:
         self, prompt_ids: Sequence[int], params: SamplingParams
     ) -> list[Completion]:
         """Run `stream` to the end and collect each choice's result."""
-        text: list[list[str]] = [[] for _ in range(params.n)]
-        ids: list[list[int]] = [[] for _ in range(params.n)]
-        logprobs: list[list[TokenLogprob]] = [[] for _ in range(params.n)]
-        reasons: list[FinishReason] = ["length"] * params.n
+        choices = Choices(params.n)
         for delta in self.stream(prompt_ids, params):
-            text[delta.index].append(delta.text)
-            ids[delta.index].extend(delta.token_ids)
-            logprobs[delta.index].extend(delta.logprobs)
-            reasons[delta.index] = delta.finish_reason or reasons[delta.index]
-        return [
-            Completion("".join(t), tuple(i), r, tuple(lp))
-            for t, i, r, lp in zip(text, ids, reasons, logprobs, strict=True)
-        ]
+            choices.add(delta)
+        return choices.completions()
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Completion:
         """Run `stream` to the end and collect the result (the first choice)."""

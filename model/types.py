@@ -84,3 +84,71 @@ class TokenEvent:
     finish_reason: FinishReason | None = None
     index: int = 0
     top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished generation (one choice): its text, every sampled token id, why it
+    ended, and the tokens' log-probabilities when asked for."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+UNFINISHED = "the engine's stream ended before every choice finished"
+
+
+@dataclass
+class ChoiceResult:
+    """One choice so far: its text, token ids, logprob entries and finish_reason."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+
+    @property
+    def tokens(self) -> int:
+        """How many tokens the choice generated."""
+        return len(self.token_ids)
+
+    @property
+    def reason(self) -> FinishReason:
+        """The finish_reason of a finished choice."""
+        if self.finish_reason is None:
+            raise RuntimeError(UNFINISHED)
+        return self.finish_reason
+
+
+class Choices:
+    """The choices of one generation, gathered from its deltas (n of them interleave)."""
+
+    def __init__(self, n: int) -> None:
+        self.results = [ChoiceResult() for _ in range(n)]
+
+    def add(self, delta: Delta) -> ChoiceResult:
+        """Add `delta` to its choice; returns that choice."""
+        result = self.results[delta.index]
+        result.text += delta.text
+        result.token_ids.extend(delta.token_ids)
+        result.logprobs.extend(delta.logprobs)
+        result.finish_reason = delta.finish_reason or result.finish_reason
+        return result
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(result.tokens for result in self.results)
+
+    def check_finished(self) -> None:
+        """RuntimeError unless every choice has its finish_reason (the engine's stream ended)."""
+        if any(result.finish_reason is None for result in self.results):
+            raise RuntimeError(UNFINISHED)
+
+    def completions(self) -> list[Completion]:
+        """Each choice as a Completion (a choice cut short without a reason: "length")."""
+        return [
+            Completion(r.text, tuple(r.token_ids), r.finish_reason or "length", tuple(r.logprobs))
+            for r in self.results
+        ]
