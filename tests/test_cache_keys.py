@@ -26,6 +26,7 @@ from model.engine.variants import StepShape
 from model.nn.config import ModelConfig
 from model.nn.transformer import Transformer, param_shapes
 from model.weights.gguf import config_from_metadata
+from model.weights.source_digest import project_files
 from tests.server_process import REPO, run_python_report
 from tests.tiny_models import TINY_LLAMA, write_tiny_gguf
 
@@ -162,3 +163,12 @@ def test_engines_with_and_without_unrolled_steps_share_executables():
     assert on.variants.names == off.variants.names
     assert on.key() == off.key()
     assert Engine(config, params, max_seq_len=64, batch=4).key() != on.key()
+
+
+def test_the_digest_reaches_every_module_the_engine_uses():
+    """The engine's key covers the network, the state and the sharding rules it imports,
+    found from the project's root wherever source_digest.py itself lives."""
+    files = project_files("model.engine.engine")
+    for module in ("model/nn/transformer.py", "model/engine/state.py", "sharding/rules.py"):
+        assert REPO / module in files
+    assert all(file.is_relative_to(REPO) for file in files)

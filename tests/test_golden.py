@@ -81,7 +81,7 @@ def test_prompt_tokens_match_reference(llm, golden):
 def test_unrolled_decode_steps_give_the_reference_greedy_tokens(llm, golden):
     """Once the unrolled decode steps are in (JAXCHAT_UNROLLED_DECODE; loaded from the
     tests' compile cache or compiled), a lone stream decodes through them."""
-    llm.engine.upgrade()
+    llm.engine.variants.upgrade()
     assert llm.engine.variants.upgrades
     assert all(llm.engine.variants.ready(*variant) for variant in llm.engine.variants.upgrades)
     prompt = golden["prompts"][1]

@@ -15,7 +15,7 @@ import hashlib
 from functools import cache
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent  # the directory holding the project's packages
+ROOT = Path(__file__).resolve().parents[2]  # the directory holding the project's packages
 
 
 def source_digest(*modules: str) -> str:
