@@ -27,6 +27,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import openai
 
 try:  # the HTTP library under the SDK: httpx2 from openai 3 on, httpx before
@@ -92,14 +93,8 @@ class LevelResult:
 
 
 def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0-100) with linear interpolation, as numpy's default; NaN if empty."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+    """The q-th percentile (0-100), linearly interpolated; NaN if there are no values."""
+    return float(np.percentile(values, q)) if values else math.nan
 
 
 def inter_token_latencies(record: RequestRecord) -> list[float]:

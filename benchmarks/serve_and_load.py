@@ -13,6 +13,7 @@ resident memory included.
 import argparse
 import http.client
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -64,7 +65,14 @@ def start_server(port: int, env: dict[str, str], log: Path) -> subprocess.Popen:
         "--host=127.0.0.1",
     ]
     with log.open("wb") as sink:
-        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # so `stop` can kill the master and its workers
+        )
 
 
 def wait_healthy(
@@ -86,12 +94,13 @@ def tail(log: Path, chars: int = 3000) -> str:
 
 
 def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM (gunicorn shuts its worker down), then SIGKILL if it lingers."""
+    """SIGTERM (gunicorn's master stops its workers), then SIGKILL to the process group
+    of a server started in its own session if it lingers."""
     proc.terminate()
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 
 

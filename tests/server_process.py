@@ -4,16 +4,14 @@ default model, started once per test session and shared by every e2e module."""
 import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import openai
 import pytest
-import requests
+
+from benchmarks.serve_and_load import free_port, stop, wait_healthy
 
 REPO = Path(__file__).resolve().parent.parent
 # Eight fake CPU devices for multi-device tests, even on a machine with accelerators.
@@ -43,26 +41,6 @@ def run_python_report(
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until_healthy(base_url: str, process: subprocess.Popen, log_path: Path) -> None:
-    deadline = time.monotonic() + LOAD_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"server exited with {process.returncode}:\n{log_path.read_text()[-5000:]}")
-        try:
-            if requests.get(f"{base_url}/health", timeout=5).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass  # not listening yet
-        time.sleep(1)
-    pytest.fail(f"server not healthy after {LOAD_TIMEOUT_S} s:\n{log_path.read_text()[-5000:]}")
-
-
 @contextlib.contextmanager
 def running_server(workdir: Path, env: dict[str, str], *, cli: bool = False):
     """Run `functions-framework --target=app --source=main.py` (as `make serve` does), or
@@ -82,19 +60,13 @@ def running_server(workdir: Path, env: dict[str, str], *, cli: bool = False):
             env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
             stdout=log,
             stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=True,  # so `stop` can kill the master and its workers
         )
-    url = f"http://127.0.0.1:{port}"
     try:
-        wait_until_healthy(url, process, log_path)
-        yield url
+        wait_healthy(port, process, LOAD_TIMEOUT_S, log_path)
+        yield f"http://127.0.0.1:{port}"
     finally:
-        process.send_signal(signal.SIGTERM)  # gunicorn's master stops its workers
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)  # our own session: master and workers
-            process.wait()
+        stop(process)
 
 
 @pytest.fixture(scope="session")

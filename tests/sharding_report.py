@@ -23,9 +23,10 @@ from model.nn.attention import Layout, init_pool
 from model.nn.config import ModelConfig
 from model.nn.transformer import Transformer, forward_layout, param_shapes
 from sharding import make_mesh, param_shardings, pool_sharding
+from tests.tiny_models import TINY_LLAMA
 
 CONFIGS = {
-    "tiny": ModelConfig.tiny(),
+    "tiny": TINY_LLAMA,
     # K=3 splits under model=3 but not 2 or 4; q, k, v sections of 96, 48, 48
     # columns do not line up with a 3-way split of the fused 192; biases on.
     "gqa3": ModelConfig(

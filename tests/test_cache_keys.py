@@ -23,7 +23,6 @@ import pytest
 
 from model.engine.engine import Engine
 from model.engine.variants import StepShape
-from model.nn.config import ModelConfig
 from model.nn.transformer import Transformer, param_shapes
 from model.weights.gguf import config_from_metadata
 from model.weights.source_digest import project_files
@@ -154,7 +153,7 @@ def test_an_edit_to_config_parsing_prepares_the_model_again(tree, tiny_gguf):
 def test_engines_with_and_without_unrolled_steps_share_executables():
     """JAXCHAT_UNROLLED_DECODE=off drops the unrolled decode steps and their copy of the
     weights, and keeps the key: its scanned executables are the other engine's."""
-    config = ModelConfig.tiny()
+    config = TINY_LLAMA
     params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), param_shapes(config))
     on = Engine(config, params, max_seq_len=64, batch=8, unrolled=True)
     off = Engine(config, params, max_seq_len=64, batch=8, unrolled=False)

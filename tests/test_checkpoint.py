@@ -19,10 +19,11 @@ from handler.cli import main
 from model import LLM, SamplingParams
 from model.nn.quantize import MATMUL_WEIGHTS, QuantizedWeight
 from model.nn.transformer import Transformer, forward_logits
-from model.weights.gguf import gguf_tokenizer, load_gguf
+from model.weights.gguf import load_gguf
 from model.weights.manifest import MANIFEST, is_checkpoint, read_manifest
 from model.weights.orbax import convert, load_checkpoint, load_tokenizer
 from sharding import make_mesh
+from tests.gguf_text import gguf_tokenizer
 from tests.gguf_writer import hf_random_weights
 from tests.server_process import EIGHT_DEVICES, run_python_report
 from tests.test_hf_loader import flat

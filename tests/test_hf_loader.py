@@ -19,8 +19,9 @@ from model.llm import LLM
 from model.nn.config import ModelConfig
 from model.text.chat_template import ChatTemplate
 from model.text.tokenizer import Tokenizer
-from model.weights.gguf import gguf_tokenizer, load_gguf
+from model.weights.gguf import load_gguf
 from model.weights.hf import config_from_hf, load_hf
+from tests.gguf_text import gguf_tokenizer
 from tests.gguf_writer import hf_random_weights
 from tests.test_gguf_loader import reference_logits
 from tests.tiny_models import (
@@ -285,7 +286,19 @@ LLAMA_31_8B = {
 
 
 def test_real_configs_parse():
-    assert config_from_hf(SMOLLM2_135M) == ModelConfig.smollm2_135m()
+    assert config_from_hf(SMOLLM2_135M) == ModelConfig(
+        vocab_size=49152,
+        dim=576,
+        n_layers=30,
+        n_heads=9,
+        n_kv_heads=3,
+        head_dim=64,
+        ffn_dim=1536,
+        rope_theta=100000.0,
+        norm_eps=1e-5,
+        tie_embeddings=True,
+        max_position=8192,
+    )
     mistral = config_from_hf(MISTRAL_7B_V01)
     assert (mistral.head_dim, mistral.group_size, mistral.max_position) == (128, 4, 4096)
     llama3 = config_from_hf({**LLAMA_31_8B, "rope_scaling": None})

@@ -49,7 +49,7 @@ def test_server_on_a_2x3_mesh_gives_the_reference_replies(mesh_server, golden):
 
 
 def _reference_text(tokens: list[int]) -> str:
-    from model.weights.gguf import gguf_tokenizer
     from model.weights.sources import bundled_model_path
+    from tests.gguf_text import gguf_tokenizer
 
     return gguf_tokenizer(bundled_model_path()).decode(tokens, skip_special_tokens=True)

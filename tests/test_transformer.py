@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from model.nn.attention import Layout, init_pool
-from model.nn.config import ModelConfig
 from model.nn.transformer import Transformer, forward_layout, forward_logits, rope, stack_layers
+from tests.tiny_models import TINY_LLAMA
 
-CONFIG = ModelConfig.tiny()
+CONFIG = TINY_LLAMA
 MODEL = Transformer(CONFIG)
 BS, NB, MB = 4, 32, 24  # block size, pool blocks, blocks per sequence
 NONE = NB * BS  # a write position beyond the pool: no write

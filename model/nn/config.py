@@ -58,36 +58,3 @@ class ModelConfig:
         smooth = np.clip((original / wavelength - low) / (high - low), 0.0, 1.0)
         scaled = (1 - smooth) * inv_freq / factor + smooth * inv_freq
         return scaled.astype(np.float32)
-
-    @classmethod
-    def smollm2_135m(cls) -> "ModelConfig":
-        return cls(
-            vocab_size=49152,
-            dim=576,
-            n_layers=30,
-            n_heads=9,
-            n_kv_heads=3,
-            head_dim=64,
-            ffn_dim=1536,
-            rope_theta=100000.0,
-            norm_eps=1e-5,
-            tie_embeddings=True,
-            max_position=8192,
-        )
-
-    @classmethod
-    def tiny(cls, vocab_size: int = 256) -> "ModelConfig":
-        """A few-layer model for fast unit tests with random weights."""
-        return cls(
-            vocab_size=vocab_size,
-            dim=64,
-            n_layers=2,
-            n_heads=4,
-            n_kv_heads=2,
-            head_dim=16,
-            ffn_dim=128,
-            rope_theta=10000.0,
-            norm_eps=1e-5,
-            tie_embeddings=False,
-            max_position=512,
-        )

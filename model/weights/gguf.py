@@ -7,7 +7,6 @@ transform from the GGUF (numpy, [out, in]) layout to ours. Quantised tensors
 
 import dataclasses
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -194,13 +193,7 @@ def load_gguf(path: Path, dtype: jnp.dtype) -> tuple[ModelConfig, Params, gguf.G
     return config, params, reader
 
 
-def gguf_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
-    """The tokenizer a GGUF file describes."""
-    return Tokenizer.from_metadata(read_metadata(gguf.GGUFReader(path)))
-
-
-def gguf_text(path: str | os.PathLike[str]) -> tuple[Tokenizer, ChatTemplate]:
-    """The tokenizer and chat template a GGUF file describes."""
-    meta = read_metadata(gguf.GGUFReader(path))
+def text_from_metadata(meta: dict[str, Any]) -> tuple[Tokenizer, ChatTemplate]:
+    """The tokenizer and chat template that GGUF metadata describes."""
     tokenizer = Tokenizer.from_metadata(meta)
     return tokenizer, ChatTemplate.from_metadata(meta, tokenizer)

@@ -31,10 +31,10 @@ from tqdm import tqdm
 
 from model.nn.config import ModelConfig
 from model.nn.quantize import map_matmul_weights, path_str, quantize_int8, quantized_shape
-from model.nn.transformer import param_shapes
+from model.nn.transformer import Params, param_shapes
 from model.text.chat_template import ChatTemplate
 from model.text.tokenizer import Tokenizer
-from model.weights.gguf import Params, load_gguf, metadata_json, read_metadata
+from model.weights.gguf import load_gguf, metadata_json, read_metadata, text_from_metadata
 from model.weights.hf import load_hf
 from model.weights.manifest import (
     DTYPES,
@@ -246,8 +246,6 @@ def load_tokenizer(path: str | Path) -> tuple[Tokenizer, ChatTemplate]:
     """The tokenizer and chat template stored in checkpoint directory `path`."""
     path = Path(path)
     if read_manifest(path).tokenizer == "gguf":
-        metadata = json.loads((path / GGUF_METADATA).read_text())
-        tokenizer = Tokenizer.from_metadata(metadata)
-        return tokenizer, ChatTemplate.from_metadata(metadata, tokenizer)
+        return text_from_metadata(json.loads((path / GGUF_METADATA).read_text()))
     tokenizer = Tokenizer.from_hf_dir(path)
     return tokenizer, ChatTemplate.from_hf_dir(path, tokenizer)

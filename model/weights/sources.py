@@ -19,6 +19,7 @@ from model.nn.transformer import Params
 from model.text.chat_template import ChatTemplate
 from model.text.tokenizer import Tokenizer
 from model.weights import gcs
+from model.weights.gguf import text_from_metadata
 from model.weights.hf import load_hf
 from model.weights.manifest import is_checkpoint, read_manifest
 from model.weights.orbax import load_checkpoint, load_tokenizer
@@ -100,7 +101,6 @@ def load_model(
         template = ChatTemplate.from_hf_dir(path, tokenizer)
     else:
         config, params, meta = load_gguf_prepared(path, dtype, prepared)
-        tokenizer = Tokenizer.from_metadata(meta)
-        template = ChatTemplate.from_metadata(meta, tokenizer)
+        tokenizer, template = text_from_metadata(meta)
     mesh = mesh if isinstance(mesh, Mesh) else make_mesh(mesh, config=config)
     return Model(config, params, tokenizer, template, mesh)
