@@ -156,3 +156,16 @@ def test_light_parts_load_nothing_heavy(statement, absent):
 def test_the_model_package_loads_its_names_on_use():
     loaded = loaded_after("from model import LLM")
     assert "model.llm" in loaded and "jax" in loaded
+
+
+def test_no_module_over_400_lines_nor_class_over_250():
+    """A module is one concept a reader takes in at once (README "Layout")."""
+    too_long = []
+    for name, file in modules():
+        source = file.read_text()
+        if len(source.splitlines()) > 400:
+            too_long.append(f"{name}: {len(source.splitlines())} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno >= 250:
+                too_long.append(f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert too_long == []
