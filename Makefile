@@ -8,7 +8,7 @@ PORT   ?= 8080
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
 JAXCHAT_COMPILE_CACHE ?= $(CURDIR)/.cache/compile
 
-.PHONY: setup serve test bench lint format clean
+.PHONY: setup services serve test bench lint format clean
 
 setup: $(VENV)/.installed
 
@@ -23,13 +23,20 @@ $(VENV)/.installed: pyproject.toml
 serve: setup
 	PORT=$(PORT) JAXCHAT_COMPILE_CACHE=$(JAXCHAT_COMPILE_CACHE) $(BIN)/functions-framework --target=app --source=main.py --port=$(PORT)
 
-test: setup
+# Real services the tests start on 127.0.0.1: Redis (Debian's redis-server).
+services:
+	@command -v redis-server >/dev/null || { \
+	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$sudo apt-get update -qq && $$sudo apt-get install -y -qq --no-install-recommends redis-server; }
+
+test: setup services
 	$(BIN)/python -m pytest
 
 bench: setup
 	$(BIN)/python -m benchmarks.engine_bench
 	$(BIN)/python -m benchmarks.cold_start
 	$(BIN)/python -m benchmarks.constrained_mix
+	$(BIN)/python -m benchmarks.limits_latency
 	$(BIN)/python -m benchmarks.serve_and_load --concurrency 1,8,32,64 --max-tokens 128 --cases
 	bash benchmarks/llamacpp_peer.sh --concurrency 1,8,32,64 --max-tokens 128
 

@@ -2,13 +2,14 @@
 
 `make_handler(settings)` returns that function. It dispatches on the path
 (OpenAI routes under `/v1`, `/api/v1` or no prefix, plus `/health`), checks the
-method and the API key, and turns every failure into an OpenAI error object:
+method and the API key (handler/keys.py), charges the client (handler/quota.py),
+answers repeated deterministic requests from the response cache
+(handler/response_cache.py), and turns every failure into an OpenAI error object:
 client mistakes are 4xx, and an unexpected exception is a 500 for that request
 only.
 """
 
 import hashlib
-import hmac
 import logging
 import time
 from collections.abc import Callable
@@ -17,28 +18,34 @@ from typing import TypeVar
 
 import flask
 
+from handler import sse
 from handler.body import read_json
 from handler.chat import chat_completion
 from handler.completions import completion
 from handler.errors import (
     RETRY_AFTER_SECONDS,
     APIError,
-    authentication_failed,
     error_response,
     internal_error,
     method_not_allowed,
     model_not_found,
     path_not_found,
 )
+from handler.generation import Reply
+from handler.keys import Client, Keyring
 from handler.model_host import ModelHost, ServedModel
+from handler.quota import Meter, Quota, Store, StoreUnavailable
 from handler.requests import (
     ChatCompletionRequest,
     CompletionRequest,
     GenerationRequest,
     parse_request,
 )
+from handler.response_cache import HEADER as CACHE_HEADER
+from handler.response_cache import CachedReply, ResponseCache, recording
 from handler.responses import ModelCard, ModelList, json_response
 from handler.settings import Settings
+from handler.state import open_store
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +58,14 @@ API_PREFIXES = ("/api/v1", "/v1")
 
 @dataclass(frozen=True)
 class Server:
-    """What every route needs: settings, the model host and fixed reply fields."""
+    """What every route needs: settings, the model host, the keys, limits and cache,
+    and fixed reply fields."""
 
     settings: Settings
     host: ModelHost
+    keyring: Keyring
+    quota: Quota
+    cache: ResponseCache
     created: int
     fingerprint: str
 
@@ -62,18 +73,32 @@ class Server:
         return ModelCard(id=name, created=self.created)
 
 
-Route = Callable[[Server, flask.Request], flask.Response]
+Route = Callable[[Server, flask.Request, Client | None], flask.Response]
 Body = TypeVar("Body", bound=GenerationRequest)
+Generate = Callable[[ServedModel, Body, str, Meter], Reply]
 
 
 def make_handler(settings: Settings, host: ModelHost | None = None) -> Handler:
     """Build the HTTP handler; `host` defaults to one loading `settings.model`.
 
     Nothing loads here: the model loads in forked workers or on the first request.
+    A keys file that cannot be read or is invalid raises ValueError.
     """
     host = host or ModelHost.from_settings(settings)
     host.start_in_forked_children()
-    server = Server(settings, host, int(time.time()), system_fingerprint(settings))
+    keyring = Keyring.load(settings.api_keys, settings.keys_file)
+    # JAXCHAT_API_KEYS alone keeps no state: its keys have no limits.
+    store = open_store(settings) if settings.keys_file or settings.response_cache_ttl else None
+    fingerprint = system_fingerprint(settings)
+    server = Server(
+        settings,
+        host,
+        keyring,
+        Quota(store),
+        ResponseCache(store, settings.response_cache_ttl, fingerprint),
+        int(time.time()),
+        fingerprint,
+    )
 
     def handle(request: flask.Request) -> flask.Response:
         """Answer one HTTP request."""
@@ -102,9 +127,10 @@ def dispatch(server: Server, request: flask.Request) -> flask.Response:
     route = routes.get(request.method)
     if route is None:
         raise method_not_allowed(request.method, request.path, sorted(routes))
+    client = None
     if needs_key:
-        check_api_key(server.settings.api_keys, request.headers.get("Authorization"))
-    return route(server, request)
+        client = server.keyring.authenticate(request.headers.get("Authorization"))
+    return route(server, request, client)
 
 
 def find_routes(path: str) -> tuple[dict[str, Route], bool]:
@@ -123,66 +149,129 @@ def find_routes(path: str) -> tuple[dict[str, Route], bool]:
         return {"GET": list_models}, True
     if path.startswith("/models/") and len(path) > len("/models/"):
         return {"GET": retrieve_model}, True
+    if path == "/usage":
+        return {"GET": usage}, True
     raise path_not_found(path)
 
 
-def check_api_key(keys: list[str], authorization: str | None) -> None:
-    """Raise a 401 unless `authorization` is `Bearer <one of keys>`; no keys = open."""
-    if not keys:
-        return
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise authentication_failed(
-            "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'."
-        )
-    offered = token.strip().encode()
-    # Compare with every key, without stopping early, so timing reveals nothing.
-    matches = [hmac.compare_digest(offered, key.encode()) for key in keys]
-    if not any(matches):
-        raise authentication_failed("Incorrect API key provided.")
+def generation_route(name: str, schema: type[Body], generate: Generate[Body]) -> Route:
+    """A route that validates its body as `schema`, for a model this server serves and
+    the client may use, and answers from the response cache or with
+    `generate(llm, body, fingerprint, meter)`, charging the client for it."""
 
-
-def generation_route(
-    schema: type[Body], generate: Callable[[ServedModel, Body, str], flask.Response]
-) -> Route:
-    """A route that validates its body as `schema`, for a model this server serves,
-    and answers with `generate(llm, body, fingerprint)`."""
-
-    def route(server: Server, request: flask.Request) -> flask.Response:
+    def route(server: Server, request: flask.Request, client: Client | None) -> flask.Response:
         body = parse_request(schema, read_json(request, server.settings.max_request_bytes))
-        if body.model not in server.settings.model_names:
+        if body.model not in server.settings.model_names or (
+            client is not None and not client.may_use(body.model)
+        ):
             raise model_not_found(body.model)
-        return generate(server.host.llm(), body, server.fingerprint)
+        meter = server.quota.meter(client)
+        key = server.cache.key(name, body)
+        hit = server.cache.get(key) if key is not None else None
+        if hit is not None:
+            if not server.settings.cache_hits_free:
+                meter.admit(hit.tokens, final=True)
+            response = cached_response(hit)
+        else:
+            try:
+                reply = generate(server.host.llm(), body, server.fingerprint, meter)
+            except BaseException:
+                meter.settle(0)
+                raise
+            response = reply_response(reply, meter, server.cache, key)
+        response.headers.update(meter.headers)
+        if key is not None:
+            response.headers[CACHE_HEADER] = "miss" if hit is None else "hit"
+        return response
 
     return route
 
 
+def reply_response(
+    reply: Reply, meter: Meter, cache: ResponseCache, key: str | None
+) -> flask.Response:
+    """The HTTP response of a generated reply; the client is charged once it ended,
+    and a complete reply is cached under `key`."""
+    if reply.body is not None:
+        meter.settle(reply.used())
+        response = json_response(reply.body)
+        if key is not None:
+            cache.put(key, CachedReply(reply.used(), body=response.get_data(as_text=True)))
+        return response
+    assert reply.events is not None, "a reply is a body or events"
+    events = reply.events
+    if key is not None:
+
+        def store(seen: tuple[str, ...]) -> None:
+            cache.put(key, CachedReply(reply.used(), events=seen))
+
+        events = recording(events, store)
+
+    def close() -> None:
+        reply.close()
+        meter.settle(reply.used())
+
+    return sse.stream_response(events, close)
+
+
+def cached_response(hit: CachedReply) -> flask.Response:
+    """A cached reply, with a new id and created."""
+    if hit.body is not None:
+        return flask.Response(hit.renewed_body(), mimetype="application/json")
+    return sse.stream_response(hit.renewed_events(), lambda: None)
+
+
 # POST /v1/chat/completions, and the legacy prompt API POST /v1/completions.
-chat_completions = generation_route(ChatCompletionRequest, chat_completion)
-completions = generation_route(CompletionRequest, completion)
+chat_completions = generation_route("chat", ChatCompletionRequest, chat_completion)
+completions = generation_route("completions", CompletionRequest, completion)
 
 
-def list_models(server: Server, request: flask.Request) -> flask.Response:
+def list_models(server: Server, request: flask.Request, client: Client | None) -> flask.Response:
     """GET /v1/models: the model this server serves, under its id and each alias."""
-    cards = [server.model_card(name) for name in server.settings.model_names]
+    names = server.settings.model_names
+    cards = [server.model_card(n) for n in names if client is None or client.may_use(n)]
     return json_response(ModelList(data=cards))
 
 
-def retrieve_model(server: Server, request: flask.Request) -> flask.Response:
+def retrieve_model(server: Server, request: flask.Request, client: Client | None) -> flask.Response:
     """GET /v1/models/{id}."""
     model_id = request.path.split("/models/", 1)[1]
-    if model_id not in server.settings.model_names:
+    if model_id not in server.settings.model_names or (
+        client is not None and not client.may_use(model_id)
+    ):
         raise model_not_found(model_id, param=None)
     return json_response(server.model_card(model_id))
 
 
-def health(server: Server, request: flask.Request) -> flask.Response:
-    """GET /health: 200 once the model is warm, 503 while loading or after a failed load."""
+def usage(server: Server, request: flask.Request, client: Client | None) -> flask.Response:
+    """GET /v1/usage: the calling key's usage, remaining budget and period."""
+    if client is None or server.quota.store is None:
+        raise path_not_found(request.path, "This server keeps usage for keys of JAXCHAT_KEYS_FILE.")
+    return json_response(server.quota.report(client))
+
+
+def health(server: Server, request: flask.Request, client: Client | None) -> flask.Response:
+    """GET /health: 200 once the model is warm, 503 while loading or after a failed load.
+
+    With a state store, it says whether the store answers (`"state"`): a server whose
+    Redis is down still serves (budgets fail closed, the cache open), so it stays 200."""
     status = server.host.status
     if status == "ready":
-        return json_response({"status": "ok"})
+        return json_response({"status": "ok", **state_health(server.quota.store)})
     if status == "loading":
         return json_response(
             {"status": "loading"}, 503, headers={"Retry-After": str(RETRY_AFTER_SECONDS)}
         )
     return json_response({"status": "failed", "error": server.host.error}, 503)
+
+
+def state_health(store: Store | None) -> dict[str, object]:
+    """The state store's part of /health (nothing without a store)."""
+    if store is None:
+        return {}
+    try:
+        store.ping()
+    except StoreUnavailable as exc:
+        log.error("state store %s unreachable: %s", store.kind, exc)
+        return {"state": {"store": store.kind, "reachable": False, "error": str(exc)}}
+    return {"state": {"store": store.kind, "reachable": True}}

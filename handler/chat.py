@@ -13,20 +13,22 @@ deprecated `functions` gets `function_call` instead of `tool_calls`.
 """
 
 import dataclasses
+import functools
 from collections.abc import Iterator, Sequence
-
-import flask
 
 from handler import sse
 from handler.errors import invalid_request
 from handler.generation import (
     Generation,
+    Reply,
     ReplyHeader,
     check_request,
     collect,
     start_generation,
+    tokens_used,
 )
 from handler.model_host import ServedModel
+from handler.quota import Meter
 from handler.request_parts import NamedToolChoice
 from handler.requests import ChatCompletionRequest
 from handler.responses import (
@@ -44,7 +46,6 @@ from handler.responses import (
     ToolCallOut,
     TopLogprob,
     Usage,
-    json_response,
 )
 from model.limits import Names
 from model.text.grammar import GrammarError
@@ -61,26 +62,29 @@ from model.types import ChoiceResult, Choices, Delta, TokenLogprob
 
 
 def chat_completion(
-    llm: ServedModel, request: ChatCompletionRequest, fingerprint: str
-) -> flask.Response:
-    """Generate the reply to a validated request, streamed or as one JSON object."""
+    llm: ServedModel, request: ChatCompletionRequest, fingerprint: str, meter: Meter
+) -> Reply:
+    """Generate the reply to a validated request, streamed or as one JSON object; the
+    request's tokens are reserved with `meter` before it starts."""
     prompt_ids = encode_prompt(llm, request)
     params = request.sampling_params()
     names = Names(prompt="messages", max_tokens=request.max_tokens_param)
-    check_request(llm, prompt_ids, params, names)
+    budget = check_request(llm, prompt_ids, params, names)
     params = dataclasses.replace(params, grammar=grammar_for(llm, request))
+    meter.admit(len(prompt_ids) + params.n * budget)
     generation = start_generation(llm, prompt_ids, params)
     header = ReplyHeader.new("chatcmpl", request.model, fingerprint)
     shaper = ReplyShaper(llm.tokenizer, request)
+    used = functools.partial(tokens_used, [generation])
     if request.stream:
-        return sse.stream_response(chat_events(header, shaper, generation), generation.close)
+        return Reply(used, events=chat_events(header, shaper, generation), close=generation.close)
     [results] = collect([generation], params.n)
     reply = ChatCompletion(
         **header.fields(),
         choices=[shaper.choice(i, result) for i, result in enumerate(results)],
         usage=Usage.of(len(prompt_ids), sum(r.tokens for r in results)),
     )
-    return json_response(reply)
+    return Reply(used, body=reply)
 
 
 def encode_prompt(llm: ServedModel, request: ChatCompletionRequest) -> list[int]:

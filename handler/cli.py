@@ -96,6 +96,8 @@ def setting_option(name: str, field: FieldInfo) -> dict[str, Any]:
         [kind] = [arg for arg in typing.get_args(kind) if arg is not type(None)]
     if typing.get_origin(kind) is typing.Literal:
         return {"choices": typing.get_args(kind), "help": text}
+    if kind is bool:  # --name / --no-name
+        return {"action": argparse.BooleanOptionalAction, "help": text}
     if kind in (int, float, str):
         return {"type": kind, "help": text}
     if typing.get_origin(kind) is list:  # comma-separated, as in the environment

@@ -7,28 +7,29 @@ batch decodes together. Streams carry `text_completion` chunks; a streamed
 batch sends each prompt's choices in turn.
 """
 
+import functools
 from collections.abc import Iterator, Sequence
-
-import flask
 
 from handler import sse
 from handler.errors import invalid_request
 from handler.generation import (
     Generation,
+    Reply,
     ReplyHeader,
     check_request,
     close_all,
     collect,
     start_generations,
+    tokens_used,
 )
 from handler.model_host import ServedModel
+from handler.quota import Meter
 from handler.requests import CompletionRequest
 from handler.responses import (
     CompletionChoice,
     CompletionLogprobs,
     TextCompletion,
     Usage,
-    json_response,
 )
 from model.limits import Names
 from model.text.tokenizer import Tokenizer
@@ -38,20 +39,27 @@ from model.types import ChoiceResult, Choices, TokenLogprob
 NAMES = Names(prompt="prompt", max_tokens="max_tokens")
 
 
-def completion(llm: ServedModel, request: CompletionRequest, fingerprint: str) -> flask.Response:
-    """Generate the completions of a validated request, streamed or as one JSON object."""
+def completion(
+    llm: ServedModel, request: CompletionRequest, fingerprint: str, meter: Meter
+) -> Reply:
+    """Generate the completions of a validated request, streamed or as one JSON object;
+    the request's tokens are reserved with `meter` before it starts."""
     prompts = prompt_ids(llm, request)
     params = request.sampling_params()
+    reserved = 0
     for index, ids in enumerate(prompts):
-        check_request(llm, ids, params, NAMES, batch_index=index if len(prompts) > 1 else None)
+        batch_index = index if len(prompts) > 1 else None
+        reserved += len(ids) + params.n * check_request(llm, ids, params, NAMES, batch_index)
+    meter.admit(reserved)
     generations = start_generations(llm, prompts, params)
     shaper = LegacyShaper(llm.tokenizer, request)
     reply = TextCompletion(
         **ReplyHeader.new("cmpl", request.model, fingerprint).fields(), choices=[]
     )
+    used = functools.partial(tokens_used, generations)
     if request.stream:
         events = legacy_events(reply, shaper, generations)
-        return sse.stream_response(events, lambda: close_all(generations))
+        return Reply(used, events=events, close=functools.partial(close_all, generations))
     results = collect(generations, params.n)
     reply.choices = [
         shaper.choice(p, i, result)
@@ -60,7 +68,7 @@ def completion(llm: ServedModel, request: CompletionRequest, fingerprint: str) -
     ]
     completion_tokens = sum(r.tokens for choices in results for r in choices)
     reply.usage = Usage.of(sum(g.prompt_tokens for g in generations), completion_tokens)
-    return json_response(reply)
+    return Reply(used, body=reply)
 
 
 def prompt_ids(llm: ServedModel, request: CompletionRequest) -> list[list[int]]:

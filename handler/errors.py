@@ -88,9 +88,10 @@ def model_not_found(name: str, param: str | None = "model") -> APIError:
     )
 
 
-def path_not_found(path: str) -> APIError:
-    """404 for a URL this server has no route for."""
-    return APIError(404, f"Unknown URL: {path}", "not_found_error", code="unknown_url")
+def path_not_found(path: str, detail: str = "") -> APIError:
+    """404 for a URL this server has no route for (or, `detail` says why, not here)."""
+    message = f"Unknown URL: {path}" + (f". {detail}" if detail else "")
+    return APIError(404, message, "not_found_error", code="unknown_url")
 
 
 def method_not_allowed(method: str, path: str, allowed: list[str]) -> APIError:

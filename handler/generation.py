@@ -11,9 +11,11 @@ or as they come for a stream (handler/sse.py frames it).
 import itertools
 import time
 import uuid
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from pydantic import BaseModel
 
 from handler.errors import (
     engine_failed,
@@ -52,31 +54,49 @@ def check_request(
     params: SamplingParams,
     names: limits.Names,
     batch_index: int | None = None,
-) -> None:
-    """400 naming the request's own field unless `llm` can serve the request (the
-    rules: model/limits.py).
+) -> int:
+    """The request's completion budget (tokens per choice); a 400 naming the request's
+    own field unless `llm` can serve the request (the rules: model/limits.py).
 
     `names` say what the request calls its prompt and its completion budget. In a
     batch of prompts, `batch_index` is the prompt's: a message about this prompt says so.
     """
     try:
-        llm.check(prompt_ids, params, names)
+        return llm.check(prompt_ids, params, names)
     except limits.InvalidRequest as exc:
         if batch_index is not None and exc.param in (names.prompt, names.max_tokens):
             exc = limits.InvalidRequest(f"Prompt {batch_index}: {exc}", exc.param, exc.code)
         raise refused(exc) from None
 
 
+@dataclass
+class Reply:
+    """A route's answer before it is HTTP: a JSON body, or SSE events; `used()` counts
+    the tokens it used so far (prompts and completions), `close` cancels its generation."""
+
+    used: Callable[[], int]
+    body: BaseModel | None = None
+    events: Iterator[str] | None = None
+    close: Callable[[], None] = lambda: None
+
+
 class Generation:
-    """One prompt's generation, started: its deltas, the first already received.
+    """One prompt's generation, started: its deltas, the first already received, and the
+    completion tokens read from them so far.
 
     `close` cancels it (a no-op once it finished).
     """
 
     def __init__(self, engine_stream: Iterator[Delta], first: Delta, prompt_tokens: int) -> None:
         self._engine_stream = engine_stream
-        self.deltas: Iterator[Delta] = itertools.chain([first], engine_stream)
+        self.deltas: Iterator[Delta] = self._counted(itertools.chain([first], engine_stream))
         self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0
+
+    def _counted(self, deltas: Iterator[Delta]) -> Iterator[Delta]:
+        for delta in deltas:
+            self.completion_tokens += len(delta.token_ids)
+            yield delta
 
     def close(self) -> None:
         # `LLM.stream` is a generator: closing it cancels the request in the engine.
@@ -128,6 +148,11 @@ def start_generations(
         close_all(started)
         raise
     return started
+
+
+def tokens_used(generations: Sequence[Generation]) -> int:
+    """Prompt and completion tokens of `generations` so far."""
+    return sum(g.prompt_tokens + g.completion_tokens for g in generations)
 
 
 def close_all(generations: Sequence[Generation]) -> None:

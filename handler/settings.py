@@ -71,6 +71,36 @@ class Settings(BaseSettings):
     """Comma-separated API keys accepted as `Authorization: Bearer <key>`.
     Empty disables authentication (`/health` never needs a key)."""
 
+    keys_file: str | None = None
+    """A TOML file of client keys with their limits (a local path or `gs://`): one
+    `[keys.<name>]` table per client with `key_sha256` (or `key`) and optional
+    `requests_per_minute`, `tokens_per_minute`, `token_budget`, `budget_period`
+    (`day`/`month`) and `models`. Read at start-up; used beside JAXCHAT_API_KEYS."""
+
+    state_url: str | None = Field(default=None, repr=False)
+    """`redis://[:password@]host:port/db` to share rate limits, budgets and the response
+    cache between instances. Unset: embedded (limits and cache in memory, budgets in
+    SQLite under JAXCHAT_STATE_DIR)."""
+
+    state_dir: str = "~/.local/state/jaxchat"
+    """Directory of the embedded store's SQLite usage file (budgets), when
+    JAXCHAT_STATE_URL is unset. It must outlive the process for budgets to survive a
+    restart (on Cloud Run, whose disk is memory, use Redis)."""
+
+    response_cache_ttl: int = Field(default=0, ge=0)
+    """Seconds a reply to a deterministic request (temperature 0 or a seed) is kept
+    and answered again to an identical request; 0 disables the response cache."""
+
+    response_cache_max_entries: int = Field(default=10_000, ge=1)
+    """Most replies the response cache holds; the oldest go first."""
+
+    response_cache_max_bytes: int = Field(default=64 << 20, ge=1024)
+    """Most bytes the response cache holds; the oldest replies go first."""
+
+    cache_hits_free: bool = False
+    """Do not charge replies from the response cache to rate limits and budgets
+    (by default a hit costs the tokens of the reply it repeats)."""
+
     compile_cache: str | None = None
     """Compilation cache: a local directory or a `gs://bucket/prefix` (mirrored under
     JAXCHAT_CACHE_DIR). A restart with a warm cache loads every executable instead

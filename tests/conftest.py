@@ -20,6 +20,8 @@ os.environ.setdefault("JAXCHAT_COMPILE_CACHE", str(REPO / ".cache" / "test-compi
 
 # The e2e server process, shared by the e2e modules (started on first use).
 # A Cloud Storage emulator process, per module that uses it.
+# The functions-framework app over a fake engine (`serve`), for the handler's tests.
+from tests.fake_model import serve  # noqa: E402, F401
 from tests.gcs_emulator import emulator  # noqa: E402, F401
 from tests.server_process import base_url, client  # noqa: E402, F401
 
@@ -59,6 +61,7 @@ SLOW_FIRST = (
     "test_batching.py",
     "test_request_fuzz.py",
     "test_llm.py",
+    "test_limits_e2e.py",
 )
 
 

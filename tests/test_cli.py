@@ -5,6 +5,7 @@ import io
 import json
 
 from handler.cli import build_parser, run_chat, serve_command
+from handler.settings import Settings
 from model.types import SamplingParams
 from tests.server_process import REPO
 
@@ -19,6 +20,18 @@ def test_serve_options_become_settings():
     assert env == {"JAXCHAT_MODEL": "gs://b/m.gguf", "JAXCHAT_MAX_BATCH": "4", "PORT": "9000"}
     assert command[1:4] == ["-m", "functions_framework", "--target=app"]
     assert command[4] == f"--source={REPO / 'main.py'}" and "--port=9000" in command
+
+
+def test_boolean_settings_are_flag_pairs(monkeypatch):
+    args = _parse(["serve", "--keys-file", "gs://b/keys.toml", "--cache-hits-free"])
+    _, env = serve_command(args)
+    assert env == {"JAXCHAT_KEYS_FILE": "gs://b/keys.toml", "JAXCHAT_CACHE_HITS_FREE": "True"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert Settings().cache_hits_free is True
+    assert serve_command(_parse(["serve", "--no-cache-hits-free"]))[1] == {
+        "JAXCHAT_CACHE_HITS_FREE": "False"
+    }
 
 
 def _parse(argv):

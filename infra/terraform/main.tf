@@ -1,4 +1,5 @@
-# jaxchat on Cloud Run: service account, weights bucket, image repository and the service.
+# jaxchat on Cloud Run: service account, weights bucket, image repository and the service,
+# and optionally (var.memorystore) a Redis for limits, budgets and the response cache.
 #   terraform init && terraform apply -var project=MY_PROJECT -var image=REGION-docker.pkg.dev/...
 terraform {
   required_providers {
@@ -42,9 +43,59 @@ resource "google_artifact_registry_repository" "images" {
   format        = "DOCKER"
 }
 
+# Optional shared state (var.memorystore): limits, budgets and the response cache in one
+# Redis that every instance reaches over the VPC. STANDARD_HA keeps a replica, and RDB
+# snapshots keep usage across a full restart (up to the last snapshot).
+resource "google_redis_instance" "state" {
+  count              = var.memorystore ? 1 : 0
+  name               = "${var.service}-state"
+  tier               = "STANDARD_HA"
+  memory_size_gb     = var.memorystore_size_gb
+  region             = var.region
+  authorized_network = "projects/${var.project}/global/networks/${var.network}"
+  auth_enabled       = true
+  redis_version      = "REDIS_7_2"
+  persistence_config {
+    persistence_mode    = "RDB"
+    rdb_snapshot_period = "ONE_HOUR"
+  }
+}
+
+# JAXCHAT_STATE_URL holds the instance's AUTH string: a secret, not a plain variable.
+resource "google_secret_manager_secret" "state_url" {
+  count     = var.memorystore ? 1 : 0
+  secret_id = "${var.service}-state-url"
+  replication {
+    auto {}
+  }
+}
+
+resource "google_secret_manager_secret_version" "state_url" {
+  count  = var.memorystore ? 1 : 0
+  secret = google_secret_manager_secret.state_url[0].id
+  secret_data = format(
+    "redis://:%s@%s:%d/0",
+    google_redis_instance.state[0].auth_string,
+    google_redis_instance.state[0].host,
+    google_redis_instance.state[0].port,
+  )
+}
+
+resource "google_secret_manager_secret_iam_member" "state_url_reader" {
+  count     = var.memorystore ? 1 : 0
+  secret_id = google_secret_manager_secret.state_url[0].id
+  role      = "roles/secretmanager.secretAccessor"
+  member    = "serviceAccount:${google_service_account.jaxchat.email}"
+}
+
 resource "google_cloud_run_v2_service" "jaxchat" {
   name     = var.service
   location = var.region
+  # The instances read JAXCHAT_STATE_URL's secret as they start.
+  depends_on = [
+    google_secret_manager_secret_version.state_url,
+    google_secret_manager_secret_iam_member.state_url_reader,
+  ]
 
   template {
     service_account                  = google_service_account.jaxchat.email
@@ -53,6 +104,17 @@ resource "google_cloud_run_v2_service" "jaxchat" {
     scaling {
       min_instance_count = var.min_instances
       max_instance_count = var.max_instances
+    }
+    # Direct VPC egress to Memorystore's private address.
+    dynamic "vpc_access" {
+      for_each = var.memorystore ? [1] : []
+      content {
+        egress = "PRIVATE_RANGES_ONLY"
+        network_interfaces {
+          network    = var.network
+          subnetwork = var.network
+        }
+      }
     }
     containers {
       image = var.image
@@ -72,6 +134,32 @@ resource "google_cloud_run_v2_service" "jaxchat" {
       env {
         name  = "JAXCHAT_COMPILE_CACHE"
         value = "gs://${google_storage_bucket.weights.name}/compile-cache"
+      }
+      dynamic "env" {
+        for_each = var.keys_file == "" ? [] : [var.keys_file]
+        content {
+          name  = "JAXCHAT_KEYS_FILE"
+          value = env.value
+        }
+      }
+      dynamic "env" {
+        for_each = var.response_cache_ttl == 0 ? [] : [var.response_cache_ttl]
+        content {
+          name  = "JAXCHAT_RESPONSE_CACHE_TTL"
+          value = tostring(env.value)
+        }
+      }
+      dynamic "env" {
+        for_each = var.memorystore ? [1] : []
+        content {
+          name = "JAXCHAT_STATE_URL"
+          value_source {
+            secret_key_ref {
+              secret  = google_secret_manager_secret.state_url[0].secret_id
+              version = "latest"
+            }
+          }
+        }
       }
       dynamic "env" {
         for_each = var.model_uri == "" ? [] : [var.model_uri]

@@ -132,6 +132,19 @@ def upload(uri: str, files: dict[str, Path], client: storage.Client | None = Non
         list(pool.map(put, files.items()))
 
 
+def read_bytes(uri: str, client: storage.Client | None = None) -> bytes:
+    """A small object's content (a settings file), read whole; FileNotFoundError or
+    PermissionError naming the URI."""
+    bucket_name, name = parse_uri(uri)
+    try:
+        blob = (client or make_client()).bucket(bucket_name).blob(name)
+        return bytes(blob.download_as_bytes())
+    except exceptions.NotFound as e:
+        raise FileNotFoundError(f"{uri}: no such object") from e
+    except exceptions.Forbidden as e:
+        raise PermissionError(f"no permission to read {uri}: {e.message}") from e
+
+
 def parse_uri(uri: str) -> tuple[str, str]:
     """(bucket, object name or prefix) of `gs://bucket/name`; the name may be empty."""
     if not is_gcs_uri(uri):
