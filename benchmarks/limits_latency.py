@@ -24,9 +24,7 @@ from handler.quota import Quota, Store
 from handler.state.embedded import EmbeddedStore
 from handler.state.redis import RedisStore
 
-CLIENT = Client(
-    "bench", requests_per_minute=10**9, tokens_per_minute=10**12, token_budget=10**15
-)
+CLIENT = Client("bench", requests_per_minute=10**9, tokens_per_minute=10**12, token_budget=10**15)
 CACHE = {"cache_ttl": 600, "cache_entries": 10_000, "cache_bytes": 64 << 20}
 
 
