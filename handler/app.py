@@ -18,7 +18,7 @@ from typing import TypeVar
 
 import flask
 
-from handler import sse
+from handler import logs, sse
 from handler.body import read_json
 from handler.chat import chat_completion
 from handler.completions import completion
@@ -33,6 +33,7 @@ from handler.errors import (
 )
 from handler.generation import Reply
 from handler.keys import Client, Keyring
+from handler.logs import REQUEST_ID, RequestLog
 from handler.model_host import ModelHost, ServedModel
 from handler.quota import Meter, Quota, Store, StoreUnavailable
 from handler.requests import (
@@ -84,6 +85,7 @@ def make_handler(settings: Settings, host: ModelHost | None = None) -> Handler:
     Nothing loads here: the model loads in forked workers or on the first request.
     A keys file that cannot be read or is invalid raises ValueError.
     """
+    logs.configure(settings)
     host = host or ModelHost.from_settings(settings)
     host.start_in_forked_children()
     keyring = Keyring.load(settings.api_keys, settings.keys_file)
@@ -103,15 +105,37 @@ def make_handler(settings: Settings, host: ModelHost | None = None) -> Handler:
     def handle(request: flask.Request) -> flask.Response:
         """Answer one HTTP request."""
         host.start()
+        started = time.monotonic()
+        headers = {name.lower(): value for name, value in request.headers.items()}
+        entry = RequestLog.start(request.method, request.path, headers, request.remote_addr)
         try:
-            return dispatch(server, request)
+            response = dispatch(server, request)
         except APIError as err:
-            return error_response(err)
+            response = error_response(err)
         except Exception:
             log.exception("unexpected error serving %s %s", request.method, request.path)
-            return error_response(internal_error())
+            response = error_response(internal_error())
+        response.headers[REQUEST_ID] = entry.request_id
+        access_line(entry, response, started)
+        return response
 
     return handle
+
+
+def access_line(entry: RequestLog, response: flask.Response, started: float) -> None:
+    """Write the request's access line once its response is complete (a stream's when
+    it ended); /health, which probes call every few seconds, logs at DEBUG."""
+    if entry.path == "/health" and not log.isEnabledFor(logging.DEBUG):
+        return
+
+    def write() -> None:
+        size = None if response.is_streamed else response.content_length
+        entry.write(response.status_code, time.monotonic() - started, size)
+
+    if response.is_streamed:
+        response.call_on_close(write)
+    else:
+        write()
 
 
 def system_fingerprint(settings: Settings) -> str:
@@ -165,6 +189,9 @@ def generation_route(name: str, schema: type[Body], generate: Generate[Body]) ->
             client is not None and not client.may_use(body.model)
         ):
             raise model_not_found(body.model)
+        entry = logs.current.get()
+        if entry is not None:
+            entry.model, entry.client = body.model, client.name if client else None
         meter = server.quota.meter(client)
         key = server.cache.key(name, body)
         hit = server.cache.get(key) if key is not None else None
@@ -172,46 +199,66 @@ def generation_route(name: str, schema: type[Body], generate: Generate[Body]) ->
             if not server.settings.cache_hits_free:
                 meter.admit(hit.tokens, final=True)
             response = cached_response(hit)
+            if entry is not None:
+                entry.prompt_tokens, entry.completion_tokens = (
+                    hit.prompt_tokens,
+                    hit.completion_tokens,
+                )
         else:
             try:
                 reply = generate(server.host.llm(), body, server.fingerprint, meter)
             except BaseException:
                 meter.settle(0)
                 raise
-            response = reply_response(reply, meter, server.cache, key)
+            response = reply_response(reply, meter, server.cache, key, entry)
         response.headers.update(meter.headers)
         if key is not None:
             response.headers[CACHE_HEADER] = "miss" if hit is None else "hit"
+            if entry is not None:
+                entry.cache = response.headers[CACHE_HEADER]
         return response
 
     return route
 
 
 def reply_response(
-    reply: Reply, meter: Meter, cache: ResponseCache, key: str | None
+    reply: Reply, meter: Meter, cache: ResponseCache, key: str | None, entry: RequestLog | None
 ) -> flask.Response:
-    """The HTTP response of a generated reply; the client is charged once it ended,
-    and a complete reply is cached under `key`."""
-    if reply.body is not None:
+    """The HTTP response of a generated reply; once it ended, the client is charged and
+    the access line counts its tokens, and a complete reply is cached under `key`."""
+
+    def ended() -> None:
         meter.settle(reply.used())
+        if entry is not None:
+            entry.prompt_tokens, entry.completion_tokens = reply_tokens(reply)
+            entry.finish_reasons = reply.finish_reasons()
+
+    if reply.body is not None:
+        ended()
         response = json_response(reply.body)
         if key is not None:
-            cache.put(key, CachedReply(reply.used(), body=response.get_data(as_text=True)))
+            body = response.get_data(as_text=True)
+            cache.put(key, CachedReply(*reply_tokens(reply), body=body))
         return response
     assert reply.events is not None, "a reply is a body or events"
     events = reply.events
     if key is not None:
 
         def store(seen: tuple[str, ...]) -> None:
-            cache.put(key, CachedReply(reply.used(), events=seen))
+            cache.put(key, CachedReply(*reply_tokens(reply), events=seen))
 
         events = recording(events, store)
 
     def close() -> None:
         reply.close()
-        meter.settle(reply.used())
+        ended()
 
     return sse.stream_response(events, close)
+
+
+def reply_tokens(reply: Reply) -> tuple[int, int]:
+    """(prompt, completion) tokens of a reply."""
+    return reply.prompt_tokens(), reply.completion_tokens()
 
 
 def cached_response(hit: CachedReply) -> flask.Response:

@@ -13,7 +13,6 @@ deprecated `functions` gets `function_call` instead of `tool_calls`.
 """
 
 import dataclasses
-import functools
 from collections.abc import Iterator, Sequence
 
 from handler import sse
@@ -25,7 +24,6 @@ from handler.generation import (
     check_request,
     collect,
     start_generation,
-    tokens_used,
 )
 from handler.model_host import ServedModel
 from handler.quota import Meter
@@ -75,16 +73,16 @@ def chat_completion(
     generation = start_generation(llm, prompt_ids, params)
     header = ReplyHeader.new("chatcmpl", request.model, fingerprint)
     shaper = ReplyShaper(llm.tokenizer, request)
-    used = functools.partial(tokens_used, [generation])
     if request.stream:
-        return Reply(used, events=chat_events(header, shaper, generation), close=generation.close)
+        events = chat_events(header, shaper, generation)
+        return Reply([generation], events=events, close=generation.close)
     [results] = collect([generation], params.n)
     reply = ChatCompletion(
         **header.fields(),
         choices=[shaper.choice(i, result) for i, result in enumerate(results)],
         usage=Usage.of(len(prompt_ids), sum(r.tokens for r in results)),
     )
-    return Reply(used, body=reply)
+    return Reply([generation], body=reply)
 
 
 def encode_prompt(llm: ServedModel, request: ChatCompletionRequest) -> list[int]:

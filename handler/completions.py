@@ -20,7 +20,6 @@ from handler.generation import (
     close_all,
     collect,
     start_generations,
-    tokens_used,
 )
 from handler.model_host import ServedModel
 from handler.quota import Meter
@@ -56,10 +55,9 @@ def completion(
     reply = TextCompletion(
         **ReplyHeader.new("cmpl", request.model, fingerprint).fields(), choices=[]
     )
-    used = functools.partial(tokens_used, generations)
     if request.stream:
         events = legacy_events(reply, shaper, generations)
-        return Reply(used, events=events, close=functools.partial(close_all, generations))
+        return Reply(generations, events=events, close=functools.partial(close_all, generations))
     results = collect(generations, params.n)
     reply.choices = [
         shaper.choice(p, i, result)
@@ -68,7 +66,7 @@ def completion(
     ]
     completion_tokens = sum(r.tokens for choices in results for r in choices)
     reply.usage = Usage.of(sum(g.prompt_tokens for g in generations), completion_tokens)
-    return Reply(used, body=reply)
+    return Reply(generations, body=reply)
 
 
 def prompt_ids(llm: ServedModel, request: CompletionRequest) -> list[list[int]]:

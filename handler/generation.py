@@ -71,18 +71,31 @@ def check_request(
 
 @dataclass
 class Reply:
-    """A route's answer before it is HTTP: a JSON body, or SSE events; `used()` counts
-    the tokens it used so far (prompts and completions), `close` cancels its generation."""
+    """A route's answer before it is HTTP: a JSON body, or SSE events, from `generations`;
+    `close` cancels them."""
 
-    used: Callable[[], int]
+    generations: Sequence["Generation"]
     body: BaseModel | None = None
     events: Iterator[str] | None = None
     close: Callable[[], None] = lambda: None
 
+    def used(self) -> int:
+        """Prompt and completion tokens so far."""
+        return self.prompt_tokens() + self.completion_tokens()
+
+    def prompt_tokens(self) -> int:
+        return sum(g.prompt_tokens for g in self.generations)
+
+    def completion_tokens(self) -> int:
+        return sum(g.completion_tokens for g in self.generations)
+
+    def finish_reasons(self) -> list[str]:
+        return [reason for g in self.generations for reason in g.finish_reasons]
+
 
 class Generation:
     """One prompt's generation, started: its deltas, the first already received, and the
-    completion tokens read from them so far.
+    completion tokens and finish reasons read from them so far.
 
     `close` cancels it (a no-op once it finished).
     """
@@ -92,10 +105,13 @@ class Generation:
         self.deltas: Iterator[Delta] = self._counted(itertools.chain([first], engine_stream))
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = 0
+        self.finish_reasons: list[str] = []
 
     def _counted(self, deltas: Iterator[Delta]) -> Iterator[Delta]:
         for delta in deltas:
             self.completion_tokens += len(delta.token_ids)
+            if delta.finish_reason:
+                self.finish_reasons.append(delta.finish_reason)
             yield delta
 
     def close(self) -> None:
@@ -148,11 +164,6 @@ def start_generations(
         close_all(started)
         raise
     return started
-
-
-def tokens_used(generations: Sequence[Generation]) -> int:
-    """Prompt and completion tokens of `generations` so far."""
-    return sum(g.prompt_tokens + g.completion_tokens for g in generations)
 
 
 def close_all(generations: Sequence[Generation]) -> None:

@@ -59,6 +59,9 @@ class ServedModel(Protocol):
 
     def warmup(self, *, wait: bool = True) -> None: ...
 
+    def describe(self) -> dict[str, object]:
+        """What is served (model, devices, mesh, context…), for the start-up log."""
+
     def encode_chat(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
     ) -> list[int]:
@@ -144,6 +147,7 @@ class ModelHost:
         started = time.monotonic()
         try:
             llm = self._factory()
+            loaded = time.monotonic()
             # Cached executables finish loading in the background while requests
             # are served (a request loads what it needs itself).
             llm.warmup(wait=False)
@@ -152,7 +156,18 @@ class ModelHost:
             self._error = f"{type(exc).__name__}: {exc}"
         else:
             self._llm = llm
-            log.info("model ready after %.1f s", time.monotonic() - started)
+            times = {
+                "load_s": round(loaded - started, 2),
+                "compile_s": round(time.monotonic() - loaded, 2),
+            }
+            served = llm.describe()
+            log.info(
+                "model ready: %s; loaded in %.1f s, executables compiled or loaded in %.1f s",
+                ", ".join(f"{k} {v}" for k, v in served.items()),
+                times["load_s"],
+                times["compile_s"],
+                extra={"fields": {**served, **times}},
+            )
         finally:
             self._finished.set()
 

@@ -14,6 +14,7 @@ error is not. The store keeps entries for JAXCHAT_RESPONSE_CACHE_TTL seconds,
 bounded by count and bytes; a store that cannot be reached is no cache (fail open).
 """
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -37,18 +38,23 @@ IGNORED_FIELDS = {"user"}
 class CachedReply:
     """A finished reply: its JSON body, or its SSE events (without [DONE])."""
 
-    tokens: int  # prompt + completion, as charged
+    prompt_tokens: int
+    completion_tokens: int
     body: str | None = None
     events: tuple[str, ...] = ()
 
+    @property
+    def tokens(self) -> int:
+        """What the reply cost, and what a hit costs."""
+        return self.prompt_tokens + self.completion_tokens
+
     def dumps(self) -> bytes:
-        data = {"tokens": self.tokens, "body": self.body, "events": list(self.events)}
-        return json.dumps(data).encode()
+        return json.dumps(dataclasses.asdict(self)).encode()
 
     @classmethod
     def loads(cls, raw: bytes) -> "CachedReply":
         data = json.loads(raw)
-        return cls(data["tokens"], data["body"], tuple(data["events"]))
+        return cls(**{**data, "events": tuple(data["events"])})
 
     def renewed_body(self) -> str:
         """The JSON body with a new id and created."""

@@ -101,6 +101,13 @@ class Settings(BaseSettings):
     """Do not charge replies from the response cache to rate limits and budgets
     (by default a hit costs the tokens of the reply it repeats)."""
 
+    log_format: Literal["auto", "json", "text"] = "auto"
+    """`json`: one JSON object per line on stdout, as Cloud Logging reads them; `text`:
+    plain lines. `auto`: json on Cloud Run (K_SERVICE set), text elsewhere."""
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """The lowest level logged."""
+
     compile_cache: str | None = None
     """Compilation cache: a local directory or a `gs://bucket/prefix` (mirrored under
     JAXCHAT_CACHE_DIR). A restart with a warm cache loads every executable instead

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from model.engine.engine import Engine
+from model.engine.engine import BLOCK_SIZE, Engine
 from model.engine.executables import open_compile_cache
 from model.engine.scheduler import Scheduler
 from model.engine.state import default_pool_tokens
@@ -110,6 +110,20 @@ class LLM:
             unrolled=unrolled_decode,
         )
         self.scheduler = Scheduler(self.engine, max_queue=max_queue)
+
+    def describe(self) -> dict[str, object]:
+        """What is served, for the start-up log: model, devices, mesh, context, slots,
+        KV pool and dtype."""
+        devices = list(self.engine.mesh.devices.flat)
+        return {
+            "model": str(self.path),
+            "devices": f"{len(devices)} x {devices[0].device_kind}",
+            "mesh": dict(self.engine.mesh.shape),
+            "context": self.max_seq_len,
+            "slots": self.batch,
+            "kv_pool_tokens": self.engine.pool_blocks * BLOCK_SIZE,
+            "dtype": str(self.dtype),
+        }
 
     @property
     def failed(self) -> bool:

@@ -74,6 +74,9 @@ class FakeLLM:
     def warmup(self, *, wait: bool = True) -> None:
         pass
 
+    def describe(self) -> dict[str, object]:
+        return {"model": "fake", "context": self.max_seq_len, "slots": self.batch}
+
     # The real model's request checks (model/limits.py), on this fake's sizes.
     check = LLM.check
 

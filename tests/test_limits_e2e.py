@@ -4,10 +4,13 @@ Two deployments, each serving the real default model from a keys file:
 - `redis`: two functions-framework processes sharing a real Redis server process
   (tests/redis_server.py), as two Cloud Run instances share Memorystore;
 - `embedded`: one process with the in-process store and its SQLite file.
-Requests go through the official openai SDK, as a client's would.
+Requests go through the official openai SDK, as a client's would. The servers log
+JSON lines, as on Cloud Run; the last test reads them.
 """
 
 import contextlib
+import json
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -52,6 +55,7 @@ class Deployment:
             "JAXCHAT_KEYS_FILE": str(keys_file(workdir / "keys.toml")),
             "JAXCHAT_STATE_DIR": str(workdir / "state"),
             "JAXCHAT_RESPONSE_CACHE_TTL": "600",
+            "JAXCHAT_LOG_FORMAT": "json",
             # As tests/server_process.py's server: the same executables.
             "JAXCHAT_MAX_SEQ_LEN": str(MAX_SEQ_LEN),
             "JAXCHAT_MAX_BATCH": str(MAX_BATCH),
@@ -207,3 +211,22 @@ def test_the_sdk_waits_out_retry_after_and_then_succeeds(deployment):
     retrying = deployment.sdk("paced", max_retries=2)
     assert ask(retrying, max_tokens=1).parse().choices[0].finish_reason == "length"
     assert time.monotonic() - started >= wait_ms / 1000 - 0.2
+
+
+def test_the_server_logs_json_lines_with_an_access_line_per_request_and_no_key(deployment):
+    ask(deployment.sdk("meter", 0), max_tokens=3, extra_headers={"X-Request-Id": "e2e-42"})
+    time.sleep(0.5)  # the line is written as the response closes
+    text = (deployment.workdir / "server0" / "server.log").read_text()
+    assert "sk-" not in text  # no key, in any line
+    lines = text.splitlines()
+    # gunicorn's own start-up lines are plain text on stderr; every other line is JSON.
+    ours = [line for line in lines if not re.match(r"^\[\d{4}-\d\d-\d\d ", line)]
+    entries = [json.loads(line) for line in ours]
+    assert all({"severity", "message", "time", "logger"} <= set(e) for e in entries)
+    [ready] = [e for e in entries if e["message"].startswith("model ready")]
+    assert ready["context"] == MAX_SEQ_LEN and ready["slots"] == MAX_BATCH
+    assert ready["devices"].startswith("1 x ") and ready["load_s"] > 0
+    [access] = [e for e in entries if e.get("requestId") == "e2e-42"]
+    assert access["logger"] == "jaxchat.access" and access["client"] == "meter"
+    assert access["httpRequest"]["status"] == 200 and access["completion_tokens"] == 3
+    assert access["prompt_tokens"] > 0 and access["finish_reason"] == "length"
