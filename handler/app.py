@@ -11,6 +11,7 @@ only.
 
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from handler.errors import (
 from handler.generation import Reply
 from handler.keys import Client, Keyring
 from handler.logs import REQUEST_ID, RequestLog
+from handler.metrics import Metrics
 from handler.model_host import ModelHost, ServedModel
 from handler.quota import Meter, Quota, Store, StoreUnavailable
 from handler.requests import (
@@ -67,6 +69,7 @@ class Server:
     keyring: Keyring
     quota: Quota
     cache: ResponseCache
+    metrics: Metrics
     created: int
     fingerprint: str
 
@@ -98,6 +101,7 @@ def make_handler(settings: Settings, host: ModelHost | None = None) -> Handler:
         keyring,
         Quota(store),
         ResponseCache(store, settings.response_cache_ttl, fingerprint),
+        Metrics(host),
         int(time.time()),
         fingerprint,
     )
@@ -105,7 +109,6 @@ def make_handler(settings: Settings, host: ModelHost | None = None) -> Handler:
     def handle(request: flask.Request) -> flask.Response:
         """Answer one HTTP request."""
         host.start()
-        started = time.monotonic()
         headers = {name.lower(): value for name, value in request.headers.items()}
         entry = RequestLog.start(request.method, request.path, headers, request.remote_addr)
         try:
@@ -116,21 +119,22 @@ def make_handler(settings: Settings, host: ModelHost | None = None) -> Handler:
             log.exception("unexpected error serving %s %s", request.method, request.path)
             response = error_response(internal_error())
         response.headers[REQUEST_ID] = entry.request_id
-        access_line(entry, response, started)
+        access_line(entry, response, server.metrics)
         return response
 
     return handle
 
 
-def access_line(entry: RequestLog, response: flask.Response, started: float) -> None:
-    """Write the request's access line once its response is complete (a stream's when
-    it ended); /health, which probes call every few seconds, logs at DEBUG."""
-    if entry.path == "/health" and not log.isEnabledFor(logging.DEBUG):
-        return
+def access_line(entry: RequestLog, response: flask.Response, metrics: Metrics) -> None:
+    """Count the request and write its access line once its response is complete (a
+    stream's when it ended); /health, which probes call every few seconds, logs at DEBUG."""
 
     def write() -> None:
+        metrics.request(entry.path, response.status_code)
+        if entry.path == "/health" and not log.isEnabledFor(logging.DEBUG):
+            return
         size = None if response.is_streamed else response.content_length
-        entry.write(response.status_code, time.monotonic() - started, size)
+        entry.write(response.status_code, time.monotonic() - entry.started, size)
 
     if response.is_streamed:
         response.call_on_close(write)
@@ -161,6 +165,8 @@ def find_routes(path: str) -> tuple[dict[str, Route], bool]:
     """The routes by method for `path`, and whether they need an API key."""
     if path == "/health":
         return {"GET": health}, False
+    if path == "/metrics":
+        return {"GET": metrics}, False
     for prefix in API_PREFIXES:
         if path.startswith(prefix + "/"):
             path = path.removeprefix(prefix)
@@ -210,28 +216,45 @@ def generation_route(name: str, schema: type[Body], generate: Generate[Body]) ->
             except BaseException:
                 meter.settle(0)
                 raise
-            response = reply_response(reply, meter, server.cache, key, entry)
+            response = reply_response(server, reply, meter, key, entry)
         response.headers.update(meter.headers)
         if key is not None:
-            response.headers[CACHE_HEADER] = "miss" if hit is None else "hit"
+            result = "miss" if hit is None else "hit"
+            response.headers[CACHE_HEADER] = result
+            server.metrics.cache.labels(result).inc()
             if entry is not None:
-                entry.cache = response.headers[CACHE_HEADER]
+                entry.cache = result
         return response
 
     return route
 
 
 def reply_response(
-    reply: Reply, meter: Meter, cache: ResponseCache, key: str | None, entry: RequestLog | None
+    server: Server, reply: Reply, meter: Meter, key: str | None, entry: RequestLog | None
 ) -> flask.Response:
     """The HTTP response of a generated reply; once it ended, the client is charged and
-    the access line counts its tokens, and a complete reply is cached under `key`."""
+    the access line and metrics count its tokens, and a complete reply is cached."""
+    cache = server.cache
+    done = threading.Event()
 
     def ended() -> None:
+        """Once: a stream's close runs when its events end and when the server closes it."""
+        if done.is_set():
+            return
+        done.set()
         meter.settle(reply.used())
+        prompt, completion = reply_tokens(reply)
         if entry is not None:
-            entry.prompt_tokens, entry.completion_tokens = reply_tokens(reply)
+            entry.prompt_tokens, entry.completion_tokens = prompt, completion
             entry.finish_reasons = reply.finish_reasons()
+            now, first = time.monotonic(), reply.first_token_at()
+            server.metrics.generation(
+                now - entry.started,
+                None if first is None else first - entry.started,
+                prompt,
+                completion,
+                entry.finish_reasons,
+            )
 
     if reply.body is not None:
         ended()
@@ -288,6 +311,11 @@ def retrieve_model(server: Server, request: flask.Request, client: Client | None
     ):
         raise model_not_found(model_id, param=None)
     return json_response(server.model_card(model_id))
+
+
+def metrics(server: Server, request: flask.Request, client: Client | None) -> flask.Response:
+    """GET /metrics: Prometheus's text format (handler/metrics.py)."""
+    return server.metrics.response()
 
 
 def usage(server: Server, request: flask.Request, client: Client | None) -> flask.Response:

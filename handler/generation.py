@@ -92,6 +92,10 @@ class Reply:
     def finish_reasons(self) -> list[str]:
         return [reason for g in self.generations for reason in g.finish_reasons]
 
+    def first_token_at(self) -> float | None:
+        """When the first generation's first delta arrived (time.monotonic())."""
+        return min((g.first_at for g in self.generations), default=None)
+
 
 class Generation:
     """One prompt's generation, started: its deltas, the first already received, and the
@@ -104,6 +108,7 @@ class Generation:
         self._engine_stream = engine_stream
         self.deltas: Iterator[Delta] = self._counted(itertools.chain([first], engine_stream))
         self.prompt_tokens = prompt_tokens
+        self.first_at = time.monotonic()  # `first` has just arrived
         self.completion_tokens = 0
         self.finish_reasons: list[str] = []
 

@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import sys
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -96,6 +97,7 @@ class RequestLog:
     completion_tokens: int = 0
     finish_reasons: list[str] = field(default_factory=list)
     cache: str | None = None
+    started: float = field(default_factory=time.monotonic)
 
     @classmethod
     def start(

@@ -25,6 +25,7 @@ from model.limits import Names
 from model.types import Delta, SamplingParams
 
 if TYPE_CHECKING:
+    from model.engine.stats import SchedulerStats
     from model.llm import LLM
     from model.text.grammar import Grammars
     from model.text.tokenizer import Tokenizer
@@ -61,6 +62,9 @@ class ServedModel(Protocol):
 
     def describe(self) -> dict[str, object]:
         """What is served (model, devices, mesh, context…), for the start-up log."""
+
+    def stats(self) -> "SchedulerStats":
+        """Running and waiting requests, pool use and step times, for /metrics."""
 
     def encode_chat(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None

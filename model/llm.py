@@ -23,6 +23,7 @@ from model.engine.engine import BLOCK_SIZE, Engine
 from model.engine.executables import open_compile_cache
 from model.engine.scheduler import Scheduler
 from model.engine.state import default_pool_tokens
+from model.engine.stats import SchedulerStats
 from model.engine.variants import FIRST_NEEDED
 from model.limits import DEFAULT_BATCH, DEFAULT_MAX_QUEUE, PROMPT, Names, check_request
 from model.text.stream import ChoiceText
@@ -124,6 +125,15 @@ class LLM:
             "kv_pool_tokens": self.engine.pool_blocks * BLOCK_SIZE,
             "dtype": str(self.dtype),
         }
+
+    def stats(self) -> SchedulerStats:
+        """What the scheduler is doing now (running, waiting, pool use, step times)."""
+        s = self.scheduler
+        held = s.pool.blocks - s.pool.available
+        times = s.step_times
+        return SchedulerStats(
+            s.active, len(s.waiting), s.pool.blocks, held, s.pool.hits, times.steps, times.seconds
+        )
 
     @property
     def failed(self) -> bool:

@@ -9,6 +9,7 @@ import pytest
 from handler.model_host import ModelHost
 from handler.settings import Settings
 from model.engine.scheduler import QueueFull
+from model.engine.stats import SchedulerStats
 from model.llm import LLM
 from model.types import Delta, SamplingParams
 from tests.function_app import app_client
@@ -76,6 +77,10 @@ class FakeLLM:
 
     def describe(self) -> dict[str, object]:
         return {"model": "fake", "context": self.max_seq_len, "slots": self.batch}
+
+    def stats(self) -> SchedulerStats:
+        """Fixed, so that /metrics shows exactly these."""
+        return SchedulerStats(2, 3, 100, 25, 7, 40, 2.0)
 
     # The real model's request checks (model/limits.py), on this fake's sizes.
     check = LLM.check

@@ -214,7 +214,13 @@ def test_the_sdk_waits_out_retry_after_and_then_succeeds(deployment):
 
 
 def test_the_server_logs_json_lines_with_an_access_line_per_request_and_no_key(deployment):
-    ask(deployment.sdk("meter", 0), max_tokens=3, extra_headers={"X-Request-Id": "e2e-42"})
+    headers = {"X-Request-Id": "e2e-42"}
+    ask(
+        deployment.sdk("meter", 0),
+        max_tokens=3,
+        extra_headers=headers,
+        extra_body={"ignore_eos": True},
+    )
     time.sleep(0.5)  # the line is written as the response closes
     text = (deployment.workdir / "server0" / "server.log").read_text()
     assert "sk-" not in text  # no key, in any line
@@ -230,3 +236,26 @@ def test_the_server_logs_json_lines_with_an_access_line_per_request_and_no_key(d
     assert access["logger"] == "jaxchat.access" and access["client"] == "meter"
     assert access["httpRequest"]["status"] == 200 and access["completion_tokens"] == 3
     assert access["prompt_tokens"] > 0 and access["finish_reason"] == "length"
+
+
+def test_the_real_engine_reports_its_state_on_metrics(deployment):
+    url = deployment.urls[0]
+    before = metric_values(requests.get(f"{url}/metrics").text)
+    ask(deployment.sdk("meter", 0), max_tokens=4, extra_body={"ignore_eos": True})
+    after = metric_values(requests.get(f"{url}/metrics").text)
+    assert after["jaxchat:generation_tokens_total"] - before["jaxchat:generation_tokens_total"] == 4
+    assert after["jaxchat:engine_step_seconds_count"] > before["jaxchat:engine_step_seconds_count"]
+    assert after["jaxchat:num_requests_running"] == 0 and after["jaxchat:num_requests_waiting"] == 0
+    assert 0 <= after["jaxchat:kv_cache_usage_perc"] < 1
+
+
+def metric_values(text: str) -> dict[str, float]:
+    """Unlabelled samples by name."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if not sample.labels
+    }

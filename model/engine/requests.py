@@ -236,6 +236,10 @@ class WaitingLine:
     def empty(self) -> bool:
         return self._first is None and self._queue.empty()
 
+    def __len__(self) -> int:
+        """Requests waiting (approximately, while another thread adds or admits)."""
+        return self._queue.qsize() + (self._first is not None)
+
     def fail_all(self, error: BaseException) -> None:
         """Fail every waiting request with `error`."""
         if self._first is not None:

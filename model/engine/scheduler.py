@@ -47,6 +47,7 @@ the consumer's thread (see `LLM.stream`), which cancels when it sees a stop.
 import atexit
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -67,6 +68,7 @@ from model.engine.requests import (
     WaitingLine,
 )
 from model.engine.state import StepOutputs, StepPlan
+from model.engine.stats import StepTimes
 from model.engine.variants import LARGE_CHUNK, SMALL_CHUNK, StepShape, pick_shape
 from model.nn.sampling import SlotSampling
 
@@ -99,6 +101,7 @@ class _Step:
 
     outputs: StepOutputs
     samplers: list[tuple[int, Seq]]  # (row, sequence) for every sampled row
+    dispatched: float  # perf_counter() when it was sent
 
 
 class _Sync(Exception):
@@ -112,11 +115,12 @@ class Scheduler:
         self.engine = engine
         self.pool = BlockPool(engine.pool_blocks, engine.block_size)
         self.ledger = Ledger(self.pool)
-        self._waiting = WaitingLine(max_queue)
+        self.waiting = WaitingLine(max_queue)
         self._slots: list[Seq | None] = [None] * engine.batch
         self._state = None  # the engine's state; only the scheduler thread touches it
         self._stop_ids = frozenset(int(t) for t in engine.stop_ids)
         self._admitted = 0
+        self.step_times = StepTimes()
         self._error: BaseException | None = None
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
@@ -157,14 +161,14 @@ class Scheduler:
         group = Group.create(
             prompt_ids, rows, max_new, stop_at_eos, constraints or [None] * n, top_logprobs
         )
-        self._waiting.put(group)
+        self.waiting.put(group)
         if self._error is not None:  # failed while we queued: nobody will serve it
             self._fail_all(self._error)
         return group.handle
 
     @property
     def max_queue(self) -> int:
-        return self._waiting.maxsize
+        return self.waiting.maxsize
 
     @property
     def active(self) -> int:
@@ -174,7 +178,7 @@ class Scheduler:
     @property
     def idle(self) -> bool:
         """Nothing running and nothing waiting."""
-        return self.active == 0 and self._waiting.empty()
+        return self.active == 0 and self.waiting.empty()
 
     @property
     def failed(self) -> bool:
@@ -241,13 +245,13 @@ class Scheduler:
     def _admit(self, *, block: bool) -> None:
         """Admit waiting requests while slots and blocks allow; the first in line waits
         until all its choices fit."""
-        while (group := self._waiting.first(block)) is not None:
+        while (group := self.waiting.first(block)) is not None:
             block = False
             free = [i for i, s in enumerate(self._slots) if s is None]
             fits = self.ledger.room_for(group.choices[0], self._live())
             if len(free) < len(group.choices) or not fits:
                 return
-            self._waiting.pop()
+            self.waiting.pop()
             try:
                 for seq, slot in zip(group.choices, free, strict=False):
                     self._state = self.engine.admit(self._state, slot, seq.row)
@@ -286,7 +290,7 @@ class Scheduler:
         for seq in [*decode, *(s for s, _ in segments)]:
             if not seq.finished:  # a request that failed while planning is gone
                 self.ledger.register(seq)
-        return _Step(outputs, samplers)
+        return _Step(outputs, samplers, time.perf_counter())
 
     def _ensure_blocks(
         self, seq: Seq, positions: int, in_flight: bool, preempt: bool = True
@@ -314,7 +318,7 @@ class Scheduler:
 
     def _deliver(self, step: _Step) -> None:
         out = step.outputs
-        tokens, logprobs = np.asarray(out.tokens), np.asarray(out.logprobs)
+        tokens, logprobs = self.step_times.read(out, step.dispatched)
         wants_top = any(seq.top_logprobs for _, seq in step.samplers)
         top_ids = np.asarray(out.top_ids) if wants_top else None
         top_logprobs = np.asarray(out.top_logprobs) if wants_top else None
@@ -353,7 +357,7 @@ class Scheduler:
         for seq in self._live():
             seq.handle.fail(error)
             self._slots[seq.slot] = None
-        self._waiting.fail_all(error)
+        self.waiting.fail_all(error)
 
 
 def _intact(state) -> bool:
