@@ -37,6 +37,13 @@ resource "google_storage_bucket_iam_member" "compile_cache_writer" {
   member = "serviceAccount:${google_service_account.jaxchat.email}"
 }
 
+resource "google_project_iam_member" "metric_writer" {
+  count   = var.managed_prometheus ? 1 : 0
+  project = var.project
+  role    = "roles/monitoring.metricWriter"
+  member  = "serviceAccount:${google_service_account.jaxchat.email}"
+}
+
 resource "google_artifact_registry_repository" "images" {
   repository_id = "jaxchat"
   location      = var.region
@@ -117,7 +124,11 @@ resource "google_cloud_run_v2_service" "jaxchat" {
       }
     }
     containers {
+      name  = "jaxchat"
       image = var.image
+      ports {
+        container_port = 8080
+      }
       resources {
         limits            = { cpu = "4", memory = "8Gi" }
         cpu_idle          = false # the scheduler thread decodes between requests' chunks
@@ -178,6 +189,19 @@ resource "google_cloud_run_v2_service" "jaxchat" {
       liveness_probe {
         http_get { path = "/health" }
         period_seconds = 30
+      }
+    }
+    # Google Cloud Managed Service for Prometheus: the collector sidecar scrapes
+    # localhost:8080/metrics every minute (its default) and writes to Cloud Monitoring.
+    dynamic "containers" {
+      for_each = var.managed_prometheus ? [1] : []
+      content {
+        name       = "collector"
+        image      = "us-docker.pkg.dev/cloud-ops-agents-artifacts/cloud-run-gmp-sidecar/cloud-run-gmp-sidecar:1.1.1"
+        depends_on = ["jaxchat"]
+        resources {
+          limits = { cpu = "1", memory = "512Mi" }
+        }
       }
     }
   }

@@ -73,3 +73,9 @@ variable "network" {
   default     = "default"
   description = "VPC network (and subnetwork of the same name in the region) through which Cloud Run reaches Memorystore."
 }
+
+variable "managed_prometheus" {
+  type        = bool
+  default     = true
+  description = "Run the Managed Service for Prometheus collector beside the server, so /metrics reaches Cloud Monitoring."
+}
