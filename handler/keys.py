@@ -83,12 +83,6 @@ class Client:
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models
 
-    @property
-    def limited(self) -> bool:
-        """Whether any rate limit or budget applies."""
-        limits = (self.requests_per_minute, self.tokens_per_minute, self.token_budget)
-        return any(limit is not None for limit in limits)
-
 
 def key_digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
@@ -116,10 +110,6 @@ class Keyring:
     @property
     def open(self) -> bool:
         return not self._clients
-
-    @property
-    def clients(self) -> list[Client]:
-        return [client for _, client in self._clients]
 
     def authenticate(self, authorization: str | None) -> Client | None:
         """The client whose key `authorization` ("Bearer <key>") carries; None when

@@ -45,62 +45,50 @@ class Metrics:
     """The server's metrics, and the `/metrics` response."""
 
     def __init__(self, host: ModelHost) -> None:
-        self.registry = registry = CollectorRegistry()
-        self.ttft = Histogram(
-            "jaxchat:time_to_first_token_seconds",
+        self.registry = CollectorRegistry()
+        self.ttft = self._histogram(
+            "time_to_first_token_seconds",
             "Time from receiving a generation request to its first token.",
-            registry=registry,
-            buckets=LATENCY_BUCKETS,
+            LATENCY_BUCKETS,
         )
-        self.per_token = Histogram(
-            "jaxchat:time_per_output_token_seconds",
+        self.per_token = self._histogram(
+            "time_per_output_token_seconds",
             "Time per output token after the first, per request.",
-            registry=registry,
-            buckets=PER_TOKEN_BUCKETS,
+            PER_TOKEN_BUCKETS,
         )
-        self.e2e = Histogram(
-            "jaxchat:e2e_request_latency_seconds",
+        self.e2e = self._histogram(
+            "e2e_request_latency_seconds",
             "Time from receiving a generation request to its reply's end.",
-            registry=registry,
-            buckets=LATENCY_BUCKETS,
+            LATENCY_BUCKETS,
         )
-        self.prompt_length = Histogram(
-            "jaxchat:request_prompt_tokens",
-            "Prompt tokens per request.",
-            registry=registry,
-            buckets=TOKEN_BUCKETS,
+        self.prompt_length = self._histogram(
+            "request_prompt_tokens", "Prompt tokens per request.", TOKEN_BUCKETS
         )
-        self.generation_length = Histogram(
-            "jaxchat:request_generation_tokens",
+        self.generation_length = self._histogram(
+            "request_generation_tokens",
             "Generated tokens per request (all choices).",
-            registry=registry,
-            buckets=TOKEN_BUCKETS,
+            TOKEN_BUCKETS,
         )
-        self.prompt_tokens = Counter(
-            "jaxchat:prompt_tokens", "Prompt tokens processed.", registry=registry
+        self.prompt_tokens = self._counter("prompt_tokens", "Prompt tokens processed.")
+        self.generation_tokens = self._counter("generation_tokens", "Tokens generated.")
+        self.finished = self._counter(
+            "request_success", "Choices finished, by reason.", "finished_reason"
         )
-        self.generation_tokens = Counter(
-            "jaxchat:generation_tokens", "Tokens generated.", registry=registry
+        self.http = self._counter(
+            "http_requests", "HTTP requests by route and status.", "route", "status"
         )
-        self.finished = Counter(
-            "jaxchat:request_success",
-            "Choices finished, by reason.",
-            ["finished_reason"],
-            registry=registry,
-        )
-        self.http = Counter(
-            "jaxchat:http_requests",
-            "HTTP requests by route and status.",
-            ["route", "status"],
-            registry=registry,
-        )
-        self.cache = Counter(
-            "jaxchat:response_cache_queries",
+        self.cache = self._counter(
+            "response_cache_queries",
             "Response cache lookups of cacheable requests, by result.",
-            ["result"],
-            registry=registry,
+            "result",
         )
-        registry.register(EngineCollector(host))
+        self.registry.register(EngineCollector(host))
+
+    def _histogram(self, name: str, text: str, buckets: Sequence[float]) -> Histogram:
+        return Histogram(f"jaxchat:{name}", text, registry=self.registry, buckets=buckets)
+
+    def _counter(self, name: str, text: str, *labels: str) -> Counter:
+        return Counter(f"jaxchat:{name}", text, labels, registry=self.registry)
 
     def generation(
         self,
