@@ -14,6 +14,7 @@ from model.types import SamplingParams
 # Serving defaults, for `LLM` and the server's settings (handler/settings.py).
 DEFAULT_BATCH = 32  # decode slots: the most sequences generating at once
 DEFAULT_MAX_QUEUE = 256  # requests that may wait for a slot
+MAX_EMBEDDING_INPUTS = 2048  # inputs in one embeddings request (OpenAI's bound)
 
 
 class InvalidRequest(ValueError):
@@ -107,3 +108,16 @@ def completion_budget(
             "context_length_exceeded",
         )
     return max_tokens
+
+
+def check_embedding_input(ids: Sequence[int], vocab_size: int, max_seq_len: int, name: str) -> None:
+    """InvalidRequest unless an embedding input (called `name`) is 1 to max_seq_len
+    tokens, each in the vocabulary; the message gives the counts."""
+    check_prompt(ids, vocab_size, name)
+    if len(ids) > max_seq_len:
+        raise InvalidRequest(
+            f"This model's maximum context length is {max_seq_len} tokens, however {name} "
+            f"has {len(ids)} tokens. Reduce the length of the input.",
+            name.split("[")[0],
+            "context_length_exceeded",
+        )

@@ -17,17 +17,26 @@ from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from model.engine.engine import BLOCK_SIZE, Engine
 from model.engine.executables import open_compile_cache
+from model.engine.pooling import mean_hidden_states
 from model.engine.scheduler import Scheduler
 from model.engine.state import default_pool_tokens
 from model.engine.stats import SchedulerStats
 from model.engine.variants import FIRST_NEEDED
-from model.limits import DEFAULT_BATCH, DEFAULT_MAX_QUEUE, PROMPT, Names, check_request
+from model.limits import (
+    DEFAULT_BATCH,
+    DEFAULT_MAX_QUEUE,
+    PROMPT,
+    Names,
+    check_embedding_input,
+    check_request,
+)
 from model.text.stream import ChoiceText
-from model.types import Choices, Completion, Delta, SamplingParams
+from model.types import Choices, Completion, Delta, Embeddings, SamplingParams
 from model.weights.sources import cache_dir, load_model, resolve_model
 
 if TYPE_CHECKING:
@@ -148,11 +157,16 @@ class LLM:
     @property
     def max_queue(self) -> int:
         """Requests that may wait for a slot (0: no bound)."""
-        return self.scheduler.max_queue
+        return self.scheduler.waiting.maxsize
 
     @property
     def vocab_size(self) -> int:
         return self.config.vocab_size
+
+    @property
+    def width(self) -> int:
+        """The model's hidden width: the length of its embeddings."""
+        return self.config.dim
 
     @cached_property
     def grammars(self) -> "Grammars":
@@ -181,26 +195,11 @@ class LLM:
         self.engine.variants.preload(count=FIRST_NEEDED)
         # Not a daemon: at exit it finishes the executable it is on and stops (a
         # daemon thread killed inside XLA's loader aborts the process).
-        threading.Thread(target=self._preload, name="preload").start()
+        threading.Thread(target=_preload, args=(self,), name="preload").start()
 
     def _push(self) -> None:
         if self.compile_cache is not None and self.engine.compilations:
             self.compile_cache.push()
-
-    def _preload(self) -> None:
-        alive = threading.main_thread().is_alive
-
-        def when_idle() -> bool:
-            while alive() and not self.scheduler.idle:
-                time.sleep(0.1)
-            return alive()
-
-        try:
-            self.engine.variants.preload(until=alive)
-            self.engine.variants.upgrade(until=when_idle)
-            self._push()
-        except Exception:  # a request that needs a stored executable loads it itself
-            log.exception("loading or compiling the faster executables failed")
 
     def encode_chat(self, messages: Messages, tools: list[dict] | None = None) -> list[int]:
         """Render messages with the chat template (plus the generation prompt) → token ids.
@@ -268,6 +267,19 @@ class LLM:
         finally:
             handle.cancel()  # a no-op when finished; frees the slots when abandoned
 
+    def embed(self, inputs: Sequence[str | Sequence[int]]) -> Embeddings:
+        """Embeddings of texts (tokenized as prompts are) or token-id lists: each the mean
+        of the model's final hidden states over its tokens, L2-normalised, computed in the
+        engine's own steps beside generations. Raises InvalidRequest (a ValueError) for an
+        empty or too long input or ids outside the vocabulary; QueueFull; RequestFailed."""
+        ids = [self.tokenizer.encode(x) if isinstance(x, str) else list(x) for x in inputs]
+        for i, one in enumerate(ids):
+            name = f"input[{i}]" if len(ids) > 1 else "input"
+            check_embedding_input(one, self.vocab_size, self.max_seq_len, name)
+        means = mean_hidden_states(self.scheduler, self.engine, ids, window=self.batch)
+        vectors = means / np.linalg.norm(means, axis=1, keepdims=True)
+        return Embeddings(vectors, tuple(map(len, ids)))
+
     def generate_choices(
         self, prompt_ids: Sequence[int], params: SamplingParams
     ) -> list[Completion]:
@@ -295,3 +307,20 @@ class LLM:
         if stream:
             return (d.text for d in self.stream(ids, params) if d.text)
         return self.generate(ids, params).text
+
+
+def _preload(llm: LLM) -> None:
+    """Load the stored executables, then get the faster ones while nothing is served."""
+    alive = threading.main_thread().is_alive
+
+    def when_idle() -> bool:
+        while alive() and not llm.scheduler.idle:
+            time.sleep(0.1)
+        return alive()
+
+    try:
+        llm.engine.variants.preload(until=alive)
+        llm.engine.variants.upgrade(until=when_idle)
+        llm._push()
+    except Exception:  # a request that needs a stored executable loads it itself
+        log.exception("loading or compiling the faster executables failed")

@@ -3,6 +3,8 @@
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
+
 FinishReason = Literal["stop", "length", "tool_calls"]
 
 
@@ -84,6 +86,26 @@ class TokenEvent:
     finish_reason: FinishReason | None = None
     index: int = 0
     top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Pooled:
+    """An embedding input's result from the engine: the mean of its final hidden states
+    (after the model's final norm) over its `tokens` tokens, not normalised."""
+
+    vector: np.ndarray  # [D] float32
+    tokens: int
+    index: int = 0
+    finish_reason: FinishReason | None = "stop"
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """Embeddings of N inputs: vectors [N, D] float32 (unit L2 norm) and each input's
+    token count."""
+
+    vectors: np.ndarray
+    tokens: tuple[int, ...]
 
 
 @dataclass(frozen=True)

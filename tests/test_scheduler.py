@@ -16,6 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+from model.engine.blocks import BlockPool
+from model.engine.ledger import Ledger
+from model.engine.requests import Group
 from model.engine.scheduler import EngineFailed, QueueFull, RequestFailed, Scheduler
 from model.engine.state import StepPlan
 from model.engine.variants import SMALL_CHUNK, StepShape, step_shapes
@@ -42,6 +45,7 @@ class MockOutputs:
     logprobs: np.ndarray
     top_ids: np.ndarray
     top_logprobs: np.ndarray
+    pooled: np.ndarray
 
 
 class MockEngine:
@@ -129,8 +133,13 @@ class MockEngine:
                 "segments": len(set(seg[seg >= 0].tolist())),
             }
         )
+        # Per segment: the sum of its tokens and their count (an embedding's "mean" is
+        # then [mean token, 1]).
+        pooled = np.zeros((self.batch, 2))
+        for g in set(seg[seg >= 0].tolist()):
+            pooled[g] = tokens[r:][seg == g].sum(), (seg == g).sum()
         zeros = np.zeros((r, 20))
-        return state, MockOutputs(out, np.full(r, -0.25), zeros, zeros)
+        return state, MockOutputs(out, np.full(r, -0.25), zeros, zeros, pooled)
 
     def _flat(self, table, length: int) -> np.ndarray:
         p = np.arange(length)
@@ -392,3 +401,63 @@ def test_losing_the_state_fails_every_request_at_once(make):
         with pytest.raises(EngineFailed, match="the device lost the state"):
             list(handle)
     assert scheduler.failed
+
+
+# ---- embeddings: prefill only, every token pooled once ---------------------------------
+
+
+def embedded(handle) -> np.ndarray:
+    (event,) = list(handle)
+    assert event.finish_reason == "stop" and event.tokens > 0
+    return event.vector
+
+
+def test_an_embedding_pools_every_token_once_across_chunks_and_cached_prefixes(make):
+    engine = MockEngine(batch=4)
+    scheduler = make(engine)
+    long = [(i * 7) % 40 + 1 for i in range(150)]  # three chunks while something decodes
+    # Its first blocks are in the prefix cache: an embedding computes them anyway.
+    assert run(scheduler.submit(long[:40], [0], 2)) == expected(long[:40], 2)
+    busy = scheduler.submit([5, 6], [3], 60, stop_at_eos=False)
+    vector = embedded(scheduler.submit(long, [0], 0, embed=True))
+    assert vector.tolist() == pytest.approx([np.mean(long), 1.0])
+    assert run(busy) == expected([5, 6], 60, salt=3)  # the stream beside it is unchanged
+    assert embedded(scheduler.submit([9], [0], 0, embed=True)).tolist() == [9.0, 1.0]
+    assert scheduler.pool.available == engine.pool_blocks
+
+
+def test_embeddings_preempted_by_streams_start_over_and_stay_exact(make, caplog):
+    # A pool too small for everything at once: the streams' blocks preempt embeddings
+    # part-way through their prompts, which are then pooled again from the start.
+    engine = MockEngine(batch=4, pool_blocks=40, max_seq_len=160, step_delay=0.0005)
+    scheduler = make(engine)
+    streams = [scheduler.submit([i + 1, 2, 3], [i], 100, stop_at_eos=False) for i in range(2)]
+    inputs = [[(i * 13 + j) % 30 + 1 for j in range(70 + 5 * i)] for i in range(12)]
+    with caplog.at_level("INFO", logger="model.engine.ledger"):
+        handles = [scheduler.submit(x, [0], 0, embed=True) for x in inputs]
+        vectors = [embedded(h) for h in handles]
+        outputs = [run(s) for s in streams]
+    assert [v.tolist() for v in vectors] == [pytest.approx([np.mean(x), 1.0]) for x in inputs]
+    assert outputs == [expected([i + 1, 2, 3], 100, salt=i) for i in range(2)]
+    assert "preempting" in caplog.text
+    assert scheduler.pool.available == engine.pool_blocks
+
+
+def test_an_embedding_preempted_part_way_pools_its_prompt_again_from_the_start():
+    pool = BlockPool(5, BS)  # 3 blocks for the embedding's first chunk, 2 for the stream
+    ledger = Ledger(pool)
+    prompt = list(range(1, 21))
+    (embedding,) = Group.create(prompt, [0], 0, True, [None], 0, embed=True).choices
+    (stream,) = Group.create([1, 2], [0], 5, True, [None], 0).choices
+    for order, seq in enumerate((stream, embedding)):
+        seq.order, seq.length, seq.target = order, len(seq.tokens), len(seq.tokens)
+    assert ledger.grow(embedding, 12)
+    embedding.ran(12)
+    assert not embedding.pool(np.array([sum(prompt[:12]), 12.0]), 12)  # one chunk in
+    assert ledger.grow(stream, 8)  # the pool is out: the stream needs a block
+    assert not ledger.grow(stream, 12)
+    ledger.preempt(stream, [stream, embedding])
+    assert embedding.computed == 0 and not embedding.blocks
+    assert embedding.pool(np.array([sum(prompt), 20.0]), 20)  # all of it, again
+    (event,) = list(embedding.handle)
+    assert event.vector.tolist() == [np.mean(prompt), 1.0] and event.tokens == 20

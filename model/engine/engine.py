@@ -119,7 +119,7 @@ class Engine:
             if unrolled
             else set()
         )
-        self.stacked = self._stack(params, shardings)
+        self.stacked = stack_params(params, shardings, self.mesh, config.n_layers)
         self.params = jax.device_put(params, shardings) if self.unrolled_shapes else None
         self.block_size = BLOCK_SIZE
         pool_tokens = pool_tokens or default_pool_tokens(config, dtype, batch, max_seq_len)
@@ -138,7 +138,7 @@ class Engine:
                 partial(self._step_impl, self.scanned_model if scanned else self.model),
                 donate_argnums=(1,),
                 # A tree of shardings in the shape of the outputs.
-                out_shardings=(self.state_sharding, StepOutputs(*[replicated] * 4)),  # type: ignore[arg-type]
+                out_shardings=(self.state_sharding, StepOutputs(*[replicated] * 5)),  # type: ignore[arg-type]
             )
             for scanned in (False, True)
         }
@@ -151,24 +151,6 @@ class Engine:
             else ExecutableStore(executables, self.key(), devices=list(self.mesh.devices.flat))
         )
         self.variants = Variants(names, self._lower, store, upgrades)
-
-    def _stack(self, params: Params, shardings) -> Params:
-        """The layers' weights stacked for the scanned layers, laid out like each layer's:
-        on the host when they are host arrays (a loader's), else on the devices."""
-        layer = shardings["layers_0"]
-        stacked_shardings = {
-            **{k: v for k, v in shardings.items() if not k.startswith("layers_")},
-            "layers": jax.tree.map(lambda s: NamedSharding(self.mesh, P(None, *s.spec)), layer),
-        }
-        if all(isinstance(x, np.ndarray) for x in jax.tree.leaves(params)):
-            stacked = jax.tree.map(
-                lambda *xs: np.stack(xs),
-                *[{"layers": params[f"layers_{i}"]} for i in range(self.config.n_layers)],
-            )
-            rest = {k: v for k, v in params.items() if not k.startswith("layers_")}
-            return jax.device_put({**rest, **stacked}, stacked_shardings)
-        stack = partial(stack_layers, n_layers=self.config.n_layers)
-        return jax.jit(stack, out_shardings=stacked_shardings)(params)
 
     def key(self) -> str:
         """The fingerprint of everything this engine's executables depend on."""
@@ -262,7 +244,10 @@ class Engine:
         state = EngineState(
             pool, state.tokens.at[:r].set(jnp.where(keep, out.tokens, state.tokens[:r])), sampling
         )
-        return state, StepOutputs(out.tokens, out.logprobs, out.top_ids, out.top_logprobs)
+        # Embeddings: each prompt chunk's hidden states summed (padding's segment, -1, drops).
+        region = hidden[:, r:].T.astype(jnp.float32)  # [P, D]
+        pooled = jax.ops.segment_sum(region, plan.layout.segments, num_segments=self.batch)
+        return state, StepOutputs(out.tokens, out.logprobs, out.top_ids, out.top_logprobs, pooled)
 
     # ---- compiled variants ---------------------------------------------------------
 
@@ -318,6 +303,26 @@ class Engine:
         """Full-sequence logits [B, T, V] for tokens [B, T], through the scanned layers
         the steps use (tests and scoring; compiles per shape)."""
         return self._forward(self.stacked, jnp.asarray(tokens, jnp.int32))
+
+
+def stack_params(params: Params, shardings, mesh: Mesh, n_layers: int) -> Params:
+    """The layers' weights stacked for the scanned layers, each laid out on `mesh` as its
+    layer's is (`shardings`): stacked on the host when they are host arrays (a
+    loader's), else on the devices."""
+    layer = shardings["layers_0"]
+    stacked_shardings = {
+        **{k: v for k, v in shardings.items() if not k.startswith("layers_")},
+        "layers": jax.tree.map(lambda s: NamedSharding(mesh, P(None, *s.spec)), layer),
+    }
+    if all(isinstance(x, np.ndarray) for x in jax.tree.leaves(params)):
+        stacked = jax.tree.map(
+            lambda *xs: np.stack(xs),
+            *[{"layers": params[f"layers_{i}"]} for i in range(n_layers)],
+        )
+        rest = {k: v for k, v in params.items() if not k.startswith("layers_")}
+        return jax.device_put({**rest, **stacked}, stacked_shardings)
+    stack = partial(stack_layers, n_layers=n_layers)
+    return jax.jit(stack, out_shardings=stacked_shardings)(params)
 
 
 __all__ = ["BLOCK_SIZE", "TOP_LOGPROBS", "Engine", "EngineState", "StepOutputs", "StepPlan"]

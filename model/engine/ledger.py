@@ -25,6 +25,14 @@ class Ledger:
         self.pool = pool
         self.block_size = pool.block_size
 
+    def check_fits(self, prompt_tokens: int) -> None:
+        """ValueError if a prompt (and its first token) cannot fit the whole pool."""
+        if -(-(prompt_tokens + 1) // self.block_size) > self.pool.blocks:
+            raise ValueError(
+                f"a prompt of {prompt_tokens} tokens does not fit the KV pool of "
+                f"{self.pool.blocks * self.block_size} positions"
+            )
+
     def room_for(self, seq: Seq, live: list[Seq]) -> bool:
         """Whether the pool can take this prompt besides what admitted sequences still need
         (the rest of their prompts, and a block each for decoding)."""
@@ -36,9 +44,11 @@ class Ledger:
 
     def look_up(self, seq: Seq) -> None:
         """Reuse the cached blocks of the sequence's longest cached prefix (at most all but
-        the last token: its output is needed to sample the next)."""
+        the last token: its output is needed to sample the next; none for an embedding,
+        which needs every token's output)."""
         bs = self.block_size
         count = (seq.target - 1) // bs if seq.sample_at_target else seq.target // bs
+        count = 0 if seq.embed else count
         hashes = prefix_hashes(seq.tokens, bs, count)
         seq.blocks = self.pool.lookup(hashes)
         seq.hashes = hashes[: len(seq.blocks)]
@@ -67,6 +77,7 @@ class Ledger:
         victim.blocks, victim.hashes = [], []
         victim.computed = 0
         victim.looked_up = False
+        victim.pooled, victim.pooled_tokens = None, 0  # no step in flight: sums start over
         if victim.length > len(victim.tokens):  # a first token not delivered: impossible here
             raise RuntimeError("preempting a sequence with a token in flight")
         if victim.generated:  # its newest token is the slot's input; prefill the rest

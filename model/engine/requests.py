@@ -6,13 +6,13 @@ import queue
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 
 from model.engine.blocks import Hash
 from model.nn.sampling import SlotSampling
-from model.types import FinishReason, TokenEvent
+from model.types import FinishReason, Pooled, TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,12 @@ class Constraint(Protocol):
     def accept(self, token: int) -> bool: ...
 
 
-class Handle:
-    """A submitted request: iterate it for the TokenEvents of all its choices.
+Event = TypeVar("Event", TokenEvent, Pooled)
+
+
+class Handle(Generic[Event]):
+    """A submitted request: iterate it for the events of all its choices (TokenEvents,
+    or an embedding's one Pooled).
 
     Iteration ends after every choice's last event. `cancel()` stops the
     request, `cancel(index)` one choice (which then sends no more events).
@@ -46,12 +50,12 @@ class Handle:
 
     def __init__(self, n: int = 1) -> None:
         self.n = n
-        self._events: queue.SimpleQueue[TokenEvent | BaseException] = queue.SimpleQueue()
+        self._events: queue.SimpleQueue[Event | BaseException] = queue.SimpleQueue()
         self._cancelled = threading.Event()
         self._cancelled_choices: set[int] = set()
         self._error: BaseException | None = None
 
-    def __iter__(self) -> Iterator[TokenEvent]:
+    def __iter__(self) -> Iterator[Event]:
         finished: set[int] = set()
         while any(i not in finished and not self.choice_cancelled(i) for i in range(self.n)):
             event = self._events.get()
@@ -63,7 +67,7 @@ class Handle:
         if self._error is not None:
             raise self._error
 
-    def put(self, event: TokenEvent) -> None:
+    def put(self, event: Event) -> None:
         """Send a choice's next event to the consumer (the scheduler thread calls this)."""
         self._events.put(event)
 
@@ -97,6 +101,10 @@ class Seq:
     values are in the pool (or on their way, in a dispatched step). It prefills
     until `target` (the prompt, or after a preemption all but its newest token,
     which the device still holds as the slot's input), then decodes.
+
+    An embedding (`embed`) only prefills, without the prefix cache (every token's
+    hidden state is needed), and adds up the steps' pooled sums until its last chunk's
+    arrive; then it sends one Pooled.
     """
 
     index: int
@@ -119,6 +127,20 @@ class Seq:
     generated: int = 0
     finished: bool = False
     looked_up: bool = False
+    embed: bool = False
+    pooled: np.ndarray | None = None  # an embedding's sum of hidden states so far
+    pooled_tokens: int = 0  # ... over this many tokens
+
+    def pool(self, total: np.ndarray, n: int) -> bool:
+        """Add a chunk of n tokens' summed hidden states; at the last chunk, send the
+        mean as a Pooled and return True (the embedding is done)."""
+        self.pooled = total.astype(np.float64) + (0 if self.pooled is None else self.pooled)
+        self.pooled_tokens += n
+        if self.pooled_tokens < self.target:
+            return False
+        mean = (self.pooled / self.pooled_tokens).astype(np.float32)
+        self.handle.put(Pooled(mean, self.pooled_tokens, self.index))
+        return True
 
     @property
     def cancelled(self) -> bool:
@@ -132,7 +154,7 @@ class Seq:
 
     @property
     def decoding(self) -> bool:
-        return self.looked_up and self.computed >= self.target
+        return self.looked_up and self.computed >= self.target and not self.embed
 
     def samples_after(self, n: int) -> bool:
         """Whether a prompt chunk of n tokens ends the prompt and samples the first token."""
@@ -185,15 +207,18 @@ class Group:
         stop_at_eos: bool,
         constraints: Sequence[Constraint | None],
         top_logprobs: int,
+        embed: bool = False,
     ) -> "Group":
-        """A request of len(rows) choices, the 2nd…nth waiting for the 1st's prompt."""
-        handle = Handle(len(rows))
+        """A request of len(rows) choices, the 2nd…nth waiting for the 1st's prompt (an
+        embedding: one)."""
+        handle: Handle = Handle(len(rows))
         choices = [
             Seq(i, handle, row, max_new, stop_at_eos, list(prompt_ids), constraints[i])
             for i, row in enumerate(rows)
         ]
         for choice in choices:
-            choice.top_logprobs = top_logprobs
+            choice.top_logprobs, choice.embed = top_logprobs, embed
+            choice.sample_at_target = not embed
             choice.first = choices[0] if choice.index else None
         return cls(choices)
 

@@ -97,10 +97,12 @@ class Engine(Protocol):
 
 @dataclass
 class _Step:
-    """A dispatched step: its outputs (device arrays, read on delivery) and who samples."""
+    """A dispatched step: its outputs (device arrays, read on delivery), who samples,
+    and which embeddings' chunks it pools."""
 
     outputs: StepOutputs
     samplers: list[tuple[int, Seq]]  # (row, sequence) for every sampled row
+    poolers: list[tuple[int, int, Seq]]  # (segment, tokens, embedding) per pooled chunk
     dispatched: float  # perf_counter() when it was sent
 
 
@@ -140,35 +142,28 @@ class Scheduler:
         *,
         constraints: Sequence[Constraint | None] | None = None,
         top_logprobs: int = 0,
+        embed: bool = False,
     ) -> Handle:
         """Queue a request for len(rows) choices of up to `max_new` tokens each.
 
         rows[i]: choice i's [1]-shaped sampling settings (Engine.sampling: its
         own key); constraints[i] its grammar, if any. Stop tokens end a choice if
-        `stop_at_eos`. top_logprobs: alternatives to report per token. Raises
-        QueueFull at the queue's bound, EngineFailed after an engine failure,
-        ValueError if the prompt cannot fit the pool.
+        `stop_at_eos`. top_logprobs: alternatives to report per token. embed: instead,
+        prefill the prompt (one row) and send the mean of its final hidden states as a
+        Pooled. Raises QueueFull at the queue's bound, EngineFailed after an engine
+        failure, ValueError if the prompt cannot fit the pool.
         """
         if self._error is not None:
             raise EngineFailed(f"the engine failed: {self._error}")
         n = len(rows)  # at most the decode slots (model/limits.py checks requests)
-        need = -(-(len(prompt_ids) + 1) // self.engine.block_size)
-        if need > self.engine.pool_blocks:
-            raise ValueError(
-                f"a prompt of {len(prompt_ids)} tokens does not fit the KV pool of "
-                f"{self.engine.pool_blocks * self.engine.block_size} positions"
-            )
+        self.ledger.check_fits(len(prompt_ids))
         group = Group.create(
-            prompt_ids, rows, max_new, stop_at_eos, constraints or [None] * n, top_logprobs
+            prompt_ids, rows, max_new, stop_at_eos, constraints or [None] * n, top_logprobs, embed
         )
         self.waiting.put(group)
         if self._error is not None:  # failed while we queued: nobody will serve it
             self._fail_all(self._error)
         return group.handle
-
-    @property
-    def max_queue(self) -> int:
-        return self.waiting.maxsize
 
     @property
     def active(self) -> int:
@@ -290,7 +285,8 @@ class Scheduler:
         for seq in [*decode, *(s for s, _ in segments)]:
             if not seq.finished:  # a request that failed while planning is gone
                 self.ledger.register(seq)
-        return _Step(outputs, samplers, time.perf_counter())
+        poolers = [(g, n, seq) for g, (seq, n) in enumerate(segments) if seq.embed]
+        return _Step(outputs, samplers, poolers, time.perf_counter())
 
     def _ensure_blocks(
         self, seq: Seq, positions: int, in_flight: bool, preempt: bool = True
@@ -337,6 +333,10 @@ class Scheduler:
                 self._finish(seq)
             else:
                 self.ledger.register(seq)
+        pooled = np.asarray(out.pooled) if step.poolers else np.empty(0)
+        for g, n, seq in step.poolers:
+            if not seq.finished and seq.pool(pooled[g], n):
+                self._finish(seq)
 
     # ---- failures -------------------------------------------------------------------
 

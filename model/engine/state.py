@@ -57,12 +57,17 @@ class StepPlan(flax.struct.PyTreeNode):
 
 class StepOutputs(flax.struct.PyTreeNode):
     """Per row r: the sampled token and its log-probability, and the most likely
-    tokens [R, TOP_LOGPROBS] (zeros unless some row asked). Rows not sampling: junk."""
+    tokens [R, TOP_LOGPROBS] (zeros unless some row asked). Rows not sampling: junk.
+
+    pooled [B, D] f32: row g is the sum of the final hidden states (after the final
+    norm) of the prefill region's segment g, for embeddings; rows past the last
+    segment are zero."""
 
     tokens: jax.Array
     logprobs: jax.Array
     top_ids: jax.Array
     top_logprobs: jax.Array
+    pooled: jax.Array
 
 
 def default_pool_tokens(
