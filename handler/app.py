@@ -23,6 +23,7 @@ from handler import logs, sse, vertex
 from handler.body import read_json
 from handler.chat import chat_completion
 from handler.completions import completion
+from handler.embeddings import EmbeddingRequest, embed
 from handler.errors import (
     RETRY_AFTER_SECONDS,
     APIError,
@@ -37,6 +38,7 @@ from handler.keys import Client, Keyring
 from handler.logs import REQUEST_ID, RequestLog
 from handler.metrics import Metrics
 from handler.model_host import ModelHost, ServedModel
+from handler.playground import playground
 from handler.quota import Meter, Quota, Store, StoreUnavailable
 from handler.requests import (
     ChatCompletionRequest,
@@ -169,6 +171,8 @@ def find_routes(path: str, settings: Settings) -> tuple[dict[str, Route], bool]:
         return {"GET": health}, False
     if path == "/metrics":
         return {"GET": metrics}, False
+    if path == "/" and settings.playground:
+        return {"GET": playground}, False  # the page sends the key it is given to the API
     for prefix in API_PREFIXES:
         if path.startswith(prefix + "/"):
             path = path.removeprefix(prefix)
@@ -177,6 +181,8 @@ def find_routes(path: str, settings: Settings) -> tuple[dict[str, Route], bool]:
         return {"POST": chat_completions}, True
     if path == "/completions":
         return {"POST": completions}, True
+    if path == "/embeddings":
+        return {"POST": embeddings}, True
     if path == "/models":
         return {"GET": list_models}, True
     if path.startswith("/models/") and len(path) > len("/models/"):
@@ -193,13 +199,7 @@ def generation_route(name: str, schema: type[Body], generate: Generate[Body]) ->
 
     def route(server: Server, request: flask.Request, client: Client | None) -> flask.Response:
         body = parse_request(schema, read_json(request, server.settings.max_request_bytes))
-        if body.model not in server.settings.model_names or (
-            client is not None and not client.may_use(body.model)
-        ):
-            raise model_not_found(body.model)
-        entry = logs.current.get()
-        if entry is not None:
-            entry.model, entry.client = body.model, client.name if client else None
+        entry = served_model(server, body.model, client)
         meter = server.quota.meter(client)
         key = server.cache.key(name, body)
         hit = server.cache.get(key) if key is not None else None
@@ -229,6 +229,31 @@ def generation_route(name: str, schema: type[Body], generate: Generate[Body]) ->
         return response
 
     return route
+
+
+def served_model(server: Server, model: str, client: Client | None) -> RequestLog | None:
+    """404 unless the request names a model this server serves and the client may use;
+    the request's log entry (if any) notes both."""
+    if model not in server.settings.model_names or (
+        client is not None and not client.may_use(model)
+    ):
+        raise model_not_found(model)
+    entry = logs.current.get()
+    if entry is not None:
+        entry.model, entry.client = model, client.name if client else None
+    return entry
+
+
+def embeddings(server: Server, request: flask.Request, client: Client | None) -> flask.Response:
+    """POST /v1/embeddings (handler/embeddings.py)."""
+    body = parse_request(EmbeddingRequest, read_json(request, server.settings.max_request_bytes))
+    entry = served_model(server, body.model, client)
+    meter = server.quota.meter(client)
+    reply = embed(server.host.llm(), body, meter)
+    server.metrics.prompt_tokens.inc(reply.usage.prompt_tokens)
+    if entry is not None:
+        entry.prompt_tokens, entry.completion_tokens = reply.usage.prompt_tokens, 0
+    return json_response(reply, headers=meter.headers)
 
 
 def reply_response(

@@ -8,6 +8,7 @@ are gathered per choice (`Choices`), all at once for a JSON reply (`collect`)
 or as they come for a stream (handler/sse.py frames it).
 """
 
+import contextlib
 import itertools
 import time
 import uuid
@@ -128,19 +129,27 @@ class Generation:
 def start_generation(
     llm: ServedModel, prompt_ids: Sequence[int], params: SamplingParams
 ) -> Generation:
-    """Start generating and wait for the first delta, while errors can still be plain HTTP.
+    """Start generating and wait for the first delta, while errors can still be plain
+    HTTP (`engine_errors`)."""
+    with engine_errors():
+        engine_stream = llm.stream(prompt_ids, params)
+        first = next(engine_stream, None)
+    if first is None:
+        raise RuntimeError("the engine's stream ended without any delta")
+    return Generation(engine_stream, first, len(prompt_ids))
 
-    A request the engine refuses is a 400 (naming the field when model/limits.py
-    does); a full queue a 503 with Retry-After; a request that failed in the
-    engine a 500; a failed engine a 503.
-    """
+
+@contextlib.contextmanager
+def engine_errors() -> Iterator[None]:
+    """Turn what the engine raises for a request into HTTP errors: a request the engine
+    refuses is a 400 (naming the field when model/limits.py does); a full queue a 503
+    with Retry-After; a request that failed in the engine a 500; a failed engine a 503."""
     # The scheduler imports JAX, which the gunicorn master must not (handler/model_host.py):
     # its errors are imported once a model is loaded.
     from model.engine.scheduler import EngineFailed, QueueFull, RequestFailed
 
     try:
-        engine_stream = llm.stream(prompt_ids, params)
-        first = next(engine_stream)
+        yield
     except limits.InvalidRequest as exc:
         raise refused(exc) from None
     except ValueError as exc:
@@ -151,9 +160,6 @@ def start_generation(
         raise engine_failed() from None
     except RequestFailed:
         raise internal_error() from None  # the scheduler logged why
-    except StopIteration:
-        raise RuntimeError("the engine's stream ended without any delta") from None
-    return Generation(engine_stream, first, len(prompt_ids))
 
 
 def start_generations(

@@ -38,7 +38,7 @@ from handler.model_host import ModelHost
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
 PER_TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
-ROUTES = ("/chat/completions", "/completions", "/models", "/usage")
+ROUTES = ("/chat/completions", "/completions", "/embeddings", "/models", "/usage")
 
 
 class Metrics:
@@ -120,7 +120,7 @@ class Metrics:
 
 def route_label(path: str) -> str:
     """A bounded label for a path: the route it reached (without its prefix), or "other"."""
-    if path in ("/health", "/metrics"):
+    if path in ("/", "/health", "/metrics"):
         return path
     for prefix in ("/api/v1", "/v1", ""):
         rest = path.removeprefix(prefix)

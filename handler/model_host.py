@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from handler.errors import engine_failed, model_failed, model_loading
 from handler.settings import Settings
 from model.limits import Names
-from model.types import Delta, SamplingParams
+from model.types import Delta, Embeddings, SamplingParams
 
 if TYPE_CHECKING:
     from model.engine.stats import SchedulerStats
@@ -57,6 +57,12 @@ class ServedModel(Protocol):
     @property
     def failed(self) -> bool:
         """True once the engine failed: it serves no more requests."""
+
+    @property
+    def width(self) -> int:
+        """The model's hidden width: the length of its embeddings."""
+
+    def embed(self, inputs: Sequence[str | Sequence[int]]) -> "Embeddings": ...
 
     def warmup(self, *, wait: bool = True) -> None: ...
 
