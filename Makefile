@@ -23,11 +23,15 @@ $(VENV)/.installed: pyproject.toml
 serve: setup
 	PORT=$(PORT) JAXCHAT_COMPILE_CACHE=$(JAXCHAT_COMPILE_CACHE) $(BIN)/functions-framework --target=app --source=main.py --port=$(PORT)
 
-# Real services the tests start on 127.0.0.1: Redis (Debian's redis-server).
+# Real services the tests start on 127.0.0.1: Redis (Debian's redis-server); and the
+# browser the playground's test drives (Debian's chromium and its chromedriver).
 services:
 	@command -v redis-server >/dev/null || { \
 	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$sudo apt-get update -qq && $$sudo apt-get install -y -qq --no-install-recommends redis-server; }
+	@{ command -v chromium && command -v chromedriver; } >/dev/null || { \
+	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$sudo apt-get update -qq && $$sudo apt-get install -y -qq --no-install-recommends chromium chromium-driver; }
 
 test: setup services
 	$(BIN)/python -m pytest

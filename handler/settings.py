@@ -1,8 +1,9 @@
 """Runtime settings for the server, read from the environment.
 
-Every field is documented by its docstring; the README's settings table and the
-`jaxchat serve` options (handler/cli.py) are generated from them, so keep each to
-one or two sentences a deployer can act on. Defaults the Python API shares come
+Every field is documented by its docstring; the `jaxchat serve` options
+(handler/cli.py) are generated from them, so keep each to one or two sentences a
+deployer can act on, and list each in the README's settings table (a test checks).
+Defaults the Python API shares come
 from model/limits.py.
 """
 
@@ -107,6 +108,10 @@ class Settings(BaseSettings):
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """The lowest level logged."""
+
+    playground: bool = True
+    """The browser playground at `GET /`: a chat page that streams from this server's
+    API (the page needs no key; it sends the one typed into it). `0` turns it off."""
 
     compile_cache: str | None = None
     """Compilation cache: a local directory or a `gs://bucket/prefix` (mirrored under

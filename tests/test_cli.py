@@ -22,6 +22,12 @@ def test_serve_options_become_settings():
     assert command[4] == f"--source={REPO / 'main.py'}" and "--port=9000" in command
 
 
+def test_the_readme_lists_every_setting():
+    settings = (REPO / "README.md").read_text().split("## Settings", 1)[1].split("\n## ", 1)[0]
+    variables = [Settings.variable(name) for name in Settings.model_fields]
+    assert [v for v in variables if f"`{v}`" not in settings] == []
+
+
 def test_boolean_settings_are_flag_pairs(monkeypatch):
     args = _parse(["serve", "--keys-file", "gs://b/keys.toml", "--cache-hits-free"])
     _, env = serve_command(args)
