@@ -619,7 +619,7 @@ def test_unknown_model_is_404(serve):
     assert "gpt-4o" in error["message"]
 
 
-@pytest.mark.parametrize("path", ["/v2/chat/completions", "/v1/embeddings", "/", "/v1"])
+@pytest.mark.parametrize("path", ["/v2/chat/completions", "/v1/audio/speech", "/index.html", "/v1"])
 def test_unknown_path_is_404(serve, path):
     assert_error(serve().post(path, json=chat_body()), 404, "not_found_error")
 

@@ -108,12 +108,18 @@ def send(driver, text: str) -> None:
 
 def replies(driver) -> list[str]:
     """The assistant bubbles' text, exactly (`.text` would trim and fold whitespace)."""
-    bubbles = driver.find_elements(By.CSS_SELECTOR, "#messages .assistant")
-    return [b.get_property("textContent") for b in bubbles]
+    return texts(driver, "#messages .assistant")
 
 
 def model_options(driver) -> list[str]:
-    return [o.text for o in driver.find_elements(By.CSS_SELECTOR, "#model option")]
+    return texts(driver, "#model option")
+
+
+def texts(driver, selector: str) -> list[str]:
+    """The textContent of every element matching `selector`, read in one script (the
+    page may replace the elements between two WebDriver calls)."""
+    script = "return [...document.querySelectorAll(arguments[0])].map(e => e.textContent)"
+    return driver.execute_script(script, selector)
 
 
 def wait_for_reply(driver, count: int) -> dict[str, int]:
