@@ -92,6 +92,11 @@ class Ledger:
             seq.hashes.append(chain_hash(parent, seq.tokens[i * bs : (i + 1) * bs]))
             self.pool.register(seq.blocks[i], seq.hashes[-1])
 
+    def pending(self, live: list[Seq]) -> int:
+        """Prompt positions still to compute, of the sequences that may prefill now."""
+        waiting = [s for s in live if not s.decoding and s.may_prefill]
+        return sum(s.target - s.computed for s in waiting)
+
     def prompt_chunks(self, live: list[Seq], budget: int) -> list[tuple[Seq, int]]:
         """Prompt chunks for the prefill region: the oldest begun prompt first (the only
         one that reads earlier positions from the pool), then new prompts, up to `budget`

@@ -15,8 +15,8 @@ decides what goes in each step:
   and compute only the prompt's last, partial block with their own PRNG keys.
 - Every step carries a decode row for each decoding sequence and fills the
   prefill region with prompt chunks: a small region (SMALL_CHUNK tokens) while
-  anything decodes, so a long prompt never stalls running streams for long, and
-  a large one otherwise. Several new prompts share a region; at most one chunk
+  anything decodes, so a long prompt never stalls running streams for long, or
+  while few prompt tokens wait (SMALL_PREFILL_MAX), and a large one otherwise. Several new prompts share a region; at most one chunk
   per step continues a prompt begun earlier (it reads that prefix from the pool).
   A prompt's last chunk samples its first token in the same step.
 - The host does not wait for the step it just dispatched: it reads the tokens of
@@ -69,7 +69,13 @@ from model.engine.requests import (
 )
 from model.engine.state import StepOutputs, StepPlan
 from model.engine.stats import StepTimes
-from model.engine.variants import LARGE_CHUNK, SMALL_CHUNK, StepShape, pick_shape
+from model.engine.variants import (
+    LARGE_CHUNK,
+    SMALL_CHUNK,
+    SMALL_PREFILL_MAX,
+    StepShape,
+    pick_shape,
+)
 from model.nn.sampling import SlotSampling
 
 log = logging.getLogger(__name__)
@@ -266,7 +272,8 @@ class Scheduler:
             if seq.decoding:  # not preempted for an earlier one
                 self._ensure_blocks(seq, seq.length, in_flight)
         decode = [s for s in decode if s.decoding]  # one preempted meanwhile prefills again
-        budget = SMALL_CHUNK if decode else LARGE_CHUNK
+        small = decode or self.ledger.pending(self._live()) <= SMALL_PREFILL_MAX
+        budget = SMALL_CHUNK if small else LARGE_CHUNK
         segments = self.ledger.prompt_chunks(self._live(), budget)
         if not decode and not segments:
             return None
