@@ -41,6 +41,7 @@ bench: setup
 	$(BIN)/python -m benchmarks.cold_start
 	$(BIN)/python -m benchmarks.constrained_mix
 	$(BIN)/python -m benchmarks.limits_latency
+	$(BIN)/python -m benchmarks.embeddings_bench
 	$(BIN)/python -m benchmarks.serve_and_load --concurrency 1,8,32,64 --max-tokens 128 --cases
 	bash benchmarks/llamacpp_peer.sh --concurrency 1,8,32,64 --max-tokens 128
 
