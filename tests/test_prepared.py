@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from model.engine.engine import rows_of
 from model.text.chat_template import ChatTemplate
 from model.text.tokenizer import Tokenizer
 from model.weights.gguf import load_gguf, read_metadata
@@ -90,3 +91,28 @@ def test_a_damaged_copy_is_prepared_again(tiny_gguf, tmp_path, opened):
     _, third, _ = load_gguf_prepared(tiny_gguf, jnp.float32, tmp_path)  # repaired
     assert len(opened) == 2
     assert_same_params(third, params)
+
+
+def test_the_copys_layers_stack_without_a_copy(tiny_gguf, tmp_path):
+    """The copy stores each weight of every layer as one [L, ...] array; the layers read
+    back are its rows, which the engine's scanned layers take as a view of it."""
+    load_gguf_prepared(tiny_gguf, jnp.float32, tmp_path)
+    config, params, _ = load_gguf_prepared(tiny_gguf, jnp.float32, tmp_path)
+    layers = [params[f"layers_{i}"] for i in range(config.n_layers)]
+    for rows in zip(*(jax.tree.leaves(layer) for layer in layers), strict=True):
+        stacked = rows_of(rows)
+        assert stacked is not None and np.shares_memory(stacked, rows[0])
+        np.testing.assert_array_equal(stacked, np.stack(rows))
+        assert not stacked.flags.writeable
+
+
+def test_rows_elsewhere_are_stacked_by_copying():
+    stacked = np.arange(24, dtype=np.float32).reshape(4, 2, 3)
+    assert rows_of(list(stacked)).base is not None
+    assert rows_of([stacked[0], stacked[2]]) is None  # not adjacent
+    assert rows_of([stacked[1], stacked[0]]) is None  # not in order
+    assert rows_of([stacked[0, :, :2], stacked[1, :, :2]]) is None  # not contiguous
+    apart = [np.ones((2, 3), np.float32) for _ in range(3)]  # separate buffers
+    assert rows_of(apart) is None
+    pool = np.zeros(12, np.float32)  # adjacent views of one buffer, but of other shapes
+    assert rows_of([pool[:6].reshape(2, 3), pool[6:].reshape(3, 2)]) is None

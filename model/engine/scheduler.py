@@ -16,9 +16,10 @@ decides what goes in each step:
 - Every step carries a decode row for each decoding sequence and fills the
   prefill region with prompt chunks: a small region (SMALL_CHUNK tokens) while
   anything decodes, so a long prompt never stalls running streams for long, or
-  while few prompt tokens wait (SMALL_PREFILL_MAX), and a large one otherwise. Several new prompts share a region; at most one chunk
-  per step continues a prompt begun earlier (it reads that prefix from the pool).
-  A prompt's last chunk samples its first token in the same step.
+  while few prompt tokens wait (SMALL_PREFILL_MAX), and a large one otherwise.
+  Several new prompts share a region; at most one chunk per step continues a
+  prompt begun earlier (it reads that prefix from the pool). A prompt's last
+  chunk samples its first token in the same step.
 - The host does not wait for the step it just dispatched: it reads the tokens of
   the previous step while the device computes the next. A sequence that ended
   in step n has already run in step n+1; that token is dropped, since each step

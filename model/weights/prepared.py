@@ -4,12 +4,14 @@ Opening a GGUF costs seconds that have nothing to do with the weights:
 `gguf.GGUFReader` parses every metadata field element by element (about 6 s
 for a 49k-token vocabulary), and dequantising the tensors takes about 3 s more.
 With a compile cache set, the first load writes what it produced into
-`$JAXCHAT_CACHE_DIR/models/<key>/`: the f32 parameters as one safetensors file (read back
-through a memory map) and the metadata as JSON. The key covers the file (path,
-size, modification time), the source of every project module this one imports
-at any depth (the loader, config parsing: model/weights/source_digest.py) and the
-versions of the libraries that decode the blocks, so a changed file, loader,
-config parser or library is prepared afresh.
+`$JAXCHAT_CACHE_DIR/models/<key>/`: the f32 parameters as one safetensors file and
+the metadata as JSON. The layers' weights are stored stacked ([L, ...] per weight),
+and read back as views of those arrays: the engine's scanned layers take them as
+they are (model/engine/engine.py's `stack_params`), with no copy to stack them.
+The key covers the file (path, size, modification time), the source of every
+project module this one imports at any depth (the loader, config parsing:
+model/weights/source_digest.py) and the versions of the libraries that decode the
+blocks, so a changed file, loader, config parser or library is prepared afresh.
 """
 
 import dataclasses
@@ -38,7 +40,7 @@ from model.weights.source_digest import source_digest
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: layers stacked
 
 
 # The libraries whose code turns GGUF blocks into the stored arrays.
@@ -75,13 +77,30 @@ def _cast(params: Params, dtype: jnp.dtype) -> Params:
 
 
 def _flatten(params: Params) -> dict[str, np.ndarray]:
-    flat = traverse_util.flatten_dict(params, sep="/")
-    return {name: np.asarray(value, np.float32) for name, value in flat.items()}
+    """Flat f32 arrays by name; every layer's weight stacked under `layers/<name>`."""
+    rest = {k: v for k, v in params.items() if not k.startswith("layers_")}
+    flat = {k: np.asarray(v, np.float32) for k, v in _flat(rest).items()}
+    layers = [_flat(params[f"layers_{i}"]) for i in range(len(params) - len(rest))]
+    for name in layers[0] if layers else ():
+        flat[f"layers/{name}"] = np.stack([np.asarray(layer[name], np.float32) for layer in layers])
+    return flat
 
 
 def _unflatten(flat: dict[str, np.ndarray], dtype: jnp.dtype) -> Params:
-    # Host arrays, as a loader's.
-    return _cast(traverse_util.unflatten_dict(flat, sep="/"), dtype)
+    """Host arrays, as a loader's: layer i's weights are views of the stacked arrays."""
+    stacked = {k.removeprefix("layers/"): v for k, v in flat.items() if k.startswith("layers/")}
+    params = traverse_util.unflatten_dict(
+        {k: v for k, v in flat.items() if not k.startswith("layers/")}, sep="/"
+    )
+    count = len(next(iter(stacked.values()))) if stacked else 0
+    for i in range(count):
+        layer = {name: weights[i] for name, weights in stacked.items()}
+        params[f"layers_{i}"] = traverse_util.unflatten_dict(layer, sep="/")
+    return _cast(params, dtype)
+
+
+def _flat(tree: dict) -> dict[str, Any]:
+    return traverse_util.flatten_dict(tree, sep="/")
 
 
 def _read(prepared: Path, dtype: jnp.dtype) -> tuple[ModelConfig, Params, dict[str, Any]]:

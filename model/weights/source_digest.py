@@ -58,9 +58,15 @@ def _project_file(name: str) -> Path | None:
     return None
 
 
-def _imports(file: Path) -> set[str]:
+def _imports(file: Path) -> frozenset[str]:
     """The modules whose code `file` uses: for `from a.b import c`, a.b.c if it is a
-    module, else a.b (c is defined there)."""
+    module, else a.b (c is defined there). Parsed once per version of the file."""
+    stat = file.stat()
+    return _imports_of(file, stat.st_mtime_ns, stat.st_size)
+
+
+@cache
+def _imports_of(file: Path, mtime_ns: int, size: int) -> frozenset[str]:
     package = _package_of(file)
     names: set[str] = set()
     for node in ast.walk(ast.parse(file.read_bytes(), str(file))):
@@ -71,7 +77,7 @@ def _imports(file: Path) -> set[str]:
             for alias in node.names:
                 submodule = f"{base}.{alias.name}"
                 names.add(submodule if _project_file(submodule) is not None else base)
-    return names
+    return frozenset(names)
 
 
 def _package_of(file: Path) -> str:
