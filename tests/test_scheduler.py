@@ -91,8 +91,8 @@ class MockEngine:
             write=np.full(t, self.pool_blocks * BS, np.int32),
         )
         return StepPlan(
-            np.zeros(t, np.int32), layout, np.zeros(r, bool), np.zeros(r, np.int32),
-            np.zeros(r, bool), np.full((r, 1), -1, np.int32),
+            np.zeros(t, np.int32), layout, np.full(r, self.batch, np.int32), np.zeros(r, bool),
+            np.zeros(r, np.int32), np.zeros(r, bool), np.full((r, 1), -1, np.int32),
         )  # fmt: skip
 
     def step(self, state, plan: StepPlan):
@@ -102,7 +102,10 @@ class MockEngine:
         time.sleep(self.step_delay)
         lay, pool, r = plan.layout, state["pool"], plan.layout.rows
         tokens = plan.tokens.copy()
-        tokens[:r] = np.where(plan.decode, state["tokens"][:r], tokens[:r])
+        slots = plan.slots
+        assert len(set(slots[slots < self.batch].tolist())) == (slots < self.batch).sum()
+        newest = state["tokens"][np.minimum(slots, self.batch - 1)]
+        tokens[:r] = np.where(plan.decode, newest, tokens[:r])
         seg, pos = lay.segments, lay.positions[r:]
         for g in set(seg[seg >= 0].tolist()):
             if g > 0:  # only segment 0 may continue a prompt
@@ -123,8 +126,8 @@ class MockEngine:
                 if seg[i] == 0:
                     total += pool[self._flat(lay.prior_blocks, int(lay.prior))].sum()
             assert (pool[self._flat(lay.block_tables[row], 0)] >= 0).all()
-            out[row] = 50 + (total + state["salt"][row]) % 50
-            state["tokens"][row] = out[row]
+            out[row] = 50 + (total + state["salt"][slots[row]]) % 50
+            state["tokens"][slots[row]] = out[row]
         self.steps.append(
             {
                 "rows": r,
@@ -461,3 +464,19 @@ def test_an_embedding_preempted_part_way_pools_its_prompt_again_from_the_start()
     assert embedding.pool(np.array([sum(prompt), 20.0]), 20)  # all of it, again
     (event,) = list(embedding.handle)
     assert event.vector.tolist() == [np.mean(prompt), 1.0] and event.tokens == 20
+
+
+def test_a_lone_sequence_in_a_high_slot_runs_the_smallest_step(make):
+    """Rows are handed out in order, whatever slot a sequence holds: once the others end,
+    the straggler in slot 5 decodes in one-row steps."""
+    engine = MockEngine(batch=8)
+    engine.gate.clear()
+    scheduler = make(engine)
+    short = [scheduler.submit([i + 1], [i], 2, stop_at_eos=False) for i in range(5)]
+    long = scheduler.submit([7, 7], [5], 30, stop_at_eos=False)
+    while scheduler.active < 6:
+        time.sleep(0.001)
+    engine.gate.set()
+    assert [run(h) for h in short] == [expected([i + 1], 2, i) for i in range(5)]
+    assert run(long) == expected([7, 7], 30, salt=5)
+    assert [s["rows"] for s in engine.steps[-20:]] == [1] * 20

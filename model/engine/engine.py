@@ -4,10 +4,12 @@ JetStream's engine roles, in two calls over typed pytrees:
 - insert: `admit(state, slot, row)` puts a new sequence's sampling settings (its
   PRNG key, penalties, logit bias, the prompt's tokens for the repetition
   penalty) into its slot;
-- prefill and generate: `step(state, plan)` runs R decode rows (each slot's
-  newest token, taken from the state) and a prefill region of prompt chunks in
-  one forward pass over the pool, and samples one token for every row the plan
-  marks: decode rows, and slots whose prompt's last chunk is in the region.
+- prefill and generate: `step(state, plan)` runs R decode rows (each the newest
+  token of the slot the plan gives the row, taken from the state) and a prefill
+  region of prompt chunks in one forward pass over the pool, and samples one
+  token for every row the plan marks: decode rows, and rows of slots whose
+  prompt's last chunk is in the region. Rows are handed out in order, so R
+  follows how many sequences sample, not which slots they hold.
 
 The plan is built on the host by the scheduler (model/engine/scheduler.py) from
 its block tables: which positions each token has, which blocks hold its keys,
@@ -225,25 +227,29 @@ class Engine:
 
     def _step_impl(self, model: Transformer, params, state: EngineState, plan: StepPlan):
         """One step (see the module docstring) → (state, StepOutputs [R])."""
-        r = plan.layout.rows
-        tokens = plan.tokens.at[:r].set(jnp.where(plan.decode, state.tokens[:r], plan.tokens[:r]))
+        r, slots = plan.layout.rows, plan.slots  # row i serves slot slots[i] (B: none)
+        newest = state.tokens.at[slots].get(mode="fill", fill_value=0)
+        tokens = plan.tokens.at[:r].set(jnp.where(plan.decode, newest, plan.tokens[:r]))
         hidden, pool = apply_step(model, params, tokens, plan.layout, state.pool)
         assert pool is not None  # a step with a pool returns it
         chosen = hidden[:, plan.sample_from]  # [D, R]
         logits = apply_logits(model, params, chosen)
-        rows = jax.tree_util.tree_map(lambda a: a[:r], state.sampling)
+        rows = jax.tree_util.tree_map(
+            lambda a: a.at[slots].get(mode="fill", fill_value=0), state.sampling
+        )
         out = sample(logits, rows, plan.allowed)
         keep = plan.sample
-        # Only the rows that sampled advance their key and count their token: a scatter
-        # of R entries, not a pass over the [B, V] counts.
-        counts = state.sampling.counts.at[jnp.arange(r), out.tokens].add(keep.astype(jnp.int32))
+        # Only the rows that sampled advance their key and count their token: scatters of
+        # R entries, not a pass over the [B, V] counts; rows of no slot write nothing.
+        counts = state.sampling.counts.at[slots, out.tokens].add(
+            keep.astype(jnp.int32), mode="drop"
+        )
+        key = jnp.where(keep[:, None], out.sampling.key, rows.key)
         sampling = state.sampling.replace(
-            key=state.sampling.key.at[:r].set(jnp.where(keep[:, None], out.sampling.key, rows.key)),
-            counts=counts,
+            key=state.sampling.key.at[slots].set(key, mode="drop"), counts=counts
         )
-        state = EngineState(
-            pool, state.tokens.at[:r].set(jnp.where(keep, out.tokens, state.tokens[:r])), sampling
-        )
+        newest = jnp.where(keep, out.tokens, newest)
+        state = EngineState(pool, state.tokens.at[slots].set(newest, mode="drop"), sampling)
         # Embeddings: each prompt chunk's hidden states summed (padding's segment, -1, drops).
         region = hidden[:, r:].T.astype(jnp.float32)  # [P, D]
         pooled = jax.ops.segment_sum(region, plan.layout.segments, num_segments=self.batch)
@@ -291,7 +297,7 @@ class Engine:
     def empty_plan(self, shape: StepShape) -> StepPlan:
         """A plan of `shape` that changes nothing: idle rows, padding, no writes, no samples."""
         no_write = self.pool_blocks * self.block_size
-        return empty_plan(shape, self.table_width, no_write, self.mask_words)
+        return empty_plan(shape, self.table_width, no_write, self.mask_words, self.batch)
 
     def sampling(
         self, params: SamplingParams, seed: int, prompt_ids: Sequence[int] = ()

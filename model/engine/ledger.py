@@ -134,14 +134,16 @@ def build_plan(
     layout = plan.layout
     rows = len(layout.context)
     samplers = []
-    for seq in decode:
-        r, p = seq.slot, seq.length - 1
+    for r, seq in enumerate(decode):  # rows 0, 1, … whatever slots they serve
+        p = seq.length - 1
+        plan.slots[r] = seq.slot
         layout.positions[r] = layout.context[r] = p
         layout.block_tables[r, : len(seq.blocks)] = seq.blocks
         layout.write[r] = seq.blocks[p // bs] * bs + p % bs
         plan.decode[r] = plan.sample[r] = True
         plan.sample_from[r] = r
         samplers.append((r, seq))
+    row = len(decode)  # the next row: for the prompts that sample
     start = rows
     for g, (seq, n) in enumerate(segments):
         c = seq.computed
@@ -156,8 +158,10 @@ def build_plan(
             layout = layout.replace(prior=np.int32(c))
             layout.prior_blocks[: len(seq.blocks)] = seq.blocks
         if seq.samples_after(n):
-            plan.sample[seq.slot] = True
-            plan.sample_from[seq.slot] = start + n - 1
-            samplers.append((seq.slot, seq))
+            plan.slots[row] = seq.slot
+            plan.sample[row] = True
+            plan.sample_from[row] = start + n - 1
+            samplers.append((row, seq))
+            row += 1
         start += n
     return plan.replace(layout=layout), samplers

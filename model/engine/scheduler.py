@@ -278,9 +278,9 @@ class Scheduler:
         segments = self.ledger.prompt_chunks(self._live(), budget)
         if not decode and not segments:
             return None
-        rows = [s.slot for s in decode] + [s.slot for s, n in segments if s.samples_after(n)]
+        rows = len(decode) + sum(s.samples_after(n) for s, n in segments)
         prefill = sum(n for _, n in segments)
-        shape = pick_shape(self.engine.shapes, max(rows, default=0) + 1, prefill)
+        shape = pick_shape(self.engine.shapes, max(rows, 1), prefill)
         plan, samplers = build_plan(
             self.engine.empty_plan(shape), decode, segments, self.engine.block_size
         )

@@ -35,14 +35,16 @@ class StepPlan(flax.struct.PyTreeNode):
 
     tokens [T]: the prefill region's tokens (decode rows' entries are ignored);
     layout: positions, decode contexts and block tables, segments, writes;
-    decode [R] bool: row r is slot r's decode row (its token comes from the state);
-    sample_from [R] i32: the token whose output slot r samples from;
-    sample [R] bool: slot r samples a token this step;
+    slots [R] i32: the slot whose sequence row r serves (B: none);
+    decode [R] bool: row r is its slot's decode row (its token comes from the state);
+    sample_from [R] i32: the token whose output row r samples from;
+    sample [R] bool: row r samples a token for its slot this step;
     allowed [R, W] i32: grammar bitmasks (all bits set: unconstrained).
     """
 
     tokens: jax.Array
     layout: Layout
+    slots: jax.Array
     decode: jax.Array
     sample_from: jax.Array
     sample: jax.Array
@@ -99,9 +101,12 @@ def free_memory_bytes() -> int:
     return int(fields["MemAvailable"].split()[0]) * 1024
 
 
-def empty_plan(shape: StepShape, table_width: int, no_write: int, mask_words: int) -> StepPlan:
-    """A plan of `shape` that changes nothing: idle rows, padding, no writes (`no_write`:
-    a flat pool position past the pool), no samples, every token allowed."""
+def empty_plan(
+    shape: StepShape, table_width: int, no_write: int, mask_words: int, batch: int
+) -> StepPlan:
+    """A plan of `shape` that changes nothing: idle rows of no slot (`batch`, past the
+    last), padding, no writes (`no_write`: a flat pool position past the pool), no
+    samples, every token allowed."""
     r, t, mb = shape.rows, shape.tokens, table_width
     layout = Layout.host(
         positions=np.zeros(t, np.int32),
@@ -115,6 +120,7 @@ def empty_plan(shape: StepShape, table_width: int, no_write: int, mask_words: in
     return StepPlan.host(
         layout,
         tokens=np.zeros(t, np.int32),
+        slots=np.full(r, batch, np.int32),
         decode=np.zeros(r, bool),
         sample_from=np.zeros(r, np.int32),
         sample=np.zeros(r, bool),
