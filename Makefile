@@ -8,9 +8,14 @@ PORT   ?= 8080
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
 JAXCHAT_COMPILE_CACHE ?= $(CURDIR)/.cache/compile
 
-.PHONY: setup services serve test bench lint format clean
+.PHONY: setup kernels services serve test bench lint format clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed kernels
+
+# jaxchat's CPU kernels (model/kernels), compiled with the system's g++ once per source
+# version; without a compiler the server runs the pure-JAX path.
+kernels: $(VENV)/.installed
+	$(BIN)/python -m model.kernels
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,4 +60,4 @@ format: setup
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf $(VENV) .cache .pytest_cache *.egg-info
+	rm -rf $(VENV) .cache .pytest_cache *.egg-info model/kernels/_*.so

@@ -10,6 +10,7 @@ Prints, with medians over repeats:
 """
 
 import argparse
+import os
 import statistics
 import time
 
@@ -23,10 +24,12 @@ from model import LLM, SamplingParams
 def weight_bytes(llm: LLM) -> int:
     """Bytes read per decode step: every weight; the embedding only as a tied head.
 
-    Looking up a token's embedding reads one row, but a tied head reads it all.
+    Looking up a token's embedding reads one row, but a tied head reads it all. With the
+    quantized kernel, the one-row step reads the matmuls' blocks (and the head's, if any).
     """
-    leaves = jax.tree_util.tree_leaves_with_path(llm.engine.stacked)
-    tied = llm.config.tie_embeddings
+    params = llm.engine.params if llm.engine.params and llm.engine.kernel else llm.engine.stacked
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    tied = llm.config.tie_embeddings and not (llm.engine.kernel and "lm_head" in params["blocks"])
     return sum(x.nbytes for path, x in leaves if tied or "embed" not in jax.tree_util.keystr(path))
 
 
@@ -83,23 +86,34 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
-    llm = LLM(args.model, max_seq_len=1024, batch=1)
-    llm.warmup()
-    nbytes = weight_bytes(llm)
-    bandwidth = streaming_bandwidth(nbytes)
-    decode = decode_rate(llm, args.decode_tokens, args.repeats)
-    prefill = prefill_rate(llm, args.prefill_tokens, args.repeats)
-    bound = bandwidth / nbytes
-    rows = [
-        ("memory bandwidth (same run)", f"{bandwidth / 1e9:6.1f} GB/s", ""),
-        ("batch-1 decode", f"{decode:6.1f} tok/s", f"median of {args.repeats}"),
-        ("  bandwidth bound", f"{bound:6.1f} tok/s", f"decode reaches {decode / bound:.0%}"),
-        (f"prefill, {args.prefill_tokens}-token prompt", f"{prefill:6.1f} tok/s", "to 1st token"),
-    ]
-    dtype = jnp.dtype(llm.dtype).name
-    print(f"backend {jax.default_backend()}, {dtype}, {nbytes / 1e6:.0f} MB of weights per token")
-    for name, value, note in rows:
-        print(f"{name:32} {value:>12}  {note}")
+    rates = {}
+    # The quantized kernel's decode (where it applies: one CPU device), then f32's.
+    for kernel in ("on", "off"):
+        os.environ["JAXCHAT_QUANTIZED_KERNEL"] = kernel
+        llm = LLM(args.model, max_seq_len=1024, batch=1)
+        llm.warmup()
+        if kernel == "on" and not llm.engine.kernel:
+            print("the quantized kernel is not in use (not built, or not one CPU device)")
+        nbytes = weight_bytes(llm)
+        bandwidth = streaming_bandwidth(nbytes)
+        decode = decode_rate(llm, args.decode_tokens, args.repeats)
+        rates[kernel] = decode
+        prefill = prefill_rate(llm, args.prefill_tokens, args.repeats)
+        bound = bandwidth / nbytes
+        rows = [
+            ("memory bandwidth (same run)", f"{bandwidth / 1e9:6.1f} GB/s", ""),
+            ("batch-1 decode", f"{decode:6.1f} tok/s", f"median of {args.repeats}"),
+            ("  bandwidth bound", f"{bound:6.1f} tok/s", f"decode reaches {decode / bound:.0%}"),
+            (f"prefill, {args.prefill_tokens}-token prompt", f"{prefill:6.1f} tok/s", "1st token"),
+        ]
+        dtype = jnp.dtype(llm.dtype).name
+        weights = "quantized kernel" if llm.engine.kernel else "f32 matmuls"
+        print(f"backend {jax.default_backend()}, {dtype}, {weights}: ", end="")
+        print(f"{nbytes / 1e6:.0f} MB of weights per token")
+        for name, value, note in rows:
+            print(f"{name:32} {value:>12}  {note}")
+        del llm
+    print(f"batch-1 decode, quantized kernel / f32: {rates['on'] / rates['off']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -118,12 +118,13 @@ class LLM:
             mesh=loaded.mesh,
             executables=self.compile_cache.executables if self.compile_cache else None,
             unrolled=unrolled_decode,
+            blocks=loaded.blocks,
         )
         self.scheduler = Scheduler(self.engine, max_queue=max_queue)
 
     def describe(self) -> dict[str, object]:
         """What is served, for the start-up log: model, devices, mesh, context, slots,
-        KV pool and dtype."""
+        KV pool, dtype, and whether small decode steps read quantized blocks."""
         devices = list(self.engine.mesh.devices.flat)
         return {
             "model": str(self.path),
@@ -133,6 +134,7 @@ class LLM:
             "slots": self.batch,
             "kv_pool_tokens": self.engine.pool_blocks * BLOCK_SIZE,
             "dtype": str(self.dtype),
+            "quantized_kernel": self.engine.kernel is not None,
         }
 
     def stats(self) -> SchedulerStats:

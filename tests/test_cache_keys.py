@@ -58,7 +58,7 @@ from model.weights.prepared import load_gguf_prepared
 opened = []
 init = gguf.GGUFReader.__init__
 gguf.GGUFReader.__init__ = lambda self, *a, **k: opened.append(1) or init(self, *a, **k)
-config, _, _ = load_gguf_prepared(Path(sys.argv[1]), jnp.float32, Path(sys.argv[2]))
+config, *_ = load_gguf_prepared(Path(sys.argv[1]), jnp.float32, Path(sys.argv[2]))
 print(json.dumps({"gguf_opened": len(opened), "norm_eps": config.norm_eps}))
 """
 

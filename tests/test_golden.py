@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from model.nn.attention import Layout, init_pool
-from model.nn.transformer import Transformer
+from model.nn.transformer import BLOCKS, Transformer
 from model.types import SamplingParams
 
 LOGIT_ATOL = 2e-3
@@ -80,7 +80,13 @@ def test_prompt_tokens_match_reference(llm, golden):
 
 def test_unrolled_decode_steps_give_the_reference_greedy_tokens(llm, golden):
     """Once the unrolled decode steps are in (JAXCHAT_UNROLLED_DECODE; loaded from the
-    tests' compile cache or compiled), a lone stream decodes through them."""
+    tests' compile cache or compiled), a lone stream decodes through them: on one CPU
+    device, with the GGUF's Q4_1 and Q8_0 blocks read by the quantized kernel."""
+    if llm.engine.mesh.size == 1 and jax.default_backend() == "cpu":
+        assert llm.engine.kernel is not None
+        blocks = llm.engine.params[BLOCKS]
+        assert {"lm_head", "layers_0"} <= set(blocks)
+        assert set(llm.engine.params["layers_0"]) == {"attn_norm", "mlp_norm"}  # f32 left
     llm.engine.variants.upgrade()
     assert llm.engine.variants.upgrades
     assert all(llm.engine.variants.ready(*variant) for variant in llm.engine.variants.upgrades)

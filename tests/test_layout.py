@@ -24,8 +24,16 @@ ALLOWED = {
     "model.limits": {"model.limits", "model.types"},
     "model.text": {"model.text", "model.types"},
     "model.nn": {"model.nn"},
+    "model.kernels": {"model.kernels", "model.nn"},
     "model.weights": {"model.weights", "model.text", "model.nn", "model.types", "sharding"},
-    "model.engine": {"model.engine", "model.weights", "model.nn", "model.types", "sharding"},
+    "model.engine": {
+        "model.engine",
+        "model.weights",
+        "model.kernels",
+        "model.nn",
+        "model.types",
+        "sharding",
+    },
     "model.llm": {"model", "sharding"},
     "model": {"model"},  # model/__init__.py: lazy re-exports only
     "sharding": {"sharding"},

@@ -51,7 +51,7 @@ def test_second_load_reads_the_copy_and_gives_the_same_model(tiny_gguf, tmp_path
     second = load_gguf_prepared(tiny_gguf, jnp.float32, tmp_path)
     assert len(opened) == 2  # load_gguf and the first prepared load; the second reads JSON
     assert len(list(tmp_path.iterdir())) == 1
-    for got_config, got_params, meta in (first, second):
+    for got_config, got_params, meta, _ in (first, second):
         assert got_config == config
         assert_same_params(got_params, params)
         tokenizer = Tokenizer.from_metadata(meta)
@@ -67,7 +67,7 @@ def test_second_load_reads_the_copy_and_gives_the_same_model(tiny_gguf, tmp_path
 
 def test_bfloat16_is_cast_from_the_f32_copy(tiny_gguf, tmp_path):
     load_gguf_prepared(tiny_gguf, jnp.float32, tmp_path)
-    _, params, _ = load_gguf_prepared(tiny_gguf, jnp.bfloat16, tmp_path)
+    _, params, *_ = load_gguf_prepared(tiny_gguf, jnp.bfloat16, tmp_path)
     _, reference, _ = load_gguf(tiny_gguf, jnp.bfloat16)
     assert_same_params(params, reference)
 
@@ -81,14 +81,14 @@ def test_a_changed_source_is_prepared_again(tiny_gguf, tmp_path, opened):
 
 
 def test_a_damaged_copy_is_prepared_again(tiny_gguf, tmp_path, opened):
-    _, params, _ = load_gguf_prepared(tiny_gguf, jnp.float32, tmp_path)
+    _, params, *_ = load_gguf_prepared(tiny_gguf, jnp.float32, tmp_path)
     (copy,) = tmp_path.iterdir()
     weights = copy / "params.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    _, again, _ = load_gguf_prepared(tiny_gguf, jnp.float32, tmp_path)
+    _, again, *_ = load_gguf_prepared(tiny_gguf, jnp.float32, tmp_path)
     assert len(opened) == 2
     assert_same_params(again, params)
-    _, third, _ = load_gguf_prepared(tiny_gguf, jnp.float32, tmp_path)  # repaired
+    _, third, *_ = load_gguf_prepared(tiny_gguf, jnp.float32, tmp_path)  # repaired
     assert len(opened) == 2
     assert_same_params(third, params)
 
@@ -97,7 +97,7 @@ def test_the_copys_layers_stack_without_a_copy(tiny_gguf, tmp_path):
     """The copy stores each weight of every layer as one [L, ...] array; the layers read
     back are its rows, which the engine's scanned layers take as a view of it."""
     load_gguf_prepared(tiny_gguf, jnp.float32, tmp_path)
-    config, params, _ = load_gguf_prepared(tiny_gguf, jnp.float32, tmp_path)
+    config, params, *_ = load_gguf_prepared(tiny_gguf, jnp.float32, tmp_path)
     layers = [params[f"layers_{i}"] for i in range(config.n_layers)]
     for rows in zip(*(jax.tree.leaves(layer) for layer in layers), strict=True):
         stacked = rows_of(rows)

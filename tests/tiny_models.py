@@ -186,11 +186,14 @@ def llama2_tokenizer_config(chat_template: str = LLAMA2_TEMPLATE) -> dict:
     }
 
 
-def write_tiny_gguf(path: Path, config: ModelConfig, seed: int) -> Path:
-    """`path`/tiny.gguf: random weights (seed) for `config` and a trained tokenizer."""
+def write_tiny_gguf(path: Path, config: ModelConfig, seed: int, qtype=None) -> Path:
+    """`path`/tiny.gguf: random weights (seed) for `config` and a trained tokenizer; the
+    matrices as `qtype` (a GGMLQuantizationType; default F32)."""
     gguf_path = path / "tiny.gguf"
     kv = spm_gguf_kv(train_sentencepiece(), LLAMA2_TEMPLATE)
-    write_llama_gguf(gguf_path, config, hf_random_weights(config, seed), tokenizer_kv=kv)
+    weights = hf_random_weights(config, seed)
+    extra = {"qtype": qtype} if qtype is not None else {}
+    write_llama_gguf(gguf_path, config, weights, tokenizer_kv=kv, **extra)
     return gguf_path
 
 

@@ -32,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from model.engine.executables import ExecutableStore, fingerprint
+from model.engine.quantized import kernel_params
 from model.engine.state import (
     EngineState,
     StepOutputs,
@@ -95,8 +96,10 @@ class Engine:
         rules: ShardingRules = TENSOR_PARALLEL,
         executables: Path | None = None,
         unrolled: bool | None = None,
+        blocks: Params | None = None,
     ) -> None:
         self.config = config
+        self.kernel: str | None = None  # the quantized kernel's digest, where steps use it
         self.mesh = mesh if mesh is not None else make_mesh(None, config=config)
         self.rules = rules
         pool_shape = (1, config.n_kv_heads, config.head_dim, BLOCK_SIZE)
@@ -122,7 +125,11 @@ class Engine:
             else set()
         )
         self.stacked = stack_params(params, shardings, self.mesh, config.n_layers)
-        self.params = jax.device_put(params, shardings) if self.unrolled_shapes else None
+        self.params = None  # the unrolled steps' weights: the matmuls as blocks where it can
+        if self.unrolled_shapes:
+            self.params, self.kernel = kernel_params(
+                jax.device_put(params, shardings), blocks or {}, self.mesh
+            )
         self.block_size = BLOCK_SIZE
         pool_tokens = pool_tokens or default_pool_tokens(config, dtype, batch, max_seq_len)
         self.pool_blocks = max(pool_tokens // BLOCK_SIZE, -(-max_seq_len // BLOCK_SIZE))
@@ -146,7 +153,13 @@ class Engine:
         }
         self._forward = jax.jit(partial(forward_logits, self.scanned_model))
         names = [("init", 0), ("admit", 0), *(("step", (s, SCAN)) for s in self.shapes)]
-        upgrades = [("step", (s, UNROLLED)) for s in sorted(self.unrolled_shapes)]
+        # Unrolled steps are named by their weights too: f32, or which blocks and kernel.
+        self.unrolled = UNROLLED
+        if self.kernel is not None:
+            avals = jax.tree.map(lambda a: (a.shape, str(a.dtype)), self.params)
+            weights = (jax.tree.structure(self.params), avals, self.kernel)
+            self.unrolled += "-" + fingerprint(weights)[:12]
+        upgrades = [("step", (s, self.unrolled)) for s in sorted(self.unrolled_shapes)]
         store = (
             None
             if executables is None
@@ -290,8 +303,8 @@ class Engine:
     def step(self, state: EngineState, plan: StepPlan) -> tuple[EngineState, StepOutputs]:
         """Run one step (`plan` shaped by one of `shapes`); `state` is donated."""
         shape = StepShape(plan.layout.rows, plan.tokens.shape[0] - plan.layout.rows)
-        if self.variants.ready("step", (shape, UNROLLED)):
-            return self.variants("step", (shape, UNROLLED))(self.params, state, plan)
+        if self.variants.ready("step", (shape, self.unrolled)):
+            return self.variants("step", (shape, self.unrolled))(self.params, state, plan)
         return self.variants("step", (shape, SCAN))(self.stacked, state, plan)
 
     def empty_plan(self, shape: StepShape) -> StepPlan:

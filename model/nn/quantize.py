@@ -12,6 +12,11 @@ Activations and the matmuls stay in the compute dtype: `dense` dequantizes insid
 jitted function, so stored and resident weights take a quarter of f32. XLA:CPU does not
 fuse the dequantization into the matmul but writes the f32 matrix out every step, so
 there an int8 model decodes slower than f32 (SmolLM2-135M: about 4x); the gain is size.
+
+A `BlockWeight` is a matmul weight kept as shipped, in GGUF's block formats (or as
+int8 rows): `project` multiplies it through jaxchat's CPU kernel (model/kernels), which
+expands the blocks in registers, so a decode step reads 4-8 bits per weight. Only the
+engine's few-row CPU steps use it (model/engine/engine.py), once the kernel is loaded.
 """
 
 import re
@@ -40,6 +45,59 @@ class QuantizedWeight(flax.struct.PyTreeNode):
 
 
 Weight = jax.Array | QuantizedWeight
+
+# The XLA custom-call target of the quantized product (registered by model/kernels).
+QMATMUL_TARGET = "jaxchat_qmatmul"
+# Block formats the kernel reads: name → (id, values per block, bytes per block). The
+# ids are GGML's; INT8_ROW is jaxchat's int8 rows, each an f32 scale then the values.
+BLOCK_FORMATS = {
+    "Q4_0": (2, 32, 18),
+    "Q4_1": (3, 32, 20),
+    "Q8_0": (8, 32, 34),
+    "Q4_K": (12, 256, 144),
+    "Q6_K": (14, 256, 210),
+}
+INT8_ROW = 1024
+
+
+class BlockWeight(flax.struct.PyTreeNode):
+    """A matmul weight [out, in] as stored rows of quantized blocks: blocks [out, bytes]
+    uint8, in format `kind` (BLOCK_FORMATS' ids, or INT8_ROW)."""
+
+    blocks: jax.Array
+    kind: int = flax.struct.field(pytree_node=False)
+
+    def row_bytes(self, columns: int) -> int:
+        return row_bytes(self.kind, columns)
+
+
+def row_bytes(kind: int, columns: int) -> int:
+    """Bytes of one row of `columns` values in format `kind`."""
+    if kind == INT8_ROW:
+        return 4 + columns
+    for _, values, size in (f for f in BLOCK_FORMATS.values() if f[0] == kind):
+        if columns % values:
+            raise ValueError(f"{columns} values are not whole blocks of {values}")
+        return columns // values * size
+    raise ValueError(f"unknown block format {kind}")
+
+
+def int8_rows(w: QuantizedWeight) -> BlockWeight:
+    """An int8 weight as the kernel's INT8_ROW rows: each row's f32 scale, then its values."""
+    values = np.asarray(w.values, np.int8)
+    scale = np.asarray(w.scale, np.float32).reshape(-1, 1)
+    rows = np.concatenate([scale.view(np.uint8), values.view(np.uint8)], axis=1)
+    return BlockWeight(jnp.asarray(rows), INT8_ROW)
+
+
+def project(w: Weight | BlockWeight, x: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """w [out, in] @ x [in, T] → [out, T]; a BlockWeight through the quantized kernel."""
+    if isinstance(w, BlockWeight):
+        out = jax.ShapeDtypeStruct((w.blocks.shape[0], x.shape[1]), jnp.float32)
+        call = jax.ffi.ffi_call(QMATMUL_TARGET, out)
+        y = call(w.blocks, x.T.astype(jnp.float32), kind=np.int64(w.kind), threads=np.int64(0))
+        return y.astype(dtype)
+    return jnp.einsum("OI,IT->OT", dense(w, dtype), x)
 
 
 def dense(w: Weight, dtype: jnp.dtype) -> jax.Array:

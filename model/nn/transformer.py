@@ -13,7 +13,9 @@ Activations are feature-major, [D, T], and weights [out, in] (the layout of
 GGUF and HF checkpoints): every projection is `W @ x`. XLA:CPU runs that form
 about twice as fast as `x @ W` for the few-row matrices of batched decoding.
 A projection weight may also be an int8 `QuantizedWeight` (model/nn/quantize.py):
-`dense` turns it back into a compute-dtype matrix inside the jitted step.
+`dense` turns it back into a compute-dtype matrix inside the jitted step. Or it may be
+quantized blocks (a `BlockWeight` under the tree's BLOCKS key), which `project`
+multiplies through jaxchat's CPU kernel without expanding them in memory.
 The layers run unrolled (each with its own weights) or as one `nn.scan` over
 stacked weights: the scan compiles 3-4x faster, but on XLA:CPU slicing a
 layer's weights out of the stack copies them every step (about 17 ms for
@@ -33,11 +35,23 @@ from jax import lax
 
 from model.nn.attention import Layout, Pool, decode_attention, region_attention, write_pool
 from model.nn.config import ModelConfig
-from model.nn.quantize import dense
+from model.nn.quantize import dense, project
 
 # The parameter tree, {"embed": …, "layer_0": {"attn": {"qkv": …}, …}, …}: what every
 # loader in model/weights produces and the engine lays out on the mesh.
 Params = dict[str, Any]
+# A parameter tree may carry, under this key, matmul weights kept as quantized blocks
+# (model/nn/quantize.py's BlockWeight, by the same paths): they are applied as their own
+# variable collection, and the layers use them in place of those parameters.
+BLOCKS = "blocks"
+
+
+def matmul_weight(module: nn.Module, name: str, shape: tuple[int, int], dtype) -> Any:
+    """A projection weight [out, in]: the module's BlockWeight if it has one, else its
+    parameter."""
+    if module.has_variable(BLOCKS, name):
+        return module.get_variable(BLOCKS, name)
+    return module.param(name, nn.initializers.normal(0.02), shape, dtype)
 
 
 def rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
@@ -82,10 +96,9 @@ class Attention(nn.Module):
         """x [D, T] → (out [D, T], the pool with this step's keys and values in `layer`)."""
         c = self.config
         n, k, h, g = c.n_heads, c.n_kv_heads, c.head_dim, c.group_size
-        init = nn.initializers.normal(0.02)
-        w_qkv = self.param("qkv", init, ((n + 2 * k) * h, c.dim), self.dtype)  # [E, D]
-        w_o = self.param("o", init, (c.dim, n * h), self.dtype)
-        qkv = jnp.einsum("ED,DT->ET", dense(w_qkv, self.dtype), x)  # E = (N+2K)·H
+        w_qkv = matmul_weight(self, "qkv", ((n + 2 * k) * h, c.dim), self.dtype)  # [E, D]
+        w_o = matmul_weight(self, "o", (c.dim, n * h), self.dtype)
+        qkv = project(w_qkv, x, self.dtype)  # [E, T], E = (N+2K)·H
         if c.qkv_bias:
             bias = self.param("qkv_bias", nn.initializers.zeros, ((n + 2 * k) * h,), self.dtype)
             qkv = qkv + bias[:, None]
@@ -111,7 +124,7 @@ class Attention(nn.Module):
             region = region_attention(q[..., r:], key[..., r:], value[..., r:], layout, pool, base)
             outs.append(region)
         out = jnp.concatenate(outs, axis=-1).reshape(n * h, t)
-        return jnp.einsum("DE,ET->DT", dense(w_o, self.dtype), out), pool
+        return project(w_o, out, self.dtype), pool
 
 
 class MLP(nn.Module):
@@ -123,11 +136,10 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:  # [D, T]
         c = self.config
-        init = nn.initializers.normal(0.02)
-        gate_up = self.param("gate_up", init, (2 * c.ffn_dim, c.dim), self.dtype)
-        down = self.param("down", init, (c.dim, c.ffn_dim), self.dtype)
-        gate, up = jnp.split(jnp.einsum("FD,DT->FT", dense(gate_up, self.dtype), x), 2)
-        return jnp.einsum("DF,FT->DT", dense(down, self.dtype), jax.nn.silu(gate) * up)
+        gate_up = matmul_weight(self, "gate_up", (2 * c.ffn_dim, c.dim), self.dtype)
+        down = matmul_weight(self, "down", (c.dim, c.ffn_dim), self.dtype)
+        gate, up = jnp.split(project(gate_up, x, self.dtype), 2)  # [F, T] each
+        return project(down, jax.nn.silu(gate) * up, self.dtype)
 
 
 class Block(nn.Module):
@@ -176,7 +188,7 @@ class Transformer(nn.Module):
         else:
             self.layers = [Block(c, self.dtype) for _ in range(c.n_layers)]
         self.final_norm = RMSNorm(c.norm_eps, self.dtype)
-        if not c.tie_embeddings:
+        if not c.tie_embeddings and not self.has_variable(BLOCKS, "lm_head"):
             self.lm_head = self.param(
                 "lm_head", nn.initializers.normal(0.02), (c.vocab_size, c.dim), self.dtype
             )
@@ -195,6 +207,10 @@ class Transformer(nn.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [D, ...] → logits [..., V] in f32."""
+        if self.has_variable(BLOCKS, "lm_head"):  # the head as blocks (tied or not)
+            flat = hidden.reshape(hidden.shape[0], -1)
+            out = project(self.get_variable(BLOCKS, "lm_head"), flat, self.dtype)
+            return jnp.moveaxis(out.reshape(-1, *hidden.shape[1:]), 0, -1).astype(jnp.float32)
         tied = self.config.tie_embeddings
         head = self.embed.embedding if tied else dense(self.lm_head, self.dtype)  # [V, D]
         out = jnp.einsum("VD,D...->V...", head, hidden)
@@ -231,14 +247,20 @@ def apply_step(
     model: Transformer, params: Params, tokens: jax.Array, layout: Layout, pool: Pool | None
 ) -> tuple[jax.Array, Pool | None]:
     """`model` over a step's tokens [T] → (hidden [D, T], the pool with their keys and values)."""
-    return cast(
-        tuple[jax.Array, Pool | None], model.apply({"params": params}, tokens, layout, pool)
-    )
+    return cast(tuple[jax.Array, Pool | None], model.apply(variables(params), tokens, layout, pool))
 
 
 def apply_logits(model: Transformer, params: Params, hidden: jax.Array) -> jax.Array:
     """`model`'s logits [..., V] (f32) of hidden states [D, ...]."""
-    return cast(jax.Array, model.apply({"params": params}, hidden, method=Transformer.logits))
+    return cast(jax.Array, model.apply(variables(params), hidden, method=Transformer.logits))
+
+
+def variables(params: Params) -> dict[str, Any]:
+    """Flax's variables for `params`: the BLOCKS entry, if any, as its own collection."""
+    if BLOCKS not in params:
+        return {"params": params}
+    rest = {k: v for k, v in params.items() if k != BLOCKS}
+    return {"params": rest, BLOCKS: params[BLOCKS]}
 
 
 def forward_logits(model: Transformer, params: dict, tokens: jax.Array) -> jax.Array:

@@ -17,6 +17,7 @@ import numpy as np
 from flax import traverse_util
 
 from model.nn.config import ModelConfig
+from model.nn.quantize import BLOCK_FORMATS, BlockWeight
 from model.nn.transformer import Params
 from model.text.chat_template import ChatTemplate
 from model.text.tokenizer import Tokenizer
@@ -182,6 +183,35 @@ def load_gguf_params(
         for path, (names, transform) in table.items()
     }
     return traverse_util.unflatten_dict(flat)
+
+
+def load_gguf_blocks(reader: gguf.GGUFReader, config: ModelConfig, arch: str) -> Params:
+    """The matmul weights as they are stored, for the quantized kernel: BlockWeights by
+    parameter path (the head as "lm_head", tied or not). A weight whose tensors are not
+    all in one format the kernel reads is left out (it stays an f32 parameter).
+
+    The row transforms are the dequantised ones' (unpermuting and concatenating rows),
+    applied to rows of blocks: a block never spans two rows.
+    """
+    tensors = {t.name: t for t in reader.tensors}
+    table = tensor_table(config, arch)
+    head = ("output.weight",) if "output.weight" in tensors else ("token_embd.weight",)
+    wanted = {path: entry for path, entry in table.items() if path[-1] in MATMULS}
+    wanted[("lm_head",)] = (head, _same)
+    flat = {}
+    for path, (names, transform) in wanted.items():
+        kinds = {tensors[name].tensor_type.name for name in names}
+        if len(kinds) != 1 or (kind := kinds.pop()) not in BLOCK_FORMATS:
+            continue
+        rows = [
+            np.asarray(tensors[name].data).reshape(int(tensors[name].shape[-1]), -1)
+            for name in names
+        ]
+        flat[path] = BlockWeight(jnp.asarray(transform(*rows)), BLOCK_FORMATS[kind][0])
+    return traverse_util.unflatten_dict(flat)
+
+
+MATMULS = ("qkv", "o", "gate_up", "down")
 
 
 def load_gguf(path: Path, dtype: jnp.dtype) -> tuple[ModelConfig, Params, gguf.GGUFReader]:

@@ -5,9 +5,11 @@ Opening a GGUF costs seconds that have nothing to do with the weights:
 for a 49k-token vocabulary), and dequantising the tensors takes about 3 s more.
 With a compile cache set, the first load writes what it produced into
 `$JAXCHAT_CACHE_DIR/models/<key>/`: the f32 parameters as one safetensors file and
-the metadata as JSON. The layers' weights are stored stacked ([L, ...] per weight),
-and read back as views of those arrays: the engine's scanned layers take them as
-they are (model/engine/engine.py's `stack_params`), with no copy to stack them.
+the metadata as JSON, and the matmul weights' quantized blocks as they are in the file
+(for the quantized kernel: model/weights/gguf.py's `load_gguf_blocks`). The layers'
+weights are stored stacked ([L, ...] per weight), and read back as views of those
+arrays: the engine's scanned layers take them as they are
+(model/engine/engine.py's `stack_params`), with no copy to stack them.
 The key covers the file (path, size, modification time), the source of every
 project module this one imports at any depth (the loader, config parsing:
 model/weights/source_digest.py) and the versions of the libraries that decode the
@@ -33,6 +35,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from model.nn.config import ModelConfig
+from model.nn.quantize import BlockWeight
 from model.nn.transformer import Params
 from model.weights import gguf as gguf_loader
 from model.weights.manifest import config_from_json
@@ -40,7 +43,7 @@ from model.weights.source_digest import source_digest
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2  # 2: layers stacked
+FORMAT = 3  # 2: layers stacked; 3: with the blocks
 
 
 # The libraries whose code turns GGUF blocks into the stored arrays.
@@ -56,9 +59,9 @@ def _key(path: Path) -> str:
 
 def load_gguf_prepared(
     path: Path, dtype: jnp.dtype, directory: Path | None
-) -> tuple[ModelConfig, Params, dict[str, Any]]:
-    """(config, params as `dtype`, metadata) of a GGUF file, through the prepared copy
-    under `directory` (written on first use; None: always read the GGUF itself)."""
+) -> tuple[ModelConfig, Params, dict[str, Any], Params]:
+    """(config, params as `dtype`, metadata, blocks) of a GGUF file, through the prepared
+    copy under `directory` (written on first use; None: always read the GGUF itself)."""
     prepared = None if directory is None else directory / _key(path)
     if prepared is not None and (prepared / "params.safetensors").is_file():
         try:
@@ -67,9 +70,10 @@ def load_gguf_prepared(
             log.warning("ignoring the prepared copy %s: %s", prepared, error)
     config, params, reader = gguf_loader.load_gguf(path, jnp.float32)
     metadata = gguf_loader.read_metadata(reader)
+    blocks = gguf_loader.load_gguf_blocks(reader, config, metadata["general.architecture"])
     if prepared is not None:
-        _write(prepared, config, params, metadata)
-    return config, _cast(params, dtype), metadata
+        _write(prepared, config, params, metadata, blocks)
+    return config, _cast(params, dtype), metadata, blocks
 
 
 def _cast(params: Params, dtype: jnp.dtype) -> Params:
@@ -103,21 +107,33 @@ def _flat(tree: dict) -> dict[str, Any]:
     return traverse_util.flatten_dict(tree, sep="/")
 
 
-def _read(prepared: Path, dtype: jnp.dtype) -> tuple[ModelConfig, Params, dict[str, Any]]:
+def _read(prepared: Path, dtype: jnp.dtype) -> tuple[ModelConfig, Params, dict[str, Any], Params]:
     info = json.loads((prepared / "prepared.json").read_text())
     config = config_from_json(info["config"], str(prepared / "prepared.json"))
     metadata = json.loads((prepared / "metadata.json").read_text())
-    return config, _unflatten(load_file(prepared / "params.safetensors"), dtype), metadata
+    params = _unflatten(load_file(prepared / "params.safetensors"), dtype)
+    arrays = load_file(prepared / "blocks.safetensors")
+    blocks = {
+        name: BlockWeight(jnp.asarray(arrays[name]), kind) for name, kind in info["blocks"].items()
+    }
+    return config, params, metadata, traverse_util.unflatten_dict(blocks, sep="/")
 
 
-def _write(prepared: Path, config: ModelConfig, params: Params, metadata: dict) -> None:
+def _write(
+    prepared: Path, config: ModelConfig, params: Params, metadata: dict, blocks: Params
+) -> None:
     """Write into a temporary sibling and rename it into place: never half a copy."""
     prepared.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=prepared.parent, suffix=".tmp"))
     try:
         save_file(_flatten(params), tmp / "params.safetensors")
+        flat_blocks = _flat(blocks)
+        save_file(
+            {k: np.asarray(w.blocks) for k, w in flat_blocks.items()}, tmp / "blocks.safetensors"
+        )
         (tmp / "metadata.json").write_text(gguf_loader.metadata_json(metadata))
-        info = {"format": FORMAT, "config": dataclasses.asdict(config)}
+        kinds = {k: w.kind for k, w in flat_blocks.items()}
+        info = {"format": FORMAT, "config": dataclasses.asdict(config), "blocks": kinds}
         (tmp / "prepared.json").write_text(json.dumps(info))
         shutil.rmtree(prepared, ignore_errors=True)  # a damaged earlier copy
         os.replace(tmp, prepared)

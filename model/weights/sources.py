@@ -72,13 +72,16 @@ def resolve_model(uri: str | None) -> Path:
 @dataclass(frozen=True)
 class Model:
     """A loaded model: its config, parameter tree, tokenizer and chat template, and the
-    mesh the parameters are meant for (a checkpoint is restored onto it)."""
+    mesh the parameters are meant for (a checkpoint is restored onto it). blocks: the
+    matmul weights as quantized blocks, where the file has them (GGUF), for the
+    quantized kernel; else empty."""
 
     config: ModelConfig
     params: Params
     tokenizer: Tokenizer
     template: ChatTemplate
     mesh: Mesh
+    blocks: Params
 
 
 def load_model(
@@ -90,6 +93,7 @@ def load_model(
 
     mesh: a Mesh, or a "DATAxMODEL" spec (None: every device, shaped for the model).
     """
+    blocks: Params = {}
     if is_checkpoint(path):
         config = read_manifest(path).config
         mesh = mesh if isinstance(mesh, Mesh) else make_mesh(mesh, config=config)
@@ -100,7 +104,7 @@ def load_model(
         tokenizer = Tokenizer.from_hf_dir(path)
         template = ChatTemplate.from_hf_dir(path, tokenizer)
     else:
-        config, params, meta = load_gguf_prepared(path, dtype, prepared)
+        config, params, meta, blocks = load_gguf_prepared(path, dtype, prepared)
         tokenizer, template = text_from_metadata(meta)
     mesh = mesh if isinstance(mesh, Mesh) else make_mesh(mesh, config=config)
-    return Model(config, params, tokenizer, template, mesh)
+    return Model(config, params, tokenizer, template, mesh, blocks)

@@ -1,0 +1,78 @@
+"""CPU kernels of our own, called from jitted code through `jax.ffi`.
+
+One so far: the quantized matrix product (qmatmul.cc), which reads weights in GGUF's
+block formats or jaxchat's int8 rows and expands them in registers, so a decode step
+streams 4-8 bits per weight instead of 32 (model/nn/quantize.py's `BlockWeight`).
+
+The library is compiled from the source here by the project's own set-up
+(`python -m model.kernels`: `make setup` and the Dockerfile run it) with the system's
+C++ compiler, into a file named by the source's digest, so a changed source is never
+loaded stale. `load()` registers it with XLA; without it (no compiler at set-up, another
+platform) the engine runs the pure-JAX path and the start-up log says so.
+"""
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import jax
+
+from model.nn.quantize import QMATMUL_TARGET
+
+log = logging.getLogger(__name__)
+
+HERE = Path(__file__).parent
+SOURCE = HERE / "qmatmul.cc"
+FLAGS = ("-O3", "-std=c++20", "-shared", "-fPIC", "-DNDEBUG", "-Wall", "-Wno-psabi")
+
+
+def digest() -> str:
+    """The library's identity: its source and how it is compiled."""
+    return hashlib.sha256(SOURCE.read_bytes() + repr(FLAGS).encode()).hexdigest()[:16]
+
+
+def library_path() -> Path:
+    return HERE / f"_qmatmul.{digest()}.so"
+
+
+def build(compiler: str | None = None) -> Path:
+    """Compile the library if this source has not been (a no-op otherwise) → its path."""
+    target = library_path()
+    if target.is_file():
+        return target
+    compiler = compiler or os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found (install g++, or set CXX)")
+    include = jax.ffi.include_dir()
+    with tempfile.TemporaryDirectory(dir=HERE) as tmp:
+        out = Path(tmp) / target.name
+        command = [compiler, *FLAGS, "-isystem", include, str(SOURCE), "-o", str(out)]
+        subprocess.run(command, check=True)
+        for stale in HERE.glob("_qmatmul.*.so"):
+            stale.unlink()
+        os.replace(out, target)  # readers never see half a file
+    return target
+
+
+@cache
+def load() -> bool:
+    """Register the quantized product with XLA:CPU; False (and why, in the log) when the
+    library is not built for this source."""
+    path = library_path()
+    if not path.is_file():
+        log.warning(
+            "the quantized-matmul kernel is not built (%s): quantized weights run through "
+            "XLA in f32; run `python -m model.kernels` (make setup does)",
+            path.name,
+        )
+        return False
+    library = ctypes.cdll.LoadLibrary(str(path))
+    capsule = jax.ffi.pycapsule(library.JaxchatQMatmul)
+    jax.ffi.register_ffi_target(QMATMUL_TARGET, capsule, platform="cpu")
+    return True

@@ -1,0 +1,351 @@
+// Quantized matrix products for XLA:CPU, called from jitted code through jax.ffi.
+//
+//   y[N, T] = W[N, K] @ x[T, K]^T
+//
+// W is read as shipped: each row is a run of blocks in one of GGUF's formats (Q8_0, Q4_0,
+// Q4_1, Q4_K, Q6_K) or jaxchat's int8 rows (an f32 scale, then K int8 values). Blocks are
+// expanded to f32 in registers, block by block, and multiplied with up to 8 rows of x at
+// once, so the weights cross the memory bus once per 8 rows as 4-8 bits, not 32.
+//
+// The arithmetic is written with GCC's vector extensions; `target_clones` compiles the
+// row loop for AVX-512, AVX2 and plain x86-64, and the loader picks one when the library is
+// loaded. Output rows are split among a small pool of threads (one per core).
+
+#include <sched.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// GGML's type ids, and ours for int8 rows.
+constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8, kQ4_K = 12, kQ6_K = 14, kInt8Row = 1024;
+constexpr int kTile = 8;  // rows of x multiplied with one expanded block
+
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef uint8_t u8x16 __attribute__((vector_size(16)));
+typedef int8_t i8x16 __attribute__((vector_size(16)));
+
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE float half_to_float(const uint8_t* p) {
+  _Float16 h;  // one instruction where the target has F16C (the AVX2 and AVX-512 clones)
+  std::memcpy(&h, p, 2);
+  return static_cast<float>(h);
+}
+
+INLINE f32x16 load16(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+INLINE f32x16 widen(u8x16 q) { return __builtin_convertvector(__builtin_convertvector(q, i32x16), f32x16); }
+// Signed bytes through the unsigned widening, which GCC vectorises (q + 128 is q ^ 0x80).
+INLINE f32x16 widen(i8x16 q) { return widen(reinterpret_cast<u8x16>(q) ^ 0x80) - 128.0f; }
+
+INLINE float sum16(f32x16 v) {
+  float s = 0;
+  for (int i = 0; i < 16; ++i) s += v[i];
+  return s;
+}
+
+// Each format as: bytes per block, values per block, and `expand`, which writes a
+// block's values as f32 vectors of 16 (one per 16 values) into `w`.
+struct Q8_0 {
+  static constexpr int kBytes = 34, kValues = 32;
+  INLINE void expand(const uint8_t* b, f32x16* w) {
+    float d = half_to_float(b);
+    i8x16 q0, q1;
+    std::memcpy(&q0, b + 2, 16);
+    std::memcpy(&q1, b + 18, 16);
+    w[0] = widen(q0) * d;
+    w[1] = widen(q1) * d;
+  }
+};
+
+struct Q4_0 {  // values 0-15 in the low nibbles, 16-31 in the high ones; w = d (q - 8)
+  static constexpr int kBytes = 18, kValues = 32;
+  INLINE void expand(const uint8_t* b, f32x16* w) {
+    float d = half_to_float(b);
+    u8x16 q;
+    std::memcpy(&q, b + 2, 16);
+    w[0] = (widen(q & 15) - 8.0f) * d;
+    w[1] = (widen(q >> 4) - 8.0f) * d;
+  }
+};
+
+struct Q4_1 {  // w = d q + m
+  static constexpr int kBytes = 20, kValues = 32;
+  INLINE void expand(const uint8_t* b, f32x16* w) {
+    float d = half_to_float(b), m = half_to_float(b + 2);
+    u8x16 q;
+    std::memcpy(&q, b + 4, 16);
+    w[0] = widen(q & 15) * d + m;
+    w[1] = widen(q >> 4) * d + m;
+  }
+};
+
+// Q4_K: 256 values in 8 sub-blocks of 32, each with a 6-bit scale and min
+// (w = d sc q - dmin m); the 4-bit values of sub-blocks 2j and 2j+1 share 32 bytes.
+struct Q4_K {
+  static constexpr int kBytes = 144, kValues = 256;
+  INLINE void scale_min(int j, const uint8_t* s, int* sc, int* m) {
+    if (j < 4) {
+      *sc = s[j] & 63;
+      *m = s[j + 4] & 63;
+    } else {
+      *sc = (s[j + 4] & 0xf) | ((s[j - 4] >> 6) << 4);
+      *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+  }
+  INLINE void expand(const uint8_t* b, f32x16* w) {
+    float d = half_to_float(b), dmin = half_to_float(b + 2);
+    const uint8_t *scales = b + 4, *qs = b + 16;
+    for (int j = 0; j < 4; ++j) {  // 64 values: two sub-blocks
+      int sc0, m0, sc1, m1;
+      scale_min(2 * j, scales, &sc0, &m0);
+      scale_min(2 * j + 1, scales, &sc1, &m1);
+      float d0 = d * sc0, d1 = d * sc1, n0 = dmin * m0, n1 = dmin * m1;
+      for (int h = 0; h < 2; ++h) {
+        u8x16 q;
+        std::memcpy(&q, qs + 32 * j + 16 * h, 16);
+        w[4 * j + h] = widen(q & 15) * d0 - n0;
+        w[4 * j + 2 + h] = widen(q >> 4) * d1 - n1;
+      }
+    }
+  }
+};
+
+// Q6_K: 256 values in 16 sub-blocks of 16 with int8 scales; each value's low 4 bits in
+// ql, high 2 bits in qh, offset by 32.
+struct Q6_K {
+  static constexpr int kBytes = 210, kValues = 256;
+  INLINE void expand(const uint8_t* b, f32x16* w) {
+    const uint8_t *ql = b, *qh = b + 128;
+    const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+    float d = half_to_float(b + 208);
+    for (int n = 0; n < 2; ++n) {  // 128 values
+      for (int h = 0; h < 2; ++h) {  // values l = 16 h .. 16 h + 15 of each quarter
+        u8x16 lo, hi, high;
+        std::memcpy(&lo, ql + 64 * n + 16 * h, 16);
+        std::memcpy(&hi, ql + 64 * n + 32 + 16 * h, 16);
+        std::memcpy(&high, qh + 32 * n + 16 * h, 16);
+        u8x16 q[4] = {
+            (lo & 15) | ((high & 3) << 4),
+            (hi & 15) | (((high >> 2) & 3) << 4),
+            (lo >> 4) | (((high >> 4) & 3) << 4),
+            (hi >> 4) | (((high >> 6) & 3) << 4),
+        };
+        for (int k = 0; k < 4; ++k) {
+          float scale = d * sc[8 * n + 2 * k + h];
+          w[8 * n + 2 * k + h] = (widen(q[k]) - 32.0f) * scale;
+        }
+      }
+    }
+  }
+};
+
+// y[n, t0 .. t0+TT) for one weight row of a block format.
+template <typename F, int TT>
+INLINE void block_row(const uint8_t* row, const float* x, int64_t K, float* y) {
+  constexpr int V = F::kValues / 16;
+  f32x16 acc[TT] = {};
+  f32x16 w[V];
+  for (int64_t b = 0; b < K / F::kValues; ++b) {
+    F().expand(row + b * F::kBytes, w);
+    const float* xb = x + b * F::kValues;
+    for (int t = 0; t < TT; ++t)
+      for (int v = 0; v < V; ++v) acc[t] += w[v] * load16(xb + t * K + 16 * v);
+  }
+  for (int t = 0; t < TT; ++t) y[t] = sum16(acc[t]);
+}
+
+// jaxchat's int8 rows: a row is an f32 scale, then K int8 values; any K.
+template <int TT>
+INLINE void int8_row(const uint8_t* row, const float* x, int64_t K, float* y) {
+  float scale;
+  std::memcpy(&scale, row, 4);
+  const uint8_t* q = row + 4;
+  f32x16 acc[TT] = {};
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    i8x16 v;
+    std::memcpy(&v, q + k, 16);
+    f32x16 w = widen(v);
+    for (int t = 0; t < TT; ++t) acc[t] += w * load16(x + t * K + k);
+  }
+  for (int t = 0; t < TT; ++t) {
+    float s = sum16(acc[t]);
+    for (int64_t j = k; j < K; ++j) s += static_cast<int8_t>(q[j]) * x[t * K + j];
+    y[t] = s * scale;
+  }
+}
+
+template <int TT>
+INLINE void one_row(int64_t kind, const uint8_t* row, const float* x, int64_t K, float* y) {
+  switch (kind) {
+    case kQ8_0: return block_row<Q8_0, TT>(row, x, K, y);
+    case kQ4_0: return block_row<Q4_0, TT>(row, x, K, y);
+    case kQ4_1: return block_row<Q4_1, TT>(row, x, K, y);
+    case kQ4_K: return block_row<Q4_K, TT>(row, x, K, y);
+    case kQ6_K: return block_row<Q6_K, TT>(row, x, K, y);
+    default: return int8_row<TT>(row, x, K, y);
+  }
+}
+
+// Weight rows [n0, n1) against every row of x: y is [N, T], x is [T, K].
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+void rows(int64_t kind, const uint8_t* w, int64_t row_bytes, const float* x, int64_t T,
+          int64_t K, float* y, int64_t n0, int64_t n1) {
+  float out[kTile];
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * row_bytes;
+    for (int64_t t0 = 0; t0 < T; t0 += kTile) {
+      const float* xt = x + t0 * K;
+      switch (std::min<int64_t>(kTile, T - t0)) {
+        case 1: one_row<1>(kind, row, xt, K, out); break;
+        case 2: one_row<2>(kind, row, xt, K, out); break;
+        case 3: one_row<3>(kind, row, xt, K, out); break;
+        case 4: one_row<4>(kind, row, xt, K, out); break;
+        case 5: one_row<5>(kind, row, xt, K, out); break;
+        case 6: one_row<6>(kind, row, xt, K, out); break;
+        case 7: one_row<7>(kind, row, xt, K, out); break;
+        default: one_row<8>(kind, row, xt, K, out); break;
+      }
+      for (int64_t t = t0; t < std::min<int64_t>(T, t0 + kTile); ++t) y[n * T + t] = out[t - t0];
+    }
+  }
+}
+
+// Bytes of one weight row of K values, or -1 if the format cannot hold K values.
+int64_t row_bytes_of(int64_t kind, int64_t K) {
+  auto blocks = [K](int values, int bytes) -> int64_t { return K % values ? -1 : K / values * bytes; };
+  switch (kind) {
+    case kQ8_0: return blocks(Q8_0::kValues, Q8_0::kBytes);
+    case kQ4_0: return blocks(Q4_0::kValues, Q4_0::kBytes);
+    case kQ4_1: return blocks(Q4_1::kValues, Q4_1::kBytes);
+    case kQ4_K: return blocks(Q4_K::kValues, Q4_K::kBytes);
+    case kQ6_K: return blocks(Q6_K::kValues, Q6_K::kBytes);
+    case kInt8Row: return 4 + K;
+    default: return -1;
+  }
+}
+
+// A fixed set of worker threads that split a range with the calling thread. Workers
+// spin briefly after a job (the next product of a step follows within microseconds),
+// then sleep on the job counter.
+class Workers {
+ public:
+  static Workers& get() {
+    static Workers* workers = new Workers(cores());  // never destroyed: threads live on
+    return *workers;
+  }
+
+  int size() const { return static_cast<int>(threads_.size()) + 1; }
+
+  // fn(begin, end) over [0, n) in `parts` contiguous pieces, one per thread.
+  void run(int64_t n, int parts, const std::function<void(int64_t, int64_t)>& fn) {
+    parts = std::max(1, std::min<int>(parts, size()));
+    if (parts == 1 || n < 2) return fn(0, n);
+    std::lock_guard<std::mutex> lock(mutex_);
+    fn_ = &fn;
+    n_ = n;
+    parts_ = parts;
+    pending_.store(parts - 1, std::memory_order_relaxed);
+    job_.fetch_add(1, std::memory_order_release);
+    job_.notify_all();
+    piece(0);
+    while (pending_.load(std::memory_order_acquire) != 0) __builtin_ia32_pause();
+  }
+
+ private:
+  explicit Workers(int count) {
+    for (int i = 1; i < count; ++i) threads_.emplace_back([this, i] { loop(i); });
+    for (auto& t : threads_) t.detach();
+  }
+
+  static int cores() {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
+    return std::max(1u, std::thread::hardware_concurrency());
+  }
+
+  void piece(int i) {
+    int64_t begin = n_ * i / parts_, end = n_ * (i + 1) / parts_;
+    if (begin < end) (*fn_)(begin, end);
+  }
+
+  void loop(int i) {
+    uint64_t seen = 0;  // the job count before any job: a job posted before this thread
+    for (;;) {          // started still differs from it
+
+      uint64_t now;
+      for (int spin = 0; (now = job_.load(std::memory_order_acquire)) == seen; ++spin) {
+        if (spin < 20000) {
+          __builtin_ia32_pause();
+        } else {
+          job_.wait(seen, std::memory_order_acquire);
+        }
+      }
+      seen = now;
+      if (i < parts_) {
+        piece(i);
+        pending_.fetch_sub(1, std::memory_order_acq_rel);
+      }
+    }
+  }
+
+  std::vector<std::thread> threads_;
+  std::mutex mutex_;
+  std::atomic<uint64_t> job_{0};
+  std::atomic<int> pending_{0};
+  const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
+  int64_t n_ = 0;
+  int parts_ = 1;
+};
+
+ffi::Error QMatmulImpl(ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::F32> x,
+                       ffi::ResultBuffer<ffi::F32> y, int64_t kind, int64_t threads) {
+  auto wd = w.dimensions(), xd = x.dimensions(), yd = y->dimensions();
+  if (wd.size() != 2 || xd.size() != 2 || yd.size() != 2)
+    return ffi::Error::InvalidArgument("qmatmul: W [N, bytes], x [T, K] and y [N, T] are 2-D");
+  int64_t N = wd[0], row_bytes = wd[1], T = xd[0], K = xd[1];
+  if (row_bytes_of(kind, K) != row_bytes)
+    return ffi::Error::InvalidArgument("qmatmul: format " + std::to_string(kind) + " cannot hold " +
+                                       std::to_string(K) + " values in rows of " +
+                                       std::to_string(row_bytes) + " bytes");
+  if (yd[0] != N || yd[1] != T) return ffi::Error::InvalidArgument("qmatmul: y is not [N, T]");
+  const uint8_t* wp = w.typed_data();
+  const float* xp = x.typed_data();
+  float* yp = y->typed_data();
+  int parts = threads > 0 ? static_cast<int>(threads) : Workers::get().size();
+  // Below about 64k weights a product is faster than waking another thread.
+  if (N * K < 65536) parts = 1;
+  Workers::get().run(N, parts, [&](int64_t n0, int64_t n1) {
+    rows(kind, wp, row_bytes, xp, T, K, yp, n0, n1);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchatQMatmul, QMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("kind")
+                                  .Attr<int64_t>("threads"));

@@ -1,0 +1,171 @@
+"""The quantized-matmul kernel (model/kernels/qmatmul.cc) against NumPy.
+
+The reference expands the blocks with the `gguf` package's own NumPy dequantisers (an
+implementation independent of ours) and multiplies in float64. Shapes are odd on
+purpose: output rows that do not split evenly among threads, one block or many per row,
+1 to 64 rows of activations (the kernel takes them 8 at a time, with a remainder),
+threads on and off.
+"""
+
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType
+
+from model import LLM, SamplingParams, kernels
+from model.nn.quantize import (
+    BLOCK_FORMATS,
+    INT8_ROW,
+    QMATMUL_TARGET,
+    BlockWeight,
+    int8_rows,
+    project,
+    quantize_int8,
+)
+from model.nn.transformer import BLOCKS
+from model.weights.gguf import load_gguf
+from model.weights.prepared import load_gguf_prepared
+from tests.tiny_models import TINY_LLAMA, write_tiny_gguf
+
+ROWS = [1, 3, 8, 9, 17, 64]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel():
+    assert kernels.load(), "the kernel is built by `make setup` (python -m model.kernels)"
+
+
+def random_blocks(name: str, n: int, k: int, rng) -> np.ndarray:
+    """n rows of k values in format `name`: quantized from random weights where gguf can
+    quantize it, else random bytes with scales set to small finite halves."""
+    kind = GGMLQuantizationType[name]
+    try:
+        return gguf.quants.quantize(rng.standard_normal((n, k)).astype(np.float32), kind)
+    except NotImplementedError:
+        _, values, size = BLOCK_FORMATS[name]
+        data = rng.integers(0, 256, (n, k // values, size), dtype=np.uint8)
+        half = lambda: rng.uniform(0.001, 0.05, data.shape[:2]).astype(np.float16)  # noqa: E731
+        if name == "Q4_K":  # d and dmin first
+            data[..., 0:2] = half().view(np.uint8).reshape(*data.shape[:2], 2)
+            data[..., 2:4] = half().view(np.uint8).reshape(*data.shape[:2], 2)
+        if name == "Q6_K":  # d last
+            data[..., 208:210] = half().view(np.uint8).reshape(*data.shape[:2], 2)
+        return data.reshape(n, -1)
+
+
+def qmatmul(blocks, x, kind: int, threads: int) -> np.ndarray:
+    """The kernel's y [N, T] for blocks [N, bytes] and x [T, K], through jax.ffi."""
+    out = jax.ShapeDtypeStruct((blocks.shape[0], x.shape[0]), jnp.float32)
+    call = jax.ffi.ffi_call(QMATMUL_TARGET, out)
+    return np.asarray(call(blocks, x, kind=np.int64(kind), threads=np.int64(threads)))
+
+
+@pytest.mark.parametrize("name", sorted(BLOCK_FORMATS))
+@pytest.mark.parametrize("threads", [1, 0])
+def test_block_formats_match_numpy(name, threads):
+    rng = np.random.default_rng(7)
+    _, values, _ = BLOCK_FORMATS[name]
+    for n, blocks_per_row in [(1, 1), (7, 3), (33, 2), (301, 6)]:
+        k = values * blocks_per_row
+        data = random_blocks(name, n, k, rng)
+        w = gguf.quants.dequantize(data, GGMLQuantizationType[name]).reshape(n, k)
+        for t in ROWS:
+            x = rng.standard_normal((t, k)).astype(np.float32)
+            y = qmatmul(data, x, BLOCK_FORMATS[name][0], threads)
+            ref = w.astype(np.float64) @ x.astype(np.float64).T
+            scale = np.abs(w).sum(axis=1, keepdims=True) * np.abs(x).max() + 1e-6
+            assert np.abs(y - ref).max(initial=0) <= 2e-6 * scale.max(), (n, k, t)
+
+
+@pytest.mark.parametrize("threads", [1, 0])
+def test_int8_rows_match_numpy(threads):
+    """jaxchat's int8 rows (model/nn/quantize.py), any row length: a tail of fewer than
+    16 values is handled too."""
+    rng = np.random.default_rng(3)
+    for n, k in [(5, 16), (77, 37), (260, 1000)]:
+        q = quantize_int8(rng.standard_normal((n, k)))
+        rows = int8_rows(q)
+        assert rows.kind == INT8_ROW and rows.blocks.shape == (n, 4 + k)
+        w = np.asarray(q.values, np.float64) * np.asarray(q.scale, np.float64)
+        for t in ROWS:
+            x = rng.standard_normal((t, k)).astype(np.float32)
+            y = qmatmul(rows.blocks, x, INT8_ROW, threads)
+            ref = w @ x.astype(np.float64).T
+            assert np.abs(y - ref).max() <= 2e-6 * np.abs(ref).max() + 1e-6, (n, k, t)
+
+
+def test_threads_and_one_thread_agree_exactly():
+    """Rows are split among threads, never the sum of one output: same bits either way."""
+    rng = np.random.default_rng(5)
+    data = random_blocks("Q4_1", 999, 256, rng)
+    x = rng.standard_normal((9, 256)).astype(np.float32)
+    assert np.array_equal(qmatmul(data, x, 3, 1), qmatmul(data, x, 3, 0))
+
+
+def test_project_in_a_jitted_function_is_w_at_x():
+    """`project` (what the layers call) takes feature-major x [K, T] → [N, T]."""
+    rng = np.random.default_rng(11)
+    data = random_blocks("Q8_0", 40, 96, rng)
+    w = gguf.quants.dequantize(data, GGMLQuantizationType.Q8_0).reshape(40, 96)
+    x = rng.standard_normal((96, 5)).astype(np.float32)
+    y = jax.jit(lambda b, x: project(BlockWeight(b, 8), x, jnp.float32))(data, x)
+    np.testing.assert_allclose(np.asarray(y), w @ x, rtol=1e-5, atol=1e-5)
+
+
+def test_a_row_that_does_not_hold_the_values_is_refused():
+    """Blocks whose row length does not fit K values in the format are an error, not a
+    read past the row."""
+    data = np.zeros((4, 20), np.uint8)  # one Q4_1 block: 32 values
+    with pytest.raises(Exception, match="cannot hold 64 values"):
+        qmatmul(data, np.zeros((1, 64), np.float32), 3, 0)
+
+
+@pytest.fixture(scope="module")
+def q8_gguf(tmp_path_factory):
+    """The tiny Llama with its matrices stored as Q8_0 blocks."""
+    root = tmp_path_factory.mktemp("q8")
+    return write_tiny_gguf(root, TINY_LLAMA, seed=9, qtype=GGMLQuantizationType.Q8_0)
+
+
+def test_blocks_are_the_dequantised_weights_also_through_the_prepared_copy(q8_gguf, tmp_path):
+    """The blocks the loader keeps (rows unpermuted and fused as the f32 weights are)
+    expand to exactly the f32 parameters; the prepared copy gives the same bytes back."""
+    _, params, reader = load_gguf(q8_gguf, jnp.float32)
+    fresh = load_gguf_prepared(q8_gguf, jnp.float32, tmp_path)[3]
+    again = load_gguf_prepared(q8_gguf, jnp.float32, tmp_path)[3]  # read from the copy
+    paths = [("layers_1", "attn", "qkv"), ("layers_0", "mlp", "gate_up"), ("lm_head",)]
+    for path in paths:
+        block, copy = fresh, again
+        for key in path:
+            block, copy = block[key], copy[key]
+        assert block.kind == copy.kind == BLOCK_FORMATS["Q8_0"][0]
+        assert np.array_equal(np.asarray(block.blocks), np.asarray(copy.blocks))
+        w = params
+        for key in path:
+            w = w[key]
+        expanded = gguf.quants.dequantize(np.asarray(block.blocks), GGMLQuantizationType.Q8_0)
+        assert np.array_equal(expanded, np.asarray(w))
+
+
+def test_an_engine_on_the_blocks_decodes_as_one_on_f32(q8_gguf, monkeypatch):
+    """The unrolled decode steps on the blocks (through the kernel) give the f32 steps'
+    greedy tokens and log-probabilities."""
+    prompt = list(range(5, 29))
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=True)
+    runs = {}
+    for setting in ("on", "off"):
+        monkeypatch.setenv("JAXCHAT_QUANTIZED_KERNEL", setting)
+        llm = LLM(str(q8_gguf), max_seq_len=64, batch=8, unrolled_decode=True)
+        llm.warmup()  # the unrolled steps too
+        assert (llm.engine.kernel is not None) == (setting == "on")
+        assert (BLOCKS in llm.engine.params) == (setting == "on")
+        assert all(llm.engine.variants.ready(*v) for v in llm.engine.variants.upgrades)
+        runs[setting] = llm.generate(prompt, params)
+        llm.scheduler.stop()
+    on, off = runs["on"], runs["off"]
+    assert on.token_ids == off.token_ids
+    np.testing.assert_allclose(
+        [t.logprob for t in on.logprobs], [t.logprob for t in off.logprobs], atol=1e-4
+    )
