@@ -123,8 +123,7 @@ class LLM:
         self.scheduler = Scheduler(self.engine, max_queue=max_queue)
 
     def describe(self) -> dict[str, object]:
-        """What is served, for the start-up log: model, devices, mesh, context, slots,
-        KV pool, dtype, and whether small decode steps read quantized blocks."""
+        """What is served, for the start-up log (the quantized kernel: model/kernels)."""
         devices = list(self.engine.mesh.devices.flat)
         return {
             "model": str(self.path),

@@ -336,11 +336,11 @@ class Scheduler:
             except Exception as exc:
                 self._fail_request(seq.handle, exc)
                 continue
-            seq.emit(token, float(logprobs[row]), reason, top)
-            if reason is not None:
+            if reason is not None:  # its slot is free before its caller hears the end
                 self._finish(seq)
             else:
                 self.ledger.register(seq)
+            seq.emit(token, float(logprobs[row]), reason, top)
         pooled = np.asarray(out.pooled) if step.poolers else np.empty(0)
         for g, n, seq in step.poolers:
             if not seq.finished and seq.pool(pooled[g], n):
@@ -355,10 +355,10 @@ class Scheduler:
             handle.fail(EngineFailed(f"the engine failed: {exc}"))  # in no slot nor queue yet
             raise exc
         log.error("a request failed; the others go on", exc_info=exc)
-        handle.fail(RequestFailed(f"{type(exc).__name__}: {exc}"))
         for seq in self._live():
             if seq.handle is handle:
                 self._finish(seq)
+        handle.fail(RequestFailed(f"{type(exc).__name__}: {exc}"))
 
     def _fail_all(self, exc: BaseException) -> None:
         error = EngineFailed(f"the engine failed: {exc}")
