@@ -62,24 +62,11 @@ INT8_ROW = 1024
 
 class BlockWeight(flax.struct.PyTreeNode):
     """A matmul weight [out, in] as stored rows of quantized blocks: blocks [out, bytes]
-    uint8, in format `kind` (BLOCK_FORMATS' ids, or INT8_ROW)."""
+    uint8, in format `kind` (BLOCK_FORMATS' ids, or INT8_ROW). Loaders give host arrays;
+    the engine puts them on the device only where it uses them."""
 
-    blocks: jax.Array
+    blocks: jax.Array | np.ndarray
     kind: int = flax.struct.field(pytree_node=False)
-
-    def row_bytes(self, columns: int) -> int:
-        return row_bytes(self.kind, columns)
-
-
-def row_bytes(kind: int, columns: int) -> int:
-    """Bytes of one row of `columns` values in format `kind`."""
-    if kind == INT8_ROW:
-        return 4 + columns
-    for _, values, size in (f for f in BLOCK_FORMATS.values() if f[0] == kind):
-        if columns % values:
-            raise ValueError(f"{columns} values are not whole blocks of {values}")
-        return columns // values * size
-    raise ValueError(f"unknown block format {kind}")
 
 
 def int8_rows(w: QuantizedWeight) -> BlockWeight:
@@ -87,7 +74,7 @@ def int8_rows(w: QuantizedWeight) -> BlockWeight:
     values = np.asarray(w.values, np.int8)
     scale = np.asarray(w.scale, np.float32).reshape(-1, 1)
     rows = np.concatenate([scale.view(np.uint8), values.view(np.uint8)], axis=1)
-    return BlockWeight(jnp.asarray(rows), INT8_ROW)
+    return BlockWeight(rows, INT8_ROW)
 
 
 def project(w: Weight | BlockWeight, x: jax.Array, dtype: jnp.dtype) -> jax.Array:

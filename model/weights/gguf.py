@@ -207,7 +207,7 @@ def load_gguf_blocks(reader: gguf.GGUFReader, config: ModelConfig, arch: str) ->
             np.asarray(tensors[name].data).reshape(int(tensors[name].shape[-1]), -1)
             for name in names
         ]
-        flat[path] = BlockWeight(jnp.asarray(transform(*rows)), BLOCK_FORMATS[kind][0])
+        flat[path] = BlockWeight(transform(*rows), BLOCK_FORMATS[kind][0])
     return traverse_util.unflatten_dict(flat)
 
 

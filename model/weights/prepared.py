@@ -113,9 +113,7 @@ def _read(prepared: Path, dtype: jnp.dtype) -> tuple[ModelConfig, Params, dict[s
     metadata = json.loads((prepared / "metadata.json").read_text())
     params = _unflatten(load_file(prepared / "params.safetensors"), dtype)
     arrays = load_file(prepared / "blocks.safetensors")
-    blocks = {
-        name: BlockWeight(jnp.asarray(arrays[name]), kind) for name, kind in info["blocks"].items()
-    }
+    blocks = {name: BlockWeight(arrays[name], kind) for name, kind in info["blocks"].items()}
     return config, params, metadata, traverse_util.unflatten_dict(blocks, sep="/")
 
 
