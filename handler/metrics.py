@@ -157,6 +157,16 @@ class EngineCollector(Collector):
             "KV blocks served from the prefix cache instead of prefilled.",
             stats.prefix_hit_blocks,
         )
+        yield CounterMetricFamily(
+            "jaxchat:spec_decode_num_draft_tokens",
+            "Speculative draft tokens verified.",
+            stats.draft_tokens,
+        )
+        yield CounterMetricFamily(
+            "jaxchat:spec_decode_num_accepted_tokens",
+            "Speculative draft tokens accepted.",
+            stats.accepted_tokens,
+        )
         yield SummaryMetricFamily(
             "jaxchat:engine_step_seconds",
             "Engine steps and their time from dispatch to delivered tokens.",

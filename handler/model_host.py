@@ -100,6 +100,8 @@ def load_llm(settings: Settings) -> "LLM":
         dtype=settings.llm_dtype,
         compile_cache=settings.compile_cache,
         unrolled_decode=settings.llm_unrolled_decode,
+        speculative=settings.speculative,
+        speculative_tokens=settings.speculative_tokens,
     )
 
 

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from model.limits import DEFAULT_BATCH, DEFAULT_MAX_QUEUE
+from model.limits import DEFAULT_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_SPECULATIVE_TOKENS
 
 
 class Settings(BaseSettings):
@@ -67,6 +67,13 @@ class Settings(BaseSettings):
     background once serving, and use them when ready: a lone stream decodes about a
     third faster on CPU, for a second copy of the weights in memory and about 10 s of
     compiling. `auto`: on CPU only."""
+
+    speculative: Literal["off", "ngram"] = "ngram"
+    """Speculative decoding: `ngram` drafts tokens by looking the latest ones up in the
+    prompt and output (prompt lookup) and verifies them in one step, where that pays; `off`."""
+
+    speculative_tokens: int = Field(default=DEFAULT_SPECULATIVE_TOKENS, ge=1, le=31)
+    """The most draft tokens one sequence verifies per step."""
 
     api_keys: Annotated[list[str], NoDecode] = Field(default=[], repr=False)
     """Comma-separated API keys accepted as `Authorization: Bearer <key>`.

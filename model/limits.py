@@ -14,6 +14,8 @@ from model.types import SamplingParams
 # Serving defaults, for `LLM` and the server's settings (handler/settings.py).
 DEFAULT_BATCH = 32  # decode slots: the most sequences generating at once
 DEFAULT_MAX_QUEUE = 256  # requests that may wait for a slot
+# Speculative drafts per sequence and step: a lone stream's 8-row step holds 7.
+DEFAULT_SPECULATIVE_TOKENS = 7
 MAX_EMBEDDING_INPUTS = 2048  # inputs in one embeddings request (OpenAI's bound)
 
 

@@ -24,12 +24,14 @@ from model.engine.engine import BLOCK_SIZE, Engine
 from model.engine.executables import open_compile_cache
 from model.engine.pooling import mean_hidden_states
 from model.engine.scheduler import Scheduler
+from model.engine.speculative import Speculation
 from model.engine.state import default_pool_tokens
 from model.engine.stats import SchedulerStats
 from model.engine.variants import FIRST_NEEDED
 from model.limits import (
     DEFAULT_BATCH,
     DEFAULT_MAX_QUEUE,
+    DEFAULT_SPECULATIVE_TOKENS,
     PROMPT,
     Names,
     check_embedding_input,
@@ -73,7 +75,8 @@ class LLM:
     model). compile_cache: a directory or gs:// prefix keeping compiled
     executables across restarts (model/engine/executables.py). unrolled_decode:
     whether the small decode steps also get faster unrolled executables (see
-    Engine; default: on CPU).
+    Engine; default: on CPU). speculative: "ngram" (prompt-lookup drafts, up to
+    `speculative_tokens` per step: model/engine/speculative.py) or "off".
     Any number of threads may share one LLM.
     """
 
@@ -89,6 +92,8 @@ class LLM:
         dtype: str | None = None,
         compile_cache: str | None = None,
         unrolled_decode: bool | None = None,
+        speculative: str = "ngram",
+        speculative_tokens: int = DEFAULT_SPECULATIVE_TOKENS,
     ) -> None:
         maybe_initialize_distributed()  # multi-host slices: before any backend use
         self.compile_cache = open_compile_cache(compile_cache, cache_dir())
@@ -120,7 +125,8 @@ class LLM:
             unrolled=unrolled_decode,
             blocks=loaded.blocks,
         )
-        self.scheduler = Scheduler(self.engine, max_queue=max_queue)
+        drafting = Speculation(speculative, speculative_tokens)
+        self.scheduler = Scheduler(self.engine, max_queue=max_queue, speculation=drafting)
 
     def describe(self) -> dict[str, object]:
         """What is served, for the start-up log (the quantized kernel: model/kernels)."""
@@ -134,16 +140,12 @@ class LLM:
             "kv_pool_tokens": self.engine.pool_blocks * BLOCK_SIZE,
             "dtype": str(self.dtype),
             "quantized_kernel": self.engine.kernel is not None,
+            "speculative": self.scheduler.speculation.mode,
         }
 
     def stats(self) -> SchedulerStats:
         """What the scheduler is doing now (running, waiting, pool use, step times)."""
-        s = self.scheduler
-        held = s.pool.blocks - s.pool.available
-        times = s.step_times
-        return SchedulerStats(
-            s.active, len(s.waiting), s.pool.blocks, held, s.pool.hits, times.steps, times.seconds
-        )
+        return SchedulerStats.of(self.scheduler)
 
     @property
     def failed(self) -> bool:

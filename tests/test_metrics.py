@@ -62,6 +62,8 @@ def test_engine_state_is_read_from_the_scheduler_at_each_scrape(serve):
     assert samples[("jaxchat:prefix_cache_hit_blocks_total", ())] == 7
     assert samples[("jaxchat:engine_step_seconds_count", ())] == 40
     assert samples[("jaxchat:engine_step_seconds_sum", ())] == 2.0
+    assert samples[("jaxchat:spec_decode_num_draft_tokens_total", ())] == 12
+    assert samples[("jaxchat:spec_decode_num_accepted_tokens_total", ())] == 9
 
 
 def test_paths_become_bounded_route_labels(serve):

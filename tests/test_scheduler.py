@@ -93,6 +93,7 @@ class MockEngine:
         return StepPlan(
             np.zeros(t, np.int32), layout, np.full(r, self.batch, np.int32), np.zeros(r, bool),
             np.zeros(r, np.int32), np.zeros(r, bool), np.full((r, 1), -1, np.int32),
+            np.zeros(r, np.int32),
         )  # fmt: skip
 
     def step(self, state, plan: StepPlan):
@@ -103,7 +104,8 @@ class MockEngine:
         lay, pool, r = plan.layout, state["pool"], plan.layout.rows
         tokens = plan.tokens.copy()
         slots = plan.slots
-        assert len(set(slots[slots < self.batch].tolist())) == (slots < self.batch).sum()
+        owned = slots[(slots < self.batch) & (plan.draft == 0)]  # a slot's first row
+        assert len(set(owned.tolist())) == len(owned)
         newest = state["tokens"][np.minimum(slots, self.batch - 1)]
         tokens[:r] = np.where(plan.decode, newest, tokens[:r])
         seg, pos = lay.segments, lay.positions[r:]
@@ -127,11 +129,13 @@ class MockEngine:
                     total += pool[self._flat(lay.prior_blocks, int(lay.prior))].sum()
             assert (pool[self._flat(lay.block_tables[row], 0)] >= 0).all()
             out[row] = 50 + (total + state["salt"][slots[row]]) % 50
-            state["tokens"][slots[row]] = out[row]
+            if plan.draft[row] == 0:  # draft rows leave the slot's state alone
+                state["tokens"][slots[row]] = out[row]
         self.steps.append(
             {
                 "rows": r,
                 "decode": int(plan.decode.sum()),
+                "drafts": int((plan.draft > 0).sum()),
                 "prefill": int((seg >= 0).sum()),
                 "segments": len(set(seg[seg >= 0].tolist())),
             }

@@ -9,7 +9,8 @@ JetStream's engine roles, in two calls over typed pytrees:
   region of prompt chunks in one forward pass over the pool, and samples one
   token for every row the plan marks: decode rows, and rows of slots whose
   prompt's last chunk is in the region. Rows are handed out in order, so R
-  follows how many sequences sample, not which slots they hold.
+  follows how many sequences sample, not which slots they hold. A speculating
+  slot's draft rows follow its decode row (model/engine/speculative.py).
 
 The plan is built on the host by the scheduler (model/engine/scheduler.py) from
 its block tables: which positions each token has, which blocks hold its keys,
@@ -247,22 +248,8 @@ class Engine:
         assert pool is not None  # a step with a pool returns it
         chosen = hidden[:, plan.sample_from]  # [D, R]
         logits = apply_logits(model, params, chosen)
-        rows = jax.tree_util.tree_map(
-            lambda a: a.at[slots].get(mode="fill", fill_value=0), state.sampling
-        )
-        out = sample(logits, rows, plan.allowed)
-        keep = plan.sample
-        # Only the rows that sampled advance their key and count their token: scatters of
-        # R entries, not a pass over the [B, V] counts; rows of no slot write nothing.
-        counts = state.sampling.counts.at[slots, out.tokens].add(
-            keep.astype(jnp.int32), mode="drop"
-        )
-        key = jnp.where(keep[:, None], out.sampling.key, rows.key)
-        sampling = state.sampling.replace(
-            key=state.sampling.key.at[slots].set(key, mode="drop"), counts=counts
-        )
-        newest = jnp.where(keep, out.tokens, newest)
-        state = EngineState(pool, state.tokens.at[slots].set(newest, mode="drop"), sampling)
+        sampling, newest, out = sample_rows(state, newest, logits, plan, self.batch)
+        state = EngineState(pool, newest, sampling)
         # Embeddings: each prompt chunk's hidden states summed (padding's segment, -1, drops).
         region = hidden[:, r:].T.astype(jnp.float32)  # [P, D]
         pooled = jax.ops.segment_sum(region, plan.layout.segments, num_segments=self.batch)
@@ -322,6 +309,27 @@ class Engine:
         """Full-sequence logits [B, T, V] for tokens [B, T], through the scanned layers
         the steps use (tests and scoring; compiles per shape)."""
         return self._forward(self.stacked, jnp.asarray(tokens, jnp.int32))
+
+
+def sample_rows(state: EngineState, newest, logits, plan: StepPlan, batch: int):
+    """Sample a token for each row of logits [R, V] with its slot's settings → (the B
+    slots' sampling state and newest tokens, the sample). `newest` [R]: each row's slot's
+    newest token. Rows of no slot (`batch`) and draft rows leave the state alone; a draft
+    row draws with a key of its own, folded from its slot's."""
+    slots, keep, all_ = plan.slots, plan.sample, state.sampling
+    rows = jax.tree_util.tree_map(lambda a: a.at[slots].get(mode="fill", fill_value=0), all_)
+    folded = jax.vmap(jax.random.fold_in)(rows.key, plan.draft)
+    out = sample(
+        logits, rows.replace(key=jnp.where(plan.draft[:, None] > 0, folded, rows.key)), plan.allowed
+    )
+    # Only the rows that sample advance their key and count their token: scatters of R
+    # entries, not a pass over the [B, V] counts.
+    owner = jnp.where(plan.draft == 0, slots, batch)
+    counts = all_.counts.at[owner, out.tokens].add(keep.astype(jnp.int32), mode="drop")
+    key = jnp.where(keep[:, None], out.sampling.key, rows.key)
+    sampling = all_.replace(key=all_.key.at[owner].set(key, mode="drop"), counts=counts)
+    newest = jnp.where(keep, out.tokens, newest)
+    return sampling, state.tokens.at[owner].set(newest, mode="drop"), out
 
 
 def stack_params(params: Params, shardings, mesh: Mesh, n_layers: int) -> Params:

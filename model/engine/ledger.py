@@ -8,6 +8,7 @@ the engine's StepPlan. Both run on the scheduler thread only.
 """
 
 import logging
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -16,6 +17,8 @@ from model.engine.requests import Seq
 from model.engine.state import StepPlan
 
 log = logging.getLogger(__name__)
+
+Sampler = tuple[int, Seq, list[int]]  # a sampled row, its sequence, the drafts after it
 
 
 class Ledger:
@@ -127,23 +130,35 @@ class Ledger:
 
 
 def build_plan(
-    plan: StepPlan, decode: list[Seq], segments: list[tuple[Seq, int]], bs: int
-) -> tuple[StepPlan, list[tuple[int, Seq]]]:
-    """Fill `plan` (an empty plan of the step's shape) with the decode rows and prompt
-    chunks; returns it and its sampled (row, sequence) pairs. bs: the block size."""
+    plan: StepPlan,
+    decode: list[Seq],
+    segments: list[tuple[Seq, int]],
+    bs: int,
+    drafts: Mapping[Seq, list[int]] | None = None,
+) -> tuple[StepPlan, list[Sampler]]:
+    """Fill `plan` (an empty plan of the step's shape) with the decode rows (each followed
+    by its sequence's draft rows, if it drafts: model/engine/speculative.py) and prompt
+    chunks; returns it and its samplers. bs: the block size."""
     layout = plan.layout
     rows = len(layout.context)
     samplers = []
-    for r, seq in enumerate(decode):  # rows 0, 1, … whatever slots they serve
+    r = 0  # the next row: rows 0, 1, … whatever slots they serve
+    for seq in decode:
+        own = (drafts or {}).get(seq, [])
+        samplers.append((r, seq, own))
         p = seq.length - 1
-        plan.slots[r] = seq.slot
-        layout.positions[r] = layout.context[r] = p
-        layout.block_tables[r, : len(seq.blocks)] = seq.blocks
-        layout.write[r] = seq.blocks[p // bs] * bs + p % bs
-        plan.decode[r] = plan.sample[r] = True
-        plan.sample_from[r] = r
-        samplers.append((r, seq))
-    row = len(decode)  # the next row: for the prompts that sample
+        for i, token in enumerate([seq.tokens[-1], *own]):
+            plan.slots[r] = seq.slot
+            layout.positions[r] = layout.context[r] = p + i
+            layout.block_tables[r, : len(seq.blocks)] = seq.blocks
+            layout.write[r] = seq.blocks[(p + i) // bs] * bs + (p + i) % bs
+            plan.sample[r] = True
+            plan.sample_from[r] = r
+            plan.draft[r] = i
+            # The newest token comes from the device, unless it is stale there.
+            plan.decode[r] = i == 0 and not seq.feed
+            plan.tokens[r] = token if i or seq.feed else 0
+            r += 1
     start = rows
     for g, (seq, n) in enumerate(segments):
         c = seq.computed
@@ -158,10 +173,10 @@ def build_plan(
             layout = layout.replace(prior=np.int32(c))
             layout.prior_blocks[: len(seq.blocks)] = seq.blocks
         if seq.samples_after(n):
-            plan.slots[row] = seq.slot
-            plan.sample[row] = True
-            plan.sample_from[row] = start + n - 1
-            samplers.append((row, seq))
-            row += 1
+            plan.slots[r] = seq.slot
+            plan.sample[r] = True
+            plan.sample_from[r] = start + n - 1
+            samplers.append((r, seq, []))
+            r += 1
         start += n
     return plan.replace(layout=layout), samplers

@@ -4,7 +4,7 @@ sequences (what the scheduler plans), and the errors a caller may get."""
 import logging
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
@@ -130,6 +130,9 @@ class Seq:
     embed: bool = False
     pooled: np.ndarray | None = None  # an embedding's sum of hidden states so far
     pooled_tokens: int = 0  # ... over this many tokens
+    may_draft: bool = False  # speculative decoding (model/engine/speculative.py) ...
+    acceptance: tuple[float, float] = (1.5, 1.0)  # ... its drafts taken and refused, decayed
+    feed: bool = False  # the slot's newest token on the device is stale: the plan sends it
 
     def pool(self, total: np.ndarray, n: int) -> bool:
         """Add a chunk of n tokens' summed hidden states; at the last chunk, send the
@@ -166,9 +169,39 @@ class Seq:
         if self.decoding:
             self.computed = self.length
             self.length += 1
+            self.feed = False
             return
         self.length += self.samples_after(n)
         self.computed += n
+
+    def verified(self, accepted: int) -> None:
+        """`accepted` drafts were taken: their positions are computed, and the device's
+        newest token (the first row's) is stale if any were."""
+        if accepted:
+            self.computed += accepted
+            self.length += accepted
+            self.feed = True
+
+    def deliver(
+        self,
+        tokens: np.ndarray,
+        logprobs: np.ndarray,
+        tops: list[tuple[tuple[int, float], ...]],
+        accepted: int,
+        stop_ids: frozenset[int],
+        finish: Callable[["Seq"], None],
+    ) -> None:
+        """Take and send a step's tokens for this sequence (its newest token's and, if it
+        drafted, those of the `accepted` drafts), up to one that ends it; `finish(self)`
+        frees its slot before the last is sent."""
+        self.verified(accepted)
+        for token, logprob, top in zip(tokens.tolist(), logprobs.tolist(), tops, strict=True):
+            reason = self.take(token, stop_ids)
+            if reason is not None:
+                finish(self)
+            self.emit(token, logprob, reason, top)
+            if reason is not None:
+                return
 
     def take(self, token: int, stop_ids: frozenset[int]) -> FinishReason | None:
         """Append a delivered token; the finish reason if it ends the choice."""

@@ -57,7 +57,7 @@ import jax
 import numpy as np
 
 from model.engine.blocks import BlockPool
-from model.engine.ledger import Ledger, build_plan
+from model.engine.ledger import Ledger, Sampler, build_plan
 from model.engine.requests import (
     Constraint,
     EngineFailed,
@@ -68,6 +68,7 @@ from model.engine.requests import (
     Seq,
     WaitingLine,
 )
+from model.engine.speculative import Speculation, taken
 from model.engine.state import StepOutputs, StepPlan
 from model.engine.stats import StepTimes
 from model.engine.variants import (
@@ -108,8 +109,9 @@ class _Step:
     and which embeddings' chunks it pools."""
 
     outputs: StepOutputs
-    samplers: list[tuple[int, Seq]]  # (row, sequence) for every sampled row
+    samplers: list[Sampler]  # (row, sequence, drafts) for every sampling sequence
     poolers: list[tuple[int, int, Seq]]  # (segment, tokens, embedding) per pooled chunk
+    shape: StepShape
     dispatched: float  # perf_counter() when it was sent
 
 
@@ -120,8 +122,11 @@ class _Sync(Exception):
 class Scheduler:
     """Owns an engine, its state and its pool's blocks; see the module docstring."""
 
-    def __init__(self, engine: Engine, *, max_queue: int = 256):
+    def __init__(
+        self, engine: Engine, *, max_queue: int = 256, speculation: Speculation | None = None
+    ):
         self.engine = engine
+        self.speculation = speculation or Speculation("off")
         self.pool = BlockPool(engine.pool_blocks, engine.block_size)
         self.ledger = Ledger(self.pool)
         self.waiting = WaitingLine(max_queue)
@@ -207,8 +212,9 @@ class Scheduler:
         while not self._stopping.is_set():
             self._drop_cancelled()
             self._admit(block=in_flight is None and self.active == 0)
-            if in_flight is not None and self._constrained():
-                # The next masks depend on the tokens in flight: read them first.
+            live = self._live()  # a grammar's mask or a draft needs the newest tokens:
+            masks = any(s.constraint is not None for s in live)
+            if in_flight is not None and (masks or self.speculation.wants(live)):
                 self._deliver(in_flight)
                 in_flight = None
             try:
@@ -226,9 +232,6 @@ class Scheduler:
 
     def _live(self) -> list[Seq]:
         return [s for s in self._slots if s is not None]
-
-    def _constrained(self) -> bool:
-        return any(s.constraint is not None for s in self._live())
 
     def _drop_cancelled(self) -> None:
         for seq in self._live():
@@ -258,6 +261,7 @@ class Scheduler:
                 for seq, slot in zip(group.choices, free, strict=False):
                     self._state = self.engine.admit(self._state, slot, seq.row)
                     seq.slot, seq.order = slot, self._admitted
+                    seq.may_draft = self.speculation.allows(seq)
                     seq.length = seq.target = len(seq.tokens)
                     self._admitted += 1
                     self._slots[slot] = seq
@@ -280,38 +284,32 @@ class Scheduler:
             return None
         rows = len(decode) + sum(s.samples_after(n) for s, n in segments)
         prefill = sum(n for _, n in segments)
+        drafts = {} if in_flight else self.speculation.drafts(decode, rows, prefill, self)
+        rows += sum(map(len, drafts.values()))
         shape = pick_shape(self.engine.shapes, max(rows, 1), prefill)
         plan, samplers = build_plan(
-            self.engine.empty_plan(shape), decode, segments, self.engine.block_size
+            self.engine.empty_plan(shape), decode, segments, self.engine.block_size, drafts
         )
         self._fill_masks(plan, samplers)
         self._state, outputs = self.engine.step(self._state, plan)
-        for seq in decode:
-            seq.ran(1)
-        for seq, n in segments:
+        for seq, n in [*((s, 1) for s in decode), *segments]:
             seq.ran(n)
-        for seq in [*decode, *(s for s, _ in segments)]:
             if not seq.finished:  # a request that failed while planning is gone
                 self.ledger.register(seq)
         poolers = [(g, n, seq) for g, (seq, n) in enumerate(segments) if seq.embed]
-        return _Step(outputs, samplers, poolers, time.perf_counter())
+        return _Step(outputs, samplers, poolers, shape, time.perf_counter())
 
-    def _ensure_blocks(
-        self, seq: Seq, positions: int, in_flight: bool, preempt: bool = True
-    ) -> bool:
+    def _ensure_blocks(self, seq: Seq, positions: int, in_flight: bool) -> None:
         """Blocks for the sequence's first `positions` positions; when the pool is out,
         preempt the newest other sequence (after delivering the step in flight)."""
         while not self.ledger.grow(seq, positions):
-            if not preempt:
-                return False
             if in_flight:
                 raise _Sync
             self.ledger.preempt(seq, self._live())
-        return True
 
-    def _fill_masks(self, plan: StepPlan, samplers: list[tuple[int, Seq]]) -> None:
+    def _fill_masks(self, plan: StepPlan, samplers: list[Sampler]) -> None:
         """Each constrained sampler's grammar mask; a failing grammar fails its request."""
-        for row, seq in samplers:
+        for row, seq, _ in samplers:
             if seq.constraint is not None:
                 try:
                     seq.constraint.fill(np.asarray(plan.allowed), row)  # in place
@@ -323,24 +321,28 @@ class Scheduler:
     def _deliver(self, step: _Step) -> None:
         out = step.outputs
         tokens, logprobs = self.step_times.read(out, step.dispatched)
-        wants_top = any(seq.top_logprobs for _, seq in step.samplers)
+        self.speculation.measured(step.shape, self.step_times.last)
+        wants_top = any(seq.top_logprobs for _, seq, _ in step.samplers)
         top_ids = np.asarray(out.top_ids) if wants_top else None
         top_logprobs = np.asarray(out.top_logprobs) if wants_top else None
-        for row, seq in step.samplers:
+        for first, seq, drafts in step.samplers:
             if seq.finished:
                 continue  # freed, cancelled or finished after this step was sent
+            accepted = taken(tokens[first : first + len(drafts)], drafts)
+            if drafts:
+                self.speculation.verified(seq, len(drafts), accepted)
+            rows = range(first, first + accepted + 1)  # the tokens it takes
             try:
-                token = int(tokens[row])
-                reason = seq.take(token, self._stop_ids)
-                top = _top(top_ids, top_logprobs, row, seq.top_logprobs)
+                tops = [_top(top_ids, top_logprobs, row, seq.top_logprobs) for row in rows]
+                # A sequence's slot is free before its caller hears the end.
+                seq.deliver(
+                    tokens[rows], logprobs[rows], tops, accepted, self._stop_ids, self._finish
+                )
             except Exception as exc:
                 self._fail_request(seq.handle, exc)
                 continue
-            if reason is not None:  # its slot is free before its caller hears the end
-                self._finish(seq)
-            else:
+            if not seq.finished:
                 self.ledger.register(seq)
-            seq.emit(token, float(logprobs[row]), reason, top)
         pooled = np.asarray(out.pooled) if step.poolers else np.empty(0)
         for g, n, seq in step.poolers:
             if not seq.finished and seq.pool(pooled[g], n):

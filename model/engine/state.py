@@ -39,7 +39,10 @@ class StepPlan(flax.struct.PyTreeNode):
     decode [R] bool: row r is its slot's decode row (its token comes from the state);
     sample_from [R] i32: the token whose output row r samples from;
     sample [R] bool: row r samples a token for its slot this step;
-    allowed [R, W] i32: grammar bitmasks (all bits set: unconstrained).
+    allowed [R, W] i32: grammar bitmasks (all bits set: unconstrained);
+    draft [R] i32: 0, or i for the i-th draft row of a speculating slot (its token
+    from `tokens`; it samples with its own key and leaves the slot's state alone:
+    model/engine/speculative.py).
     """
 
     tokens: jax.Array
@@ -49,6 +52,7 @@ class StepPlan(flax.struct.PyTreeNode):
     sample_from: jax.Array
     sample: jax.Array
     allowed: jax.Array
+    draft: jax.Array
 
     @classmethod
     def host(cls, layout: Layout, **arrays: np.ndarray) -> "StepPlan":
@@ -125,6 +129,7 @@ def empty_plan(
         sample_from=np.zeros(r, np.int32),
         sample=np.zeros(r, bool),
         allowed=np.full((r, mask_words), -1, np.int32),
+        draft=np.zeros(r, np.int32),
     )
 
 
