@@ -40,7 +40,7 @@ from jax import lax
 NEG_INF = jnp.finfo(jnp.float32).min
 # Keys per loop iteration: a decode row's chunk is read for every row at once,
 # a prior-context chunk once for the whole region (so it can be larger).
-DECODE_CHUNK = 128
+DECODE_CHUNK = 64
 PRIOR_CHUNK = 1024
 
 
