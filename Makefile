@@ -43,6 +43,8 @@ test: setup services
 
 bench: setup
 	$(BIN)/python -m benchmarks.engine_bench
+	$(BIN)/python -m benchmarks.speculative_bench
+	$(BIN)/python -m benchmarks.quality $(if $(LLAMA_SERVER),--llama-server $(LLAMA_SERVER))
 	$(BIN)/python -m benchmarks.cold_start
 	$(BIN)/python -m benchmarks.constrained_mix
 	$(BIN)/python -m benchmarks.limits_latency

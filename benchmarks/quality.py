@@ -1,0 +1,177 @@
+"""Quality of quantized serving: next-token distributions against HF's float32 reference.
+
+On the golden prompts (each with the reference's greedy continuation), at every
+position, it compares the next-token distribution of
+- jaxchat's decode steps on the GGUF's 4-bit blocks (the quantized kernel, as a lone
+  stream decodes: teacher-forced, 8 positions per step as draft rows are verified),
+- jaxchat's float32 path (the scanned layers that prefill prompts),
+- llama.cpp's server on the same file (its top 100 log-probabilities), if one is given,
+with the reference's (tests/fixtures/smollm2_quality.npz, written by
+tests/reference/make_quality.py). It prints the mean KL divergence KL(reference ||
+model) over the reference's 64 most likely tokens and the rest of the vocabulary as
+one more outcome, and how often the model's most likely token is the reference's.
+
+    python -m benchmarks.quality [--llama-server PATH]
+"""
+
+import argparse
+import json
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from model import LLM
+from model.engine.variants import StepShape
+from model.nn.transformer import apply_logits, apply_step
+
+FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "smollm2_quality.npz"
+ROWS = 8
+
+
+def reference() -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per prompt: token ids [T], the reference's top ids and log-probabilities [T, 64]."""
+    with np.load(FIXTURE) as data:
+        count = sum(name.endswith("_ids") and name.count("_") == 1 for name in data.files)
+        return [
+            (data[f"p{i}_ids"], data[f"p{i}_top_ids"], data[f"p{i}_top_logprobs"])
+            for i in range(count)
+        ]
+
+
+def kernel_logprobs(llm: LLM, ids: np.ndarray) -> np.ndarray:
+    """Log-probabilities [T, V] of the token after each position, through the unrolled
+    decode layers on the engine's step weights (the quantized blocks, where the kernel
+    is in use), ROWS consecutive positions per step over a pool of its own."""
+    engine = llm.engine
+    assert engine.params is not None, "the engine has no unrolled decode weights"
+
+    def step(params, pool, tokens, layout):
+        hidden, pool = apply_step(engine.model, params, tokens, layout, pool)
+        return jax.nn.log_softmax(apply_logits(engine.model, params, hidden)), pool
+
+    run = jax.jit(step, donate_argnums=(1,))
+    pool = engine.init_state().pool
+    table = np.arange(engine.table_width, dtype=np.int32)  # position p at flat pool slot p
+    out = []
+    for start in range(0, len(ids), ROWS):
+        plan = engine.empty_plan(StepShape(ROWS, 0))
+        layout, n = plan.layout, min(ROWS, len(ids) - start)
+        positions = np.arange(start, start + n, dtype=np.int32)
+        plan.tokens[:n] = ids[positions]
+        layout.positions[:n] = layout.context[:n] = layout.write[:n] = positions
+        layout.block_tables[:n] = table
+        logprobs, pool = run(engine.params, pool, plan.tokens, layout)
+        out.append(np.asarray(logprobs)[:n])
+    return np.concatenate(out)
+
+
+def scanned_logprobs(llm: LLM, ids: np.ndarray) -> np.ndarray:
+    """Log-probabilities [T, V] through the float32 scanned layers (a full forward pass)."""
+    return np.asarray(jax.nn.log_softmax(llm.engine.forward(ids[None])[0]))
+
+
+def compare(top_ids: np.ndarray, top_logprobs: np.ndarray, model) -> tuple[float, float]:
+    """(mean KL(reference || model), top-1 agreement) over positions. `model(t, ids)` gives
+    the model's log-probabilities of token ids at position t and its most likely token.
+    The outcomes are the reference's top tokens and "any other token"."""
+    kls, agree = [], []
+    for t in range(len(top_ids)):
+        p = np.exp(top_logprobs[t].astype(np.float64))
+        logq, best = model(t, top_ids[t])
+        q = np.exp(logq.astype(np.float64))
+        p_rest, q_rest = max(1 - p.sum(), 1e-12), max(1 - q.sum(), 1e-12)
+        kl = float(np.sum(p * (np.log(p) - np.log(q))) + p_rest * np.log(p_rest / q_rest))
+        kls.append(max(kl, 0.0))
+        agree.append(best == top_ids[t][0])
+    return float(np.mean(kls)), float(np.mean(agree))
+
+
+def dense(logprobs: np.ndarray):
+    """A `compare` model of full log-probabilities [T, V]."""
+    return lambda t, ids: (logprobs[t][ids], int(np.argmax(logprobs[t])))
+
+
+class LlamaServer:
+    """llama.cpp's server on the GGUF, asked for the next token's top 100 log-probabilities
+    after each prefix (its prompt cache keeps the prefix)."""
+
+    def __init__(self, binary: str, gguf: str, port: int = 8093):
+        self.url = f"http://127.0.0.1:{port}"
+        args = [binary, "-m", gguf, "--port", str(port), "-t", "2", "-c", "4096", "-np", "1"]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(self.url + "/health", timeout=1)
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError("llama-server did not start")
+
+    def top(self, prefix: list[int]) -> dict[int, float]:
+        body = {"prompt": prefix, "n_predict": 1, "n_probs": 100, "temperature": 0}
+        body["post_sampling_probs"] = False
+        request = urllib.request.Request(
+            self.url + "/completion", json.dumps(body).encode(), method="POST"
+        )
+        reply = json.load(urllib.request.urlopen(request, timeout=60))
+        tops = reply["completion_probabilities"][0]["top_logprobs"]
+        return {int(x["id"]): float(x["logprob"]) for x in tops}
+
+    def model(self, ids: np.ndarray):
+        """A `compare` model. A reference token outside its top 100 is given the 100th's
+        log-probability (an upper bound: the KL is then slightly underestimated)."""
+        tops = [self.top(ids[: t + 1].tolist()) for t in range(len(ids))]
+
+        def at(t, wanted):
+            floor = min(tops[t].values())
+            logq = np.array([tops[t].get(int(i), floor) for i in wanted])
+            return logq, max(tops[t], key=tops[t].get)
+
+        return at
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--llama-server", default=None, help="llama.cpp's llama-server binary")
+    args = parser.parse_args()
+    llm = LLM(unrolled_decode=True)
+    llm.scheduler.stop()
+    prompts = reference()
+    rows = {"jaxchat, 4-bit blocks (kernel)": [], "jaxchat, float32": [], "llama.cpp": []}
+    server = LlamaServer(args.llama_server, str(llm.path)) if args.llama_server else None
+    try:
+        for ids, top_ids, top_logprobs in prompts:
+            kernel = kernel_logprobs(llm, ids) if llm.engine.kernel else None
+            if kernel is not None:
+                rows["jaxchat, 4-bit blocks (kernel)"].append(
+                    compare(top_ids, top_logprobs, dense(kernel))
+                )
+            scanned = dense(scanned_logprobs(llm, ids))
+            rows["jaxchat, float32"].append(compare(top_ids, top_logprobs, scanned))
+            if server is not None:
+                rows["llama.cpp"].append(compare(top_ids, top_logprobs, server.model(ids)))
+    finally:
+        if server is not None:
+            server.close()
+    positions = sum(len(ids) for ids, _, _ in prompts)
+    print(f"next-token distributions vs HF transformers float32, {positions} positions")
+    print(f"{'model':<32} {'KL (nats)':>10} {'top-1 agree':>12}")
+    for name, results in rows.items():
+        if results:
+            kl = np.mean([r[0] for r in results])
+            agree = np.mean([r[1] for r in results])
+            print(f"{name:<32} {kl:>10.2e} {agree:>12.4f}")
+        else:
+            print(f"{name:<32} {'(not run)':>10}")
+
+
+if __name__ == "__main__":
+    main()
