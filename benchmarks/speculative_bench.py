@@ -60,8 +60,8 @@ TEXT = (
 )
 
 PROMPTS = {
-    "code edit": "Rename the function top_customers to biggest_spenders in this code and "
-    "return the whole file:\n\n" + CODE,
+    "code edit": "Here is some Python code:\n\n" + CODE + "\nRewrite the code above with "
+    "the function top_customers renamed to biggest_spenders. Output only the code.",
     "summary": "Summarise this text in a few sentences, keeping its figures:\n\n" + TEXT,
     "open chat": "What are some good habits for staying productive while working from home?",
 }

@@ -47,13 +47,18 @@ def rng():
 
 
 @pytest.mark.parametrize("chunk", [8, 128])
-def test_decode_rows_equal_the_dense_reference(rng, chunk):
+@pytest.mark.parametrize("shared", [False, True], ids=["own-tables", "one-table"])
+def test_decode_rows_equal_the_dense_reference(rng, chunk, shared):
     """Rows at mixed lengths (block boundaries, one position, one idle row) over
-    shuffled blocks, with loop chunks smaller and larger than a sequence."""
+    shuffled blocks, with loop chunks smaller and larger than a sequence; each row with a
+    table of its own, or (one sequence and its drafts) every active row with the same
+    table, which is gathered once."""
     cache, keys, values = random_pool(rng)
     contexts = np.array([0, 3, 4, 5, 31, 63, 95, -1], np.int32)  # key positions 0..context
     rows = len(contexts)
     tables = np.stack([rng.permutation(NB)[:MB] for _ in range(rows)]).astype(np.int32)
+    if shared:
+        tables[:-1] = tables[0]  # the idle last row's table does not count
     q = rng.standard_normal((rows, K, G, H)).astype(np.float32)
     out = np.asarray(
         jax.jit(decode_attention, static_argnums=5)(

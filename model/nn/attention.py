@@ -29,6 +29,7 @@ online over chunks of C keys, so the work follows the longest context in the
 step, while the shapes (and so the compiled program) do not depend on it.
 """
 
+from functools import partial
 from typing import cast
 
 import flax.struct
@@ -153,7 +154,54 @@ def decode_attention(
     chunk: int = DECODE_CHUNK,
 ) -> jax.Array:
     """Decode rows: q [R, K, G, H] → [R, K, G, H], each row over its keys 0..context[r] in
-    the layer whose blocks start at `base`, `chunk` keys per loop iteration."""
+    the layer whose blocks start at `base`, `chunk` keys per loop iteration.
+
+    Gathering each row's blocks is most of the cost. When every active row has the same
+    block table (one sequence: a lone stream's newest token and its drafts), the blocks
+    are gathered once for all rows instead."""
+    active = context[:, None] >= 0
+    shared = jnp.all((block_tables == block_tables[:1]) | ~active)
+    return lax.cond(
+        shared,
+        partial(_one_table_attention, chunk=chunk),
+        partial(_per_row_attention, chunk=chunk),
+        q,
+        pool,
+        context,
+        block_tables,
+        base,
+    )
+
+
+def _one_table_attention(q, pool: Pool, context, block_tables, base, chunk: int) -> jax.Array:
+    """decode_attention's rows, all reading row 0's block table: one gather per chunk."""
+    rows, k, g, h = q.shape
+    bs = pool.block_size
+    per_chunk = chunk_blocks(chunk, bs, block_tables.shape[1])
+    width = per_chunk * bs
+    scale = h**-0.5
+    chunks = (jnp.max(context) + width) // width
+
+    def body(c, state):
+        ids = lax.dynamic_slice_in_dim(block_tables[0], c * per_chunk, per_chunk) + base
+        keys, values = pool.k[ids], pool.v[ids]  # [n, K, H, BS], [n, K, BS, H]
+        s = jnp.einsum("rkgh,nkhs->rkgns", q, keys).astype(jnp.float32) * scale
+        pos = c * width + jnp.arange(width).reshape(per_chunk, bs)
+        visible = pos[None] <= context[:, None, None]  # [R, n, BS]
+        s = jnp.where(visible[:, None, None], s, NEG_INF).reshape(rows, k, g, width)
+
+        def weighted(p):
+            p = p.reshape(rows, k, g, per_chunk, bs).astype(values.dtype)
+            return jnp.einsum("rkgns,nksh->rkgh", p, values).astype(jnp.float32)
+
+        return _online(state, s, weighted)
+
+    state = lax.fori_loop(0, chunks, body, _empty((rows, k, g), h))
+    return _finish(state).astype(q.dtype)
+
+
+def _per_row_attention(q, pool: Pool, context, block_tables, base, chunk: int) -> jax.Array:
+    """decode_attention's rows, each through its own block table."""
     rows, k, g, h = q.shape
     bs = pool.block_size
     per_chunk = chunk_blocks(chunk, bs, block_tables.shape[1])
