@@ -61,8 +61,8 @@ def test_decode_rows_equal_the_dense_reference(rng, chunk, shared):
         tables[:-1] = tables[0]  # the idle last row's table does not count
     q = rng.standard_normal((rows, K, G, H)).astype(np.float32)
     out = np.asarray(
-        jax.jit(decode_attention, static_argnums=5)(
-            jnp.asarray(q), cache, jnp.asarray(contexts), jnp.asarray(tables), 0, chunk
+        jax.jit(decode_attention, static_argnums=(5, 6))(
+            jnp.asarray(q), cache, jnp.asarray(contexts), jnp.asarray(tables), 0, chunk, chunk
         )
     )
     for r, context in enumerate(contexts):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from model.engine.variants import StepShape
-from model.nn.attention import DECODE_CHUNK, PRIOR_CHUNK, Layout, Pool
+from model.nn.attention import DECODE_CHUNK, PRIOR_CHUNK, SHARED_CHUNK, Layout, Pool
 from model.nn.config import ModelConfig
 from model.nn.sampling import SlotSampling
 from model.types import SamplingParams
@@ -163,9 +163,10 @@ def sampling_row(
 
 def table_width(max_seq_len: int, block_size: int) -> int:
     """MB: blocks per block table, enough for `max_seq_len` positions and a multiple of
-    both attention chunks' block counts (so no chunk's slice runs past the table)."""
+    every attention chunk's block count (so no chunk's slice runs past the table)."""
     needed = -(-max_seq_len // block_size)
-    step = math.lcm(*(max(1, chunk // block_size) for chunk in (DECODE_CHUNK, PRIOR_CHUNK)))
+    chunks = (DECODE_CHUNK, SHARED_CHUNK, PRIOR_CHUNK)
+    step = math.lcm(*(max(1, chunk // block_size) for chunk in chunks))
     return -(-needed // step) * step
 
 

@@ -39,9 +39,12 @@ import numpy as np
 from jax import lax
 
 NEG_INF = jnp.finfo(jnp.float32).min
-# Keys per loop iteration: a decode row's chunk is read for every row at once,
-# a prior-context chunk once for the whole region (so it can be larger).
+# Keys per loop iteration. Decode rows with tables of their own each gather their
+# chunk (small chunks gather less past a short context); rows sharing one table, and
+# the region's prior context, gather theirs once (large chunks: fewer iterations,
+# whose overhead is most of a lone row's attention on CPU).
 DECODE_CHUNK = 64
+SHARED_CHUNK = 256
 PRIOR_CHUNK = 1024
 
 
@@ -152,18 +155,19 @@ def decode_attention(
     block_tables: jax.Array,
     base=0,
     chunk: int = DECODE_CHUNK,
+    shared_chunk: int = SHARED_CHUNK,
 ) -> jax.Array:
     """Decode rows: q [R, K, G, H] → [R, K, G, H], each row over its keys 0..context[r] in
     the layer whose blocks start at `base`, `chunk` keys per loop iteration.
 
     Gathering each row's blocks is most of the cost. When every active row has the same
     block table (one sequence: a lone stream's newest token and its drafts), the blocks
-    are gathered once for all rows instead."""
+    are gathered once for all rows instead, `shared_chunk` keys per iteration."""
     active = context[:, None] >= 0
     shared = jnp.all((block_tables == block_tables[:1]) | ~active)
     return lax.cond(
         shared,
-        partial(_one_table_attention, chunk=chunk),
+        partial(_one_table_attention, chunk=shared_chunk),
         partial(_per_row_attention, chunk=chunk),
         q,
         pool,
