@@ -68,3 +68,20 @@ SLOW_FIRST = (
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(SLOW_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+@pytest.fixture
+def make():
+    """Build schedulers (model/engine/scheduler.py) that are stopped after the test."""
+    from model.engine.scheduler import Scheduler
+
+    schedulers = []
+
+    def build(engine, **kwargs):
+        scheduler = Scheduler(engine, **kwargs)
+        schedulers.append(scheduler)
+        return scheduler
+
+    yield build
+    for scheduler in schedulers:
+        scheduler.stop()

@@ -19,7 +19,7 @@ import pytest
 from model.engine.blocks import BlockPool
 from model.engine.ledger import Ledger
 from model.engine.requests import Group
-from model.engine.scheduler import EngineFailed, QueueFull, RequestFailed, Scheduler
+from model.engine.scheduler import EngineFailed, QueueFull, RequestFailed
 from model.engine.state import StepPlan
 from model.engine.variants import SMALL_CHUNK, StepShape, step_shapes
 from model.nn.attention import Layout
@@ -164,20 +164,6 @@ def by_choice(handle) -> dict[int, tuple[list[int], str]]:
     for event in handle:
         out.setdefault(event.index, []).append(event)
     return {i: ([e.token for e in es], es[-1].finish_reason) for i, es in out.items()}
-
-
-@pytest.fixture
-def make():
-    schedulers = []
-
-    def build(engine, **kwargs):
-        scheduler = Scheduler(engine, **kwargs)
-        schedulers.append(scheduler)
-        return scheduler
-
-    yield build
-    for scheduler in schedulers:
-        scheduler.stop()
 
 
 def test_each_request_gets_its_own_sequence_and_finish_reason(make):

@@ -14,7 +14,6 @@ from scipy import stats
 from model import LLM
 from model.engine import speculative
 from model.engine.requests import Seq
-from model.engine.scheduler import Scheduler
 from model.engine.speculative import Speculation, propose
 from model.engine.state import sampling_row
 from model.engine.variants import StepShape, step_shapes
@@ -144,20 +143,6 @@ def fill_rows(proposals, spare: int) -> dict:
         drafts[s] = list(d[: max(spare, 0)])
         spare -= len(drafts[s])
     return {s: d for s, d in drafts.items() if d}
-
-
-@pytest.fixture
-def make():
-    schedulers = []
-
-    def build(engine, **kwargs):
-        scheduler = Scheduler(engine, **kwargs)
-        schedulers.append(scheduler)
-        return scheduler
-
-    yield build
-    for scheduler in schedulers:
-        scheduler.stop()
 
 
 @pytest.mark.parametrize(

@@ -167,8 +167,8 @@ def decode_attention(
     shared = jnp.all((block_tables == block_tables[:1]) | ~active)
     return lax.cond(
         shared,
-        partial(_one_table_attention, chunk=shared_chunk),
-        partial(_per_row_attention, chunk=chunk),
+        partial(_rows_attention, chunk=shared_chunk, shared=True),
+        partial(_rows_attention, chunk=chunk, shared=False),
         q,
         pool,
         context,
@@ -177,53 +177,31 @@ def decode_attention(
     )
 
 
-def _one_table_attention(q, pool: Pool, context, block_tables, base, chunk: int) -> jax.Array:
-    """decode_attention's rows, all reading row 0's block table: one gather per chunk."""
-    rows, k, g, h = q.shape
-    bs = pool.block_size
-    per_chunk = chunk_blocks(chunk, bs, block_tables.shape[1])
-    width = per_chunk * bs
-    scale = h**-0.5
-    chunks = (jnp.max(context) + width) // width
-
-    def body(c, state):
-        ids = lax.dynamic_slice_in_dim(block_tables[0], c * per_chunk, per_chunk) + base
-        keys, values = pool.k[ids], pool.v[ids]  # [n, K, H, BS], [n, K, BS, H]
-        s = jnp.einsum("rkgh,nkhs->rkgns", q, keys).astype(jnp.float32) * scale
-        pos = c * width + jnp.arange(width).reshape(per_chunk, bs)
-        visible = pos[None] <= context[:, None, None]  # [R, n, BS]
-        s = jnp.where(visible[:, None, None], s, NEG_INF).reshape(rows, k, g, width)
-
-        def weighted(p):
-            p = p.reshape(rows, k, g, per_chunk, bs).astype(values.dtype)
-            return jnp.einsum("rkgns,nksh->rkgh", p, values).astype(jnp.float32)
-
-        return _online(state, s, weighted)
-
-    state = lax.fori_loop(0, chunks, body, _empty((rows, k, g), h))
-    return _finish(state).astype(q.dtype)
-
-
-def _per_row_attention(q, pool: Pool, context, block_tables, base, chunk: int) -> jax.Array:
-    """decode_attention's rows, each through its own block table."""
+def _rows_attention(
+    q, pool: Pool, context, block_tables, base, chunk: int, shared: bool
+) -> jax.Array:
+    """decode_attention's rows, each through its own block table, or (`shared`) all through
+    row 0's: one gather per chunk for every row."""
     rows, k, g, h = q.shape
     bs = pool.block_size
     per_chunk = chunk_blocks(chunk, bs, block_tables.shape[1])
     width = per_chunk * bs
     scale = h**-0.5
     chunks = (jnp.max(context) + width) // width  # covers position max(context); 0 if all idle
+    tables = block_tables[0] if shared else block_tables
+    r = "" if shared else "r"  # the gathered blocks' row axis, if each row has its own
 
     def body(c, state):
-        ids = lax.dynamic_slice_in_dim(block_tables, c * per_chunk, per_chunk, axis=1) + base
-        keys, values = pool.k[ids], pool.v[ids]  # [R, n, K, H, BS], [R, n, K, BS, H]
-        s = jnp.einsum("rkgh,rnkhs->rkgns", q, keys).astype(jnp.float32) * scale
+        ids = lax.dynamic_slice_in_dim(tables, c * per_chunk, per_chunk, axis=-1) + base
+        keys, values = pool.k[ids], pool.v[ids]  # [(R,) n, K, H, BS], [(R,) n, K, BS, H]
+        s = jnp.einsum(f"rkgh,{r}nkhs->rkgns", q, keys).astype(jnp.float32) * scale
         pos = c * width + jnp.arange(width).reshape(per_chunk, bs)
         visible = pos[None] <= context[:, None, None]  # [R, n, BS]
         s = jnp.where(visible[:, None, None], s, NEG_INF).reshape(rows, k, g, width)
 
         def weighted(p):
             p = p.reshape(rows, k, g, per_chunk, bs).astype(values.dtype)
-            return jnp.einsum("rkgns,rnksh->rkgh", p, values).astype(jnp.float32)
+            return jnp.einsum(f"rkgns,{r}nksh->rkgh", p, values).astype(jnp.float32)
 
         return _online(state, s, weighted)
 
