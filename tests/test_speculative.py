@@ -97,9 +97,11 @@ def test_grammars_and_penalties_do_not_draft():
     for penalty in ({"frequency_penalty": 0.5}, {"presence_penalty": -1.0}):
         row = sampling_row(SamplingParams(**penalty), 0, [1, 2], 16)
         assert not drafting.allows(seq(row=row))
-    plain = sampling_row(SamplingParams(logit_bias={3: 5.0}, top_k=4), 0, [1, 2], 16)
+    plain = sampling_row(SamplingParams(temperature=0, logit_bias={3: 5.0}, top_k=4), 0, [1, 2], 16)
     assert drafting.allows(seq(row=plain))
     assert not drafting.allows(seq(embed=True))
+    sampled = sampling_row(SamplingParams(temperature=0.7, seed=1), 0, [1, 2], 16)
+    assert not drafting.allows(seq(row=sampled))  # a seeded stream: the same tokens
     assert not Speculation("off", 4).allows(seq())
     with pytest.raises(ValueError, match="must be one of"):
         Speculation("eagle", 4)
