@@ -224,8 +224,8 @@ class Forced(Speculation):
     def plan(self, proposals, rows, prefill, shapes):
         return fill_rows(proposals, max(s.rows for s in shapes) - rows)
 
-    def wants(self, live):  # every step
-        return any(s.decoding and s.may_draft for s in live)
+    def wants(self, live):  # every step, sampled sequences too (the policy's may_draft aside)
+        return any(s.decoding for s in live)
 
 
 @pytest.fixture(scope="module")
