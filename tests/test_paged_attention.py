@@ -11,30 +11,31 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model.nn.attention import Layout, Pool, decode_attention, region_attention
+from model import kernels
+from model.nn.attention import Layout, Pool, decode_attention, kernel_fits, region_attention
 
 K, G, H, BS = 2, 3, 8, 4  # GQA: 3 query heads per kv head
 NB, MB = 64, 24  # pool blocks; blocks per sequence (96 positions)
 
 
-def random_pool(rng) -> tuple[Pool, np.ndarray, np.ndarray]:
+def random_pool(rng, nb=NB, bs=BS, h=H) -> tuple[Pool, np.ndarray, np.ndarray]:
     """A pool of random keys and values, and the same as dense [NB·BS, K, H] arrays."""
-    keys = rng.standard_normal((NB * BS, K, H)).astype(np.float32)
-    values = rng.standard_normal((NB * BS, K, H)).astype(np.float32)
-    k = keys.reshape(NB, BS, K, H).transpose(0, 2, 3, 1)  # [NB, K, H, BS]
-    v = values.reshape(NB, BS, K, H).transpose(0, 2, 1, 3)  # [NB, K, BS, H]
+    keys = rng.standard_normal((nb * bs, K, h)).astype(np.float32)
+    values = rng.standard_normal((nb * bs, K, h)).astype(np.float32)
+    k = keys.reshape(nb, bs, K, h).transpose(0, 2, 3, 1)  # [NB, K, H, BS]
+    v = values.reshape(nb, bs, K, h).transpose(0, 2, 1, 3)  # [NB, K, BS, H]
     return Pool(jnp.asarray(k), jnp.asarray(v)), keys, values
 
 
-def sequence_positions(table: np.ndarray, length: int) -> np.ndarray:
+def sequence_positions(table: np.ndarray, length: int, bs=BS) -> np.ndarray:
     """Flat pool positions of a sequence's first `length` positions."""
     pos = np.arange(length)
-    return table[pos // BS] * BS + pos % BS
+    return table[pos // bs] * bs + pos % bs
 
 
 def reference(q: np.ndarray, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Softmax attention of q [Q, K, G, H] over keys, values [S, K, H] → [Q, K, G, H]."""
-    scores = np.einsum("qkgh,skh->qkgs", q, keys) / np.sqrt(H)
+    scores = np.einsum("qkgh,skh->qkgs", q, keys) / np.sqrt(q.shape[-1])
     scores -= scores.max(-1, keepdims=True)
     probs = np.exp(scores)
     probs /= probs.sum(-1, keepdims=True)
@@ -72,6 +73,36 @@ def test_decode_rows_equal_the_dense_reference(rng, chunk, shared):
         flat = sequence_positions(tables[r], context + 1)
         expected = reference(q[r : r + 1], keys[flat], values[flat])[0]
         np.testing.assert_allclose(out[r], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("h", [16, 64])
+@pytest.mark.parametrize("long", [False, True], ids=["one-thread", "threads"])
+def test_the_cpu_kernel_equals_the_dense_reference(rng, h, long):
+    """jaxchat's CPU decode attention (model/kernels/attention.cc), which reads the blocks
+    in place: rows ending inside and at the edges of blocks, one position, an idle row,
+    the layer's blocks at an offset (`base`), two rows sharing a table; long contexts
+    split the heads among threads."""
+    assert kernels.load(), "the kernels are built by `make setup` (python -m model.kernels)"
+    bs, nb, mb, base = 16, 160, 96 if long else 12, 7
+    pool, keys, values = random_pool(rng, nb + base, bs, h)
+    assert kernel_fits(pool, h)
+    longest = mb * bs - 1
+    contexts = np.array([0, 15, 16, 17, longest // 2, longest, -1, longest], np.int32)
+    tables = np.stack([rng.permutation(nb)[:mb] for _ in contexts]).astype(np.int32)
+    tables[-1] = tables[-3]
+    q = rng.standard_normal((len(contexts), K, G, h)).astype(np.float32)
+    attend = jax.jit(decode_attention, static_argnames="kernel")
+    out = np.asarray(attend(q, pool, contexts, tables, base, kernel=True))
+    for r, context in enumerate(contexts):
+        if context < 0:
+            np.testing.assert_array_equal(out[r], 0)
+            continue
+        flat = sequence_positions(tables[r] + base, context + 1, bs)
+        expected = reference(q[r : r + 1], keys[flat], values[flat])[0]
+        np.testing.assert_allclose(out[r], expected, atol=2e-6)
+    # The XLA path on the same inputs (no kernel) agrees to rounding.
+    xla = np.asarray(attend(q, pool, contexts, tables, base, kernel=False))
+    np.testing.assert_allclose(out, xla, atol=2e-6)
 
 
 @pytest.mark.parametrize("prior", [0, 1, 17, 40])

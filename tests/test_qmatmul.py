@@ -150,8 +150,8 @@ def test_blocks_are_the_dequantised_weights_also_through_the_prepared_copy(q8_gg
 
 
 def test_an_engine_on_the_blocks_decodes_as_one_on_f32(q8_gguf, monkeypatch):
-    """The unrolled decode steps on the blocks (through the kernel) give the f32 steps'
-    greedy tokens and log-probabilities."""
+    """The unrolled decode steps on the blocks (through the kernel, and their attention
+    through the attention kernel) give the f32 steps' greedy tokens and log-probabilities."""
     prompt = list(range(5, 29))
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=True)
     runs = {}
@@ -161,6 +161,7 @@ def test_an_engine_on_the_blocks_decodes_as_one_on_f32(q8_gguf, monkeypatch):
         llm.warmup()  # the unrolled steps too
         assert (llm.engine.kernel is not None) == (setting == "on")
         assert (BLOCKS in llm.engine.params) == (setting == "on")
+        assert llm.engine.model.kernels == (setting == "on")
         assert all(llm.engine.variants.ready(*v) for v in llm.engine.variants.upgrades)
         runs[setting] = llm.generate(prompt, params)
         llm.scheduler.stop()

@@ -111,7 +111,6 @@ class Engine:
         self.batch = batch
         self.stop_ids = np.asarray(sorted(stop_ids) or [-1], np.int32)
         self.dtype = dtype
-        self.model = Transformer(config, dtype)
         self.scanned_model = Transformer(config, dtype, scan_layers=True)
         # Every step shape runs its layers as one scan, which compiles 3-4x faster than
         # unrolled layers. XLA:CPU copies a layer's weights out of the stack every step,
@@ -131,6 +130,8 @@ class Engine:
             self.params, self.kernel = kernel_params(
                 jax.device_put(params, shardings), blocks or {}, self.mesh
             )
+        # Steps through jaxchat's CPU kernels read their attention blocks in place too.
+        self.model = Transformer(config, dtype, kernels=self.kernel is not None)
         self.block_size = BLOCK_SIZE
         pool_tokens = pool_tokens or default_pool_tokens(config, dtype, batch, max_seq_len)
         self.pool_blocks = max(pool_tokens // BLOCK_SIZE, -(-max_seq_len // BLOCK_SIZE))

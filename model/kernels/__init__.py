@@ -1,8 +1,12 @@
 """CPU kernels of our own, called from jitted code through `jax.ffi`.
 
-One so far: the quantized matrix product (qmatmul.cc), which reads weights in GGUF's
-block formats or jaxchat's int8 rows and expands them in registers, so a decode step
-streams 4-8 bits per weight instead of 32 (model/nn/quantize.py's `BlockWeight`).
+- the quantized matrix product (qmatmul.cc), which reads weights in GGUF's block
+  formats or jaxchat's int8 rows and expands them in registers, so a decode step
+  streams 4-8 bits per weight instead of 32 (model/nn/quantize.py's `BlockWeight`);
+- decode attention over the paged pool (attention.cc), which reads each row's blocks in
+  place instead of gathering them into new arrays (model/nn/attention.py).
+
+Both share a pool of worker threads (workers.h).
 
 The library is compiled from the source here by the project's own set-up
 (`python -m model.kernels`: `make setup` and the Dockerfile run it) with the system's
@@ -23,22 +27,25 @@ from pathlib import Path
 
 import jax
 
+from model.nn.attention import ATTENTION_TARGET
 from model.nn.quantize import QMATMUL_TARGET
 
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCE = HERE / "qmatmul.cc"
+SOURCES = (HERE / "qmatmul.cc", HERE / "attention.cc")
+HEADERS = (HERE / "workers.h",)
 FLAGS = ("-O3", "-std=c++20", "-shared", "-fPIC", "-DNDEBUG", "-Wall", "-Wno-psabi")
 
 
 def digest() -> str:
-    """The library's identity: its source and how it is compiled."""
-    return hashlib.sha256(SOURCE.read_bytes() + repr(FLAGS).encode()).hexdigest()[:16]
+    """The library's identity: its sources and how they are compiled."""
+    text = b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
+    return hashlib.sha256(text + repr(FLAGS).encode()).hexdigest()[:16]
 
 
 def library_path() -> Path:
-    return HERE / f"_qmatmul.{digest()}.so"
+    return HERE / f"_kernels.{digest()}.so"
 
 
 def build(compiler: str | None = None) -> Path:
@@ -52,9 +59,10 @@ def build(compiler: str | None = None) -> Path:
     include = jax.ffi.include_dir()
     with tempfile.TemporaryDirectory(dir=HERE) as tmp:
         out = Path(tmp) / target.name
-        command = [compiler, *FLAGS, "-isystem", include, str(SOURCE), "-o", str(out)]
+        sources = [str(path) for path in SOURCES]
+        command = [compiler, *FLAGS, "-isystem", include, *sources, "-o", str(out)]
         subprocess.run(command, check=True)
-        for stale in HERE.glob("_qmatmul.*.so"):
+        for stale in HERE.glob("_*.so"):
             stale.unlink()
         os.replace(out, target)  # readers never see half a file
     return target
@@ -62,17 +70,20 @@ def build(compiler: str | None = None) -> Path:
 
 @cache
 def load() -> bool:
-    """Register the quantized product with XLA:CPU; False (and why, in the log) when the
-    library is not built for this source."""
+    """Register the kernels with XLA:CPU; False (and why, in the log) when the library is
+    not built for these sources."""
     path = library_path()
     if not path.is_file():
         log.warning(
-            "the quantized-matmul kernel is not built (%s): quantized weights run through "
-            "XLA in f32; run `python -m model.kernels` (make setup does)",
+            "jaxchat's CPU kernels are not built (%s): quantized weights and decode "
+            "attention run through XLA in f32; run `python -m model.kernels` (make setup does)",
             path.name,
         )
         return False
     library = ctypes.cdll.LoadLibrary(str(path))
-    capsule = jax.ffi.pycapsule(library.JaxchatQMatmul)
-    jax.ffi.register_ffi_target(QMATMUL_TARGET, capsule, platform="cpu")
+    for target, symbol in (
+        (QMATMUL_TARGET, library.JaxchatQMatmul),
+        (ATTENTION_TARGET, library.JaxchatDecodeAttention),
+    ):
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     return True

@@ -9,4 +9,4 @@ try:
     print(f"built {build()}")
 except (RuntimeError, subprocess.CalledProcessError) as error:
     # The server still runs without them (the pure-JAX path); say so and go on.
-    print(f"the quantized-matmul kernel was not built: {error}", file=sys.stderr)
+    print(f"jaxchat's CPU kernels were not built: {error}", file=sys.stderr)

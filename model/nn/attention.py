@@ -46,6 +46,9 @@ NEG_INF = jnp.finfo(jnp.float32).min
 DECODE_CHUNK = 64
 SHARED_CHUNK = 256
 PRIOR_CHUNK = 1024
+# The XLA custom-call target of jaxchat's CPU decode attention (model/kernels/attention.cc,
+# registered by model/kernels): the rows read their blocks in place, no gather.
+ATTENTION_TARGET = "jaxchat_decode_attention"
 
 
 class Pool(flax.struct.PyTreeNode):
@@ -156,13 +159,18 @@ def decode_attention(
     base=0,
     chunk: int = DECODE_CHUNK,
     shared_chunk: int = SHARED_CHUNK,
+    kernel: bool = False,
 ) -> jax.Array:
     """Decode rows: q [R, K, G, H] → [R, K, G, H], each row over its keys 0..context[r] in
     the layer whose blocks start at `base`, `chunk` keys per loop iteration.
 
     Gathering each row's blocks is most of the cost. When every active row has the same
     block table (one sequence: a lone stream's newest token and its drafts), the blocks
-    are gathered once for all rows instead, `shared_chunk` keys per iteration."""
+    are gathered once for all rows instead, `shared_chunk` keys per iteration.
+    kernel: through jaxchat's CPU kernel, which gathers nothing (`kernel_fits` says where
+    it applies; model/kernels must be loaded)."""
+    if kernel and kernel_fits(pool, q.shape[-1]):
+        return _kernel_attention(q, pool, context, block_tables, base)
     active = context[:, None] >= 0
     shared = jnp.all((block_tables == block_tables[:1]) | ~active)
     return lax.cond(
@@ -175,6 +183,31 @@ def decode_attention(
         block_tables,
         base,
     )
+
+
+def kernel_fits(pool: Pool, head_dim: int) -> bool:
+    """Whether the CPU kernel takes this pool: f32, blocks and heads in multiples of 16."""
+    return (
+        pool.k.dtype == jnp.float32
+        and pool.block_size % 16 == 0
+        and head_dim % 16 == 0
+        and head_dim <= 512
+    )
+
+
+def _kernel_attention(q, pool: Pool, context, block_tables, base) -> jax.Array:
+    call = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    out = call(
+        q.astype(jnp.float32),
+        pool.k,
+        pool.v,
+        context.astype(jnp.int32),
+        block_tables.astype(jnp.int32),
+        jnp.asarray(base, jnp.int32),
+        scale=np.float32(q.shape[-1] ** -0.5),
+        threads=np.int64(0),
+    )
+    return out.astype(q.dtype)
 
 
 def _rows_attention(

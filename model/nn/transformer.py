@@ -84,10 +84,12 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Grouped-query attention with one fused [q; k; v] projection, over the paged pool."""
+    """Grouped-query attention with one fused [q; k; v] projection, over the paged pool.
+    kernel: decode rows through jaxchat's CPU kernel (model/kernels)."""
 
     config: ModelConfig
     dtype: jnp.dtype
+    kernel: bool = False
 
     @nn.compact
     def __call__(
@@ -117,7 +119,12 @@ class Attention(nn.Module):
         if r:
             assert pool is not None  # decode rows read their context from the pool
             decoded = decode_attention(
-                q[..., :r].transpose(3, 0, 1, 2), pool, layout.context, layout.block_tables, base
+                q[..., :r].transpose(3, 0, 1, 2),
+                pool,
+                layout.context,
+                layout.block_tables,
+                base,
+                kernel=self.kernel,
             )  # [R, K, G, H]
             outs.append(decoded.transpose(1, 2, 3, 0))
         if t > r:
@@ -147,12 +154,13 @@ class Block(nn.Module):
 
     config: ModelConfig
     dtype: jnp.dtype
+    kernel: bool = False
 
     @nn.compact
     def __call__(self, carry, layer, layout: Layout):
         c = self.config
         x, pool = carry
-        h, pool = Attention(c, self.dtype, name="attn")(
+        h, pool = Attention(c, self.dtype, self.kernel, name="attn")(
             RMSNorm(c.norm_eps, self.dtype, name="attn_norm")(x), layout, pool, layer
         )
         x = x + h
@@ -167,11 +175,13 @@ class Transformer(nn.Module):
     call is a causal forward pass over the layout's prefill segments.
     scan_layers: one `nn.scan` over stacked layer weights (params["layers"],
     each [L, ...]) instead of unrolled layers (params["layers_0"], …).
+    kernels: decode attention through jaxchat's CPU kernel (model/kernels, loaded).
     """
 
     config: ModelConfig
     dtype: jnp.dtype = jnp.float32
     scan_layers: bool = False
+    kernels: bool = False
 
     def setup(self) -> None:
         c = self.config
@@ -184,9 +194,9 @@ class Transformer(nn.Module):
                 in_axes=(0, nn.broadcast),
                 length=c.n_layers,
             )
-            self.layers: Block | Sequence[Block] = scanned(c, self.dtype)
+            self.layers: Block | Sequence[Block] = scanned(c, self.dtype, self.kernels)
         else:
-            self.layers = [Block(c, self.dtype) for _ in range(c.n_layers)]
+            self.layers = [Block(c, self.dtype, self.kernels) for _ in range(c.n_layers)]
         self.final_norm = RMSNorm(c.norm_eps, self.dtype)
         if not c.tie_embeddings and not self.has_variable(BLOCKS, "lm_head"):
             self.lm_head = self.param(

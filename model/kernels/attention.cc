@@ -1,0 +1,160 @@
+// Decode attention over the paged KV pool, for XLA:CPU through jax.ffi.
+//
+//   out[r, k, g] = softmax(q[r, k, g] · keys / sqrt(H)) @ values
+//
+// over positions 0..context[r] of row r, read block by block through its block table
+// (model/nn/attention.py lays out the pool: k [L·NB, K, H, BS], v [L·NB, K, BS, H]).
+// XLA gathers each chunk's blocks into a new array before its two products; for the
+// one to eight rows of a decode step that copy and the loop around it cost more than
+// the arithmetic. Here each (row, kv head, query head) reads its blocks in place: the
+// scores 16 positions at a time (positions are minor in a key block), then one
+// softmax, then the values (features minor). Rows with context -1 are idle: output 0.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "workers.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE f32x16 load16(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+INLINE void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof v); }
+
+// e^x for x <= 0 (Cephes' expf: x = n ln 2 + r, |r| <= ln 2 / 2, a degree-6 polynomial
+// for e^r, 2^n through the exponent bits); below -87 it returns e^-87, about 1.6e-38.
+INLINE f32x16 exp16(f32x16 x) {
+  x = x < -87.0f ? f32x16{} - 87.0f : x;
+  f32x16 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  f32x16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  f32x16 p = f32x16{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  i32x16 bits = (__builtin_convertvector(n, i32x16) + 127) << 23;
+  f32x16 scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+constexpr int kMaxHead = 512;  // head dims up to this (multiples of 16)
+
+struct Shapes {
+  int64_t K, G, H, BS, MB, blocks;  // kv heads, group, head dim, block size, table width, pool
+};
+
+// One query head of one row: out[H] over the row's positions 0..context.
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+void head(const Shapes& s, const float* q, const float* kpool, const float* vpool,
+          int32_t context, const int32_t* table, int32_t base, int64_t kh, float scale,
+          float* out) {
+  const int64_t H = s.H, BS = s.BS;
+  if (context < 0) {
+    std::fill(out, out + H, 0.0f);
+    return;
+  }
+  const int64_t n = std::min<int64_t>(int64_t{context} + 1, s.MB * BS), nb = (n + BS - 1) / BS;
+  thread_local std::vector<float> scores;
+  scores.resize(nb * BS);
+  auto block = [&](int64_t b) {  // the pool block behind table entry b (clamped, as XLA's gather)
+    return std::clamp<int64_t>(int64_t{table[b]} + base, 0, s.blocks - 1);
+  };
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* kb = kpool + (block(b) * s.K + kh) * H * BS;  // [H, BS]
+    for (int64_t j = 0; j < BS; j += 16) {
+      f32x16 acc = {};
+      for (int64_t h = 0; h < H; ++h) acc += q[h] * load16(kb + h * BS + j);
+      store16(&scores[b * BS + j], acc * scale);
+    }
+  }
+  float top = scores[0];
+  for (int64_t i = 1; i < n; ++i) top = std::max(top, scores[i]);
+  f32x16 total = {};
+  for (int64_t i = 0; i < nb * BS; i += 16) {
+    f32x16 e = exp16(load16(&scores[i]) - top);
+    for (int64_t l = 0; l < 16; ++l)
+      if (i + l >= n) e[l] = 0.0f;  // the last block's positions past the context
+    store16(&scores[i], e);
+    total += e;
+  }
+  float sum = 0;
+  for (int l = 0; l < 16; ++l) sum += total[l];
+  f32x16 acc[kMaxHead / 16] = {};
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* vb = vpool + (block(b) * s.K + kh) * BS * H;  // [BS, H]
+    for (int64_t p = 0; p < std::min(BS, n - b * BS); ++p) {
+      float w = scores[b * BS + p];
+      for (int64_t v = 0; v < H / 16; ++v) acc[v] += w * load16(vb + p * H + 16 * v);
+    }
+  }
+  for (int64_t v = 0; v < H / 16; ++v) store16(out + 16 * v, acc[v] / sum);
+}
+
+ffi::Error DecodeAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                               ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> context,
+                               ffi::Buffer<ffi::S32> tables, ffi::Buffer<ffi::S32> base,
+                               ffi::ResultBuffer<ffi::F32> out, float scale, int64_t threads) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), td = tables.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || td.size() != 2)
+    return ffi::Error::InvalidArgument(
+        "decode attention: q [R, K, G, H], k [NB, K, H, BS], v [NB, K, BS, H], tables [R, MB]");
+  const int64_t R = qd[0];
+  Shapes s{qd[1], qd[2], qd[3], kd[3], td[1], kd[0]};
+  if (kd[1] != s.K || kd[2] != s.H || vd[0] != s.blocks || vd[1] != s.K || vd[2] != s.BS ||
+      vd[3] != s.H || td[0] != R || static_cast<int64_t>(context.element_count()) != R)
+    return ffi::Error::InvalidArgument("decode attention: q, pool and tables do not agree");
+  if (s.H % 16 || s.H > kMaxHead || s.BS % 16)
+    return ffi::Error::InvalidArgument("decode attention: head dim " + std::to_string(s.H) +
+                                       " and block size " + std::to_string(s.BS) +
+                                       " must be multiples of 16 (head dim up to 512)");
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
+  const int32_t *cp = context.typed_data(), *tp = tables.typed_data();
+  const int32_t b0 = base.typed_data()[0];
+  float* op = out->typed_data();
+  const int64_t heads = R * s.K * s.G;  // one task per (row, kv head, query head)
+  int64_t work = 0;
+  for (int64_t r = 0; r < R; ++r) work += std::max(0, cp[r] + 1);
+  int parts = threads > 0 ? static_cast<int>(threads) : jaxchat::Workers::get().size();
+  // Below about 8k positions·heads the work is shorter than waking another thread.
+  if (work * s.K * s.G < 8192) parts = 1;
+  jaxchat::Workers::get().run(heads, parts, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = i / (s.K * s.G), kh = i / s.G % s.K;
+      head(s, qp + i * s.H, kp, vp, cp[r], tp + r * s.MB, b0, kh, scale, op + i * s.H);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchatDecodeAttention, DecodeAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("threads"));
