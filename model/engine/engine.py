@@ -33,7 +33,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from model.engine.executables import ExecutableStore, fingerprint
-from model.engine.quantized import kernel_params
+from model.engine.quantized import kernel_params, kernels
 from model.engine.state import (
     EngineState,
     StepOutputs,
@@ -111,7 +111,11 @@ class Engine:
         self.batch = batch
         self.stop_ids = np.asarray(sorted(stop_ids) or [-1], np.int32)
         self.dtype = dtype
-        self.scanned_model = Transformer(config, dtype, scan_layers=True)
+        # Decode rows attend through jaxchat's CPU kernel where it applies (its digest).
+        self.attention_kernel = kernels(self.mesh) if jnp.dtype(dtype) == jnp.float32 else None
+        self.scanned_model = Transformer(
+            config, dtype, scan_layers=True, kernels=self.attention_kernel is not None
+        )
         # Every step shape runs its layers as one scan, which compiles 3-4x faster than
         # unrolled layers. XLA:CPU copies a layer's weights out of the stack every step,
         # which the smallest decode steps feel: on CPU they also get unrolled layers (with
@@ -130,8 +134,7 @@ class Engine:
             self.params, self.kernel = kernel_params(
                 jax.device_put(params, shardings), blocks or {}, self.mesh
             )
-        # Steps through jaxchat's CPU kernels read their attention blocks in place too.
-        self.model = Transformer(config, dtype, kernels=self.kernel is not None)
+        self.model = Transformer(config, dtype, kernels=self.attention_kernel is not None)
         self.block_size = BLOCK_SIZE
         pool_tokens = pool_tokens or default_pool_tokens(config, dtype, batch, max_seq_len)
         self.pool_blocks = max(pool_tokens // BLOCK_SIZE, -(-max_seq_len // BLOCK_SIZE))
@@ -188,6 +191,7 @@ class Engine:
                 jax.tree_util.tree_structure(self.stacked),
                 jax.tree.leaves(avals, is_leaf=lambda x: isinstance(x, tuple)),
                 source_digest(__name__),  # every module the traced code comes from
+                self.attention_kernel,  # steps that call the kernels need this library
             )
         )
 
