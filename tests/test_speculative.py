@@ -6,6 +6,7 @@ distribution (tiny model, exact probabilities), greedy tokens stay the same (Smo
 
 import dataclasses
 import itertools
+import threading
 
 import numpy as np
 import pytest
@@ -101,7 +102,7 @@ def test_grammars_and_penalties_do_not_draft():
     assert drafting.allows(seq(row=plain))
     assert not drafting.allows(seq(embed=True))
     sampled = sampling_row(SamplingParams(temperature=0.7, seed=1), 0, [1, 2], 16)
-    assert not drafting.allows(seq(row=sampled))  # a seeded stream: the same tokens
+    assert drafting.allows(seq(row=sampled))  # keys by position: the same tokens
     assert not Speculation("off", 4).allows(seq())
     with pytest.raises(ValueError, match="must be one of"):
         Speculation("eagle", 4)
@@ -307,6 +308,42 @@ def test_sampled_tokens_with_drafts_follow_the_models_distribution(tiny, monkeyp
     monkeypatch.setattr("model.engine.scheduler.taken", lambda sampled, drafts: len(drafts))
     counts = sampled_counts(tiny, 128)
     assert chi_square_p(counts, joint) < 1e-6
+
+
+def test_a_seeded_sampled_stream_draws_the_same_tokens_with_drafts(tiny):
+    """Each position draws with the slot's key folded with the position: a seeded request
+    gets the same tokens whether its positions were drafts (taken or not) or plain decode
+    rows, alone or beside other requests."""
+    params = SamplingParams(0.8, max_tokens=12, ignore_eos=True, n=3)
+    seeds = [11, 12, 13, 14]
+    saved = tiny.scheduler.speculation
+    try:
+        tiny.scheduler.speculation = Speculation("off", 1)
+        plain = [
+            [
+                c.token_ids
+                for c in tiny.generate_choices(PROMPT, dataclasses.replace(params, seed=s))
+            ]
+            for s in seeds
+        ]
+        forced = Forced(plain[0][0][1:4])  # the first stream's own tokens: some taken
+        tiny.scheduler.speculation = forced
+        drafted = [None] * len(seeds)
+
+        def run(i: int) -> None:
+            choices = tiny.generate_choices(PROMPT, dataclasses.replace(params, seed=seeds[i]))
+            drafted[i] = [c.token_ids for c in choices]  # type: ignore[call-overload]
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(seeds))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        tiny.scheduler.speculation = saved
+    assert forced.drafted > 50 and 0 < forced.accepted < forced.drafted
+    assert drafted == plain
+    assert len({tuple(c) for r in plain for c in r}) > 1  # the seeds do differ
 
 
 GREEDY = [

@@ -319,22 +319,23 @@ class Engine:
 def sample_rows(state: EngineState, newest, logits, plan: StepPlan, batch: int):
     """Sample a token for each row of logits [R, V] with its slot's settings → (the B
     slots' sampling state and newest tokens, the sample). `newest` [R]: each row's slot's
-    newest token. Rows of no slot (`batch`) and draft rows leave the state alone; a draft
-    row draws with a key of its own, folded from its slot's."""
+    newest token. Rows of no slot (`batch`) and draft rows leave the state alone.
+
+    A row draws with its slot's key folded with the position it samples from, and slot
+    keys never advance: a seeded sequence draws the same token at a position (after the
+    same tokens) whatever else shares the step, whether or not that position was a draft
+    row, and after a preempted sequence is recomputed."""
     slots, keep, all_ = plan.slots, plan.sample, state.sampling
     rows = jax.tree_util.tree_map(lambda a: a.at[slots].get(mode="fill", fill_value=0), all_)
-    folded = jax.vmap(jax.random.fold_in)(rows.key, plan.draft)
-    out = sample(
-        logits, rows.replace(key=jnp.where(plan.draft[:, None] > 0, folded, rows.key)), plan.allowed
-    )
-    # Only the rows that sample advance their key and count their token: scatters of R
-    # entries, not a pass over the [B, V] counts.
+    positions = plan.layout.positions[plan.sample_from]
+    keys = jax.vmap(jax.random.fold_in)(rows.key, positions)
+    out = sample(logits, rows.replace(key=keys), plan.allowed)
+    # Only the rows that sample count their token: scatters of R entries, not a pass over
+    # the [B, V] counts.
     owner = jnp.where(plan.draft == 0, slots, batch)
     counts = all_.counts.at[owner, out.tokens].add(keep.astype(jnp.int32), mode="drop")
-    key = jnp.where(keep[:, None], out.sampling.key, rows.key)
-    sampling = all_.replace(key=all_.key.at[owner].set(key, mode="drop"), counts=counts)
     newest = jnp.where(keep, out.tokens, newest)
-    return sampling, state.tokens.at[owner].set(newest, mode="drop"), out
+    return all_.replace(counts=counts), state.tokens.at[owner].set(newest, mode="drop"), out
 
 
 def stack_params(params: Params, shardings, mesh: Mesh, n_layers: int) -> Params:

@@ -9,8 +9,8 @@ a given text repeats long runs of the context, and those are accepted.
 Verifying: the step gives the sequence k + 1 rows at consecutive positions, its
 newest token and each draft (every row writes its key and value to the pool before
 attending, so row i sees the drafts before it: model/nn/attention.py), and samples
-a token t0 … tk at every row with the sequence's own settings, each row with a
-key of its own. The sequence takes t0 … ta, where a is the first i with
+a token t0 … tk at every row with the sequence's own settings, each row with the
+key of its position. The sequence takes t0 … ta, where a is the first i with
 t_i ≠ d_(i+1) (or k). A prompt-lookup draft puts all its probability on one
 token, and for such a draft this is exactly speculative sampling's rule (accept d
 with probability min(1, p(d) / q(d)) = p(d), else draw from norm(max(0, p - q)),
@@ -29,11 +29,12 @@ smaller one; a busy batch that fills its rows gets no drafts and runs as it did.
 A step that drafts needs the newest tokens, so it is planned after the previous
 step's tokens are read, not while it runs. Sequences with a grammar, with
 repetition, frequency or presence penalties (which would need the drafts counted
-before they are sampled) or that are embeddings never draft. Nor, for now, do
-sampled (temperature > 0) ones: a draft row draws with a key of its own, so a
-seeded stream's tokens would depend on whether it drafted, and so on what shared
-its steps (the verification itself keeps the distribution: tests/test_speculative.py
-drives it directly). Drawing each position with a key of its position would lift this.
+before they are sampled) or that are embeddings never draft.
+
+Sampled (temperature > 0) sequences draft too: every row draws with its slot's key
+folded with its position (model/engine/engine.py's `sample_rows`), so a seeded
+sequence's tokens do not depend on whether a position was drafted, nor on what
+shared its steps.
 """
 
 import heapq
@@ -122,7 +123,7 @@ class Speculation:
             return False
         if not isinstance(seq.row, SlotSampling):  # the tests' mock settings
             return True
-        return not penalized(seq.row) and bool(np.all(np.asarray(seq.row.temperature) == 0))
+        return not penalized(seq.row)
 
     def wants(self, live: Sequence[Seq]) -> bool:
         """Whether the next step should be planned with the newest tokens, to draft: while

@@ -41,7 +41,7 @@ class StepPlan(flax.struct.PyTreeNode):
     sample [R] bool: row r samples a token for its slot this step;
     allowed [R, W] i32: grammar bitmasks (all bits set: unconstrained);
     draft [R] i32: 0, or i for the i-th draft row of a speculating slot (its token
-    from `tokens`; it samples with its own key and leaves the slot's state alone:
+    from `tokens`; it samples as any row, by its position, and leaves the slot's state alone:
     model/engine/speculative.py).
     """
 
