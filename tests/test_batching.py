@@ -85,7 +85,8 @@ def test_burst_of_varied_requests_never_compiles(llm, golden):
     compiled, loaded = llm.engine.compilations, llm.engine.loaded
     variants = llm.engine.variants
     assert compiled + loaded == len(variants.names) + len(variants.upgrades)
-    assert sum(kind == "step" for kind, _ in variants.names + variants.upgrades) <= 8
+    # Six step shapes, and four unrolled upgrades (1, 2, 4 and 8 decode rows).
+    assert sum(kind == "step" for kind, _ in variants.names + variants.upgrades) <= 10
     rng = random.Random(9)
     base = golden["prompts"][1]["ids"] * 20
     jobs = [

@@ -7,6 +7,8 @@ purpose: output rows that do not split evenly among threads, one block or many p
 threads on and off.
 """
 
+import threading
+
 import gguf
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,7 @@ import pytest
 from gguf import GGMLQuantizationType
 
 from model import LLM, SamplingParams, kernels
+from model.engine.variants import StepShape, small_shapes
 from model.nn.quantize import (
     BLOCK_FORMATS,
     INT8_ROW,
@@ -170,3 +173,31 @@ def test_an_engine_on_the_blocks_decodes_as_one_on_f32(q8_gguf, monkeypatch):
     np.testing.assert_allclose(
         [t.logprob for t in on.logprobs], [t.logprob for t in off.logprobs], atol=1e-4
     )
+
+
+def test_small_steps_run_once_their_unrolled_executables_are_there(q8_gguf):
+    """The 2- and 4-row decode steps have no scanned executable: the engine offers them
+    only once their unrolled one is compiled; then three streams decode in 4-row steps,
+    each getting the tokens it gets alone."""
+    llm = LLM(str(q8_gguf), max_seq_len=64, batch=8, unrolled_decode=True, speculative="off")
+    small = {StepShape(2, 0), StepShape(4, 0)}
+    assert set(small_shapes(8)) == small
+    assert not small & set(llm.engine.runnable())
+    llm.warmup()
+    assert small <= set(llm.engine.runnable())
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    prompts = [list(range(5 + i, 20 + 2 * i)) for i in range(3)]
+    alone = [llm.generate(p, params).token_ids for p in prompts]
+    together: list = [None] * 3
+
+    def run(i: int) -> None:
+        together[i] = llm.generate(prompts[i], params).token_ids
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    llm.scheduler.stop()
+    assert StepShape(4, 0) in llm.scheduler.speculation.timed  # a 4-row step ran
+    assert together == alone

@@ -65,6 +65,9 @@ class MockEngine:
         self.gate = threading.Event()
         self.gate.set()
 
+    def runnable(self):
+        return self.shapes
+
     def init_state(self):
         return {
             "pool": np.full(self.pool_blocks * BS, -1),

@@ -17,7 +17,7 @@ from model.engine import speculative
 from model.engine.requests import Seq
 from model.engine.speculative import Speculation, propose
 from model.engine.state import sampling_row
-from model.engine.variants import StepShape, step_shapes
+from model.engine.variants import StepShape, small_shapes, step_shapes
 from model.types import SamplingParams
 from tests.test_scheduler import MockEngine, expected, run
 from tests.tiny_models import TINY_LLAMA, write_tiny_gguf
@@ -59,6 +59,20 @@ def test_a_lone_stream_grows_its_step_only_when_its_acceptance_pays_for_it():
     # The measured cost decides: at 8x the time even the good stream stays at one row.
     drafting.costs[StepShape(8, 0)] = 0.160
     assert drafting.plan({good: [5] * 7}, 1, 0, SHAPES) == {}
+
+
+def test_a_small_step_shape_once_compiled_carries_a_few_drafts():
+    """With the unrolled 2- and 4-row steps runnable, as measured on a 2-core CPU (4 rows
+    1.5x one row, 8 rows 3x), a stream accepting 60% of its drafts verifies 3 in a 4-row
+    step (1 + .6 + .36 + .22 = 2.2 tokens for 1.5x the time), where 7 in 8 rows (2.5
+    tokens for 3x) would not pay."""
+    drafting = Speculation("ngram", 7)
+    one, two, four, eight = (StepShape(r, 0) for r in (1, 2, 4, 8))
+    drafting.costs = {one: 0.015, two: 0.017, four: 0.022, eight: 0.045}
+    fair = seq(3, 2)
+    assert drafting.plan({fair: [5] * 7}, 1, 0, SHAPES) == {}
+    runnable = sorted((*SHAPES, *small_shapes(32)))
+    assert drafting.plan({fair: [5] * 7}, 1, 0, runnable) == {fair: [5] * 3}
 
 
 def test_drafts_fill_the_rows_a_step_runs_anyway_best_first_and_never_grow_a_full_batch():

@@ -43,7 +43,7 @@ from model.engine.state import (
     sampling_row,
     table_width,
 )
-from model.engine.variants import StepShape, Variants, step_shapes
+from model.engine.variants import StepShape, Variants, small_shapes, step_shapes
 from model.nn.attention import Pool, init_pool
 from model.nn.config import ModelConfig
 from model.nn.sampling import TOP_LOGPROBS, SlotSampling, sample
@@ -125,6 +125,7 @@ class Engine:
             unrolled = jax.default_backend() == "cpu"
         self.unrolled_shapes = (
             {s for s in step_shapes(batch, max_seq_len) if s.prefill == 0 and s.rows <= 8}
+            | set(small_shapes(batch))
             if unrolled
             else set()
         )
@@ -194,6 +195,14 @@ class Engine:
                 self.attention_kernel,  # steps that call the kernels need this library
             )
         )
+
+    def runnable(self) -> tuple[StepShape, ...]:
+        """The step shapes a step may have now: `shapes`, and the small ones whose unrolled
+        executable is in memory (they have no scanned one)."""
+        ready = [
+            s for s in small_shapes(self.batch) if self.variants.ready("step", (s, self.unrolled))
+        ]
+        return tuple(sorted((*self.shapes, *ready)))
 
     @property
     def compilations(self) -> int:

@@ -97,6 +97,8 @@ class Engine(Protocol):
     @property
     def shapes(self) -> Sequence[StepShape]: ...
 
+    def runnable(self) -> Sequence[StepShape]: ...
+
     def init_state(self): ...
     def admit(self, state, slot: int, row: SlotSampling): ...
     def step(self, state, plan): ...
@@ -286,7 +288,7 @@ class Scheduler:
         prefill = sum(n for _, n in segments)
         drafts = {} if in_flight else self.speculation.drafts(decode, rows, prefill, self)
         rows += sum(map(len, drafts.values()))
-        shape = pick_shape(self.engine.shapes, max(rows, 1), prefill)
+        shape = pick_shape(self.engine.runnable(), max(rows, 1), prefill)
         plan, samplers = build_plan(
             self.engine.empty_plan(shape), decode, segments, self.engine.block_size, drafts
         )

@@ -140,7 +140,7 @@ class Speculation:
         """The drafts a step verifies (`rows` sampled rows and `prefill` tokens without
         them), within the blocks their sequences can get without preempting."""
         proposals = self.proposals(decode)
-        drafts = self.plan(proposals, rows, prefill, scheduler.engine.shapes)
+        drafts = self.plan(proposals, rows, prefill, scheduler.engine.runnable())
         for seq, own in drafts.items():
             scheduler.ledger.grow(seq, seq.length + len(own))
             del own[len(seq.blocks) * scheduler.ledger.block_size - seq.length :]
