@@ -158,7 +158,7 @@ def test_engines_with_and_without_unrolled_steps_share_executables():
     on = Engine(config, params, max_seq_len=64, batch=8, unrolled=True)
     off = Engine(config, params, max_seq_len=64, batch=8, unrolled=False)
     rows = [size[0] for _, size in on.variants.upgrades]
-    assert rows == [StepShape(1, 0), StepShape(2, 0), StepShape(4, 0), StepShape(8, 0)]
+    assert rows == [StepShape(1, 0), StepShape(8, 0), StepShape(2, 0), StepShape(4, 0)]
     assert off.variants.upgrades == () and off.params is None and on.params is not None
     assert on.variants.names == off.variants.names
     assert on.key() == off.key()
