@@ -43,7 +43,13 @@ from model.engine.state import (
     sampling_row,
     table_width,
 )
-from model.engine.variants import StepShape, Variants, small_shapes, step_shapes
+from model.engine.variants import (
+    StepShape,
+    Variants,
+    small_shapes,
+    step_shapes,
+    unrolled_shapes,
+)
 from model.nn.attention import Pool, init_pool
 from model.nn.config import ModelConfig
 from model.nn.sampling import TOP_LOGPROBS, SlotSampling, sample
@@ -123,12 +129,7 @@ class Engine:
         # unrolled=False skips them (one copy of the weights, fewer compiles); None: CPU only.
         if unrolled is None:
             unrolled = jax.default_backend() == "cpu"
-        self.unrolled_shapes = (
-            {s for s in step_shapes(batch, max_seq_len) if s.prefill == 0 and s.rows <= 8}
-            | set(small_shapes(batch))
-            if unrolled
-            else set()
-        )
+        self.unrolled_shapes = unrolled_shapes(batch, max_seq_len) if unrolled else ()
         self.stacked = stack_params(params, shardings, self.mesh, config.n_layers)
         self.params = None  # the unrolled steps' weights: the matmuls as blocks where it can
         if self.unrolled_shapes:
@@ -165,9 +166,7 @@ class Engine:
             avals = jax.tree.map(lambda a: (a.shape, str(a.dtype)), self.params)
             weights = (jax.tree.structure(self.params), avals, self.kernel)
             self.unrolled += "-" + fingerprint(weights)[:12]
-        # The bucket shapes first: the small ones only save time on top of them.
-        order = sorted(self.unrolled_shapes, key=lambda s: (s in small_shapes(batch), s))
-        upgrades = [("step", (s, self.unrolled)) for s in order]
+        upgrades = [("step", (s, self.unrolled)) for s in self.unrolled_shapes]
         store = (
             None
             if executables is None

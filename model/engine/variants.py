@@ -91,6 +91,14 @@ def small_shapes(batch: int) -> tuple[StepShape, ...]:
     return tuple(StepShape(r, 0) for r in (2, 4) if r < min(8, batch))
 
 
+def unrolled_shapes(batch: int, max_seq_len: int) -> tuple[StepShape, ...]:
+    """The step shapes also compiled with unrolled layers (on CPU), in the order they are:
+    the decode-only buckets of up to 8 rows, then the small shapes, which only save time
+    on top of them."""
+    buckets = [s for s in step_shapes(batch, max_seq_len) if s.prefill == 0 and s.rows <= 8]
+    return (*buckets, *small_shapes(batch))
+
+
 def pick_shape(shapes: Sequence[StepShape], rows: int, prefill: int) -> StepShape:
     """The cheapest shape with at least `rows` rows and room for `prefill` tokens
     (the largest region there is, if none has room: the rest waits for the next step)."""
