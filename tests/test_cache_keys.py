@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import pytest
 
-from model.engine.engine import Engine
+from model.engine.engine import SCAN, Engine
 from model.engine.variants import StepShape
 from model.nn.transformer import Transformer, param_shapes
 from model.weights.gguf import config_from_metadata
@@ -152,14 +152,17 @@ def test_an_edit_to_config_parsing_prepares_the_model_again(tree, tiny_gguf):
 
 def test_engines_with_and_without_unrolled_steps_share_executables():
     """JAXCHAT_UNROLLED_DECODE=off drops the unrolled decode steps and their copy of the
-    weights, and keeps the key: its scanned executables are the other engine's."""
+    weights (on CPU the small shapes are then scanned upgrades), and keeps the key: its
+    scanned executables are the other engine's."""
     config = TINY_LLAMA
     params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), param_shapes(config))
     on = Engine(config, params, max_seq_len=64, batch=8, unrolled=True)
     off = Engine(config, params, max_seq_len=64, batch=8, unrolled=False)
     rows = [size[0] for _, size in on.variants.upgrades]
     assert rows == [StepShape(1, 0), StepShape(8, 0), StepShape(2, 0), StepShape(4, 0)]
-    assert off.variants.upgrades == () and off.params is None and on.params is not None
+    scanned = [("step", (StepShape(2, 0), SCAN)), ("step", (StepShape(4, 0), SCAN))]
+    assert list(off.variants.upgrades) == scanned
+    assert off.params is None and on.params is not None
     assert on.variants.names == off.variants.names
     assert on.key() == off.key()
     assert Engine(config, params, max_seq_len=64, batch=4).key() != on.key()

@@ -5,13 +5,15 @@ same Q4_1 weights exactly, so only float summation order differs: logits agree
 to 2e-3 (measured about 1.5e-4) and the argmax agrees at every position.
 """
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from model.nn.attention import Layout, init_pool
-from model.nn.transformer import BLOCKS, Transformer
+from model.nn.transformer import BLOCKS, LAYER_BLOCKS, apply_logits, apply_step
 from model.types import SamplingParams
 
 LOGIT_ATOL = 2e-3
@@ -48,12 +50,8 @@ def test_chunked_prefill_gives_the_logits_of_one_pass(llm, golden):
     pool = init_pool(config.n_layers, blocks, bs, config.n_kv_heads, config.head_dim, jnp.float32)
     table = np.random.default_rng(3).permutation(blocks).astype(np.int32)
     model = engine.scanned_model  # the layers as the steps run them
-    step = jax.jit(
-        lambda params, pool, tokens, layout: model.apply({"params": params}, tokens, layout, pool)
-    )
-    head = jax.jit(
-        lambda params, hidden: model.apply({"params": params}, hidden, method=Transformer.logits)
-    )
+    step = jax.jit(partial(apply_step, model))
+    head = jax.jit(partial(apply_logits, model))
     logits = []
     for start, end in ((0, 7), (7, 20), (20, 36), (36, len(ids))):
         positions = np.arange(start, end, dtype=np.int32)
@@ -66,7 +64,7 @@ def test_chunked_prefill_gives_the_logits_of_one_pass(llm, golden):
             prior_blocks=table,
             write=(table[positions // bs] * bs + positions % bs).astype(np.int32),
         )
-        hidden, pool = step(engine.stacked, pool, np.asarray(ids[start:end], np.int32), layout)
+        hidden, pool = step(engine.stacked, np.asarray(ids[start:end], np.int32), layout, pool)
         logits.append(np.asarray(head(engine.stacked, hidden)))
     full = np.asarray(engine.forward([ids]))[0]
     np.testing.assert_allclose(np.concatenate(logits), full, atol=LOGIT_ATOL)
@@ -78,15 +76,19 @@ def test_prompt_tokens_match_reference(llm, golden):
         assert llm.encode_chat(prompt["messages"]) == prompt["ids"]
 
 
-def test_unrolled_decode_steps_give_the_reference_greedy_tokens(llm, golden):
-    """Once the unrolled decode steps are in (JAXCHAT_UNROLLED_DECODE; loaded from the
-    tests' compile cache or compiled), a lone stream decodes through them: on one CPU
-    device, with the GGUF's Q4_1 and Q8_0 blocks read by the quantized kernel."""
+def test_decode_after_the_upgrades_gives_the_reference_greedy_tokens(llm, golden):
+    """Once the upgrades are in (loaded from the tests' compile cache or compiled: the
+    small decode shapes, and with JAXCHAT_UNROLLED_DECODE unrolled steps), a lone stream
+    decodes the reference's tokens. On one CPU device every step reads the GGUF's Q4_1
+    and Q8_0 blocks through the quantized kernel, and no f32 copy of them is kept."""
     if llm.engine.mesh.size == 1 and jax.default_backend() == "cpu":
         assert llm.engine.kernel is not None
-        blocks = llm.engine.params[BLOCKS]
-        assert {"lm_head", "layers_0"} <= set(blocks)
-        assert set(llm.engine.params["layers_0"]) == {"attn_norm", "mlp_norm"}  # f32 left
+        blocks = llm.engine.stacked[BLOCKS]
+        assert set(blocks) == {"lm_head", LAYER_BLOCKS}
+        assert set(llm.engine.stacked["layers"]) == {"attn_norm", "mlp_norm"}  # f32 left
+        if llm.engine.params is not None:  # unrolled steps read the same blocks
+            assert llm.engine.params[BLOCKS] is blocks
+            assert set(llm.engine.params["layers_0"]) == {"attn_norm", "mlp_norm"}
     llm.engine.variants.upgrade()
     assert llm.engine.variants.upgrades
     assert all(llm.engine.variants.ready(*variant) for variant in llm.engine.variants.upgrades)

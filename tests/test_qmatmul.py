@@ -2,9 +2,10 @@
 
 The reference expands the blocks with the `gguf` package's own NumPy dequantisers (an
 implementation independent of ours) and multiplies in float64. Shapes are odd on
-purpose: output rows that do not split evenly among threads, one block or many per row,
-1 to 64 rows of activations (the kernel takes them 8 at a time, with a remainder),
-threads on and off.
+purpose: output rows that do not split evenly among threads or into the many-row path's
+panels of 12, one block or many per row, 1 to 100 rows of activations (up to 8 the kernel
+takes them 8 at a time, with a remainder; past 8, 32 at a time as a small GEMM, with a
+remainder of up to 16 or up to 32), threads on and off.
 """
 
 import threading
@@ -26,13 +27,14 @@ from model.nn.quantize import (
     int8_rows,
     project,
     quantize_int8,
+    stack_blocks,
 )
 from model.nn.transformer import BLOCKS
 from model.weights.gguf import load_gguf
 from model.weights.prepared import load_gguf_prepared
 from tests.tiny_models import TINY_LLAMA, write_tiny_gguf
 
-ROWS = [1, 3, 8, 9, 17, 64]
+ROWS = [1, 3, 8, 9, 17, 40, 64, 100]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -58,11 +60,16 @@ def random_blocks(name: str, n: int, k: int, rng) -> np.ndarray:
         return data.reshape(n, -1)
 
 
-def qmatmul(blocks, x, kind: int, threads: int) -> np.ndarray:
-    """The kernel's y [N, T] for blocks [N, bytes] and x [T, K], through jax.ffi."""
-    out = jax.ShapeDtypeStruct((blocks.shape[0], x.shape[0]), jnp.float32)
+def qmatmul(blocks, x, kind, threads: int, layer: int = 0) -> np.ndarray:
+    """The kernel's y [N, T] for blocks [N, bytes] (or stacked [L, N, bytes] with a kind
+    per layer) and x [T, K], through jax.ffi."""
+    stacked = blocks.ndim == 3
+    blocks = blocks if stacked else blocks[None]
+    kinds = np.asarray(kind if stacked else [kind], np.int32)
+    out = jax.ShapeDtypeStruct((blocks.shape[1], x.shape[0]), jnp.float32)
     call = jax.ffi.ffi_call(QMATMUL_TARGET, out)
-    return np.asarray(call(blocks, x, kind=np.int64(kind), threads=np.int64(threads)))
+    x_km = np.ascontiguousarray(x.T)  # the kernel takes x feature-major, [K, T]
+    return np.asarray(call(blocks, kinds, np.int32(layer), x_km, threads=np.int64(threads)))
 
 
 @pytest.mark.parametrize("name", sorted(BLOCK_FORMATS))
@@ -103,8 +110,32 @@ def test_threads_and_one_thread_agree_exactly():
     """Rows are split among threads, never the sum of one output: same bits either way."""
     rng = np.random.default_rng(5)
     data = random_blocks("Q4_1", 999, 256, rng)
-    x = rng.standard_normal((9, 256)).astype(np.float32)
-    assert np.array_equal(qmatmul(data, x, 3, 1), qmatmul(data, x, 3, 0))
+    for t in (5, 40):
+        x = rng.standard_normal((t, 256)).astype(np.float32)
+        assert np.array_equal(qmatmul(data, x, 3, 1), qmatmul(data, x, 3, 0))
+
+
+@pytest.mark.parametrize("t", [1, 8, 40])
+def test_a_stacked_weight_reads_the_layer_asked_for_in_its_own_format(t):
+    """Layers stacked by `stack_blocks` in different formats (rows padded to the longest,
+    as Q4_K_M files mix Q4_K and Q6_K for one tensor): each product reads its layer's
+    rows in that layer's format, also from a jitted function with a traced layer index."""
+    rng = np.random.default_rng(13)
+    names = ["Q4_K", "Q6_K", "Q8_0"]
+    layers = [random_blocks(name, 30, 512, rng) for name in names]
+    kinds = [BLOCK_FORMATS[name][0] for name in names]
+    stacked = stack_blocks([BlockWeight(b, k) for b, k in zip(layers, kinds, strict=True)])
+    assert stacked.kind == tuple(kinds)
+    assert stacked.blocks.shape == (3, 30, 544)  # Q8_0: 16 blocks of 34 bytes (Q4_K: 288)
+    x = rng.standard_normal((t, 512)).astype(np.float32)
+    step = jax.jit(lambda b, x, i: project(stacked.replace(blocks=b), x, jnp.float32, i))
+    for i, name in enumerate(names):
+        w = gguf.quants.dequantize(layers[i], GGMLQuantizationType[name]).reshape(30, 512)
+        ref = w.astype(np.float64) @ x.astype(np.float64).T
+        tolerance = 2e-6 * np.abs(w).sum(axis=1).max() * np.abs(x).max()
+        assert np.abs(qmatmul(stacked.blocks, x, kinds, 0, layer=i) - ref).max() <= tolerance
+        y = step(stacked.blocks, x.T, np.int32(i))
+        assert np.abs(np.asarray(y) - ref).max() <= tolerance
 
 
 def test_project_in_a_jitted_function_is_w_at_x():
@@ -175,11 +206,13 @@ def test_an_engine_on_the_blocks_decodes_as_one_on_f32(q8_gguf, monkeypatch):
     )
 
 
-def test_small_steps_run_once_their_unrolled_executables_are_there(q8_gguf):
-    """The 2- and 4-row decode steps have no scanned executable: the engine offers them
-    only once their unrolled one is compiled; then three streams decode in 4-row steps,
-    each getting the tokens it gets alone."""
-    llm = LLM(str(q8_gguf), max_seq_len=64, batch=8, unrolled_decode=True, speculative="off")
+@pytest.mark.parametrize("unrolled", [None, True])
+def test_small_steps_run_once_their_executables_are_there(q8_gguf, unrolled):
+    """The 2- and 4-row decode steps are upgrades (scanned on the blocks by default,
+    unrolled where those are on): the engine offers them only once compiled; then three
+    streams decode in 4-row steps, each getting the tokens it gets alone."""
+    llm = LLM(str(q8_gguf), max_seq_len=64, batch=8, unrolled_decode=unrolled, speculative="off")
+    assert (llm.engine.params is not None) == bool(unrolled)
     small = {StepShape(2, 0), StepShape(4, 0)}
     assert set(small_shapes(8)) == small
     assert not small & set(llm.engine.runnable())

@@ -33,7 +33,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from model.engine.executables import ExecutableStore, fingerprint
-from model.engine.quantized import kernel_params, kernels
+from model.engine.quantized import kernels, split_blocks
 from model.engine.state import (
     EngineState,
     StepOutputs,
@@ -106,9 +106,10 @@ class Engine:
         blocks: Params | None = None,
     ) -> None:
         self.config = config
-        self.kernel: str | None = None  # the quantized kernel's digest, where steps use it
         self.mesh = mesh if mesh is not None else make_mesh(None, config=config)
         self.rules = rules
+        # The matmuls as quantized blocks where the CPU kernels apply (their digest).
+        params, placed, self.kernel = split_blocks(params, blocks or {}, self.mesh, config.n_layers)
         pool_shape = (1, config.n_kv_heads, config.head_dim, BLOCK_SIZE)
         for placement in fallbacks(params, self.mesh, rules, pool_shape=pool_shape):
             log.info("replicated instead of split: %s", placement)
@@ -123,19 +124,20 @@ class Engine:
             config, dtype, scan_layers=True, kernels=self.attention_kernel is not None
         )
         # Every step shape runs its layers as one scan, which compiles 3-4x faster than
-        # unrolled layers. XLA:CPU copies a layer's weights out of the stack every step,
-        # which the smallest decode steps feel: on CPU they also get unrolled layers (with
-        # their own copy of the weights), compiled as upgrades in the background.
-        # unrolled=False skips them (one copy of the weights, fewer compiles); None: CPU only.
+        # unrolled layers. XLA:CPU copies a layer's f32 weights out of the stack every
+        # step, which the smallest decode steps feel: on CPU without the kernels they also
+        # get unrolled layers (with their own copy of the weights), compiled as upgrades
+        # in the background. The kernels read the blocks in place: scanned steps are as
+        # fast. unrolled: force them on or off; None: CPU without the kernels.
+        cpu = jax.default_backend() == "cpu"
         if unrolled is None:
-            unrolled = jax.default_backend() == "cpu"
+            unrolled = cpu and self.kernel is None
         self.unrolled_shapes = unrolled_shapes(batch, max_seq_len) if unrolled else ()
-        self.stacked = stack_params(params, shardings, self.mesh, config.n_layers)
-        self.params = None  # the unrolled steps' weights: the matmuls as blocks where it can
+        # The two trees share the blocks; `params`: the unrolled steps' (None if no step unrolls).
+        self.stacked = {**stack_params(params, shardings, self.mesh, config.n_layers), **placed}
+        self.params = None
         if self.unrolled_shapes:
-            self.params, self.kernel = kernel_params(
-                jax.device_put(params, shardings), blocks or {}, self.mesh
-            )
+            self.params = {**jax.device_put(params, shardings), **placed}
         self.model = Transformer(config, dtype, kernels=self.attention_kernel is not None)
         self.block_size = BLOCK_SIZE
         pool_tokens = pool_tokens or default_pool_tokens(config, dtype, batch, max_seq_len)
@@ -160,13 +162,15 @@ class Engine:
         }
         self._forward = jax.jit(partial(forward_logits, self.scanned_model))
         names = [("init", 0), ("admit", 0), *(("step", (s, SCAN)) for s in self.shapes)]
-        # Unrolled steps are named by their weights too: f32, or which blocks and kernel.
-        self.unrolled = UNROLLED
-        if self.kernel is not None:
+        # Upgrades: the unrolled steps, named by their weights too (f32, or which blocks
+        # and kernel); without them, on CPU, the small shapes scanned.
+        self.upgraded = UNROLLED if unrolled else SCAN  # how the upgrades run the layers
+        if unrolled and self.kernel is not None:
             avals = jax.tree.map(lambda a: (a.shape, str(a.dtype)), self.params)
             weights = (jax.tree.structure(self.params), avals, self.kernel)
-            self.unrolled += "-" + fingerprint(weights)[:12]
-        upgrades = [("step", (s, self.unrolled)) for s in self.unrolled_shapes]
+            self.upgraded += "-" + fingerprint(weights)[:12]
+        upgraded = self.unrolled_shapes or (small_shapes(batch) if cpu else ())
+        upgrades = [("step", (s, self.upgraded)) for s in upgraded]
         store = (
             None
             if executables is None
@@ -193,15 +197,15 @@ class Engine:
                 jax.tree_util.tree_structure(self.stacked),
                 jax.tree.leaves(avals, is_leaf=lambda x: isinstance(x, tuple)),
                 source_digest(__name__),  # every module the traced code comes from
-                self.attention_kernel,  # steps that call the kernels need this library
+                (self.kernel, self.attention_kernel),  # steps that call the kernels need them
             )
         )
 
     def runnable(self) -> tuple[StepShape, ...]:
-        """The step shapes a step may have now: `shapes`, and the small ones whose unrolled
-        executable is in memory (they have no scanned one)."""
+        """The step shapes a step may have now: `shapes`, and the small ones (upgrades)
+        whose executable is in memory."""
         ready = [
-            s for s in small_shapes(self.batch) if self.variants.ready("step", (s, self.unrolled))
+            s for s in small_shapes(self.batch) if self.variants.ready("step", (s, self.upgraded))
         ]
         return tuple(sorted((*self.shapes, *ready)))
 
@@ -305,9 +309,9 @@ class Engine:
     def step(self, state: EngineState, plan: StepPlan) -> tuple[EngineState, StepOutputs]:
         """Run one step (`plan` shaped by one of `shapes`); `state` is donated."""
         shape = StepShape(plan.layout.rows, plan.tokens.shape[0] - plan.layout.rows)
-        if self.variants.ready("step", (shape, self.unrolled)):
-            return self.variants("step", (shape, self.unrolled))(self.params, state, plan)
-        return self.variants("step", (shape, SCAN))(self.stacked, state, plan)
+        layers = self.upgraded if self.variants.ready("step", (shape, self.upgraded)) else SCAN
+        params = self.stacked if layers == SCAN else self.params
+        return self.variants("step", (shape, layers))(params, state, plan)
 
     def empty_plan(self, shape: StepShape) -> StepPlan:
         """A plan of `shape` that changes nothing: idle rows, padding, no writes, no samples."""

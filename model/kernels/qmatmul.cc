@@ -1,11 +1,17 @@
 // Quantized matrix products for XLA:CPU, called from jitted code through jax.ffi.
 //
-//   y[N, T] = W[N, K] @ x[T, K]^T
+//   y[N, T] = W[layer][N, K] @ x[K, T]
 //
 // W is read as shipped: each row is a run of blocks in one of GGUF's formats (Q8_0, Q4_0,
-// Q4_1, Q4_K, Q6_K) or jaxchat's int8 rows (an f32 scale, then K int8 values). Blocks are
-// expanded to f32 in registers, block by block, and multiplied with up to 8 rows of x at
-// once, so the weights cross the memory bus once per 8 rows as 4-8 bits, not 32.
+// Q4_1, Q4_K, Q6_K) or jaxchat's int8 rows (an f32 scale, then K int8 values). W holds the
+// same matrix of every layer, [L, N, bytes], each layer in its own format (`kinds`; rows
+// padded to the longest format's), and the product reads layer `layer` in place, so a
+// step that scans the layers never copies a layer's weights out of the stack.
+//
+// For a few rows of x (decode), blocks are expanded to f32 in registers, block by block,
+// and multiplied with up to 8 rows at once, so the weights cross the memory bus once per
+// 8 rows as 4-8 bits, not 32. For more rows (batched decode, prefill), a panel of weight
+// rows is expanded once and multiplied as a small GEMM (`panels`).
 //
 // The arithmetic is written with GCC's vector extensions; `target_clones` compiles the
 // row loop for AVX-512, AVX2 and plain x86-64, and the loader picks one when the library is
@@ -15,6 +21,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "workers.h"
 #include "xla/ffi/api/ffi.h"
@@ -224,6 +231,100 @@ void rows(int64_t kind, const uint8_t* w, int64_t row_bytes, const float* x, int
   }
 }
 
+// ---- Many rows: a small GEMM ------------------------------------------------------------
+//
+// Past a few rows of x, expanding every block once per 8 rows costs more than the
+// products. There a panel of kPanel weight rows is expanded to f32 once (kPanel x K floats,
+// in L2), then multiplied with x 32 columns at a time, x read feature-major ([K, T], as
+// the model holds activations): for each k, kPanel broadcast weights times two vectors
+// of 16 columns, into 2 kPanel accumulators that stay in registers.
+
+constexpr int kPanel = 12;   // weight rows expanded together
+constexpr int kColumns = 32;  // columns of x per pass over a panel: two vectors
+
+template <typename F>
+INLINE void expand_blocks(const uint8_t* row, int64_t K, float* out) {
+  f32x16 w[F::kValues / 16];
+  for (int64_t b = 0; b < K / F::kValues; ++b) {
+    F().expand(row + b * F::kBytes, w);
+    std::memcpy(out + b * F::kValues, w, sizeof w);
+  }
+}
+
+INLINE void expand_int8(const uint8_t* row, int64_t K, float* out) {
+  float scale;
+  std::memcpy(&scale, row, 4);
+  for (int64_t k = 0; k < K; ++k) out[k] = static_cast<int8_t>(row[4 + k]) * scale;
+}
+
+// One weight row as K floats.
+INLINE void expand_row(int64_t kind, const uint8_t* row, int64_t K, float* out) {
+  switch (kind) {
+    case kQ8_0: return expand_blocks<Q8_0>(row, K, out);
+    case kQ4_0: return expand_blocks<Q4_0>(row, K, out);
+    case kQ4_1: return expand_blocks<Q4_1>(row, K, out);
+    case kQ4_K: return expand_blocks<Q4_K>(row, K, out);
+    case kQ6_K: return expand_blocks<Q6_K>(row, K, out);
+    default: return expand_int8(row, K, out);
+  }
+}
+
+// y[j, c] = sum_k panel[j, k] x[k, c] for kPanel rows j and 16 V columns c of x (row
+// stride ldx); results to y (row stride ldy), the first `columns` of each row.
+template <int V>
+INLINE void panel_product(const float* panel, const float* x, int64_t ldx, int64_t K, float* y,
+                          int64_t ldy, int64_t columns) {
+  f32x16 acc[kPanel][V] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    f32x16 xv[V];
+    for (int v = 0; v < V; ++v) xv[v] = load16(x + k * ldx + 16 * v);
+    for (int j = 0; j < kPanel; ++j) {
+      float w = panel[j * K + k];
+      for (int v = 0; v < V; ++v) acc[j][v] += w * xv[v];
+    }
+  }
+  for (int j = 0; j < kPanel; ++j)
+    std::memcpy(y + j * ldy, acc[j], sizeof(float) * std::min<int64_t>(columns, 16 * V));
+}
+
+// Panels [p0, p1) of W against x [K, T]; `tail` holds x's last T % 32 columns padded
+// with zeros to 32 ([K, 32]). Rows past N (the last panel) are computed from zeros and
+// not stored.
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+void panels(int64_t kind, const uint8_t* w, int64_t row_bytes, int64_t N, const float* x,
+            const float* tail, int64_t T, int64_t K, float* y, int64_t p0, int64_t p1) {
+  thread_local std::vector<float> panel, out;
+  panel.resize(kPanel * K);
+  out.resize(kPanel * kColumns);
+  int64_t full = T / kColumns * kColumns;
+  for (int64_t p = p0; p < p1; ++p) {
+    int64_t n0 = p * kPanel, rows_here = std::min<int64_t>(kPanel, N - n0);
+    for (int64_t j = 0; j < kPanel; ++j) {
+      if (j < rows_here) {
+        expand_row(kind, w + (n0 + j) * row_bytes, K, panel.data() + j * K);
+      } else {
+        std::fill_n(panel.data() + j * K, K, 0.0f);
+      }
+    }
+    // Whole panels store straight into y; the last one through `out`.
+    bool whole = rows_here == kPanel;
+    for (int64_t t0 = 0; t0 < T; t0 += kColumns) {
+      const float* xs = t0 < full ? x + t0 : tail;
+      int64_t ldx = t0 < full ? T : kColumns, columns = std::min<int64_t>(kColumns, T - t0);
+      float* ys = whole ? y + n0 * T + t0 : out.data();
+      int64_t ldy = whole ? T : kColumns;
+      if (columns > 16) {
+        panel_product<2>(panel.data(), xs, ldx, K, ys, ldy, columns);
+      } else {
+        panel_product<1>(panel.data(), xs, ldx, K, ys, ldy, columns);
+      }
+      if (!whole)
+        for (int64_t j = 0; j < rows_here; ++j)
+          std::memcpy(y + (n0 + j) * T + t0, out.data() + j * kColumns, sizeof(float) * columns);
+    }
+  }
+}
+
 // Bytes of one weight row of K values, or -1 if the format cannot hold K values.
 int64_t row_bytes_of(int64_t kind, int64_t K) {
   auto blocks = [K](int values, int bytes) -> int64_t { return K % values ? -1 : K / values * bytes; };
@@ -238,25 +339,56 @@ int64_t row_bytes_of(int64_t kind, int64_t K) {
   }
 }
 
-ffi::Error QMatmulImpl(ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::F32> x,
-                       ffi::ResultBuffer<ffi::F32> y, int64_t kind, int64_t threads) {
+// Up to this many rows of x, each block is expanded in registers once per 8 rows
+// (`rows`); past it, once per product (`panels`).
+constexpr int64_t kFewRows = 8;
+
+ffi::Error QMatmulImpl(ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::S32> kinds,
+                       ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::F32> x,
+                       ffi::ResultBuffer<ffi::F32> y, int64_t threads) {
   auto wd = w.dimensions(), xd = x.dimensions(), yd = y->dimensions();
-  if (wd.size() != 2 || xd.size() != 2 || yd.size() != 2)
-    return ffi::Error::InvalidArgument("qmatmul: W [N, bytes], x [T, K] and y [N, T] are 2-D");
-  int64_t N = wd[0], row_bytes = wd[1], T = xd[0], K = xd[1];
-  if (row_bytes_of(kind, K) != row_bytes)
-    return ffi::Error::InvalidArgument("qmatmul: format " + std::to_string(kind) + " cannot hold " +
-                                       std::to_string(K) + " values in rows of " +
-                                       std::to_string(row_bytes) + " bytes");
+  if (wd.size() != 3 || kinds.element_count() != static_cast<size_t>(wd[0]) ||
+      layer.element_count() != 1 || xd.size() != 2 || yd.size() != 2)
+    return ffi::Error::InvalidArgument(
+        "qmatmul: W [L, N, bytes], kinds [L], layer [], x [K, T] and y [N, T]");
+  int64_t L = wd[0], N = wd[1], stride = wd[2], K = xd[0], T = xd[1];
+  for (int64_t i = 0; i < L; ++i) {
+    int64_t kind = kinds.typed_data()[i], bytes = row_bytes_of(kind, K);
+    if (bytes < 0 || bytes > stride)
+      return ffi::Error::InvalidArgument("qmatmul: format " + std::to_string(kind) +
+                                         " cannot hold " + std::to_string(K) +
+                                         " values in rows of " + std::to_string(stride) + " bytes");
+  }
   if (yd[0] != N || yd[1] != T) return ffi::Error::InvalidArgument("qmatmul: y is not [N, T]");
-  const uint8_t* wp = w.typed_data();
+  int64_t l = layer.typed_data()[0];
+  if (l < 0 || l >= L) return ffi::Error::InvalidArgument("qmatmul: layer out of range");
+  int64_t kind = kinds.typed_data()[l], row_bytes = stride;  // rows may be padded
+  const uint8_t* wp = w.typed_data() + l * N * stride;
   const float* xp = x.typed_data();
   float* yp = y->typed_data();
   int parts = threads > 0 ? static_cast<int>(threads) : jaxchat::Workers::get().size();
   // Below about 64k weights a product is faster than waking another thread.
   if (N * K < 65536) parts = 1;
-  jaxchat::Workers::get().run(N, parts, [&](int64_t n0, int64_t n1) {
-    rows(kind, wp, row_bytes, xp, T, K, yp, n0, n1);
+  thread_local std::vector<float> staged;  // x rearranged for the path taken
+  if (T <= kFewRows) {
+    if (T > 1) {  // the few-row path reads each row of x whole: [T, K]
+      staged.resize(T * K);
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t t = 0; t < T; ++t) staged[t * K + k] = xp[k * T + t];
+      xp = staged.data();
+    }
+    jaxchat::Workers::get().run(N, parts, [&](int64_t n0, int64_t n1) {
+      rows(kind, wp, row_bytes, xp, T, K, yp, n0, n1);
+    });
+    return ffi::Error::Success();
+  }
+  int64_t full = T / kColumns * kColumns;
+  staged.assign(K * kColumns, 0.0f);  // the last T % 32 columns, padded
+  for (int64_t k = 0; k < K; ++k)
+    std::copy(xp + k * T + full, xp + (k + 1) * T, staged.data() + k * kColumns);
+  const float* tail = staged.data();  // (a thread_local: each worker has its own `staged`)
+  jaxchat::Workers::get().run((N + kPanel - 1) / kPanel, parts, [&](int64_t p0, int64_t p1) {
+    panels(kind, wp, row_bytes, N, xp, tail, T, K, yp, p0, p1);
   });
   return ffi::Error::Success();
 }
@@ -266,7 +398,8 @@ ffi::Error QMatmulImpl(ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::F32> x,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchatQMatmul, QMatmulImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("kind")
                                   .Attr<int64_t>("threads"));

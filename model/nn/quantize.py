@@ -20,7 +20,7 @@ engine's few-row CPU steps use it (model/engine/engine.py), once the kernel is l
 """
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import flax.struct
@@ -62,11 +62,22 @@ INT8_ROW = 1024
 
 class BlockWeight(flax.struct.PyTreeNode):
     """A matmul weight [out, in] as stored rows of quantized blocks: blocks [out, bytes]
-    uint8, in format `kind` (BLOCK_FORMATS' ids, or INT8_ROW). Loaders give host arrays;
-    the engine puts them on the device only where it uses them."""
+    uint8, in format `kind` (BLOCK_FORMATS' ids, or INT8_ROW). Or one weight of every
+    layer (`stack_blocks`): blocks [L, out, bytes] and `kind` a format per layer, each
+    layer's rows padded to the longest. Loaders give host arrays; the engine puts them
+    on the device only where it uses them."""
 
     blocks: jax.Array | np.ndarray
-    kind: int = flax.struct.field(pytree_node=False)
+    kind: int | tuple[int, ...] = flax.struct.field(pytree_node=False)
+
+
+def stack_blocks(layers: Sequence[BlockWeight]) -> BlockWeight:
+    """The same weight of each layer as one stacked BlockWeight (on the host)."""
+    width = max(w.blocks.shape[1] for w in layers)
+    stacked = np.zeros((len(layers), layers[0].blocks.shape[0], width), np.uint8)
+    for i, w in enumerate(layers):
+        stacked[i, :, : w.blocks.shape[1]] = np.asarray(w.blocks)
+    return BlockWeight(stacked, tuple(int(cast(int, w.kind)) for w in layers))
 
 
 def int8_rows(w: QuantizedWeight) -> BlockWeight:
@@ -77,12 +88,17 @@ def int8_rows(w: QuantizedWeight) -> BlockWeight:
     return BlockWeight(rows, INT8_ROW)
 
 
-def project(w: Weight | BlockWeight, x: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """w [out, in] @ x [in, T] → [out, T]; a BlockWeight through the quantized kernel."""
+def project(w: Weight | BlockWeight, x: jax.Array, dtype: jnp.dtype, layer=0) -> jax.Array:
+    """w [out, in] @ x [in, T] → [out, T]; a BlockWeight through the quantized kernel
+    (a stacked one: layer `layer`'s, read in place)."""
     if isinstance(w, BlockWeight):
-        out = jax.ShapeDtypeStruct((w.blocks.shape[0], x.shape[1]), jnp.float32)
+        stacked = isinstance(w.kind, tuple)
+        blocks = w.blocks if stacked else w.blocks[None]
+        kinds = np.asarray(w.kind if stacked else (w.kind,), np.int32)
+        out = jax.ShapeDtypeStruct((blocks.shape[1], x.shape[1]), jnp.float32)
         call = jax.ffi.ffi_call(QMATMUL_TARGET, out)
-        y = call(w.blocks, x.T.astype(jnp.float32), kind=np.int64(w.kind), threads=np.int64(0))
+        index = jnp.asarray(layer, jnp.int32)
+        y = call(blocks, kinds, index, x.astype(jnp.float32), threads=np.int64(0))
         return y.astype(dtype)
     return jnp.einsum("OI,IT->OT", dense(w, dtype), x)
 

@@ -35,22 +35,29 @@ from jax import lax
 
 from model.nn.attention import Layout, Pool, decode_attention, region_attention, write_pool
 from model.nn.config import ModelConfig
-from model.nn.quantize import dense, project
+from model.nn.quantize import BlockWeight, dense, project
 
 # The parameter tree, {"embed": …, "layer_0": {"attn": {"qkv": …}, …}, …}: what every
 # loader in model/weights produces and the engine lays out on the mesh.
 Params = dict[str, Any]
 # A parameter tree may carry, under this key, matmul weights kept as quantized blocks
-# (model/nn/quantize.py's BlockWeight, by the same paths): they are applied as their own
-# variable collection, and the layers use them in place of those parameters.
+# (model/nn/quantize.py's BlockWeight): {LAYER_BLOCKS: {"attn": {"qkv": …}, …},
+# "lm_head": …}, each layer weight stacked over the layers ([L, out, bytes]), so unrolled
+# and scanned layers read the same arrays. They are applied as their own variable
+# collection, and the layers use them in place of those parameters.
 BLOCKS = "blocks"
+LAYER_BLOCKS = "all_layers"  # not a module's name: the scanned module is "layers"
+# BLOCKS[LAYER_BLOCKS]: {"attn": {"qkv": BlockWeight, …}, "mlp": …}.
+LayerBlocks = dict[str, dict[str, BlockWeight]]
 
 
-def matmul_weight(module: nn.Module, name: str, shape: tuple[int, int], dtype) -> Any:
-    """A projection weight [out, in]: the module's BlockWeight if it has one, else its
-    parameter."""
-    if module.has_variable(BLOCKS, name):
-        return module.get_variable(BLOCKS, name)
+def matmul_weight(
+    module: nn.Module, name: str, shape: tuple[int, int], dtype, blocks: dict[str, BlockWeight]
+) -> Any:
+    """A projection weight [out, in]: the stacked BlockWeight in `blocks` if there is one,
+    else the module's parameter."""
+    if name in blocks:
+        return blocks[name]
     return module.param(name, nn.initializers.normal(0.02), shape, dtype)
 
 
@@ -93,14 +100,14 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, layout: Layout, pool: Pool | None, layer
+        self, x: jax.Array, layout: Layout, pool: Pool | None, layer, quantized: dict
     ) -> tuple[jax.Array, Pool | None]:
         """x [D, T] → (out [D, T], the pool with this step's keys and values in `layer`)."""
         c = self.config
         n, k, h, g = c.n_heads, c.n_kv_heads, c.head_dim, c.group_size
-        w_qkv = matmul_weight(self, "qkv", ((n + 2 * k) * h, c.dim), self.dtype)  # [E, D]
-        w_o = matmul_weight(self, "o", (c.dim, n * h), self.dtype)
-        qkv = project(w_qkv, x, self.dtype)  # [E, T], E = (N+2K)·H
+        w_qkv = matmul_weight(self, "qkv", ((n + 2 * k) * h, c.dim), self.dtype, quantized)
+        w_o = matmul_weight(self, "o", (c.dim, n * h), self.dtype, quantized)
+        qkv = project(w_qkv, x, self.dtype, layer)  # [E, T], E = (N+2K)·H
         if c.qkv_bias:
             bias = self.param("qkv_bias", nn.initializers.zeros, ((n + 2 * k) * h,), self.dtype)
             qkv = qkv + bias[:, None]
@@ -131,7 +138,7 @@ class Attention(nn.Module):
             region = region_attention(q[..., r:], key[..., r:], value[..., r:], layout, pool, base)
             outs.append(region)
         out = jnp.concatenate(outs, axis=-1).reshape(n * h, t)
-        return project(w_o, out, self.dtype), pool
+        return project(w_o, out, self.dtype, layer), pool
 
 
 class MLP(nn.Module):
@@ -141,30 +148,36 @@ class MLP(nn.Module):
     dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:  # [D, T]
+    def __call__(self, x: jax.Array, layer, quantized: dict) -> jax.Array:  # [D, T]
         c = self.config
-        gate_up = matmul_weight(self, "gate_up", (2 * c.ffn_dim, c.dim), self.dtype)
-        down = matmul_weight(self, "down", (c.dim, c.ffn_dim), self.dtype)
-        gate, up = jnp.split(project(gate_up, x, self.dtype), 2)  # [F, T] each
-        return project(down, jax.nn.silu(gate) * up, self.dtype)
+        gate_up = matmul_weight(self, "gate_up", (2 * c.ffn_dim, c.dim), self.dtype, quantized)
+        down = matmul_weight(self, "down", (c.dim, c.ffn_dim), self.dtype, quantized)
+        gate, up = jnp.split(project(gate_up, x, self.dtype, layer), 2)  # [F, T] each
+        return project(down, jax.nn.silu(gate) * up, self.dtype, layer)
 
 
 class Block(nn.Module):
-    """One layer: carry (x [D, T], pool) and the layer's index → (carry, None)."""
+    """One layer: carry (x [D, T], pool), the layer's index, the step's layout and the
+    stacked blocks (LayerBlocks, may be empty) → (carry, None)."""
 
     config: ModelConfig
     dtype: jnp.dtype
     kernel: bool = False
 
     @nn.compact
-    def __call__(self, carry, layer, layout: Layout):
+    def __call__(self, carry, layer, layout: Layout, blocks: LayerBlocks):
         c = self.config
         x, pool = carry
         h, pool = Attention(c, self.dtype, self.kernel, name="attn")(
-            RMSNorm(c.norm_eps, self.dtype, name="attn_norm")(x), layout, pool, layer
+            RMSNorm(c.norm_eps, self.dtype, name="attn_norm")(x),
+            layout,
+            pool,
+            layer,
+            blocks.get("attn", {}),
         )
         x = x + h
-        x = x + MLP(c, self.dtype, name="mlp")(RMSNorm(c.norm_eps, self.dtype, name="mlp_norm")(x))
+        normed = RMSNorm(c.norm_eps, self.dtype, name="mlp_norm")(x)
+        x = x + MLP(c, self.dtype, name="mlp")(normed, layer, blocks.get("mlp", {}))
         return (x, pool), None
 
 
@@ -191,7 +204,7 @@ class Transformer(nn.Module):
                 Block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(0, nn.broadcast),
+                in_axes=(0, nn.broadcast, nn.broadcast),
                 length=c.n_layers,
             )
             self.layers: Block | Sequence[Block] = scanned(c, self.dtype, self.kernels)
@@ -207,11 +220,14 @@ class Transformer(nn.Module):
         self, tokens: jax.Array, layout: Layout, pool: Pool | None = None
     ) -> tuple[jax.Array, Pool | None]:
         carry = (self.embed(tokens).T, pool)  # x [D, T]
+        blocks: LayerBlocks = {}
+        if self.has_variable(BLOCKS, LAYER_BLOCKS):
+            blocks = self.get_variable(BLOCKS, LAYER_BLOCKS)
         if isinstance(self.layers, Sequence):  # flax keeps a list as a tuple
             for index, layer in enumerate(self.layers):
-                carry, _ = layer(carry, index, layout)
+                carry, _ = layer(carry, index, layout, blocks)
         else:  # one scanned Block over the stacked layers
-            carry, _ = self.layers(carry, jnp.arange(self.config.n_layers), layout)
+            carry, _ = self.layers(carry, jnp.arange(self.config.n_layers), layout, blocks)
         x, pool = carry
         return self.final_norm(x), pool
 
