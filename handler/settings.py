@@ -64,9 +64,10 @@ class Settings(BaseSettings):
 
     unrolled_decode: Literal["auto", "on", "off"] = "auto"
     """Also compile the decode steps of up to 8 rows with unrolled layers, in the
-    background once serving, and use them when ready: a lone stream decodes about a
-    third faster on CPU, for a second copy of the weights in memory and about 10 s of
-    compiling. `auto`: on CPU only."""
+    background once serving, and use them when ready: on CPU with f32 weights a lone
+    stream decodes about a third faster, for a second copy of the weights in memory and
+    about 10 s of compiling. `auto`: on CPU where the steps do not read quantized blocks
+    through jaxchat's kernels (those are as fast scanned)."""
 
     speculative: Literal["off", "ngram"] = "ngram"
     """Speculative decoding: `ngram` drafts tokens by looking the latest ones up in the

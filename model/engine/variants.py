@@ -13,10 +13,11 @@ it puts on the streams already decoding. The shapes, for B slots:
 
 With B = 32 that is six step shapes, whatever the context length or pool size.
 Each is compiled with its layers in one scan (about 1.3 s for SmolLM2-135M on
-a 2-core CPU), and on CPU the decode-only shapes of up to 8 rows also with
-unrolled layers (3-6 s, but a one-row step then runs in 30 ms instead of 48),
-as are decode-only steps of 2 and 4 rows (`small_shapes`), which have no scanned
-executable and run only once their unrolled one is there.
+a 2-core CPU). On CPU, decode-only steps of 2 and 4 rows (`small_shapes`) are
+upgrades, run only once compiled. Where the f32 weights are sliced out of the
+stack every step (CPU without jaxchat's kernels), the decode-only shapes of up
+to 8 rows and the small ones are also compiled with unrolled layers (3-6 s, but
+a one-row f32 step then runs in 30 ms instead of 48), as upgrades.
 
 `Variants` holds the executables by name: loaded from an executable store, or
 compiled, on first use, once (a lock per variant). The required ones are what
@@ -84,10 +85,9 @@ def step_shapes(batch: int, max_seq_len: int) -> tuple[StepShape, ...]:
 
 
 def small_shapes(batch: int) -> tuple[StepShape, ...]:
-    """Decode-only steps of 2 and 4 rows (below the 8-row bucket), compiled only with
-    unrolled layers, as upgrades: a lone stream verifying a few drafts, or 2-4 streams,
-    run them instead of 8 rows (on a 2-core CPU a 4-row step costs about 1.4 one-row
-    steps, an 8-row step 3)."""
+    """Decode-only steps of 2 and 4 rows (below the 8-row bucket), compiled as upgrades
+    on CPU: a lone stream verifying a few drafts, or 2-4 streams, run them instead of 8
+    rows (on a 2-core CPU a 4-row step costs about 1.4 one-row steps, an 8-row step 3)."""
     return tuple(StepShape(r, 0) for r in (2, 4) if r < min(8, batch))
 
 

@@ -2,7 +2,8 @@
 
 - the quantized matrix product (qmatmul.cc), which reads weights in GGUF's block
   formats or jaxchat's int8 rows and expands them in registers, so a decode step
-  streams 4-8 bits per weight instead of 32 (model/nn/quantize.py's `BlockWeight`);
+  streams 4-8 bits per weight instead of 32, and a many-row step expands each weight
+  once for all rows (model/nn/quantize.py's `BlockWeight`);
 - decode attention over the paged pool (attention.cc), which reads each row's blocks in
   place instead of gathering them into new arrays (model/nn/attention.py).
 

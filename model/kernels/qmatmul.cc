@@ -235,9 +235,10 @@ void rows(int64_t kind, const uint8_t* w, int64_t row_bytes, const float* x, int
 //
 // Past a few rows of x, expanding every block once per 8 rows costs more than the
 // products. There a panel of kPanel weight rows is expanded to f32 once (kPanel x K floats,
-// in L2), then multiplied with x 32 columns at a time, x read feature-major ([K, T], as
-// the model holds activations): for each k, kPanel broadcast weights times two vectors
-// of 16 columns, into 2 kPanel accumulators that stay in registers.
+// in L2), then multiplied with x 32 columns at a time: for each k, kPanel broadcast
+// weights times two vectors of 16 columns, into 2 kPanel accumulators that stay in
+// registers. x comes feature-major ([K, T], as the model holds activations) and is first
+// packed in chunks of 32 columns, so the product reads it in order and aligned.
 
 constexpr int kPanel = 12;   // weight rows expanded together
 constexpr int kColumns = 32;  // columns of x per pass over a panel: two vectors
@@ -287,16 +288,15 @@ INLINE void panel_product(const float* panel, const float* x, int64_t ldx, int64
     std::memcpy(y + j * ldy, acc[j], sizeof(float) * std::min<int64_t>(columns, 16 * V));
 }
 
-// Panels [p0, p1) of W against x [K, T]; `tail` holds x's last T % 32 columns padded
-// with zeros to 32 ([K, 32]). Rows past N (the last panel) are computed from zeros and
-// not stored.
+// Panels [p0, p1) of W against x packed as [T / 32 chunks][K][32] (the last chunk padded
+// with zeros), into y [N, T]. Rows past N (the last panel) are computed from zeros and not
+// stored.
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-void panels(int64_t kind, const uint8_t* w, int64_t row_bytes, int64_t N, const float* x,
-            const float* tail, int64_t T, int64_t K, float* y, int64_t p0, int64_t p1) {
+void panels(int64_t kind, const uint8_t* w, int64_t row_bytes, int64_t N, const float* packed,
+            int64_t T, int64_t K, float* y, int64_t p0, int64_t p1) {
   thread_local std::vector<float> panel, out;
   panel.resize(kPanel * K);
   out.resize(kPanel * kColumns);
-  int64_t full = T / kColumns * kColumns;
   for (int64_t p = p0; p < p1; ++p) {
     int64_t n0 = p * kPanel, rows_here = std::min<int64_t>(kPanel, N - n0);
     for (int64_t j = 0; j < kPanel; ++j) {
@@ -309,18 +309,31 @@ void panels(int64_t kind, const uint8_t* w, int64_t row_bytes, int64_t N, const 
     // Whole panels store straight into y; the last one through `out`.
     bool whole = rows_here == kPanel;
     for (int64_t t0 = 0; t0 < T; t0 += kColumns) {
-      const float* xs = t0 < full ? x + t0 : tail;
-      int64_t ldx = t0 < full ? T : kColumns, columns = std::min<int64_t>(kColumns, T - t0);
+      const float* xs = packed + t0 * K;
+      int64_t columns = std::min<int64_t>(kColumns, T - t0);
       float* ys = whole ? y + n0 * T + t0 : out.data();
       int64_t ldy = whole ? T : kColumns;
       if (columns > 16) {
-        panel_product<2>(panel.data(), xs, ldx, K, ys, ldy, columns);
+        panel_product<2>(panel.data(), xs, kColumns, K, ys, ldy, columns);
       } else {
-        panel_product<1>(panel.data(), xs, ldx, K, ys, ldy, columns);
+        panel_product<1>(panel.data(), xs, kColumns, K, ys, ldy, columns);
       }
       if (!whole)
         for (int64_t j = 0; j < rows_here; ++j)
           std::memcpy(y + (n0 + j) * T + t0, out.data() + j * kColumns, sizeof(float) * columns);
+    }
+  }
+}
+
+// Chunks [c0, c1) of x [K, T] packed as `panels` reads them: 32 columns of every k in a
+// row of 128 bytes, so the product streams them in order, whatever T's alignment.
+void pack(const float* x, int64_t K, int64_t T, float* packed, int64_t c0, int64_t c1) {
+  for (int64_t c = c0; c < c1; ++c) {
+    int64_t t0 = c * kColumns, columns = std::min<int64_t>(kColumns, T - t0);
+    float* to = packed + t0 * K;
+    for (int64_t k = 0; k < K; ++k) {
+      std::memcpy(to + k * kColumns, x + k * T + t0, sizeof(float) * columns);
+      std::fill(to + k * kColumns + columns, to + (k + 1) * kColumns, 0.0f);
     }
   }
 }
@@ -382,13 +395,14 @@ ffi::Error QMatmulImpl(ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::S32> kinds,
     });
     return ffi::Error::Success();
   }
-  int64_t full = T / kColumns * kColumns;
-  staged.assign(K * kColumns, 0.0f);  // the last T % 32 columns, padded
-  for (int64_t k = 0; k < K; ++k)
-    std::copy(xp + k * T + full, xp + (k + 1) * T, staged.data() + k * kColumns);
-  const float* tail = staged.data();  // (a thread_local: each worker has its own `staged`)
+  int64_t chunks = (T + kColumns - 1) / kColumns;
+  staged.resize(chunks * kColumns * K);
+  float* packed = staged.data();  // (a thread_local: each worker has its own `staged`)
+  jaxchat::Workers::get().run(chunks, parts, [&](int64_t c0, int64_t c1) {
+    pack(xp, K, T, packed, c0, c1);
+  });
   jaxchat::Workers::get().run((N + kPanel - 1) / kPanel, parts, [&](int64_t p0, int64_t p1) {
-    panels(kind, wp, row_bytes, N, xp, tail, T, K, yp, p0, p1);
+    panels(kind, wp, row_bytes, N, packed, T, K, yp, p0, p1);
   });
   return ffi::Error::Success();
 }

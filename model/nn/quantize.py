@@ -15,8 +15,9 @@ there an int8 model decodes slower than f32 (SmolLM2-135M: about 4x); the gain i
 
 A `BlockWeight` is a matmul weight kept as shipped, in GGUF's block formats (or as
 int8 rows): `project` multiplies it through jaxchat's CPU kernel (model/kernels), which
-expands the blocks in registers, so a decode step reads 4-8 bits per weight. Only the
-engine's few-row CPU steps use it (model/engine/engine.py), once the kernel is loaded.
+expands the blocks in registers, so a decode step reads 4-8 bits per weight. The
+engine's steps use it on one CPU device once the kernel is loaded
+(model/engine/quantized.py).
 """
 
 import re

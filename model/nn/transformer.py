@@ -14,14 +14,16 @@ GGUF and HF checkpoints): every projection is `W @ x`. XLA:CPU runs that form
 about twice as fast as `x @ W` for the few-row matrices of batched decoding.
 A projection weight may also be an int8 `QuantizedWeight` (model/nn/quantize.py):
 `dense` turns it back into a compute-dtype matrix inside the jitted step. Or it may be
-quantized blocks (a `BlockWeight` under the tree's BLOCKS key), which `project`
-multiplies through jaxchat's CPU kernel without expanding them in memory.
+quantized blocks (a `BlockWeight` under the tree's BLOCKS key, each layer weight
+stacked over the layers), which `project` multiplies through jaxchat's CPU kernel
+without expanding them in memory, reading the layer it is given in place.
 The layers run unrolled (each with its own weights) or as one `nn.scan` over
 stacked weights: the scan compiles 3-4x faster, but on XLA:CPU slicing a
-layer's weights out of the stack copies them every step (about 17 ms for
-SmolLM2-135M), which only the smallest decode steps feel. The engine picks per
-step shape (model/engine/engine.py); `stack_layers` turns one parameter tree
-into the other. Both read and write the same pool.
+layer's f32 weights out of the stack copies them every step (about 17 ms for
+SmolLM2-135M), which only the smallest decode steps feel; blocks are never
+sliced. The engine picks per step shape (model/engine/engine.py);
+`stack_layers` turns one parameter tree into the other. Both read and write
+the same pool.
 """
 
 from collections.abc import Sequence
