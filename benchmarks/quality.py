@@ -4,7 +4,8 @@ On the golden prompts (each with the reference's greedy continuation), at every
 position, it compares the next-token distribution of
 - jaxchat's decode steps on the GGUF's 4-bit blocks (the quantized kernel, as a lone
   stream decodes: teacher-forced, 8 positions per step as draft rows are verified),
-- jaxchat's float32 path (the scanned layers that prefill prompts),
+- the same blocks in one forward pass (the kernel's many-row path, as prompts run),
+- jaxchat's float32 path (JAXCHAT_QUANTIZED_KERNEL=off, a forward pass),
 - llama.cpp's server on the same file (its top 100 log-probabilities), if one is given,
 with the reference's (tests/fixtures/smollm2_quality.npz, written by
 tests/reference/make_quality.py). It prints the mean KL divergence KL(reference ||
@@ -16,6 +17,7 @@ one more outcome, and how often the model's most likely token is the reference's
 
 import argparse
 import json
+import os
 import subprocess
 import time
 import urllib.request
@@ -43,15 +45,14 @@ def reference() -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
 
 
 def kernel_logprobs(llm: LLM, ids: np.ndarray) -> np.ndarray:
-    """Log-probabilities [T, V] of the token after each position, through the unrolled
-    decode layers on the engine's step weights (the quantized blocks, where the kernel
-    is in use), ROWS consecutive positions per step over a pool of its own."""
+    """Log-probabilities [T, V] of the token after each position, as decode rows through
+    the steps' layers on their weights (the quantized blocks, where the kernel is in
+    use), ROWS consecutive positions per step over a pool of its own."""
     engine = llm.engine
-    assert engine.params is not None, "the engine has no unrolled decode weights"
 
     def step(params, pool, tokens, layout):
-        hidden, pool = apply_step(engine.model, params, tokens, layout, pool)
-        return jax.nn.log_softmax(apply_logits(engine.model, params, hidden)), pool
+        hidden, pool = apply_step(engine.scanned_model, params, tokens, layout, pool)
+        return jax.nn.log_softmax(apply_logits(engine.scanned_model, params, hidden)), pool
 
     run = jax.jit(step, donate_argnums=(1,))
     pool = engine.init_state().pool
@@ -64,14 +65,23 @@ def kernel_logprobs(llm: LLM, ids: np.ndarray) -> np.ndarray:
         plan.tokens[:n] = ids[positions]
         layout.positions[:n] = layout.context[:n] = layout.write[:n] = positions
         layout.block_tables[:n] = table
-        logprobs, pool = run(engine.params, pool, plan.tokens, layout)
+        logprobs, pool = run(engine.stacked, pool, plan.tokens, layout)
         out.append(np.asarray(logprobs)[:n])
     return np.concatenate(out)
 
 
-def scanned_logprobs(llm: LLM, ids: np.ndarray) -> np.ndarray:
-    """Log-probabilities [T, V] through the float32 scanned layers (a full forward pass)."""
+def forward_logprobs(llm: LLM, ids: np.ndarray) -> np.ndarray:
+    """Log-probabilities [T, V] of a full forward pass through the steps' layers (as a
+    prompt: the many-row kernel on the blocks where it is in use, else float32)."""
     return np.asarray(jax.nn.log_softmax(llm.engine.forward(ids[None])[0]))
+
+
+ROW_NAMES = (
+    "jaxchat, 4-bit blocks: decode steps",
+    "jaxchat, 4-bit blocks: prompt pass",
+    "jaxchat, float32",
+    "llama.cpp",
+)
 
 
 def compare(top_ids: np.ndarray, top_logprobs: np.ndarray, model) -> tuple[float, float]:
@@ -142,20 +152,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--llama-server", default=None, help="llama.cpp's llama-server binary")
     args = parser.parse_args()
-    llm = LLM(unrolled_decode=True)
+    llm = LLM()
     llm.scheduler.stop()
+    os.environ["JAXCHAT_QUANTIZED_KERNEL"] = "off"
+    f32 = LLM(max_seq_len=1024, batch=1)  # the float32 path
+    f32.scheduler.stop()
     prompts = reference()
-    rows = {"jaxchat, 4-bit blocks (kernel)": [], "jaxchat, float32": [], "llama.cpp": []}
+    rows: dict[str, list] = {name: [] for name in ROW_NAMES}
     server = LlamaServer(args.llama_server, str(llm.path)) if args.llama_server else None
     try:
         for ids, top_ids, top_logprobs in prompts:
-            kernel = kernel_logprobs(llm, ids) if llm.engine.kernel else None
-            if kernel is not None:
-                rows["jaxchat, 4-bit blocks (kernel)"].append(
-                    compare(top_ids, top_logprobs, dense(kernel))
-                )
-            scanned = dense(scanned_logprobs(llm, ids))
-            rows["jaxchat, float32"].append(compare(top_ids, top_logprobs, scanned))
+            if llm.engine.kernel:
+                for name, run in zip(ROW_NAMES, (kernel_logprobs, forward_logprobs), strict=False):
+                    rows[name].append(compare(top_ids, top_logprobs, dense(run(llm, ids))))
+            f32_rows = dense(forward_logprobs(f32, ids))
+            rows["jaxchat, float32"].append(compare(top_ids, top_logprobs, f32_rows))
             if server is not None:
                 rows["llama.cpp"].append(compare(top_ids, top_logprobs, server.model(ids)))
     finally:
@@ -163,14 +174,14 @@ def main() -> None:
             server.close()
     positions = sum(len(ids) for ids, _, _ in prompts)
     print(f"next-token distributions vs HF transformers float32, {positions} positions")
-    print(f"{'model':<32} {'KL (nats)':>10} {'top-1 agree':>12}")
+    print(f"{'model':<40} {'KL (nats)':>10} {'top-1 agree':>12}")
     for name, results in rows.items():
         if results:
             kl = np.mean([r[0] for r in results])
             agree = np.mean([r[1] for r in results])
-            print(f"{name:<32} {kl:>10.2e} {agree:>12.4f}")
+            print(f"{name:<40} {kl:>10.2e} {agree:>12.4f}")
         else:
-            print(f"{name:<32} {'(not run)':>10}")
+            print(f"{name:<40} {'(not run)':>10}")
 
 
 if __name__ == "__main__":

@@ -152,3 +152,26 @@ def test_prefill_segments_equal_the_dense_reference(rng, prior, chunk):
             ks = np.concatenate([keys[pooled], ks])
             vs = np.concatenate([values[pooled], vs])
         np.testing.assert_allclose(out[t], reference(q[t : t + 1], ks, vs)[0], atol=1e-5)
+
+
+def test_a_layout_uses_the_tokens_up_to_its_last_real_one():
+    """`Layout.used`: decode rows up to the last with a context, then prefill tokens up to
+    the last with a segment; padding after them is not counted, idle rows before are."""
+
+    def used(context, segments) -> int:
+        layout = Layout.host(
+            positions=np.zeros(len(context) + len(segments), np.int32),
+            context=np.asarray(context, np.int32),
+            block_tables=np.zeros((len(context), 1), np.int32),
+            segments=np.asarray(segments, np.int32),
+            prior=np.int32(0),
+            prior_blocks=np.zeros(1, np.int32),
+            write=np.zeros(len(context) + len(segments), np.int32),
+        )
+        return int(jax.jit(Layout.used)(layout))
+
+    assert used([-1, 7, -1, -1], [0, 0, 1, -1, -1]) == 7
+    assert used([-1, 7, -1, -1], [-1, -1]) == 2
+    assert used([4, -1, -1, 9], []) == 4
+    assert used([-1] * 4, [-1] * 3) == 0
+    assert used([], [0, 0, -1]) == 2

@@ -60,16 +60,35 @@ def random_blocks(name: str, n: int, k: int, rng) -> np.ndarray:
         return data.reshape(n, -1)
 
 
-def qmatmul(blocks, x, kind, threads: int, layer: int = 0) -> np.ndarray:
+def qmatmul(blocks, x, kind, threads: int, layer: int = 0, used: int | None = None) -> np.ndarray:
     """The kernel's y [N, T] for blocks [N, bytes] (or stacked [L, N, bytes] with a kind
-    per layer) and x [T, K], through jax.ffi."""
+    per layer) and x [T, K] (its first `used` rows real), through jax.ffi."""
     stacked = blocks.ndim == 3
     blocks = blocks if stacked else blocks[None]
     kinds = np.asarray(kind if stacked else [kind], np.int32)
     out = jax.ShapeDtypeStruct((blocks.shape[1], x.shape[0]), jnp.float32)
     call = jax.ffi.ffi_call(QMATMUL_TARGET, out)
     x_km = np.ascontiguousarray(x.T)  # the kernel takes x feature-major, [K, T]
-    return np.asarray(call(blocks, kinds, np.int32(layer), x_km, threads=np.int64(threads)))
+    columns = np.int32(x.shape[0] if used is None else used)
+    y = call(blocks, kinds, np.int32(layer), columns, x_km, threads=np.int64(threads))
+    return np.asarray(y)
+
+
+@pytest.mark.parametrize("t", [5, 40, 100])
+def test_only_the_used_columns_are_multiplied_the_rest_are_zero(t):
+    """A step's padding (past its last real token) is not multiplied: those columns of y
+    are zero, whatever x holds there (NaN too), and the others are the full product's."""
+    rng = np.random.default_rng(17)
+    data = random_blocks("Q4_1", 50, 256, rng)
+    x = rng.standard_normal((t, 256)).astype(np.float32)
+    full = qmatmul(data, x, 3, 0)
+    for used in (0, 1, t // 2, t - 1, t, t + 7):
+        padded = x.copy()
+        padded[used:] = np.nan
+        y = qmatmul(data, padded, 3, 0, used=used)
+        real = min(used, t)
+        assert np.array_equal(y[:, :real], full[:, :real]), used
+        assert not y[:, real:].any(), used
 
 
 @pytest.mark.parametrize("name", sorted(BLOCK_FORMATS))

@@ -2,6 +2,8 @@
 //
 //   y[N, T] = W[layer][N, K] @ x[K, T]
 //
+// computed for x's first `used` columns only (a step's real tokens; the rest of a step's
+// fixed shape is padding), y's other columns zero.
 // W is read as shipped: each row is a run of blocks in one of GGUF's formats (Q8_0, Q4_0,
 // Q4_1, Q4_K, Q6_K) or jaxchat's int8 rows (an f32 scale, then K int8 values). W holds the
 // same matrix of every layer, [L, N, bytes], each layer in its own format (`kinds`; rows
@@ -207,16 +209,18 @@ INLINE void one_row(int64_t kind, const uint8_t* row, const float* x, int64_t K,
   }
 }
 
-// Weight rows [n0, n1) against every row of x: y is [N, T], x is [T, K].
+// Weight rows [n0, n1) against the first U rows of x [U.., K]: y is [N, T], its columns
+// from U on zero.
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 void rows(int64_t kind, const uint8_t* w, int64_t row_bytes, const float* x, int64_t T,
-          int64_t K, float* y, int64_t n0, int64_t n1) {
+          int64_t U, int64_t K, float* y, int64_t n0, int64_t n1) {
   float out[kTile];
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w + n * row_bytes;
-    for (int64_t t0 = 0; t0 < T; t0 += kTile) {
+    std::fill(y + n * T + U, y + (n + 1) * T, 0.0f);
+    for (int64_t t0 = 0; t0 < U; t0 += kTile) {
       const float* xt = x + t0 * K;
-      switch (std::min<int64_t>(kTile, T - t0)) {
+      switch (std::min<int64_t>(kTile, U - t0)) {
         case 1: one_row<1>(kind, row, xt, K, out); break;
         case 2: one_row<2>(kind, row, xt, K, out); break;
         case 3: one_row<3>(kind, row, xt, K, out); break;
@@ -226,7 +230,7 @@ void rows(int64_t kind, const uint8_t* w, int64_t row_bytes, const float* x, int
         case 7: one_row<7>(kind, row, xt, K, out); break;
         default: one_row<8>(kind, row, xt, K, out); break;
       }
-      for (int64_t t = t0; t < std::min<int64_t>(T, t0 + kTile); ++t) y[n * T + t] = out[t - t0];
+      for (int64_t t = t0; t < std::min<int64_t>(U, t0 + kTile); ++t) y[n * T + t] = out[t - t0];
     }
   }
 }
@@ -288,12 +292,12 @@ INLINE void panel_product(const float* panel, const float* x, int64_t ldx, int64
     std::memcpy(y + j * ldy, acc[j], sizeof(float) * std::min<int64_t>(columns, 16 * V));
 }
 
-// Panels [p0, p1) of W against x packed as [T / 32 chunks][K][32] (the last chunk padded
-// with zeros), into y [N, T]. Rows past N (the last panel) are computed from zeros and not
-// stored.
+// Panels [p0, p1) of W against the first U columns of x, packed as [U / 32 chunks][K][32]
+// (the last chunk padded with zeros), into y [N, T], its columns from U on zero. Rows past
+// N (the last panel) are computed from zeros and not stored.
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 void panels(int64_t kind, const uint8_t* w, int64_t row_bytes, int64_t N, const float* packed,
-            int64_t T, int64_t K, float* y, int64_t p0, int64_t p1) {
+            int64_t T, int64_t U, int64_t K, float* y, int64_t p0, int64_t p1) {
   thread_local std::vector<float> panel, out;
   panel.resize(kPanel * K);
   out.resize(kPanel * kColumns);
@@ -306,11 +310,13 @@ void panels(int64_t kind, const uint8_t* w, int64_t row_bytes, int64_t N, const 
         std::fill_n(panel.data() + j * K, K, 0.0f);
       }
     }
+    for (int64_t j = 0; j < rows_here; ++j)
+      std::fill(y + (n0 + j) * T + U, y + (n0 + j + 1) * T, 0.0f);
     // Whole panels store straight into y; the last one through `out`.
     bool whole = rows_here == kPanel;
-    for (int64_t t0 = 0; t0 < T; t0 += kColumns) {
+    for (int64_t t0 = 0; t0 < U; t0 += kColumns) {
       const float* xs = packed + t0 * K;
-      int64_t columns = std::min<int64_t>(kColumns, T - t0);
+      int64_t columns = std::min<int64_t>(kColumns, U - t0);
       float* ys = whole ? y + n0 * T + t0 : out.data();
       int64_t ldy = whole ? T : kColumns;
       if (columns > 16) {
@@ -325,11 +331,13 @@ void panels(int64_t kind, const uint8_t* w, int64_t row_bytes, int64_t N, const 
   }
 }
 
-// Chunks [c0, c1) of x [K, T] packed as `panels` reads them: 32 columns of every k in a
-// row of 128 bytes, so the product streams them in order, whatever T's alignment.
-void pack(const float* x, int64_t K, int64_t T, float* packed, int64_t c0, int64_t c1) {
+// Chunks [c0, c1) of x [K, T]'s first U columns packed as `panels` reads them: 32 columns
+// of every k in a row of 128 bytes, so the product streams them in order, whatever T's
+// alignment.
+void pack(const float* x, int64_t K, int64_t T, int64_t U, float* packed, int64_t c0,
+          int64_t c1) {
   for (int64_t c = c0; c < c1; ++c) {
-    int64_t t0 = c * kColumns, columns = std::min<int64_t>(kColumns, T - t0);
+    int64_t t0 = c * kColumns, columns = std::min<int64_t>(kColumns, U - t0);
     float* to = packed + t0 * K;
     for (int64_t k = 0; k < K; ++k) {
       std::memcpy(to + k * kColumns, x + k * T + t0, sizeof(float) * columns);
@@ -357,13 +365,14 @@ int64_t row_bytes_of(int64_t kind, int64_t K) {
 constexpr int64_t kFewRows = 8;
 
 ffi::Error QMatmulImpl(ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::S32> kinds,
-                       ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::F32> x,
-                       ffi::ResultBuffer<ffi::F32> y, int64_t threads) {
+                       ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> used,
+                       ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y, int64_t threads) {
   auto wd = w.dimensions(), xd = x.dimensions(), yd = y->dimensions();
   if (wd.size() != 3 || kinds.element_count() != static_cast<size_t>(wd[0]) ||
-      layer.element_count() != 1 || xd.size() != 2 || yd.size() != 2)
+      layer.element_count() != 1 || used.element_count() != 1 || xd.size() != 2 ||
+      yd.size() != 2)
     return ffi::Error::InvalidArgument(
-        "qmatmul: W [L, N, bytes], kinds [L], layer [], x [K, T] and y [N, T]");
+        "qmatmul: W [L, N, bytes], kinds [L], layer [], used [], x [K, T] and y [N, T]");
   int64_t L = wd[0], N = wd[1], stride = wd[2], K = xd[0], T = xd[1];
   for (int64_t i = 0; i < L; ++i) {
     int64_t kind = kinds.typed_data()[i], bytes = row_bytes_of(kind, K);
@@ -379,30 +388,32 @@ ffi::Error QMatmulImpl(ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::S32> kinds,
   const uint8_t* wp = w.typed_data() + l * N * stride;
   const float* xp = x.typed_data();
   float* yp = y->typed_data();
+  // Only the first U columns of x are real (the rest padding): their products alone.
+  int64_t U = std::clamp<int64_t>(used.typed_data()[0], 0, T);
   int parts = threads > 0 ? static_cast<int>(threads) : jaxchat::Workers::get().size();
   // Below about 64k weights a product is faster than waking another thread.
   if (N * K < 65536) parts = 1;
   thread_local std::vector<float> staged;  // x rearranged for the path taken
   if (T <= kFewRows) {
-    if (T > 1) {  // the few-row path reads each row of x whole: [T, K]
-      staged.resize(T * K);
+    if (T > 1) {  // the few-row path reads each row of x whole: [U, K]
+      staged.resize(U * K);
       for (int64_t k = 0; k < K; ++k)
-        for (int64_t t = 0; t < T; ++t) staged[t * K + k] = xp[k * T + t];
+        for (int64_t t = 0; t < U; ++t) staged[t * K + k] = xp[k * T + t];
       xp = staged.data();
     }
     jaxchat::Workers::get().run(N, parts, [&](int64_t n0, int64_t n1) {
-      rows(kind, wp, row_bytes, xp, T, K, yp, n0, n1);
+      rows(kind, wp, row_bytes, xp, T, U, K, yp, n0, n1);
     });
     return ffi::Error::Success();
   }
-  int64_t chunks = (T + kColumns - 1) / kColumns;
+  int64_t chunks = (U + kColumns - 1) / kColumns;
   staged.resize(chunks * kColumns * K);
   float* packed = staged.data();  // (a thread_local: each worker has its own `staged`)
   jaxchat::Workers::get().run(chunks, parts, [&](int64_t c0, int64_t c1) {
-    pack(xp, K, T, packed, c0, c1);
+    pack(xp, K, T, U, packed, c0, c1);
   });
   jaxchat::Workers::get().run((N + kPanel - 1) / kPanel, parts, [&](int64_t p0, int64_t p1) {
-    panels(kind, wp, row_bytes, N, packed, T, K, yp, p0, p1);
+    panels(kind, wp, row_bytes, N, packed, T, U, K, yp, p0, p1);
   });
   return ffi::Error::Success();
 }
@@ -412,6 +423,7 @@ ffi::Error QMatmulImpl(ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::S32> kinds,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchatQMatmul, QMatmulImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

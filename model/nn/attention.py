@@ -91,6 +91,15 @@ class Layout(flax.struct.PyTreeNode):
         """R: decode rows."""
         return self.context.shape[0]
 
+    def used(self) -> jax.Array:
+        """The step's tokens up to its last real one (a decode row with a context, a
+        prefill token with a segment): what is past it is padding, which the quantized
+        kernel need not multiply."""
+        rows = jnp.where(self.context >= 0, jnp.arange(1, self.rows + 1), 0)
+        prefill = self.rows + jnp.arange(1, self.segments.shape[0] + 1)
+        prefill = jnp.where(self.segments >= 0, prefill, 0)
+        return jnp.max(jnp.concatenate([rows, prefill, jnp.zeros(1, rows.dtype)]))
+
     @classmethod
     def host(cls, **arrays: np.ndarray | np.generic) -> "Layout":
         """A layout of host arrays (filled in place before a step). jit traces them as

@@ -89,9 +89,12 @@ def int8_rows(w: QuantizedWeight) -> BlockWeight:
     return BlockWeight(rows, INT8_ROW)
 
 
-def project(w: Weight | BlockWeight, x: jax.Array, dtype: jnp.dtype, layer=0) -> jax.Array:
+def project(
+    w: Weight | BlockWeight, x: jax.Array, dtype: jnp.dtype, layer=0, used=None
+) -> jax.Array:
     """w [out, in] @ x [in, T] → [out, T]; a BlockWeight through the quantized kernel
-    (a stacked one: layer `layer`'s, read in place)."""
+    (a stacked one: layer `layer`'s, read in place), which computes only x's first `used`
+    columns (a traced count; None: all) and gives zeros for the rest."""
     if isinstance(w, BlockWeight):
         stacked = isinstance(w.kind, tuple)
         blocks = w.blocks if stacked else w.blocks[None]
@@ -99,7 +102,8 @@ def project(w: Weight | BlockWeight, x: jax.Array, dtype: jnp.dtype, layer=0) ->
         out = jax.ShapeDtypeStruct((blocks.shape[1], x.shape[1]), jnp.float32)
         call = jax.ffi.ffi_call(QMATMUL_TARGET, out)
         index = jnp.asarray(layer, jnp.int32)
-        y = call(blocks, kinds, index, x.astype(jnp.float32), threads=np.int64(0))
+        columns = jnp.asarray(x.shape[1] if used is None else used, jnp.int32)
+        y = call(blocks, kinds, index, columns, x.astype(jnp.float32), threads=np.int64(0))
         return y.astype(dtype)
     return jnp.einsum("OI,IT->OT", dense(w, dtype), x)
 

@@ -109,7 +109,8 @@ class Attention(nn.Module):
         n, k, h, g = c.n_heads, c.n_kv_heads, c.head_dim, c.group_size
         w_qkv = matmul_weight(self, "qkv", ((n + 2 * k) * h, c.dim), self.dtype, quantized)
         w_o = matmul_weight(self, "o", (c.dim, n * h), self.dtype, quantized)
-        qkv = project(w_qkv, x, self.dtype, layer)  # [E, T], E = (N+2K)·H
+        used = layout.used()  # tokens past it are padding
+        qkv = project(w_qkv, x, self.dtype, layer, used)  # [E, T], E = (N+2K)·H
         if c.qkv_bias:
             bias = self.param("qkv_bias", nn.initializers.zeros, ((n + 2 * k) * h,), self.dtype)
             qkv = qkv + bias[:, None]
@@ -140,7 +141,7 @@ class Attention(nn.Module):
             region = region_attention(q[..., r:], key[..., r:], value[..., r:], layout, pool, base)
             outs.append(region)
         out = jnp.concatenate(outs, axis=-1).reshape(n * h, t)
-        return project(w_o, out, self.dtype, layer), pool
+        return project(w_o, out, self.dtype, layer, used), pool
 
 
 class MLP(nn.Module):
@@ -150,12 +151,12 @@ class MLP(nn.Module):
     dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, x: jax.Array, layer, quantized: dict) -> jax.Array:  # [D, T]
+    def __call__(self, x: jax.Array, layer, quantized: dict, used) -> jax.Array:  # [D, T]
         c = self.config
         gate_up = matmul_weight(self, "gate_up", (2 * c.ffn_dim, c.dim), self.dtype, quantized)
         down = matmul_weight(self, "down", (c.dim, c.ffn_dim), self.dtype, quantized)
-        gate, up = jnp.split(project(gate_up, x, self.dtype, layer), 2)  # [F, T] each
-        return project(down, jax.nn.silu(gate) * up, self.dtype, layer)
+        gate, up = jnp.split(project(gate_up, x, self.dtype, layer, used), 2)  # [F, T] each
+        return project(down, jax.nn.silu(gate) * up, self.dtype, layer, used)
 
 
 class Block(nn.Module):
@@ -179,7 +180,7 @@ class Block(nn.Module):
         )
         x = x + h
         normed = RMSNorm(c.norm_eps, self.dtype, name="mlp_norm")(x)
-        x = x + MLP(c, self.dtype, name="mlp")(normed, layer, blocks.get("mlp", {}))
+        x = x + MLP(c, self.dtype, name="mlp")(normed, layer, blocks.get("mlp", {}), layout.used())
         return (x, pool), None
 
 
