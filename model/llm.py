@@ -74,10 +74,9 @@ class LLM:
     "DATAxMODEL" spec such as "2x4" (default: every device, shaped to fit the
     model). compile_cache: a directory or gs:// prefix keeping compiled
     executables across restarts (model/engine/executables.py). unrolled_decode:
-    whether the small decode steps also get faster unrolled executables (see
-    Engine; default: on CPU without the quantized kernels). speculative: "ngram"
-    (prompt-lookup drafts, up to `speculative_tokens` per step:
-    model/engine/speculative.py) or "off".
+    whether small decode steps also get unrolled executables (see Engine; default:
+    on CPU without the quantized kernels). speculative: "ngram" (prompt-lookup
+    drafts, up to `speculative_tokens` per step: model/engine/speculative.py) or "off".
     Any number of threads may share one LLM.
     """
 
@@ -185,8 +184,8 @@ class LLM:
         With a compile cache, executables compiled here are saved (and pushed to a
         gs:// cache), and cached ones are loaded, not compiled. wait=False returns
         once what a first short request needs is in memory: the other stored
-        executables then load in a background thread, and the upgrades (small or
-        unrolled decode steps) load or compile there while nothing is being served (loading
+        executables then load in a background thread, and the upgrades (small or unrolled
+        decode steps) load or compile there while nothing is being served (loading
         and compiling hold the interpreter, so they would stall requests).
         """
         self.engine.variants.warmup()

@@ -237,7 +237,8 @@ def test_small_steps_run_once_their_executables_are_there(q8_gguf, unrolled):
     assert not small & set(llm.engine.runnable())
     llm.warmup()
     assert small <= set(llm.engine.runnable())
-    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    # Long enough that the three streams surely overlap: a step for each token.
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     prompts = [list(range(5 + i, 20 + 2 * i)) for i in range(3)]
     alone = [llm.generate(p, params).token_ids for p in prompts]
     together: list = [None] * 3
