@@ -47,9 +47,8 @@ def kernel_params(params: Params, blocks: Params, n_layers: int) -> Params:
         keys = [(f"layers_{i}", *name) for i in range(n_layers)]
         if all(k in quantized for k in keys):
             moved[(LAYER_BLOCKS, *name)] = stack_blocks([quantized[k] for k in keys])
-            flat = {
-                k: w for k, w in flat.items() if k[1:] != name or not k[0].startswith("layers_")
-            }
+            for k in keys:
+                flat.pop(k, None)
     if ("lm_head",) in quantized:
         moved[("lm_head",)] = quantized[("lm_head",)]
         flat.pop(("lm_head",), None)

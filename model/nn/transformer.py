@@ -102,14 +102,14 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, layout: Layout, pool: Pool | None, layer, quantized: dict
+        self, x: jax.Array, layout: Layout, pool: Pool | None, layer, quantized: dict, used
     ) -> tuple[jax.Array, Pool | None]:
-        """x [D, T] → (out [D, T], the pool with this step's keys and values in `layer`)."""
+        """x [D, T] → (out [D, T], the pool with this step's keys and values in `layer`);
+        `used`: the step's tokens up to its last real one (Layout.used)."""
         c = self.config
         n, k, h, g = c.n_heads, c.n_kv_heads, c.head_dim, c.group_size
         w_qkv = matmul_weight(self, "qkv", ((n + 2 * k) * h, c.dim), self.dtype, quantized)
         w_o = matmul_weight(self, "o", (c.dim, n * h), self.dtype, quantized)
-        used = layout.used()  # tokens past it are padding
         qkv = project(w_qkv, x, self.dtype, layer, used)  # [E, T], E = (N+2K)·H
         if c.qkv_bias:
             bias = self.param("qkv_bias", nn.initializers.zeros, ((n + 2 * k) * h,), self.dtype)
@@ -171,16 +171,18 @@ class Block(nn.Module):
     def __call__(self, carry, layer, layout: Layout, blocks: LayerBlocks):
         c = self.config
         x, pool = carry
+        used = layout.used()  # the quantized kernel multiplies no padding past it
         h, pool = Attention(c, self.dtype, self.kernel, name="attn")(
             RMSNorm(c.norm_eps, self.dtype, name="attn_norm")(x),
             layout,
             pool,
             layer,
             blocks.get("attn", {}),
+            used,
         )
         x = x + h
         normed = RMSNorm(c.norm_eps, self.dtype, name="mlp_norm")(x)
-        x = x + MLP(c, self.dtype, name="mlp")(normed, layer, blocks.get("mlp", {}), layout.used())
+        x = x + MLP(c, self.dtype, name="mlp")(normed, layer, blocks.get("mlp", {}), used)
         return (x, pool), None
 
 
