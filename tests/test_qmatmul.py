@@ -6,6 +6,11 @@ purpose: output rows that do not split evenly among threads or into the many-row
 panels of 12, one block or many per row, 1 to 100 rows of activations (up to 8 the kernel
 takes them 8 at a time, with a remainder; past 8, 32 at a time as a small GEMM, with a
 remainder of up to 16 or up to 32), threads on and off.
+
+Up to 8 rows, the formats with blocks of 32 values (Q8_0, Q4_0, Q4_1) take an integer
+path: x rounded to 16 bits per block of 32. There the kernel is held to NumPy's
+rendering of that arithmetic (`integer_reference`) and, against the exact product, to the
+bound that rounding allows (`rounding_bound`).
 """
 
 import threading
@@ -34,7 +39,8 @@ from model.weights.gguf import load_gguf
 from model.weights.prepared import load_gguf_prepared
 from tests.tiny_models import TINY_LLAMA, write_tiny_gguf
 
-ROWS = [1, 3, 8, 9, 17, 40, 64, 100]
+ROWS = [1, 2, 3, 8, 9, 17, 40, 64, 100]
+INTEGER_FORMATS = {"Q8_0", "Q4_0", "Q4_1"}  # few rows: the integer path
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -58,6 +64,41 @@ def random_blocks(name: str, n: int, k: int, rng) -> np.ndarray:
         if name == "Q6_K":  # d last
             data[..., 208:210] = half().view(np.uint8).reshape(*data.shape[:2], 2)
         return data.reshape(n, -1)
+
+
+def integer_path(name: str, t: int) -> bool:
+    return name in INTEGER_FORMATS and t <= 8
+
+
+def integer_reference(name: str, data: np.ndarray, w: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """w [N, K] @ x [T, K].T as the integer path computes it (qmatmul.cc): each block of
+    32 values of x rounded to a multiple of max|x| / 32767 (f32 arithmetic, ties to even),
+    Q4_1's offset m applied to the block's exact sum of x."""
+    (n, k), t = w.shape, x.shape[0]
+    blocks = x.reshape(t, k // 32, 32)
+    amax = np.abs(blocks).max(-1, keepdims=True)
+    inv = np.where(amax > 0, np.float32(32767) / np.maximum(amax, 1e-30), 0).astype(np.float32)
+    step = (amax / np.float32(32767)).astype(np.float64)
+    rounded = (np.rint(blocks * inv) * step).reshape(t, k)
+    w = w.astype(np.float64)
+    offset = 0.0
+    if name == "Q4_1":  # blocks of 20 bytes: d, m (halves), 16 bytes of nibbles
+        m = data.reshape(n, k // 32, 20)[..., 2:4].copy().view(np.float16)[..., 0]
+        m = m.astype(np.float64)
+        w = w - np.repeat(m, 32, axis=1)
+        offset = m @ blocks.astype(np.float64).sum(-1).T
+    return w @ rounded.T + offset
+
+
+def rounding_bound(w: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """How far the integer path may be from the exact w @ x.T, [N, T]: each value of x
+    moves by at most half a step (its block's max|x| / 65534), and the integer part of a
+    weight (w less Q4_1's offset, which meets x's exact sum) is at most twice its block's
+    max|w|."""
+    (n, k), t = w.shape, x.shape[0]
+    wmax = np.abs(w).reshape(n, k // 32, 32).max(-1).astype(np.float64)
+    xmax = np.abs(x).reshape(t, k // 32, 32).max(-1).astype(np.float64)
+    return 2 * 32 * wmax @ xmax.T / 65534
 
 
 def qmatmul(blocks, x, kind, threads: int, layer: int = 0, used: int | None = None) -> np.ndarray:
@@ -105,7 +146,12 @@ def test_block_formats_match_numpy(name, threads):
             y = qmatmul(data, x, BLOCK_FORMATS[name][0], threads)
             ref = w.astype(np.float64) @ x.astype(np.float64).T
             scale = np.abs(w).sum(axis=1, keepdims=True) * np.abs(x).max() + 1e-6
-            assert np.abs(y - ref).max(initial=0) <= 2e-6 * scale.max(), (n, k, t)
+            if integer_path(name, t):
+                emulated = integer_reference(name, data, w, x)
+                assert np.abs(y - emulated).max() <= 1e-7 * scale.max(), (n, k, t)
+                assert (np.abs(y - ref) <= rounding_bound(w, x) + 2e-6 * scale).all()
+            else:
+                assert np.abs(y - ref).max(initial=0) <= 2e-6 * scale.max(), (n, k, t)
 
 
 @pytest.mark.parametrize("threads", [1, 0])
@@ -129,7 +175,7 @@ def test_threads_and_one_thread_agree_exactly():
     """Rows are split among threads, never the sum of one output: same bits either way."""
     rng = np.random.default_rng(5)
     data = random_blocks("Q4_1", 999, 256, rng)
-    for t in (5, 40):
+    for t in (1, 5, 40):
         x = rng.standard_normal((t, 256)).astype(np.float32)
         assert np.array_equal(qmatmul(data, x, 3, 1), qmatmul(data, x, 3, 0))
 
@@ -152,9 +198,11 @@ def test_a_stacked_weight_reads_the_layer_asked_for_in_its_own_format(t):
         w = gguf.quants.dequantize(layers[i], GGMLQuantizationType[name]).reshape(30, 512)
         ref = w.astype(np.float64) @ x.astype(np.float64).T
         tolerance = 2e-6 * np.abs(w).sum(axis=1).max() * np.abs(x).max()
-        assert np.abs(qmatmul(stacked.blocks, x, kinds, 0, layer=i) - ref).max() <= tolerance
+        if integer_path(name, t):
+            tolerance = tolerance + rounding_bound(w, x)
+        assert (np.abs(qmatmul(stacked.blocks, x, kinds, 0, layer=i) - ref) <= tolerance).all()
         y = step(stacked.blocks, x.T, np.int32(i))
-        assert np.abs(np.asarray(y) - ref).max() <= tolerance
+        assert (np.abs(np.asarray(y) - ref) <= tolerance).all()
 
 
 def test_project_in_a_jitted_function_is_w_at_x():
@@ -164,7 +212,8 @@ def test_project_in_a_jitted_function_is_w_at_x():
     w = gguf.quants.dequantize(data, GGMLQuantizationType.Q8_0).reshape(40, 96)
     x = rng.standard_normal((96, 5)).astype(np.float32)
     y = jax.jit(lambda b, x: project(BlockWeight(b, 8), x, jnp.float32))(data, x)
-    np.testing.assert_allclose(np.asarray(y), w @ x, rtol=1e-5, atol=1e-5)
+    emulated = integer_reference("Q8_0", data, w, x.T)  # 5 rows: the integer path
+    np.testing.assert_allclose(np.asarray(y), emulated, rtol=1e-5, atol=1e-5)
 
 
 def test_a_row_that_does_not_hold_the_values_is_refused():
