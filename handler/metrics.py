@@ -4,8 +4,9 @@ Names follow vLLM's where the meaning is the same, under `jaxchat:` instead of
 `vllm:`, so dashboards carry over:
 - now (read from the scheduler at each scrape): `num_requests_running`,
   `num_requests_waiting`, `kv_cache_usage_perc` (0-1: pool blocks held by
-  sequences), `prefix_cache_hit_blocks_total`, and `engine_step_seconds` (a
-  summary: steps and their summed time from dispatch to delivered tokens);
+  sequences), `prefix_cache_hit_blocks_total`, `engine_step_seconds` (a
+  summary: steps and their summed time from dispatch to delivered tokens), and
+  `executables_pending` (steps still loading or compiling in the background);
 - per request: histograms `time_to_first_token_seconds`,
   `time_per_output_token_seconds`, `e2e_request_latency_seconds`,
   `request_prompt_tokens`, `request_generation_tokens`; counters
@@ -146,6 +147,12 @@ class EngineCollector(Collector):
         )
         yield GaugeMetricFamily(
             "jaxchat:num_requests_waiting", "Requests waiting for a slot.", stats.waiting
+        )
+        yield GaugeMetricFamily(
+            "jaxchat:executables_pending",
+            "Compiled steps (required, and faster upgrades) not yet in memory: until 0, the "
+            "server loads or compiles them in the background and a request may stall.",
+            stats.pending_executables,
         )
         yield GaugeMetricFamily(
             "jaxchat:kv_cache_usage_perc",

@@ -145,7 +145,7 @@ class LLM:
 
     def stats(self) -> SchedulerStats:
         """What the scheduler is doing now (running, waiting, pool use, step times)."""
-        return SchedulerStats.of(self.scheduler)
+        return SchedulerStats.of(self.scheduler, self.engine.variants.pending())
 
     @property
     def failed(self) -> bool:

@@ -286,8 +286,10 @@ def test_small_steps_run_once_their_executables_are_there(q8_gguf, unrolled):
     small = {StepShape(2, 0), StepShape(4, 0)}
     assert set(small_shapes(8)) == small
     assert not small & set(llm.engine.runnable())
+    assert llm.stats().pending_executables >= len(small)  # (/metrics' executables_pending)
     llm.warmup()
     assert small <= set(llm.engine.runnable())
+    assert llm.stats().pending_executables == 0
     # Long enough that the three streams surely overlap: a step for each token.
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     prompts = [list(range(5 + i, 20 + 2 * i)) for i in range(3)]

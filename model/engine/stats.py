@@ -25,9 +25,10 @@ class SchedulerStats:
     step_seconds: float  # their time from dispatch to delivered tokens, summed
     draft_tokens: int  # speculative drafts verified, ever
     accepted_tokens: int  # ... and taken
+    pending_executables: int  # required steps and upgrades not yet in memory
 
     @classmethod
-    def of(cls, scheduler: "Scheduler") -> "SchedulerStats":
+    def of(cls, scheduler: "Scheduler", pending_executables: int = 0) -> "SchedulerStats":
         """The scheduler's counts now (read from another thread: approximate)."""
         s, times, drafting = scheduler, scheduler.step_times, scheduler.speculation
         held = s.pool.blocks - s.pool.available
@@ -41,6 +42,7 @@ class SchedulerStats:
             times.seconds,
             drafting.drafted,
             drafting.accepted,
+            pending_executables,
         )
 
 

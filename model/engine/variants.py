@@ -153,6 +153,11 @@ class Variants:
                 self._compiled[variant] = compiled
         return self._compiled[variant]
 
+    def pending(self) -> int:
+        """Required variants and upgrades not yet in memory (while the server loads or
+        compiles them in the background, a request may stall behind that work)."""
+        return sum(v not in self._compiled for v in (*self.names, *self.upgrades))
+
     def ready(self, kind: str, size: object = 0) -> bool:
         """Whether a variant is in memory (calling it will not load or compile)."""
         return (kind, size) in self._compiled
