@@ -292,26 +292,27 @@ struct IntBlock {
   float d, m;
 };
 
-AVX2 INLINE IntBlock int_block(int64_t kind, const uint8_t* b) {
+template <int64_t Kind>
+AVX2 INLINE IntBlock int_block(const uint8_t* b) {
   IntBlock w;
-  if (kind == kQ8_0) {
-    w.d = half_to_float(b), w.m = 0;
+  uint32_t halves;  // d, and Q4_1's m: both converted by one instruction
+  std::memcpy(&halves, b, 4);
+  const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(halves)));
+  w.d = _mm_cvtss_f32(dm);
+  w.m = Kind == kQ4_1 ? _mm_cvtss_f32(_mm_movehdup_ps(dm)) : 0.0f;
+  if constexpr (Kind == kQ8_0) {
     w.lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2)));
     w.hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 18)));
-    return w;
-  }
-  const int offset = kind == kQ4_1 ? 4 : 2;
-  const __m128i nibbles = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + offset));
-  const __m128i low = _mm_set1_epi8(15);
-  w.lo = _mm256_cvtepu8_epi16(_mm_and_si128(nibbles, low));
-  w.hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(nibbles, 4), low));
-  w.d = half_to_float(b);
-  if (kind == kQ4_1) {
-    w.m = half_to_float(b + 2);
-  } else {  // Q4_0: q - 8
-    w.m = 0;
-    w.lo = _mm256_sub_epi16(w.lo, _mm256_set1_epi16(8));
-    w.hi = _mm256_sub_epi16(w.hi, _mm256_set1_epi16(8));
+  } else {
+    const __m128i nibbles =
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (Kind == kQ4_1 ? 4 : 2)));
+    const __m128i low = _mm_set1_epi8(15);
+    w.lo = _mm256_cvtepu8_epi16(_mm_and_si128(nibbles, low));
+    w.hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(nibbles, 4), low));
+    if constexpr (Kind == kQ4_0) {  // q - 8
+      w.lo = _mm256_sub_epi16(w.lo, _mm256_set1_epi16(8));
+      w.hi = _mm256_sub_epi16(w.hi, _mm256_set1_epi16(8));
+    }
   }
   return w;
 }
@@ -322,55 +323,81 @@ AVX2 INLINE float sum8(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-// y[t] for TT rows of x against one weight row.
-template <int TT>
-AVX2 INLINE void int_row(int64_t kind, int64_t bytes, const uint8_t* row, const int16_t* q,
-                         const float* scale, const float* sum, int64_t K, float* y) {
-  __m256 acc[TT];
-  float offsets[TT] = {};
-  for (int t = 0; t < TT; ++t) acc[t] = _mm256_setzero_ps();
+template <int64_t Kind>
+constexpr int64_t kIntBytes = Kind == kQ8_0 ? Q8_0::kBytes : Kind == kQ4_1 ? Q4_1::kBytes : Q4_0::kBytes;
+
+// Block b of one weight row times TT rows of x, added to acc[t] and offsets[t].
+template <int64_t Kind, int TT>
+AVX2 INLINE void int_products(const uint8_t* row, int64_t b, const int16_t* q,
+                              const float* scale, const float* sum, int64_t K, __m256* acc,
+                              float* offsets) {
   const int64_t blocks = K / 32;
-  for (int64_t b = 0; b < blocks; ++b) {
-    IntBlock w = int_block(kind, row + b * bytes);
-    for (int t = 0; t < TT; ++t) {
-      const __m256i* xq = reinterpret_cast<const __m256i*>(q + t * K + 32 * b);
-      __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(w.lo, _mm256_loadu_si256(xq)),
-                                     _mm256_madd_epi16(w.hi, _mm256_loadu_si256(xq + 1)));
-      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot),
-                               _mm256_set1_ps(w.d * scale[t * blocks + b]), acc[t]);
-      offsets[t] += w.m * sum[t * blocks + b];
-    }
+  IntBlock w = int_block<Kind>(row + b * kIntBytes<Kind>);
+  for (int t = 0; t < TT; ++t) {
+    const __m256i* xq = reinterpret_cast<const __m256i*>(q + t * K + 32 * b);
+    __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(w.lo, _mm256_loadu_si256(xq)),
+                                   _mm256_madd_epi16(w.hi, _mm256_loadu_si256(xq + 1)));
+    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot),
+                             _mm256_set1_ps(w.d * scale[t * blocks + b]), acc[t]);
+    if constexpr (Kind == kQ4_1) offsets[t] += w.m * sum[t * blocks + b];
   }
-  for (int t = 0; t < TT; ++t) y[t] = sum8(acc[t]) + offsets[t];
 }
 
-// `rows` for a 32-value format, x as quantize_x gives it. Like `rows`, each row of x's
+// y[t] for TT rows of x against one weight row. Even and odd blocks add into separate
+// accumulators, so that a row's adds are two chains, not one.
+template <int64_t Kind, int TT>
+AVX2 INLINE void int_row(const uint8_t* row, const int16_t* q, const float* scale,
+                         const float* sum, int64_t K, float* y) {
+  __m256 even[TT], odd[TT];
+  float even_offsets[TT] = {}, odd_offsets[TT] = {};
+  for (int t = 0; t < TT; ++t) even[t] = odd[t] = _mm256_setzero_ps();
+  const int64_t blocks = K / 32;
+  int64_t b = 0;
+  for (; b + 2 <= blocks; b += 2) {
+    int_products<Kind, TT>(row, b, q, scale, sum, K, even, even_offsets);
+    int_products<Kind, TT>(row, b + 1, q, scale, sum, K, odd, odd_offsets);
+  }
+  if (b < blocks) int_products<Kind, TT>(row, b, q, scale, sum, K, even, even_offsets);
+  for (int t = 0; t < TT; ++t)
+    y[t] = sum8(_mm256_add_ps(even[t], odd[t])) + (even_offsets[t] + odd_offsets[t]);
+}
+
+constexpr int kIntTile = 4;  // rows of x per pass over a weight row (two accumulators each)
+
+// `rows` for one 32-value format, x as quantize_x gives it. Like `rows`, each row of x's
 // products are the same whichever rows share a tile, so a stream's result does not depend
 // on the other streams of a few-row step.
-AVX2 void int_rows(int64_t kind, const uint8_t* w, int64_t row_bytes, const int16_t* q,
-                   const float* scale, const float* sum, int64_t T, int64_t U, int64_t K,
-                   float* y, int64_t n0, int64_t n1) {
-  const int64_t bytes = kind == kQ8_0 ? Q8_0::kBytes : kind == kQ4_1 ? Q4_1::kBytes : Q4_0::kBytes;
+template <int64_t Kind>
+AVX2 void int_rows_of(const uint8_t* w, int64_t row_bytes, const int16_t* q, const float* scale,
+                      const float* sum, int64_t T, int64_t U, int64_t K, float* y, int64_t n0,
+                      int64_t n1) {
   const int64_t blocks = K / 32;
-  float out[kTile];
+  float out[kIntTile];
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w + n * row_bytes;
     std::fill(y + n * T + U, y + (n + 1) * T, 0.0f);
-    for (int64_t t0 = 0; t0 < U; t0 += kTile) {
+    for (int64_t t0 = 0; t0 < U; t0 += kIntTile) {
       const int16_t* qt = q + t0 * K;
       const float *st = scale + t0 * blocks, *xs = sum + t0 * blocks;
-      switch (std::min<int64_t>(kTile, U - t0)) {
-        case 1: int_row<1>(kind, bytes, row, qt, st, xs, K, out); break;
-        case 2: int_row<2>(kind, bytes, row, qt, st, xs, K, out); break;
-        case 3: int_row<3>(kind, bytes, row, qt, st, xs, K, out); break;
-        case 4: int_row<4>(kind, bytes, row, qt, st, xs, K, out); break;
-        case 5: int_row<5>(kind, bytes, row, qt, st, xs, K, out); break;
-        case 6: int_row<6>(kind, bytes, row, qt, st, xs, K, out); break;
-        case 7: int_row<7>(kind, bytes, row, qt, st, xs, K, out); break;
-        default: int_row<8>(kind, bytes, row, qt, st, xs, K, out); break;
+      switch (std::min<int64_t>(kIntTile, U - t0)) {
+        case 1: int_row<Kind, 1>(row, qt, st, xs, K, out); break;
+        case 2: int_row<Kind, 2>(row, qt, st, xs, K, out); break;
+        case 3: int_row<Kind, 3>(row, qt, st, xs, K, out); break;
+        default: int_row<Kind, 4>(row, qt, st, xs, K, out); break;
       }
-      for (int64_t t = t0; t < std::min<int64_t>(U, t0 + kTile); ++t) y[n * T + t] = out[t - t0];
+      for (int64_t t = t0; t < std::min<int64_t>(U, t0 + kIntTile); ++t)
+        y[n * T + t] = out[t - t0];
     }
+  }
+}
+
+AVX2 void int_rows(int64_t kind, const uint8_t* w, int64_t row_bytes, const int16_t* q,
+                   const float* scale, const float* sum, int64_t T, int64_t U, int64_t K,
+                   float* y, int64_t n0, int64_t n1) {
+  switch (kind) {
+    case kQ8_0: return int_rows_of<kQ8_0>(w, row_bytes, q, scale, sum, T, U, K, y, n0, n1);
+    case kQ4_0: return int_rows_of<kQ4_0>(w, row_bytes, q, scale, sum, T, U, K, y, n0, n1);
+    default: return int_rows_of<kQ4_1>(w, row_bytes, q, scale, sum, T, U, K, y, n0, n1);
   }
 }
 
