@@ -70,6 +70,24 @@ def build(compiler: str | None = None) -> Path:
 
 
 @cache
+def library() -> ctypes.CDLL | None:
+    """The built library, or None when it is not built for these sources."""
+    path = library_path()
+    return ctypes.cdll.LoadLibrary(str(path)) if path.is_file() else None
+
+
+def integer_path(kind: int, rows: int) -> bool:
+    """Whether the kernel rounds x to 16-bit integers for a product of `rows` rows of x
+    with weights of GGML type `kind` on this CPU (qmatmul.cc: few rows on AVX2, many
+    rows on AVX-512 VNNI; blocks of 32 values only)."""
+    lib = library()
+    if lib is None:
+        return False
+    lib.JaxchatIntegerPath.argtypes = (ctypes.c_int64, ctypes.c_int64)
+    return bool(lib.JaxchatIntegerPath(kind, rows))
+
+
+@cache
 def load() -> bool:
     """Register the kernels with XLA:CPU; False (and why, in the log) when the library is
     not built for these sources."""
@@ -81,10 +99,11 @@ def load() -> bool:
             path.name,
         )
         return False
-    library = ctypes.cdll.LoadLibrary(str(path))
+    lib = library()
+    assert lib is not None
     for target, symbol in (
-        (QMATMUL_TARGET, library.JaxchatQMatmul),
-        (ATTENTION_TARGET, library.JaxchatDecodeAttention),
+        (QMATMUL_TARGET, lib.JaxchatQMatmul),
+        (ATTENTION_TARGET, lib.JaxchatDecodeAttention),
     ):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     return True
