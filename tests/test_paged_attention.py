@@ -107,13 +107,15 @@ def test_the_cpu_kernel_equals_the_dense_reference(rng, h, long):
 
 @pytest.mark.parametrize("prior", [0, 1, 17, 40])
 @pytest.mark.parametrize("chunk", [8, 1024])
-def test_prefill_segments_equal_the_dense_reference(rng, prior, chunk):
-    """Three segments in one region (the first after `prior` pooled positions), padding."""
+@pytest.mark.parametrize("shared", [1, 2])
+def test_prefill_segments_equal_the_dense_reference(rng, prior, chunk, shared):
+    """Three segments in one region, padding: the first `shared` after the same `prior`
+    pooled positions (a prefix they share), the rest from position 0."""
     cache, keys, values = random_pool(rng)
     lengths = [5, 9, 3]
     pad = 3
     segments = np.concatenate([np.full(n, i) for i, n in enumerate(lengths)] + [np.full(pad, -1)])
-    starts = [prior, 0, 0]
+    starts = [prior if i < shared else 0 for i in range(3)]
     positions = np.concatenate(
         [np.arange(s, s + n) for s, n in zip(starts, lengths, strict=True)] + [np.zeros(pad)]
     ).astype(np.int32)
@@ -130,6 +132,7 @@ def test_prefill_segments_equal_the_dense_reference(rng, prior, chunk):
         prior=jnp.int32(prior),
         prior_blocks=jnp.asarray(table),
         write=jnp.zeros((p,), jnp.int32),
+        prior_segments=jnp.int32(shared),
     )
     out = jax.jit(region_attention, static_argnums=6)(
         jnp.asarray(q.transpose(1, 2, 3, 0)),  # [K, G, H, P]
@@ -148,7 +151,7 @@ def test_prefill_segments_equal_the_dense_reference(rng, prior, chunk):
             continue
         mine = np.flatnonzero((segments == seg) & (positions <= positions[t]))
         ks, vs = key[mine], value[mine]
-        if seg == 0:
+        if seg < shared:
             ks = np.concatenate([keys[pooled], ks])
             vs = np.concatenate([values[pooled], vs])
         np.testing.assert_allclose(out[t], reference(q[t : t + 1], ks, vs)[0], atol=1e-5)

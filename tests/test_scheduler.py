@@ -113,8 +113,10 @@ class MockEngine:
         tokens[:r] = np.where(plan.decode, newest, tokens[:r])
         seg, pos = lay.segments, lay.positions[r:]
         for g in set(seg[seg >= 0].tolist()):
-            if g > 0:  # only segment 0 may continue a prompt
-                assert pos[seg == g].min() == 0, "a later segment does not start a prompt"
+            # The first prior_segments continue from segment 0's prior positions (the same
+            # blocks: a prefix they share); the others start a prompt.
+            start = int(lay.prior) if g < lay.prior_segments else 0
+            assert pos[seg == g].min() == start, "a segment does not start where it reads"
         for t, where in enumerate(lay.write):
             if where < len(pool):
                 pool[where] = tokens[t]
@@ -128,7 +130,7 @@ class MockEngine:
                 i = src - r
                 mine = (seg == seg[i]) & (pos <= pos[i])
                 total = tokens[r:][mine].sum()
-                if seg[i] == 0:
+                if seg[i] < lay.prior_segments:
                     total += pool[self._flat(lay.prior_blocks, int(lay.prior))].sum()
             assert (pool[self._flat(lay.block_tables[row], 0)] >= 0).all()
             out[row] = 50 + (total + state["salt"][slots[row]]) % 50
@@ -293,6 +295,29 @@ def test_a_cached_prefix_is_not_computed_again(make):
     assert run(scheduler.submit(second, [0], 3)) == expected(second, 3)
     assert sum(s["prefill"] for s in engine.steps) - computed == len(second) - 24
     assert scheduler.pool.hits >= 6
+
+
+def test_a_burst_with_one_cached_prefix_is_prefilled_in_one_step(make):
+    """Prompts that start with the same cached blocks (a shared system prompt) read them
+    together in one step, beside a new prompt, each stream still right; a prompt with
+    another cached prefix waits for the next step."""
+    engine = MockEngine(batch=8)
+    scheduler = make(engine)
+    system, other = list(range(1, 14)), list(range(30, 39))  # 3 and 2 full blocks of 4
+    assert run(scheduler.submit(system + [5], [0], 2)) == expected(system + [5], 2)
+    assert run(scheduler.submit(other + [6], [0], 2)) == expected(other + [6], 2)
+    engine.gate.clear()
+    first = len(engine.steps)
+    prompts = [system + [i] * i for i in range(1, 5)] + [[20, 21, 22], other + [9, 9]]
+    handles = [scheduler.submit(p, [i], 3) for i, p in enumerate(prompts)]
+    while scheduler.active < len(prompts):
+        time.sleep(0.001)
+    engine.gate.set()
+    assert [run(h) for h in handles] == [expected(p, 3, i) for i, p in enumerate(prompts)]
+    # Step 1: the four with the system prompt (12 positions cached) and the new prompt.
+    assert engine.steps[first]["segments"] == 5
+    assert engine.steps[first]["prefill"] == sum(len(p) - 12 for p in prompts[:4]) + 3
+    assert engine.steps[first + 1]["prefill"] == 3  # the other prefix's, past its 8
 
 
 def test_when_the_pool_is_full_requests_wait_then_complete(make):

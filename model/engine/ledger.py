@@ -101,9 +101,10 @@ class Ledger:
         return sum(s.target - s.computed for s in waiting)
 
     def prompt_chunks(self, live: list[Seq], budget: int) -> list[tuple[Seq, int]]:
-        """Prompt chunks for the prefill region: the oldest begun prompt first (the only
-        one that reads earlier positions from the pool), then new prompts, up to `budget`
-        tokens, while the pool has blocks for them."""
+        """Prompt chunks for the prefill region: the oldest begun prompt first (its earlier
+        positions are read from the pool), with the prompts whose cached prefix is the same
+        blocks (they read them too), then new prompts, up to `budget` tokens, while the
+        pool has blocks for them."""
         pending = [s for s in live if not s.decoding and s.may_prefill]
         pending.sort(key=lambda s: (s.computed == 0 if s.looked_up else True, s.order))
         segments: list[tuple[Seq, int]] = []
@@ -112,8 +113,8 @@ class Ledger:
                 break
             if not seq.looked_up:
                 self.look_up(seq)
-            if segments and seq.computed > 0:
-                continue  # only the first segment may read earlier positions
+            if segments and seq.computed > 0 and not self.shares_prior(seq, segments[0][0]):
+                continue  # only segment 0's earlier positions are read from the pool
             n = min(seq.target - seq.computed, budget)
             if n <= 0:
                 continue
@@ -121,7 +122,15 @@ class Ledger:
                 break  # the pool is full: the rest waits
             segments.append((seq, n))
             budget -= n
+        # The prompts that read segment 0's earlier positions come right after it.
+        segments.sort(key=lambda chunk: chunk[0].computed == 0)
         return segments
+
+    def shares_prior(self, seq: Seq, first: Seq) -> bool:
+        """Whether `seq`'s computed positions are `first`'s, in the same blocks (a prefix
+        both found in the cache), so its chunk can read them with `first`'s in one step."""
+        n = -(-first.computed // self.block_size)
+        return seq.computed == first.computed and seq.blocks[:n] == first.blocks[:n]
 
     def release(self, seq: Seq) -> None:
         """Give back a finished sequence's blocks (cached ones stay in the prefix cache)."""
@@ -170,7 +179,8 @@ def build_plan(
         blocks = np.asarray(seq.blocks)
         layout.write[where] = blocks[positions // bs] * bs + positions % bs
         if g == 0:
-            layout = layout.replace(prior=np.int32(c))
+            shared = sum(1 for s, _ in segments if s.computed > 0)
+            layout = layout.replace(prior=np.int32(c), prior_segments=np.int32(shared))
             layout.prior_blocks[: len(seq.blocks)] = seq.blocks
         if seq.samples_after(n):
             plan.slots[r] = seq.slot

@@ -18,7 +18,9 @@ decides what goes in each step:
   anything decodes, so a long prompt never stalls running streams for long, or
   while few prompt tokens wait (SMALL_PREFILL_MAX), and a large one otherwise.
   Several new prompts share a region; at most one chunk per step continues a
-  prompt begun earlier (it reads that prefix from the pool). A prompt's last
+  prompt begun earlier (it reads that prefix from the pool), joined by the
+  prompts whose cached prefix is the same blocks (a burst of requests with one
+  system prompt is prefilled together, each reading that prefix once). A prompt's last
   chunk samples its first token in the same step.
 - The host does not wait for the step it just dispatched: it reads the tokens of
   the previous step while the device computes the next. A sequence that ended

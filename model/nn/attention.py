@@ -18,9 +18,11 @@ A step's tokens are laid out by a `Layout`:
   block table (context -1: the row is idle);
 - the other P tokens are the prefill region: chunks of prompts, each a
   "segment" of consecutive positions. They attend to each other (same segment,
-  causal), and segment 0 also to the `prior` positions its sequence already has
-  in the pool (a later chunk of a long prompt, or a prompt whose prefix was
-  cached). Other segments start at position 0.
+  causal), and segments 0 … `prior_segments` - 1 also to the `prior` positions
+  segment 0's sequence already has in the pool (a later chunk of a long prompt,
+  or a prompt whose prefix was cached: prompts that start with the same cached
+  blocks, such as a shared system prompt, share them). The others start at
+  position 0.
 
 Every token's key and value are written to the pool first (`write` is its flat
 position block * BS + offset within a layer, or NB·BS or more for none), then read back:
@@ -75,7 +77,8 @@ class Layout(flax.struct.PyTreeNode):
     block_tables [R, MB] i32 (decode rows' blocks); segments [P] i32 (prefill
     token's segment, -1 padding); prior i32 (segment 0's positions already in the
     pool); prior_blocks [MB] i32 (segment 0's blocks); write [T] i32 (flat pool
-    position of each token's key and value; NB * BS or more: none).
+    position of each token's key and value; NB * BS or more: none); prior_segments
+    i32 (the segments that see the prior positions: 0 … prior_segments - 1).
     """
 
     positions: jax.Array
@@ -85,6 +88,7 @@ class Layout(flax.struct.PyTreeNode):
     prior: jax.Array
     prior_blocks: jax.Array
     write: jax.Array
+    prior_segments: jax.Array = np.int32(1)  # type: ignore[assignment]
 
     @property
     def rows(self) -> int:
@@ -262,8 +266,8 @@ def region_attention(
 ) -> jax.Array:
     """Prefill region: q [K, G, H, P], its own key and value [K, H, P] → [K, G, H, P].
 
-    Each token sees the tokens of its segment at or before its position, and
-    segment 0's tokens also see the `prior` positions in the pool (the layer
+    Each token sees the tokens of its segment at or before its position, and the
+    first `prior_segments` segments' tokens also see the `prior` positions in the pool (the layer
     whose blocks start at `base`; `prior_chunk` keys per loop iteration).
     """
     k, g, h, p = q.shape
@@ -280,13 +284,14 @@ def region_attention(
 
 
 def _prior_attention(q: jax.Array, pool: Pool, layout: Layout, state, base, chunk: int):
-    """Adds segment 0's prior positions (read from the pool) to the online softmax."""
+    """Adds segment 0's prior positions (read from the pool) to the online softmax of the
+    segments that share them."""
     k, g, h, p = q.shape
     bs = pool.block_size
     per_chunk = chunk_blocks(chunk, bs, layout.prior_blocks.shape[0])
     width = per_chunk * bs
     scale = h**-0.5
-    first = layout.segments == 0  # [P]
+    first = (layout.segments >= 0) & (layout.segments < layout.prior_segments)  # [P]
     chunks = (layout.prior + width - 1) // width
 
     def body(c, state):
