@@ -21,7 +21,13 @@ from model.engine.ledger import Ledger
 from model.engine.requests import Group
 from model.engine.scheduler import EngineFailed, QueueFull, RequestFailed
 from model.engine.state import StepPlan
-from model.engine.variants import SMALL_CHUNK, StepShape, step_shapes
+from model.engine.variants import (
+    BURST_PROMPTS,
+    SMALL_CHUNK,
+    SMALL_PREFILL_MAX,
+    StepShape,
+    step_shapes,
+)
 from model.nn.attention import Layout
 
 STOP = 99
@@ -258,6 +264,27 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode(make):
     # The 300 tokens came in chunks of at most SMALL_CHUNK, every one beside a decode row.
     assert len(steps) >= 300 // SMALL_CHUNK and all(s["prefill"] <= SMALL_CHUNK for s in steps)
     assert all(s["decode"] >= 1 for s in steps)
+    short.cancel()
+
+
+def test_a_burst_of_prompts_beside_a_stream_gets_the_large_region(make):
+    """Four new prompts of 80 tokens (more than SMALL_PREFILL_MAX in all) while a stream
+    decodes: one large step takes them all, where one long prompt goes in small chunks."""
+    engine = MockEngine(batch=8)
+    scheduler = make(engine)
+    short = scheduler.submit([3], [0], 60, stop_at_eos=False)
+    next(iter(short))  # decoding
+    engine.gate.clear()
+    first = len(engine.steps)
+    prompts = [[i + 1] * 80 for i in range(BURST_PROMPTS)]
+    handles = [scheduler.submit(p, [i], 3) for i, p in enumerate(prompts)]
+    while len(scheduler.waiting) < len(prompts):  # the scheduler waits on a step
+        time.sleep(0.001)
+    engine.gate.set()
+    assert [run(h) for h in handles] == [expected(p, 3, i) for i, p in enumerate(prompts)]
+    burst = [s for s in engine.steps[first:] if s["prefill"]]
+    assert burst[0]["prefill"] == 80 * BURST_PROMPTS > SMALL_PREFILL_MAX
+    assert burst[0]["decode"] == 1 and burst[0]["segments"] == BURST_PROMPTS
     short.cancel()
 
 

@@ -15,8 +15,10 @@ decides what goes in each step:
   and compute only the prompt's last, partial block with their own PRNG keys.
 - Every step carries a decode row for each decoding sequence and fills the
   prefill region with prompt chunks: a small region (SMALL_CHUNK tokens) while
-  anything decodes, so a long prompt never stalls running streams for long, or
-  while few prompt tokens wait (SMALL_PREFILL_MAX), and a large one otherwise.
+  few prompt tokens wait (SMALL_PREFILL_MAX), or while streams decode and fewer
+  than BURST_PROMPTS prompts wait, so one long prompt never stalls running
+  streams for long; a large one otherwise (nothing decodes, or a burst of new
+  requests, which then get their first tokens in a step or two).
   Several new prompts share a region; at most one chunk per step continues a
   prompt begun earlier (it reads that prefix from the pool), joined by the
   prompts whose cached prefix is the same blocks (a burst of requests with one
@@ -74,6 +76,7 @@ from model.engine.speculative import Speculation, taken
 from model.engine.state import StepOutputs, StepPlan
 from model.engine.stats import StepTimes
 from model.engine.variants import (
+    BURST_PROMPTS,
     LARGE_CHUNK,
     SMALL_CHUNK,
     SMALL_PREFILL_MAX,
@@ -281,7 +284,9 @@ class Scheduler:
             if seq.decoding:  # not preempted for an earlier one
                 self._ensure_blocks(seq, seq.length, in_flight)
         decode = [s for s in decode if s.decoding]  # one preempted meanwhile prefills again
-        small = decode or self.ledger.pending(self._live()) <= SMALL_PREFILL_MAX
+        waiting = sum(1 for s in self._live() if not s.decoding and s.may_prefill)
+        few = self.ledger.pending(self._live()) <= SMALL_PREFILL_MAX
+        small = few or (bool(decode) and waiting < BURST_PROMPTS)
         budget = SMALL_CHUNK if small else LARGE_CHUNK
         segments = self.ledger.prompt_chunks(self._live(), budget)
         if not decode and not segments:
