@@ -13,23 +13,14 @@ import numpy as np
 import openai
 import pytest
 import requests
-from gguf import GGMLQuantizationType
 from prometheus_client.parser import text_string_to_metric_families
 
-from model import kernels
 from model.limits import InvalidRequest
 from model.types import SamplingParams
 from tests.server_process import KEY, MAX_SEQ_LEN, MODEL
 
 FIXTURE = Path(__file__).parent / "fixtures" / "smollm2_embeddings.json"
 WIDTH = 576  # SmolLM2-135M's hidden size
-# Where the quantized kernel rounds activations to 16 bits per block of 32 in many-row
-# products too (AVX-512 VNNI: model/kernels/qmatmul.cc), vectors move by up to 2.3e-4
-# from HF's f32 products (measured), and two passes that sum in another order can differ
-# by a rounding step: the tolerances widen to that. Elsewhere the products are f32.
-ROUNDED = kernels.integer_path(GGMLQuantizationType.Q4_1.value, 64)
-REFERENCE_ATOL = 5e-4 if ROUNDED else 2e-5
-SAME_ATOL = 1e-4 if ROUNDED else 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +47,7 @@ def test_the_vectors_match_hf_transformers_on_the_same_weights(llm, reference, b
     expected = np.array([c["embedding"] for c in cases])
     assert batched.tokens == tuple(len(c["ids"]) for c in cases)
     # Seen: 1e-6 at most (float32 both sides, the same dequantised weights).
-    np.testing.assert_allclose(batched.vectors, expected, atol=REFERENCE_ATOL)
+    np.testing.assert_allclose(batched.vectors, expected, atol=2e-5)
     assert (batched.vectors * expected).sum(1) == pytest.approx(1.0, abs=1e-6)
 
 
@@ -69,7 +60,7 @@ def test_the_vectors_have_the_models_width_and_unit_norm(llm, batched, texts):
 
 def test_batched_results_equal_single_ones(llm, batched, texts):
     singles = np.stack([llm.embed([text]).vectors[0] for text in texts])
-    np.testing.assert_allclose(singles, batched.vectors, atol=SAME_ATOL)
+    np.testing.assert_allclose(singles, batched.vectors, atol=1e-5)
 
 
 def test_a_paraphrase_is_closer_than_an_unrelated_sentence(batched):
@@ -80,7 +71,7 @@ def test_a_paraphrase_is_closer_than_an_unrelated_sentence(batched):
 
 def test_token_ids_embed_as_their_text_does(llm, reference, batched):
     ids = [case["ids"] for case in reference["cases"][:3]]
-    np.testing.assert_allclose(llm.embed(ids).vectors, batched.vectors[:3], atol=SAME_ATOL)
+    np.testing.assert_allclose(llm.embed(ids).vectors, batched.vectors[:3], atol=1e-5)
 
 
 def test_an_embedding_computed_beside_a_stream_changes_neither(llm, batched, texts):
@@ -94,7 +85,7 @@ def test_an_embedding_computed_beside_a_stream_changes_neither(llm, batched, tex
     beside = llm.embed([texts[-1]] * 3).vectors  # 3 x 86 tokens, 64 per step at most
     deltas += list(stream)
     assert tuple(t for d in deltas for t in d.token_ids) == alone
-    np.testing.assert_allclose(beside, np.repeat(batched.vectors[-1:], 3, 0), atol=SAME_ATOL)
+    np.testing.assert_allclose(beside, np.repeat(batched.vectors[-1:], 3, 0), atol=1e-5)
 
 
 def test_inputs_the_model_cannot_embed_are_refused(llm):
@@ -115,7 +106,7 @@ def test_the_sdk_gets_the_same_vectors_as_the_python_api(client, batched, texts)
     assert [d.index for d in reply.data] == list(range(len(texts)))
     assert all(d.object == "embedding" for d in reply.data)
     got = np.array([d.embedding for d in reply.data])
-    np.testing.assert_allclose(got, batched.vectors, atol=SAME_ATOL)
+    np.testing.assert_allclose(got, batched.vectors, atol=1e-5)
     assert reply.usage.prompt_tokens == reply.usage.total_tokens == sum(batched.tokens)
 
 
@@ -145,7 +136,7 @@ def test_token_id_inputs_over_http(client, reference):
     many = client.embeddings.create(model=MODEL, input=[ids, ids + ids])
     assert len(many.data) == 2 and many.usage.prompt_tokens == 3 * len(ids)
     np.testing.assert_allclose(
-        many.data[0].embedding, reference["cases"][3]["embedding"], atol=REFERENCE_ATOL
+        many.data[0].embedding, reference["cases"][3]["embedding"], atol=2e-5
     )
 
 

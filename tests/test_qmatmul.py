@@ -7,10 +7,10 @@ panels of 12, one block or many per row, 1 to 100 rows of activations (up to 8 t
 takes them 8 at a time, with a remainder; past 8, 32 at a time as a small GEMM, with a
 remainder of up to 16 or up to 32), threads on and off.
 
-The formats with blocks of 32 values (Q8_0, Q4_0, Q4_1) take an integer path up to 8
-rows on AVX2, and past 8 rows on AVX-512 VNNI (the library says which, for this CPU): x
-rounded to 16 bits per block of 32. There the kernel is held to NumPy's rendering of that
-arithmetic (`integer_reference`) and, against the exact product, to the bound that
+Up to 8 rows, the formats with blocks of 32 values (Q8_0, Q4_0, Q4_1) take an integer
+path where the CPU has AVX2 (with AVX-512, a wider one; the library says which products
+do): x rounded to 16 bits per block of 32. There the kernel is held to NumPy's rendering
+of that arithmetic (`integer_reference`) and, against the exact product, to the bound that
 rounding allows (`rounding_bound`); elsewhere to the exact product.
 """
 
@@ -68,8 +68,8 @@ def random_blocks(name: str, n: int, k: int, rng) -> np.ndarray:
 
 
 def integer_path(name: str, t: int) -> bool:
-    """Whether the kernel takes the integer path here: few rows on AVX2, many on AVX-512
-    VNNI (the CPU decides; each path is held to its own reference)."""
+    """Whether the kernel takes the integer path here (up to 8 rows where the CPU has
+    AVX2; each path is held to its own reference)."""
     taken = kernels.integer_path(GGMLQuantizationType[name].value, t)
     assert not taken or name in INTEGER_FORMATS
     return taken

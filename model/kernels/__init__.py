@@ -78,8 +78,8 @@ def library() -> ctypes.CDLL | None:
 
 def integer_path(kind: int, rows: int) -> bool:
     """Whether the kernel rounds x to 16-bit integers for a product of `rows` rows of x
-    with weights of GGML type `kind` on this CPU (qmatmul.cc: few rows on AVX2, many
-    rows on AVX-512 VNNI; blocks of 32 values only)."""
+    with weights of GGML type `kind` on this CPU (qmatmul.cc: up to 8 rows, on AVX2 or
+    AVX-512; blocks of 32 values only)."""
     lib = library()
     if lib is None:
         return False

@@ -13,16 +13,14 @@
 // For a few rows of x (decode), the weights are read block by block and multiplied with up
 // to 8 rows at once, so they cross the memory bus once per 8 rows as 4-8 bits, not 32.
 // Blocks of 32 values (Q8_0, Q4_0, Q4_1) are multiplied as integers, with x rounded to
-// 16 bits per block of 32 (`int_rows`, on AVX2); the other formats are expanded to f32 in
-// registers (`rows`). For more rows (batched decode, prefill), a panel of weight rows is
-// expanded once and multiplied as a small GEMM: as 16-bit integers for the 32-value
-// formats where the CPU has AVX-512 VNNI (`int_panels`, x rounded as on the few-row path),
-// else in f32 (`panels`).
+// 16 bits per block of 32 (`int_rows` on AVX2, `int_rows512` on AVX-512); the other
+// formats are expanded to f32 in registers (`rows`). For more rows (batched decode, prefill), a panel of weight rows is
+// expanded once and multiplied as a small GEMM in f32 (`panels`).
 //
 // The f32 arithmetic is written with GCC's vector extensions; `target_clones` compiles its
 // loops for AVX-512, AVX2 and plain x86-64, and the loader picks one when the library is
-// loaded. The integer path uses AVX2 intrinsics where the CPU has them. Output rows are
-// split among a small pool of threads (one per core).
+// loaded. The integer path uses AVX2 or AVX-512 intrinsics where the CPU has them. Output
+// rows are split among a small pool of threads (one per core).
 
 #include <immintrin.h>
 
@@ -521,187 +519,25 @@ void pack(const float* x, int64_t K, int64_t T, int64_t U, float* packed, int64_
   }
 }
 
-// ---- Many rows, 32-value formats: integer GEMM (AVX-512 VNNI) ----------------------------
-//
-// Where the CPU has AVX-512 VNNI, one instruction (vpdpwssd) adds 32 products of 16-bit
-// integers, twice the f32 FMA's 16, so many-row products of Q8_0, Q4_0 and Q4_1 are done
-// as integers too: x is rounded per block of 32 as on the few-row path (the same values,
-// so a token's products do not depend on the path its step took), a panel of kIntPanel
-// weight rows is expanded to 16-bit integers once, and each block's products for a tile
-// of rows x columns are summed in integer registers, then scaled by the weights' d and
-// x's scale into f32 accumulators. On one core of this project's 2-core AMD EPYC this
-// runs 1.2-1.5x as fast as the f32 panels; the whole prompt pass of 512 tokens 1.26x.
+// ---- Few rows, 32-value formats, AVX-512 ------------------------------------------------
 
-#define VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+#define AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl")))
 // GCC 12's AVX-512 headers pass undefined vectors as the unused merge operand of unmasked
 // instructions, which -Wall reports as maybe uninitialized.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-constexpr int kIntPanel = 12;  // weight rows expanded together (micro-tiles of 6 x 32 or 12 x 16)
-
-bool integer_gemm(int64_t kind) {
-  static const bool vnni = __builtin_cpu_supports("avx512f") &&
-                           __builtin_cpu_supports("avx512bw") &&
-                           __builtin_cpu_supports("avx512vnni") &&
-                           __builtin_cpu_supports("avx512vl");
-  return vnni && integer_path(kind);
+// Whether few-row products of this format take the AVX-512 integer path.
+bool wide_integer_path(int64_t kind) {
+  static const bool avx512 = __builtin_cpu_supports("avx512f") &&
+                             __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512vl");
+  return avx512 && integer_path(kind);
 }
 
-// Chunk c of x, packed as `pack` gives it ([K][32] f32), rounded as quantize_x rounds: q
-// [K / 32 blocks][16 pairs][32 columns][2] int16 (the pairs vpdpwssd multiplies), the
-// blocks' scales and sums [K / 32][32].
-VNNI void quantize_chunk(const float* packed, int64_t K, int16_t* q, float* scale, float* sum) {
-  for (int64_t b = 0; b < K / 32; ++b) {
-    const float* xb = packed + b * 32 * kColumns;
-    for (int h = 0; h < 2; ++h) {  // 16 columns at a time
-      __m512 top = _mm512_setzero_ps(), total = _mm512_setzero_ps();
-      for (int k = 0; k < 32; ++k) {
-        __m512 v = _mm512_loadu_ps(xb + k * kColumns + 16 * h);
-        top = _mm512_max_ps(top, _mm512_abs_ps(v));
-        total = _mm512_add_ps(total, v);
-      }
-      const __mmask16 some = _mm512_cmp_ps_mask(top, _mm512_setzero_ps(), _CMP_GT_OQ);
-      const __m512 inv = _mm512_maskz_div_ps(some, _mm512_set1_ps(32767.0f), top);
-      _mm512_storeu_ps(scale + b * 32 + 16 * h, _mm512_div_ps(top, _mm512_set1_ps(32767.0f)));
-      _mm512_storeu_ps(sum + b * 32 + 16 * h, total);
-      for (int p = 0; p < 16; ++p) {
-        const float* at = xb + 2 * p * kColumns + 16 * h;  // values 2p and 2p + 1
-        __m512i even = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(at), inv));
-        __m512i odd = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(at + kColumns), inv));
-        __m512i pairs = _mm512_or_si512(_mm512_and_si512(even, _mm512_set1_epi32(0xffff)),
-                                        _mm512_slli_epi32(odd, 16));
-        _mm512_storeu_si512(q + ((b * 16 + p) * kColumns + 16 * h) * 2, pairs);
-      }
-    }
-  }
-}
-
-// kIntPanel weight rows from n0 (rows past N as zeros) as 16-bit integers [kIntPanel][K],
-// with their blocks' d and m [kIntPanel][K / 32].
+// A block's 32 weights fill one register, so a block's product with a row of x is one
+// vpmaddwd, where AVX2 takes two and an add.
 template <int64_t Kind>
-VNNI void expand_int_panel(const uint8_t* w, int64_t row_bytes, int64_t N, int64_t n0, int64_t K,
-                           int16_t* values, float* d, float* m) {
-  const int64_t blocks = K / 32;
-  for (int j = 0; j < kIntPanel; ++j) {
-    for (int64_t b = 0; b < blocks; ++b) {
-      __m256i* to = reinterpret_cast<__m256i*>(values + j * K + 32 * b);
-      if (n0 + j >= N) {
-        _mm256_storeu_si256(to, _mm256_setzero_si256());
-        _mm256_storeu_si256(to + 1, _mm256_setzero_si256());
-        d[j * blocks + b] = m[j * blocks + b] = 0.0f;
-        continue;
-      }
-      IntBlock block = int_block<Kind>(w + (n0 + j) * row_bytes + b * kIntBytes<Kind>);
-      _mm256_storeu_si256(to, block.lo);
-      _mm256_storeu_si256(to + 1, block.hi);
-      d[j * blocks + b] = block.d;
-      m[j * blocks + b] = block.m;
-    }
-  }
-}
-
-// y[j, c] for R weight rows j of a panel and 16 V columns c of one chunk (those below
-// `columns`), x's chunk as quantize_chunk gives it (the first 16 V columns of each pair
-// group). 2 R V registers of accumulators: R = 6 with V = 2, R = 12 with V = 1.
-template <int64_t Kind, int R, int V>
-VNNI void int_panel_product(const int16_t* values, const float* d, const float* m,
-                            int64_t blocks, const int16_t* q, const float* scale,
-                            const float* sum, float* y, int64_t ldy, int64_t rows,
-                            int64_t columns) {
-  const int64_t K = 32 * blocks;
-  __m512 acc[R][V];
-  for (int j = 0; j < R; ++j)
-    for (int v = 0; v < V; ++v) acc[j][v] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < blocks; ++b) {
-    __m512i dot[R][V];
-    for (int j = 0; j < R; ++j)
-      for (int v = 0; v < V; ++v) dot[j][v] = _mm512_setzero_si512();
-    const __m512i* xq = reinterpret_cast<const __m512i*>(q + b * 32 * kColumns);
-#pragma GCC unroll 16
-    for (int p = 0; p < 16; ++p) {
-      __m512i x[V];
-      for (int v = 0; v < V; ++v) x[v] = _mm512_loadu_si512(xq + 2 * p + v);
-      for (int j = 0; j < R; ++j) {
-        int32_t pair;
-        std::memcpy(&pair, values + j * K + 32 * b + 2 * p, 4);
-        const __m512i wv = _mm512_set1_epi32(pair);
-        for (int v = 0; v < V; ++v) dot[j][v] = _mm512_dpwssd_epi32(dot[j][v], wv, x[v]);
-      }
-    }
-    __m512 s[V], total[V];
-    for (int v = 0; v < V; ++v) {
-      s[v] = _mm512_loadu_ps(scale + 32 * b + 16 * v);
-      if constexpr (Kind == kQ4_1) total[v] = _mm512_loadu_ps(sum + 32 * b + 16 * v);
-    }
-    for (int j = 0; j < R; ++j) {
-      const __m512 dj = _mm512_set1_ps(d[j * blocks + b]);
-      for (int v = 0; v < V; ++v) {
-        const __m512 scaled = _mm512_mul_ps(dj, s[v]);
-        acc[j][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[j][v]), scaled, acc[j][v]);
-        if constexpr (Kind == kQ4_1)
-          acc[j][v] = _mm512_fmadd_ps(_mm512_set1_ps(m[j * blocks + b]), total[v], acc[j][v]);
-      }
-    }
-  }
-  for (int v = 0; v < V; ++v) {
-    const int64_t here = std::clamp<int64_t>(columns - 16 * v, 0, 16);
-    const __mmask16 mask = here == 16 ? 0xffff : (1u << here) - 1;
-    for (int j = 0; j < std::min<int64_t>(R, rows); ++j)
-      _mm512_mask_storeu_ps(y + j * ldy + 16 * v, mask, acc[j][v]);
-  }
-}
-
-// `panels` for one 32-value format on the integer path: panels [p0, p1) of kIntPanel rows
-// against x's chunks (quantize_chunk's), into y [N, T], its columns from U on zero.
-template <int64_t Kind>
-VNNI void int_panels_of(const uint8_t* w, int64_t row_bytes, int64_t N, const int16_t* q,
-                        const float* scale, const float* sum, int64_t T, int64_t U, int64_t K,
-                        float* y, int64_t p0, int64_t p1) {
-  thread_local std::vector<int16_t> values;
-  thread_local std::vector<float> dm;
-  const int64_t blocks = K / 32;
-  values.resize(kIntPanel * K);
-  dm.resize(2 * kIntPanel * blocks);
-  float *d = dm.data(), *m = d + kIntPanel * blocks;
-  constexpr int kHalf = kIntPanel / 2;
-  for (int64_t p = p0; p < p1; ++p) {
-    const int64_t n0 = p * kIntPanel, rows_here = std::min<int64_t>(kIntPanel, N - n0);
-    expand_int_panel<Kind>(w, row_bytes, N, n0, K, values.data(), d, m);
-    for (int64_t j = 0; j < rows_here; ++j)
-      std::fill(y + (n0 + j) * T + U, y + (n0 + j + 1) * T, 0.0f);
-    for (int64_t t0 = 0; t0 < U; t0 += kColumns) {
-      const int64_t c = t0 / kColumns, columns = std::min<int64_t>(kColumns, U - t0);
-      const int16_t* qc = q + c * K * kColumns;
-      const float *sc = scale + c * blocks * kColumns, *xs = sum + c * blocks * kColumns;
-      float* yc = y + n0 * T + t0;
-      if (columns <= 16) {  // one vector of columns: all the panel's rows at once
-        int_panel_product<Kind, kIntPanel, 1>(values.data(), d, m, blocks, qc, sc, xs, yc, T,
-                                              rows_here, columns);
-        continue;
-      }
-      for (int h = 0; h < 2 && h * kHalf < rows_here; ++h)
-        int_panel_product<Kind, kHalf, 2>(values.data() + h * kHalf * K, d + h * kHalf * blocks,
-                                          m + h * kHalf * blocks, blocks, qc, sc, xs,
-                                          yc + h * kHalf * T, T, rows_here - h * kHalf, columns);
-    }
-  }
-}
-
-VNNI void int_panels(int64_t kind, const uint8_t* w, int64_t row_bytes, int64_t N,
-                     const int16_t* q, const float* scale, const float* sum, int64_t T,
-                     int64_t U, int64_t K, float* y, int64_t p0, int64_t p1) {
-  switch (kind) {
-    case kQ8_0: return int_panels_of<kQ8_0>(w, row_bytes, N, q, scale, sum, T, U, K, y, p0, p1);
-    case kQ4_0: return int_panels_of<kQ4_0>(w, row_bytes, N, q, scale, sum, T, U, K, y, p0, p1);
-    default: return int_panels_of<kQ4_1>(w, row_bytes, N, q, scale, sum, T, U, K, y, p0, p1);
-  }
-}
-
-// Few rows where the CPU has AVX-512 (and VNNI, as for the GEMM): a block's 32 weights fill
-// one register, so a block's product with a row of x is one vpmaddwd, where AVX2 takes two
-// and an add.
-template <int64_t Kind>
-VNNI INLINE __m512i int_block512(const uint8_t* b, float* d, float* m) {
+AVX512 INLINE __m512i int_block512(const uint8_t* b, float* d, float* m) {
   uint32_t halves;
   std::memcpy(&halves, b, 4);
   const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(halves)));
@@ -722,7 +558,7 @@ VNNI INLINE __m512i int_block512(const uint8_t* b, float* d, float* m) {
 
 // Block b of one weight row times TT rows of x, added to acc[t] and offsets[t].
 template <int64_t Kind, int TT>
-VNNI INLINE void int_products512(const uint8_t* row, int64_t b, const int16_t* q,
+AVX512 INLINE void int_products512(const uint8_t* row, int64_t b, const int16_t* q,
                                  const float* scale, const float* sum, int64_t K, __m512* acc,
                                  float* offsets) {
   const int64_t blocks = K / 32;
@@ -739,7 +575,7 @@ VNNI INLINE void int_products512(const uint8_t* row, int64_t b, const int16_t* q
 // y[t] for TT rows of x (quantize_x's) against one weight row; even and odd blocks in
 // separate accumulators, as in `int_row`.
 template <int64_t Kind, int TT>
-VNNI INLINE void int_row512(const uint8_t* row, const int16_t* q, const float* scale,
+AVX512 INLINE void int_row512(const uint8_t* row, const int16_t* q, const float* scale,
                             const float* sum, int64_t K, float* y) {
   __m512 even[TT], odd[TT];
   float even_offsets[TT] = {}, odd_offsets[TT] = {};
@@ -759,7 +595,7 @@ VNNI INLINE void int_row512(const uint8_t* row, const int16_t* q, const float* s
 constexpr int kInt512Tile = 8;  // rows of x per pass over a weight row
 
 template <int64_t Kind>
-VNNI void int_rows512_of(const uint8_t* w, int64_t row_bytes, const int16_t* q,
+AVX512 void int_rows512_of(const uint8_t* w, int64_t row_bytes, const int16_t* q,
                          const float* scale, const float* sum, int64_t T, int64_t U, int64_t K,
                          float* y, int64_t n0, int64_t n1) {
   const int64_t blocks = K / 32;
@@ -786,7 +622,7 @@ VNNI void int_rows512_of(const uint8_t* w, int64_t row_bytes, const int16_t* q,
   }
 }
 
-VNNI void int_rows512(int64_t kind, const uint8_t* w, int64_t row_bytes, const int16_t* q,
+AVX512 void int_rows512(int64_t kind, const uint8_t* w, int64_t row_bytes, const int16_t* q,
                       const float* scale, const float* sum, int64_t T, int64_t U, int64_t K,
                       float* y, int64_t n0, int64_t n1) {
   switch (kind) {
@@ -860,7 +696,7 @@ ffi::Error QMatmulImpl(ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::S32> kinds,
       int16_t* qp = q.data();
       float *scale = scales.data(), *sum = scale + U * K / 32;
       quantize_x(xp, U, K, qp, scale, sum);
-      const bool wide = integer_gemm(kind);  // AVX-512
+      const bool wide = wide_integer_path(kind);
       jaxchat::Workers::get().run(N, parts, [&](int64_t n0, int64_t n1) {
         if (wide) {
           int_rows512(kind, wp, row_bytes, qp, scale, sum, T, U, K, yp, n0, n1);
@@ -878,26 +714,6 @@ ffi::Error QMatmulImpl(ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::S32> kinds,
   int64_t chunks = (U + kColumns - 1) / kColumns;
   staged.resize(chunks * kColumns * K);
   float* packed = staged.data();  // (a thread_local: each worker has its own `staged`)
-  if (integer_gemm(kind)) {
-    thread_local std::vector<int16_t> q;
-    thread_local std::vector<float> scales;
-    const int64_t blocks = K / 32;
-    q.resize(chunks * kColumns * K);
-    scales.resize(2 * chunks * blocks * kColumns);
-    int16_t* qp = q.data();
-    float *scale = scales.data(), *sum = scale + chunks * blocks * kColumns;
-    jaxchat::Workers::get().run(chunks, parts, [&](int64_t c0, int64_t c1) {
-      pack(xp, K, T, U, packed, c0, c1);
-      for (int64_t c = c0; c < c1; ++c)
-        quantize_chunk(packed + c * K * kColumns, K, qp + c * K * kColumns,
-                       scale + c * blocks * kColumns, sum + c * blocks * kColumns);
-    });
-    const int64_t panels_of_n = (N + kIntPanel - 1) / kIntPanel;
-    jaxchat::Workers::get().run(panels_of_n, parts, [&](int64_t p0, int64_t p1) {
-      int_panels(kind, wp, row_bytes, N, qp, scale, sum, T, U, K, yp, p0, p1);
-    });
-    return ffi::Error::Success();
-  }
   jaxchat::Workers::get().run(chunks, parts, [&](int64_t c0, int64_t c1) {
     pack(xp, K, T, U, packed, c0, c1);
   });
@@ -912,7 +728,7 @@ ffi::Error QMatmulImpl(ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::S32> kinds,
 // Whether a product of `rows` rows of x with weights of format `kind` rounds x to 16-bit
 // integers on this CPU (for the tests, which hold each path to its own reference).
 extern "C" int JaxchatIntegerPath(int64_t kind, int64_t rows) {
-  return rows <= kFewRows ? integer_path(kind) : integer_gemm(kind);
+  return rows <= kFewRows && integer_path(kind);
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchatQMatmul, QMatmulImpl,
