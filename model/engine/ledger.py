@@ -15,6 +15,7 @@ import numpy as np
 from model.engine.blocks import BlockPool, chain_hash, prefix_hashes
 from model.engine.requests import Seq
 from model.engine.state import StepPlan
+from model.engine.variants import BURST_PROMPTS, LARGE_CHUNK, SMALL_CHUNK, SMALL_PREFILL_MAX
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,14 @@ class Ledger:
         """Prompt positions still to compute, of the sequences that may prefill now."""
         waiting = [s for s in live if not s.decoding and s.may_prefill]
         return sum(s.target - s.computed for s in waiting)
+
+    def prefill_budget(self, live: list[Seq], decoding: bool) -> int:
+        """The step's prefill region: small while few prompt tokens wait, or while streams
+        decode and fewer than BURST_PROMPTS prompts wait; large otherwise (see the
+        scheduler's docstring)."""
+        waiting = sum(1 for s in live if not s.decoding and s.may_prefill)
+        few = self.pending(live) <= SMALL_PREFILL_MAX
+        return SMALL_CHUNK if few or (decoding and waiting < BURST_PROMPTS) else LARGE_CHUNK
 
     def prompt_chunks(self, live: list[Seq], budget: int) -> list[tuple[Seq, int]]:
         """Prompt chunks for the prefill region: the oldest begun prompt first (its earlier

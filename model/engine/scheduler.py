@@ -75,14 +75,7 @@ from model.engine.requests import (
 from model.engine.speculative import Speculation, taken
 from model.engine.state import StepOutputs, StepPlan
 from model.engine.stats import StepTimes
-from model.engine.variants import (
-    BURST_PROMPTS,
-    LARGE_CHUNK,
-    SMALL_CHUNK,
-    SMALL_PREFILL_MAX,
-    StepShape,
-    pick_shape,
-)
+from model.engine.variants import StepShape, pick_shape
 from model.nn.sampling import SlotSampling
 
 log = logging.getLogger(__name__)
@@ -284,10 +277,7 @@ class Scheduler:
             if seq.decoding:  # not preempted for an earlier one
                 self._ensure_blocks(seq, seq.length, in_flight)
         decode = [s for s in decode if s.decoding]  # one preempted meanwhile prefills again
-        waiting = sum(1 for s in self._live() if not s.decoding and s.may_prefill)
-        few = self.ledger.pending(self._live()) <= SMALL_PREFILL_MAX
-        small = few or (bool(decode) and waiting < BURST_PROMPTS)
-        budget = SMALL_CHUNK if small else LARGE_CHUNK
+        budget = self.ledger.prefill_budget(self._live(), bool(decode))
         segments = self.ledger.prompt_chunks(self._live(), budget)
         if not decode and not segments:
             return None
