@@ -6,13 +6,23 @@ block table and runs softmax attention over them; nothing of model/nn/attention.
 chunking, online softmax or block layout is shared with it.
 """
 
+import os
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from model import kernels
-from model.nn.attention import Layout, Pool, decode_attention, kernel_fits, region_attention
+from model.nn.attention import (
+    Layout,
+    Pool,
+    decode_attention,
+    init_pool,
+    kernel_fits,
+    region_attention,
+)
 
 K, G, H, BS = 2, 3, 8, 4  # GQA: 3 query heads per kv head
 NB, MB = 64, 24  # pool blocks; blocks per sequence (96 positions)
@@ -178,3 +188,35 @@ def test_a_layout_uses_the_tokens_up_to_its_last_real_one():
     assert used([4, -1, -1, 9], []) == 4
     assert used([-1] * 4, [-1] * 3) == 0
     assert used([], [0, 0, -1]) == 2
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (Linux)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_the_kernels_pool_is_zero_and_costs_memory_as_it_is_written():
+    """A pool zeroed by jaxchat's CPU kernel (model/kernels/pool.cc) reads as zeros, the
+    partial pages at its ends included, and the process does not grow by its size until
+    it is written: writing a block (in place, as a step does) costs that block's pages."""
+    assert kernels.load(), "the kernels are built by `make setup` (python -m model.kernels)"
+    layers, blocks, bs, kv, h = 3, 30001, 16, 3, 16  # 2 x 276 MB, not whole pages
+    make = jax.jit(lambda: init_pool(layers, blocks, bs, kv, h, jnp.float32, kernel=True))
+    make.lower().compile()  # the compiler's own memory is not the pool's
+    before = resident_bytes()
+    pool = jax.block_until_ready(make())
+    grown = resident_bytes() - before
+    assert pool.k.shape == (layers * blocks, kv, h, bs) and pool.v.shape == (
+        layers * blocks,
+        kv,
+        bs,
+        h,
+    )
+    assert grown < 32 << 20, f"the pool's pages were touched: {grown >> 20} MiB resident"
+    address = pool.k.unsafe_buffer_pointer()
+    write = jax.jit(lambda p: p.replace(k=p.k.at[7].set(1.0)), donate_argnums=0)
+    pool = jax.block_until_ready(write(pool))
+    assert pool.k.unsafe_buffer_pointer() == address  # updated in place
+    k, v = np.asarray(pool.k), np.asarray(pool.v)
+    assert np.count_nonzero(k) == kv * h * bs and np.all(k[7] == 1.0)
+    assert np.count_nonzero(v) == 0

@@ -244,9 +244,8 @@ class Engine:
 
     def _init_state_impl(self) -> EngineState:
         c = self.config
-        pool = init_pool(
-            c.n_layers, self.pool_blocks, self.block_size, c.n_kv_heads, c.head_dim, self.dtype
-        )
+        shape = (c.n_layers, self.pool_blocks, self.block_size, c.n_kv_heads, c.head_dim)
+        pool = init_pool(*shape, self.dtype, kernel=self.attention_kernel is not None)
         return EngineState(
             pool, jnp.zeros((self.batch,), jnp.int32), self._init_sampling(self.batch)
         )

@@ -5,9 +5,10 @@
   streams 4-8 bits per weight instead of 32, and a many-row step expands each weight
   once for all rows (model/nn/quantize.py's `BlockWeight`);
 - decode attention over the paged pool (attention.cc), which reads each row's blocks in
-  place instead of gathering them into new arrays (model/nn/attention.py).
+  place instead of gathering them into new arrays (model/nn/attention.py);
+- the pool's zeros (pool.cc), which leave its pages untouched until they are written.
 
-Both share a pool of worker threads (workers.h).
+The first two share a pool of worker threads (workers.h).
 
 The library is compiled from the source here by the project's own set-up
 (`python -m model.kernels`: `make setup` and the Dockerfile run it) with the system's
@@ -28,13 +29,13 @@ from pathlib import Path
 
 import jax
 
-from model.nn.attention import ATTENTION_TARGET
+from model.nn.attention import ATTENTION_TARGET, ZEROS_TARGET
 from model.nn.quantize import QMATMUL_TARGET
 
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "qmatmul.cc", HERE / "attention.cc")
+SOURCES = (HERE / "qmatmul.cc", HERE / "attention.cc", HERE / "pool.cc")
 HEADERS = (HERE / "workers.h",)
 FLAGS = ("-O3", "-std=c++20", "-shared", "-fPIC", "-DNDEBUG", "-Wall", "-Wno-psabi")
 
@@ -104,6 +105,7 @@ def load() -> bool:
     for target, symbol in (
         (QMATMUL_TARGET, lib.JaxchatQMatmul),
         (ATTENTION_TARGET, lib.JaxchatDecodeAttention),
+        (ZEROS_TARGET, lib.JaxchatZeros),
     ):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     return True

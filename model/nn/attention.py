@@ -51,6 +51,9 @@ PRIOR_CHUNK = 1024
 # The XLA custom-call target of jaxchat's CPU decode attention (model/kernels/attention.cc,
 # registered by model/kernels): the rows read their blocks in place, no gather.
 ATTENTION_TARGET = "jaxchat_decode_attention"
+# The target that returns a zeroed array without touching its pages (model/kernels/pool.cc):
+# the pool then costs time and memory as it fills, not all at start-up.
+ZEROS_TARGET = "jaxchat_zeros"
 
 
 class Pool(flax.struct.PyTreeNode):
@@ -64,10 +67,25 @@ class Pool(flax.struct.PyTreeNode):
         return self.k.shape[-1]
 
 
-def init_pool(n_layers: int, blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype):
-    """A zeroed pool of `blocks` blocks of `block_size` positions per layer."""
+def init_pool(
+    n_layers: int,
+    blocks: int,
+    block_size: int,
+    kv_heads: int,
+    head_dim: int,
+    dtype,
+    kernel: bool = False,
+):
+    """A zeroed pool of `blocks` blocks of `block_size` positions per layer. kernel: zeroed
+    by jaxchat's CPU kernel, which leaves the pages untouched until written (one CPU
+    device; model/kernels must be loaded)."""
     k, h, bs, nb = kv_heads, head_dim, block_size, n_layers * blocks
-    return Pool(jnp.zeros((nb, k, h, bs), dtype), jnp.zeros((nb, k, bs, h), dtype))
+    zeros = _kernel_zeros if kernel else jnp.zeros
+    return Pool(zeros((nb, k, h, bs), dtype), zeros((nb, k, bs, h), dtype))
+
+
+def _kernel_zeros(shape: tuple[int, ...], dtype) -> jax.Array:
+    return jax.ffi.ffi_call(ZEROS_TARGET, jax.ShapeDtypeStruct(shape, dtype))()
 
 
 class Layout(flax.struct.PyTreeNode):
