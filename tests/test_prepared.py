@@ -2,6 +2,7 @@
 and gives identical config, parameters, tokenizer and template; a changed or damaged
 source or copy is prepared again."""
 
+import mmap
 import os
 
 import gguf
@@ -116,3 +117,16 @@ def test_rows_elsewhere_are_stacked_by_copying():
     assert rows_of(apart) is None
     pool = np.zeros(12, np.float32)  # adjacent views of one buffer, but of other shapes
     assert rows_of([pool[:6].reshape(2, 3), pool[6:].reshape(3, 2)]) is None
+
+
+def test_the_copy_is_mapped_not_read(tiny_gguf, tmp_path):
+    """The copy's arrays are read-only views of its files mapped into memory: a weight is
+    paged in when used, and one that the kernels take as blocks is never read."""
+    load_gguf_prepared(tiny_gguf, jnp.float32, tmp_path)
+    _, params, _, blocks = load_gguf_prepared(tiny_gguf, jnp.float32, tmp_path)
+    for array in jax.tree.leaves((params, blocks)):
+        owner = array
+        while isinstance(owner, np.ndarray | memoryview):
+            owner = owner.obj if isinstance(owner, memoryview) else owner.base
+        assert isinstance(owner, mmap.mmap)
+        assert not array.flags.writeable

@@ -10,6 +10,8 @@ the metadata as JSON, and the matmul weights' quantized blocks as they are in th
 weights are stored stacked ([L, ...] per weight), and read back as views of those
 arrays: the engine's scanned layers take them as they are
 (model/engine/engine.py's `stack_params`), with no copy to stack them.
+Both files are mapped, not read: a weight is paged in when used, and the f32 copies of
+the weights that go to the quantized kernels as blocks are never read at all.
 The key covers the file (path, size, modification time), the source of every
 project module this one imports at any depth (the loader, config parsing:
 model/weights/source_digest.py) and the versions of the libraries that decode the
@@ -20,8 +22,10 @@ import dataclasses
 import hashlib
 import json
 import logging
+import mmap
 import os
 import shutil
+import struct
 import tempfile
 from importlib.metadata import version
 from pathlib import Path
@@ -32,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from model.nn.config import ModelConfig
 from model.nn.quantize import BlockWeight
@@ -111,10 +115,35 @@ def _read(prepared: Path, dtype: jnp.dtype) -> tuple[ModelConfig, Params, dict[s
     info = json.loads((prepared / "prepared.json").read_text())
     config = config_from_json(info["config"], str(prepared / "prepared.json"))
     metadata = json.loads((prepared / "metadata.json").read_text())
-    params = _unflatten(load_file(prepared / "params.safetensors"), dtype)
-    arrays = load_file(prepared / "blocks.safetensors")
+    params = _unflatten(_mapped(prepared / "params.safetensors"), dtype)
+    arrays = _mapped(prepared / "blocks.safetensors")
     blocks = {name: BlockWeight(arrays[name], kind) for name, kind in info["blocks"].items()}
     return config, params, metadata, traverse_util.unflatten_dict(blocks, sep="/")
+
+
+# safetensors' element types, as they appear in a file's header, that the copy stores.
+_DTYPES = {"F32": np.float32, "U8": np.uint8, "I8": np.int8, "I32": np.int32}
+
+
+def _mapped(path: Path) -> dict[str, np.ndarray]:
+    """A safetensors file's arrays as read-only views of the file mapped into memory (the
+    library's numpy loader reads every byte): an 8-byte little-endian header length, a
+    JSON header of name → dtype, shape and byte range, then the data."""
+    with path.open("rb") as file:
+        (length,) = struct.unpack("<Q", file.read(8))
+        header = json.loads(file.read(length))
+        data = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)  # outlives the file
+    start, arrays = 8 + length, {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = entry["data_offsets"]
+        dtype = np.dtype(_DTYPES[entry["dtype"]])
+        if not 0 <= begin <= end <= len(data) - start:
+            raise ValueError(f"{path}: {name} lies past the end of the file")
+        flat = np.frombuffer(data, dtype, (end - begin) // dtype.itemsize, start + begin)
+        arrays[name] = flat.reshape(entry["shape"])
+    return arrays
 
 
 def _write(
