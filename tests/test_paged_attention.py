@@ -121,7 +121,25 @@ def test_the_cpu_kernel_equals_the_dense_reference(rng, h, long):
 def test_prefill_segments_equal_the_dense_reference(rng, prior, chunk, shared):
     """Three segments in one region, padding: the first `shared` after the same `prior`
     pooled positions (a prefix they share), the rest from position 0."""
-    cache, keys, values = random_pool(rng)
+    check_region(rng, prior, shared, chunk=chunk)
+
+
+@pytest.mark.parametrize("prior", [0, 1, 17, 300, 700])
+@pytest.mark.parametrize("shared", [1, 2])
+@pytest.mark.parametrize("h", [16, 64])
+def test_the_cpu_kernels_prior_attention_equals_the_dense_reference(rng, prior, shared, h):
+    """The region's attention over the pooled prior through jaxchat's CPU kernel
+    (attention.cc's prior attention): priors inside and across its 256-position spans and
+    16-position blocks, tiles of 8 queries mixing ones that see the prior with ones that
+    do not, the layer's blocks at an offset."""
+    assert kernels.load(), "the kernels are built by `make setup` (python -m model.kernels)"
+    check_region(rng, prior, shared, bs=16, h=h, nb=64, mb=48, base=5, kernel=True)
+
+
+def check_region(
+    rng, prior, shared, chunk=1024, bs=BS, h=H, nb=NB, mb=MB, base=0, kernel=False
+) -> None:
+    cache, keys, values = random_pool(rng, nb + base, bs, h)
     lengths = [5, 9, 3]
     pad = 3
     segments = np.concatenate([np.full(n, i) for i, n in enumerate(lengths)] + [np.full(pad, -1)])
@@ -130,31 +148,32 @@ def test_prefill_segments_equal_the_dense_reference(rng, prior, chunk, shared):
         [np.arange(s, s + n) for s, n in zip(starts, lengths, strict=True)] + [np.zeros(pad)]
     ).astype(np.int32)
     p = len(segments)
-    table = rng.permutation(NB)[:MB].astype(np.int32)
-    q = rng.standard_normal((p, K, G, H)).astype(np.float32)
-    key = rng.standard_normal((p, K, H)).astype(np.float32)
-    value = rng.standard_normal((p, K, H)).astype(np.float32)
+    table = rng.permutation(nb)[:mb].astype(np.int32)
+    q = rng.standard_normal((p, K, G, h)).astype(np.float32)
+    key = rng.standard_normal((p, K, h)).astype(np.float32)
+    value = rng.standard_normal((p, K, h)).astype(np.float32)
     layout = Layout(
         positions=jnp.asarray(positions),
         context=jnp.zeros((0,), jnp.int32),
-        block_tables=jnp.zeros((0, MB), jnp.int32),
+        block_tables=jnp.zeros((0, mb), jnp.int32),
         segments=jnp.asarray(segments, jnp.int32),
         prior=jnp.int32(prior),
         prior_blocks=jnp.asarray(table),
         write=jnp.zeros((p,), jnp.int32),
         prior_segments=jnp.int32(shared),
     )
-    out = jax.jit(region_attention, static_argnums=6)(
+    out = jax.jit(region_attention, static_argnames=("prior_chunk", "kernel"))(
         jnp.asarray(q.transpose(1, 2, 3, 0)),  # [K, G, H, P]
         jnp.asarray(key.transpose(1, 2, 0)),  # [K, H, P]
         jnp.asarray(value.transpose(1, 2, 0)),
         layout,
         cache,
-        0,
-        chunk,
+        base,
+        prior_chunk=chunk,
+        kernel=kernel,
     )
     out = np.asarray(out).transpose(3, 0, 1, 2)  # [P, K, G, H]
-    pooled = sequence_positions(table, prior)
+    pooled = sequence_positions(table + base, prior, bs)
     for t in range(p):
         seg = segments[t]
         if seg < 0:

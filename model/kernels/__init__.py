@@ -4,8 +4,9 @@
   formats or jaxchat's int8 rows and expands them in registers, so a decode step
   streams 4-8 bits per weight instead of 32, and a many-row step expands each weight
   once for all rows (model/nn/quantize.py's `BlockWeight`);
-- decode attention over the paged pool (attention.cc), which reads each row's blocks in
-  place instead of gathering them into new arrays (model/nn/attention.py);
+- attention over the paged pool (attention.cc): decode rows, and a prefill region's
+  queries over the positions already in the pool, read the blocks in place instead of
+  gathering them into new arrays (model/nn/attention.py);
 - the pool's zeros (pool.cc), which leave its pages untouched until they are written.
 
 The first two share a pool of worker threads (workers.h).
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import jax
 
-from model.nn.attention import ATTENTION_TARGET, ZEROS_TARGET
+from model.nn.attention import ATTENTION_TARGET, PRIOR_TARGET, ZEROS_TARGET
 from model.nn.quantize import QMATMUL_TARGET
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,7 @@ def load() -> bool:
     for target, symbol in (
         (QMATMUL_TARGET, lib.JaxchatQMatmul),
         (ATTENTION_TARGET, lib.JaxchatDecodeAttention),
+        (PRIOR_TARGET, lib.JaxchatPriorAttention),
         (ZEROS_TARGET, lib.JaxchatZeros),
     ):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")

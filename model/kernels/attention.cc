@@ -9,6 +9,12 @@
 // the arithmetic. Here each (row, kv head, query head) reads its blocks in place: the
 // scores 16 positions at a time (positions are minor in a key block), then one
 // softmax, then the values (features minor). Rows with context -1 are idle: output 0.
+//
+// Prior attention (PriorAttentionImpl) is the prefill region's part over the positions a
+// sequence already has in the pool (a later chunk of a long prompt, a cached prefix):
+// the region's queries that see them, 8 at a time, read the sequence's blocks in place,
+// each key vector once for all 8, and return their online-softmax state (max, sum and
+// unnormalised output), which model/nn/attention.py merges with the region's own part.
 
 #include <algorithm>
 #include <cmath>
@@ -145,6 +151,141 @@ ffi::Error DecodeAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
   return ffi::Error::Success();
 }
 
+
+constexpr int64_t kTile = 8;      // queries that share each key and value load
+constexpr int64_t kSpan = 256;    // positions whose scores are held at once
+constexpr float kNegInf = -3.4028234663852886e38f;  // jnp.finfo(float32).min, as in JAX
+
+struct PriorShapes {
+  int64_t K, G, H, P, BS, blocks;  // kv heads, group, head dim, region, block size, pool
+};
+
+// Queries p0 .. p0 + kTile - 1 (those past P or not flagged are computed and dropped) of
+// query head (kh, g) over positions 0 .. prior - 1 of the sequence whose blocks `table`
+// lists. q [K, G, H, P] (positions minor); writes acc [P, H], top [P], total [P] of this
+// head.
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+void prior_tile(const PriorShapes& s, const float* q, const float* kpool, const float* vpool,
+                const int32_t* table, int64_t prior, int32_t base, int64_t kh, int64_t p0,
+                float scale, float* acc_out, float* top_out, float* total_out) {
+  const int64_t H = s.H, BS = s.BS, P = s.P, nv = H / 16;
+  float qt[kMaxHead][kTile];  // the tile's queries, feature-major, scaled
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t t = 0; t < kTile; ++t) qt[h][t] = p0 + t < P ? q[h * P + p0 + t] * scale : 0.0f;
+  float top[kTile], total[kTile] = {};
+  std::fill(top, top + kTile, kNegInf);
+  f32x16 acc[kTile][kMaxHead / 16] = {};
+  alignas(64) float scores[kTile][kSpan];
+  auto block = [&](int64_t b) {
+    return std::clamp<int64_t>(int64_t{table[b]} + base, 0, s.blocks - 1);
+  };
+  for (int64_t start = 0; start < prior; start += kSpan) {
+    const int64_t n = std::min(kSpan, prior - start);
+    for (int64_t j = 0; j < n; j += 16) {  // scores, 16 positions (BS divides 16s) at a time
+      const int64_t pos = start + j;
+      const float* kb = kpool + (block(pos / BS) * s.K + kh) * H * BS + pos % BS;
+      f32x16 sc[kTile] = {};
+      for (int64_t h = 0; h < H; ++h) {
+        const f32x16 key = load16(kb + h * BS);
+        for (int64_t t = 0; t < kTile; ++t) sc[t] += qt[h][t] * key;
+      }
+      for (int64_t t = 0; t < kTile; ++t) store16(&scores[t][j], sc[t]);
+    }
+    for (int64_t t = 0; t < kTile; ++t) {
+      float* row = scores[t];
+      for (int64_t i = n; i < ((n + 15) & ~int64_t{15}); ++i) row[i] = kNegInf;
+      float new_top = top[t];
+      for (int64_t i = 0; i < n; ++i) new_top = std::max(new_top, row[i]);
+      const float rescale = std::exp(top[t] - new_top);
+      top[t] = new_top;
+      f32x16 sum = {};
+      for (int64_t i = 0; i < n; i += 16) {
+        f32x16 e = exp16(load16(row + i) - new_top);
+        for (int64_t l = 0; l < 16; ++l)
+          if (i + l >= n) e[l] = 0.0f;
+        store16(row + i, e);
+        sum += e;
+      }
+      float add = 0;
+      for (int l = 0; l < 16; ++l) add += sum[l];
+      total[t] = total[t] * rescale + add;
+      for (int64_t v = 0; v < nv; ++v) acc[t][v] *= rescale;
+    }
+    for (int64_t v = 0; v < nv; ++v) {  // values: one feature slice of every query at once
+      f32x16 part[kTile];
+      for (int64_t t = 0; t < kTile; ++t) part[t] = acc[t][v];
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t pos = start + i;
+        const float* vb = vpool + (block(pos / BS) * s.K + kh) * BS * H + (pos % BS) * H;
+        const f32x16 value = load16(vb + 16 * v);
+        for (int64_t t = 0; t < kTile; ++t) part[t] += scores[t][i] * value;
+      }
+      for (int64_t t = 0; t < kTile; ++t) acc[t][v] = part[t];
+    }
+  }
+  for (int64_t t = 0; t < kTile && p0 + t < P; ++t) {
+    top_out[p0 + t] = top[t];
+    total_out[p0 + t] = total[t];
+    for (int64_t v = 0; v < nv; ++v) store16(acc_out + (p0 + t) * H + 16 * v, acc[t][v]);
+  }
+}
+
+ffi::Error PriorAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                              ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> table,
+                              ffi::Buffer<ffi::S32> prior, ffi::Buffer<ffi::S32> sees,
+                              ffi::Buffer<ffi::S32> base, ffi::ResultBuffer<ffi::F32> acc,
+                              ffi::ResultBuffer<ffi::F32> top, ffi::ResultBuffer<ffi::F32> total,
+                              float scale) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4)
+    return ffi::Error::InvalidArgument(
+        "prior attention: q [K, G, H, P], k [NB, K, H, BS], v [NB, K, BS, H]");
+  PriorShapes s{qd[0], qd[1], qd[2], qd[3], kd[3], kd[0]};
+  if (kd[1] != s.K || kd[2] != s.H || vd[0] != s.blocks || vd[1] != s.K || vd[2] != s.BS ||
+      vd[3] != s.H || static_cast<int64_t>(sees.element_count()) != s.P)
+    return ffi::Error::InvalidArgument("prior attention: q, pool and flags do not agree");
+  if (s.H % 16 || s.H > kMaxHead || s.BS % 16)
+    return ffi::Error::InvalidArgument("prior attention: head dim " + std::to_string(s.H) +
+                                       " and block size " + std::to_string(s.BS) +
+                                       " must be multiples of 16 (head dim up to 512)");
+  const int64_t width = static_cast<int64_t>(table.element_count());
+  const int64_t n = std::clamp<int64_t>(prior.typed_data()[0], 0, width * s.BS);
+  const int32_t* flags = sees.typed_data();
+  // The tiles with a query that sees the prior (the region's first segments).
+  std::vector<int64_t> tiles;
+  for (int64_t p0 = 0; p0 < s.P; p0 += kTile)
+    for (int64_t t = p0; t < std::min(p0 + kTile, s.P); ++t)
+      if (flags[t]) {
+        tiles.push_back(p0);
+        break;
+      }
+  float *ap = acc->typed_data(), *tp = top->typed_data(), *sp = total->typed_data();
+  std::fill(ap, ap + s.K * s.G * s.P * s.H, 0.0f);
+  std::fill(tp, tp + s.K * s.G * s.P, kNegInf);
+  std::fill(sp, sp + s.K * s.G * s.P, 0.0f);
+  if (n == 0 || tiles.empty()) return ffi::Error::Success();
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
+  const int32_t *bp = table.typed_data(), b0 = base.typed_data()[0];
+  const int64_t heads = s.K * s.G, tasks = heads * static_cast<int64_t>(tiles.size());
+  int parts = jaxchat::Workers::get().size();
+  if (n * static_cast<int64_t>(tiles.size()) * kTile * heads < 8192) parts = 1;
+  jaxchat::Workers::get().run(tasks, parts, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t head = i % heads, kh = head / s.G, p0 = tiles[i / heads];
+      prior_tile(s, qp + head * s.H * s.P, kp, vp, bp, n, b0, kh, p0, scale,
+                 ap + head * s.P * s.H, tp + head * s.P, sp + head * s.P);
+    }
+  });
+  for (int64_t head = 0; head < heads; ++head)  // queries that do not see the prior: none
+    for (int64_t p = 0; p < s.P; ++p)
+      if (!flags[p]) {
+        tp[head * s.P + p] = kNegInf;
+        sp[head * s.P + p] = 0.0f;
+        std::fill(ap + (head * s.P + p) * s.H, ap + (head * s.P + p + 1) * s.H, 0.0f);
+      }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchatDecodeAttention, DecodeAttentionImpl,
@@ -158,3 +299,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchatDecodeAttention, DecodeAttentionImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale")
                                   .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchatPriorAttention, PriorAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));

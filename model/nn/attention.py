@@ -51,6 +51,9 @@ PRIOR_CHUNK = 1024
 # The XLA custom-call target of jaxchat's CPU decode attention (model/kernels/attention.cc,
 # registered by model/kernels): the rows read their blocks in place, no gather.
 ATTENTION_TARGET = "jaxchat_decode_attention"
+# And of the prefill region's attention over the positions already in the pool: the
+# blocks read in place, each key and value once for eight queries.
+PRIOR_TARGET = "jaxchat_prior_attention"
 # The target that returns a zeroed array without touching its pages (model/kernels/pool.cc):
 # the pool then costs time and memory as it fills, not all at start-up.
 ZEROS_TARGET = "jaxchat_zeros"
@@ -281,12 +284,14 @@ def region_attention(
     pool: Pool | None,
     base=0,
     prior_chunk: int = PRIOR_CHUNK,
+    kernel: bool = False,
 ) -> jax.Array:
     """Prefill region: q [K, G, H, P], its own key and value [K, H, P] → [K, G, H, P].
 
     Each token sees the tokens of its segment at or before its position, and the
     first `prior_segments` segments' tokens also see the `prior` positions in the pool (the layer
-    whose blocks start at `base`; `prior_chunk` keys per loop iteration).
+    whose blocks start at `base`; `prior_chunk` keys per loop iteration; kernel: through
+    jaxchat's CPU kernel, where `kernel_fits`).
     """
     k, g, h, p = q.shape
     scale = h**-0.5
@@ -296,9 +301,48 @@ def region_attention(
     s = jnp.where(visible, s, NEG_INF)
     weighted = lambda probs: jnp.einsum("kgqp,khp->kgqh", probs.astype(value.dtype), value)  # noqa: E731
     state = _online(_empty((k, g, p), h), s, lambda probs: weighted(probs).astype(jnp.float32))
-    if pool is not None:
+    if pool is not None and kernel and kernel_fits(pool, h):
+        state = _merge(state, _kernel_prior(q, pool, layout, base))
+    elif pool is not None:
         state = _prior_attention(q, pool, layout, state, base, prior_chunk)
     return _finish(state).astype(q.dtype).transpose(0, 1, 3, 2)
+
+
+def _merge(a, b):
+    """One online-softmax state from two over disjoint keys (max, sum, unnormalised out)."""
+    top = jnp.maximum(a[0], b[0])
+    scale_a, scale_b = jnp.exp(a[0] - top), jnp.exp(b[0] - top)
+    return (
+        top,
+        a[1] * scale_a + b[1] * scale_b,
+        a[2] * scale_a[..., None] + b[2] * scale_b[..., None],
+    )
+
+
+def _kernel_prior(q: jax.Array, pool: Pool, layout: Layout, base):
+    """The first segments' attention over segment 0's prior positions, through jaxchat's CPU
+    kernel: its online-softmax state (max, sum [K, G, P], unnormalised out [K, G, P, H])."""
+    k, g, h, p = q.shape
+    sees = (layout.segments >= 0) & (layout.segments < layout.prior_segments)
+    call = jax.ffi.ffi_call(
+        PRIOR_TARGET,
+        (
+            jax.ShapeDtypeStruct((k, g, p, h), jnp.float32),
+            jax.ShapeDtypeStruct((k, g, p), jnp.float32),
+            jax.ShapeDtypeStruct((k, g, p), jnp.float32),
+        ),
+    )
+    acc, top, total = call(
+        q.astype(jnp.float32),
+        pool.k,
+        pool.v,
+        layout.prior_blocks.astype(jnp.int32),
+        jnp.asarray(layout.prior, jnp.int32),
+        sees.astype(jnp.int32),
+        jnp.asarray(base, jnp.int32),
+        scale=np.float32(h**-0.5),
+    )
+    return top, total, acc
 
 
 def _prior_attention(q: jax.Array, pool: Pool, layout: Layout, state, base, chunk: int):

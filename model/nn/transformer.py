@@ -138,7 +138,9 @@ class Attention(nn.Module):
             )  # [R, K, G, H]
             outs.append(decoded.transpose(1, 2, 3, 0))
         if t > r:
-            region = region_attention(q[..., r:], key[..., r:], value[..., r:], layout, pool, base)
+            region = region_attention(
+                q[..., r:], key[..., r:], value[..., r:], layout, pool, base, kernel=self.kernel
+            )
             outs.append(region)
         out = jnp.concatenate(outs, axis=-1).reshape(n * h, t)
         return project(w_o, out, self.dtype, layer, used), pool
