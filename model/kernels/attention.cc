@@ -160,14 +160,15 @@ struct PriorShapes {
   int64_t K, G, H, P, BS, blocks;  // kv heads, group, head dim, region, block size, pool
 };
 
-// Queries p0 .. p0 + kTile - 1 (those past P or not flagged are computed and dropped) of
-// query head (kh, g) over positions 0 .. prior - 1 of the sequence whose blocks `table`
-// lists. q [K, G, H, P] (positions minor); writes acc [P, H], top [P], total [P] of this
-// head.
+// Queries p0 .. p0 + kTile - 1 of query head (kh, g) over positions 0 .. prior - 1 of the
+// sequence whose blocks `table` lists (those past P or not flagged in `sees` are computed
+// and dropped). q [K, G, H, P] (positions minor); writes acc [P, H], top [P], total [P] of
+// this head for the flagged queries.
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 void prior_tile(const PriorShapes& s, const float* q, const float* kpool, const float* vpool,
-                const int32_t* table, int64_t prior, int32_t base, int64_t kh, int64_t p0,
-                float scale, float* acc_out, float* top_out, float* total_out) {
+                const int32_t* table, const int32_t* sees, int64_t prior, int32_t base,
+                int64_t kh, int64_t p0, float scale, float* acc_out, float* top_out,
+                float* total_out) {
   const int64_t H = s.H, BS = s.BS, P = s.P, nv = H / 16;
   float qt[kMaxHead][kTile];  // the tile's queries, feature-major, scaled
   for (int64_t h = 0; h < H; ++h)
@@ -224,6 +225,7 @@ void prior_tile(const PriorShapes& s, const float* q, const float* kpool, const 
     }
   }
   for (int64_t t = 0; t < kTile && p0 + t < P; ++t) {
+    if (!sees[p0 + t]) continue;  // stays "no prior"
     top_out[p0 + t] = top[t];
     total_out[p0 + t] = total[t];
     for (int64_t v = 0; v < nv; ++v) store16(acc_out + (p0 + t) * H + 16 * v, acc[t][v]);
@@ -260,6 +262,7 @@ ffi::Error PriorAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
         break;
       }
   float *ap = acc->typed_data(), *tp = top->typed_data(), *sp = total->typed_data();
+  // Every query starts with no prior (max -inf, sum 0, output 0); tiles overwrite theirs.
   std::fill(ap, ap + s.K * s.G * s.P * s.H, 0.0f);
   std::fill(tp, tp + s.K * s.G * s.P, kNegInf);
   std::fill(sp, sp + s.K * s.G * s.P, 0.0f);
@@ -272,17 +275,10 @@ ffi::Error PriorAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
   jaxchat::Workers::get().run(tasks, parts, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t head = i % heads, kh = head / s.G, p0 = tiles[i / heads];
-      prior_tile(s, qp + head * s.H * s.P, kp, vp, bp, n, b0, kh, p0, scale,
+      prior_tile(s, qp + head * s.H * s.P, kp, vp, bp, flags, n, b0, kh, p0, scale,
                  ap + head * s.P * s.H, tp + head * s.P, sp + head * s.P);
     }
   });
-  for (int64_t head = 0; head < heads; ++head)  // queries that do not see the prior: none
-    for (int64_t p = 0; p < s.P; ++p)
-      if (!flags[p]) {
-        tp[head * s.P + p] = kNegInf;
-        sp[head * s.P + p] = 0.0f;
-        std::fill(ap + (head * s.P + p) * s.H, ap + (head * s.P + p + 1) * s.H, 0.0f);
-      }
   return ffi::Error::Success();
 }
 
