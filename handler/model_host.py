@@ -102,6 +102,7 @@ def load_llm(settings: Settings) -> "LLM":
         unrolled_decode=settings.llm_unrolled_decode,
         speculative=settings.speculative,
         speculative_tokens=settings.speculative_tokens,
+        prefill_share=settings.prefill_share,
     )
 
 

@@ -12,7 +12,12 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from model.limits import DEFAULT_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_SPECULATIVE_TOKENS
+from model.limits import (
+    DEFAULT_BATCH,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_PREFILL_SHARE,
+    DEFAULT_SPECULATIVE_TOKENS,
+)
 
 
 class Settings(BaseSettings):
@@ -75,6 +80,11 @@ class Settings(BaseSettings):
 
     speculative_tokens: int = Field(default=DEFAULT_SPECULATIVE_TOKENS, ge=1, le=31)
     """The most draft tokens one sequence verifies per step."""
+
+    prefill_share: float = Field(default=DEFAULT_PREFILL_SHARE, gt=0, le=100)
+    """Prompt work a step carries beside decoding streams, as a share of their own step:
+    their gaps between tokens stay within 1 + this times their length without it. Lower
+    is smoother for running streams and slower for a long prompt's first token."""
 
     api_keys: Annotated[list[str], NoDecode] = Field(default=[], repr=False)
     """Comma-separated API keys accepted as `Authorization: Bearer <key>`.

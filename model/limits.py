@@ -16,6 +16,9 @@ DEFAULT_BATCH = 32  # decode slots: the most sequences generating at once
 DEFAULT_MAX_QUEUE = 256  # requests that may wait for a slot
 # Speculative drafts per sequence and step: a lone stream's 8-row step holds 7.
 DEFAULT_SPECULATIVE_TOKENS = 7
+# Prompt work beside decoding streams, as a share of their step (model/engine/pacing.py):
+# their gaps stay within 1 + this times their length alone.
+DEFAULT_PREFILL_SHARE = 3.0
 MAX_EMBEDDING_INPUTS = 2048  # inputs in one embeddings request (OpenAI's bound)
 
 

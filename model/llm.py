@@ -31,6 +31,7 @@ from model.engine.variants import FIRST_NEEDED
 from model.limits import (
     DEFAULT_BATCH,
     DEFAULT_MAX_QUEUE,
+    DEFAULT_PREFILL_SHARE,
     DEFAULT_SPECULATIVE_TOKENS,
     PROMPT,
     Names,
@@ -63,10 +64,9 @@ def compute_dtype(name: str | None) -> jnp.dtype:
 class LLM:
     """A loaded model with its tokenizer, chat template and compiled engine.
 
-    model: a GGUF path, a Hugging Face directory, a jaxchat checkpoint
-    directory (model/weights/orbax.py), or None for the bundled default.
-    max_seq_len bounds prompt + completion tokens (default and at most: the
-    model's own context).
+    model: a GGUF path, a Hugging Face directory, a jaxchat checkpoint directory
+    (model/weights/orbax.py), or None for the bundled default. max_seq_len bounds
+    prompt + completion tokens (default and at most: the model's own context).
     batch: decode slots run together (continuous batching); max_queue bounds
     the requests waiting for a slot. kv_pool: the KV pool's size, in tokens
     ("65536" or an int) or as a fraction of free memory ("0.5"); default: see
@@ -77,6 +77,7 @@ class LLM:
     whether small decode steps also get unrolled executables (see Engine; default:
     on CPU without the quantized kernels). speculative: "ngram" (prompt-lookup
     drafts, up to `speculative_tokens` per step: model/engine/speculative.py) or "off".
+    prefill_share: prompt work beside decoding streams (model/engine/pacing.py).
     Any number of threads may share one LLM.
     """
 
@@ -94,6 +95,7 @@ class LLM:
         unrolled_decode: bool | None = None,
         speculative: str = "ngram",
         speculative_tokens: int = DEFAULT_SPECULATIVE_TOKENS,
+        prefill_share: float = DEFAULT_PREFILL_SHARE,
     ) -> None:
         maybe_initialize_distributed()  # multi-host slices: before any backend use
         self.compile_cache = open_compile_cache(compile_cache, cache_dir())
@@ -126,7 +128,7 @@ class LLM:
             blocks=loaded.blocks,
         )
         drafting = Speculation(speculative, speculative_tokens)
-        self.scheduler = Scheduler(self.engine, max_queue=max_queue, speculation=drafting)
+        self.scheduler = Scheduler(self.engine, max_queue, drafting, prefill_share)
 
     def describe(self) -> dict[str, object]:
         """What is served, for the start-up log (the quantized kernel: model/kernels)."""
@@ -181,12 +183,11 @@ class LLM:
     def warmup(self, *, wait: bool = True) -> None:
         """Compile every step shape serving can use; afterwards no request compiles.
 
-        With a compile cache, executables compiled here are saved (and pushed to a
-        gs:// cache), and cached ones are loaded, not compiled. wait=False returns
-        once what a first short request needs is in memory: the other stored
-        executables then load in a background thread, and the upgrades (small or unrolled
-        decode steps) load or compile there while nothing is being served (loading
-        and compiling hold the interpreter, so they would stall requests).
+        With a compile cache, executables compiled here are saved (and pushed to a gs://
+        cache), and cached ones loaded. wait=False returns once what a first short request
+        needs is in memory: the other stored executables load in a background thread, and
+        the upgrades (small or unrolled decode steps) load or compile there while nothing
+        is served (loading and compiling hold the interpreter: they would stall requests).
         """
         self.engine.variants.warmup()
         self._push()

@@ -32,6 +32,7 @@ ALLOWED = {
         "model.kernels",
         "model.nn",
         "model.types",
+        "model.limits",
         "sharding",
     },
     "model.llm": {"model", "sharding"},

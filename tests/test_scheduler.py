@@ -18,6 +18,7 @@ import pytest
 
 from model.engine.blocks import BlockPool
 from model.engine.ledger import Ledger
+from model.engine.pacing import Pacing
 from model.engine.requests import Group
 from model.engine.scheduler import EngineFailed, QueueFull, RequestFailed
 from model.engine.state import StepPlan
@@ -29,8 +30,10 @@ from model.engine.variants import (
     step_shapes,
 )
 from model.nn.attention import Layout
+from model.nn.config import ModelConfig
 
 STOP = 99
+CONFIG = ModelConfig(100, 64, 2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128)
 BS = 4
 
 
@@ -58,6 +61,7 @@ class MockEngine:
     """The engine's contract on NumPy; records what each step carried."""
 
     def __init__(self, batch: int, pool_blocks: int = 256, max_seq_len: int = 1024, **faults):
+        self.config = CONFIG
         self.batch = batch
         self.block_size = BS
         self.pool_blocks = pool_blocks
@@ -493,7 +497,7 @@ def test_embeddings_preempted_by_streams_start_over_and_stay_exact(make, caplog)
 
 def test_an_embedding_preempted_part_way_pools_its_prompt_again_from_the_start():
     pool = BlockPool(5, BS)  # 3 blocks for the embedding's first chunk, 2 for the stream
-    ledger = Ledger(pool)
+    ledger = Ledger(pool, Pacing(CONFIG))
     prompt = list(range(1, 21))
     (embedding,) = Group.create(prompt, [0], 0, True, [None], 0, embed=True).choices
     (stream,) = Group.create([1, 2], [0], 5, True, [None], 0).choices

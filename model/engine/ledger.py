@@ -13,6 +13,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from model.engine.blocks import BlockPool, chain_hash, prefix_hashes
+from model.engine.pacing import MIN_TOKENS, Pacing
 from model.engine.requests import Seq
 from model.engine.state import StepPlan
 from model.engine.variants import BURST_PROMPTS, LARGE_CHUNK, SMALL_CHUNK, SMALL_PREFILL_MAX
@@ -25,8 +26,9 @@ Sampler = tuple[int, Seq, list[int]]  # a sampled row, its sequence, the drafts 
 class Ledger:
     """Which pool blocks each sequence holds (see the module docstring)."""
 
-    def __init__(self, pool: BlockPool) -> None:
+    def __init__(self, pool: BlockPool, pacing: Pacing) -> None:
         self.pool = pool
+        self.pacing = pacing
         self.block_size = pool.block_size
 
     def check_fits(self, prompt_tokens: int) -> None:
@@ -103,19 +105,24 @@ class Ledger:
 
     def prefill_budget(self, live: list[Seq], decoding: bool) -> int:
         """The step's prefill region: small while few prompt tokens wait, or while streams
-        decode and fewer than BURST_PROMPTS prompts wait; large otherwise (see the
-        scheduler's docstring)."""
-        waiting = sum(1 for s in live if not s.decoding and s.may_prefill)
+        decode and fewer than BURST_PROMPTS new prompts wait; large otherwise (see the
+        scheduler's docstring). A prompt already cut into paced chunks is not new."""
+        waiting = sum(1 for s in live if not s.decoding and s.may_prefill and not s.paced)
         few = self.pending(live) <= SMALL_PREFILL_MAX
         return SMALL_CHUNK if few or (decoding and waiting < BURST_PROMPTS) else LARGE_CHUNK
 
-    def prompt_chunks(self, live: list[Seq], budget: int) -> list[tuple[Seq, int]]:
-        """Prompt chunks for the prefill region: the oldest begun prompt first (its earlier
-        positions are read from the pool), with the prompts whose cached prefix is the same
-        blocks (they read them too), then new prompts, up to `budget` tokens, while the
-        pool has blocks for them."""
+    def prompt_chunks(self, live: list[Seq], budget: int, decoding: bool) -> list[tuple[Seq, int]]:
+        """Prompt chunks for the prefill region: the begun prompt with the least left
+        first (its earlier positions are read from the pool), with the prompts whose cached
+        prefix is the same blocks (they read them too), then new prompts, up to `budget`
+        tokens, while the pool has blocks for them. Beside decode rows (`decoding`), a
+        prompt that ends within the region goes whole, so a new request's first token is
+        not held back; one that does not, or began in paced chunks, gets a chunk cut to
+        the room pacing leaves (model/engine/pacing.py): at least MIN_TOKENS if it is
+        the first, and at most half the room while other prompts wait."""
         pending = [s for s in live if not s.decoding and s.may_prefill]
-        pending.sort(key=lambda s: (s.computed == 0 if s.looked_up else True, s.order))
+        pending.sort(key=lambda s: (s.computed == 0 if s.looked_up else True, _rest(s), s.order))
+        room = self.pacing.room() if decoding else None
         segments: list[tuple[Seq, int]] = []
         for seq in pending:
             if budget <= 0:
@@ -124,7 +131,15 @@ class Ledger:
                 self.look_up(seq)
             if segments and seq.computed > 0 and not self.shares_prior(seq, segments[0][0]):
                 continue  # only segment 0's earlier positions are read from the pool
-            n = min(seq.target - seq.computed, budget)
+            left = seq.target - seq.computed
+            n = min(left, budget)
+            if room is not None and (seq.paced or left > budget):
+                # Half the room while others wait, so that a long prompt holds up no one.
+                fit = self.pacing.fit(seq.computed, room / 2 if len(pending) > 1 else room)
+                n = min(n, max(fit, MIN_TOKENS) if not segments else fit)
+                seq.paced = seq.paced or 0 < n < left
+            if room is not None:
+                room -= self.pacing.units(seq.computed, n)
             if n <= 0:
                 continue
             if not self.grow(seq, seq.computed + n):
@@ -145,6 +160,12 @@ class Ledger:
         """Give back a finished sequence's blocks (cached ones stay in the prefix cache)."""
         self.pool.release(seq.blocks)
         seq.blocks = []
+
+
+def _rest(seq: Seq) -> int:
+    """A begun prompt's positions still to compute (the fewest go first: a new request cut
+    by pacing is not held up behind a long prompt); 0 for the others, in admission order."""
+    return seq.target - seq.computed if seq.looked_up and seq.computed else 0
 
 
 def build_plan(

@@ -127,6 +127,7 @@ class Seq:
     generated: int = 0
     finished: bool = False
     looked_up: bool = False
+    paced: bool = False  # its prompt goes in paced chunks (model/engine/pacing.py)
     embed: bool = False
     pooled: np.ndarray | None = None  # an embedding's sum of hidden states so far
     pooled_tokens: int = 0  # ... over this many tokens

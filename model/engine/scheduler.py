@@ -16,11 +16,13 @@ decides what goes in each step:
 - Every step carries a decode row for each decoding sequence and fills the
   prefill region with prompt chunks: a small region (SMALL_CHUNK tokens) while
   few prompt tokens wait (SMALL_PREFILL_MAX), or while streams decode and fewer
-  than BURST_PROMPTS prompts wait, so one long prompt never stalls running
-  streams for long; a large one otherwise (nothing decodes, or a burst of new
-  requests, which then get their first tokens in a step or two).
+  than BURST_PROMPTS prompts wait; a large one otherwise (nothing decodes, or a
+  burst of new requests, which then get their first tokens in a step or two).
+  Beside decoding streams, prompt chunks are sized by measured step costs
+  (model/engine/pacing.py), so they lengthen the streams' steps by a bounded share.
   Several new prompts share a region; at most one chunk per step continues a
-  prompt begun earlier (it reads that prefix from the pool), joined by the
+  prompt begun earlier (the one with the least left; it reads that prefix from
+  the pool), joined by the
   prompts whose cached prefix is the same blocks (a burst of requests with one
   system prompt is prefilled together, each reading that prefix once). A prompt's last
   chunk samples its first token in the same step.
@@ -62,6 +64,7 @@ import numpy as np
 
 from model.engine.blocks import BlockPool
 from model.engine.ledger import Ledger, Sampler, build_plan
+from model.engine.pacing import Pacing
 from model.engine.requests import (
     Constraint,
     EngineFailed,
@@ -76,6 +79,8 @@ from model.engine.speculative import Speculation, taken
 from model.engine.state import StepOutputs, StepPlan
 from model.engine.stats import StepTimes
 from model.engine.variants import StepShape, pick_shape
+from model.limits import DEFAULT_PREFILL_SHARE
+from model.nn.config import ModelConfig
 from model.nn.sampling import SlotSampling
 
 log = logging.getLogger(__name__)
@@ -86,6 +91,7 @@ __all__ = ["EngineFailed", "Handle", "QueueFull", "RequestFailed", "Scheduler"]
 class Engine(Protocol):
     """What the scheduler needs of an engine (see model/engine/engine.py)."""
 
+    config: ModelConfig
     batch: int
     block_size: int
     pool_blocks: int
@@ -113,6 +119,8 @@ class _Step:
     poolers: list[tuple[int, int, Seq]]  # (segment, tokens, embedding) per pooled chunk
     shape: StepShape
     dispatched: float  # perf_counter() when it was sent
+    decoding: bool  # whether it has decode rows
+    units: float  # its prompt work (Pacing.units)
 
 
 class _Sync(Exception):
@@ -123,12 +131,16 @@ class Scheduler:
     """Owns an engine, its state and its pool's blocks; see the module docstring."""
 
     def __init__(
-        self, engine: Engine, *, max_queue: int = 256, speculation: Speculation | None = None
+        self,
+        engine: Engine,
+        max_queue: int = 256,
+        speculation: Speculation | None = None,
+        prefill_share: float = DEFAULT_PREFILL_SHARE,
     ):
         self.engine = engine
         self.speculation = speculation or Speculation("off")
         self.pool = BlockPool(engine.pool_blocks, engine.block_size)
-        self.ledger = Ledger(self.pool)
+        self.ledger = Ledger(self.pool, Pacing(engine.config, prefill_share))
         self.waiting = WaitingLine(max_queue)
         self._slots: list[Seq | None] = [None] * engine.batch
         self._state = None  # the engine's state; only the scheduler thread touches it
@@ -278,7 +290,7 @@ class Scheduler:
                 self._ensure_blocks(seq, seq.length, in_flight)
         decode = [s for s in decode if s.decoding]  # one preempted meanwhile prefills again
         budget = self.ledger.prefill_budget(self._live(), bool(decode))
-        segments = self.ledger.prompt_chunks(self._live(), budget)
+        segments = self.ledger.prompt_chunks(self._live(), budget, bool(decode))
         if not decode and not segments:
             return None
         rows = len(decode) + sum(s.samples_after(n) for s, n in segments)
@@ -289,14 +301,15 @@ class Scheduler:
         plan, samplers = build_plan(
             self.engine.empty_plan(shape), decode, segments, self.engine.block_size, drafts
         )
-        self._fill_masks(plan, samplers)
+        fill_masks(plan, samplers, self._fail_request)
+        units = sum(self.ledger.pacing.units(s.computed, n) for s, n in segments)
         self._state, outputs = self.engine.step(self._state, plan)
         for seq, n in [*((s, 1) for s in decode), *segments]:
             seq.ran(n)
             if not seq.finished:  # a request that failed while planning is gone
                 self.ledger.register(seq)
         poolers = [(g, n, seq) for g, (seq, n) in enumerate(segments) if seq.embed]
-        return _Step(outputs, samplers, poolers, shape, time.perf_counter())
+        return _Step(outputs, samplers, poolers, shape, time.perf_counter(), bool(decode), units)
 
     def _ensure_blocks(self, seq: Seq, positions: int, in_flight: bool) -> None:
         """Blocks for the sequence's first `positions` positions; when the pool is out,
@@ -306,21 +319,13 @@ class Scheduler:
                 raise _Sync
             self.ledger.preempt(seq, self._live())
 
-    def _fill_masks(self, plan: StepPlan, samplers: list[Sampler]) -> None:
-        """Each constrained sampler's grammar mask; a failing grammar fails its request."""
-        for row, seq, _ in samplers:
-            if seq.constraint is not None:
-                try:
-                    seq.constraint.fill(np.asarray(plan.allowed), row)  # in place
-                except Exception as exc:
-                    self._fail_request(seq.handle, exc)
-
     # ---- delivery -------------------------------------------------------------------
 
     def _deliver(self, step: _Step) -> None:
         out = step.outputs
         tokens, logprobs = self.step_times.read(out, step.dispatched)
         self.speculation.measured(step.shape, self.step_times.last)
+        self.ledger.pacing.measured(step.shape, step.decoding, step.units, self.step_times.last)
         wants_top = any(seq.top_logprobs for _, seq, _ in step.samplers)
         top_ids = np.asarray(out.top_ids) if wants_top else None
         top_logprobs = np.asarray(out.top_logprobs) if wants_top else None
@@ -367,6 +372,17 @@ class Scheduler:
             seq.handle.fail(error)
             self._slots[seq.slot] = None
         self.waiting.fail_all(error)
+
+
+def fill_masks(plan: StepPlan, samplers: list[Sampler], fail) -> None:
+    """Each constrained sampler's grammar mask; a failing grammar fails its request
+    (`fail(handle, exc)`)."""
+    for row, seq, _ in samplers:
+        if seq.constraint is not None:
+            try:
+                seq.constraint.fill(np.asarray(plan.allowed), row)  # in place
+            except Exception as exc:
+                fail(seq.handle, exc)
 
 
 def _intact(state) -> bool:
