@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     kv_pool: str | None = Field(default=None, pattern=r"^(\d+|0?\.\d+|1\.0*)$")
     """Size of the KV pool every sequence's keys and values share: a number of
     tokens (`65536`) or a fraction of the memory free at start-up (`0.5`). Unset:
-    32768 tokens on CPU (1.5 GB for SmolLM2-135M), 85% of free device memory on GPU/TPU."""
+    32768 tokens on CPU (up to 1.5 GB for SmolLM2-135M), 85% of free device memory on GPU/TPU."""
 
     max_queue: int = Field(default=DEFAULT_MAX_QUEUE, ge=0)
     """Requests that may wait for a free slot; beyond it requests get 503 with Retry-After."""
