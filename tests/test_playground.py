@@ -185,8 +185,10 @@ def test_chat_streams_the_models_reply(browser, base_url, client, tmp_path):
 
 def test_stop_keeps_the_partial_reply_and_new_chat_clears(browser, base_url):
     open_page(browser, base_url, KEY)
+    # A greedy reply that runs to all 400 tokens (about 3 s), so Stop comes before its end.
+    set_field(browser, "temperature", "0")
     set_field(browser, "max-tokens", "400")
-    send(browser, "Count from 1 to 500, separated by commas.")
+    send(browser, "Write a very long story about a lighthouse keeper.")
     stop = browser.find_element(By.ID, "stop")
     WebDriverWait(browser, WAIT_S).until(lambda d: replies(d) and replies(d)[0])
     stop.click()
