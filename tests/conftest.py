@@ -57,11 +57,18 @@ def llm():
 SLOW_FIRST = (
     "test_openai_surface.py",
     "test_mesh.py",
-    "test_server_e2e.py",
+    "test_qmatmul.py",
+    "test_limits_e2e.py",
+    "test_compile_cache.py",
+    "test_checkpoint.py",
+    "test_cache_keys.py",
+    "test_speculative.py",
+    "test_transformer.py",
+    "test_sharding.py",
     "test_batching.py",
     "test_request_fuzz.py",
+    "test_server_e2e.py",
     "test_llm.py",
-    "test_limits_e2e.py",
 )
 
 
