@@ -127,20 +127,22 @@ def test_prefill_segments_equal_the_dense_reference(rng, prior, chunk, shared):
 @pytest.mark.parametrize("prior", [0, 1, 17, 300, 700])
 @pytest.mark.parametrize("shared", [1, 2])
 @pytest.mark.parametrize("h", [16, 64])
-def test_the_cpu_kernels_prior_attention_equals_the_dense_reference(rng, prior, shared, h):
+@pytest.mark.parametrize("first", [5, 1])
+def test_the_cpu_kernels_prior_attention_equals_the_dense_reference(rng, prior, shared, h, first):
     """The region's attention over the pooled prior through jaxchat's CPU kernel
     (attention.cc's prior attention): priors inside and across its 256-position spans and
-    16-position blocks, tiles of 8 queries mixing ones that see the prior with ones that
-    do not, the layer's blocks at an offset."""
+    16-position blocks; a kv head's queries in full and part-filled tiles (a first segment
+    of one token: its group's 3 query heads, one tile over a prior split among the cores);
+    the layer's blocks at an offset."""
     assert kernels.load(), "the kernels are built by `make setup` (python -m model.kernels)"
-    check_region(rng, prior, shared, bs=16, h=h, nb=64, mb=48, base=5, kernel=True)
+    check_region(rng, prior, shared, bs=16, h=h, nb=64, mb=48, base=5, kernel=True, first=first)
 
 
 def check_region(
-    rng, prior, shared, chunk=1024, bs=BS, h=H, nb=NB, mb=MB, base=0, kernel=False
+    rng, prior, shared, chunk=1024, bs=BS, h=H, nb=NB, mb=MB, base=0, kernel=False, first=5
 ) -> None:
     cache, keys, values = random_pool(rng, nb + base, bs, h)
-    lengths = [5, 9, 3]
+    lengths = [first, 9, 3]
     pad = 3
     segments = np.concatenate([np.full(n, i) for i, n in enumerate(lengths)] + [np.full(pad, -1)])
     starts = [prior if i < shared else 0 for i in range(3)]

@@ -12,9 +12,11 @@
 //
 // Prior attention (PriorAttentionImpl) is the prefill region's part over the positions a
 // sequence already has in the pool (a later chunk of a long prompt, a cached prefix):
-// the region's queries that see them, 8 at a time, read the sequence's blocks in place,
-// each key vector once for all 8, and return their online-softmax state (max, sum and
-// unnormalised output), which model/nn/attention.py merges with the region's own part.
+// the region's queries that see them read the sequence's blocks in place, in tiles of up
+// to 8 queries of one kv head (its group's query heads at each seeing position), each key
+// and value vector loaded once per tile; a few tiles over a long prior split its positions
+// among the cores. They return their online-softmax state (max, sum and unnormalised
+// output), which model/nn/attention.py merges with the region's own part.
 
 #include <algorithm>
 #include <cmath>
@@ -160,39 +162,51 @@ struct PriorShapes {
   int64_t K, G, H, P, BS, blocks;  // kv heads, group, head dim, region, block size, pool
 };
 
-// Queries p0 .. p0 + kTile - 1 of query head (kh, g) over positions 0 .. prior - 1 of the
-// sequence whose blocks `table` lists (those past P or not flagged in `sees` are computed
-// and dropped). q [K, G, H, P] (positions minor); writes acc [P, H], top [P], total [P] of
-// this head for the flagged queries.
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-void prior_tile(const PriorShapes& s, const float* q, const float* kpool, const float* vpool,
-                const int32_t* table, const int32_t* sees, int64_t prior, int32_t base,
-                int64_t kh, int64_t p0, float scale, float* acc_out, float* top_out,
-                float* total_out) {
+// One query of the prior attention: its head's queries start at `q` (q [H, P], positions
+// minor) and it is query `p` of them; its outputs are entry `out` of acc [K·G·P, H] and
+// top/total [K·G·P].
+struct Query {
+  const float* q;
+  int64_t p, out;
+};
+
+// An online-softmax state of kTile queries over some positions: max, sum, unnormalised
+// output (plain floats: a std::vector holds these, with no more than its default alignment).
+struct Partial {
+  float top[kTile], total[kTile];
+  float acc[kTile][kMaxHead];
+};
+
+// The TT queries `qs` (all of kv head kh) over positions [from, to) of the sequence whose
+// blocks `table` lists, into `out`. Every key and value vector is loaded once for all TT.
+template <int TT>
+INLINE void prior_span(const PriorShapes& s, const Query* qs, const float* kpool, const float* vpool,
+                const int32_t* table, int64_t from, int64_t to, int32_t base, int64_t kh,
+                float scale, Partial& out) {
   const int64_t H = s.H, BS = s.BS, P = s.P, nv = H / 16;
-  float qt[kMaxHead][kTile];  // the tile's queries, feature-major, scaled
+  float qt[kMaxHead][TT];  // the queries, feature-major, scaled
   for (int64_t h = 0; h < H; ++h)
-    for (int64_t t = 0; t < kTile; ++t) qt[h][t] = p0 + t < P ? q[h * P + p0 + t] * scale : 0.0f;
-  float top[kTile], total[kTile] = {};
-  std::fill(top, top + kTile, kNegInf);
-  f32x16 acc[kTile][kMaxHead / 16] = {};
-  alignas(64) float scores[kTile][kSpan];
+    for (int64_t t = 0; t < TT; ++t) qt[h][t] = qs[t].q[h * P + qs[t].p] * scale;
+  float top[TT], total[TT] = {};
+  std::fill(top, top + TT, kNegInf);
+  f32x16 acc[TT][kMaxHead / 16] = {};
+  alignas(64) float scores[TT][kSpan];
   auto block = [&](int64_t b) {
     return std::clamp<int64_t>(int64_t{table[b]} + base, 0, s.blocks - 1);
   };
-  for (int64_t start = 0; start < prior; start += kSpan) {
-    const int64_t n = std::min(kSpan, prior - start);
+  for (int64_t start = from; start < to; start += kSpan) {
+    const int64_t n = std::min(kSpan, to - start);
     for (int64_t j = 0; j < n; j += 16) {  // scores, 16 positions (BS divides 16s) at a time
       const int64_t pos = start + j;
       const float* kb = kpool + (block(pos / BS) * s.K + kh) * H * BS + pos % BS;
-      f32x16 sc[kTile] = {};
+      f32x16 sc[TT] = {};
       for (int64_t h = 0; h < H; ++h) {
         const f32x16 key = load16(kb + h * BS);
-        for (int64_t t = 0; t < kTile; ++t) sc[t] += qt[h][t] * key;
+        for (int64_t t = 0; t < TT; ++t) sc[t] += qt[h][t] * key;
       }
-      for (int64_t t = 0; t < kTile; ++t) store16(&scores[t][j], sc[t]);
+      for (int64_t t = 0; t < TT; ++t) store16(&scores[t][j], sc[t]);
     }
-    for (int64_t t = 0; t < kTile; ++t) {
+    for (int64_t t = 0; t < TT; ++t) {
       float* row = scores[t];
       for (int64_t i = n; i < ((n + 15) & ~int64_t{15}); ++i) row[i] = kNegInf;
       float new_top = top[t];
@@ -213,22 +227,43 @@ void prior_tile(const PriorShapes& s, const float* q, const float* kpool, const 
       for (int64_t v = 0; v < nv; ++v) acc[t][v] *= rescale;
     }
     for (int64_t v = 0; v < nv; ++v) {  // values: one feature slice of every query at once
-      f32x16 part[kTile];
-      for (int64_t t = 0; t < kTile; ++t) part[t] = acc[t][v];
+      f32x16 part[TT];
+      for (int64_t t = 0; t < TT; ++t) part[t] = acc[t][v];
       for (int64_t i = 0; i < n; ++i) {
         const int64_t pos = start + i;
         const float* vb = vpool + (block(pos / BS) * s.K + kh) * BS * H + (pos % BS) * H;
         const f32x16 value = load16(vb + 16 * v);
-        for (int64_t t = 0; t < kTile; ++t) part[t] += scores[t][i] * value;
+        for (int64_t t = 0; t < TT; ++t) part[t] += scores[t][i] * value;
       }
-      for (int64_t t = 0; t < kTile; ++t) acc[t][v] = part[t];
+      for (int64_t t = 0; t < TT; ++t) acc[t][v] = part[t];
     }
   }
-  for (int64_t t = 0; t < kTile && p0 + t < P; ++t) {
-    if (!sees[p0 + t]) continue;  // stays "no prior"
-    top_out[p0 + t] = top[t];
-    total_out[p0 + t] = total[t];
-    for (int64_t v = 0; v < nv; ++v) store16(acc_out + (p0 + t) * H + 16 * v, acc[t][v]);
+  for (int64_t t = 0; t < TT; ++t) {
+    out.top[t] = top[t];
+    out.total[t] = total[t];
+    for (int64_t v = 0; v < nv; ++v) store16(&out.acc[t][16 * v], acc[t][v]);
+  }
+}
+
+// prior_span for `count` (1 … kTile) queries: a part-filled tile costs its own queries only.
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+void prior_tile(int64_t count, const PriorShapes& s, const Query* qs, const float* kpool,
+                const float* vpool, const int32_t* table, int64_t from, int64_t to, int32_t base,
+                int64_t kh, float scale, Partial& out) {
+  switch (count) {
+#define JAXCHAT_TILE(TT)                                                          \
+  case TT:                                                                        \
+    return prior_span<TT>(s, qs, kpool, vpool, table, from, to, base, kh, scale, out);
+    JAXCHAT_TILE(1)
+    JAXCHAT_TILE(2)
+    JAXCHAT_TILE(3)
+    JAXCHAT_TILE(4)
+    JAXCHAT_TILE(5)
+    JAXCHAT_TILE(6)
+    JAXCHAT_TILE(7)
+    default:
+      return prior_span<kTile>(s, qs, kpool, vpool, table, from, to, base, kh, scale, out);
+#undef JAXCHAT_TILE
   }
 }
 
@@ -253,32 +288,66 @@ ffi::Error PriorAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
   const int64_t width = static_cast<int64_t>(table.element_count());
   const int64_t n = std::clamp<int64_t>(prior.typed_data()[0], 0, width * s.BS);
   const int32_t* flags = sees.typed_data();
-  // The tiles with a query that sees the prior (the region's first segments).
-  std::vector<int64_t> tiles;
-  for (int64_t p0 = 0; p0 < s.P; p0 += kTile)
-    for (int64_t t = p0; t < std::min(p0 + kTile, s.P); ++t)
-      if (flags[t]) {
-        tiles.push_back(p0);
-        break;
-      }
   float *ap = acc->typed_data(), *tp = top->typed_data(), *sp = total->typed_data();
-  // Every query starts with no prior (max -inf, sum 0, output 0); tiles overwrite theirs.
+  // Every query starts with no prior (max -inf, sum 0, output 0); the seeing ones are set.
   std::fill(ap, ap + s.K * s.G * s.P * s.H, 0.0f);
   std::fill(tp, tp + s.K * s.G * s.P, kNegInf);
   std::fill(sp, sp + s.K * s.G * s.P, 0.0f);
-  if (n == 0 || tiles.empty()) return ffi::Error::Success();
-  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
+  std::vector<int64_t> seeing;
+  for (int64_t p = 0; p < s.P; ++p)
+    if (flags[p]) seeing.push_back(p);
+  if (n == 0 || seeing.empty()) return ffi::Error::Success();
+  // Each kv head's queries (every query head of its group, at every seeing position) in
+  // tiles of up to kTile, so a few seeing positions still fill tiles with the group's heads.
+  const float* qp = q.typed_data();
+  const int64_t per_head = s.G * static_cast<int64_t>(seeing.size());
+  const int64_t tiles = (per_head + kTile - 1) / kTile;
+  std::vector<Query> queries(s.K * tiles * kTile);
+  for (int64_t kh = 0; kh < s.K; ++kh)
+    for (int64_t j = 0; j < per_head; ++j) {
+      const int64_t head = kh * s.G + j / static_cast<int64_t>(seeing.size());
+      const int64_t p = seeing[j % seeing.size()];
+      queries[(kh * tiles + j / kTile) * kTile + j % kTile] = {qp + head * s.H * s.P, p,
+                                                               head * s.P + p};
+    }
+  // A few tiles over a long prior are split into ranges of positions (each a multiple of
+  // kSpan long) that run in parallel, their states merged after: every core has work.
+  const int parts = n * per_head < 8192 ? 1 : jaxchat::Workers::get().size();
+  const int64_t spans = (n + kSpan - 1) / kSpan, units = s.K * tiles;
+  const int64_t splits = std::clamp<int64_t>((4 * parts + units - 1) / units, 1, spans);
+  std::vector<Partial> partials(units * splits);
+  const float *kp = k.typed_data(), *vp = v.typed_data();
   const int32_t *bp = table.typed_data(), b0 = base.typed_data()[0];
-  const int64_t heads = s.K * s.G, tasks = heads * static_cast<int64_t>(tiles.size());
-  int parts = jaxchat::Workers::get().size();
-  if (n * static_cast<int64_t>(tiles.size()) * kTile * heads < 8192) parts = 1;
-  jaxchat::Workers::get().run(tasks, parts, [&](int64_t i0, int64_t i1) {
+  jaxchat::Workers::get().run(units * splits, parts, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t head = i % heads, kh = head / s.G, p0 = tiles[i / heads];
-      prior_tile(s, qp + head * s.H * s.P, kp, vp, bp, flags, n, b0, kh, p0, scale,
-                 ap + head * s.P * s.H, tp + head * s.P, sp + head * s.P);
+      const int64_t unit = i / splits, split = i % splits, kh = unit / tiles;
+      const int64_t count = std::min(kTile, per_head - unit % tiles * kTile);
+      const int64_t from = spans * split / splits * kSpan;
+      const int64_t to = std::min(n, spans * (split + 1) / splits * kSpan);
+      prior_tile(count, s, &queries[unit * kTile], kp, vp, bp, from, to, b0, kh, scale,
+                 partials[i]);
     }
   });
+  for (int64_t unit = 0; unit < units; ++unit) {  // merge each query's splits
+    const int64_t count = std::min(kTile, per_head - unit % tiles * kTile);
+    for (int64_t t = 0; t < count; ++t) {
+      float best = kNegInf;
+      for (int64_t split = 0; split < splits; ++split)
+        best = std::max(best, partials[unit * splits + split].top[t]);
+      float sum = 0;
+      f32x16 out[kMaxHead / 16] = {};
+      for (int64_t split = 0; split < splits; ++split) {
+        const Partial& part = partials[unit * splits + split];
+        const float weight = std::exp(part.top[t] - best);
+        sum += part.total[t] * weight;
+        for (int64_t v = 0; v < s.H / 16; ++v) out[v] += weight * load16(&part.acc[t][16 * v]);
+      }
+      const int64_t o = queries[unit * kTile + t].out;
+      tp[o] = best;
+      sp[o] = sum;
+      for (int64_t v = 0; v < s.H / 16; ++v) store16(ap + o * s.H + 16 * v, out[v]);
+    }
+  }
   return ffi::Error::Success();
 }
 
