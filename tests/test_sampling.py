@@ -4,7 +4,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model.nn.sampling import NEG_INF, SlotSampling, apply_penalties, top_k_mask, top_p_mask
+from model.nn.sampling import (
+    NEG_INF,
+    SlotSampling,
+    apply_penalties,
+    first_max,
+    take_rows,
+    top_k_mask,
+    top_p_mask,
+)
 from model.nn.sampling import sample as eager_sample
 
 _sample = jax.jit(eager_sample)
@@ -41,6 +49,43 @@ def test_temperature_zero_is_argmax_whatever_the_key():
     assert tokens.tolist() == [1, 1, 1, 1]
     expected = np.asarray(jax.nn.log_softmax(logits[0]))[1]
     np.testing.assert_allclose(np.asarray(logprobs), expected, rtol=1e-6)
+
+
+def test_first_max_is_argmax_with_ties_to_the_first():
+    rng = np.random.default_rng(0)
+    logits = rng.integers(-3, 4, (64, 50)).astype(np.float32)  # many tied maxima
+    logits[5] = 2.0  # all tied
+    logits[6, [0, 49]] = 9.0
+    got = np.asarray(jax.jit(first_max)(jnp.asarray(logits)))
+    np.testing.assert_array_equal(got, np.argmax(logits, axis=-1))
+
+
+def test_rows_of_slots_read_the_slots_vocabulary_settings():
+    """`sample` given slots: each row takes its slot's logit bias, prompt tokens and
+    counts (read only because some row needs them), a row past the last slot none, and
+    every row samples what it would with its slot's settings gathered beforehand."""
+    v = 6
+    bias = np.zeros((3, v), np.float32)
+    bias[2, 4] = 50.0  # slot 2 forces token 4
+    state = SlotSampling.create(
+        [0.0, 0.0, 0.0],
+        None,
+        None,
+        np.zeros((3, 2), np.uint32),
+        logit_bias=bias,
+        repetition_penalty=[1.0, 8.0, 1.0],
+    )
+    seen = np.zeros((3, v), bool)
+    seen[1, 1] = True  # slot 1's prompt holds the top token: the penalty moves it down
+    state = state.replace(seen=jnp.asarray(seen), counts=jnp.zeros((3, v), jnp.int32))
+    logits = jnp.asarray(np.tile([0.0, 3.0, 2.5, 1.0, 0.0, -1.0], (4, 1)), jnp.float32)
+    slots = jnp.array([2, 1, 0, 3])  # 3: no slot
+    out = jax.jit(eager_sample)(logits, take_rows(state, slots), None, slots)
+    assert np.asarray(out.tokens).tolist() == [4, 2, 1, 1]
+    gathered = jax.tree.map(lambda a: a.at[slots].get(mode="fill", fill_value=0), state)
+    assert np.asarray(jax.jit(eager_sample)(logits, gathered).tokens).tolist() == [4, 2, 1, 1]
+    # The state's counts come back as they were: the engine counts a step's tokens.
+    np.testing.assert_array_equal(np.asarray(out.sampling.counts), 0)
 
 
 def test_mixed_batch_each_slot_follows_its_own_settings():

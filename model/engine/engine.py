@@ -52,7 +52,7 @@ from model.engine.variants import (
 )
 from model.nn.attention import Pool, init_pool
 from model.nn.config import ModelConfig
-from model.nn.sampling import TOP_LOGPROBS, SlotSampling, sample
+from model.nn.sampling import TOP_LOGPROBS, SlotSampling, sample, take_rows
 from model.nn.transformer import (
     Params,
     Transformer,
@@ -339,10 +339,10 @@ def sample_rows(state: EngineState, newest, logits, plan: StepPlan, batch: int):
     same tokens) whatever else shares the step, whether or not that position was a draft
     row, and after a preempted sequence is recomputed."""
     slots, keep, all_ = plan.slots, plan.sample, state.sampling
-    rows = jax.tree_util.tree_map(lambda a: a.at[slots].get(mode="fill", fill_value=0), all_)
+    rows = take_rows(all_, slots)  # the [B, V] settings are read by row only if needed
     positions = plan.layout.positions[plan.sample_from]
     keys = jax.vmap(jax.random.fold_in)(rows.key, positions)
-    out = sample(logits, rows.replace(key=keys), plan.allowed)
+    out = sample(logits, rows.replace(key=keys), plan.allowed, slots)
     # Only the rows that sample count their token: scatters of R entries, not a pass over
     # the [B, V] counts.
     owner = jnp.where(plan.draft == 0, slots, batch)

@@ -4,7 +4,9 @@ temperature, top-k, top-p and min-p, plus the log-probabilities clients ask for.
 Every setting is a per-slot array, so one compiled step serves a batch that
 mixes greedy, sampled, penalised and constrained requests. Each transform is a
 small function of logits [B, V]; `sample` composes them, and skips (under
-`lax.cond`) the ones no slot in the batch uses.
+`lax.cond`) the ones no slot in the batch uses: a batch of plain greedy rows
+(no penalty, bias, mask or temperature) takes one max and one min over the
+logits, and not even the rows of the [B, V] settings are read.
 """
 
 import flax.struct
@@ -199,18 +201,52 @@ def _no_top(logits: jax.Array, normaliser: jax.Array) -> tuple[jax.Array, jax.Ar
     return jnp.zeros(shape, jnp.int32), jnp.zeros(shape, jnp.float32)
 
 
-def sample(logits: jax.Array, s: SlotSampling, allowed: jax.Array | None = None) -> Sampled:
+BIG = ("logit_bias", "counts", "seen")  # SlotSampling's [B, V] fields
+
+
+def take_rows(s: SlotSampling, slots: jax.Array) -> SlotSampling:
+    """Slots `slots` [R]'s settings as R rows (a slot past the last: zeros), all but the
+    [B, V] fields (BIG), which stay the B slots' (`sample` takes their rows if it needs
+    them)."""
+    return s.replace(
+        **{
+            name: getattr(s, name).at[slots].get(mode="fill", fill_value=0)
+            for name in s.__dataclass_fields__
+            if name not in BIG
+        }
+    )
+
+
+def first_max(logits: jax.Array) -> jax.Array:
+    """jnp.argmax over the last axis (the first of equal maxima) as a max and then a min
+    over the positions holding it: two plain reductions, which XLA:CPU runs several times
+    faster than its arg-max (32 rows of 49,152 logits: 0.8 ms against 3.5). A row with no
+    maximum (NaN) gives the last index."""
+    n = logits.shape[-1]
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    first = jnp.min(jnp.where(logits == top, jnp.arange(n, dtype=jnp.int32), n), axis=-1)
+    return jnp.minimum(first, n - 1).astype(jnp.int32)
+
+
+def sample(
+    logits: jax.Array,
+    s: SlotSampling,
+    allowed: jax.Array | None = None,
+    slots: jax.Array | None = None,
+) -> Sampled:
     """Sample one token per row of logits [B, V] f32.
 
     allowed: an optional grammar bitmask [B, ceil(V/32)] i32 (all bits set for
     unconstrained rows). Reported log-probabilities are the model's, before
     penalties, bias, mask and temperature. Each stage runs only when some slot
-    needs it, so an all-greedy batch pays for an argmax and a log-sum-exp (no
-    [B, V] log-softmax is materialised).
+    needs it, so an all-greedy batch pays for a max, a min and a log-sum-exp (no
+    [B, V] log-softmax is materialised). slots: given, `s` is `take_rows(state,
+    slots)`: its [B, V] fields are still the state's, read by row only where a row is
+    penalised or biased, and the returned counts are the state's as they were (the
+    caller counts the tokens).
     """
     split = jax.vmap(lambda k: jax.random.split(k, 2))(s.key)  # [B, 2, 2]
     next_keys, keys = split[:, 0], split[:, 1]
-    model_logits = logits
     normaliser = jax.nn.logsumexp(logits, axis=-1)  # [B]: log-probability = logit - this
     adjusted = (
         (s.frequency_penalty != 0)
@@ -218,18 +254,30 @@ def sample(logits: jax.Array, s: SlotSampling, allowed: jax.Array | None = None)
         | (s.repetition_penalty != 1)
         | s.has_bias
     )
-    logits = lax.cond(jnp.any(adjusted), apply_penalties, lambda x, _: x, logits, s)
-    if allowed is not None:
-        constrained = jnp.any(allowed != -1)
-        logits = lax.cond(constrained, apply_token_mask, lambda x, _: x, logits, allowed)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    sampled = lax.cond(
-        jnp.any(s.temperature > 0), lambda: _draw(logits, s, keys).astype(jnp.int32), lambda: greedy
-    )
-    tokens = jnp.where(s.temperature > 0, sampled, greedy)
-    chosen = jnp.take_along_axis(model_logits, tokens[:, None], axis=-1)[:, 0] - normaliser
+    constrained = jnp.any(allowed != -1) if allowed is not None else jnp.bool_(False)
+    drawn = jnp.any(s.temperature > 0)
+
+    def choose() -> jax.Array:
+        rows = s
+        if slots is not None:
+            rows = s.replace(
+                **{name: getattr(s, name).at[slots].get(mode="fill", fill_value=0) for name in BIG}
+            )
+        x = lax.cond(jnp.any(adjusted), apply_penalties, lambda x, _: x, logits, rows)
+        if allowed is not None:
+            x = lax.cond(constrained, apply_token_mask, lambda x, _: x, x, allowed)
+        greedy = first_max(x)
+        sampled = lax.cond(drawn, lambda: _draw(x, s, keys).astype(jnp.int32), lambda: greedy)
+        return jnp.where(s.temperature > 0, sampled, greedy)
+
+    plain = ~(jnp.any(adjusted) | constrained | drawn)
+    greedy = first_max(logits)
+    tokens = lax.cond(plain, lambda: greedy, choose)
+    chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - normaliser
     wants_top = jnp.any(s.top_logprobs > 0)
-    top_ids, top_logprobs = lax.cond(wants_top, _top, _no_top, model_logits, normaliser)
-    rows = jnp.arange(tokens.shape[0])
-    counts = s.counts.at[rows, jnp.minimum(tokens, s.counts.shape[1] - 1)].add(1)
+    top_ids, top_logprobs = lax.cond(wants_top, _top, _no_top, logits, normaliser)
+    counts = s.counts
+    if slots is None:
+        rows = jnp.arange(tokens.shape[0])
+        counts = counts.at[rows, jnp.minimum(tokens, counts.shape[1] - 1)].add(1)
     return Sampled(tokens, chosen, top_ids, top_logprobs, s.replace(key=next_keys, counts=counts))
