@@ -286,7 +286,7 @@ def test_small_steps_run_once_their_executables_are_there(q8_gguf, unrolled):
     """The 2- and 4-row decode steps are upgrades (scanned on the blocks by default,
     unrolled where those are on): the engine offers them only once compiled; then three
     streams decode in 4-row steps, each getting the tokens it gets alone."""
-    llm = LLM(str(q8_gguf), max_seq_len=64, batch=8, unrolled_decode=unrolled, speculative="off")
+    llm = LLM(str(q8_gguf), max_seq_len=128, batch=8, unrolled_decode=unrolled, speculative="off")
     assert (llm.engine.params is not None) == bool(unrolled)
     small = {StepShape(2, 0), StepShape(4, 0)}
     assert set(small_shapes(8)) == small
@@ -295,13 +295,16 @@ def test_small_steps_run_once_their_executables_are_there(q8_gguf, unrolled):
     llm.warmup()
     assert small <= set(llm.engine.runnable())
     assert llm.stats().pending_executables == 0
-    # Long enough that the three streams surely overlap: a step for each token.
-    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    # Sent together and long enough that the three streams surely overlap (a step of the
+    # tiny model takes well under a millisecond): a step for each token.
+    params = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
     prompts = [list(range(5 + i, 20 + 2 * i)) for i in range(3)]
     alone = [llm.generate(p, params).token_ids for p in prompts]
     together: list = [None] * 3
+    ready = threading.Barrier(3)
 
     def run(i: int) -> None:
+        ready.wait()
         together[i] = llm.generate(prompts[i], params).token_ids
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
