@@ -30,7 +30,7 @@ from pathlib import Path
 
 import jax
 
-from model.nn.attention import ATTENTION_TARGET, PRIOR_TARGET, ZEROS_TARGET
+from model.nn.attention import ATTENTION_TARGET, PRIOR_TARGET, REGION_TARGET, ZEROS_TARGET
 from model.nn.quantize import QMATMUL_TARGET
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,7 @@ def load() -> bool:
         (QMATMUL_TARGET, lib.JaxchatQMatmul),
         (ATTENTION_TARGET, lib.JaxchatDecodeAttention),
         (PRIOR_TARGET, lib.JaxchatPriorAttention),
+        (REGION_TARGET, lib.JaxchatRegionAttention),
         (ZEROS_TARGET, lib.JaxchatZeros),
     ):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")

@@ -17,6 +17,12 @@
 // and value vector loaded once per tile; a few tiles over a long prior split its positions
 // among the cores. They return their online-softmax state (max, sum and unnormalised
 // output), which model/nn/attention.py merges with the region's own part.
+//
+// Region attention (RegionAttentionImpl) is that own part: each segment's queries over
+// the segment's keys up to their own position, in the same tiles (runs of a segment's
+// positions with their group's query heads), so no work goes to other segments' keys or
+// past the diagonal, which XLA's dense [P, P] scores spend most of a step of many short
+// prompts on.
 
 #include <algorithm>
 #include <cmath>
@@ -36,6 +42,7 @@ typedef float f32x16 __attribute__((vector_size(64)));
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 
 #define INLINE static inline __attribute__((always_inline))
+#define MEMBER inline __attribute__((always_inline))
 
 INLINE f32x16 load16(const float* p) {
   f32x16 v;
@@ -162,12 +169,12 @@ struct PriorShapes {
   int64_t K, G, H, P, BS, blocks;  // kv heads, group, head dim, region, block size, pool
 };
 
-// One query of the prior attention: its head's queries start at `q` (q [H, P], positions
-// minor) and it is query `p` of them; its outputs are entry `out` of acc [K·G·P, H] and
-// top/total [K·G·P].
+// One query of the prior or region attention: its head's queries start at `q` (q [H, P],
+// positions minor) and it is query `p` of them; it sees keys before `limit` (an index into
+// the key source); its outputs are entry `out` of acc [K·G·P, H] and top/total [K·G·P].
 struct Query {
   const float* q;
-  int64_t p, out;
+  int64_t p, out, limit;
 };
 
 // An online-softmax state of kTile queries over some positions: max, sum, unnormalised
@@ -177,13 +184,40 @@ struct Partial {
   float acc[kTile][kMaxHead];
 };
 
-// The TT queries `qs` (all of kv head kh) over positions [from, to) of the sequence whose
-// blocks `table` lists, into `out`. Every key and value vector is loaded once for all TT.
-template <int TT>
-INLINE void prior_span(const PriorShapes& s, const Query* qs, const float* kpool, const float* vpool,
-                const int32_t* table, int64_t from, int64_t to, int32_t base, int64_t kh,
-                float scale, Partial& out) {
-  const int64_t H = s.H, BS = s.BS, P = s.P, nv = H / 16;
+// Keys and values of one kv head of a sequence in the pool, read through its block table.
+struct PoolKeys {
+  const float *kpool, *vpool;
+  const int32_t* table;
+  int64_t K, H, BS, blocks, kh;
+  int32_t base;
+  MEMBER int64_t block(int64_t b) const {
+    return std::clamp<int64_t>(int64_t{table[b]} + base, 0, blocks - 1);
+  }
+  // Keys pos … pos + 15 (pos a multiple of 16, BS too), feature h.
+  MEMBER f32x16 keys(int64_t pos, int64_t h) const {
+    return load16(kpool + (block(pos / BS) * K + kh) * H * BS + pos % BS + h * BS);
+  }
+  // Features 16v … 16v + 15 of the value at pos.
+  MEMBER f32x16 value(int64_t pos, int64_t v) const {
+    return load16(vpool + (block(pos / BS) * K + kh) * BS * H + (pos % BS) * H + 16 * v);
+  }
+};
+
+// Keys and values of one kv head of the prefill region: k [H, W] (positions minor, W at
+// least the region plus 16, so a load of 16 never leaves it), v [P, H].
+struct RegionKeys {
+  const float *k, *v;
+  int64_t W, H;
+  MEMBER f32x16 keys(int64_t pos, int64_t h) const { return load16(k + h * W + pos); }
+  MEMBER f32x16 value(int64_t pos, int64_t v_) const { return load16(v + pos * H + 16 * v_); }
+};
+
+// The TT queries `qs` (all of one kv head) over keys [from, to) of `src`, each seeing those
+// before its limit, into `out`. Every key and value vector is loaded once for all TT.
+template <int TT, class Keys>
+INLINE void span(const Keys& src, int64_t H, int64_t P, const Query* qs, int64_t from,
+                 int64_t to, float scale, Partial& out) {
+  const int64_t nv = H / 16;
   float qt[kMaxHead][TT];  // the queries, feature-major, scaled
   for (int64_t h = 0; h < H; ++h)
     for (int64_t t = 0; t < TT; ++t) qt[h][t] = qs[t].q[h * P + qs[t].p] * scale;
@@ -191,33 +225,29 @@ INLINE void prior_span(const PriorShapes& s, const Query* qs, const float* kpool
   std::fill(top, top + TT, kNegInf);
   f32x16 acc[TT][kMaxHead / 16] = {};
   alignas(64) float scores[TT][kSpan];
-  auto block = [&](int64_t b) {
-    return std::clamp<int64_t>(int64_t{table[b]} + base, 0, s.blocks - 1);
-  };
   for (int64_t start = from; start < to; start += kSpan) {
     const int64_t n = std::min(kSpan, to - start);
-    for (int64_t j = 0; j < n; j += 16) {  // scores, 16 positions (BS divides 16s) at a time
-      const int64_t pos = start + j;
-      const float* kb = kpool + (block(pos / BS) * s.K + kh) * H * BS + pos % BS;
+    for (int64_t j = 0; j < n; j += 16) {  // scores, 16 positions at a time
       f32x16 sc[TT] = {};
       for (int64_t h = 0; h < H; ++h) {
-        const f32x16 key = load16(kb + h * BS);
+        const f32x16 key = src.keys(start + j, h);
         for (int64_t t = 0; t < TT; ++t) sc[t] += qt[h][t] * key;
       }
       for (int64_t t = 0; t < TT; ++t) store16(&scores[t][j], sc[t]);
     }
     for (int64_t t = 0; t < TT; ++t) {
       float* row = scores[t];
-      for (int64_t i = n; i < ((n + 15) & ~int64_t{15}); ++i) row[i] = kNegInf;
+      const int64_t seen = std::clamp<int64_t>(qs[t].limit - start, 0, n);
+      for (int64_t i = seen; i < ((n + 15) & ~int64_t{15}); ++i) row[i] = kNegInf;
       float new_top = top[t];
-      for (int64_t i = 0; i < n; ++i) new_top = std::max(new_top, row[i]);
+      for (int64_t i = 0; i < seen; ++i) new_top = std::max(new_top, row[i]);
       const float rescale = std::exp(top[t] - new_top);
       top[t] = new_top;
       f32x16 sum = {};
       for (int64_t i = 0; i < n; i += 16) {
         f32x16 e = exp16(load16(row + i) - new_top);
         for (int64_t l = 0; l < 16; ++l)
-          if (i + l >= n) e[l] = 0.0f;
+          if (i + l >= seen) e[l] = 0.0f;
         store16(row + i, e);
         sum += e;
       }
@@ -230,9 +260,7 @@ INLINE void prior_span(const PriorShapes& s, const Query* qs, const float* kpool
       f32x16 part[TT];
       for (int64_t t = 0; t < TT; ++t) part[t] = acc[t][v];
       for (int64_t i = 0; i < n; ++i) {
-        const int64_t pos = start + i;
-        const float* vb = vpool + (block(pos / BS) * s.K + kh) * BS * H + (pos % BS) * H;
-        const f32x16 value = load16(vb + 16 * v);
+        const f32x16 value = src.value(start + i, v);
         for (int64_t t = 0; t < TT; ++t) part[t] += scores[t][i] * value;
       }
       for (int64_t t = 0; t < TT; ++t) acc[t][v] = part[t];
@@ -245,15 +273,14 @@ INLINE void prior_span(const PriorShapes& s, const Query* qs, const float* kpool
   }
 }
 
-// prior_span for `count` (1 … kTile) queries: a part-filled tile costs its own queries only.
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-void prior_tile(int64_t count, const PriorShapes& s, const Query* qs, const float* kpool,
-                const float* vpool, const int32_t* table, int64_t from, int64_t to, int32_t base,
-                int64_t kh, float scale, Partial& out) {
+// `span` for `count` (1 … kTile) queries: a part-filled tile costs its own queries only.
+template <class Keys>
+INLINE void tile_of(int64_t count, const Keys& src, int64_t H, int64_t P, const Query* qs,
+                    int64_t from, int64_t to, float scale, Partial& out) {
   switch (count) {
-#define JAXCHAT_TILE(TT)                                                          \
-  case TT:                                                                        \
-    return prior_span<TT>(s, qs, kpool, vpool, table, from, to, base, kh, scale, out);
+#define JAXCHAT_TILE(TT) \
+  case TT:               \
+    return span<TT>(src, H, P, qs, from, to, scale, out);
     JAXCHAT_TILE(1)
     JAXCHAT_TILE(2)
     JAXCHAT_TILE(3)
@@ -262,8 +289,45 @@ void prior_tile(int64_t count, const PriorShapes& s, const Query* qs, const floa
     JAXCHAT_TILE(6)
     JAXCHAT_TILE(7)
     default:
-      return prior_span<kTile>(s, qs, kpool, vpool, table, from, to, base, kh, scale, out);
+      return span<kTile>(src, H, P, qs, from, to, scale, out);
 #undef JAXCHAT_TILE
+  }
+}
+
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+void prior_tile(int64_t count, const PoolKeys& src, int64_t H, int64_t P, const Query* qs,
+                int64_t from, int64_t to, float scale, Partial& out) {
+  tile_of(count, src, H, P, qs, from, to, scale, out);
+}
+
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+void region_tile(int64_t count, const RegionKeys& src, int64_t H, int64_t P, const Query* qs,
+                 int64_t from, int64_t to, float scale, Partial& out) {
+  tile_of(count, src, H, P, qs, from, to, scale, out);
+}
+
+// Each query's merged state from its tile's partial states over `splits` ranges of keys.
+void merge_into(const std::vector<Partial>& partials, const std::vector<Query>& queries,
+                const std::vector<int64_t>& counts, int64_t splits, int64_t H, float* ap,
+                float* tp, float* sp) {
+  for (size_t unit = 0; unit < counts.size(); ++unit) {
+    for (int64_t t = 0; t < counts[unit]; ++t) {
+      float best = kNegInf;
+      for (int64_t split = 0; split < splits; ++split)
+        best = std::max(best, partials[unit * splits + split].top[t]);
+      float sum = 0;
+      f32x16 out[kMaxHead / 16] = {};
+      for (int64_t split = 0; split < splits; ++split) {
+        const Partial& part = partials[unit * splits + split];
+        const float weight = std::exp(part.top[t] - best);
+        sum += part.total[t] * weight;
+        for (int64_t v = 0; v < H / 16; ++v) out[v] += weight * load16(&part.acc[t][16 * v]);
+      }
+      const int64_t o = queries[unit * kTile + t].out;
+      tp[o] = best;
+      sp[o] = sum;
+      for (int64_t v = 0; v < H / 16; ++v) store16(ap + o * H + 16 * v, out[v]);
+    }
   }
 }
 
@@ -301,53 +365,101 @@ ffi::Error PriorAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
   // tiles of up to kTile, so a few seeing positions still fill tiles with the group's heads.
   const float* qp = q.typed_data();
   const int64_t per_head = s.G * static_cast<int64_t>(seeing.size());
-  const int64_t tiles = (per_head + kTile - 1) / kTile;
-  std::vector<Query> queries(s.K * tiles * kTile);
+  const int64_t tiles = (per_head + kTile - 1) / kTile, units = s.K * tiles;
+  std::vector<Query> queries(units * kTile);
+  std::vector<int64_t> counts(units);
   for (int64_t kh = 0; kh < s.K; ++kh)
     for (int64_t j = 0; j < per_head; ++j) {
       const int64_t head = kh * s.G + j / static_cast<int64_t>(seeing.size());
       const int64_t p = seeing[j % seeing.size()];
       queries[(kh * tiles + j / kTile) * kTile + j % kTile] = {qp + head * s.H * s.P, p,
-                                                               head * s.P + p};
+                                                               head * s.P + p, n};
+      ++counts[kh * tiles + j / kTile];
     }
   // A few tiles over a long prior are split into ranges of positions (each a multiple of
   // kSpan long) that run in parallel, their states merged after: every core has work.
   const int parts = n * per_head < 8192 ? 1 : jaxchat::Workers::get().size();
-  const int64_t spans = (n + kSpan - 1) / kSpan, units = s.K * tiles;
+  const int64_t spans = (n + kSpan - 1) / kSpan;
   const int64_t splits = std::clamp<int64_t>((4 * parts + units - 1) / units, 1, spans);
   std::vector<Partial> partials(units * splits);
-  const float *kp = k.typed_data(), *vp = v.typed_data();
-  const int32_t *bp = table.typed_data(), b0 = base.typed_data()[0];
+  const int32_t* bp = table.typed_data();
+  const int32_t b0 = base.typed_data()[0];
   jaxchat::Workers::get().run(units * splits, parts, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t unit = i / splits, split = i % splits, kh = unit / tiles;
-      const int64_t count = std::min(kTile, per_head - unit % tiles * kTile);
+      const PoolKeys src{k.typed_data(), v.typed_data(), bp, s.K, s.H, s.BS, s.blocks, kh, b0};
       const int64_t from = spans * split / splits * kSpan;
       const int64_t to = std::min(n, spans * (split + 1) / splits * kSpan);
-      prior_tile(count, s, &queries[unit * kTile], kp, vp, bp, from, to, b0, kh, scale,
+      prior_tile(counts[unit], src, s.H, s.P, &queries[unit * kTile], from, to, scale,
                  partials[i]);
     }
   });
-  for (int64_t unit = 0; unit < units; ++unit) {  // merge each query's splits
-    const int64_t count = std::min(kTile, per_head - unit % tiles * kTile);
-    for (int64_t t = 0; t < count; ++t) {
-      float best = kNegInf;
-      for (int64_t split = 0; split < splits; ++split)
-        best = std::max(best, partials[unit * splits + split].top[t]);
-      float sum = 0;
-      f32x16 out[kMaxHead / 16] = {};
-      for (int64_t split = 0; split < splits; ++split) {
-        const Partial& part = partials[unit * splits + split];
-        const float weight = std::exp(part.top[t] - best);
-        sum += part.total[t] * weight;
-        for (int64_t v = 0; v < s.H / 16; ++v) out[v] += weight * load16(&part.acc[t][16 * v]);
+  merge_into(partials, queries, counts, splits, s.H, ap, tp, sp);
+  return ffi::Error::Success();
+}
+
+// The prefill region's attention within each segment (causal): query t of a segment that
+// starts at a sees the region's keys a … t. Its tiles are runs of the segment's positions
+// (each with its group's query heads), so a tile's keys end at its last position: no work
+// for other segments' keys or for keys past the diagonal's tile.
+ffi::Error RegionAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                               ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> segments,
+                               ffi::ResultBuffer<ffi::F32> acc, ffi::ResultBuffer<ffi::F32> top,
+                               ffi::ResultBuffer<ffi::F32> total, float scale) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  if (qd.size() != 4 || kd.size() != 3 || vd.size() != 3)
+    return ffi::Error::InvalidArgument(
+        "region attention: q [K, G, H, P], k [K, H, W] (W >= P + 16), v [K, P, H]");
+  const int64_t K = qd[0], G = qd[1], H = qd[2], P = qd[3], W = kd[2];
+  if (kd[0] != K || kd[1] != H || W < P + 16 || vd[0] != K || vd[1] != P || vd[2] != H ||
+      static_cast<int64_t>(segments.element_count()) != P)
+    return ffi::Error::InvalidArgument("region attention: q, keys, values and segments disagree");
+  if (H % 16 || H > kMaxHead)
+    return ffi::Error::InvalidArgument("region attention: head dim " + std::to_string(H) +
+                                       " must be a multiple of 16 up to 512");
+  const int32_t* seg = segments.typed_data();
+  float *ap = acc->typed_data(), *tp = top->typed_data(), *sp = total->typed_data();
+  std::fill(ap, ap + K * G * P * H, 0.0f);  // padding: no keys
+  std::fill(tp, tp + K * G * P, kNegInf);
+  std::fill(sp, sp + K * G * P, 0.0f);
+  // Tiles of one kv head: a segment's positions in order, each with its G query heads.
+  const float* qp = q.typed_data();
+  std::vector<Query> queries;
+  std::vector<int64_t> counts, starts;  // per tile: queries, the segment's first position
+  for (int64_t kh = 0; kh < K; ++kh)
+    for (int64_t a = 0, b; a < P; a = b) {
+      for (b = a + 1; b < P && seg[b] == seg[a]; ++b) {
       }
-      const int64_t o = queries[unit * kTile + t].out;
-      tp[o] = best;
-      sp[o] = sum;
-      for (int64_t v = 0; v < s.H / 16; ++v) store16(ap + o * s.H + 16 * v, out[v]);
+      if (seg[a] < 0) continue;
+      for (int64_t j = 0; j < (b - a) * G; ++j) {
+        if (j % kTile == 0) {
+          counts.push_back(0);
+          starts.push_back(a);
+          queries.resize(counts.size() * kTile);
+        }
+        const int64_t t = a + j / G, head = kh * G + j % G;
+        queries[(counts.size() - 1) * kTile + j % kTile] = {qp + head * H * P, t, head * P + t,
+                                                            t + 1};
+        ++counts.back();
+      }
     }
-  }
+  const int64_t units = static_cast<int64_t>(counts.size());
+  if (units == 0) return ffi::Error::Success();
+  std::vector<Partial> partials(units);
+  int64_t work = 0;
+  for (int64_t u = 0; u < units; ++u) work += queries[u * kTile + counts[u] - 1].limit - starts[u];
+  const int parts = work * kTile < 8192 ? 1 : jaxchat::Workers::get().size();
+  const float *kp = k.typed_data(), *vp = v.typed_data();
+  jaxchat::Workers::get().run(units, parts, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      const Query* qs = &queries[u * kTile];
+      const int64_t kh = (qs[0].out / P) / G;
+      const RegionKeys src{kp + kh * H * W, vp + kh * P * H, W, H};
+      region_tile(counts[u], src, H, P, qs, starts[u], qs[counts[u] - 1].limit, scale,
+                  partials[u]);
+    }
+  });
+  merge_into(partials, queries, counts, 1, H, ap, tp, sp);
   return ffi::Error::Success();
 }
 
@@ -373,6 +485,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchatPriorAttention, PriorAttentionImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchatRegionAttention, RegionAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()

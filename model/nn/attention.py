@@ -54,6 +54,8 @@ ATTENTION_TARGET = "jaxchat_decode_attention"
 # And of the prefill region's attention over the positions already in the pool: the
 # blocks read in place, each key and value once for eight queries.
 PRIOR_TARGET = "jaxchat_prior_attention"
+# ... and of the region's attention within its segments (causal, no masked work).
+REGION_TARGET = "jaxchat_region_attention"
 # The target that returns a zeroed array without touching its pages (model/kernels/pool.cc):
 # the pool then costs time and memory as it fills, not all at start-up.
 ZEROS_TARGET = "jaxchat_zeros"
@@ -294,6 +296,9 @@ def region_attention(
     jaxchat's CPU kernel, where `kernel_fits`).
     """
     k, g, h, p = q.shape
+    if pool is not None and kernel and kernel_fits(pool, h):
+        state = _merge(_kernel_region(q, key, value, layout), _kernel_prior(q, pool, layout, base))
+        return _finish(state).astype(q.dtype).transpose(0, 1, 3, 2)
     scale = h**-0.5
     seg, pos = layout.segments, layout.positions[layout.rows :]
     s = jnp.einsum("kghq,khp->kgqp", q, key).astype(jnp.float32) * scale
@@ -301,9 +306,7 @@ def region_attention(
     s = jnp.where(visible, s, NEG_INF)
     weighted = lambda probs: jnp.einsum("kgqp,khp->kgqh", probs.astype(value.dtype), value)  # noqa: E731
     state = _online(_empty((k, g, p), h), s, lambda probs: weighted(probs).astype(jnp.float32))
-    if pool is not None and kernel and kernel_fits(pool, h):
-        state = _merge(state, _kernel_prior(q, pool, layout, base))
-    elif pool is not None:
+    if pool is not None:
         state = _prior_attention(q, pool, layout, state, base, prior_chunk)
     return _finish(state).astype(q.dtype).transpose(0, 1, 3, 2)
 
@@ -317,6 +320,30 @@ def _merge(a, b):
         a[1] * scale_a + b[1] * scale_b,
         a[2] * scale_a[..., None] + b[2] * scale_b[..., None],
     )
+
+
+def _kernel_region(q: jax.Array, key: jax.Array, value: jax.Array, layout: Layout):
+    """Each segment's attention to itself (causal) through jaxchat's CPU kernel: its
+    online-softmax state (max, sum [K, G, P], unnormalised out [K, G, P, H])."""
+    k, g, h, p = q.shape
+    call = jax.ffi.ffi_call(
+        REGION_TARGET,
+        (
+            jax.ShapeDtypeStruct((k, g, p, h), jnp.float32),
+            jax.ShapeDtypeStruct((k, g, p), jnp.float32),
+            jax.ShapeDtypeStruct((k, g, p), jnp.float32),
+        ),
+    )
+    # Keys with 16 positions of padding (the kernel loads 16 at a time), values features-minor.
+    keys = jnp.pad(key.astype(jnp.float32), ((0, 0), (0, 0), (0, 16)))
+    acc, top, total = call(
+        q.astype(jnp.float32),
+        keys,
+        value.astype(jnp.float32).transpose(0, 2, 1),
+        layout.segments.astype(jnp.int32),
+        scale=np.float32(h**-0.5),
+    )
+    return top, total, acc
 
 
 def _kernel_prior(q: jax.Array, pool: Pool, layout: Layout, base):
