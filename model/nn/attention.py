@@ -322,18 +322,19 @@ def _merge(a, b):
     )
 
 
+def _state_shapes(q: jax.Array) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """A kernel's online-softmax state for queries q [K, G, H, P]: out [K, G, P, H], max, sum."""
+    k, g, h, p = q.shape
+    return tuple(
+        jax.ShapeDtypeStruct(shape, jnp.float32) for shape in ((k, g, p, h), (k, g, p), (k, g, p))
+    )
+
+
 def _kernel_region(q: jax.Array, key: jax.Array, value: jax.Array, layout: Layout):
     """Each segment's attention to itself (causal) through jaxchat's CPU kernel: its
     online-softmax state (max, sum [K, G, P], unnormalised out [K, G, P, H])."""
-    k, g, h, p = q.shape
-    call = jax.ffi.ffi_call(
-        REGION_TARGET,
-        (
-            jax.ShapeDtypeStruct((k, g, p, h), jnp.float32),
-            jax.ShapeDtypeStruct((k, g, p), jnp.float32),
-            jax.ShapeDtypeStruct((k, g, p), jnp.float32),
-        ),
-    )
+    h = q.shape[2]
+    call = jax.ffi.ffi_call(REGION_TARGET, _state_shapes(q))
     # Keys with 16 positions of padding (the kernel loads 16 at a time), values features-minor.
     keys = jnp.pad(key.astype(jnp.float32), ((0, 0), (0, 0), (0, 16)))
     acc, top, total = call(
@@ -349,16 +350,9 @@ def _kernel_region(q: jax.Array, key: jax.Array, value: jax.Array, layout: Layou
 def _kernel_prior(q: jax.Array, pool: Pool, layout: Layout, base):
     """The first segments' attention over segment 0's prior positions, through jaxchat's CPU
     kernel: its online-softmax state (max, sum [K, G, P], unnormalised out [K, G, P, H])."""
-    k, g, h, p = q.shape
+    h = q.shape[2]
     sees = (layout.segments >= 0) & (layout.segments < layout.prior_segments)
-    call = jax.ffi.ffi_call(
-        PRIOR_TARGET,
-        (
-            jax.ShapeDtypeStruct((k, g, p, h), jnp.float32),
-            jax.ShapeDtypeStruct((k, g, p), jnp.float32),
-            jax.ShapeDtypeStruct((k, g, p), jnp.float32),
-        ),
-    )
+    call = jax.ffi.ffi_call(PRIOR_TARGET, _state_shapes(q))
     acc, top, total = call(
         q.astype(jnp.float32),
         pool.k,
