@@ -399,6 +399,23 @@ def test_the_cache_is_bounded_by_count_and_bytes(stores):
     assert store.cache_get("huge") is None
 
 
+def test_entries_written_within_a_millisecond_still_leave_oldest_first(request):
+    """Sixty puts in one pipeline (so Redis runs them within a millisecond or two), each
+    name sorting before the older ones, as ties in a time-ordered index would put the
+    newest first in line: the newest three stay."""
+    server = request.getfixturevalue("redis_server")
+    store = RedisStore(server.url, cache_ttl=60, cache_entries=3, cache_bytes=100)
+    store._redis.flushall()
+    pipe = store._redis.pipeline(transaction=False)
+    index = ["jaxchat:cache:index", "jaxchat:cache:sizes", "jaxchat:cache:bytes"]
+    for i in range(60):
+        store._cache_put(
+            keys=index, args=[f"jaxchat:cache:{99 - i:02d}", b"x", 60, 3, 100], client=pipe
+        )
+    pipe.execute()
+    assert [store.cache_get(f"{99 - i:02d}") for i in range(56, 60)] == [None, b"x", b"x", b"x"]
+
+
 # Formats.
 
 

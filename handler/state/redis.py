@@ -107,8 +107,13 @@ local function drop(k)
 end
 for _, k in ipairs(redis.call('ZRANGEBYSCORE', index, '-inf', now - ttl * 1000)) do drop(k) end
 drop(key)
+-- Strictly after the newest entry, so entries written within one millisecond still leave
+-- oldest first (equal scores would order by name).
+local newest = redis.call('ZRANGE', index, -1, -1, 'WITHSCORES')[2]
+local score = now
+if newest and tonumber(newest) >= score then score = tonumber(newest) + 1 end
 redis.call('SET', key, value, 'EX', ttl)
-redis.call('ZADD', index, now, key)
+redis.call('ZADD', index, score, key)
 redis.call('HSET', sizes, key, #value)
 redis.call('INCRBY', total, #value)
 while redis.call('ZCARD', index) > max_entries or
