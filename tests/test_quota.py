@@ -12,7 +12,7 @@ import pytest
 from handler.keys import Client, Keyring
 from handler.quota import duration, period_end, period_key
 from handler.state.embedded import EmbeddedStore
-from handler.state.redis import RedisStore
+from handler.state.redis import PREFIX, RedisStore
 from tests.fake_model import CHAT, HELLO_PROMPT_TOKENS, MODEL, FakeLLM, chat_body, sse_events
 from tests.redis_server import redis_server  # noqa: F401 (a fixture)
 
@@ -407,10 +407,10 @@ def test_entries_written_within_a_millisecond_still_leave_oldest_first(request):
     store = RedisStore(server.url, cache_ttl=60, cache_entries=3, cache_bytes=100)
     store._redis.flushall()
     pipe = store._redis.pipeline(transaction=False)
-    index = ["jaxchat:cache:index", "jaxchat:cache:sizes", "jaxchat:cache:bytes"]
+    index = [PREFIX + "cache:index", PREFIX + "cache:sizes", PREFIX + "cache:bytes"]
     for i in range(60):
         store._cache_put(
-            keys=index, args=[f"jaxchat:cache:{99 - i:02d}", b"x", 60, 3, 100], client=pipe
+            keys=index, args=[f"{PREFIX}cache:{99 - i:02d}", b"x", 60, 3, 100], client=pipe
         )
     pipe.execute()
     assert [store.cache_get(f"{99 - i:02d}") for i in range(56, 60)] == [None, b"x", b"x", b"x"]

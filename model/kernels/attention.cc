@@ -306,6 +306,13 @@ void region_tile(int64_t count, const RegionKeys& src, int64_t H, int64_t P, con
   tile_of(count, src, H, P, qs, from, to, scale, out);
 }
 
+// The state of `n` queries that see no keys: max -inf, sum 0, output 0.
+void no_keys(int64_t n, int64_t H, float* ap, float* tp, float* sp) {
+  std::fill(ap, ap + n * H, 0.0f);
+  std::fill(tp, tp + n, kNegInf);
+  std::fill(sp, sp + n, 0.0f);
+}
+
 // Each query's merged state from its tile's partial states over `splits` ranges of keys.
 void merge_into(const std::vector<Partial>& partials, const std::vector<Query>& queries,
                 const std::vector<int64_t>& counts, int64_t splits, int64_t H, float* ap,
@@ -353,10 +360,7 @@ ffi::Error PriorAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
   const int64_t n = std::clamp<int64_t>(prior.typed_data()[0], 0, width * s.BS);
   const int32_t* flags = sees.typed_data();
   float *ap = acc->typed_data(), *tp = top->typed_data(), *sp = total->typed_data();
-  // Every query starts with no prior (max -inf, sum 0, output 0); the seeing ones are set.
-  std::fill(ap, ap + s.K * s.G * s.P * s.H, 0.0f);
-  std::fill(tp, tp + s.K * s.G * s.P, kNegInf);
-  std::fill(sp, sp + s.K * s.G * s.P, 0.0f);
+  no_keys(s.K * s.G * s.P, s.H, ap, tp, sp);  // the seeing queries are set below
   std::vector<int64_t> seeing;
   for (int64_t p = 0; p < s.P; ++p)
     if (flags[p]) seeing.push_back(p);
@@ -419,9 +423,7 @@ ffi::Error RegionAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                                        " must be a multiple of 16 up to 512");
   const int32_t* seg = segments.typed_data();
   float *ap = acc->typed_data(), *tp = top->typed_data(), *sp = total->typed_data();
-  std::fill(ap, ap + K * G * P * H, 0.0f);  // padding: no keys
-  std::fill(tp, tp + K * G * P, kNegInf);
-  std::fill(sp, sp + K * G * P, 0.0f);
+  no_keys(K * G * P, H, ap, tp, sp);  // padding stays so
   // Tiles of one kv head: a segment's positions in order, each with its G query heads.
   const float* qp = q.typed_data();
   std::vector<Query> queries;
