@@ -15,8 +15,9 @@ COPY model model
 COPY handler handler
 COPY sharding sharding
 # The quantized-matmul kernel is compiled into the installed package (g++ is removed
-# again after). The last step prepares the default model in the image (dequantised, metadata as JSON),
-# so an instance starts without parsing the GGUF. Executables are compiled at run time
+# again after). The last step prepares the default model in the image (its matmul
+# weights as blocks, the rest in f32, metadata as JSON), so an instance starts without
+# parsing the GGUF. Executables are compiled at run time
 # (or fetched from a gs:// JAXCHAT_COMPILE_CACHE): they are specific to the host CPU.
 RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends g++ \
  && pip install . \

@@ -10,8 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict
+from jax.sharding import Mesh
 
+from model import kernels
 from model.engine.engine import rows_of
+from model.engine.quantized import split_blocks
+from model.nn.transformer import BLOCKS, LAYER_BLOCKS
 from model.text.chat_template import ChatTemplate
 from model.text.tokenizer import Tokenizer
 from model.weights.gguf import load_gguf, read_metadata
@@ -23,6 +28,13 @@ from tests.tiny_models import TINY_LLAMA, write_tiny_gguf
 def tiny_gguf(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     return write_tiny_gguf(root, TINY_LLAMA, seed=4)
+
+
+@pytest.fixture(scope="module")
+def q4_gguf(tmp_path_factory):
+    """The tiny Llama with its matrices (embedding and head too) as Q4_1 blocks."""
+    root = tmp_path_factory.mktemp("q4")
+    return write_tiny_gguf(root, TINY_LLAMA, seed=5, qtype=gguf.GGMLQuantizationType.Q4_1)
 
 
 @pytest.fixture
@@ -130,3 +142,48 @@ def test_the_copy_is_mapped_not_read(tiny_gguf, tmp_path):
             owner = owner.obj if isinstance(owner, memoryview) else owner.base
         assert isinstance(owner, mmap.mmap)
         assert not array.flags.writeable
+
+
+MATMULS = [("layers_0", "attn", "qkv"), ("layers_1", "mlp", "gate_up"), ("lm_head",)]
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_weights_kept_as_blocks_have_no_f32_copy_until_a_step_needs_one(q4_gguf, tmp_path, fresh):
+    """Prepared (fresh, or read from the copy), the matmul weights are blocks only; an
+    engine without the kernels gets them dequantised: exactly the GGUF's f32 weights."""
+    _, reference, _ = load_gguf(q4_gguf, jnp.float32)
+    if not fresh:
+        load_gguf_prepared(q4_gguf, jnp.float32, tmp_path)
+    config, params, _, blocks = load_gguf_prepared(q4_gguf, jnp.float32, tmp_path)
+    flat, kept = flatten_dict(params), flatten_dict(blocks)
+    assert all(path in kept and path not in flat for path in MATMULS)
+    assert ("embed", "embedding") in flat  # the lookup reads f32 rows
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+    no_kernels = pytest.MonkeyPatch.context()
+    with no_kernels as patch:
+        patch.setenv("JAXCHAT_QUANTIZED_KERNEL", "off")
+        dense, placed, digest = split_blocks(params, blocks, mesh, config, jnp.float32)
+    assert placed == {} and digest is None
+    assert_same_params(dense, reference)
+
+
+def test_a_weight_not_stacked_as_blocks_in_every_layer_is_dequantised(q4_gguf, tmp_path):
+    """The kernels take a layer weight as blocks only if every layer has it so; where
+    one layer's is f32, the others' blocks are dequantised for the steps."""
+    if not kernels.load():
+        pytest.skip("the kernels are not built")
+    _, reference, _ = load_gguf(q4_gguf, jnp.float32)
+    config, params, _, blocks = load_gguf_prepared(q4_gguf, jnp.float32, tmp_path)
+    qkv = reference["layers_1"]["attn"]["qkv"]
+    params["layers_1"]["attn"] = {"qkv": np.asarray(qkv)}  # as a loader leaves a format
+    del blocks["layers_1"]["attn"]["qkv"]  # the kernels do not read
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+    rest, placed, digest = split_blocks(params, blocks, mesh, config, jnp.float32)
+    assert digest is not None
+    moved = flatten_dict(placed[BLOCKS])
+    assert (LAYER_BLOCKS, "mlp", "gate_up") in moved and ("lm_head",) in moved
+    assert (LAYER_BLOCKS, "attn", "qkv") not in moved
+    for i in range(config.n_layers):
+        got = rest[f"layers_{i}"]["attn"]["qkv"]
+        np.testing.assert_array_equal(got, reference[f"layers_{i}"]["attn"]["qkv"])
+        assert (f"layers_{i}", "mlp", "gate_up") not in flatten_dict(rest)

@@ -109,7 +109,7 @@ class Engine:
         self.mesh = mesh if mesh is not None else make_mesh(None, config=config)
         self.rules = rules
         # The matmuls as quantized blocks where the CPU kernels apply (their digest).
-        params, placed, self.kernel = split_blocks(params, blocks or {}, self.mesh, config.n_layers)
+        params, placed, self.kernel = split_blocks(params, blocks or {}, self.mesh, config, dtype)
         pool_shape = (1, config.n_kv_heads, config.head_dim, BLOCK_SIZE)
         for placement in fallbacks(params, self.mesh, rules, pool_shape=pool_shape):
             log.info("replicated instead of split: %s", placement)

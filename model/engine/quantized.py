@@ -19,8 +19,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import model.kernels
+from model.nn.config import ModelConfig
 from model.nn.quantize import BlockWeight, QuantizedWeight, int8_rows, stack_blocks
 from model.nn.transformer import BLOCKS, LAYER_BLOCKS, Params
+from model.weights.gguf import dequantize_blocks
 
 
 def kernels(mesh: Mesh) -> str | None:
@@ -58,15 +60,33 @@ def kernel_params(params: Params, blocks: Params, n_layers: int) -> Params:
 
 
 def split_blocks(
-    params: Params, blocks: Params, mesh: Mesh, n_layers: int
+    params: Params, blocks: Params, mesh: Mesh, config: ModelConfig, dtype: Any
 ) -> tuple[Params, Params, str | None]:
     """(`params` without the weights that go as blocks, {BLOCKS: their tree} on the
     device, the kernels' digest) where steps on `mesh` use the kernels and some weight is
-    quantized; else (`params`, {}, None)."""
+    quantized; else (`params`, {}, None). A weight that only `blocks` holds (a prepared
+    GGUF copy keeps no f32 copy of them) and that goes as f32 is dequantised as `dtype`."""
     digest = kernels(mesh)
-    moved = kernel_params(params, blocks, n_layers) if digest else params
+    moved = kernel_params(params, blocks, config.n_layers) if digest else params
     if BLOCKS not in moved:
-        return params, {}, None
+        return with_dense(params, blocks, config, dtype), {}, None
     rest = {k: v for k, v in moved.items() if k != BLOCKS}
     placed = jax.device_put(moved[BLOCKS], NamedSharding(mesh, P()))
-    return rest, {BLOCKS: placed}, digest
+    gone = set(flatten_dict(moved[BLOCKS]))
+    kept = {k: w for k, w in flatten_dict(blocks).items() if _stacked(k) not in gone}
+    return with_dense(rest, unflatten_dict(kept), config, dtype), {BLOCKS: placed}, digest
+
+
+def _stacked(path: tuple[str, ...]) -> tuple[str, ...]:
+    """Where the weight at `path` goes under BLOCKS (a layer's: stacked over the layers)."""
+    return (LAYER_BLOCKS, *path[1:]) if path[0].startswith("layers_") else path
+
+
+def with_dense(params: Params, blocks: Params, config: ModelConfig, dtype: Any) -> Params:
+    """`params` with each weight that only `blocks` holds dequantised as `dtype` (a tied
+    head's blocks are the embedding's, which `params` has)."""
+    flat = flatten_dict(params)
+    for path, weight in flatten_dict(blocks).items():
+        if path not in flat and not (path == ("lm_head",) and config.tie_embeddings):
+            flat[path] = dequantize_blocks(weight).astype(dtype)
+    return unflatten_dict(flat)

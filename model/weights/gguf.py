@@ -7,7 +7,7 @@ transform from the GGUF (numpy, [out, in]) layout to ours. Quantised tensors
 
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -165,11 +165,16 @@ def config_from_gguf(reader: gguf.GGUFReader, meta: dict[str, Any] | None = None
 
 
 def load_gguf_params(
-    reader: gguf.GGUFReader, config: ModelConfig, dtype: jnp.dtype, arch: str
+    reader: gguf.GGUFReader,
+    config: ModelConfig,
+    dtype: jnp.dtype,
+    arch: str,
+    skip: Collection[tuple[str, ...]] = (),
 ) -> Params:
-    """Dequantise the tensors and place them in the parameter tree as `dtype`."""
+    """Dequantise the tensors and place them in the parameter tree as `dtype`; the
+    parameters at the paths in `skip` are left out (weights kept as blocks)."""
     tensors = {t.name: t for t in reader.tensors}
-    table = tensor_table(config, arch)
+    table = {path: entry for path, entry in tensor_table(config, arch).items() if path not in skip}
     missing = sorted({n for names, _ in table.values() for n in names} - set(tensors))
     if missing:
         raise ValueError(f"GGUF file lacks tensors: {', '.join(missing[:5])}")
@@ -212,6 +217,13 @@ def load_gguf_blocks(reader: gguf.GGUFReader, config: ModelConfig, arch: str) ->
 
 
 MATMULS = ("qkv", "o", "gate_up", "down")
+
+
+def dequantize_blocks(weight: BlockWeight) -> np.ndarray:
+    """A GGUF-format BlockWeight [out, bytes] as the f32 weight [out, in] it stores."""
+    assert isinstance(weight.kind, int), "one weight, not a stack of them"
+    kind = gguf.GGMLQuantizationType(weight.kind)
+    return gguf.quants.dequantize(np.asarray(weight.blocks), kind).astype(np.float32, copy=False)
 
 
 def load_gguf(path: Path, dtype: jnp.dtype) -> tuple[ModelConfig, Params, gguf.GGUFReader]:

@@ -1,17 +1,20 @@
-"""GGUF files prepared once for a fast start: dequantised weights and parsed metadata.
+"""GGUF files prepared once for a fast start: weights as blocks and f32, metadata as JSON.
 
 Opening a GGUF costs seconds that have nothing to do with the weights:
-`gguf.GGUFReader` parses every metadata field element by element (about 6 s
-for a 49k-token vocabulary), and dequantising the tensors takes about 3 s more.
-With a compile cache set, the first load writes what it produced into
-`$JAXCHAT_CACHE_DIR/models/<key>/`: the f32 parameters as one safetensors file and
-the metadata as JSON, and the matmul weights' quantized blocks as they are in the file
-(for the quantized kernel: model/weights/gguf.py's `load_gguf_blocks`). The layers'
-weights are stored stacked ([L, ...] per weight), and read back as views of those
-arrays: the engine's scanned layers take them as they are
-(model/engine/engine.py's `stack_params`), with no copy to stack them.
-Both files are mapped, not read: a weight is paged in when used, and the f32 copies of
-the weights that go to the quantized kernels as blocks are never read at all.
+`gguf.GGUFReader` parses every metadata field element by element (about 3.5 s
+for a 49k-token vocabulary). With a compile cache set, the first load writes what it
+produced into `$JAXCHAT_CACHE_DIR/models/<key>/`: the metadata as JSON, the matmul
+weights' quantized blocks as they are in the file (model/weights/gguf.py's
+`load_gguf_blocks`), and the other parameters in f32 (embeddings, norms, and any
+weight in a format the blocks do not take), each as one safetensors file.
+No f32 copy of a weight kept as blocks is made, here or on a later load: the quantized
+kernels read the blocks, and only where they do not apply (another backend, a mesh)
+does the engine dequantise them (model/engine/quantized.py's `split_blocks`); for a
+Q4_1 SmolLM2 that saves dequantising, stacking and writing 0.4 GB of f32 on a first
+start. The layers' weights are stored stacked ([L, ...] per weight), and read back as
+views of those arrays: the engine's scanned layers take them as they are
+(model/engine/engine.py's `stack_params`), with no copy to stack them. Both files are
+mapped, not read: a weight is paged in when used.
 The key covers the file (path, size, modification time), the source of every
 project module this one imports at any depth (the loader, config parsing:
 model/weights/source_digest.py) and the versions of the libraries that decode the
@@ -31,6 +34,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,7 +51,7 @@ from model.weights.source_digest import source_digest
 
 log = logging.getLogger(__name__)
 
-FORMAT = 3  # 2: layers stacked; 3: with the blocks
+FORMAT = 4  # 2: layers stacked; 3: with the blocks; 4: no f32 copy of the blocks
 
 
 # The libraries whose code turns GGUF blocks into the stored arrays.
@@ -65,16 +69,22 @@ def load_gguf_prepared(
     path: Path, dtype: jnp.dtype, directory: Path | None
 ) -> tuple[ModelConfig, Params, dict[str, Any], Params]:
     """(config, params as `dtype`, metadata, blocks) of a GGUF file, through the prepared
-    copy under `directory` (written on first use; None: always read the GGUF itself)."""
+    copy under `directory` (written on first use; None: always read the GGUF itself).
+    `params` lacks the weights that `blocks` holds: the engine dequantises those it
+    reads as f32 (model/engine/quantized.py's `split_blocks`)."""
     prepared = None if directory is None else directory / _key(path)
     if prepared is not None and (prepared / "params.safetensors").is_file():
         try:
             return _read(prepared, dtype)
         except (OSError, ValueError, KeyError, SafetensorError) as error:  # damaged: again
             log.warning("ignoring the prepared copy %s: %s", prepared, error)
-    config, params, reader = gguf_loader.load_gguf(path, jnp.float32)
+    reader = gguf.GGUFReader(path)
     metadata = gguf_loader.read_metadata(reader)
-    blocks = gguf_loader.load_gguf_blocks(reader, config, metadata["general.architecture"])
+    config = gguf_loader.config_from_gguf(reader, metadata)
+    arch = metadata["general.architecture"]
+    blocks = gguf_loader.load_gguf_blocks(reader, config, arch)
+    kept = set(traverse_util.flatten_dict(blocks))
+    params = gguf_loader.load_gguf_params(reader, config, jnp.float32, arch, skip=kept)
     if prepared is not None:
         _write(prepared, config, params, metadata, blocks)
     return config, _cast(params, dtype), metadata, blocks
