@@ -2,16 +2,14 @@
 
 import os
 
-import gguf
-
 from model.text.chat_template import ChatTemplate
 from model.text.tokenizer import Tokenizer
-from model.weights.gguf import read_metadata, text_from_metadata
+from model.weights.gguf import GGUFFile, read_metadata, text_from_metadata
 
 
 def gguf_text(path: str | os.PathLike[str]) -> tuple[Tokenizer, ChatTemplate]:
     """The tokenizer and chat template the GGUF file at `path` describes."""
-    return text_from_metadata(read_metadata(gguf.GGUFReader(path)))
+    return text_from_metadata(read_metadata(GGUFFile(path)))
 
 
 def gguf_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:

@@ -31,12 +31,12 @@ from tests.tiny_models import TINY_LLAMA, write_tiny_gguf
 
 SERVE_ONE = """
 import json, sys
-import gguf
 from model import LLM, SamplingParams
+from model.weights.gguf import GGUFFile
 
 opened = []
-init = gguf.GGUFReader.__init__
-gguf.GGUFReader.__init__ = lambda self, *a, **k: opened.append(1) or init(self, *a, **k)
+init = GGUFFile.__init__
+GGUFFile.__init__ = lambda self, *a, **k: opened.append(1) or init(self, *a, **k)
 llm = LLM(sys.argv[1], max_seq_len=32, batch=2, compile_cache=sys.argv[2], unrolled_decode=False)
 llm.warmup()
 reply = llm.generate([5, 9, 17, 33], SamplingParams(temperature=0, max_tokens=8))
@@ -51,13 +51,13 @@ print(json.dumps({
 PREPARE = """
 import json, sys
 from pathlib import Path
-import gguf
 import jax.numpy as jnp
+from model.weights.gguf import GGUFFile
 from model.weights.prepared import load_gguf_prepared
 
 opened = []
-init = gguf.GGUFReader.__init__
-gguf.GGUFReader.__init__ = lambda self, *a, **k: opened.append(1) or init(self, *a, **k)
+init = GGUFFile.__init__
+GGUFFile.__init__ = lambda self, *a, **k: opened.append(1) or init(self, *a, **k)
 config, *_ = load_gguf_prepared(Path(sys.argv[1]), jnp.float32, Path(sys.argv[2]))
 print(json.dumps({"gguf_opened": len(opened), "norm_eps": config.norm_eps}))
 """

@@ -26,9 +26,9 @@ BUCKET = "compile-cache"
 
 RUN = """
 import json, sys
-import gguf
 from jax import monitoring
 from model import LLM, SamplingParams
+from model.weights.gguf import GGUFFile
 
 backend_compiles = []
 monitoring.register_event_duration_secs_listener(
@@ -36,8 +36,8 @@ monitoring.register_event_duration_secs_listener(
     if event == "/jax/core/compile/backend_compile_duration" else None
 )
 gguf_opened = []
-open_gguf = gguf.GGUFReader.__init__
-gguf.GGUFReader.__init__ = lambda self, *a, **k: gguf_opened.append(1) or open_gguf(self, *a, **k)
+open_gguf = GGUFFile.__init__
+GGUFFile.__init__ = lambda self, *a, **k: gguf_opened.append(1) or open_gguf(self, *a, **k)
 
 mesh = sys.argv[4] if len(sys.argv) > 4 else None
 llm = LLM(

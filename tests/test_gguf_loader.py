@@ -14,9 +14,10 @@ import pytest
 
 from model.engine.engine import Engine
 from model.nn.config import ModelConfig
-from model.weights.gguf import config_from_gguf, load_gguf, load_gguf_params
+from model.weights.gguf import GGUFFile, config_from_gguf, load_gguf, load_gguf_params
+from model.weights.sources import bundled_model_path
 from tests.gguf_writer import hf_random_weights, write_llama_gguf
-from tests.tiny_models import TINY_LLAMA
+from tests.tiny_models import TINY_LLAMA, write_tiny_gguf
 
 Q = gguf.GGMLQuantizationType
 CONFIG = dataclasses.replace(TINY_LLAMA, vocab_size=96, ffn_dim=96)  # small blocks
@@ -99,7 +100,7 @@ def test_missing_tensor_is_named(tmp_path):
     path = tmp_path / "one_layer.gguf"
     one_layer = dataclasses.replace(CONFIG, n_layers=1)
     write_llama_gguf(path, one_layer, hf_random_weights(one_layer))
-    reader = gguf.GGUFReader(path)
+    reader = GGUFFile(path)
     with pytest.raises(ValueError, match=r"lacks tensors: blk\.1\."):
         load_gguf_params(reader, dataclasses.replace(CONFIG, n_layers=3), jnp.float32, "llama")
 
@@ -110,4 +111,37 @@ def test_llama31_rope_freqs_are_refused_not_ignored(tmp_path):
     weights = hf_random_weights(CONFIG)
     write_llama_gguf(path, CONFIG, weights, extra_tensors={"rope_freqs.weight": factors})
     with pytest.raises(ValueError, match="rope_freqs tensor"):
-        config_from_gguf(gguf.GGUFReader(path))
+        config_from_gguf(GGUFFile(path))
+
+
+def same_as_gguf_reader(path) -> None:
+    """GGUFFile gives gguf.GGUFReader's metadata values and tensors, byte for byte."""
+    ours, reference = GGUFFile(path), gguf.GGUFReader(path)
+    fields = {k: f.contents() for k, f in reference.fields.items() if not k.startswith("GGUF.")}
+    assert ours.metadata == fields
+    assert [type(v) for v in ours.metadata.values()] == [type(v) for v in fields.values()]
+    for mine, theirs in zip(ours.tensors, reference.tensors, strict=True):
+        assert (mine.name, mine.tensor_type) == (theirs.name, theirs.tensor_type)
+        assert mine.shape == tuple(int(d) for d in theirs.shape)
+        assert mine.data.dtype == theirs.data.dtype and mine.data.shape == theirs.data.shape
+        np.testing.assert_array_equal(mine.data, theirs.data)
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_1])
+def test_the_header_reader_reads_what_gguf_reads(tmp_path, qtype):
+    """A SentencePiece vocabulary (strings, f32 scores, int types), plain and block
+    tensor formats."""
+    path = write_tiny_gguf(tmp_path, TINY_LLAMA, seed=3, qtype=qtype)
+    same_as_gguf_reader(path)
+
+
+def test_the_header_reader_reads_the_default_model_as_gguf_does():
+    """SmolLM2's byte-level BPE: 49k tokens, 48k merges, a chat template."""
+    same_as_gguf_reader(bundled_model_path())
+
+
+def test_a_file_that_is_not_gguf_is_refused(tmp_path):
+    path = tmp_path / "not.gguf"
+    path.write_bytes(b"GGML" + bytes(60))
+    with pytest.raises(ValueError, match="not a little-endian GGUF"):
+        GGUFFile(path)

@@ -19,7 +19,7 @@ from model.engine.quantized import split_blocks
 from model.nn.transformer import BLOCKS, LAYER_BLOCKS
 from model.text.chat_template import ChatTemplate
 from model.text.tokenizer import Tokenizer
-from model.weights.gguf import load_gguf, read_metadata
+from model.weights.gguf import GGUFFile, load_gguf, read_metadata
 from model.weights.prepared import load_gguf_prepared
 from tests.tiny_models import TINY_LLAMA, write_tiny_gguf
 
@@ -39,15 +39,15 @@ def q4_gguf(tmp_path_factory):
 
 @pytest.fixture
 def opened(monkeypatch) -> list[str]:
-    """Paths GGUFReader parses from now on."""
+    """Paths GGUFFile parses from now on."""
     paths: list[str] = []
-    init = gguf.GGUFReader.__init__
+    init = GGUFFile.__init__
 
     def counting(self, path, *args, **kwargs):
         paths.append(str(path))
         init(self, path, *args, **kwargs)
 
-    monkeypatch.setattr(gguf.GGUFReader, "__init__", counting)
+    monkeypatch.setattr(GGUFFile, "__init__", counting)
     return paths
 
 
