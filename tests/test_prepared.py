@@ -85,12 +85,22 @@ def test_bfloat16_is_cast_from_the_f32_copy(tiny_gguf, tmp_path):
     assert_same_params(params, reference)
 
 
-def test_a_changed_source_is_prepared_again(tiny_gguf, tmp_path, opened):
+def test_a_changed_source_is_prepared_again_and_its_old_copy_removed(
+    tiny_gguf, q4_gguf, tmp_path, opened
+):
     load_gguf_prepared(tiny_gguf, jnp.float32, tmp_path)
+    load_gguf_prepared(q4_gguf, jnp.float32, tmp_path)  # another file's copy
+    before = set(tmp_path.iterdir())
     stat = tiny_gguf.stat()
     os.utime(tiny_gguf, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     load_gguf_prepared(tiny_gguf, jnp.float32, tmp_path)
-    assert len(opened) == 2 and len(list(tmp_path.iterdir())) == 2
+    assert len(opened) == 3
+    after = set(tmp_path.iterdir())
+    assert len(before) == len(after) == 2 and len(before & after) == 1  # the other file's
+    _, params, *_ = load_gguf_prepared(tiny_gguf, jnp.float32, tmp_path)
+    _, reference, _ = load_gguf(tiny_gguf, jnp.float32)
+    assert len(opened) == 4 and set(tmp_path.iterdir()) == after  # (load_gguf's own)
+    assert_same_params(params, reference)
 
 
 def test_a_damaged_copy_is_prepared_again(tiny_gguf, tmp_path, opened):

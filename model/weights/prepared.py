@@ -85,7 +85,7 @@ def load_gguf_prepared(
     kept = set(traverse_util.flatten_dict(blocks))
     params = gguf_loader.load_gguf_params(reader, config, jnp.float32, arch, skip=kept)
     if prepared is not None:
-        _write(prepared, config, params, metadata, blocks)
+        _write(prepared, path, config, params, metadata, blocks)
     return config, _cast(params, dtype), metadata, blocks
 
 
@@ -156,9 +156,16 @@ def _mapped(path: Path) -> dict[str, np.ndarray]:
 
 
 def _write(
-    prepared: Path, config: ModelConfig, params: Params, metadata: dict, blocks: Params
+    prepared: Path,
+    source: Path,
+    config: ModelConfig,
+    params: Params,
+    metadata: dict,
+    blocks: Params,
 ) -> None:
-    """Write into a temporary sibling and rename it into place: never half a copy."""
+    """Write into a temporary sibling and rename it into place: never half a copy. Then
+    remove the copies of the same file made before (the file, the code or a library
+    changed since: nothing reads them again); other files' copies stay."""
     prepared.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=prepared.parent, suffix=".tmp"))
     try:
@@ -169,11 +176,29 @@ def _write(
         )
         (tmp / "metadata.json").write_text(gguf_loader.metadata_json(metadata))
         kinds = {k: w.kind for k, w in flat_blocks.items()}
-        info = {"format": FORMAT, "config": dataclasses.asdict(config), "blocks": kinds}
+        info = {
+            "format": FORMAT,
+            "source": str(source.resolve()),
+            "config": dataclasses.asdict(config),
+            "blocks": kinds,
+        }
         (tmp / "prepared.json").write_text(json.dumps(info))
         shutil.rmtree(prepared, ignore_errors=True)  # a damaged earlier copy
         os.replace(tmp, prepared)
     except OSError as error:  # a full disk costs speed, not the load
         log.warning("could not write the prepared copy %s: %s", prepared, error)
+        return
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    for other in prepared.parent.iterdir():
+        if other != prepared and other.suffix != ".tmp" and _source(other) == info["source"]:
+            log.info("removing the stale prepared copy %s", other)
+            shutil.rmtree(other, ignore_errors=True)  # (a process mapping it keeps its pages)
+
+
+def _source(copy: Path) -> str | None:
+    """The GGUF file a prepared copy was made from (None: not a copy, or unreadable)."""
+    try:
+        return json.loads((copy / "prepared.json").read_text()).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None
