@@ -71,6 +71,28 @@ INLINE f32x16 exp16(f32x16 x) {
   return p * scale;
 }
 
+// The largest of `start` and row[0 … n), 16 at a time (a scalar max is a chain of
+// dependent instructions, as long as the scores' products).
+INLINE float max_of(const float* row, int64_t n, float start) {
+  f32x16 most = f32x16{} + start;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const f32x16 v = load16(row + i);
+    most = most > v ? most : v;
+  }
+  float top = start;
+  for (int l = 0; l < 16; ++l) top = std::max(top, most[l]);
+  for (; i < n; ++i) top = std::max(top, row[i]);
+  return top;
+}
+
+// e with its lanes for positions i … i + 15 at or past `n` zeroed.
+INLINE f32x16 before(f32x16 e, int64_t i, int64_t n) {
+  const i32x16 lanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const i32x16 keep = lanes < static_cast<int32_t>(std::clamp<int64_t>(n - i, 0, 16));
+  return keep ? e : f32x16{};
+}
+
 constexpr int kMaxHead = 512;  // head dims up to this (multiples of 16)
 
 struct Shapes {
@@ -101,13 +123,11 @@ void head(const Shapes& s, const float* q, const float* kpool, const float* vpoo
       store16(&scores[b * BS + j], acc * scale);
     }
   }
-  float top = scores[0];
-  for (int64_t i = 1; i < n; ++i) top = std::max(top, scores[i]);
+  const float top = max_of(scores.data(), n, scores[0]);
   f32x16 total = {};
   for (int64_t i = 0; i < nb * BS; i += 16) {
-    f32x16 e = exp16(load16(&scores[i]) - top);
-    for (int64_t l = 0; l < 16; ++l)
-      if (i + l >= n) e[l] = 0.0f;  // the last block's positions past the context
+    // (the last block's positions past the context count for nothing)
+    const f32x16 e = before(exp16(load16(&scores[i]) - top), i, n);
     store16(&scores[i], e);
     total += e;
   }
@@ -238,16 +258,12 @@ INLINE void span(const Keys& src, int64_t H, int64_t P, const Query* qs, int64_t
     for (int64_t t = 0; t < TT; ++t) {
       float* row = scores[t];
       const int64_t seen = std::clamp<int64_t>(qs[t].limit - start, 0, n);
-      for (int64_t i = seen; i < ((n + 15) & ~int64_t{15}); ++i) row[i] = kNegInf;
-      float new_top = top[t];
-      for (int64_t i = 0; i < seen; ++i) new_top = std::max(new_top, row[i]);
+      const float new_top = max_of(row, seen, top[t]);
       const float rescale = std::exp(top[t] - new_top);
       top[t] = new_top;
       f32x16 sum = {};
       for (int64_t i = 0; i < n; i += 16) {
-        f32x16 e = exp16(load16(row + i) - new_top);
-        for (int64_t l = 0; l < 16; ++l)
-          if (i + l >= seen) e[l] = 0.0f;
+        const f32x16 e = before(exp16(load16(row + i) - new_top), i, seen);
         store16(row + i, e);
         sum += e;
       }
