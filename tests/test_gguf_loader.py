@@ -140,8 +140,13 @@ def test_the_header_reader_reads_the_default_model_as_gguf_does():
     same_as_gguf_reader(bundled_model_path())
 
 
-def test_a_file_that_is_not_gguf_is_refused(tmp_path):
+def test_a_file_that_is_not_gguf_or_is_cut_short_is_refused(tmp_path):
     path = tmp_path / "not.gguf"
     path.write_bytes(b"GGML" + bytes(60))
     with pytest.raises(ValueError, match="not a little-endian GGUF"):
         GGUFFile(path)
+    whole = write_tiny_gguf(tmp_path, TINY_LLAMA, seed=3).read_bytes()
+    for cut in (20, 200, 2000):  # in the counts, a field, the vocabulary
+        path.write_bytes(whole[:cut])
+        with pytest.raises(ValueError, match="not a readable GGUF file"):
+            GGUFFile(path)
