@@ -14,8 +14,6 @@ of that arithmetic (`integer_reference`) and, against the exact product, to the 
 rounding allows (`rounding_bound`); elsewhere to the exact product.
 """
 
-import threading
-
 import gguf
 import jax
 import jax.numpy as jnp
@@ -36,6 +34,7 @@ from model.nn.quantize import (
     stack_blocks,
 )
 from model.nn.transformer import BLOCKS
+from model.types import Choices
 from model.weights.gguf import load_gguf
 from model.weights.prepared import load_gguf_prepared
 from tests.tiny_models import TINY_LLAMA, write_tiny_gguf
@@ -295,23 +294,21 @@ def test_small_steps_run_once_their_executables_are_there(q8_gguf, unrolled):
     llm.warmup()
     assert small <= set(llm.engine.runnable())
     assert llm.stats().pending_executables == 0
-    # Sent together and long enough that the three streams surely overlap (a step of the
-    # tiny model takes well under a millisecond): a step for each token.
+    # Long enough that the three streams surely overlap (a step of the tiny model takes
+    # well under a millisecond, a step for each token): each is sent as soon as the one
+    # before has its first token, from this thread (threads woken together can still be
+    # scheduled tens of milliseconds apart on a loaded machine), and read to the end after.
     params = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
     prompts = [list(range(5 + i, 20 + 2 * i)) for i in range(3)]
     alone = [llm.generate(p, params).token_ids for p in prompts]
-    together: list = [None] * 3
-    ready = threading.Barrier(3)
-
-    def run(i: int) -> None:
-        ready.wait()
-        together[i] = llm.generate(prompts[i], params).token_ids
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    streams = [llm.stream(p, params) for p in prompts]
+    results = [Choices(1) for _ in prompts]
+    for stream, result in zip(streams, results, strict=True):
+        result.add(next(stream))  # sends the request, waits for its first token
+    for stream, result in zip(streams, results, strict=True):
+        for delta in stream:
+            result.add(delta)
+    together = [result.completions()[0].token_ids for result in results]
     llm.scheduler.stop()
     assert StepShape(4, 0) in llm.scheduler.speculation.timed  # a 4-row step ran
     assert together == alone
