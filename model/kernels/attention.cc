@@ -99,49 +99,80 @@ struct Shapes {
   int64_t K, G, H, BS, MB, blocks;  // kv heads, group, head dim, block size, table width, pool
 };
 
-// One query head of one row: out[H] over the row's positions 0..context.
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-void head(const Shapes& s, const float* q, const float* kpool, const float* vpool,
-          int32_t context, const int32_t* table, int32_t base, int64_t kh, float scale,
-          float* out) {
+constexpr int64_t kGroupTile = 4;  // query heads of one kv head that share each load
+
+// TG query heads of one kv head of one row (q and out [TG, H]), each over the row's
+// positions 0..context. Every key and value vector is loaded once for all TG, so a row's
+// keys cross the memory bus once per kv head, not once per query head.
+template <int TG>
+INLINE void heads(const Shapes& s, const float* q, const float* kpool, const float* vpool,
+                  int32_t context, const int32_t* table, int32_t base, int64_t kh, float scale,
+                  float* out) {
   const int64_t H = s.H, BS = s.BS;
   if (context < 0) {
-    std::fill(out, out + H, 0.0f);
+    std::fill(out, out + TG * H, 0.0f);
     return;
   }
   const int64_t n = std::min<int64_t>(int64_t{context} + 1, s.MB * BS), nb = (n + BS - 1) / BS;
+  const int64_t width = nb * BS;  // one query's scores
   thread_local std::vector<float> scores;
-  scores.resize(nb * BS);
+  scores.resize(TG * width);
   auto block = [&](int64_t b) {  // the pool block behind table entry b (clamped, as XLA's gather)
     return std::clamp<int64_t>(int64_t{table[b]} + base, 0, s.blocks - 1);
   };
   for (int64_t b = 0; b < nb; ++b) {
     const float* kb = kpool + (block(b) * s.K + kh) * H * BS;  // [H, BS]
     for (int64_t j = 0; j < BS; j += 16) {
-      f32x16 acc = {};
-      for (int64_t h = 0; h < H; ++h) acc += q[h] * load16(kb + h * BS + j);
-      store16(&scores[b * BS + j], acc * scale);
+      f32x16 acc[TG] = {};
+      for (int64_t h = 0; h < H; ++h) {
+        const f32x16 key = load16(kb + h * BS + j);
+        for (int g = 0; g < TG; ++g) acc[g] += q[g * H + h] * key;
+      }
+      for (int g = 0; g < TG; ++g) store16(&scores[g * width + b * BS + j], acc[g] * scale);
     }
   }
-  const float top = max_of(scores.data(), n, scores[0]);
-  f32x16 total = {};
-  for (int64_t i = 0; i < nb * BS; i += 16) {
-    // (the last block's positions past the context count for nothing)
-    const f32x16 e = before(exp16(load16(&scores[i]) - top), i, n);
-    store16(&scores[i], e);
-    total += e;
+  float sum[TG];
+  for (int g = 0; g < TG; ++g) {
+    float* row = &scores[g * width];
+    const float top = max_of(row, n, row[0]);
+    f32x16 total = {};
+    for (int64_t i = 0; i < width; i += 16) {
+      // (the last block's positions past the context count for nothing)
+      const f32x16 e = before(exp16(load16(row + i) - top), i, n);
+      store16(row + i, e);
+      total += e;
+    }
+    sum[g] = 0;
+    for (int l = 0; l < 16; ++l) sum[g] += total[l];
   }
-  float sum = 0;
-  for (int l = 0; l < 16; ++l) sum += total[l];
-  f32x16 acc[kMaxHead / 16] = {};
-  for (int64_t b = 0; b < nb; ++b) {
-    const float* vb = vpool + (block(b) * s.K + kh) * BS * H;  // [BS, H]
-    for (int64_t p = 0; p < std::min(BS, n - b * BS); ++p) {
-      float w = scores[b * BS + p];
-      for (int64_t v = 0; v < H / 16; ++v) acc[v] += w * load16(vb + p * H + 16 * v);
+  for (int64_t v = 0; v < H / 16; ++v) {  // values: one feature slice of every query at once
+    f32x16 acc[TG] = {};
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* vb = vpool + (block(b) * s.K + kh) * BS * H;  // [BS, H]
+      for (int64_t p = 0; p < std::min(BS, n - b * BS); ++p) {
+        const f32x16 value = load16(vb + p * H + 16 * v);
+        for (int g = 0; g < TG; ++g) acc[g] += scores[g * width + b * BS + p] * value;
+      }
+    }
+    for (int g = 0; g < TG; ++g) store16(out + g * H + 16 * v, acc[g] / sum[g]);
+  }
+}
+
+// The G query heads of kv head kh of one row, kGroupTile at a time.
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+void group(const Shapes& s, const float* q, const float* kpool, const float* vpool,
+           int32_t context, const int32_t* table, int32_t base, int64_t kh, float scale,
+           float* out) {
+  for (int64_t g = 0; g < s.G; g += kGroupTile) {
+    const float* qg = q + g * s.H;
+    float* og = out + g * s.H;
+    switch (std::min(kGroupTile, s.G - g)) {
+      case 1: heads<1>(s, qg, kpool, vpool, context, table, base, kh, scale, og); break;
+      case 2: heads<2>(s, qg, kpool, vpool, context, table, base, kh, scale, og); break;
+      case 3: heads<3>(s, qg, kpool, vpool, context, table, base, kh, scale, og); break;
+      default: heads<4>(s, qg, kpool, vpool, context, table, base, kh, scale, og); break;
     }
   }
-  for (int64_t v = 0; v < H / 16; ++v) store16(out + 16 * v, acc[v] / sum);
 }
 
 ffi::Error DecodeAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
@@ -165,16 +196,15 @@ ffi::Error DecodeAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
   const int32_t *cp = context.typed_data(), *tp = tables.typed_data();
   const int32_t b0 = base.typed_data()[0];
   float* op = out->typed_data();
-  const int64_t heads = R * s.K * s.G;  // one task per (row, kv head, query head)
   int64_t work = 0;
   for (int64_t r = 0; r < R; ++r) work += std::max(0, cp[r] + 1);
   int parts = threads > 0 ? static_cast<int>(threads) : jaxchat::Workers::get().size();
   // Below about 8k positions·heads the work is shorter than waking another thread.
   if (work * s.K * s.G < 8192) parts = 1;
-  jaxchat::Workers::get().run(heads, parts, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t r = i / (s.K * s.G), kh = i / s.G % s.K;
-      head(s, qp + i * s.H, kp, vp, cp[r], tp + r * s.MB, b0, kh, scale, op + i * s.H);
+  jaxchat::Workers::get().run(R * s.K, parts, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {  // (row, kv head): its G query heads
+      const int64_t r = i / s.K, kh = i % s.K, at = i * s.G * s.H;
+      group(s, qp + at, kp, vp, cp[r], tp + r * s.MB, b0, kh, scale, op + at);
     }
   });
   return ffi::Error::Success();
