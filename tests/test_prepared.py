@@ -157,8 +157,14 @@ def test_the_copy_is_mapped_not_read(tiny_gguf, tmp_path):
 MATMULS = [("layers_0", "attn", "qkv"), ("layers_1", "mlp", "gate_up"), ("lm_head",)]
 
 
+def one_device() -> Mesh:
+    return Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+
+
 @pytest.mark.parametrize("fresh", [True, False])
-def test_weights_kept_as_blocks_have_no_f32_copy_until_a_step_needs_one(q4_gguf, tmp_path, fresh):
+def test_weights_kept_as_blocks_have_no_f32_copy_until_a_step_needs_one(
+    q4_gguf, tmp_path, fresh, monkeypatch
+):
     """Prepared (fresh, or read from the copy), the matmul weights are blocks only; an
     engine without the kernels gets them dequantised: exactly the GGUF's f32 weights."""
     _, reference, _ = load_gguf(q4_gguf, jnp.float32)
@@ -168,11 +174,8 @@ def test_weights_kept_as_blocks_have_no_f32_copy_until_a_step_needs_one(q4_gguf,
     flat, kept = flatten_dict(params), flatten_dict(blocks)
     assert all(path in kept and path not in flat for path in MATMULS)
     assert ("embed", "embedding") in flat  # the lookup reads f32 rows
-    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
-    no_kernels = pytest.MonkeyPatch.context()
-    with no_kernels as patch:
-        patch.setenv("JAXCHAT_QUANTIZED_KERNEL", "off")
-        dense, placed, digest = split_blocks(params, blocks, mesh, config, jnp.float32)
+    monkeypatch.setenv("JAXCHAT_QUANTIZED_KERNEL", "off")
+    dense, placed, digest = split_blocks(params, blocks, one_device(), config, jnp.float32)
     assert placed == {} and digest is None
     assert_same_params(dense, reference)
 
@@ -187,8 +190,7 @@ def test_a_weight_not_stacked_as_blocks_in_every_layer_is_dequantised(q4_gguf, t
     qkv = reference["layers_1"]["attn"]["qkv"]
     params["layers_1"]["attn"] = {"qkv": np.asarray(qkv)}  # as a loader leaves a format
     del blocks["layers_1"]["attn"]["qkv"]  # the kernels do not read
-    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
-    rest, placed, digest = split_blocks(params, blocks, mesh, config, jnp.float32)
+    rest, placed, digest = split_blocks(params, blocks, one_device(), config, jnp.float32)
     assert digest is not None
     moved = flatten_dict(placed[BLOCKS])
     assert (LAYER_BLOCKS, "mlp", "gate_up") in moved and ("lm_head",) in moved

@@ -70,8 +70,9 @@ def build(compiler: str | None = None) -> Path:
             subprocess.Popen([compiler, *FLAGS, "-isystem", include, "-c", str(path), "-o", obj])
             for path, obj in zip(SOURCES, objects, strict=True)
         ]
-        for job in [job for job in jobs if job.wait() != 0]:
-            raise subprocess.CalledProcessError(job.returncode, job.args)
+        failed = [job for job in jobs if job.wait() != 0]  # (waits for every one)
+        if failed:
+            raise subprocess.CalledProcessError(failed[0].returncode, failed[0].args)
         out = Path(tmp) / target.name
         subprocess.run([compiler, "-shared", *objects, "-o", str(out)], check=True)
         for stale in HERE.glob("_*.so"):
