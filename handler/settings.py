@@ -140,6 +140,12 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(default=1 << 20, ge=1024)
     """Largest request body accepted, in bytes; larger bodies get 413."""
 
+    keep_alive: int = Field(default=620, ge=1)
+    """Seconds an idle connection stays open for the client's next request. Longer
+    than the clients' own pools keep one (httpx, under the openai SDK: 5 s) and than
+    Google Cloud load balancers' 600 s, so the client always closes first and never
+    sends a request on a connection the server is closing."""
+
     vertex_predict_route: str | None = Field(default=None, validation_alias="AIP_PREDICT_ROUTE")
     """Vertex AI's predict route (it sets `AIP_PREDICT_ROUTE` in a custom container):
     `{"instances": [...], "parameters": {...}}` answered with `{"predictions": [...]}`."""

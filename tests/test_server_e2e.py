@@ -6,7 +6,9 @@ and greedy replies come from the Hugging Face reference
 (tests/fixtures/smollm2_golden.json), not from jaxchat.
 """
 
+import http.client
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -276,3 +278,24 @@ def test_a_body_sent_as_text_plain_is_400(client, base_url):
         assert response.json()["error"]["code"] == "invalid_content_type"
     text, finishes, _ = stream(client, CAPITAL, temperature=0)
     assert (text, finishes) == (CAPITAL_REPLY, ["stop"])
+
+
+def test_an_idle_connection_stays_open_longer_than_client_pools_keep_it(base_url):
+    # httpx (the openai SDK's client) reuses a pooled connection idle up to 5 s. Were
+    # the server to close idle connections sooner (gunicorn's default: 2 s), a request
+    # could go out on one it is closing: "Server disconnected without sending a response".
+    host, port = base_url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        statuses = []
+        for pause in (6, 0):  # 6 s: longer than httpx's pool keeps a connection
+            connection.request("GET", "/health")
+            response = connection.getresponse()
+            response.read()
+            statuses.append((response.status, connection.sock.getsockname()))
+            time.sleep(pause)
+        # Both answered, on the one socket: the server kept it open while it idled.
+        [(first, socket), (second, same)] = statuses
+        assert (first, second, same) == (200, 200, socket)
+    finally:
+        connection.close()
