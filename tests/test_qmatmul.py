@@ -8,10 +8,11 @@ takes them 8 at a time, with a remainder; past 8, 32 at a time as a small GEMM, 
 remainder of up to 16 or up to 32), threads on and off.
 
 Up to 8 rows, the formats with blocks of 32 values (Q8_0, Q4_0, Q4_1) take an integer
-path where the CPU has AVX2 (with AVX-512, a wider one; the library says which products
-do): x rounded to 16 bits per block of 32. There the kernel is held to NumPy's rendering
-of that arithmetic (`integer_reference`) and, against the exact product, to the bound that
-rounding allows (`rounding_bound`); elsewhere to the exact product.
+path where the CPU has AVX2 (with AVX-512, a wider one), and past 8 rows so do the columns
+the caller marks as decode rows where the CPU has AVX-512 VNNI (int_gemm.cc; the library
+says which products do): x rounded to 16 bits per block of 32. There the kernel is held to
+NumPy's rendering of that arithmetic (`integer_reference`) and, against the exact product,
+to the bound that rounding allows (`rounding_bound`); elsewhere to the exact product.
 """
 
 import gguf
@@ -74,6 +75,16 @@ def integer_path(name: str, t: int) -> bool:
     return taken
 
 
+def rounded_columns(name: str, t: int, decode: int) -> np.ndarray:
+    """Which of t columns the kernel rounds, the first `decode` marked as decode rows:
+    all or none up to 8 rows; past 8, the decode rows where the CPU has AVX-512 VNNI."""
+    if t <= 8:
+        return np.full(t, integer_path(name, t))
+    gemm = kernels.int_gemm_path(GGMLQuantizationType[name].value)
+    assert not gemm or name in INTEGER_FORMATS
+    return np.arange(t) < (decode if gemm else 0)
+
+
 def integer_reference(name: str, data: np.ndarray, w: np.ndarray, x: np.ndarray) -> np.ndarray:
     """w [N, K] @ x [T, K].T as the integer path computes it (qmatmul.cc): each block of
     32 values of x rounded to a multiple of max|x| / 32767 (f32 arithmetic, ties to even),
@@ -105,9 +116,12 @@ def rounding_bound(w: np.ndarray, x: np.ndarray) -> np.ndarray:
     return 2 * 32 * wmax @ xmax.T / 65534
 
 
-def qmatmul(blocks, x, kind, threads: int, layer: int = 0, used: int | None = None) -> np.ndarray:
+def qmatmul(
+    blocks, x, kind, threads: int, layer: int = 0, used: int | None = None, decode: int = 0
+) -> np.ndarray:
     """The kernel's y [N, T] for blocks [N, bytes] (or stacked [L, N, bytes] with a kind
-    per layer) and x [T, K] (its first `used` rows real), through jax.ffi."""
+    per layer) and x [T, K] (its first `used` rows real, the first `decode` of them decode
+    rows), through jax.ffi."""
     stacked = blocks.ndim == 3
     blocks = blocks if stacked else blocks[None]
     kinds = np.asarray(kind if stacked else [kind], np.int32)
@@ -115,22 +129,27 @@ def qmatmul(blocks, x, kind, threads: int, layer: int = 0, used: int | None = No
     call = jax.ffi.ffi_call(QMATMUL_TARGET, out)
     x_km = np.ascontiguousarray(x.T)  # the kernel takes x feature-major, [K, T]
     columns = np.int32(x.shape[0] if used is None else used)
+    if decode:
+        columns = np.asarray([columns, decode], np.int32)
     y = call(blocks, kinds, np.int32(layer), columns, x_km, threads=np.int64(threads))
     return np.asarray(y)
 
 
 @pytest.mark.parametrize("t", [5, 40, 100])
-def test_only_the_used_columns_are_multiplied_the_rest_are_zero(t):
+@pytest.mark.parametrize("decode", ["none", "some", "all"])
+def test_only_the_used_columns_are_multiplied_the_rest_are_zero(t, decode):
     """A step's padding (past its last real token) is not multiplied: those columns of y
-    are zero, whatever x holds there (NaN too), and the others are the full product's."""
+    are zero, whatever x holds there (NaN too), and the others are the full product's
+    (with decode rows first: none, 7 of them, or every real column)."""
     rng = np.random.default_rng(17)
     data = random_blocks("Q4_1", 50, 256, rng)
     x = rng.standard_normal((t, 256)).astype(np.float32)
-    full = qmatmul(data, x, 3, 0)
+    rows = {"none": 0, "some": 7, "all": t}[decode]
+    full = qmatmul(data, x, 3, 0, decode=rows)
     for used in (0, 1, t // 2, t - 1, t, t + 7):
         padded = x.copy()
         padded[used:] = np.nan
-        y = qmatmul(data, padded, 3, 0, used=used)
+        y = qmatmul(data, padded, 3, 0, used=used, decode=min(rows, used))
         real = min(used, t)
         assert np.array_equal(y[:, :real], full[:, :real]), used
         assert not y[:, real:].any(), used
@@ -147,15 +166,18 @@ def test_block_formats_match_numpy(name, threads):
         w = gguf.quants.dequantize(data, GGMLQuantizationType[name]).reshape(n, k)
         for t in ROWS:
             x = rng.standard_normal((t, k)).astype(np.float32)
-            y = qmatmul(data, x, BLOCK_FORMATS[name][0], threads)
+            decode = 2 * t // 3  # past 8 rows: the first two thirds are decode rows
+            y = qmatmul(data, x, BLOCK_FORMATS[name][0], threads, decode=decode)
             ref = w.astype(np.float64) @ x.astype(np.float64).T
             scale = np.abs(w).sum(axis=1, keepdims=True) * np.abs(x).max() + 1e-6
-            if integer_path(name, t):
-                emulated = integer_reference(name, data, w, x)
-                assert np.abs(y - emulated).max() <= 1e-7 * scale.max(), (n, k, t)
-                assert (np.abs(y - ref) <= rounding_bound(w, x) + 2e-6 * scale).all()
-            else:
-                assert np.abs(y - ref).max(initial=0) <= 2e-6 * scale.max(), (n, k, t)
+            rounded = rounded_columns(name, t, decode)
+            if rounded.any():
+                emulated = integer_reference(name, data, w, x)[:, rounded]
+                assert np.abs(y[:, rounded] - emulated).max() <= 1e-7 * scale.max(), (n, k, t)
+                bound = rounding_bound(w, x)[:, rounded] + 2e-6 * scale
+                assert (np.abs(y - ref)[:, rounded] <= bound).all()
+            exact = np.abs(y - ref)[:, ~rounded]
+            assert exact.max(initial=0) <= 2e-6 * scale.max(), (n, k, t)
 
 
 @pytest.mark.parametrize("threads", [1, 0])
@@ -179,9 +201,10 @@ def test_threads_and_one_thread_agree_exactly():
     """Rows are split among threads, never the sum of one output: same bits either way."""
     rng = np.random.default_rng(5)
     data = random_blocks("Q4_1", 999, 256, rng)
-    for t in (1, 5, 40):
+    for t, decode in ((1, 0), (5, 0), (40, 0), (40, 33)):
         x = rng.standard_normal((t, 256)).astype(np.float32)
-        assert np.array_equal(qmatmul(data, x, 3, 1), qmatmul(data, x, 3, 0))
+        one = qmatmul(data, x, 3, 1, decode=decode)
+        assert np.array_equal(one, qmatmul(data, x, 3, 0, decode=decode))
 
 
 @pytest.mark.parametrize("t", [1, 8, 40])

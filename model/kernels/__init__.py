@@ -3,7 +3,8 @@
 - the quantized matrix product (qmatmul.cc), which reads weights in GGUF's block
   formats or jaxchat's int8 rows and expands them in registers, so a decode step
   streams 4-8 bits per weight instead of 32, and a many-row step expands each weight
-  once for all rows (model/nn/quantize.py's `BlockWeight`);
+  once for all rows (model/nn/quantize.py's `BlockWeight`); with AVX-512 VNNI, a
+  many-row step's decode rows multiply 16-bit integers (int_gemm.cc);
 - attention over the paged pool (attention.cc): decode rows, and a prefill region's
   queries over the positions already in the pool, read the blocks in place instead of
   gathering them into new arrays (model/nn/attention.py);
@@ -36,8 +37,8 @@ from model.nn.quantize import QMATMUL_TARGET
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "qmatmul.cc", HERE / "attention.cc", HERE / "pool.cc")
-HEADERS = (HERE / "workers.h",)
+SOURCES = (HERE / "qmatmul.cc", HERE / "int_gemm.cc", HERE / "attention.cc", HERE / "pool.cc")
+HEADERS = (HERE / "workers.h", HERE / "int_gemm.h")
 # GCC's global CSE passes take most of -O3's time on these unrolled loops (qmatmul.cc:
 # 37 s, 17 s without them) and gain nothing measurable in the kernels' speed.
 OPTIMIZE = ("-O3", "-fno-gcse", "-fno-gcse-after-reload")
@@ -97,6 +98,17 @@ def integer_path(kind: int, rows: int) -> bool:
         return False
     lib.JaxchatIntegerPath.argtypes = (ctypes.c_int64, ctypes.c_int64)
     return bool(lib.JaxchatIntegerPath(kind, rows))
+
+
+def int_gemm_path(kind: int) -> bool:
+    """Whether a product of more than 8 rows rounds its decode rows' x to 16-bit integers
+    for weights of GGML type `kind` on this CPU (int_gemm.cc: AVX-512 VNNI; blocks of 32
+    values only). Its prompt tokens are multiplied in f32."""
+    lib = library()
+    if lib is None:
+        return False
+    lib.JaxchatIntGemm.argtypes = (ctypes.c_int64,)
+    return bool(lib.JaxchatIntGemm(kind))
 
 
 @cache

@@ -3,7 +3,8 @@
 //   y[N, T] = W[layer][N, K] @ x[K, T]
 //
 // computed for x's first `used` columns only (a step's real tokens; the rest of a step's
-// fixed shape is padding), y's other columns zero.
+// fixed shape is padding), y's other columns zero. `used` may also say how many of those
+// come first as decode rows (the rest are prompt tokens): [used, decode].
 // W is read as shipped: each row is a run of blocks in one of GGUF's formats (Q8_0, Q4_0,
 // Q4_1, Q4_K, Q6_K) or jaxchat's int8 rows (an f32 scale, then K int8 values). W holds the
 // same matrix of every layer, [L, N, bytes], each layer in its own format (`kinds`; rows
@@ -14,8 +15,10 @@
 // to 8 rows at once, so they cross the memory bus once per 8 rows as 4-8 bits, not 32.
 // Blocks of 32 values (Q8_0, Q4_0, Q4_1) are multiplied as integers, with x rounded to
 // 16 bits per block of 32 (`int_rows` on AVX2, `int_rows512` on AVX-512); the other
-// formats are expanded to f32 in registers (`rows`). For more rows (batched decode, prefill), a panel of weight rows is
-// expanded once and multiplied as a small GEMM in f32 (`panels`).
+// formats are expanded to f32 in registers (`rows`). For more rows (batched decode,
+// prefill), a panel of weight rows is expanded once and multiplied as a small GEMM: the
+// decode rows in 16-bit integers for the 32-value formats where the CPU has AVX-512 VNNI
+// (int_gemm.cc), the prompt tokens in f32 (`panels`).
 //
 // The f32 arithmetic is written with GCC's vector extensions; `target_clones` compiles its
 // loops for AVX-512, AVX2 and plain x86-64, and the loader picks one when the library is
@@ -30,6 +33,7 @@
 #include <string>
 #include <vector>
 
+#include "int_gemm.h"
 #include "workers.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -465,12 +469,12 @@ INLINE void panel_product(const float* panel, const float* x, int64_t ldx, int64
     std::memcpy(y + j * ldy, acc[j], sizeof(float) * std::min<int64_t>(columns, 16 * V));
 }
 
-// Panels [p0, p1) of W against the first U columns of x, packed as [U / 32 chunks][K][32]
+// Panels [p0, p1) of W against columns [D, U) of x, packed as [(U - D) / 32 chunks][K][32]
 // (the last chunk padded with zeros), into y [N, T], its columns from U on zero. Rows past
 // N (the last panel) are computed from zeros and not stored.
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 void panels(int64_t kind, const uint8_t* w, int64_t row_bytes, int64_t N, const float* packed,
-            int64_t T, int64_t U, int64_t K, float* y, int64_t p0, int64_t p1) {
+            int64_t T, int64_t D, int64_t U, int64_t K, float* y, int64_t p0, int64_t p1) {
   thread_local std::vector<float> panel, out;
   panel.resize(kPanel * K);
   out.resize(kPanel * kColumns);
@@ -487,8 +491,8 @@ void panels(int64_t kind, const uint8_t* w, int64_t row_bytes, int64_t N, const 
       std::fill(y + (n0 + j) * T + U, y + (n0 + j + 1) * T, 0.0f);
     // Whole panels store straight into y; the last one through `out`.
     bool whole = rows_here == kPanel;
-    for (int64_t t0 = 0; t0 < U; t0 += kColumns) {
-      const float* xs = packed + t0 * K;
+    for (int64_t t0 = D; t0 < U; t0 += kColumns) {
+      const float* xs = packed + (t0 - D) * K;
       int64_t columns = std::min<int64_t>(kColumns, U - t0);
       float* ys = whole ? y + n0 * T + t0 : out.data();
       int64_t ldy = whole ? T : kColumns;
@@ -504,14 +508,14 @@ void panels(int64_t kind, const uint8_t* w, int64_t row_bytes, int64_t N, const 
   }
 }
 
-// Chunks [c0, c1) of x [K, T]'s first U columns packed as `panels` reads them: 32 columns
+// Chunks [c0, c1) of x [K, T]'s columns [D, U) packed as `panels` reads them: 32 columns
 // of every k in a row of 128 bytes, so the product streams them in order, whatever T's
 // alignment.
-void pack(const float* x, int64_t K, int64_t T, int64_t U, float* packed, int64_t c0,
-          int64_t c1) {
+void pack(const float* x, int64_t K, int64_t T, int64_t D, int64_t U, float* packed,
+          int64_t c0, int64_t c1) {
   for (int64_t c = c0; c < c1; ++c) {
-    int64_t t0 = c * kColumns, columns = std::min<int64_t>(kColumns, U - t0);
-    float* to = packed + t0 * K;
+    int64_t t0 = D + c * kColumns, columns = std::min<int64_t>(kColumns, U - t0);
+    float* to = packed + c * kColumns * K;
     for (int64_t k = 0; k < K; ++k) {
       std::memcpy(to + k * kColumns, x + k * T + t0, sizeof(float) * columns);
       std::fill(to + k * kColumns + columns, to + (k + 1) * kColumns, 0.0f);
@@ -655,10 +659,11 @@ ffi::Error QMatmulImpl(ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::S32> kinds,
                        ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y, int64_t threads) {
   auto wd = w.dimensions(), xd = x.dimensions(), yd = y->dimensions();
   if (wd.size() != 3 || kinds.element_count() != static_cast<size_t>(wd[0]) ||
-      layer.element_count() != 1 || used.element_count() != 1 || xd.size() != 2 ||
+      layer.element_count() != 1 || used.element_count() < 1 || used.element_count() > 2 ||
+      xd.size() != 2 ||
       yd.size() != 2)
     return ffi::Error::InvalidArgument(
-        "qmatmul: W [L, N, bytes], kinds [L], layer [], used [], x [K, T] and y [N, T]");
+        "qmatmul: W [L, N, bytes], kinds [L], layer [], used [] or [2], x [K, T] and y [N, T]");
   int64_t L = wd[0], N = wd[1], stride = wd[2], K = xd[0], T = xd[1];
   for (int64_t i = 0; i < L; ++i) {
     int64_t kind = kinds.typed_data()[i], bytes = row_bytes_of(kind, K);
@@ -676,6 +681,9 @@ ffi::Error QMatmulImpl(ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::S32> kinds,
   float* yp = y->typed_data();
   // Only the first U columns of x are real (the rest padding): their products alone.
   int64_t U = std::clamp<int64_t>(used.typed_data()[0], 0, T);
+  // x's first `decode` columns are decode rows (the rest prompt tokens).
+  int64_t decode = 0;
+  if (used.element_count() > 1) decode = std::clamp<int64_t>(used.typed_data()[1], 0, U);
   int parts = threads > 0 ? static_cast<int>(threads) : jaxchat::Workers::get().size();
   // Below about 64k weights a product is faster than waking another thread.
   if (N * K < 65536) parts = 1;
@@ -711,14 +719,23 @@ ffi::Error QMatmulImpl(ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::S32> kinds,
     });
     return ffi::Error::Success();
   }
-  int64_t chunks = (U + kColumns - 1) / kColumns;
+  // The decode rows first, as integers where the CPU has VNNI; then the prompt tokens in
+  // f32, so that a prompt's logits do not depend on how it was cut into chunks (rounding
+  // turns the chunks' different f32 sums into steps of 1/32767 of a block's largest).
+  const int64_t D = jaxchat::int_gemm_path(kind) ? decode : 0;
+  if (D > 0) jaxchat::int_gemm(kind, wp, row_bytes, N, xp, T, D, K, yp, parts);
+  if (D == U) {
+    for (int64_t n = 0; n < N; ++n) std::fill(yp + n * T + U, yp + (n + 1) * T, 0.0f);
+    return ffi::Error::Success();
+  }
+  int64_t chunks = (U - D + kColumns - 1) / kColumns;
   staged.resize(chunks * kColumns * K);
   float* packed = staged.data();  // (a thread_local: each worker has its own `staged`)
   jaxchat::Workers::get().run(chunks, parts, [&](int64_t c0, int64_t c1) {
-    pack(xp, K, T, U, packed, c0, c1);
+    pack(xp, K, T, D, U, packed, c0, c1);
   });
   jaxchat::Workers::get().run((N + kPanel - 1) / kPanel, parts, [&](int64_t p0, int64_t p1) {
-    panels(kind, wp, row_bytes, N, packed, T, U, K, yp, p0, p1);
+    panels(kind, wp, row_bytes, N, packed, T, D, U, K, yp, p0, p1);
   });
   return ffi::Error::Success();
 }
@@ -730,6 +747,9 @@ ffi::Error QMatmulImpl(ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::S32> kinds,
 extern "C" int JaxchatIntegerPath(int64_t kind, int64_t rows) {
   return rows <= kFewRows && integer_path(kind);
 }
+
+// Whether a product of more rows rounds its decode rows' x to 16-bit integers.
+extern "C" int JaxchatIntGemm(int64_t kind) { return jaxchat::int_gemm_path(kind); }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchatQMatmul, QMatmulImpl,
                               ffi::Ffi::Bind()

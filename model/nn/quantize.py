@@ -94,7 +94,9 @@ def project(
 ) -> jax.Array:
     """w [out, in] @ x [in, T] → [out, T]; a BlockWeight through the quantized kernel
     (a stacked one: layer `layer`'s, read in place), which computes only x's first `used`
-    columns (a traced count; None: all) and gives zeros for the rest."""
+    columns (a traced count; None: all) and gives zeros for the rest. `used` may be
+    [count, decode rows]: x's first columns that are decode rows, whose products the kernel
+    may take in integers (model/kernels/int_gemm.cc); the others' stay f32 past 8 rows."""
     if isinstance(w, BlockWeight):
         stacked = isinstance(w.kind, tuple)
         blocks = w.blocks if stacked else w.blocks[None]

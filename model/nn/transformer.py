@@ -173,7 +173,9 @@ class Block(nn.Module):
     def __call__(self, carry, layer, layout: Layout, blocks: LayerBlocks):
         c = self.config
         x, pool = carry
-        used = layout.used()  # the quantized kernel multiplies no padding past it
+        # The quantized kernel multiplies no padding past the last real token, and may
+        # round the decode rows' x (the first R columns), never the prompt tokens'.
+        used = jnp.stack([layout.used(), jnp.asarray(layout.rows, jnp.int32)])
         h, pool = Attention(c, self.dtype, self.kernel, name="attn")(
             RMSNorm(c.norm_eps, self.dtype, name="attn_norm")(x),
             layout,
