@@ -240,11 +240,12 @@ class Transformer(nn.Module):
         x, pool = carry
         return self.final_norm(x), pool
 
-    def logits(self, hidden: jax.Array) -> jax.Array:
-        """hidden [D, ...] → logits [..., V] in f32."""
+    def logits(self, hidden: jax.Array, used=None) -> jax.Array:
+        """hidden [D, ...] → logits [..., V] in f32. `used`: what `project` takes, for
+        the quantized head (the dense head computes every row)."""
         if self.has_variable(BLOCKS, "lm_head"):  # the head as blocks (tied or not)
             flat = hidden.reshape(hidden.shape[0], -1)
-            out = project(self.get_variable(BLOCKS, "lm_head"), flat, self.dtype)
+            out = project(self.get_variable(BLOCKS, "lm_head"), flat, self.dtype, used=used)
             return jnp.moveaxis(out.reshape(-1, *hidden.shape[1:]), 0, -1).astype(jnp.float32)
         tied = self.config.tie_embeddings
         head = self.embed.embedding if tied else dense(self.lm_head, self.dtype)  # [V, D]
@@ -285,9 +286,10 @@ def apply_step(
     return cast(tuple[jax.Array, Pool | None], model.apply(variables(params), tokens, layout, pool))
 
 
-def apply_logits(model: Transformer, params: Params, hidden: jax.Array) -> jax.Array:
-    """`model`'s logits [..., V] (f32) of hidden states [D, ...]."""
-    return cast(jax.Array, model.apply(variables(params), hidden, method=Transformer.logits))
+def apply_logits(model: Transformer, params: Params, hidden: jax.Array, used=None) -> jax.Array:
+    """`model`'s logits [..., V] (f32) of hidden states [D, ...] (`used`: see `project`)."""
+    logits = model.apply(variables(params), hidden, used, method=Transformer.logits)
+    return cast(jax.Array, logits)
 
 
 def variables(params: Params) -> dict[str, Any]:
