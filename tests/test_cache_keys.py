@@ -113,7 +113,9 @@ def test_an_edit_to_traced_code_in_a_nested_module_compiles_again(tree, tiny_ggu
         from model.probe.flip import sign as _sign
 
         _logits = Transformer.logits
-        Transformer.logits = lambda self, hidden: _sign.SIGN * _logits(self, hidden)
+        Transformer.logits = lambda self, hidden, used=None: (
+            _sign.SIGN * _logits(self, hidden, used)
+        )
         """,
     )
     flipped = run(tree, SERVE_ONE, str(tiny_gguf), cache)

@@ -265,10 +265,7 @@ class Engine:
         hidden, pool = apply_step(model, params, tokens, plan.layout, state.pool)
         assert pool is not None  # a step with a pool returns it
         chosen = hidden[:, plan.sample_from]  # [D, R]
-        # The quantized head multiplies the rows up to the last that serves a slot, each
-        # one token's logits, as decode rows (which it may round; never a prompt's pass).
-        served = jnp.max(jnp.where(slots < self.batch, jnp.arange(1, r + 1), 0), initial=0)
-        logits = apply_logits(model, params, chosen, jnp.stack([served, served]))
+        logits = apply_logits(model, params, chosen, plan.head_rows(self.batch))
         sampling, newest, out = sample_rows(state, newest, logits, plan, self.batch)
         state = EngineState(pool, newest, sampling)
         # Embeddings: each prompt chunk's hidden states summed (padding's segment, -1, drops).

@@ -60,6 +60,14 @@ class StepPlan(flax.struct.PyTreeNode):
         jax.Array, the type the fields carry."""
         return cls(layout=layout, **cast(dict[str, jax.Array], arrays))
 
+    def head_rows(self, batch: int) -> jax.Array:
+        """What the quantized head multiplies of the R rows (`project`'s `used`): the rows
+        up to the last that serves a slot (`batch`: none), each one token's logits, as
+        decode rows (which it may round; never a prompt's pass)."""
+        rows = jnp.arange(1, self.slots.shape[0] + 1)
+        served = jnp.max(jnp.where(self.slots < batch, rows, 0), initial=0)
+        return jnp.stack([served, served])
+
 
 class StepOutputs(flax.struct.PyTreeNode):
     """Per row r: the sampled token and its log-probability, and the most likely
