@@ -20,15 +20,14 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <cstring>
 #include <vector>
 
+#include "int_blocks.h"
 #include "workers.h"
 
 namespace jaxchat {
 namespace {
 
-constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8;  // GGML's type ids
 constexpr int kRows = 6;       // weight rows per panel
 constexpr int kColumns = 32;   // columns of x per chunk: two vectors of 16
 
@@ -37,10 +36,6 @@ constexpr int kColumns = 32;   // columns of x per chunk: two vectors of 16
 // GCC 12's AVX-512 headers pass undefined vectors as the unused merge operand of unmasked
 // instructions, which -Wall reports as maybe uninitialized.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-
-constexpr int64_t block_bytes(int64_t kind) {
-  return kind == kQ8_0 ? 34 : kind == kQ4_1 ? 20 : 18;
-}
 
 // The first `columns` of 16 lanes.
 VNNI INLINE __mmask16 first(int64_t columns) {
@@ -87,23 +82,7 @@ VNNI void quantize_chunk(const float* x, int64_t K, int64_t T, int64_t U, int64_
 template <int64_t Kind>
 VNNI void expand_row(const uint8_t* row, int64_t K, int32_t* pairs, float* d, float* m) {
   for (int64_t b = 0; b < K / 32; ++b) {
-    const uint8_t* block = row + b * block_bytes(Kind);
-    uint32_t halves;
-    std::memcpy(&halves, block, 4);
-    const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(halves)));
-    d[b] = _mm_cvtss_f32(dm);
-    m[b] = Kind == kQ4_1 ? _mm_cvtss_f32(_mm_movehdup_ps(dm)) : 0.0f;
-    __m512i w;
-    if constexpr (Kind == kQ8_0) {
-      w = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 2)));
-    } else {  // values 0-15 in the low nibbles, 16-31 in the high ones
-      const __m128i nibbles =
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + (Kind == kQ4_1 ? 4 : 2)));
-      const __m128i low = _mm_set1_epi8(15);
-      w = _mm512_cvtepu8_epi16(_mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(nibbles, 4), low),
-                                                _mm_and_si128(nibbles, low)));
-      if constexpr (Kind == kQ4_0) w = _mm512_sub_epi16(w, _mm512_set1_epi16(8));
-    }
+    const __m512i w = int_block512<Kind>(row + b * kIntBytes<Kind>, d + b, m + b);
     _mm512_storeu_si512(pairs + 16 * b, w);
   }
 }

@@ -33,6 +33,7 @@
 #include <string>
 #include <vector>
 
+#include "int_blocks.h"
 #include "int_gemm.h"
 #include "workers.h"
 #include "xla/ffi/api/ffi.h"
@@ -327,8 +328,7 @@ AVX2 INLINE float sum8(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-template <int64_t Kind>
-constexpr int64_t kIntBytes = Kind == kQ8_0 ? Q8_0::kBytes : Kind == kQ4_1 ? Q4_1::kBytes : Q4_0::kBytes;
+using jaxchat::kIntBytes;
 
 // Block b of one weight row times TT rows of x, added to acc[t] and offsets[t].
 template <int64_t Kind, int TT>
@@ -538,28 +538,6 @@ bool wide_integer_path(int64_t kind) {
   return avx512 && integer_path(kind);
 }
 
-// A block's 32 weights fill one register, so a block's product with a row of x is one
-// vpmaddwd, where AVX2 takes two and an add.
-template <int64_t Kind>
-AVX512 INLINE __m512i int_block512(const uint8_t* b, float* d, float* m) {
-  uint32_t halves;
-  std::memcpy(&halves, b, 4);
-  const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(halves)));
-  *d = _mm_cvtss_f32(dm);
-  *m = Kind == kQ4_1 ? _mm_cvtss_f32(_mm_movehdup_ps(dm)) : 0.0f;
-  if constexpr (Kind == kQ8_0) {
-    return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2)));
-  } else {
-    const __m128i nibbles =
-        _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (Kind == kQ4_1 ? 4 : 2)));
-    const __m128i low = _mm_set1_epi8(15);
-    const __m256i bytes = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(nibbles, 4), low),
-                                           _mm_and_si128(nibbles, low));
-    const __m512i w = _mm512_cvtepu8_epi16(bytes);
-    return Kind == kQ4_0 ? _mm512_sub_epi16(w, _mm512_set1_epi16(8)) : w;
-  }
-}
-
 // Block b of one weight row times TT rows of x, added to acc[t] and offsets[t].
 template <int64_t Kind, int TT>
 AVX512 INLINE void int_products512(const uint8_t* row, int64_t b, const int16_t* q,
@@ -567,7 +545,9 @@ AVX512 INLINE void int_products512(const uint8_t* row, int64_t b, const int16_t*
                                  float* offsets) {
   const int64_t blocks = K / 32;
   float d, m;
-  const __m512i w = int_block512<Kind>(row + b * kIntBytes<Kind>, &d, &m);
+  // A block's 32 weights fill one register, so its product with a row of x is one
+  // vpmaddwd, where AVX2 takes two and an add.
+  const __m512i w = jaxchat::int_block512<Kind>(row + b * kIntBytes<Kind>, &d, &m);
   for (int t = 0; t < TT; ++t) {
     const __m512i dot = _mm512_madd_epi16(w, _mm512_loadu_si512(q + t * K + 32 * b));
     const __m512 scaled = _mm512_set1_ps(d * scale[t * blocks + b]);
