@@ -86,8 +86,9 @@ def call_inputs(config: ModelConfig, call: str, rng: np.random.Generator):
         context=context,
         block_tables=tables[:8],
         segments=np.array([0] * 5 + [1] * 4, np.int32),
-        prior=np.int32(6),
-        prior_blocks=tables[8],
+        prior=np.array([6], np.int32),
+        prior_blocks=tables[8:],
+        prior_group=np.array([0] * 5 + [-1] * 4, np.int32),
         write=write,
     )
     return rng.integers(0, config.vocab_size, len(positions)).astype(np.int32), layout, pool

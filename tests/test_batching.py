@@ -4,6 +4,8 @@ import random
 import threading
 import time
 
+import numpy as np
+
 from model import SamplingParams
 
 
@@ -78,6 +80,31 @@ def test_a_cached_prefix_gives_the_same_tokens(llm, golden):
     assert llm.scheduler.pool.hits - hits > len(prefix) // llm.engine.block_size
     fresh = llm.engine.forward([prefix + [300]])[0, -1].argmax()
     assert other[0] == int(fresh)
+
+
+def test_a_burst_over_several_cached_prefixes_is_prefilled_in_one_step(llm, golden, monkeypatch):
+    """Requests whose prompts are cached, each its own (three prior groups, one of them
+    read by two requests), are prefilled in one step and keep the reference's tokens."""
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    prompts = golden["prompts"] * 2
+    for prompt in prompts[:3]:
+        llm.generate(prompt["ids"], params)  # their full blocks go to the prefix cache
+    step, groups = llm.engine.step, []
+
+    def recording(state, plan):
+        deadline = time.monotonic() + 60
+        queued = lambda: llm.scheduler.active + len(llm.scheduler.waiting)  # noqa: E731
+        while not groups and queued() < len(prompts) and time.monotonic() < deadline:
+            time.sleep(0.001)  # the first step: the rest of the burst queues meanwhile
+        sees = np.asarray(plan.layout.prior_group)
+        groups.append(len(set(sees[sees >= 0].tolist())))
+        return step(state, plan)
+
+    monkeypatch.setattr(llm.engine, "step", recording)
+    results = run_concurrently(llm, [(p["ids"], params) for p in prompts], stagger=0)
+    for prompt, tokens in zip(prompts, results, strict=True):
+        assert list(tokens) == prompt["greedy"][:8]
+    assert 3 in groups[:2]  # the first step's, or the next if it took one request
 
 
 def test_burst_of_varied_requests_never_compiles(llm, golden):

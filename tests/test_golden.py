@@ -63,8 +63,9 @@ def test_chunked_prefill_gives_the_logits_of_one_pass(llm, golden):
             context=np.zeros((0,), np.int32),
             block_tables=np.zeros((0, blocks), np.int32),
             segments=np.zeros(end - start, np.int32),
-            prior=np.int32(start),
-            prior_blocks=table,
+            prior=np.array([start], np.int32),
+            prior_blocks=table[None],
+            prior_group=np.zeros(end - start, np.int32),
             write=(table[positions // bs] * bs + positions % bs).astype(np.int32),
         )
         hidden, pool = step(engine.stacked, np.asarray(ids[start:end], np.int32), layout, pool)

@@ -88,7 +88,7 @@ class TimedEngine(MockEngine):
     def step(self, state, plan):
         state, out = super().step(state, plan)
         prompt = self.steps[-1]["prefill"]
-        prior = int(plan.layout.prior)
+        prior = int(plan.layout.prior.max())
         cost = self.DECODE_S + (self.FIXED_S + prompt * self.PER_TOKEN_S * (1 + prior / 288)) * (
             prompt > 0
         )

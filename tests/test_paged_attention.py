@@ -115,42 +115,53 @@ def test_the_cpu_kernel_equals_the_dense_reference(rng, h, long):
     np.testing.assert_allclose(out, xla, atol=2e-6)
 
 
+# Each of the region's three segments' prior group (-1: it starts at position 0).
+SEES = {
+    "one": [0, -1, -1],  # a later chunk, or a cached prefix
+    "shared": [0, 0, -1],  # two prompts after the same cached blocks
+    "two": [1, -1, 0],  # two priors (group numbers need not follow the segments)
+}
+
+
 @pytest.mark.parametrize("prior", [0, 1, 17, 40])
 @pytest.mark.parametrize("chunk", [8, 1024])
-@pytest.mark.parametrize("shared", [1, 2])
-def test_prefill_segments_equal_the_dense_reference(rng, prior, chunk, shared):
-    """Three segments in one region, padding: the first `shared` after the same `prior`
-    pooled positions (a prefix they share), the rest from position 0."""
-    check_region(rng, prior, shared, chunk=chunk)
+@pytest.mark.parametrize("sees", list(SEES))
+def test_prefill_segments_equal_the_dense_reference(rng, prior, chunk, sees):
+    """Three segments in one region, padding: some after pooled positions (their prior
+    group's), the rest from position 0; a group no token sees changes nothing."""
+    check_region(rng, prior, SEES[sees], chunk=chunk)
 
 
 @pytest.mark.parametrize("prior", [0, 1, 17, 300, 700])
-@pytest.mark.parametrize("shared", [1, 2])
+@pytest.mark.parametrize("sees", list(SEES))
 @pytest.mark.parametrize("h", [16, 64])
 @pytest.mark.parametrize("first", [5, 1])
-def test_the_cpu_kernels_prior_attention_equals_the_dense_reference(rng, prior, shared, h, first):
-    """The region's attention over the pooled prior through jaxchat's CPU kernel
+def test_the_cpu_kernels_prior_attention_equals_the_dense_reference(rng, prior, sees, h, first):
+    """The region's attention over pooled priors through jaxchat's CPU kernel
     (attention.cc's prior attention): priors inside and across its 256-position spans and
     16-position blocks; a kv head's queries in full and part-filled tiles (a first segment
     of one token: its group's 3 query heads, one tile over a prior split among the cores);
-    the layer's blocks at an offset."""
+    two groups in one call; the layer's blocks at an offset."""
     assert kernels.load(), "the kernels are built by `make setup` (python -m model.kernels)"
-    check_region(rng, prior, shared, bs=16, h=h, nb=64, mb=48, base=5, kernel=True, first=first)
+    check_region(rng, prior, SEES[sees], bs=16, h=h, nb=64, mb=48, base=5, kernel=True, first=first)
 
 
 def check_region(
-    rng, prior, shared, chunk=1024, bs=BS, h=H, nb=NB, mb=MB, base=0, kernel=False, first=5
+    rng, prior, sees, chunk=1024, bs=BS, h=H, nb=NB, mb=MB, base=0, kernel=False, first=5
 ) -> None:
     cache, keys, values = random_pool(rng, nb + base, bs, h)
     lengths = [first, 9, 3]
     pad = 3
     segments = np.concatenate([np.full(n, i) for i, n in enumerate(lengths)] + [np.full(pad, -1)])
-    starts = [prior if i < shared else 0 for i in range(3)]
+    # Group 0 has `prior` positions, group 1 fewer, group 2 some that no token sees.
+    priors = np.array([prior, prior // 2 + 3, 11], np.int32)
+    tables = np.stack([rng.permutation(nb)[:mb] for _ in priors]).astype(np.int32)
+    starts = [priors[g] if g >= 0 else 0 for g in sees]
     positions = np.concatenate(
         [np.arange(s, s + n) for s, n in zip(starts, lengths, strict=True)] + [np.zeros(pad)]
     ).astype(np.int32)
+    group = np.asarray([sees[g] if g >= 0 else -1 for g in segments], np.int32)
     p = len(segments)
-    table = rng.permutation(nb)[:mb].astype(np.int32)
     q = rng.standard_normal((p, K, G, h)).astype(np.float32)
     key = rng.standard_normal((p, K, h)).astype(np.float32)
     value = rng.standard_normal((p, K, h)).astype(np.float32)
@@ -159,10 +170,10 @@ def check_region(
         context=jnp.zeros((0,), jnp.int32),
         block_tables=jnp.zeros((0, mb), jnp.int32),
         segments=jnp.asarray(segments, jnp.int32),
-        prior=jnp.int32(prior),
-        prior_blocks=jnp.asarray(table),
+        prior=jnp.asarray(priors),
+        prior_blocks=jnp.asarray(tables),
+        prior_group=jnp.asarray(np.where(segments >= 0, group, 7)),  # padding's is ignored
         write=jnp.zeros((p,), jnp.int32),
-        prior_segments=jnp.int32(shared),
     )
     out = jax.jit(region_attention, static_argnames=("prior_chunk", "kernel"))(
         jnp.asarray(q.transpose(1, 2, 3, 0)),  # [K, G, H, P]
@@ -175,14 +186,14 @@ def check_region(
         kernel=kernel,
     )
     out = np.asarray(out).transpose(3, 0, 1, 2)  # [P, K, G, H]
-    pooled = sequence_positions(table + base, prior, bs)
     for t in range(p):
         seg = segments[t]
         if seg < 0:
             continue
         mine = np.flatnonzero((segments == seg) & (positions <= positions[t]))
         ks, vs = key[mine], value[mine]
-        if seg < shared:
+        if group[t] >= 0:
+            pooled = sequence_positions(tables[group[t]] + base, priors[group[t]], bs)
             ks = np.concatenate([keys[pooled], ks])
             vs = np.concatenate([values[pooled], vs])
         np.testing.assert_allclose(out[t], reference(q[t : t + 1], ks, vs)[0], atol=1e-5)
@@ -198,8 +209,9 @@ def test_a_layout_uses_the_tokens_up_to_its_last_real_one():
             context=np.asarray(context, np.int32),
             block_tables=np.zeros((len(context), 1), np.int32),
             segments=np.asarray(segments, np.int32),
-            prior=np.int32(0),
-            prior_blocks=np.zeros(1, np.int32),
+            prior=np.zeros(1, np.int32),
+            prior_blocks=np.zeros((1, 1), np.int32),
+            prior_group=np.full(len(segments), -1, np.int32),
             write=np.zeros(len(context) + len(segments), np.int32),
         )
         return int(jax.jit(Layout.used)(layout))

@@ -3,8 +3,8 @@
 The mock stores each step's tokens in a NumPy "pool" at the plan's write positions,
 and samples a slot's next token from what the pool holds for it, read through the
 plan's block tables and the attention's visibility rules (a decode row sees its
-positions 0..context; a prefill token its segment's earlier tokens and, for segment
-0, the `prior` positions): token = 50 + (sum of the visible tokens + salt) % 50,
+positions 0..context; a prefill token its segment's earlier tokens and its prior
+its prior group's positions): token = 50 + (sum of the visible tokens + salt) % 50,
 where salt is the slot's setting. Token 99 is the stop token. A wrong block table,
 position or write shows as a wrong token.
 """
@@ -29,7 +29,7 @@ from model.engine.variants import (
     StepShape,
     step_shapes,
 )
-from model.nn.attention import Layout
+from model.nn.attention import PRIOR_GROUPS, Layout
 from model.nn.config import ModelConfig
 
 STOP = 99
@@ -99,8 +99,9 @@ class MockEngine:
             context=np.full(r, -1, np.int32),
             block_tables=np.zeros((r, self.table_width), np.int32),
             segments=np.full(shape.prefill, -1, np.int32),
-            prior=np.int32(0),
-            prior_blocks=np.zeros(self.table_width, np.int32),
+            prior=np.zeros(PRIOR_GROUPS, np.int32),
+            prior_blocks=np.zeros((PRIOR_GROUPS, self.table_width), np.int32),
+            prior_group=np.full(shape.prefill, -1, np.int32),
             write=np.full(t, self.pool_blocks * BS, np.int32),
         )
         return StepPlan(
@@ -122,10 +123,13 @@ class MockEngine:
         newest = state["tokens"][np.minimum(slots, self.batch - 1)]
         tokens[:r] = np.where(plan.decode, newest, tokens[:r])
         seg, pos = lay.segments, lay.positions[r:]
+        group = lay.prior_group
         for g in set(seg[seg >= 0].tolist()):
-            # The first prior_segments continue from segment 0's prior positions (the same
-            # blocks: a prefix they share); the others start a prompt.
-            start = int(lay.prior) if g < lay.prior_segments else 0
+            # A segment with a prior group continues from its positions (blocks it may
+            # share with others: a cached prefix); the others start a prompt.
+            (first,) = np.flatnonzero(seg == g)[:1]
+            start = int(lay.prior[group[first]]) if group[first] >= 0 else 0
+            assert (group[seg == g] == group[first]).all(), "a segment reads two priors"
             assert pos[seg == g].min() == start, "a segment does not start where it reads"
         for t, where in enumerate(lay.write):
             if where < len(pool):
@@ -136,12 +140,13 @@ class MockEngine:
             if src < r:  # a decode row: its positions 0..context through its blocks
                 flat = self._flat(lay.block_tables[row], lay.context[row] + 1)
                 total = pool[flat].sum()
-            else:  # a prefill token: its segment up to it, and segment 0's prior
+            else:  # a prefill token: its segment up to it, and its prior group's positions
                 i = src - r
                 mine = (seg == seg[i]) & (pos <= pos[i])
                 total = tokens[r:][mine].sum()
-                if seg[i] < lay.prior_segments:
-                    total += pool[self._flat(lay.prior_blocks, int(lay.prior))].sum()
+                if group[i] >= 0:
+                    j = group[i]
+                    total += pool[self._flat(lay.prior_blocks[j], int(lay.prior[j]))].sum()
             assert (pool[self._flat(lay.block_tables[row], 0)] >= 0).all()
             out[row] = 50 + (total + state["salt"][slots[row]]) % 50
             if plan.draft[row] == 0:  # draft rows leave the slot's state alone
@@ -153,6 +158,7 @@ class MockEngine:
                 "drafts": int((plan.draft > 0).sum()),
                 "prefill": int((seg >= 0).sum()),
                 "segments": len(set(seg[seg >= 0].tolist())),
+                "groups": len(set(group[group >= 0].tolist())),
             }
         )
         # Per segment: the sum of its tokens and their count (an embedding's "mean" is
@@ -328,10 +334,10 @@ def test_a_cached_prefix_is_not_computed_again(make):
     assert scheduler.pool.hits >= 6
 
 
-def test_a_burst_with_one_cached_prefix_is_prefilled_in_one_step(make):
+def test_a_burst_with_cached_prefixes_is_prefilled_in_one_step(make):
     """Prompts that start with the same cached blocks (a shared system prompt) read them
-    together in one step, beside a new prompt, each stream still right; a prompt with
-    another cached prefix waits for the next step."""
+    together in one step, beside a new prompt and a prompt with another cached prefix
+    (a second prior group), each stream still right."""
     engine = MockEngine(batch=8)
     scheduler = make(engine)
     system, other = list(range(1, 14)), list(range(30, 39))  # 3 and 2 full blocks of 4
@@ -345,10 +351,34 @@ def test_a_burst_with_one_cached_prefix_is_prefilled_in_one_step(make):
         time.sleep(0.001)
     engine.gate.set()
     assert [run(h) for h in handles] == [expected(p, 3, i) for i, p in enumerate(prompts)]
-    # Step 1: the four with the system prompt (12 positions cached) and the new prompt.
-    assert engine.steps[first]["segments"] == 5
-    assert engine.steps[first]["prefill"] == sum(len(p) - 12 for p in prompts[:4]) + 3
-    assert engine.steps[first + 1]["prefill"] == 3  # the other prefix's, past its 8
+    # One step: the four past the system prompt's 12 cached positions, the new prompt,
+    # and the other past its 8.
+    assert engine.steps[first]["segments"] == 6
+    assert engine.steps[first]["groups"] == 2
+    want = sum(len(p) - 12 for p in prompts[:4]) + 3 + len(prompts[5]) - 8
+    assert engine.steps[first]["prefill"] == want
+
+
+def test_a_step_reads_at_most_prior_groups_cached_prefixes(make):
+    """More distinct cached prefixes than a step has prior groups: the first PRIOR_GROUPS
+    prompts go in one step, the others in the next, each stream right."""
+    count = PRIOR_GROUPS + 2
+    engine = MockEngine(batch=count, pool_blocks=8 * count)
+    scheduler = make(engine)
+    prefixes = [[i + 1] * 8 for i in range(count)]  # two full blocks of 4 each
+    for prefix in prefixes:
+        assert run(scheduler.submit(prefix + [60], [0], 1)) == expected(prefix + [60], 1)
+    engine.gate.clear()
+    first = len(engine.steps)
+    prompts = [prefix + [61, 62] for prefix in prefixes]
+    handles = [scheduler.submit(p, [i], 3) for i, p in enumerate(prompts)]
+    while scheduler.active < count:
+        time.sleep(0.001)
+    engine.gate.set()
+    assert [run(h) for h in handles] == [expected(p, 3, i) for i, p in enumerate(prompts)]
+    steps = engine.steps[first : first + 2]
+    assert [s["groups"] for s in steps] == [PRIOR_GROUPS, 2]
+    assert [s["prefill"] for s in steps] == [2 * PRIOR_GROUPS, 2 * 2]
 
 
 def test_when_the_pool_is_full_requests_wait_then_complete(make):

@@ -48,8 +48,9 @@ def chunk_layout(table: np.ndarray, start: int, length: int, pad: int) -> Layout
         context=np.zeros((0,), np.int32),
         block_tables=np.zeros((0, MB), np.int32),
         segments=np.concatenate([np.zeros(length), np.full(pad, -1)]).astype(np.int32),
-        prior=np.int32(start),
-        prior_blocks=table,
+        prior=np.array([start], np.int32),
+        prior_blocks=table[None],
+        prior_group=np.concatenate([np.zeros(length), np.full(pad, -1)]).astype(np.int32),
         write=np.concatenate([flat(table, positions), np.full(pad, NONE)]).astype(np.int32),
     )
 
@@ -62,8 +63,9 @@ def decode_layout(tables: np.ndarray, positions: list[int]) -> Layout:
         context=positions,
         block_tables=tables,
         segments=np.zeros((0,), np.int32),
-        prior=np.int32(0),
-        prior_blocks=tables[0],
+        prior=np.zeros(1, np.int32),
+        prior_blocks=tables[:1],
+        prior_group=np.zeros((0,), np.int32),
         write=np.array([flat(t, p) for t, p in zip(tables, positions, strict=True)], np.int32),
     )
 

@@ -16,11 +16,18 @@ from model.engine.blocks import BlockPool, chain_hash, prefix_hashes
 from model.engine.pacing import MIN_TOKENS, Pacing
 from model.engine.requests import Seq
 from model.engine.state import StepPlan
-from model.engine.variants import BURST_PROMPTS, LARGE_CHUNK, SMALL_CHUNK, SMALL_PREFILL_MAX
+from model.engine.variants import (
+    BURST_PROMPTS,
+    LARGE_CHUNK,
+    SMALL_CHUNK,
+    SMALL_PREFILL_MAX,
+)
+from model.nn.attention import PRIOR_GROUPS
 
 log = logging.getLogger(__name__)
 
 Sampler = tuple[int, Seq, list[int]]  # a sampled row, its sequence, the drafts after it
+Prior = tuple[int, tuple[int, ...]]  # positions a chunk reads from the pool, and their blocks
 
 
 class Ledger:
@@ -112,25 +119,28 @@ class Ledger:
         return SMALL_CHUNK if few or (decoding and waiting < BURST_PROMPTS) else LARGE_CHUNK
 
     def prompt_chunks(self, live: list[Seq], budget: int, decoding: bool) -> list[tuple[Seq, int]]:
-        """Prompt chunks for the prefill region: the begun prompt with the least left
-        first (its earlier positions are read from the pool), with the prompts whose cached
-        prefix is the same blocks (they read them too), then new prompts, up to `budget`
-        tokens, while the pool has blocks for them. Beside decode rows (`decoding`), a
-        prompt that ends within the region goes whole, so a new request's first token is
-        not held back; one that does not, or began in paced chunks, gets a chunk cut to
-        the room pacing leaves (model/engine/pacing.py): at least MIN_TOKENS if it is
-        the first, and at most half the room while other prompts wait."""
+        """Prompt chunks for the prefill region: begun prompts first, the one with the
+        least left first (their earlier positions are read from the pool, at most
+        PRIOR_GROUPS distinct priors a step: prompts whose cached prefix is the same
+        blocks share one), then new prompts, up to `budget` tokens, while the pool has
+        blocks for them. Beside decode rows (`decoding`), a prompt that ends within
+        the region goes whole, so a new request's first token is not held back; one that
+        does not, or began in paced chunks, gets a chunk cut to the room pacing leaves
+        (model/engine/pacing.py): at least MIN_TOKENS if it is the first, and at most
+        half the room while other prompts wait."""
         pending = [s for s in live if not s.decoding and s.may_prefill]
         pending.sort(key=lambda s: (s.computed == 0 if s.looked_up else True, _rest(s), s.order))
         room = self.pacing.room() if decoding else None
         segments: list[tuple[Seq, int]] = []
+        priors: set[Prior] = set()
         for seq in pending:
             if budget <= 0:
                 break
             if not seq.looked_up:
                 self.look_up(seq)
-            if segments and seq.computed > 0 and not self.shares_prior(seq, segments[0][0]):
-                continue  # only segment 0's earlier positions are read from the pool
+            prior = prior_of(seq, self.block_size)
+            if prior is not None and prior not in priors and len(priors) == PRIOR_GROUPS:
+                continue  # the step reads as many priors as it can
             left = seq.target - seq.computed
             n = min(left, budget)
             if room is not None and (seq.paced or left > budget):
@@ -145,21 +155,24 @@ class Ledger:
             if not self.grow(seq, seq.computed + n):
                 break  # the pool is full: the rest waits
             segments.append((seq, n))
+            if prior is not None:
+                priors.add(prior)
             budget -= n
-        # The prompts that read segment 0's earlier positions come right after it.
-        segments.sort(key=lambda chunk: chunk[0].computed == 0)
         return segments
-
-    def shares_prior(self, seq: Seq, first: Seq) -> bool:
-        """Whether `seq`'s computed positions are `first`'s, in the same blocks (a prefix
-        both found in the cache), so its chunk can read them with `first`'s in one step."""
-        n = -(-first.computed // self.block_size)
-        return seq.computed == first.computed and seq.blocks[:n] == first.blocks[:n]
 
     def release(self, seq: Seq) -> None:
         """Give back a finished sequence's blocks (cached ones stay in the prefix cache)."""
         self.pool.release(seq.blocks)
         seq.blocks = []
+
+
+def prior_of(seq: Seq, bs: int) -> "Prior | None":
+    """What a prompt's next chunk reads from the pool: its computed positions and their
+    blocks (None if it starts at position 0). Chunks with the same prior share a group.
+    bs: the block size."""
+    if seq.computed == 0:
+        return None
+    return seq.computed, tuple(seq.blocks[: -(-seq.computed // bs)])
 
 
 def _rest(seq: Seq) -> int:
@@ -199,6 +212,7 @@ def build_plan(
             plan.tokens[r] = token if i or seq.feed else 0
             r += 1
     start = rows
+    groups: dict[Prior, int] = {}  # prior group of each distinct prior
     for g, (seq, n) in enumerate(segments):
         c = seq.computed
         where = slice(start, start + n)
@@ -208,10 +222,12 @@ def build_plan(
         layout.segments[start - rows : start - rows + n] = g
         blocks = np.asarray(seq.blocks)
         layout.write[where] = blocks[positions // bs] * bs + positions % bs
-        if g == 0:
-            shared = sum(1 for s, _ in segments if s.computed > 0)
-            layout = layout.replace(prior=np.int32(c), prior_segments=np.int32(shared))
-            layout.prior_blocks[: len(seq.blocks)] = seq.blocks
+        prior = prior_of(seq, bs)
+        if prior is not None:
+            j = groups.setdefault(prior, len(groups))
+            layout.prior[j] = c
+            layout.prior_blocks[j, : len(prior[1])] = prior[1]
+            layout.prior_group[start - rows : start - rows + n] = j
         if seq.samples_after(n):
             plan.slots[r] = seq.slot
             plan.sample[r] = True

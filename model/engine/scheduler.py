@@ -20,12 +20,13 @@ decides what goes in each step:
   burst of new requests, which then get their first tokens in a step or two).
   Beside decoding streams, prompt chunks are sized by measured step costs
   (model/engine/pacing.py), so they lengthen the streams' steps by a bounded share.
-  Several new prompts share a region; at most one chunk per step continues a
-  prompt begun earlier (the one with the least left; it reads that prefix from
-  the pool), joined by the
-  prompts whose cached prefix is the same blocks (a burst of requests with one
-  system prompt is prefilled together, each reading that prefix once). A prompt's last
-  chunk samples its first token in the same step.
+  Several prompts share a region: new ones, and chunks that continue from
+  positions in the pool (a prompt begun earlier, the ones with the least left
+  first, or a cached prefix), up to PRIOR_GROUPS distinct priors a step. Prompts
+  whose cached prefix is the same blocks share one (a burst of requests with one
+  system prompt is prefilled together, each reading that prefix once), and a
+  burst of chats with histories of their own is prefilled together too. A
+  prompt's last chunk samples its first token in the same step.
 - The host does not wait for the step it just dispatched: it reads the tokens of
   the previous step while the device computes the next. A sequence that ended
   in step n has already run in step n+1; that token is dropped, since each step

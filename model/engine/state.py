@@ -11,7 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from model.engine.variants import StepShape
-from model.nn.attention import DECODE_CHUNK, PRIOR_CHUNK, SHARED_CHUNK, Layout, Pool
+from model.nn.attention import (
+    DECODE_CHUNK,
+    PRIOR_CHUNK,
+    PRIOR_GROUPS,
+    SHARED_CHUNK,
+    Layout,
+    Pool,
+)
 from model.nn.config import ModelConfig
 from model.nn.sampling import SlotSampling
 from model.types import SamplingParams
@@ -120,13 +127,15 @@ def empty_plan(
     last), padding, no writes (`no_write`: a flat pool position past the pool), no
     samples, every token allowed."""
     r, t, mb = shape.rows, shape.tokens, table_width
+    groups = PRIOR_GROUPS if shape.prefill else 1
     layout = Layout.host(
         positions=np.zeros(t, np.int32),
         context=np.full(r, -1, np.int32),
         block_tables=np.zeros((r, mb), np.int32),
         segments=np.full(shape.prefill, -1, np.int32),
-        prior=np.int32(0),
-        prior_blocks=np.zeros(mb, np.int32),
+        prior=np.zeros(groups, np.int32),
+        prior_blocks=np.zeros((groups, mb), np.int32),
+        prior_group=np.full(shape.prefill, -1, np.int32),
         write=np.full(t, no_write, np.int32),
     )
     return StepPlan.host(

@@ -10,12 +10,12 @@
 // scores 16 positions at a time (positions are minor in a key block), then one
 // softmax, then the values (features minor). Rows with context -1 are idle: output 0.
 //
-// Prior attention (PriorAttentionImpl) is the prefill region's part over the positions a
-// sequence already has in the pool (a later chunk of a long prompt, a cached prefix):
-// the region's queries that see them read the sequence's blocks in place, in tiles of up
-// to 8 queries of one kv head (its group's query heads at each seeing position), each key
-// and value vector loaded once per tile; a few tiles over a long prior split its positions
-// among the cores. They return their online-softmax state (max, sum and unnormalised
+// Prior attention (PriorAttentionImpl) is the prefill region's part over the positions its
+// sequences already have in the pool (a later chunk of a long prompt, a cached prefix),
+// one prior group (positions and block table) after another: the queries that see a
+// group read its blocks in place, in tiles of up to 8 queries of one kv head (its query
+// heads at each seeing position), each key and value vector loaded once per tile; a few
+// tiles over a long prior split its positions among the cores. They return their online-softmax state (max, sum and unnormalised
 // output), which model/nn/attention.py merges with the region's own part.
 //
 // Region attention (RegionAttentionImpl) is that own part: each segment's queries over
@@ -416,44 +416,20 @@ void merge_into(const std::vector<Partial>& partials, const std::vector<Query>& 
   }
 }
 
-ffi::Error PriorAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                              ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> table,
-                              ffi::Buffer<ffi::S32> prior, ffi::Buffer<ffi::S32> sees,
-                              ffi::Buffer<ffi::S32> base, ffi::ResultBuffer<ffi::F32> acc,
-                              ffi::ResultBuffer<ffi::F32> top, ffi::ResultBuffer<ffi::F32> total,
-                              float scale) {
-  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
-  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4)
-    return ffi::Error::InvalidArgument(
-        "prior attention: q [K, G, H, P], k [NB, K, H, BS], v [NB, K, BS, H]");
-  PriorShapes s{qd[0], qd[1], qd[2], qd[3], kd[3], kd[0]};
-  if (kd[1] != s.K || kd[2] != s.H || vd[0] != s.blocks || vd[1] != s.K || vd[2] != s.BS ||
-      vd[3] != s.H || static_cast<int64_t>(sees.element_count()) != s.P)
-    return ffi::Error::InvalidArgument("prior attention: q, pool and flags do not agree");
-  if (s.H % 16 || s.H > kMaxHead || s.BS % 16)
-    return ffi::Error::InvalidArgument("prior attention: head dim " + std::to_string(s.H) +
-                                       " and block size " + std::to_string(s.BS) +
-                                       " must be multiples of 16 (head dim up to 512)");
-  const int64_t width = static_cast<int64_t>(table.element_count());
-  const int64_t n = std::clamp<int64_t>(prior.typed_data()[0], 0, width * s.BS);
-  const int32_t* flags = sees.typed_data();
-  float *ap = acc->typed_data(), *tp = top->typed_data(), *sp = total->typed_data();
-  no_keys(s.K * s.G * s.P, s.H, ap, tp, sp);  // the seeing queries are set below
-  std::vector<int64_t> seeing;
-  for (int64_t p = 0; p < s.P; ++p)
-    if (flags[p]) seeing.push_back(p);
-  if (n == 0 || seeing.empty()) return ffi::Error::Success();
+// One prior group's attention: the queries at `seeing` positions over `n` positions
+// through block table `bp`, their states written to ap, tp, sp.
+void prior_group(const PriorShapes& s, const float* qp, const float* kp, const float* vp,
+                 const int32_t* bp, int32_t b0, int64_t n, const std::vector<int64_t>& seeing,
+                 float scale, float* ap, float* tp, float* sp) {
   // Each kv head's queries (every query head of its group, at every seeing position) in
   // tiles of up to kTile, so a few seeing positions still fill tiles with the group's heads.
-  const float* qp = q.typed_data();
-  const int64_t per_head = s.G * static_cast<int64_t>(seeing.size());
+  const int64_t seen = static_cast<int64_t>(seeing.size()), per_head = s.G * seen;
   const int64_t tiles = (per_head + kTile - 1) / kTile, units = s.K * tiles;
   std::vector<Query> queries(units * kTile);
   std::vector<int64_t> counts(units);
   for (int64_t kh = 0; kh < s.K; ++kh)
     for (int64_t j = 0; j < per_head; ++j) {
-      const int64_t head = kh * s.G + j / static_cast<int64_t>(seeing.size());
-      const int64_t p = seeing[j % seeing.size()];
+      const int64_t head = kh * s.G + j / seen, p = seeing[j % seen];
       queries[(kh * tiles + j / kTile) * kTile + j % kTile] = {qp + head * s.H * s.P, p,
                                                                head * s.P + p, n};
       ++counts[kh * tiles + j / kTile];
@@ -464,12 +440,10 @@ ffi::Error PriorAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
   const int64_t spans = (n + kSpan - 1) / kSpan;
   const int64_t splits = std::clamp<int64_t>((4 * parts + units - 1) / units, 1, spans);
   std::vector<Partial> partials(units * splits);
-  const int32_t* bp = table.typed_data();
-  const int32_t b0 = base.typed_data()[0];
   jaxchat::Workers::get().run(units * splits, parts, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t unit = i / splits, split = i % splits, kh = unit / tiles;
-      const PoolKeys src{k.typed_data(), v.typed_data(), bp, s.K, s.H, s.BS, s.blocks, kh, b0};
+      const PoolKeys src{kp, vp, bp, s.K, s.H, s.BS, s.blocks, kh, b0};
       const int64_t from = spans * split / splits * kSpan;
       const int64_t to = std::min(n, spans * (split + 1) / splits * kSpan);
       prior_tile(counts[unit], src, s.H, s.P, &queries[unit * kTile], from, to, scale,
@@ -477,6 +451,42 @@ ffi::Error PriorAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
     }
   });
   merge_into(partials, queries, counts, splits, s.H, ap, tp, sp);
+}
+
+ffi::Error PriorAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                              ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> table,
+                              ffi::Buffer<ffi::S32> prior, ffi::Buffer<ffi::S32> sees,
+                              ffi::Buffer<ffi::S32> base, ffi::ResultBuffer<ffi::F32> acc,
+                              ffi::ResultBuffer<ffi::F32> top, ffi::ResultBuffer<ffi::F32> total,
+                              float scale) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), td = table.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || td.size() != 2)
+    return ffi::Error::InvalidArgument(
+        "prior attention: q [K, G, H, P], k [NB, K, H, BS], v [NB, K, BS, H], tables [Q, MB]");
+  PriorShapes s{qd[0], qd[1], qd[2], qd[3], kd[3], kd[0]};
+  const int64_t groups = td[0], width = td[1];
+  if (kd[1] != s.K || kd[2] != s.H || vd[0] != s.blocks || vd[1] != s.K || vd[2] != s.BS ||
+      vd[3] != s.H || static_cast<int64_t>(sees.element_count()) != s.P ||
+      static_cast<int64_t>(prior.element_count()) != groups)
+    return ffi::Error::InvalidArgument("prior attention: q, pool, groups and tokens disagree");
+  if (s.H % 16 || s.H > kMaxHead || s.BS % 16)
+    return ffi::Error::InvalidArgument("prior attention: head dim " + std::to_string(s.H) +
+                                       " and block size " + std::to_string(s.BS) +
+                                       " must be multiples of 16 (head dim up to 512)");
+  const int32_t* group = sees.typed_data();
+  float *ap = acc->typed_data(), *tp = top->typed_data(), *sp = total->typed_data();
+  no_keys(s.K * s.G * s.P, s.H, ap, tp, sp);  // the seeing queries are set below
+  std::vector<int64_t> seeing;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t n = std::clamp<int64_t>(prior.typed_data()[g], 0, width * s.BS);
+    seeing.clear();
+    for (int64_t p = 0; p < s.P; ++p)
+      if (group[p] == g) seeing.push_back(p);
+    if (n == 0 || seeing.empty()) continue;
+    prior_group(s, q.typed_data(), k.typed_data(), v.typed_data(),
+                table.typed_data() + g * width, base.typed_data()[0], n, seeing, scale, ap, tp,
+                sp);
+  }
   return ffi::Error::Success();
 }
 

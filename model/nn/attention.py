@@ -18,11 +18,12 @@ A step's tokens are laid out by a `Layout`:
   block table (context -1: the row is idle);
 - the other P tokens are the prefill region: chunks of prompts, each a
   "segment" of consecutive positions. They attend to each other (same segment,
-  causal), and segments 0 … `prior_segments` - 1 also to the `prior` positions
-  segment 0's sequence already has in the pool (a later chunk of a long prompt,
-  or a prompt whose prefix was cached: prompts that start with the same cached
-  blocks, such as a shared system prompt, share them). The others start at
-  position 0.
+  causal), and a segment that does not start at position 0 also to the positions
+  its sequence already has in the pool (a later chunk of a long prompt, or a
+  prompt whose prefix was cached): its prior group's. A step has up to
+  PRIOR_GROUPS groups, each a number of positions and a block table; segments
+  that continue the same cached blocks (prompts with one system prompt, say)
+  share a group, so those blocks are read once for all of them.
 
 Every token's key and value are written to the pool first (`write` is its flat
 position block * BS + offset within a layer, or NB·BS or more for none), then read back:
@@ -56,6 +57,9 @@ ATTENTION_TARGET = "jaxchat_decode_attention"
 PRIOR_TARGET = "jaxchat_prior_attention"
 # ... and of the region's attention within its segments (causal, no masked work).
 REGION_TARGET = "jaxchat_region_attention"
+# Prior groups a step's prefill region may continue from (distinct cached prefixes, or
+# long prompts' earlier chunks): each is a row of block table, so a few KB per step.
+PRIOR_GROUPS = 16
 # The target that returns a zeroed array without touching its pages (model/kernels/pool.cc):
 # the pool then costs time and memory as it fills, not all at start-up.
 ZEROS_TARGET = "jaxchat_zeros"
@@ -98,10 +102,11 @@ class Layout(flax.struct.PyTreeNode):
 
     positions [T] i32; context [R] i32 (decode row r's position, -1 idle);
     block_tables [R, MB] i32 (decode rows' blocks); segments [P] i32 (prefill
-    token's segment, -1 padding); prior i32 (segment 0's positions already in the
-    pool); prior_blocks [MB] i32 (segment 0's blocks); write [T] i32 (flat pool
-    position of each token's key and value; NB * BS or more: none); prior_segments
-    i32 (the segments that see the prior positions: 0 … prior_segments - 1).
+    token's segment, -1 padding); prior [Q] i32 (each prior group's positions
+    already in the pool); prior_blocks [Q, MB] i32 (each group's blocks);
+    prior_group [P] i32 (the group whose positions a prefill token sees, -1 none);
+    write [T] i32 (flat pool position of each token's key and value; NB * BS or
+    more: none).
     """
 
     positions: jax.Array
@@ -110,8 +115,8 @@ class Layout(flax.struct.PyTreeNode):
     segments: jax.Array
     prior: jax.Array
     prior_blocks: jax.Array
+    prior_group: jax.Array
     write: jax.Array
-    prior_segments: jax.Array = np.int32(1)  # type: ignore[assignment]
 
     @property
     def rows(self) -> int:
@@ -291,9 +296,9 @@ def region_attention(
     """Prefill region: q [K, G, H, P], its own key and value [K, H, P] → [K, G, H, P].
 
     Each token sees the tokens of its segment at or before its position, and the
-    first `prior_segments` segments' tokens also see the `prior` positions in the pool (the layer
-    whose blocks start at `base`; `prior_chunk` keys per loop iteration; kernel: through
-    jaxchat's CPU kernel, where `kernel_fits`).
+    positions of its prior group in the pool (the layer whose blocks start at `base`;
+    `prior_chunk` keys per loop iteration; kernel: through jaxchat's CPU kernel, where
+    `kernel_fits`).
     """
     k, g, h, p = q.shape
     if pool is not None and kernel and kernel_fits(pool, h):
@@ -348,17 +353,17 @@ def _kernel_region(q: jax.Array, key: jax.Array, value: jax.Array, layout: Layou
 
 
 def _kernel_prior(q: jax.Array, pool: Pool, layout: Layout, base):
-    """The first segments' attention over segment 0's prior positions, through jaxchat's CPU
+    """The region's attention over its prior groups' positions, through jaxchat's CPU
     kernel: its online-softmax state (max, sum [K, G, P], unnormalised out [K, G, P, H])."""
     h = q.shape[2]
-    sees = (layout.segments >= 0) & (layout.segments < layout.prior_segments)
+    sees = jnp.where(layout.segments >= 0, layout.prior_group, -1)
     call = jax.ffi.ffi_call(PRIOR_TARGET, _state_shapes(q))
     acc, top, total = call(
         q.astype(jnp.float32),
         pool.k,
         pool.v,
         layout.prior_blocks.astype(jnp.int32),
-        jnp.asarray(layout.prior, jnp.int32),
+        layout.prior.astype(jnp.int32),
         sees.astype(jnp.int32),
         jnp.asarray(base, jnp.int32),
         scale=np.float32(h**-0.5),
@@ -367,29 +372,33 @@ def _kernel_prior(q: jax.Array, pool: Pool, layout: Layout, base):
 
 
 def _prior_attention(q: jax.Array, pool: Pool, layout: Layout, state, base, chunk: int):
-    """Adds segment 0's prior positions (read from the pool) to the online softmax of the
-    segments that share them."""
+    """Adds each prior group's positions (read from the pool) to the online softmax of the
+    tokens that see them."""
     k, g, h, p = q.shape
     bs = pool.block_size
-    per_chunk = chunk_blocks(chunk, bs, layout.prior_blocks.shape[0])
+    per_chunk = chunk_blocks(chunk, bs, layout.prior_blocks.shape[1])
     width = per_chunk * bs
     scale = h**-0.5
-    first = (layout.segments >= 0) & (layout.segments < layout.prior_segments)  # [P]
-    chunks = (layout.prior + width - 1) // width
+    sees = jnp.where(layout.segments >= 0, layout.prior_group, -1)  # [P]
 
-    def body(c, state):
-        ids = lax.dynamic_slice_in_dim(layout.prior_blocks, c * per_chunk, per_chunk) + base
-        keys = pool.k[ids].transpose(1, 2, 0, 3).reshape(k, h, width)  # [K, H, C]
-        values = pool.v[ids].transpose(1, 0, 2, 3).reshape(k, width, h)  # [K, C, H]
-        s = jnp.einsum("kghq,khc->kgqc", q, keys).astype(jnp.float32) * scale
-        visible = first[:, None] & (c * width + jnp.arange(width) < layout.prior)[None, :]
-        s = jnp.where(visible, s, NEG_INF)
-        return _online(
-            state,
-            s,
-            lambda probs: jnp.einsum("kgqc,kch->kgqh", probs.astype(values.dtype), values).astype(
-                jnp.float32
-            ),
-        )
+    def group(j, state):
+        table, prior, mine = layout.prior_blocks[j], layout.prior[j], sees == j
 
-    return lax.fori_loop(0, chunks, body, state)
+        def body(c, state):
+            ids = lax.dynamic_slice_in_dim(table, c * per_chunk, per_chunk) + base
+            keys = pool.k[ids].transpose(1, 2, 0, 3).reshape(k, h, width)  # [K, H, C]
+            values = pool.v[ids].transpose(1, 0, 2, 3).reshape(k, width, h)  # [K, C, H]
+            s = jnp.einsum("kghq,khc->kgqc", q, keys).astype(jnp.float32) * scale
+            visible = mine[:, None] & (c * width + jnp.arange(width) < prior)[None, :]
+            s = jnp.where(visible, s, NEG_INF)
+            return _online(
+                state,
+                s,
+                lambda probs: jnp.einsum(
+                    "kgqc,kch->kgqh", probs.astype(values.dtype), values
+                ).astype(jnp.float32),
+            )
+
+        return lax.fori_loop(0, (prior + width - 1) // width, body, state)
+
+    return lax.fori_loop(0, layout.prior.shape[0], group, state)

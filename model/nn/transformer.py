@@ -264,8 +264,9 @@ def forward_layout(batch: int, length: int) -> Layout:
         context=np.zeros((0,), np.int32),
         block_tables=np.zeros((0, 1), np.int32),
         segments=np.repeat(np.arange(batch, dtype=np.int32), length),
-        prior=np.int32(0),
-        prior_blocks=np.zeros((1,), np.int32),
+        prior=np.zeros((1,), np.int32),
+        prior_blocks=np.zeros((1, 1), np.int32),
+        prior_group=np.full(batch * length, -1, np.int32),
         write=np.zeros((batch * length,), np.int32),
     )
 
