@@ -9,6 +9,7 @@ where salt is the slot's setting. Token 99 is the stop token. A wrong block tabl
 position or write shows as a wrong token.
 """
 
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from model.engine.scheduler import EngineFailed, QueueFull, RequestFailed
 from model.engine.state import StepPlan
 from model.engine.variants import (
     BURST_PROMPTS,
+    BURST_SHARE,
     SMALL_CHUNK,
     SMALL_PREFILL_MAX,
     StepShape,
@@ -296,6 +298,26 @@ def test_a_burst_of_prompts_beside_a_stream_gets_the_large_region(make):
     assert burst[0]["prefill"] == 80 * BURST_PROMPTS > SMALL_PREFILL_MAX
     assert burst[0]["decode"] == 1 and burst[0]["segments"] == BURST_PROMPTS
     short.cancel()
+
+
+def test_a_burst_with_nothing_decoding_goes_in_two_steps(make):
+    """Ten new prompts of 80 tokens (the large region) with nothing decoding: the first
+    step takes the first BURST_SHARE of them, the next step the rest beside their
+    streams, so most first tokens come after about half the work."""
+    engine = MockEngine(batch=16)
+    engine.gate.clear()
+    scheduler = make(engine)
+    prompts = [[i + 1] * 80 for i in range(10)]
+    handles = [scheduler.submit(p, [i], 3) for i, p in enumerate(prompts)]
+    while scheduler.active < len(prompts):
+        time.sleep(0.001)
+    engine.gate.set()
+    assert [run(h) for h in handles] == [expected(p, 3, i) for i, p in enumerate(prompts)]
+    first = math.ceil(BURST_SHARE * len(prompts))
+    steps = engine.steps[:2]
+    assert [s["segments"] for s in steps] == [first, len(prompts) - first]
+    assert [s["decode"] for s in steps] == [0, first]
+    assert sum(len(p) for p in prompts) > SMALL_PREFILL_MAX
 
 
 def test_several_new_prompts_share_a_step(make):

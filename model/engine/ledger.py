@@ -8,6 +8,7 @@ the engine's StepPlan. Both run on the scheduler thread only.
 """
 
 import logging
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -18,6 +19,7 @@ from model.engine.requests import Seq
 from model.engine.state import StepPlan
 from model.engine.variants import (
     BURST_PROMPTS,
+    BURST_SHARE,
     LARGE_CHUNK,
     SMALL_CHUNK,
     SMALL_PREFILL_MAX,
@@ -123,18 +125,22 @@ class Ledger:
         least left first (their earlier positions are read from the pool, at most
         PRIOR_GROUPS distinct priors a step: prompts whose cached prefix is the same
         blocks share one), then new prompts, up to `budget` tokens, while the pool has
-        blocks for them. Beside decode rows (`decoding`), a prompt that ends within
-        the region goes whole, so a new request's first token is not held back; one that
-        does not, or began in paced chunks, gets a chunk cut to the room pacing leaves
-        (model/engine/pacing.py): at least MIN_TOKENS if it is the first, and at most
-        half the room while other prompts wait."""
+        blocks for them. With nothing decoding, a burst in the large region takes the
+        first BURST_SHARE of its prompts (the rest go in the next step). Beside decode
+        rows (`decoding`), a prompt that ends within the region goes whole, so a new
+        request's first token is not held back; one that does not, or began in paced
+        chunks, gets a chunk cut to the room pacing leaves (model/engine/pacing.py): at
+        least MIN_TOKENS if it is the first, and at most half the room while other
+        prompts wait."""
         pending = [s for s in live if not s.decoding and s.may_prefill]
         pending.sort(key=lambda s: (s.computed == 0 if s.looked_up else True, _rest(s), s.order))
         room = self.pacing.room() if decoding else None
+        burst = not decoding and len(pending) >= BURST_PROMPTS and budget == LARGE_CHUNK
+        quota = math.ceil(BURST_SHARE * len(pending)) if burst else len(pending)
         segments: list[tuple[Seq, int]] = []
         priors: set[Prior] = set()
         for seq in pending:
-            if budget <= 0:
+            if budget <= 0 or len(segments) == quota:
                 break
             if not seq.looked_up:
                 self.look_up(seq)

@@ -56,6 +56,13 @@ SMALL_PREFILL_MAX = 4 * SMALL_CHUNK
 # 1.36 -> 0.50 s, 324 -> 414 tok/s in all), while one long prompt still goes in small
 # chunks beside the streams it would stall.
 BURST_PROMPTS = 4
+# With nothing decoding, a burst's first step takes this share of its prompts (the first
+# admitted), the next step the rest: most first tokens then come after a step of about
+# half the work instead of all of it (mean time to first token is flat from a half to
+# two thirds, and at three fifths the median request is in the first step). 32 chat
+# prompts at once past their cached prefixes, in-process, one run each: TTFT p50 0.73 ->
+# 0.49 s, p99 0.76 -> 0.91 s.
+BURST_SHARE = 0.6
 
 
 @dataclass(frozen=True, order=True)
