@@ -372,13 +372,10 @@ def _kernel_prior(q: jax.Array, pool: Pool, layout: Layout, base):
 
 
 def _prior_attention(q: jax.Array, pool: Pool, layout: Layout, state, base, chunk: int):
-    """Adds each prior group's positions (read from the pool) to the online softmax of the
-    tokens that see them."""
+    """Adds each prior group's positions (from the pool) to the softmax of its tokens."""
     k, g, h, p = q.shape
-    bs = pool.block_size
-    per_chunk = chunk_blocks(chunk, bs, layout.prior_blocks.shape[1])
-    width = per_chunk * bs
-    scale = h**-0.5
+    per_chunk = chunk_blocks(chunk, pool.block_size, layout.prior_blocks.shape[1])
+    width = per_chunk * pool.block_size
     sees = jnp.where(layout.segments >= 0, layout.prior_group, -1)  # [P]
 
     def group(j, state):
@@ -388,16 +385,14 @@ def _prior_attention(q: jax.Array, pool: Pool, layout: Layout, state, base, chun
             ids = lax.dynamic_slice_in_dim(table, c * per_chunk, per_chunk) + base
             keys = pool.k[ids].transpose(1, 2, 0, 3).reshape(k, h, width)  # [K, H, C]
             values = pool.v[ids].transpose(1, 0, 2, 3).reshape(k, width, h)  # [K, C, H]
-            s = jnp.einsum("kghq,khc->kgqc", q, keys).astype(jnp.float32) * scale
+            s = jnp.einsum("kghq,khc->kgqc", q, keys).astype(jnp.float32) * h**-0.5
             visible = mine[:, None] & (c * width + jnp.arange(width) < prior)[None, :]
-            s = jnp.where(visible, s, NEG_INF)
-            return _online(
-                state,
-                s,
-                lambda probs: jnp.einsum(
-                    "kgqc,kch->kgqh", probs.astype(values.dtype), values
-                ).astype(jnp.float32),
-            )
+
+            def weighted(probs):
+                out = jnp.einsum("kgqc,kch->kgqh", probs.astype(values.dtype), values)
+                return out.astype(jnp.float32)
+
+            return _online(state, jnp.where(visible, s, NEG_INF), weighted)
 
         return lax.fori_loop(0, (prior + width - 1) // width, body, state)
 
