@@ -89,22 +89,27 @@ def test_a_burst_over_several_cached_prefixes_is_prefilled_in_one_step(llm, gold
     prompts = golden["prompts"] * 2
     for prompt in prompts[:3]:
         llm.generate(prompt["ids"], params)  # their full blocks go to the prefix cache
-    step, groups = llm.engine.step, []
+    step, groups, holding = llm.engine.step, [], threading.Event()
 
     def recording(state, plan):
-        deadline = time.monotonic() + 60
-        queued = lambda: llm.scheduler.active + len(llm.scheduler.waiting)  # noqa: E731
-        while not groups and queued() < len(prompts) and time.monotonic() < deadline:
-            time.sleep(0.001)  # the first step: the rest of the burst queues meanwhile
+        if not groups:  # another request's step: the burst queues meanwhile
+            holding.set()
+            deadline = time.monotonic() + 60
+            while len(llm.scheduler.waiting) < len(prompts) and time.monotonic() < deadline:
+                time.sleep(0.001)
         sees = np.asarray(plan.layout.prior_group)
         groups.append(len(set(sees[sees >= 0].tolist())))
         return step(state, plan)
 
     monkeypatch.setattr(llm.engine, "step", recording)
+    other = threading.Thread(target=llm.generate, args=([7, 8, 9], params))
+    other.start()
+    assert holding.wait(60)
     results = run_concurrently(llm, [(p["ids"], params) for p in prompts], stagger=0)
+    other.join(60)
     for prompt, tokens in zip(prompts, results, strict=True):
         assert list(tokens) == prompt["greedy"][:8]
-    assert 3 in groups[:2]  # the first step's, or the next if it took one request
+    assert groups[:2] == [0, 3]  # the other request's prompt, then the burst's
 
 
 def test_burst_of_varied_requests_never_compiles(llm, golden):
