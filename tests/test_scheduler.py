@@ -12,6 +12,7 @@ position or write shows as a wrong token.
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,6 +77,9 @@ class MockEngine:
         self.steps: list[dict] = []
         self.gate = threading.Event()
         self.gate.set()
+        # Until it holds, the next admission waits (the requests after it queue meanwhile,
+        # and the scheduler then admits them all before it plans a step).
+        self.hold: Callable[[], bool] | None = None
 
     def runnable(self):
         return self.shapes
@@ -88,6 +92,11 @@ class MockEngine:
         }
 
     def admit(self, state, slot, row):
+        if self.hold is not None:
+            hold, self.hold = self.hold, None
+            deadline = time.monotonic() + 30
+            while not hold() and time.monotonic() < deadline:
+                time.sleep(0.001)
         if row == self.fail_admit:
             raise RuntimeError("admission failed")
         state["salt"][slot] = row
@@ -305,13 +314,10 @@ def test_a_burst_with_nothing_decoding_goes_in_two_steps(make):
     step takes the first BURST_SHARE of them, the next step the rest beside their
     streams, so most first tokens come after about half the work."""
     engine = MockEngine(batch=16)
-    engine.gate.clear()
+    engine.hold = lambda: len(scheduler.waiting) == len(prompts) - 1  # one burst
     scheduler = make(engine)
     prompts = [[i + 1] * 80 for i in range(10)]
     handles = [scheduler.submit(p, [i], 3) for i, p in enumerate(prompts)]
-    while scheduler.active < len(prompts):
-        time.sleep(0.001)
-    engine.gate.set()
     assert [run(h) for h in handles] == [expected(p, 3, i) for i, p in enumerate(prompts)]
     first = math.ceil(BURST_SHARE * len(prompts))
     steps = engine.steps[:2]
@@ -322,13 +328,10 @@ def test_a_burst_with_nothing_decoding_goes_in_two_steps(make):
 
 def test_several_new_prompts_share_a_step(make):
     engine = MockEngine(batch=8)
-    engine.gate.clear()
+    engine.hold = lambda: len(scheduler.waiting) == 4  # one burst of 5
     scheduler = make(engine)
     prompts = [[i] * (i + 2) for i in range(1, 6)]
     handles = [scheduler.submit(p, [i], 3) for i, p in enumerate(prompts)]
-    while scheduler.active < 5:
-        time.sleep(0.001)
-    engine.gate.set()
     assert [run(h) for h in handles] == [expected(p, 3, i) for i, p in enumerate(prompts)]
     assert engine.steps[0]["segments"] == 5  # all five prompts in the first step
 
@@ -365,13 +368,10 @@ def test_a_burst_with_cached_prefixes_is_prefilled_in_one_step(make):
     system, other = list(range(1, 14)), list(range(30, 39))  # 3 and 2 full blocks of 4
     assert run(scheduler.submit(system + [5], [0], 2)) == expected(system + [5], 2)
     assert run(scheduler.submit(other + [6], [0], 2)) == expected(other + [6], 2)
-    engine.gate.clear()
+    engine.hold = lambda: len(scheduler.waiting) == len(prompts) - 1  # one burst
     first = len(engine.steps)
     prompts = [system + [i] * i for i in range(1, 5)] + [[20, 21, 22], other + [9, 9]]
     handles = [scheduler.submit(p, [i], 3) for i, p in enumerate(prompts)]
-    while scheduler.active < len(prompts):
-        time.sleep(0.001)
-    engine.gate.set()
     assert [run(h) for h in handles] == [expected(p, 3, i) for i, p in enumerate(prompts)]
     # One step: the four past the system prompt's 12 cached positions, the new prompt,
     # and the other past its 8.
@@ -390,13 +390,10 @@ def test_a_step_reads_at_most_prior_groups_cached_prefixes(make):
     prefixes = [[i + 1] * 8 for i in range(count)]  # two full blocks of 4 each
     for prefix in prefixes:
         assert run(scheduler.submit(prefix + [60], [0], 1)) == expected(prefix + [60], 1)
-    engine.gate.clear()
+    engine.hold = lambda: len(scheduler.waiting) == count - 1  # one burst
     first = len(engine.steps)
     prompts = [prefix + [61, 62] for prefix in prefixes]
     handles = [scheduler.submit(p, [i], 3) for i, p in enumerate(prompts)]
-    while scheduler.active < count:
-        time.sleep(0.001)
-    engine.gate.set()
     assert [run(h) for h in handles] == [expected(p, 3, i) for i, p in enumerate(prompts)]
     steps = engine.steps[first : first + 2]
     assert [s["groups"] for s in steps] == [PRIOR_GROUPS, 2]
@@ -571,13 +568,10 @@ def test_a_lone_sequence_in_a_high_slot_runs_the_smallest_step(make):
     """Rows are handed out in order, whatever slot a sequence holds: once the others end,
     the straggler in slot 5 decodes in one-row steps."""
     engine = MockEngine(batch=8)
-    engine.gate.clear()
+    engine.hold = lambda: len(scheduler.waiting) == 5  # one burst of 6
     scheduler = make(engine)
     short = [scheduler.submit([i + 1], [i], 2, stop_at_eos=False) for i in range(5)]
     long = scheduler.submit([7, 7], [5], 30, stop_at_eos=False)
-    while scheduler.active < 6:
-        time.sleep(0.001)
-    engine.gate.set()
     assert [run(h) for h in short] == [expected([i + 1], 2, i) for i in range(5)]
     assert run(long) == expected([7, 7], 30, salt=5)
     assert [s["rows"] for s in engine.steps[-20:]] == [1] * 20
