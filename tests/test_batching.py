@@ -67,14 +67,17 @@ def test_prompts_prefilled_in_chunks_beside_decoding_streams_keep_their_tokens(l
 
 
 def test_a_cached_prefix_gives_the_same_tokens(llm, golden):
-    """A second request sharing a long prefix reuses its blocks; greedy tokens agree with
-    a request that computed everything."""
+    """A second request sharing a long prefix reuses its blocks (the full ones from the
+    prefix cache, the begun one copied, only the last token computed); greedy tokens agree
+    with a request that computed everything."""
     prefix = golden["prompts"][2]["ids"] * 3  # 189 tokens
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
     first = llm.generate(prefix + [100, 200], params).token_ids
-    hits = llm.scheduler.pool.hits
+    hits, copied = llm.scheduler.pool.hits, llm.scheduler.pool.partial_hits
     again = llm.generate(prefix + [100, 200], params).token_ids
-    assert llm.scheduler.pool.hits - hits == (len(prefix) + 1) // llm.engine.block_size
+    full = (len(prefix) + 1) // llm.engine.block_size
+    assert llm.scheduler.pool.hits - hits == full
+    assert llm.scheduler.pool.partial_hits - copied == len(prefix) + 1 - full * 16
     assert again == first
     other = llm.generate(prefix + [300], params).token_ids
     assert llm.scheduler.pool.hits - hits > len(prefix) // llm.engine.block_size
@@ -83,13 +86,14 @@ def test_a_cached_prefix_gives_the_same_tokens(llm, golden):
 
 
 def test_a_burst_over_several_cached_prefixes_is_prefilled_in_one_step(llm, golden, monkeypatch):
-    """Requests whose prompts are cached, each its own (three prior groups, one of them
-    read by two requests), are prefilled in one step and keep the reference's tokens."""
+    """Requests whose prompts are cached (three prompts, twice each: each request copies
+    its prompt's begun block, so six prior groups) are prefilled in one step, computing
+    one token each, and keep the reference's tokens."""
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     prompts = golden["prompts"] * 2
     for prompt in prompts[:3]:
         llm.generate(prompt["ids"], params)  # their full blocks go to the prefix cache
-    step, groups, holding = llm.engine.step, [], threading.Event()
+    step, groups, prefilled, holding = llm.engine.step, [], [], threading.Event()
 
     def recording(state, plan):
         if not groups:  # another request's step: the burst queues meanwhile
@@ -99,6 +103,7 @@ def test_a_burst_over_several_cached_prefixes_is_prefilled_in_one_step(llm, gold
                 time.sleep(0.001)
         sees = np.asarray(plan.layout.prior_group)
         groups.append(len(set(sees[sees >= 0].tolist())))
+        prefilled.append(int((np.asarray(plan.layout.segments) >= 0).sum()))
         return step(state, plan)
 
     monkeypatch.setattr(llm.engine, "step", recording)
@@ -109,7 +114,8 @@ def test_a_burst_over_several_cached_prefixes_is_prefilled_in_one_step(llm, gold
     other.join(60)
     for prompt, tokens in zip(prompts, results, strict=True):
         assert list(tokens) == prompt["greedy"][:8]
-    assert groups[:2] == [0, 3]  # the other request's prompt, then the burst's
+    assert groups[:2] == [0, 6]  # the other request's prompt, then the burst's
+    assert prefilled[1] == len(prompts)
 
 
 def test_burst_of_varied_requests_never_compiles(llm, golden):

@@ -23,7 +23,7 @@ from model.engine.ledger import Ledger
 from model.engine.pacing import Pacing
 from model.engine.requests import Group
 from model.engine.scheduler import EngineFailed, QueueFull, RequestFailed
-from model.engine.state import StepPlan
+from model.engine.state import COPIES, StepPlan
 from model.engine.variants import (
     BURST_PROMPTS,
     BURST_SHARE,
@@ -118,7 +118,7 @@ class MockEngine:
         return StepPlan(
             np.zeros(t, np.int32), layout, np.full(r, self.batch, np.int32), np.zeros(r, bool),
             np.zeros(r, np.int32), np.zeros(r, bool), np.full((r, 1), -1, np.int32),
-            np.zeros(r, np.int32),
+            np.zeros(r, np.int32), np.full((COPIES, 2), self.pool_blocks, np.int32),
         )  # fmt: skip
 
     def step(self, state, plan: StepPlan):
@@ -127,6 +127,9 @@ class MockEngine:
             raise RuntimeError("device fell over")
         time.sleep(self.step_delay)
         lay, pool, r = plan.layout, state["pool"], plan.layout.rows
+        for src, dst in plan.copies[plan.copies[:, 1] < self.pool_blocks]:  # before the step
+            pool[dst * BS : (dst + 1) * BS] = pool[src * BS : (src + 1) * BS]
+        self.copied = getattr(self, "copied", 0) + int((plan.copies[:, 1] < self.pool_blocks).sum())
         tokens = plan.tokens.copy()
         slots = plan.slots
         owned = slots[(slots < self.batch) & (plan.draft == 0)]  # a slot's first row
@@ -293,7 +296,7 @@ def test_a_burst_of_prompts_beside_a_stream_gets_the_large_region(make):
     decodes: one large step takes them all, where one long prompt goes in small chunks."""
     engine = MockEngine(batch=8)
     scheduler = make(engine)
-    short = scheduler.submit([3], [0], 60, stop_at_eos=False)
+    short = scheduler.submit([9], [0], 60, stop_at_eos=False)
     next(iter(short))  # decoding
     engine.gate.clear()
     first = len(engine.steps)
@@ -342,8 +345,10 @@ def test_choices_share_the_prompt_and_compute_only_its_last_block(make):
     prompt = list(range(1, 11))  # 10 tokens: two full blocks of 4, then 2 more
     handle = scheduler.submit(prompt, [0, 3, 40], 6, stop_at_eos=False)
     assert by_choice(handle) == {i: expected(prompt, 6, s) for i, s in enumerate([0, 3, 40])}
-    # 10 prompt tokens for the 1st choice, then only the 2 past the full blocks for each other.
-    assert sum(s["prefill"] for s in engine.steps) == 10 + 2 + 2
+    # 10 prompt tokens for the 1st choice; each other copies the begun block's first
+    # position and computes only the last token.
+    assert sum(s["prefill"] for s in engine.steps) == 10 + 1 + 1
+    assert engine.copied == 2
 
 
 def test_a_cached_prefix_is_not_computed_again(make):
@@ -355,8 +360,34 @@ def test_a_cached_prefix_is_not_computed_again(make):
     computed = sum(s["prefill"] for s in engine.steps)
     second = system + [9, 9, 9]
     assert run(scheduler.submit(second, [0], 3)) == expected(second, 3)
-    assert sum(s["prefill"] for s in engine.steps) - computed == len(second) - 24
-    assert scheduler.pool.hits >= 6
+    # 24 positions from cached blocks, and one (system's 25th token) copied from the first
+    # request's begun block.
+    assert sum(s["prefill"] for s in engine.steps) - computed == len(second) - 24 - 1
+    assert scheduler.pool.hits >= 6 and scheduler.pool.partial_hits == 1
+
+
+def test_a_repeated_prompt_copies_its_begun_block_and_computes_one_token(make):
+    """The same prompt again, and one that shares part of a begun block: the block's
+    start is copied (its positions computed once, read by both: a wrong copy shows as
+    wrong tokens), the rest computed; a block taken by another sequence since is not."""
+    engine = MockEngine(batch=2, pool_blocks=12)
+    scheduler = make(engine)
+    prompt = list(range(1, 12))  # 2 full blocks of 4, then 3 tokens in a begun block
+    assert run(scheduler.submit(prompt, [0], 3)) == expected(prompt, 3)
+    before = sum(s["prefill"] for s in engine.steps)
+    assert run(scheduler.submit(prompt, [1], 3)) == expected(prompt, 3, salt=1)
+    assert sum(s["prefill"] for s in engine.steps) - before == 1  # the last token only
+    assert scheduler.pool.partial_hits == 2
+    before = sum(s["prefill"] for s in engine.steps)
+    other = prompt[:9] + [40, 41]
+    assert run(scheduler.submit(other, [2], 3)) == expected(other, 3, salt=2)
+    assert sum(s["prefill"] for s in engine.steps) - before == 2  # 9 positions reused
+    # Every block taken by a long sequence (its notes are gone): computed in full.
+    filler = [60 + i % 30 for i in range(44)]
+    assert run(scheduler.submit(filler, [3], 3)) == expected(filler, 3, salt=3)
+    before = sum(s["prefill"] for s in engine.steps)
+    assert run(scheduler.submit(prompt, [4], 3)) == expected(prompt, 3, salt=4)
+    assert sum(s["prefill"] for s in engine.steps) - before == len(prompt)
 
 
 def test_a_burst_with_cached_prefixes_is_prefilled_in_one_step(make):
@@ -365,7 +396,8 @@ def test_a_burst_with_cached_prefixes_is_prefilled_in_one_step(make):
     (a second prior group), each stream still right."""
     engine = MockEngine(batch=8)
     scheduler = make(engine)
-    system, other = list(range(1, 14)), list(range(30, 39))  # 3 and 2 full blocks of 4
+    # 3 and 2 full blocks of 4, no more (a block begun would be copied: see below).
+    system, other = list(range(1, 13)), list(range(30, 38))
     assert run(scheduler.submit(system + [5], [0], 2)) == expected(system + [5], 2)
     assert run(scheduler.submit(other + [6], [0], 2)) == expected(other + [6], 2)
     engine.hold = lambda: len(scheduler.waiting) == len(prompts) - 1  # one burst

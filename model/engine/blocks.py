@@ -9,6 +9,13 @@ caching, as in vLLM. A registered block that no sequence holds stays cached
 until its space is needed: allocation takes never-used blocks first, then
 evicts the least recently released cached block.
 
+A block not yet full is noted too, with the tokens whose keys it holds so far,
+under its parent's hash: a prompt that continues the same prefix with the same
+first tokens (the same question again, the next turn of a chat) copies that
+block and computes only the rest, so reuse is by the token, not by the block
+(as llama.cpp's slots and SGLang's radix cache reuse). A noted block stays free
+to take, last of the free ones; taking it forgets the note.
+
 No JAX here: the scheduler thread owns one BlockPool and decides everything
 about placement; the device only follows the block tables it is given.
 """
@@ -50,7 +57,10 @@ class BlockPool:
         self._hash_of: dict[int, Hash] = {}  # registered blocks
         self._block_of: dict[Hash, int] = {}
         self._idle: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced: LRU first
+        self._partial: dict[Hash | None, dict[int, tuple[int, ...]]] = {}  # parent → notes
+        self._parent_of: dict[int, Hash | None] = {}  # noted blocks
         self.hits = 0  # blocks served from the cache, ever
+        self.partial_hits = 0  # positions copied from noted blocks, ever
 
     @property
     def available(self) -> int:
@@ -72,7 +82,35 @@ class BlockPool:
         else:
             return None
         self._refs[block] = 1
+        self._forget(block)
         return block
+
+    def note(self, block: int, parent: Hash | None, tokens: tuple[int, ...]) -> None:
+        """Block `block` (held, not full) holds the keys of `tokens` after the prefix
+        hashed `parent`."""
+        if self._parent_of.get(block, parent) != parent:
+            self._forget(block)
+        self._parent_of[block] = parent
+        self._partial.setdefault(parent, {})[block] = tokens
+
+    def match(self, parent: Hash | None, tokens: Sequence[int]) -> tuple[int, int]:
+        """The noted block after `parent` whose tokens share the longest start with
+        `tokens`, and that length (0: none)."""
+        best = (-1, 0)
+        for block, held in self._partial.get(parent, {}).items():
+            n = 0
+            while n < min(len(held), len(tokens)) and held[n] == tokens[n]:
+                n += 1
+            best = max(best, (block, n), key=lambda found: found[1])
+        return best
+
+    def _forget(self, block: int) -> None:
+        """Drop a block's note (it is taken again, or holds another prefix now)."""
+        if block in self._parent_of:
+            parent = self._parent_of.pop(block)
+            del self._partial[parent][block]
+            if not self._partial[parent]:
+                del self._partial[parent]
 
     def release(self, blocks: Sequence[int]) -> None:
         """Drop one reference to each block; unreferenced ones become free or idle-cached."""
@@ -81,6 +119,8 @@ class BlockPool:
             if self._refs[block] == 0:
                 if block in self._hash_of:
                     self._idle[block] = None
+                elif block in self._parent_of:
+                    self._never_cached.insert(0, block)  # noted: taken last
                 else:
                     self._never_cached.append(block)
 

@@ -38,6 +38,7 @@ from model.engine.state import (
     EngineState,
     StepOutputs,
     StepPlan,
+    copy_blocks,
     default_pool_tokens,
     empty_plan,
     sampling_row,
@@ -262,7 +263,8 @@ class Engine:
         r, slots = plan.layout.rows, plan.slots  # row i serves slot slots[i] (B: none)
         newest = state.tokens.at[slots].get(mode="fill", fill_value=0)
         tokens = plan.tokens.at[:r].set(jnp.where(plan.decode, newest, plan.tokens[:r]))
-        hidden, pool = apply_step(model, params, tokens, plan.layout, state.pool)
+        copied = copy_blocks(state.pool, plan.copies, self.pool_blocks)  # reused prompt starts
+        hidden, pool = apply_step(model, params, tokens, plan.layout, copied)
         assert pool is not None  # a step with a pool returns it
         chosen = hidden[:, plan.sample_from]  # [D, R]
         logits = apply_logits(model, params, chosen, plan.head_rows(self.batch))
@@ -315,7 +317,9 @@ class Engine:
     def empty_plan(self, shape: StepShape) -> StepPlan:
         """A plan of `shape` that changes nothing: idle rows, padding, no writes, no samples."""
         no_write = self.pool_blocks * self.block_size
-        return empty_plan(shape, self.table_width, no_write, self.mask_words, self.batch)
+        return empty_plan(
+            shape, self.table_width, no_write, self.mask_words, self.batch, self.block_size
+        )
 
     def sampling(
         self, params: SamplingParams, seed: int, prompt_ids: Sequence[int] = ()

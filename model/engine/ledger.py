@@ -1,7 +1,8 @@
 """The scheduler's bookkeeping of pool blocks per sequence, and the plan of a step.
 
 `Ledger` decides which blocks of the KV pool (model/engine/blocks.py) each
-running sequence holds: it reuses cached prefixes, grows a sequence block by
+running sequence holds: it reuses cached prefixes (and copies the start of a begun
+block that continues one: `reuse`), grows a sequence block by
 block, preempts the newest sequence when the pool is out, and registers full
 blocks in the prefix cache. `build_plan` turns the sequences a step runs into
 the engine's StepPlan. Both run on the scheduler thread only.
@@ -9,14 +10,14 @@ the engine's StepPlan. Both run on the scheduler thread only.
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from model.engine.blocks import BlockPool, chain_hash, prefix_hashes
 from model.engine.pacing import MIN_TOKENS, Pacing
 from model.engine.requests import Seq
-from model.engine.state import StepPlan
+from model.engine.state import COPIES, StepPlan
 from model.engine.variants import (
     BURST_PROMPTS,
     BURST_SHARE,
@@ -39,6 +40,7 @@ class Ledger:
         self.pool = pool
         self.pacing = pacing
         self.block_size = pool.block_size
+        self.copies: list[tuple[int, int]] = []  # the planned step's (source, destination)
 
     def check_fits(self, prompt_tokens: int) -> None:
         """ValueError if a prompt (and its first token) cannot fit the whole pool."""
@@ -106,6 +108,10 @@ class Ledger:
             parent = seq.hashes[-1] if seq.hashes else None
             seq.hashes.append(chain_hash(parent, seq.tokens[i * bs : (i + 1) * bs]))
             self.pool.register(seq.blocks[i], seq.hashes[-1])
+        known, full = min(seq.computed, len(seq.tokens)), len(seq.hashes)
+        if full * bs < known and full < len(seq.blocks):  # a block begun: note its tokens
+            parent = seq.hashes[-1] if seq.hashes else None
+            self.pool.note(seq.blocks[full], parent, tuple(seq.tokens[full * bs : known]))
 
     def pending(self, live: list[Seq]) -> int:
         """Prompt positions still to compute, of the sequences that may prefill now."""
@@ -139,6 +145,7 @@ class Ledger:
         quota = math.ceil(BURST_SHARE * len(pending)) if burst else len(pending)
         segments: list[tuple[Seq, int]] = []
         priors: set[Prior] = set()
+        self.copies = []
         for seq in pending:
             if budget <= 0 or len(segments) == quota:
                 break
@@ -160,11 +167,30 @@ class Ledger:
                 continue
             if not self.grow(seq, seq.computed + n):
                 break  # the pool is full: the rest waits
-            segments.append((seq, n))
-            if prior is not None:
-                priors.add(prior)
             budget -= n
+            if len(priors) < PRIOR_GROUPS:  # a copied start is a prior of its own
+                n -= self.reuse(seq, n)
+            segments.append((seq, n))
+            if (prior := prior_of(seq, self.block_size)) is not None:
+                priors.add(prior)
         return segments
+
+    def reuse(self, seq: Seq, n: int) -> int:
+        """Positions of a chunk of `n` that need not be computed: the start of a noted
+        block that continues the prompt's computed blocks with its next tokens
+        (model/engine/blocks.py) is copied into the prompt's next block before the step
+        (`copies`). At most n - 1: the chunk's last token still runs."""
+        bs, c = self.block_size, seq.computed
+        if seq.embed or c % bs or len(seq.hashes) != c // bs or len(self.copies) == COPIES:
+            return 0
+        parent = seq.hashes[-1] if seq.hashes else None
+        block, m = self.pool.match(parent, seq.tokens[c : c + min(n - 1, bs)])
+        if m == 0:
+            return 0
+        self.copies.append((block, seq.blocks[c // bs]))
+        seq.computed += m
+        self.pool.partial_hits += m
+        return m
 
     def release(self, seq: Seq) -> None:
         """Give back a finished sequence's blocks (cached ones stay in the prefix cache)."""
@@ -193,6 +219,7 @@ def build_plan(
     segments: list[tuple[Seq, int]],
     bs: int,
     drafts: Mapping[Seq, list[int]] | None = None,
+    copies: Sequence[tuple[int, int]] = (),
 ) -> tuple[StepPlan, list[Sampler]]:
     """Fill `plan` (an empty plan of the step's shape) with the decode rows (each followed
     by its sequence's draft rows, if it drafts: model/engine/speculative.py) and prompt
@@ -217,6 +244,8 @@ def build_plan(
             plan.decode[r] = i == 0 and not seq.feed
             plan.tokens[r] = token if i or seq.feed else 0
             r += 1
+    for i, copy in enumerate(copies):
+        plan.copies[i] = copy
     start = rows
     groups: dict[Prior, int] = {}  # prior group of each distinct prior
     for g, (seq, n) in enumerate(segments):

@@ -299,9 +299,8 @@ class Scheduler:
         drafts = {} if in_flight else self.speculation.drafts(decode, rows, prefill, self)
         rows += sum(map(len, drafts.values()))
         shape = pick_shape(self.engine.runnable(), max(rows, 1), prefill)
-        plan, samplers = build_plan(
-            self.engine.empty_plan(shape), decode, segments, self.engine.block_size, drafts
-        )
+        plan, bs, copies = self.engine.empty_plan(shape), self.engine.block_size, self.ledger.copies
+        plan, samplers = build_plan(plan, decode, segments, bs, drafts, copies)
         fill_masks(plan, samplers, self._fail_request)
         units = sum(self.ledger.pacing.units(s.computed, n) for s, n in segments)
         self._state, outputs = self.engine.step(self._state, plan)

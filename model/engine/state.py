@@ -9,6 +9,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from model.engine.variants import StepShape
 from model.nn.attention import (
@@ -22,6 +23,27 @@ from model.nn.attention import (
 from model.nn.config import ModelConfig
 from model.nn.sampling import SlotSampling
 from model.types import SamplingParams
+
+# Block copies a step may start with (one per prompt that reuses a partly filled block).
+COPIES = 32
+
+
+def copy_blocks(pool: Pool, copies: jax.Array, blocks: int) -> Pool:
+    """The pool with each (source, destination) block of `copies` [C, 2] copied in every
+    layer (`blocks` a layer; the copies first, then destinations past them: none)."""
+    layers = pool.k.shape[0] // blocks
+
+    def one(i, pool: Pool) -> Pool:
+        def copy(array: jax.Array) -> jax.Array:
+            view = array.reshape(layers, blocks, *array.shape[1:])
+            block = lax.dynamic_index_in_dim(view, copies[i, 0], axis=1)
+            return lax.dynamic_update_index_in_dim(view, block, copies[i, 1], 1).reshape(
+                array.shape
+            )
+
+        return Pool(copy(pool.k), copy(pool.v))
+
+    return lax.fori_loop(0, jnp.sum(copies[:, 1] < blocks), one, pool)
 
 
 class EngineState(flax.struct.PyTreeNode):
@@ -49,7 +71,10 @@ class StepPlan(flax.struct.PyTreeNode):
     allowed [R, W] i32: grammar bitmasks (all bits set: unconstrained);
     draft [R] i32: 0, or i for the i-th draft row of a speculating slot (its token
     from `tokens`; it samples as any row, by its position, and leaves the slot's state alone:
-    model/engine/speculative.py).
+    model/engine/speculative.py);
+    copies [COPIES, 2] i32: blocks (source, destination) copied in every layer before the
+    step (a prompt reusing the computed start of another sequence's partly filled block:
+    model/engine/blocks.py); a destination past the pool: none.
     """
 
     tokens: jax.Array
@@ -60,6 +85,7 @@ class StepPlan(flax.struct.PyTreeNode):
     sample: jax.Array
     allowed: jax.Array
     draft: jax.Array
+    copies: jax.Array
 
     @classmethod
     def host(cls, layout: Layout, **arrays: np.ndarray) -> "StepPlan":
@@ -121,7 +147,7 @@ def free_memory_bytes() -> int:
 
 
 def empty_plan(
-    shape: StepShape, table_width: int, no_write: int, mask_words: int, batch: int
+    shape: StepShape, table_width: int, no_write: int, mask_words: int, batch: int, block_size: int
 ) -> StepPlan:
     """A plan of `shape` that changes nothing: idle rows of no slot (`batch`, past the
     last), padding, no writes (`no_write`: a flat pool position past the pool), no
@@ -147,6 +173,7 @@ def empty_plan(
         sample=np.zeros(r, bool),
         allowed=np.full((r, mask_words), -1, np.int32),
         draft=np.zeros(r, np.int32),
+        copies=np.full((COPIES if shape.prefill else 1, 2), no_write // block_size, np.int32),
     )
 
 
