@@ -316,10 +316,8 @@ class Engine:
 
     def empty_plan(self, shape: StepShape) -> StepPlan:
         """A plan of `shape` that changes nothing: idle rows, padding, no writes, no samples."""
-        no_write = self.pool_blocks * self.block_size
-        return empty_plan(
-            shape, self.table_width, no_write, self.mask_words, self.batch, self.block_size
-        )
+        blocks, bs = self.pool_blocks, self.block_size
+        return empty_plan(shape, self.table_width, blocks * bs, self.mask_words, self.batch, bs)
 
     def sampling(
         self, params: SamplingParams, seed: int, prompt_ids: Sequence[int] = ()
