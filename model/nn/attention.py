@@ -372,28 +372,27 @@ def _kernel_prior(q: jax.Array, pool: Pool, layout: Layout, base):
 
 
 def _prior_attention(q: jax.Array, pool: Pool, layout: Layout, state, base, chunk: int):
-    """Adds each prior group's positions (from the pool) to the softmax of its tokens."""
+    """Adds each prior group's positions (from the pool) to the softmax of its tokens, in
+    one loop over every group's chunks (nested loops made XLA copy the pool per layer)."""
     k, g, h, p = q.shape
     per_chunk = chunk_blocks(chunk, pool.block_size, layout.prior_blocks.shape[1])
     width = per_chunk * pool.block_size
     sees = jnp.where(layout.segments >= 0, layout.prior_group, -1)  # [P]
+    ends = jnp.cumsum((layout.prior + width - 1) // width)  # each group's last chunk + 1
 
-    def group(j, state):
-        table, prior, mine = layout.prior_blocks[j], layout.prior[j], sees == j
+    def body(i, state):
+        j = jnp.sum(i >= ends)  # the group of loop chunk i, and its chunk c
+        c = i - (ends[j] - (layout.prior[j] + width - 1) // width)
+        ids = lax.dynamic_slice_in_dim(layout.prior_blocks[j], c * per_chunk, per_chunk) + base
+        keys = pool.k[ids].transpose(1, 2, 0, 3).reshape(k, h, width)  # [K, H, C]
+        values = pool.v[ids].transpose(1, 0, 2, 3).reshape(k, width, h)  # [K, C, H]
+        s = jnp.einsum("kghq,khc->kgqc", q, keys).astype(jnp.float32) * h**-0.5
+        visible = (sees == j)[:, None] & (c * width + jnp.arange(width) < layout.prior[j])[None, :]
 
-        def body(c, state):
-            ids = lax.dynamic_slice_in_dim(table, c * per_chunk, per_chunk) + base
-            keys = pool.k[ids].transpose(1, 2, 0, 3).reshape(k, h, width)  # [K, H, C]
-            values = pool.v[ids].transpose(1, 0, 2, 3).reshape(k, width, h)  # [K, C, H]
-            s = jnp.einsum("kghq,khc->kgqc", q, keys).astype(jnp.float32) * h**-0.5
-            visible = mine[:, None] & (c * width + jnp.arange(width) < prior)[None, :]
+        def weighted(probs):
+            out = jnp.einsum("kgqc,kch->kgqh", probs.astype(values.dtype), values)
+            return out.astype(jnp.float32)
 
-            def weighted(probs):
-                out = jnp.einsum("kgqc,kch->kgqh", probs.astype(values.dtype), values)
-                return out.astype(jnp.float32)
+        return _online(state, jnp.where(visible, s, NEG_INF), weighted)
 
-            return _online(state, jnp.where(visible, s, NEG_INF), weighted)
-
-        return lax.fori_loop(0, (prior + width - 1) // width, body, state)
-
-    return lax.fori_loop(0, layout.prior.shape[0], group, state)
+    return lax.fori_loop(0, ends[-1], body, state)
