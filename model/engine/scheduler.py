@@ -11,8 +11,8 @@ decides what goes in each step:
   the pool can hold its prompt besides what running sequences need. Its prompt's
   longest cached prefix is reused at once (automatic prefix caching,
   model/engine/blocks.py), so only the rest is prefilled. The 2nd…nth choices
-  wait until the first's prompt is computed, then reuse its blocks the same way
-  and compute only the prompt's last, partial block with their own PRNG keys.
+  wait until the first's prompt is computed, then reuse its blocks (the last one's
+  start copied) and compute only its last token, with their own PRNG keys.
 - Every step carries a decode row for each decoding sequence and fills the
   prefill region with prompt chunks: a small region (SMALL_CHUNK tokens) while
   few prompt tokens wait (SMALL_PREFILL_MAX), or while streams decode and fewer

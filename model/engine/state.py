@@ -37,9 +37,8 @@ def copy_blocks(pool: Pool, copies: jax.Array, blocks: int) -> Pool:
         def copy(array: jax.Array) -> jax.Array:
             view = array.reshape(layers, blocks, *array.shape[1:])
             block = lax.dynamic_index_in_dim(view, copies[i, 0], axis=1)
-            return lax.dynamic_update_index_in_dim(view, block, copies[i, 1], 1).reshape(
-                array.shape
-            )
+            view = lax.dynamic_update_index_in_dim(view, block, copies[i, 1], axis=1)
+            return view.reshape(array.shape)
 
         return Pool(copy(pool.k), copy(pool.v))
 

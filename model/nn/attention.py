@@ -378,11 +378,12 @@ def _prior_attention(q: jax.Array, pool: Pool, layout: Layout, state, base, chun
     per_chunk = chunk_blocks(chunk, pool.block_size, layout.prior_blocks.shape[1])
     width = per_chunk * pool.block_size
     sees = jnp.where(layout.segments >= 0, layout.prior_group, -1)  # [P]
-    ends = jnp.cumsum((layout.prior + width - 1) // width)  # each group's last chunk + 1
+    chunks = (layout.prior + width - 1) // width  # [Q]
+    ends = jnp.cumsum(chunks)  # each group's last loop chunk + 1
 
     def body(i, state):
         j = jnp.sum(i >= ends)  # the group of loop chunk i, and its chunk c
-        c = i - (ends[j] - (layout.prior[j] + width - 1) // width)
+        c = i - ends[j] + chunks[j]
         ids = lax.dynamic_slice_in_dim(layout.prior_blocks[j], c * per_chunk, per_chunk) + base
         keys = pool.k[ids].transpose(1, 2, 0, 3).reshape(k, h, width)  # [K, H, C]
         values = pool.v[ids].transpose(1, 0, 2, 3).reshape(k, width, h)  # [K, C, H]
