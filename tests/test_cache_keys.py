@@ -24,6 +24,7 @@ import pytest
 from model.engine.engine import SCAN, Engine
 from model.engine.variants import StepShape
 from model.nn.transformer import Transformer, param_shapes
+from model.weights import source_digest
 from model.weights.gguf import config_from_metadata
 from model.weights.source_digest import project_files
 from tests.server_process import REPO, run_python_report
@@ -177,3 +178,46 @@ def test_the_digest_reaches_every_module_the_engine_uses():
     for module in ("model/nn/transformer.py", "model/engine/state.py", "sharding/rules.py"):
         assert REPO / module in files
     assert all(file.is_relative_to(REPO) for file in files)
+
+
+MODULE = '''"""A module whose imports sit in functions and methods, and span lines.{doc}"""
+import os
+
+
+def f():
+    from pkg import b
+    from pkg.c import (
+        x,
+        y,
+    )
+
+
+class K:
+    def g(self):
+        import pkg.d as dd
+
+        return dd
+
+
+from . import e
+'''
+
+
+@pytest.mark.parametrize("doc", ["", "\nimport the weights from disk, a line no import parses as"])
+def test_imports_are_found_at_any_depth_and_across_lines(tmp_path, monkeypatch, doc):
+    """Every import reaches the digest, read from the import lines alone or, where those
+    do not parse (a docstring's line starting with "import"), from the whole module."""
+    package = tmp_path / "pkg"
+    package.mkdir()
+    for name in ("__init__", "b", "c", "d", "e"):
+        (package / f"{name}.py").write_text("x = y = 1\n")
+    (package / "a.py").write_text(MODULE.format(doc=doc))
+    monkeypatch.setattr(source_digest, "ROOT", tmp_path)
+    source_digest._project_file.cache_clear()
+    try:
+        found = source_digest._imports(package / "a.py")
+        files = project_files("pkg.a")
+    finally:
+        source_digest._project_file.cache_clear()
+    assert found == {"os", "pkg.b", "pkg.c", "pkg.d", "pkg.e"}
+    assert files == {package / f"{name}.py" for name in ("__init__", "a", "b", "c", "d", "e")}
