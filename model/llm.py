@@ -314,7 +314,9 @@ class LLM:
 
 
 def _preload(llm: LLM) -> None:
-    """Load the stored executables, then get the faster ones while nothing is served."""
+    """Load the other stored executables, then get the faster ones, while nothing is
+    served: loading takes the cores a request's steps run on (a request that needs one
+    loads it itself)."""
     alive = threading.main_thread().is_alive
 
     def when_idle() -> bool:
@@ -323,7 +325,7 @@ def _preload(llm: LLM) -> None:
         return alive()
 
     try:
-        llm.engine.variants.preload(until=alive)
+        llm.engine.variants.preload(until=when_idle)
         llm.engine.variants.upgrade(until=when_idle)
         llm._push()
     except Exception:  # a request that needs a stored executable loads it itself
