@@ -97,17 +97,13 @@ def append(file: Path, code: str) -> None:
 
 
 def test_an_edit_to_traced_code_in_a_nested_module_compiles_again(tree, tiny_gguf):
-    cache = str(tree.parent / "compile")
-    first = run(tree, SERVE_ONE, str(tiny_gguf), cache)
-    assert first["compiled"] >= 4 and first["loaded"] == 0
-    # (That an unchanged tree loads them all again is tests/test_compile_cache.py's.)
-
-    # The logits' sign now comes from a module in a new nested folder.
+    """The logits' sign comes from a module in a new nested folder; editing only that
+    module compiles every executable again, and the new ones give other tokens."""
     nested = tree / "model" / "probe" / "flip"
     nested.mkdir(parents=True)
     (nested.parent / "__init__.py").write_text("")
     (nested / "__init__.py").write_text("")
-    (nested / "sign.py").write_text("SIGN = -1.0\n")
+    (nested / "sign.py").write_text("SIGN = 1.0\n")
     append(
         in_copy(tree, Transformer),
         """
@@ -119,14 +115,15 @@ def test_an_edit_to_traced_code_in_a_nested_module_compiles_again(tree, tiny_ggu
         )
         """,
     )
+    cache = str(tree.parent / "compile")
+    first = run(tree, SERVE_ONE, str(tiny_gguf), cache)
+    assert first["compiled"] >= 4 and first["loaded"] == 0
+    # (That an unchanged tree loads them all again is tests/test_compile_cache.py's.)
+
+    (nested / "sign.py").write_text("SIGN = -1.0\n")  # only the nested module changes
     flipped = run(tree, SERVE_ONE, str(tiny_gguf), cache)
     assert flipped["compiled"] == first["compiled"] and flipped["loaded"] == 0
-    assert flipped["ids"] != first["ids"]  # the least likely tokens now
-
-    (nested / "sign.py").write_text("SIGN = 1.0\n")  # only the nested module changes
-    restored = run(tree, SERVE_ONE, str(tiny_gguf), cache)
-    assert restored["compiled"] == first["compiled"] and restored["loaded"] == 0
-    assert restored["ids"] == first["ids"]  # a stale executable would give `flipped`'s
+    assert flipped["ids"] != first["ids"]  # the least likely tokens now; stale: the same
 
 
 def test_an_edit_to_config_parsing_prepares_the_model_again(tree, tiny_gguf):
