@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 Messages = str | Sequence[dict]
 SEED_STRIDE = 0x9E3779B97F4A7C15  # choice i of a seeded request uses seed + i * stride
+QUIET_S = 0.5  # idle seconds before the background loads another executable
 
 
 def compute_dtype(name: str | None) -> jnp.dtype:
@@ -314,14 +315,18 @@ class LLM:
 
 
 def _preload(llm: LLM) -> None:
-    """Load the other stored executables, then get the faster ones, while nothing is
-    served: loading takes the cores a request's steps run on (a request that needs one
-    loads it itself)."""
+    """Load the other stored executables, then get the faster ones, each once nothing has
+    been served for QUIET_S: loading takes the cores a request's steps run on (a request
+    that needs one loads it itself), and the request that woke a new instance comes just
+    after it is ready."""
     alive = threading.main_thread().is_alive
 
     def when_idle() -> bool:
-        while alive() and not llm.scheduler.idle:
-            time.sleep(0.1)
+        quiet_since = time.monotonic()
+        while alive() and time.monotonic() - quiet_since < QUIET_S:
+            time.sleep(QUIET_S / 10)
+            if not llm.scheduler.idle:
+                quiet_since = time.monotonic()
         return alive()
 
     try:
