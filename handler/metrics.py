@@ -4,8 +4,9 @@ Names follow vLLM's where the meaning is the same, under `jaxchat:` instead of
 `vllm:`, so dashboards carry over:
 - now (read from the scheduler at each scrape): `num_requests_running`,
   `num_requests_waiting`, `kv_cache_usage_perc` (0-1: pool blocks held by
-  sequences), `prefix_cache_hit_blocks_total`, `engine_step_seconds` (a
-  summary: steps and their summed time from dispatch to delivered tokens), and
+  sequences), `prefix_cache_hit_blocks_total`, `prefix_cache_hit_tokens_total`,
+  `engine_step_seconds` (a summary: steps and their summed time from dispatch to
+  delivered tokens), and
   `executables_pending` (steps still loading or compiling in the background);
 - per request: histograms `time_to_first_token_seconds`,
   `time_per_output_token_seconds`, `e2e_request_latency_seconds`,
@@ -163,6 +164,12 @@ class EngineCollector(Collector):
             "jaxchat:prefix_cache_hit_blocks",
             "KV blocks served from the prefix cache instead of prefilled.",
             stats.prefix_hit_blocks,
+        )
+        yield CounterMetricFamily(
+            "jaxchat:prefix_cache_hit_tokens",
+            "Prompt positions whose keys and values came from the prefix cache (its whole "
+            "blocks, and the start of a begun block, copied) instead of being computed.",
+            stats.prefix_hit_tokens,
         )
         yield CounterMetricFamily(
             "jaxchat:spec_decode_num_draft_tokens",

@@ -80,7 +80,7 @@ class FakeLLM:
 
     def stats(self) -> SchedulerStats:
         """Fixed, so that /metrics shows exactly these."""
-        return SchedulerStats(2, 3, 100, 25, 7, 40, 2.0, 12, 9, 1)
+        return SchedulerStats(2, 3, 100, 25, 7, 121, 40, 2.0, 12, 9, 1)
 
     # The real model's request checks (model/limits.py), on this fake's sizes.
     check = LLM.check

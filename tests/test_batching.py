@@ -74,10 +74,12 @@ def test_a_cached_prefix_gives_the_same_tokens(llm, golden):
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
     first = llm.generate(prefix + [100, 200], params).token_ids
     hits, copied = llm.scheduler.pool.hits, llm.scheduler.pool.partial_hits
+    served = llm.stats().prefix_hit_tokens
     again = llm.generate(prefix + [100, 200], params).token_ids
     full = (len(prefix) + 1) // llm.engine.block_size
     assert llm.scheduler.pool.hits - hits == full
     assert llm.scheduler.pool.partial_hits - copied == len(prefix) + 1 - full * 16
+    assert llm.stats().prefix_hit_tokens - served == len(prefix) + 1  # all but the last
     assert again == first
     other = llm.generate(prefix + [300], params).token_ids
     assert llm.scheduler.pool.hits - hits > len(prefix) // llm.engine.block_size

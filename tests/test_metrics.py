@@ -55,12 +55,13 @@ def test_counters_move_by_the_tokens_of_known_requests(serve):
 
 def test_engine_state_is_read_from_the_scheduler_at_each_scrape(serve):
     samples = scrape(serve())
-    # FakeLLM.stats: 2 running, 3 waiting, 25 of 100 blocks held, 7 hit, 40 steps in 2 s,
-    # 12 drafted and 9 taken, 1 executable still loading.
+    # FakeLLM.stats: 2 running, 3 waiting, 25 of 100 blocks held, 7 hit (121 positions),
+    # 40 steps in 2 s, 12 drafted and 9 taken, 1 executable still loading.
     assert samples[("jaxchat:num_requests_running", ())] == 2
     assert samples[("jaxchat:num_requests_waiting", ())] == 3
     assert samples[("jaxchat:kv_cache_usage_perc", ())] == 0.25
     assert samples[("jaxchat:prefix_cache_hit_blocks_total", ())] == 7
+    assert samples[("jaxchat:prefix_cache_hit_tokens_total", ())] == 121
     assert samples[("jaxchat:engine_step_seconds_count", ())] == 40
     assert samples[("jaxchat:engine_step_seconds_sum", ())] == 2.0
     assert samples[("jaxchat:spec_decode_num_draft_tokens_total", ())] == 12

@@ -21,6 +21,7 @@ class SchedulerStats:
     pool_blocks: int
     used_blocks: int  # held by sequences (cached but idle blocks are free to take)
     prefix_hit_blocks: int  # blocks served from the prefix cache, ever
+    prefix_hit_tokens: int  # prompt positions not computed: those blocks', and copied ones
     steps: int  # engine steps delivered, ever
     step_seconds: float  # their time from dispatch to delivered tokens, summed
     draft_tokens: int  # speculative drafts verified, ever
@@ -38,6 +39,7 @@ class SchedulerStats:
             s.pool.blocks,
             held,
             s.pool.hits,
+            s.pool.hits * s.pool.block_size + s.pool.partial_hits,
             times.steps,
             times.seconds,
             drafting.drafted,
