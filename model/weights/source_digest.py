@@ -77,7 +77,7 @@ def _imports(file: Path) -> frozenset[str]:
 @cache
 def _imports_of(file: Path, mtime_ns: int, size: int) -> frozenset[str]:
     package = _package_of(file)
-    source = file.read_text()
+    source = file.read_text(encoding="utf-8")  # (the project's sources are UTF-8)
     try:
         tree = ast.parse("\n".join(m[1] for m in IMPORT.finditer(source)), str(file))
     except SyntaxError:
