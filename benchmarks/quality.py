@@ -4,7 +4,8 @@ On the golden prompts (each with the reference's greedy continuation), at every
 position, it compares the next-token distribution of
 - jaxchat's decode steps on the GGUF's 4-bit blocks (the quantized kernel, as a lone
   stream decodes: teacher-forced, 8 positions per step as draft rows are verified),
-- the same blocks in one forward pass (the kernel's many-row path, as prompts run),
+- the same blocks as prompt steps (chunks of 64 through a pool, as prompts run beside
+  decoding streams: the kernel's many-row path, f32),
 - jaxchat's float32 path (JAXCHAT_QUANTIZED_KERNEL=off, a forward pass),
 - llama.cpp's server on the same file (its top 100 log-probabilities), if one is given,
 with the reference's (tests/fixtures/smollm2_quality.npz, written by
@@ -16,18 +17,20 @@ one more outcome, and how often the model's most likely token is the reference's
 """
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
 import numpy as np
 
 from model import LLM
-from model.engine.variants import StepShape
+from model.engine.variants import SMALL_CHUNK, StepShape
 from model.nn.transformer import apply_logits, apply_step
 
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "smollm2_quality.npz"
@@ -70,6 +73,45 @@ def kernel_logprobs(llm: LLM, ids: np.ndarray) -> np.ndarray:
     return np.concatenate(out)
 
 
+def prompt_logits(llm: LLM, ids: Sequence[int], cuts: Sequence[int] = ()) -> np.ndarray:
+    """Logits [T, V] of a prompt prefilled as the serving steps run it: a prefill region
+    per chunk (ending at `cuts`, the last at the prompt's end), each chunk reading the
+    earlier ones from a pool of its own through a shuffled block table."""
+    engine = llm.engine
+
+    def step(params, pool, tokens, layout):
+        hidden, pool = apply_step(engine.scanned_model, params, tokens, layout, pool)
+        return apply_logits(engine.scanned_model, params, hidden), pool
+
+    run = jax.jit(step, donate_argnums=(1,))
+    pool = engine.init_state().pool
+    shuffled = np.random.default_rng(3).permutation(engine.pool_blocks)
+    table = shuffled[: engine.table_width].astype(np.int32)
+    bounds = [0, *cuts, len(ids)]
+    region = max(end - start for start, end in itertools.pairwise(bounds))
+    out = []
+    for start, end in itertools.pairwise(bounds):
+        plan = engine.empty_plan(StepShape(0, region))
+        layout, n = plan.layout, end - start
+        positions = np.arange(start, end, dtype=np.int32)
+        plan.tokens[:n] = np.asarray(ids)[positions]
+        layout.positions[:n] = positions
+        layout.segments[:n] = layout.prior_group[:n] = 0
+        layout.prior[0], layout.prior_blocks[0] = start, table
+        bs = engine.block_size
+        layout.write[:n] = table[positions // bs] * bs + positions % bs
+        logits, pool = run(engine.stacked, pool, plan.tokens, layout)
+        out.append(np.asarray(logits)[:n])
+    return np.concatenate(out)
+
+
+def prompt_logprobs(llm: LLM, ids: np.ndarray) -> np.ndarray:
+    """Log-probabilities [T, V] of the prompt as the serving steps prefill it, in chunks
+    of SMALL_CHUNK tokens (as beside decoding streams)."""
+    cuts = range(SMALL_CHUNK, len(ids), SMALL_CHUNK)
+    return np.asarray(jax.nn.log_softmax(prompt_logits(llm, ids, cuts)))
+
+
 def forward_logprobs(llm: LLM, ids: np.ndarray) -> np.ndarray:
     """Log-probabilities [T, V] of a full forward pass through the steps' layers (as a
     prompt: the many-row kernel on the blocks where it is in use, else float32)."""
@@ -78,7 +120,7 @@ def forward_logprobs(llm: LLM, ids: np.ndarray) -> np.ndarray:
 
 ROW_NAMES = (
     "jaxchat, 4-bit blocks: decode steps",
-    "jaxchat, 4-bit blocks: prompt pass",
+    "jaxchat, 4-bit blocks: prompt steps",
     "jaxchat, float32",
     "llama.cpp",
 )
@@ -163,7 +205,7 @@ def main() -> None:
     try:
         for ids, top_ids, top_logprobs in prompts:
             if llm.engine.kernel:
-                for name, run in zip(ROW_NAMES, (kernel_logprobs, forward_logprobs), strict=False):
+                for name, run in zip(ROW_NAMES, (kernel_logprobs, prompt_logprobs), strict=False):
                     rows[name].append(compare(top_ids, top_logprobs, dense(run(llm, ids))))
             f32_rows = dense(forward_logprobs(f32, ids))
             rows["jaxchat, float32"].append(compare(top_ids, top_logprobs, f32_rows))

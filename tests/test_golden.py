@@ -5,15 +5,12 @@ same Q4_1 weights exactly, so only float summation order differs: logits agree
 to 2e-3 (measured about 1.5e-4) and the argmax agrees at every position.
 """
 
-from functools import partial
-
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model.nn.attention import Layout, init_pool
-from model.nn.transformer import BLOCKS, LAYER_BLOCKS, apply_logits, apply_step
+from benchmarks.quality import prompt_logits
+from model.nn.transformer import BLOCKS, LAYER_BLOCKS
 from model.types import SamplingParams
 
 LOGIT_ATOL = 2e-3
@@ -42,36 +39,16 @@ def test_greedy_tokens_match_reference(llm, golden, index):
 
 
 def test_chunked_prefill_gives_the_logits_of_one_pass(llm, golden):
-    """The longest golden prompt in chunks of 9, 11, 16 and the rest, through the pool
-    (each chunk reading the earlier ones from it), against one plain causal pass. (Each
+    """The longest golden prompt in chunks of 9, 11, 16 and the rest, and in one chunk,
+    both as the serving steps run them (through the pool, each chunk reading the earlier
+    ones from it through a shuffled block table), against one plain causal pass. (Each
     chunk has more than 8 tokens, so every product takes the kernel's f32 path; up to 8
     rows it rounds x to 16 bits, and tests/test_quality.py holds that path to the
     reference.)"""
     ids = golden["prompts"][2]["ids"]
-    engine, bs, blocks = llm.engine, 4, 32
-    config = engine.config
-    pool = init_pool(config.n_layers, blocks, bs, config.n_kv_heads, config.head_dim, jnp.float32)
-    table = np.random.default_rng(3).permutation(blocks).astype(np.int32)
-    model = engine.scanned_model  # the layers as the steps run them
-    step = jax.jit(partial(apply_step, model))
-    head = jax.jit(partial(apply_logits, model))
-    logits = []
-    for start, end in ((0, 9), (9, 20), (20, 36), (36, len(ids))):
-        positions = np.arange(start, end, dtype=np.int32)
-        layout = Layout(
-            positions=positions,
-            context=np.zeros((0,), np.int32),
-            block_tables=np.zeros((0, blocks), np.int32),
-            segments=np.zeros(end - start, np.int32),
-            prior=np.array([start], np.int32),
-            prior_blocks=table[None],
-            prior_group=np.zeros(end - start, np.int32),
-            write=(table[positions // bs] * bs + positions % bs).astype(np.int32),
-        )
-        hidden, pool = step(engine.stacked, np.asarray(ids[start:end], np.int32), layout, pool)
-        logits.append(np.asarray(head(engine.stacked, hidden)))
-    full = np.asarray(engine.forward([ids]))[0]
-    np.testing.assert_allclose(np.concatenate(logits), full, atol=LOGIT_ATOL)
+    full = np.asarray(llm.engine.forward([ids]))[0]
+    for cuts in ([9, 20, 36], []):
+        np.testing.assert_allclose(prompt_logits(llm, ids, cuts), full, atol=LOGIT_ATOL)
 
 
 def test_prompt_tokens_match_reference(llm, golden):
