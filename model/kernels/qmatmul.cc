@@ -21,10 +21,11 @@
 // (int_gemm.cc), the prompt tokens in f32 (`panels`; up to 8 of them as the few-row path
 // does, `rows`).
 //
-// The f32 arithmetic is written with GCC's vector extensions; `target_clones` compiles its
-// loops for AVX-512, AVX2 and plain x86-64, and the loader picks one when the library is
-// loaded. The integer path uses AVX2 or AVX-512 intrinsics where the CPU has them. Output
-// rows are split among a small pool of threads (one per core).
+// The f32 arithmetic is written with GCC's vector extensions, its loops compiled for the
+// CPU's level, or in a portable build for AVX-512, AVX2 and plain x86-64, one picked when
+// the library loads (JAXCHAT_TARGETS, workers.h). The integer path uses AVX2 or AVX-512
+// intrinsics where the CPU has them. Output rows are split among a small pool of threads
+// (one per core).
 
 #include <immintrin.h>
 
@@ -222,7 +223,7 @@ INLINE void one_row(int64_t kind, const uint8_t* row, const float* x, int64_t K,
 
 // Weight rows [n0, n1) against columns [from, U) of x, given as rows [U - from, K]: y is
 // [N, T], those columns of it written, and its columns from U on zero.
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+JAXCHAT_TARGETS
 void rows(int64_t kind, const uint8_t* w, int64_t row_bytes, const float* x, int64_t T,
           int64_t from, int64_t U, int64_t K, float* y, int64_t n0, int64_t n1) {
   float out[kTile];
@@ -473,7 +474,7 @@ INLINE void panel_product(const float* panel, const float* x, int64_t ldx, int64
 // Panels [p0, p1) of W against columns [D, U) of x, packed as [(U - D) / 32 chunks][K][32]
 // (the last chunk padded with zeros), into y [N, T], its columns from U on zero. Rows past
 // N (the last panel) are computed from zeros and not stored.
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+JAXCHAT_TARGETS
 void panels(int64_t kind, const uint8_t* w, int64_t row_bytes, int64_t N, const float* packed,
             int64_t T, int64_t D, int64_t U, int64_t K, float* y, int64_t p0, int64_t p1) {
   thread_local std::vector<float> panel, out;
