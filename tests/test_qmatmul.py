@@ -77,9 +77,12 @@ def integer_path(name: str, t: int) -> bool:
 
 def rounded_columns(name: str, t: int, decode: int) -> np.ndarray:
     """Which of t columns the kernel rounds, the first `decode` marked as decode rows:
-    all or none up to 8 rows; past 8, the decode rows where the CPU has AVX-512 VNNI."""
+    all or none up to 8 rows; past 8, the decode rows, up to 8 of them as a product of
+    their own would, more where the CPU has AVX-512 VNNI."""
     if t <= 8:
         return np.full(t, integer_path(name, t))
+    if decode <= 8:
+        return np.arange(t) < (decode if integer_path(name, max(decode, 1)) else 0)
     gemm = kernels.int_gemm_path(GGMLQuantizationType[name].value)
     assert not gemm or name in INTEGER_FORMATS
     return np.arange(t) < (decode if gemm else 0)
@@ -200,6 +203,28 @@ def test_int8_rows_match_numpy(threads):
             y = qmatmul(rows.blocks, x, INT8_ROW, threads)
             ref = w @ x.astype(np.float64).T
             assert np.abs(y - ref).max() <= 2e-6 * np.abs(ref).max() + 1e-6, (n, k, t)
+
+
+@pytest.mark.parametrize("name", ["Q4_1", "Q6_K"])
+@pytest.mark.parametrize("decode", [1, 5, 8])
+def test_decode_rows_beside_prompt_tokens_multiply_as_alone(name, decode):
+    """Up to 8 decode rows give the same products, to the bit, with prompt tokens after
+    them in the step (up to 8 or more, padding after) as in a step of their own: a
+    stream's tokens do not depend on whether a prompt shares its steps."""
+    rng = np.random.default_rng(23)
+    data = random_blocks(name, 300, 512, rng)
+    kind = BLOCK_FORMATS[name][0]
+    x = rng.standard_normal((72, 512)).astype(np.float32)
+    alone = qmatmul(data, x[:decode], kind, 0)
+    for prompt in (3, 40):
+        used = decode + prompt
+        y = qmatmul(data, x, kind, 0, used=used, decode=decode)
+        assert np.array_equal(y[:, :decode], alone), prompt
+        w = gguf.quants.dequantize(data, GGMLQuantizationType[name]).reshape(300, 512)
+        exact = w.astype(np.float64) @ x[decode:used].astype(np.float64).T
+        scale = np.abs(w).sum(axis=1, keepdims=True) * np.abs(x).max()
+        assert np.abs(y[:, decode:used] - exact).max() <= 2e-6 * scale.max()
+        assert not y[:, used:].any()
 
 
 def test_the_library_is_built_for_this_cpus_level():

@@ -636,6 +636,41 @@ int64_t row_bytes_of(int64_t kind, int64_t K) {
 // (`rows`); past it, once per product (`panels`).
 constexpr int64_t kFewRows = 8;
 
+// The few-row products of x's first U columns (x [K, T], feature-major): in integers where
+// the CPU has the integer path for `kind`, else in f32; y's columns from U on zero.
+void few_rows(int64_t kind, const uint8_t* wp, int64_t row_bytes, int64_t N, const float* xp,
+              int64_t T, int64_t U, int64_t K, float* yp, int parts) {
+  thread_local std::vector<float> staged;  // x as rows [U, K]
+  if (T > 1) {  // the few-row path reads each row of x whole
+    staged.resize(U * K);
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t t = 0; t < U; ++t) staged[t * K + k] = xp[k * T + t];
+    xp = staged.data();
+  }
+  if (integer_path(kind)) {
+    thread_local std::vector<int16_t> q;
+    thread_local std::vector<float> scales;
+    q.resize(U * K);
+    scales.resize(2 * U * K / 32);
+    // (thread_locals: the workers see these through pointers, not by name)
+    int16_t* qp = q.data();
+    float *scale = scales.data(), *sum = scale + U * K / 32;
+    quantize_x(xp, U, K, qp, scale, sum);
+    const bool wide = wide_integer_path(kind);
+    jaxchat::Workers::get().run(N, parts, [&](int64_t n0, int64_t n1) {
+      if (wide) {
+        int_rows512(kind, wp, row_bytes, qp, scale, sum, T, U, K, yp, n0, n1);
+      } else {
+        int_rows(kind, wp, row_bytes, qp, scale, sum, T, U, K, yp, n0, n1);
+      }
+    });
+    return;
+  }
+  jaxchat::Workers::get().run(N, parts, [&](int64_t n0, int64_t n1) {
+    rows(kind, wp, row_bytes, xp, T, 0, U, K, yp, n0, n1);
+  });
+}
+
 ffi::Error QMatmulImpl(ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::S32> kinds,
                        ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> used,
                        ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y, int64_t threads) {
@@ -669,43 +704,24 @@ ffi::Error QMatmulImpl(ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::S32> kinds,
   int parts = threads > 0 ? static_cast<int>(threads) : jaxchat::Workers::get().size();
   // Below about 64k weights a product is faster than waking another thread.
   if (N * K < 65536) parts = 1;
-  thread_local std::vector<float> staged;  // x rearranged for the path taken
   if (T <= kFewRows) {
-    if (T > 1) {  // the few-row path reads each row of x whole: [U, K]
-      staged.resize(U * K);
-      for (int64_t k = 0; k < K; ++k)
-        for (int64_t t = 0; t < U; ++t) staged[t * K + k] = xp[k * T + t];
-      xp = staged.data();
-    }
-    if (integer_path(kind)) {
-      thread_local std::vector<int16_t> q;
-      thread_local std::vector<float> scales;
-      q.resize(U * K);
-      scales.resize(2 * U * K / 32);
-      // (thread_locals: the workers see these through pointers, not by name)
-      int16_t* qp = q.data();
-      float *scale = scales.data(), *sum = scale + U * K / 32;
-      quantize_x(xp, U, K, qp, scale, sum);
-      const bool wide = wide_integer_path(kind);
-      jaxchat::Workers::get().run(N, parts, [&](int64_t n0, int64_t n1) {
-        if (wide) {
-          int_rows512(kind, wp, row_bytes, qp, scale, sum, T, U, K, yp, n0, n1);
-        } else {
-          int_rows(kind, wp, row_bytes, qp, scale, sum, T, U, K, yp, n0, n1);
-        }
-      });
-      return ffi::Error::Success();
-    }
-    jaxchat::Workers::get().run(N, parts, [&](int64_t n0, int64_t n1) {
-      rows(kind, wp, row_bytes, xp, T, 0, U, K, yp, n0, n1);
-    });
+    few_rows(kind, wp, row_bytes, N, xp, T, U, K, yp, parts);
     return ffi::Error::Success();
   }
-  // The decode rows first, as integers where the CPU has VNNI; then the prompt tokens in
-  // f32, so that a prompt's logits do not depend on how it was cut into chunks (rounding
-  // turns the chunks' different f32 sums into steps of 1/32767 of a block's largest).
-  const int64_t D = jaxchat::int_gemm_path(kind) ? decode : 0;
-  if (D > 0) jaxchat::int_gemm(kind, wp, row_bytes, N, xp, T, D, K, yp, parts);
+  // The decode rows first. Up to 8 take the few-row path, as a decode-only step's rows do,
+  // so that a decode row's product is the same whether or not prompt tokens share its step;
+  // more take integers where the CPU has VNNI. Then the prompt tokens in f32, so that a
+  // prompt's logits do not depend on how it was cut into chunks (rounding turns the
+  // chunks' different f32 sums into steps of 1/32767 of a block's largest).
+  int64_t D = 0;
+  if (decode > 0 && decode <= kFewRows) {
+    few_rows(kind, wp, row_bytes, N, xp, T, decode, K, yp, parts);
+    D = decode;
+  } else if (jaxchat::int_gemm_path(kind)) {
+    D = decode;
+    if (D > 0) jaxchat::int_gemm(kind, wp, row_bytes, N, xp, T, D, K, yp, parts);
+  }
+  thread_local std::vector<float> staged;  // the prompt tokens' x rearranged
   if (D == U) {
     for (int64_t n = 0; n < N; ++n) std::fill(yp + n * T + U, yp + (n + 1) * T, 0.0f);
     return ffi::Error::Success();
