@@ -185,12 +185,15 @@ def test_chat_streams_the_models_reply(browser, base_url, client, tmp_path):
 
 def test_stop_keeps_the_partial_reply_and_new_chat_clears(browser, base_url):
     open_page(browser, base_url, KEY)
-    # A greedy reply that runs to all 400 tokens (about 3 s), so Stop comes before its end.
+    # A greedy reply that runs to all 460 tokens (about 3.5 s; the test server's context
+    # is 512), so Stop comes before its end; the first text is looked for every 0.1 s
+    # (at 0.5 s, with 400 tokens, a browser slowed by the other test worker once clicked
+    # after the end).
     set_field(browser, "temperature", "0")
-    set_field(browser, "max-tokens", "400")
+    set_field(browser, "max-tokens", "460")
     send(browser, "Write a very long story about a lighthouse keeper.")
     stop = browser.find_element(By.ID, "stop")
-    WebDriverWait(browser, WAIT_S).until(lambda d: replies(d) and replies(d)[0])
+    WebDriverWait(browser, WAIT_S, poll_frequency=0.1).until(lambda d: replies(d) and replies(d)[0])
     stop.click()
     WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "send").is_enabled())
     assert not stop.is_enabled()
