@@ -88,7 +88,8 @@ def prompt_logits(llm: LLM, ids: Sequence[int], cuts: Sequence[int] = ()) -> np.
     shuffled = np.random.default_rng(3).permutation(engine.pool_blocks)
     table = shuffled[: engine.table_width].astype(np.int32)
     bounds = [0, *cuts, len(ids)]
-    region = max(end - start for start, end in itertools.pairwise(bounds))
+    # One region shape for every prompt of up to SMALL_CHUNK tokens a chunk: compiled once.
+    region = max(SMALL_CHUNK, *(end - start for start, end in itertools.pairwise(bounds)))
     out = []
     for start, end in itertools.pairwise(bounds):
         plan = engine.empty_plan(StepShape(0, region))
