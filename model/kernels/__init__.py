@@ -89,10 +89,8 @@ def library_path(level: str | None = None) -> Path:
 
 def built() -> Path | None:
     """The library to load: the build for this CPU's level, else the portable one."""
-    for level in (cpu_level(), None) if cpu_level() else (None,):
-        if library_path(level).is_file():
-            return library_path(level)
-    return None
+    paths = (library_path(level) for level in dict.fromkeys((cpu_level(), None)))
+    return next((path for path in paths if path.is_file()), None)
 
 
 def build(compiler: str | None = None, portable: bool = False) -> Path:

@@ -636,18 +636,19 @@ int64_t row_bytes_of(int64_t kind, int64_t K) {
 // (`rows`); past it, once per product (`panels`).
 constexpr int64_t kFewRows = 8;
 
-// The few-row products of x's first U columns (x [K, T], feature-major): in integers where
+// The few-row products of columns [from, U) of x (x [K, T], feature-major), each weight
+// row expanded once for all of them: in integers where `round` (columns from 0 only) and
 // the CPU has the integer path for `kind`, else in f32; y's columns from U on zero.
 void few_rows(int64_t kind, const uint8_t* wp, int64_t row_bytes, int64_t N, const float* xp,
-              int64_t T, int64_t U, int64_t K, float* yp, int parts) {
-  thread_local std::vector<float> staged;  // x as rows [U, K]
+              int64_t T, int64_t from, int64_t U, int64_t K, float* yp, int parts, bool round) {
+  thread_local std::vector<float> staged;  // those columns of x as rows [U - from, K]
   if (T > 1) {  // the few-row path reads each row of x whole
-    staged.resize(U * K);
+    staged.resize((U - from) * K);
     for (int64_t k = 0; k < K; ++k)
-      for (int64_t t = 0; t < U; ++t) staged[t * K + k] = xp[k * T + t];
+      for (int64_t t = from; t < U; ++t) staged[(t - from) * K + k] = xp[k * T + t];
     xp = staged.data();
   }
-  if (integer_path(kind)) {
+  if (round && from == 0 && integer_path(kind)) {
     thread_local std::vector<int16_t> q;
     thread_local std::vector<float> scales;
     q.resize(U * K);
@@ -667,7 +668,7 @@ void few_rows(int64_t kind, const uint8_t* wp, int64_t row_bytes, int64_t N, con
     return;
   }
   jaxchat::Workers::get().run(N, parts, [&](int64_t n0, int64_t n1) {
-    rows(kind, wp, row_bytes, xp, T, 0, U, K, yp, n0, n1);
+    rows(kind, wp, row_bytes, xp, T, from, U, K, yp, n0, n1);
   });
 }
 
@@ -705,7 +706,7 @@ ffi::Error QMatmulImpl(ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::S32> kinds,
   // Below about 64k weights a product is faster than waking another thread.
   if (N * K < 65536) parts = 1;
   if (T <= kFewRows) {
-    few_rows(kind, wp, row_bytes, N, xp, T, U, K, yp, parts);
+    few_rows(kind, wp, row_bytes, N, xp, T, 0, U, K, yp, parts, true);
     return ffi::Error::Success();
   }
   // The decode rows first. Up to 8 take the few-row path, as a decode-only step's rows do,
@@ -715,31 +716,25 @@ ffi::Error QMatmulImpl(ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::S32> kinds,
   // chunks' different f32 sums into steps of 1/32767 of a block's largest).
   int64_t D = 0;
   if (decode > 0 && decode <= kFewRows) {
-    few_rows(kind, wp, row_bytes, N, xp, T, decode, K, yp, parts);
+    few_rows(kind, wp, row_bytes, N, xp, T, 0, decode, K, yp, parts, true);
     D = decode;
   } else if (jaxchat::int_gemm_path(kind)) {
     D = decode;
     if (D > 0) jaxchat::int_gemm(kind, wp, row_bytes, N, xp, T, D, K, yp, parts);
   }
-  thread_local std::vector<float> staged;  // the prompt tokens' x rearranged
   if (D == U) {
     for (int64_t n = 0; n < N; ++n) std::fill(yp + n * T + U, yp + (n + 1) * T, 0.0f);
     return ffi::Error::Success();
   }
   if (U - D <= kFewRows) {
-    // A few prompt tokens (a paced chunk beside decode rows): as the few-row path, each
-    // weight row expanded in registers once for all of them, where a panel would spend a
-    // vector of 16 products on each weight for them. 8 decode rows and 4 prompt tokens
-    // through a SmolLM2 layer's four products: 0.9 instead of 1.4 ms.
-    staged.resize((U - D) * K);
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t t = D; t < U; ++t) staged[(t - D) * K + k] = xp[k * T + t];
-    const float* rows_x = staged.data();  // (a thread_local: the workers see the pointer)
-    jaxchat::Workers::get().run(N, parts, [&](int64_t n0, int64_t n1) {
-      rows(kind, wp, row_bytes, rows_x, T, D, U, K, yp, n0, n1);
-    });
+    // A few prompt tokens (a paced chunk beside decode rows) in f32 on the few-row path,
+    // where a panel would spend a vector of 16 products on each weight for them. 8 decode
+    // rows and 4 prompt tokens through a SmolLM2 layer's four products: 0.9 instead of
+    // 1.4 ms.
+    few_rows(kind, wp, row_bytes, N, xp, T, D, U, K, yp, parts, false);
     return ffi::Error::Success();
   }
+  thread_local std::vector<float> staged;  // the prompt tokens' x packed for the panels
   int64_t chunks = (U - D + kColumns - 1) / kColumns;
   staged.resize(chunks * kColumns * K);
   float* packed = staged.data();  // (a thread_local: each worker has its own `staged`)
