@@ -209,8 +209,9 @@ def test_int8_rows_match_numpy(threads):
 @pytest.mark.parametrize("decode", [1, 5, 8])
 def test_decode_rows_beside_prompt_tokens_multiply_as_alone(name, decode):
     """Up to 8 decode rows give the same products, to the bit, with prompt tokens after
-    them in the step (up to 8 or more, padding after) as in a step of their own: a
-    stream's tokens do not depend on whether a prompt shares its steps."""
+    them in the step (up to 8 or more, padding after) as in a step of their own: the
+    kernel's part of a stream's logits does not depend on whether a prompt shares its
+    steps (the steps' XLA ops, compiled per shape, still may in the last bits)."""
     rng = np.random.default_rng(23)
     data = random_blocks(name, 300, 512, rng)
     kind = BLOCK_FORMATS[name][0]
