@@ -51,10 +51,11 @@ def llm():
 
 # The slowest modules first (timed from a clean clone), so the two xdist workers, which
 # `--dist loadfile` hands whole modules in collection order (`--no-loadscope-reorder`:
-# xdist otherwise puts the modules with the most tests first, the quick unit tests), finish
-# together rather than one waiting on a long module picked up late. The first e2e module's server fills the
-# compile cache while the other worker runs the mesh tests, so the next server (or `llm`)
-# loads its executables instead of compiling them again. The rest keep their order.
+# xdist otherwise puts the modules with the most tests first, the quick unit tests),
+# finish together rather than one waiting on a long module picked up late. The first e2e
+# module's server fills the compile cache while the other worker runs the mesh tests, so
+# the next server (or `llm`) loads its executables instead of compiling them again. The
+# rest keep their order.
 SLOW_FIRST = (
     "test_openai_surface.py",
     "test_mesh.py",

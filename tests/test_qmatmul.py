@@ -120,11 +120,19 @@ def rounding_bound(w: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 
 def qmatmul(
-    blocks, x, kind, threads: int, layer: int = 0, used: int | None = None, decode: int = 0
+    blocks,
+    x,
+    kind,
+    threads: int,
+    layer: int = 0,
+    used: int | None = None,
+    decode: int = 0,
+    glu: bool = False,
 ) -> np.ndarray:
     """The kernel's y [N, T] for blocks [N, bytes] (or stacked [L, N, bytes] with a kind
     per layer) and x [T, K] (its first `used` rows real, the first `decode` of them decode
-    rows), through jax.ffi."""
+    rows; glu: x [T, 2K] is [gate, up] and the kernel multiplies silu(gate) * up), through
+    jax.ffi."""
     stacked = blocks.ndim == 3
     blocks = blocks if stacked else blocks[None]
     kinds = np.asarray(kind if stacked else [kind], np.int32)
@@ -134,7 +142,9 @@ def qmatmul(
     columns = np.int32(x.shape[0] if used is None else used)
     if decode:
         columns = np.asarray([columns, decode], np.int32)
-    y = call(blocks, kinds, np.int32(layer), columns, x_km, threads=np.int64(threads))
+    y = call(
+        blocks, kinds, np.int32(layer), columns, x_km, threads=np.int64(threads), glu=np.int64(glu)
+    )
     return np.asarray(y)
 
 
@@ -289,6 +299,53 @@ def test_project_in_a_jitted_function_is_w_at_x():
     y = jax.jit(lambda b, x: project(BlockWeight(b, 8), x, jnp.float32))(data, x)
     emulated = integer_reference("Q8_0", data, w, x.T)  # 5 rows: the integer path
     np.testing.assert_allclose(np.asarray(y), emulated, rtol=1e-5, atol=1e-5)
+
+
+def silu_times_up(x: np.ndarray) -> np.ndarray:
+    """SwiGLU's silu(gate) * up of x [T, 2K] = [gate, up], in float64."""
+    gate, up = np.split(x.astype(np.float64), 2, axis=1)
+    return gate / (1 + np.exp(-gate)) * up
+
+
+def test_glu_takes_silu_of_the_gate_times_up_to_a_few_ulp():
+    """With glu, the kernel's x is [gate; up] and it multiplies silu(gate) * up (the MLP's
+    down projection). Through 127 times the identity (Q8_0 rows of one 127, scale 1: exact)
+    on the f32 path (20 prompt columns: a panel), y is 127 times that product, held to
+    float64's over gates from -100 to 100 (below -87 the kernel's exp saturates: silu there
+    is under 1e-35), and zero past the used columns."""
+    k, t, used = 64, 20, 17
+    identity = gguf.quants.quantize(127 * np.eye(k, dtype=np.float32), GGMLQuantizationType.Q8_0)
+    rng = np.random.default_rng(5)
+    gate = np.concatenate([np.linspace(-100, 100, 41), rng.standard_normal(k * t - 41) * 4])
+    x = np.concatenate([gate.reshape(t, k), rng.standard_normal((t, k))], axis=1)
+    x = x.astype(np.float32)
+    padded = x.copy()
+    padded[used:] = np.nan
+    y = qmatmul(identity, padded, 8, 0, used=used, glu=True)
+    expected = 127 * silu_times_up(x).T
+    np.testing.assert_allclose(y[:, :used], expected[:, :used], rtol=3e-7, atol=1e-30)
+    assert not y[:, used:].any()
+
+
+@pytest.mark.parametrize("t, decode", [(3, 0), (12, 8), (12, 12), (40, 0), (40, 32)])
+def test_glu_is_the_product_of_silu_of_the_gate_times_up(t, decode):
+    """glu on every path (few rows, decode rows beside prompt tokens, panels, the integer
+    GEMM): the same as the kernel's product of silu(gate) * up taken in NumPy, to the
+    rounding the integer paths allow and f32's elsewhere."""
+    rng = np.random.default_rng(t + decode)
+    data = random_blocks("Q4_1", 50, 256, rng)
+    w = gguf.quants.dequantize(data, GGMLQuantizationType.Q4_1).reshape(50, 256)
+    x = rng.standard_normal((t, 512)).astype(np.float32)
+    product = silu_times_up(x).astype(np.float32)
+    y = qmatmul(data, x, 3, 0, decode=decode, glu=True)
+    alone = qmatmul(data, product, 3, 0, decode=decode)
+    bound = 2 * rounding_bound(w, product) + 1e-6 * np.abs(alone).max()
+    assert (np.abs(y - alone) <= bound).all()
+    exact = w.astype(np.float64) @ product.T.astype(np.float64)
+    assert np.abs(y - exact).max() > 0 or decode == 0  # (a real product, not a copy)
+    np.testing.assert_allclose(
+        y, exact, rtol=0, atol=float((rounding_bound(w, product) * 3).max()) + 1e-4
+    )
 
 
 def test_a_row_that_does_not_hold_the_values_is_refused():

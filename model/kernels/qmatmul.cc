@@ -30,6 +30,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <bit>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -672,9 +673,56 @@ void few_rows(int64_t kind, const uint8_t* wp, int64_t row_bytes, int64_t N, con
   });
 }
 
+// e^x, within 2 ulp for x in [-87, 88] and clamped to it (Cephes' expf: 2^n times a
+// polynomial of the remainder), written so that GCC vectorizes a loop of it.
+INLINE float exp_of(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  const float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // x / ln 2, rounded
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;    // x - n ln 2
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  return p * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+}
+
+// SwiGLU's product silu(gate) * up for rows [k0, k1) of the gate and columns [0, V) of
+// x = [gate; up] ([2K, T], feature-major), into out [K, T].
+JAXCHAT_TARGETS
+void swiglu_rows(const float* x, int64_t K, int64_t T, int64_t V, float* out, int64_t k0,
+                 int64_t k1) {
+  for (int64_t k = k0; k < k1; ++k) {
+    const float* __restrict gate = x + k * T;
+    const float* __restrict up = x + (K + k) * T;
+    float* __restrict o = out + k * T;
+    for (int64_t t = 0; t < V; ++t) o[t] = gate[t] / (1.0f + exp_of(-gate[t])) * up[t];
+  }
+}
+
+// x = [gate; up] [2K, T] as SwiGLU's product [K, T] (a thread's own buffer), its first U
+// columns: the down projection's input made here, for the real tokens only, rather than
+// by XLA for every column of the step. Columns are taken in whole vectors of 16 (past U
+// they are padding, which no product reads).
+const float* swiglu(const float* x, int64_t K, int64_t T, int64_t U, int parts) {
+  thread_local std::vector<float> product;
+  product.resize(K * T);
+  float* out = product.data();
+  const int64_t V = std::min(T, (U + 15) / 16 * 16);
+  if (K * V < 16384) parts = 1;
+  jaxchat::Workers::get().run(K, parts, [&](int64_t k0, int64_t k1) {
+    swiglu_rows(x, K, T, V, out, k0, k1);
+  });
+  return out;
+}
+
 ffi::Error QMatmulImpl(ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::S32> kinds,
                        ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> used,
-                       ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y, int64_t threads) {
+                       ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y, int64_t threads,
+                       int64_t glu) {
   auto wd = w.dimensions(), xd = x.dimensions(), yd = y->dimensions();
   if (wd.size() != 3 || kinds.element_count() != static_cast<size_t>(wd[0]) ||
       layer.element_count() != 1 || used.element_count() < 1 || used.element_count() > 2 ||
@@ -683,6 +731,10 @@ ffi::Error QMatmulImpl(ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::S32> kinds,
     return ffi::Error::InvalidArgument(
         "qmatmul: W [L, N, bytes], kinds [L], layer [], used [] or [2], x [K, T] and y [N, T]");
   int64_t L = wd[0], N = wd[1], stride = wd[2], K = xd[0], T = xd[1];
+  if (glu) {  // x is [gate; up], [2K, T]
+    if (K % 2) return ffi::Error::InvalidArgument("qmatmul: glu's x is not [2K, T]");
+    K /= 2;
+  }
   for (int64_t i = 0; i < L; ++i) {
     int64_t kind = kinds.typed_data()[i], bytes = row_bytes_of(kind, K);
     if (bytes < 0 || bytes > stride)
@@ -703,6 +755,7 @@ ffi::Error QMatmulImpl(ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::S32> kinds,
   int64_t decode = 0;
   if (used.element_count() > 1) decode = std::clamp<int64_t>(used.typed_data()[1], 0, U);
   int parts = threads > 0 ? static_cast<int>(threads) : jaxchat::Workers::get().size();
+  if (glu) xp = swiglu(xp, K, T, U, parts);
   // Below about 64k weights a product is faster than waking another thread.
   if (N * K < 65536) parts = 1;
   if (T <= kFewRows) {
@@ -766,4 +819,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchatQMatmul, QMatmulImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("threads"));
+                                  .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("glu"));

@@ -90,13 +90,19 @@ def int8_rows(w: QuantizedWeight) -> BlockWeight:
 
 
 def project(
-    w: Weight | BlockWeight, x: jax.Array, dtype: jnp.dtype, layer=0, used=None
+    w: Weight | BlockWeight, x: jax.Array, dtype: jnp.dtype, layer=0, used=None, glu=False
 ) -> jax.Array:
     """w [out, in] @ x [in, T] → [out, T]; a BlockWeight through the quantized kernel
     (a stacked one: layer `layer`'s, read in place), which computes only x's first `used`
     columns (a traced count; None: all) and gives zeros for the rest. `used` may be
     [count, decode rows]: x's first columns that are decode rows, whose products the kernel
-    may take in integers (model/kernels/int_gemm.cc); the others' stay f32 past 8 rows."""
+    may take in integers (model/kernels/int_gemm.cc); the others' stay f32 past 8 rows.
+
+    glu: x is SwiGLU's [gate; up] ([2 in, T]) and w multiplies silu(gate) * up, which the
+    kernel takes for the used columns alone."""
+    if glu and not isinstance(w, BlockWeight):
+        gate, up = jnp.split(x, 2)
+        x = jax.nn.silu(gate) * up
     if isinstance(w, BlockWeight):
         stacked = isinstance(w.kind, tuple)
         blocks = w.blocks if stacked else w.blocks[None]
@@ -105,7 +111,15 @@ def project(
         call = jax.ffi.ffi_call(QMATMUL_TARGET, out)
         index = jnp.asarray(layer, jnp.int32)
         columns = jnp.asarray(x.shape[1] if used is None else used, jnp.int32)
-        y = call(blocks, kinds, index, columns, x.astype(jnp.float32), threads=np.int64(0))
+        y = call(
+            blocks,
+            kinds,
+            index,
+            columns,
+            x.astype(jnp.float32),
+            threads=np.int64(0),
+            glu=np.int64(glu),
+        )
         return y.astype(dtype)
     return jnp.einsum("OI,IT->OT", dense(w, dtype), x)
 

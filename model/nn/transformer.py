@@ -157,8 +157,8 @@ class MLP(nn.Module):
         c = self.config
         gate_up = matmul_weight(self, "gate_up", (2 * c.ffn_dim, c.dim), self.dtype, quantized)
         down = matmul_weight(self, "down", (c.dim, c.ffn_dim), self.dtype, quantized)
-        gate, up = jnp.split(project(gate_up, x, self.dtype, layer, used), 2)  # [F, T] each
-        return project(down, jax.nn.silu(gate) * up, self.dtype, layer, used)
+        gated = project(gate_up, x, self.dtype, layer, used)  # [gate; up], [2F, T]
+        return project(down, gated, self.dtype, layer, used, glu=True)  # silu(gate) * up
 
 
 class Block(nn.Module):
