@@ -137,19 +137,24 @@ async def prefix_case(client: openai.AsyncOpenAI, model: str, runs: int) -> None
 
 
 async def interference_case(
-    client: openai.AsyncOpenAI, model: str, streams: int, alone_s: float
+    client: openai.AsyncOpenAI, model: str, streams: int, alone_s: float, stream_tokens: int
 ) -> None:
-    """ITL of `streams` running streams alone, then while a ~4,000-token prompt prefills."""
+    """ITL of `streams` running streams alone, then while a ~4,000-token prompt prefills.
+    Each stream asks for `stream_tokens` tokens: enough that none ends (and a new request's
+    prompt takes its place) while it is measured, or the new prompts' own steps are in the
+    gaps too; one that does end is followed by a new one, and the case counts them."""
     chunk_times: list[list[float]] = []  # per request, filled as chunks arrive
+    starts: list[float] = []
 
     async def worker(index: int) -> None:
         while True:
             times: list[float] = []
             chunk_times.append(times)
+            starts.append(time.perf_counter())
             stream = await client.chat.completions.create(
                 model=model,
                 messages=[{"role": "user", "content": PROMPTS[index % len(PROMPTS)]}],
-                max_tokens=256,
+                max_tokens=stream_tokens,
                 temperature=0,
                 stream=True,
                 extra_body={"ignore_eos": True},
@@ -178,11 +183,13 @@ async def interference_case(
             elif sent <= later <= arrived:
                 during.append(later - earlier)
     p50 = percentile(alone, 50)
+    new = sum(1 for t in starts if alone_from <= t <= arrived)
     print(
         f"interference {streams} streams, ITL alone p50 {p50:.3f} s p99 "
         f"{percentile(alone, 99):.3f} s; while a {tokens}-token prompt prefills "
         f"({ttft:.1f} s to its first token) p50 {percentile(during, 50):.3f} s p99 "
-        f"{percentile(during, 99):.3f} s = {percentile(during, 99) / p50:.1f}x the p50 alone",
+        f"{percentile(during, 99):.3f} s = {percentile(during, 99) / p50:.1f}x the p50 alone "
+        f"({new} streams replaced meanwhile)",
         flush=True,
     )
 
@@ -231,7 +238,9 @@ async def run(args: argparse.Namespace) -> None:
         if "prefix" in args.cases:
             await prefix_case(client, model, args.runs)
         if "interference" in args.cases:
-            await interference_case(client, model, streams=8, alone_s=args.alone_seconds)
+            await interference_case(
+                client, model, 8, alone_s=args.alone_seconds, stream_tokens=args.stream_tokens
+            )
         if "long" in args.cases:
             await long_case(client, model, args.long_tokens, max_tokens=32)
     if args.pid:
@@ -248,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="prefix case repetitions")
     parser.add_argument("--alone-seconds", type=float, default=8.0)
     parser.add_argument("--long-tokens", type=int, default=6600)
+    parser.add_argument(
+        "--stream-tokens", type=int, default=2048, help="interference case: each stream's"
+    )
     parser.add_argument("--pid", type=int, default=None, help="server process, for memory")
     parser.add_argument("--timeout", type=float, default=1800.0, help="per request, seconds")
     args = parser.parse_args(argv)
