@@ -128,22 +128,31 @@ def qmatmul(
     used: int | None = None,
     decode: int = 0,
     glu: bool = False,
+    rows: bool = False,
 ) -> np.ndarray:
     """The kernel's y [N, T] for blocks [N, bytes] (or stacked [L, N, bytes] with a kind
     per layer) and x [T, K] (its first `used` rows real, the first `decode` of them decode
-    rows; glu: x [T, 2K] is [gate, up] and the kernel multiplies silu(gate) * up), through
-    jax.ffi."""
+    rows; glu: x [T, 2K] is [gate, up] and the kernel multiplies silu(gate) * up; rows: y
+    comes as [T, N]), through jax.ffi."""
     stacked = blocks.ndim == 3
     blocks = blocks if stacked else blocks[None]
     kinds = np.asarray(kind if stacked else [kind], np.int32)
-    out = jax.ShapeDtypeStruct((blocks.shape[1], x.shape[0]), jnp.float32)
+    n, t = blocks.shape[1], x.shape[0]
+    out = jax.ShapeDtypeStruct((t, n) if rows else (n, t), jnp.float32)
     call = jax.ffi.ffi_call(QMATMUL_TARGET, out)
     x_km = np.ascontiguousarray(x.T)  # the kernel takes x feature-major, [K, T]
     columns = np.int32(x.shape[0] if used is None else used)
     if decode:
         columns = np.asarray([columns, decode], np.int32)
     y = call(
-        blocks, kinds, np.int32(layer), columns, x_km, threads=np.int64(threads), glu=np.int64(glu)
+        blocks,
+        kinds,
+        np.int32(layer),
+        columns,
+        x_km,
+        threads=np.int64(threads),
+        glu=np.int64(glu),
+        rows=np.int64(rows),
     )
     return np.asarray(y)
 
@@ -346,6 +355,25 @@ def test_glu_is_the_product_of_silu_of_the_gate_times_up(t, decode):
     np.testing.assert_allclose(
         y, exact, rtol=0, atol=float((rounding_bound(w, product) * 3).max()) + 1e-4
     )
+
+
+@pytest.mark.parametrize("t, used, decode", [(5, 5, 5), (12, 9, 8), (40, 33, 32), (40, 40, 0)])
+def test_rows_gives_the_product_as_a_row_per_column_of_x(t, used, decode):
+    """With rows (the head, whose logits the sampler reads a row per token), y is [T, N]:
+    the [N, T] product's used columns as rows, bit for bit, on each path (few rows, decode
+    rows beside prompt tokens, the integer GEMM, panels), and zero rows past them. 700
+    outputs: more than one block of the transpose, and not a multiple of it."""
+    rng = np.random.default_rng(t + used)
+    data = random_blocks("Q4_1", 700, 128, rng)
+    x = rng.standard_normal((t, 128)).astype(np.float32)
+    y = qmatmul(data, x, 3, 0, used=used, decode=decode, rows=True)
+    columns = qmatmul(data, x, 3, 0, used=used, decode=decode)
+    assert y.shape == (t, 700)
+    assert np.array_equal(y[:used], columns.T[:used])
+    assert not y[used:].any()
+    w = gguf.quants.dequantize(data, GGMLQuantizationType.Q4_1).reshape(700, 128)
+    bound = rounding_bound(w, x).T[:used] + 1e-4
+    assert (np.abs(y[:used] - (x[:used] @ w.T.astype(np.float64))) <= bound).all()
 
 
 def test_a_row_that_does_not_hold_the_values_is_refused():

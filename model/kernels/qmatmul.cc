@@ -719,10 +719,70 @@ const float* swiglu(const float* x, int64_t K, int64_t T, int64_t U, int parts) 
   return out;
 }
 
+// y [N, T] = W x for x's first U columns (the first `decode` of them decode rows), zero
+// past them.
+void product(int64_t kind, const uint8_t* wp, int64_t row_bytes, int64_t N, const float* xp,
+             int64_t T, int64_t U, int64_t decode, int64_t K, float* yp, int parts) {
+  if (T <= kFewRows) {
+    few_rows(kind, wp, row_bytes, N, xp, T, 0, U, K, yp, parts, true);
+    return;
+  }
+  // The decode rows first. Up to 8 take the few-row path, as a decode-only step's rows do,
+  // so that a decode row's product is the same whether or not prompt tokens share its step;
+  // more take integers where the CPU has VNNI. Then the prompt tokens in f32, so that a
+  // prompt's logits do not depend on how it was cut into chunks (rounding turns the
+  // chunks' different f32 sums into steps of 1/32767 of a block's largest).
+  int64_t D = 0;
+  if (decode > 0 && decode <= kFewRows) {
+    few_rows(kind, wp, row_bytes, N, xp, T, 0, decode, K, yp, parts, true);
+    D = decode;
+  } else if (jaxchat::int_gemm_path(kind)) {
+    D = decode;
+    if (D > 0) jaxchat::int_gemm(kind, wp, row_bytes, N, xp, T, D, K, yp, parts);
+  }
+  if (D == U) {
+    for (int64_t n = 0; n < N; ++n) std::fill(yp + n * T + U, yp + (n + 1) * T, 0.0f);
+    return;
+  }
+  if (U - D <= kFewRows) {
+    // A few prompt tokens (a paced chunk beside decode rows) in f32 on the few-row path,
+    // where a panel would spend a vector of 16 products on each weight for them. 8 decode
+    // rows and 4 prompt tokens through a SmolLM2 layer's four products: 0.9 instead of
+    // 1.4 ms.
+    few_rows(kind, wp, row_bytes, N, xp, T, D, U, K, yp, parts, false);
+    return;
+  }
+  thread_local std::vector<float> staged;  // the prompt tokens' x packed for the panels
+  int64_t chunks = (U - D + kColumns - 1) / kColumns;
+  staged.resize(chunks * kColumns * K);
+  float* packed = staged.data();  // (a thread_local: each worker has its own `staged`)
+  jaxchat::Workers::get().run(chunks, parts, [&](int64_t c0, int64_t c1) {
+    pack(xp, K, T, D, U, packed, c0, c1);
+  });
+  jaxchat::Workers::get().run((N + kPanel - 1) / kPanel, parts, [&](int64_t p0, int64_t p1) {
+    panels(kind, wp, row_bytes, N, packed, T, D, U, K, yp, p0, p1);
+  });
+}
+
+// y [T, N] = the first U columns of src [N, T] as rows, the rest zero: the head's logits
+// as sampling reads them (a row of the vocabulary per token), where XLA's transpose read
+// the product's [N, T] with a stride, twice (9 of a 32-row step's 67 ms).
+void rows_of(const float* src, int64_t N, int64_t T, int64_t U, float* y, int parts) {
+  constexpr int64_t kBlock = 64;  // outputs per pass: their T columns stay in L1
+  jaxchat::Workers::get().run((N + kBlock - 1) / kBlock, parts, [&](int64_t b0, int64_t b1) {
+    for (int64_t n0 = b0 * kBlock; n0 < std::min(N, b1 * kBlock); n0 += kBlock) {
+      const int64_t n1 = std::min(N, n0 + kBlock);
+      for (int64_t t = 0; t < U; ++t)
+        for (int64_t n = n0; n < n1; ++n) y[t * N + n] = src[n * T + t];
+    }
+  });
+  std::fill(y + U * N, y + T * N, 0.0f);
+}
+
 ffi::Error QMatmulImpl(ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::S32> kinds,
                        ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> used,
                        ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y, int64_t threads,
-                       int64_t glu) {
+                       int64_t glu, int64_t rows) {
   auto wd = w.dimensions(), xd = x.dimensions(), yd = y->dimensions();
   if (wd.size() != 3 || kinds.element_count() != static_cast<size_t>(wd[0]) ||
       layer.element_count() != 1 || used.element_count() < 1 || used.element_count() > 2 ||
@@ -742,7 +802,9 @@ ffi::Error QMatmulImpl(ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::S32> kinds,
                                          " cannot hold " + std::to_string(K) +
                                          " values in rows of " + std::to_string(stride) + " bytes");
   }
-  if (yd[0] != N || yd[1] != T) return ffi::Error::InvalidArgument("qmatmul: y is not [N, T]");
+  if (rows ? yd[0] != T || yd[1] != N : yd[0] != N || yd[1] != T)
+    return ffi::Error::InvalidArgument(rows ? "qmatmul: y is not [T, N] (rows)"
+                                            : "qmatmul: y is not [N, T]");
   int64_t l = layer.typed_data()[0];
   if (l < 0 || l >= L) return ffi::Error::InvalidArgument("qmatmul: layer out of range");
   int64_t kind = kinds.typed_data()[l], row_bytes = stride;  // rows may be padded
@@ -757,49 +819,17 @@ ffi::Error QMatmulImpl(ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::S32> kinds,
   int parts = threads > 0 ? static_cast<int>(threads) : jaxchat::Workers::get().size();
   if (glu) xp = swiglu(xp, K, T, U, parts);
   // Below about 64k weights a product is faster than waking another thread.
-  if (N * K < 65536) parts = 1;
-  if (T <= kFewRows) {
-    few_rows(kind, wp, row_bytes, N, xp, T, 0, U, K, yp, parts, true);
+  const int inner = N * K < 65536 ? 1 : parts;
+  if (!rows) {
+    product(kind, wp, row_bytes, N, xp, T, U, decode, K, yp, inner);
     return ffi::Error::Success();
   }
-  // The decode rows first. Up to 8 take the few-row path, as a decode-only step's rows do,
-  // so that a decode row's product is the same whether or not prompt tokens share its step;
-  // more take integers where the CPU has VNNI. Then the prompt tokens in f32, so that a
-  // prompt's logits do not depend on how it was cut into chunks (rounding turns the
-  // chunks' different f32 sums into steps of 1/32767 of a block's largest).
-  int64_t D = 0;
-  if (decode > 0 && decode <= kFewRows) {
-    few_rows(kind, wp, row_bytes, N, xp, T, 0, decode, K, yp, parts, true);
-    D = decode;
-  } else if (jaxchat::int_gemm_path(kind)) {
-    D = decode;
-    if (D > 0) jaxchat::int_gemm(kind, wp, row_bytes, N, xp, T, D, K, yp, parts);
-  }
-  if (D == U) {
-    for (int64_t n = 0; n < N; ++n) std::fill(yp + n * T + U, yp + (n + 1) * T, 0.0f);
-    return ffi::Error::Success();
-  }
-  if (U - D <= kFewRows) {
-    // A few prompt tokens (a paced chunk beside decode rows) in f32 on the few-row path,
-    // where a panel would spend a vector of 16 products on each weight for them. 8 decode
-    // rows and 4 prompt tokens through a SmolLM2 layer's four products: 0.9 instead of
-    // 1.4 ms.
-    few_rows(kind, wp, row_bytes, N, xp, T, D, U, K, yp, parts, false);
-    return ffi::Error::Success();
-  }
-  thread_local std::vector<float> staged;  // the prompt tokens' x packed for the panels
-  int64_t chunks = (U - D + kColumns - 1) / kColumns;
-  staged.resize(chunks * kColumns * K);
-  float* packed = staged.data();  // (a thread_local: each worker has its own `staged`)
-  jaxchat::Workers::get().run(chunks, parts, [&](int64_t c0, int64_t c1) {
-    pack(xp, K, T, D, U, packed, c0, c1);
-  });
-  jaxchat::Workers::get().run((N + kPanel - 1) / kPanel, parts, [&](int64_t p0, int64_t p1) {
-    panels(kind, wp, row_bytes, N, packed, T, D, U, K, yp, p0, p1);
-  });
+  thread_local std::vector<float> buffer;  // y as [T, N]: the product goes here first
+  buffer.resize(N * T);
+  product(kind, wp, row_bytes, N, xp, T, U, decode, K, buffer.data(), inner);
+  rows_of(buffer.data(), N, T, U, yp, parts);
   return ffi::Error::Success();
 }
-
 }  // namespace
 
 // Whether a product of `rows` rows of x with weights of format `kind` rounds x to 16-bit
@@ -820,4 +850,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchatQMatmul, QMatmulImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("threads")
-                                  .Attr<int64_t>("glu"));
+                                  .Attr<int64_t>("glu")
+                                  .Attr<int64_t>("rows"));

@@ -90,7 +90,13 @@ def int8_rows(w: QuantizedWeight) -> BlockWeight:
 
 
 def project(
-    w: Weight | BlockWeight, x: jax.Array, dtype: jnp.dtype, layer=0, used=None, glu=False
+    w: Weight | BlockWeight,
+    x: jax.Array,
+    dtype: jnp.dtype,
+    layer=0,
+    used=None,
+    glu=False,
+    rows=False,
 ) -> jax.Array:
     """w [out, in] @ x [in, T] → [out, T]; a BlockWeight through the quantized kernel
     (a stacked one: layer `layer`'s, read in place), which computes only x's first `used`
@@ -99,7 +105,9 @@ def project(
     may take in integers (model/kernels/int_gemm.cc); the others' stay f32 past 8 rows.
 
     glu: x is SwiGLU's [gate; up] ([2 in, T]) and w multiplies silu(gate) * up, which the
-    kernel takes for the used columns alone."""
+    kernel takes for the used columns alone. rows: the product as [T, out] (a row per
+    column of x, as the sampler reads the head's logits), which the kernel writes so
+    rather than leave XLA a transpose."""
     if glu and not isinstance(w, BlockWeight):
         gate, up = jnp.split(x, 2)
         x = jax.nn.silu(gate) * up
@@ -107,7 +115,8 @@ def project(
         stacked = isinstance(w.kind, tuple)
         blocks = w.blocks if stacked else w.blocks[None]
         kinds = np.asarray(w.kind if stacked else (w.kind,), np.int32)
-        out = jax.ShapeDtypeStruct((blocks.shape[1], x.shape[1]), jnp.float32)
+        n, t = blocks.shape[1], x.shape[1]
+        out = jax.ShapeDtypeStruct((t, n) if rows else (n, t), jnp.float32)
         call = jax.ffi.ffi_call(QMATMUL_TARGET, out)
         index = jnp.asarray(layer, jnp.int32)
         columns = jnp.asarray(x.shape[1] if used is None else used, jnp.int32)
@@ -119,9 +128,10 @@ def project(
             x.astype(jnp.float32),
             threads=np.int64(0),
             glu=np.int64(glu),
+            rows=np.int64(rows),
         )
         return y.astype(dtype)
-    return jnp.einsum("OI,IT->OT", dense(w, dtype), x)
+    return jnp.einsum("OI,IT->TO" if rows else "OI,IT->OT", dense(w, dtype), x)
 
 
 def dense(w: Weight, dtype: jnp.dtype) -> jax.Array:

@@ -245,8 +245,9 @@ class Transformer(nn.Module):
         the quantized head (the dense head computes every row)."""
         if self.has_variable(BLOCKS, "lm_head"):  # the head as blocks (tied or not)
             flat = hidden.reshape(hidden.shape[0], -1)
-            out = project(self.get_variable(BLOCKS, "lm_head"), flat, self.dtype, used=used)
-            return jnp.moveaxis(out.reshape(-1, *hidden.shape[1:]), 0, -1).astype(jnp.float32)
+            blocks: BlockWeight = self.get_variable(BLOCKS, "lm_head")
+            out = project(blocks, flat, self.dtype, used=used, rows=True)  # [rows, V]
+            return out.reshape(*hidden.shape[1:], -1).astype(jnp.float32)
         tied = self.config.tie_embeddings
         head = self.embed.embedding if tied else dense(self.lm_head, self.dtype)  # [V, D]
         out = jnp.einsum("VD,D...->V...", head, hidden)
