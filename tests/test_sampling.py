@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from model.nn.sampling import (
     NEG_INF,
@@ -51,13 +52,21 @@ def test_temperature_zero_is_argmax_whatever_the_key():
     np.testing.assert_allclose(np.asarray(logprobs), expected, rtol=1e-6)
 
 
-def test_first_max_is_argmax_with_ties_to_the_first():
-    rng = np.random.default_rng(0)
-    logits = rng.integers(-3, 4, (64, 50)).astype(np.float32)  # many tied maxima
+@pytest.mark.parametrize("vocabulary", [50, 49152, 32000])
+def test_first_max_is_argmax_with_ties_to_the_first(vocabulary):
+    """Ties go to the first maximum, within a block and across blocks (SmolLM2's 49,152:
+    blocks of 512; 32,000: of 256; 50: no blocks), and a row of NaN gives the last index."""
+    rng = np.random.default_rng(vocabulary)
+    logits = rng.integers(-3, 4, (64, vocabulary)).astype(np.float32)  # many tied maxima
     logits[5] = 2.0  # all tied
-    logits[6, [0, 49]] = 9.0
+    logits[6, [0, vocabulary - 1]] = 9.0
+    logits[7, [vocabulary - 1, vocabulary // 2, vocabulary // 2 + 1]] = 9.0  # blocks apart
+    logits[8, -3:] = 9.0  # in the last block only
+    logits[9] = np.nan
     got = np.asarray(jax.jit(first_max)(jnp.asarray(logits)))
-    np.testing.assert_array_equal(got, np.argmax(logits, axis=-1))
+    expected = np.argmax(logits, axis=-1)
+    expected[9] = vocabulary - 1
+    np.testing.assert_array_equal(got, expected)
 
 
 def test_rows_of_slots_read_the_slots_vocabulary_settings():

@@ -9,6 +9,8 @@ small function of logits [B, V]; `sample` composes them, and skips (under
 logits, and not even the rows of the [B, V] settings are read.
 """
 
+import math
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -214,15 +216,29 @@ def take_rows(s: SlotSampling, slots: jax.Array, names: tuple[str, ...] = ()) ->
     )
 
 
+FIRST_MAX_BLOCK = 512  # logits per block in `first_max`'s second reduction
+
+
 def first_max(logits: jax.Array) -> jax.Array:
-    """jnp.argmax over the last axis (the first of equal maxima) as a max and then a min
-    over the positions holding it: two plain reductions, which XLA:CPU runs several times
-    faster than its arg-max (32 rows of 49,152 logits: 0.8 ms against 3.7). A row with no
-    maximum (NaN) gives the last index."""
+    """jnp.argmax over the last axis (the first of equal maxima) as plain reductions, which
+    XLA:CPU runs several times faster than its arg-max: the maximum, then the first block
+    of FIRST_MAX_BLOCK logits that holds it, then the first position in that block that
+    does (32 rows of 49,152 logits: 0.29 ms, against 0.85 for a min over every position
+    holding the maximum, 3.6 for jnp.argmax). A row with no maximum (NaN) gives the last
+    index."""
     n = logits.shape[-1]
     top = jnp.max(logits, axis=-1, keepdims=True)
-    first = jnp.min(jnp.where(logits == top, jnp.arange(n, dtype=jnp.int32), n), axis=-1)
-    return jnp.minimum(first, n - 1).astype(jnp.int32)
+    block = math.gcd(n, FIRST_MAX_BLOCK)
+    if block < 64:  # a vocabulary that cuts into no useful blocks: a min over every position
+        first = jnp.min(jnp.where(logits == top, jnp.arange(n, dtype=jnp.int32), n), axis=-1)
+        return jnp.minimum(first, n - 1).astype(jnp.int32)
+    blocks = logits.reshape(*logits.shape[:-1], n // block, block)
+    holds = jnp.max(blocks, axis=-1) == top  # [..., blocks]
+    which = jnp.argmax(holds, axis=-1)  # the first block that holds it (few: cheap)
+    inside = jnp.take_along_axis(blocks, which[..., None, None], axis=-2)[..., 0, :]
+    at = inside == top  # (XLA:CPU's max may pass over NaN: then no position holds it)
+    first = which * block + jnp.argmax(at, axis=-1)
+    return jnp.where(jnp.any(at, axis=-1), first, n - 1).astype(jnp.int32)
 
 
 def sample(
