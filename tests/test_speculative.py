@@ -7,6 +7,7 @@ distribution (tiny model, exact probabilities), greedy tokens stay the same (Smo
 import dataclasses
 import itertools
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -274,12 +275,17 @@ def exact_joint(llm: LLM) -> dict[tuple[int, ...], float]:
 
 
 def sampled_counts(llm: LLM, requests: int) -> dict[tuple[int, ...], int]:
+    """Counts of the continuations of `requests` seeded requests of 8 choices each, four
+    requests at a time (32 sequences fill the batch; a seeded draw does not depend on
+    what shares its step)."""
     params = SamplingParams(TEMPERATURE, top_k=TOP_K, max_tokens=STEPS, n=8, ignore_eos=True)
+    run = lambda r: llm.generate_choices(PROMPT, dataclasses.replace(params, seed=1000 + r))  # noqa: E731
     counts: dict[tuple[int, ...], int] = {}
-    for r in range(requests):
-        for c in llm.generate_choices(PROMPT, dataclasses.replace(params, seed=1000 + r)):
-            key = tuple(c.token_ids)
-            counts[key] = counts.get(key, 0) + 1
+    with ThreadPoolExecutor(4) as pool:
+        for choices in pool.map(run, range(requests)):
+            for c in choices:
+                key = tuple(c.token_ids)
+                counts[key] = counts.get(key, 0) + 1
     return counts
 
 
