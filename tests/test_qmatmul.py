@@ -336,11 +336,12 @@ def test_glu_takes_silu_of_the_gate_times_up_to_a_few_ulp():
     assert not y[:, used:].any()
 
 
-@pytest.mark.parametrize("t, decode", [(3, 0), (12, 8), (12, 12), (40, 0), (40, 32)])
+@pytest.mark.parametrize("t, decode", [(3, 0), (12, 8), (12, 12), (40, 0), (40, 32), (16400, 0)])
 def test_glu_is_the_product_of_silu_of_the_gate_times_up(t, decode):
     """glu on every path (few rows, decode rows beside prompt tokens, panels, the integer
-    GEMM): the same as the kernel's product of silu(gate) * up taken in NumPy, to the
-    rounding the integer paths allow and f32's elsewhere."""
+    GEMM; 16,400 tokens, too many for the buffer a thread keeps): the same as the kernel's
+    product of silu(gate) * up taken in NumPy, to the rounding the integer paths allow and
+    f32's elsewhere."""
     rng = np.random.default_rng(t + decode)
     data = random_blocks("Q4_1", 50, 256, rng)
     w = gguf.quants.dequantize(data, GGMLQuantizationType.Q4_1).reshape(50, 256)
@@ -357,12 +358,15 @@ def test_glu_is_the_product_of_silu_of_the_gate_times_up(t, decode):
     )
 
 
-@pytest.mark.parametrize("t, used, decode", [(5, 5, 5), (12, 9, 8), (40, 33, 32), (40, 40, 0)])
+@pytest.mark.parametrize(
+    "t, used, decode", [(5, 5, 5), (12, 9, 8), (40, 33, 32), (40, 40, 0), (6000, 5990, 0)]
+)
 def test_rows_gives_the_product_as_a_row_per_column_of_x(t, used, decode):
     """With rows (the head, whose logits the sampler reads a row per token), y is [T, N]:
     the [N, T] product's used columns as rows, bit for bit, on each path (few rows, decode
-    rows beside prompt tokens, the integer GEMM, panels), and zero rows past them. 700
-    outputs: more than one block of the transpose, and not a multiple of it."""
+    rows beside prompt tokens, the integer GEMM, panels; a forward pass's 6,000 tokens, too
+    many for the buffer a thread keeps), and zero rows past them. 700 outputs: more than
+    one block of the transpose, and not a multiple of it."""
     rng = np.random.default_rng(t + used)
     data = random_blocks("Q4_1", 700, 128, rng)
     x = rng.standard_normal((t, 128)).astype(np.float32)
