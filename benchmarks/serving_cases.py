@@ -6,7 +6,8 @@ Each case speaks only the public API through the official `openai` SDK:
   when the server has just answered the first turn (its prefix cache can hit)
   and when it has never seen that history (a miss: same length, another text);
 - interference: inter-token latency of 8 running streams, alone and while a
-  ~4,000-token prompt arrives and prefills (from its send to its first token);
+  ~4,000-token prompt arrives and prefills (from its send to its first token): the
+  gaps between a stream's deliveries (tokens that arrive together are one);
 - long: the seconds to answer a ~6,600-token prompt on an idle server, then a
   two-word request right after it;
 - memory: resident memory of the server's process tree (with --pid).
@@ -136,6 +137,9 @@ async def prefix_case(client: openai.AsyncOpenAI, model: str, runs: int) -> None
     )
 
 
+TOGETHER = 0.002  # seconds: chunks closer than this arrived together
+
+
 async def interference_case(
     client: openai.AsyncOpenAI, model: str, streams: int, alone_s: float, stream_tokens: int
 ) -> None:
@@ -176,8 +180,15 @@ async def interference_case(
     await asyncio.gather(*workers, return_exceptions=True)
 
     alone, during = [], []
+    tokens_alone = deliveries_alone = 0
     for times in chunk_times:
-        for earlier, later in zip(times, times[1:], strict=False):
+        # Tokens that arrive together (a step that took drafts: speculative decoding, or
+        # a server that sends several at once) are one delivery: the gaps are between
+        # deliveries, or every such token would count a gap of zero.
+        arrivals = [t for i, t in enumerate(times) if i == 0 or t - times[i - 1] > TOGETHER]
+        tokens_alone += sum(1 for t in times if alone_from <= t < sent)
+        deliveries_alone += sum(1 for t in arrivals if alone_from <= t < sent)
+        for earlier, later in zip(arrivals, arrivals[1:], strict=False):
             if alone_from <= later < sent:
                 alone.append(later - earlier)
             elif sent <= later <= arrived:
@@ -189,7 +200,8 @@ async def interference_case(
         f"{percentile(alone, 99):.3f} s; while a {tokens}-token prompt prefills "
         f"({ttft:.1f} s to its first token) p50 {percentile(during, 50):.3f} s p99 "
         f"{percentile(during, 99):.3f} s = {percentile(during, 99) / p50:.1f}x the p50 alone "
-        f"({new} streams replaced meanwhile)",
+        f"({new} streams replaced meanwhile; alone, {tokens_alone / max(deliveries_alone, 1):.2f} "
+        "tokens a delivery)",
         flush=True,
     )
 
