@@ -707,11 +707,10 @@ void swiglu_rows(const float* x, int64_t K, int64_t T, int64_t V, float* out, in
 // (a long forward pass's) is the caller's, freed when the call returns.
 constexpr int64_t kKeep = int64_t{1} << 22;
 
-// x = [gate; up] [2K, T] as SwiGLU's product [K, T] (a thread's own buffer, or `once`
-// past kKeep floats), its first U
-// columns: the down projection's input made here, for the real tokens only, rather than
-// by XLA for every column of the step. Columns are taken in whole vectors of 16 (past U
-// they are padding, which no product reads).
+// x = [gate; up] [2K, T] as SwiGLU's product [K, T], its first U columns (in a buffer the
+// thread keeps, or in `once` past kKeep floats): the down projection's input made here,
+// for the real tokens only, rather than by XLA for every column of the step. Columns are
+// taken in whole vectors of 16 (past U they are padding, which no product reads).
 const float* swiglu(const float* x, int64_t K, int64_t T, int64_t U, int parts,
                     std::vector<float>& once) {
   thread_local std::vector<float> kept;
@@ -824,7 +823,7 @@ ffi::Error QMatmulImpl(ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::S32> kinds,
   int64_t decode = 0;
   if (used.element_count() > 1) decode = std::clamp<int64_t>(used.typed_data()[1], 0, U);
   int parts = threads > 0 ? static_cast<int>(threads) : jaxchat::Workers::get().size();
-  std::vector<float> once;  // a buffer too large to keep
+  std::vector<float> once, large;  // buffers too large to keep: freed on return
   if (glu) xp = swiglu(xp, K, T, U, parts, once);
   // Below about 64k weights a product is faster than waking another thread.
   const int inner = N * K < 65536 ? 1 : parts;
@@ -833,7 +832,6 @@ ffi::Error QMatmulImpl(ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::S32> kinds,
     return ffi::Error::Success();
   }
   thread_local std::vector<float> kept;  // y as [T, N]: the product goes here first
-  std::vector<float> large;
   std::vector<float>& buffer = N * T <= kKeep ? kept : large;
   buffer.resize(N * T);
   product(kind, wp, row_bytes, N, xp, T, U, decode, K, buffer.data(), inner);
