@@ -352,7 +352,6 @@ def test_glu_is_the_product_of_silu_of_the_gate_times_up(t, decode):
     bound = 2 * rounding_bound(w, product) + 1e-6 * np.abs(alone).max()
     assert (np.abs(y - alone) <= bound).all()
     exact = w.astype(np.float64) @ product.T.astype(np.float64)
-    assert np.abs(y - exact).max() > 0 or decode == 0  # (a real product, not a copy)
     np.testing.assert_allclose(
         y, exact, rtol=0, atol=float((rounding_bound(w, product) * 3).max()) + 1e-4
     )

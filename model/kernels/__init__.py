@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 SOURCES = (HERE / "qmatmul.cc", HERE / "int_gemm.cc", HERE / "attention.cc", HERE / "pool.cc")
-HEADERS = (HERE / "workers.h", HERE / "int_gemm.h", HERE / "int_blocks.h")
+HEADERS = (HERE / "workers.h", HERE / "int_gemm.h", HERE / "int_blocks.h", HERE / "vec16.h")
 # GCC's global CSE passes take most of -O3's time on these unrolled loops (qmatmul.cc:
 # 37 s, 17 s without them) and gain nothing measurable in the kernels' speed.
 OPTIMIZE = ("-O3", "-fno-gcse", "-fno-gcse-after-reload")

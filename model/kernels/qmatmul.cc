@@ -30,7 +30,6 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <bit>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -38,6 +37,7 @@
 
 #include "int_blocks.h"
 #include "int_gemm.h"
+#include "vec16.h"
 #include "workers.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -49,23 +49,13 @@ namespace {
 constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8, kQ4_K = 12, kQ6_K = 14, kInt8Row = 1024;
 constexpr int kTile = 8;  // rows of x multiplied with one expanded block
 
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
 typedef uint8_t u8x16 __attribute__((vector_size(16)));
 typedef int8_t i8x16 __attribute__((vector_size(16)));
-
-#define INLINE static inline __attribute__((always_inline))
 
 INLINE float half_to_float(const uint8_t* p) {
   _Float16 h;  // one instruction where the target has F16C (the AVX2 and AVX-512 clones)
   std::memcpy(&h, p, 2);
   return static_cast<float>(h);
-}
-
-INLINE f32x16 load16(const float* p) {
-  f32x16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
 }
 
 INLINE f32x16 widen(u8x16 q) { return __builtin_convertvector(__builtin_convertvector(q, i32x16), f32x16); }
@@ -673,33 +663,34 @@ void few_rows(int64_t kind, const uint8_t* wp, int64_t row_bytes, int64_t N, con
   });
 }
 
-// e^x, within 2 ulp for x in [-87, 88] and clamped to it (Cephes' expf: 2^n times a
-// polynomial of the remainder), written so that GCC vectorizes a loop of it.
-INLINE float exp_of(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
-  const float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // x / ln 2, rounded
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;    // x - n ln 2
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  return p * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
-}
-
 // SwiGLU's product silu(gate) * up for rows [k0, k1) of the gate and columns [0, V) of
-// x = [gate; up] ([2K, T], feature-major), into out [K, T].
+// x = [gate; up] ([2K, T], feature-major), into out [K, T]. silu(g) = g sigmoid(g), and
+// sigmoid(g) is 1 / (1 + e) for g >= 0, e / (1 + e) below, with e = e^-|g| (at most 1).
 JAXCHAT_TARGETS
 void swiglu_rows(const float* x, int64_t K, int64_t T, int64_t V, float* out, int64_t k0,
                  int64_t k1) {
   for (int64_t k = k0; k < k1; ++k) {
-    const float* __restrict gate = x + k * T;
-    const float* __restrict up = x + (K + k) * T;
-    float* __restrict o = out + k * T;
-    for (int64_t t = 0; t < V; ++t) o[t] = gate[t] / (1.0f + exp_of(-gate[t])) * up[t];
+    const float *gate = x + k * T, *up = x + (K + k) * T;
+    float* o = out + k * T;
+    for (int64_t t = 0; t < V; t += 16) {
+      const bool whole = V - t >= 16;  // else the row's last columns, fewer than 16
+      const size_t bytes = sizeof(float) * (whole ? 16 : V - t);
+      f32x16 g{}, u{};
+      if (whole) {
+        g = load16(gate + t), u = load16(up + t);
+      } else {
+        std::memcpy(&g, gate + t, bytes);
+        std::memcpy(&u, up + t, bytes);
+      }
+      const f32x16 e = exp16(g < 0 ? g : -g);
+      const f32x16 sigmoid = (g < 0 ? e : f32x16{} + 1.0f) / (1.0f + e);
+      const f32x16 h = g * sigmoid * u;
+      if (whole) {
+        store16(o + t, h);
+      } else {
+        std::memcpy(o + t, &h, bytes);
+      }
+    }
   }
 }
 
