@@ -15,6 +15,10 @@ NumPy's rendering of that arithmetic (`integer_reference`) and, against the exac
 to the bound that rounding allows (`rounding_bound`); elsewhere to the exact product.
 """
 
+import fnmatch
+import tomllib
+from pathlib import Path
+
 import gguf
 import jax
 import jax.numpy as jnp
@@ -245,6 +249,20 @@ def test_decode_rows_beside_prompt_tokens_multiply_as_alone(name, decode):
         scale = np.abs(w).sum(axis=1, keepdims=True) * np.abs(x).max()
         assert np.abs(y[:, decode:used] - exact).max() <= 2e-6 * scale.max()
         assert not y[:, used:].any()
+
+
+def test_the_installed_package_holds_every_source_the_build_reads():
+    """The Docker image builds the kernels from the installed package (`pip install .`):
+    every source and header the build compiles must be package data, or the build fails
+    there and the image serves without the kernels."""
+    config = tomllib.loads((Path(kernels.__file__).parents[2] / "pyproject.toml").read_text())
+    globs = config["tool"]["setuptools"]["package-data"]["model.kernels"]
+    files = [*kernels.SOURCES, *kernels.HEADERS]
+    missing = [f.name for f in files if not any(fnmatch.fnmatch(f.name, g) for g in globs)]
+    assert not missing
+    assert {f.name for f in kernels.HERE.iterdir() if f.suffix in (".cc", ".h")} == {
+        f.name for f in files
+    }
 
 
 def test_the_library_is_built_for_this_cpus_level():
