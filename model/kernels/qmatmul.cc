@@ -663,35 +663,38 @@ void few_rows(int64_t kind, const uint8_t* wp, int64_t row_bytes, int64_t N, con
   });
 }
 
+// silu(g) * u for n values (silu(g) = g sigmoid(g); sigmoid(g) is 1 / (1 + e) for g >= 0,
+// e / (1 + e) below, with e = e^-|g|, at most 1), 16 at a time.
+INLINE void swiglu_run(const float* gate, const float* up, float* out, int64_t n) {
+  for (int64_t t = 0; t < n; t += 16) {
+    const bool whole = n - t >= 16;  // else the last values, fewer than 16
+    const size_t bytes = sizeof(float) * (whole ? 16 : n - t);
+    f32x16 g{}, u{};
+    if (whole) {
+      g = load16(gate + t), u = load16(up + t);
+    } else {
+      std::memcpy(&g, gate + t, bytes);
+      std::memcpy(&u, up + t, bytes);
+    }
+    const f32x16 e = exp16(g < 0 ? g : -g);
+    const f32x16 h = g * ((g < 0 ? e : f32x16{} + 1.0f) / (1.0f + e)) * u;
+    if (whole) {
+      store16(out + t, h);
+    } else {
+      std::memcpy(out + t, &h, bytes);
+    }
+  }
+}
+
 // SwiGLU's product silu(gate) * up for rows [k0, k1) of the gate and columns [0, V) of
-// x = [gate; up] ([2K, T], feature-major), into out [K, T]. silu(g) = g sigmoid(g), and
-// sigmoid(g) is 1 / (1 + e) for g >= 0, e / (1 + e) below, with e = e^-|g| (at most 1).
+// x = [gate; up] ([2K, T], feature-major), into out [K, T]: where V is T, the rows' values
+// are one run (a decode step's few columns take whole vectors too); else V is a multiple
+// of 16 (`swiglu`).
 JAXCHAT_TARGETS
 void swiglu_rows(const float* x, int64_t K, int64_t T, int64_t V, float* out, int64_t k0,
                  int64_t k1) {
-  for (int64_t k = k0; k < k1; ++k) {
-    const float *gate = x + k * T, *up = x + (K + k) * T;
-    float* o = out + k * T;
-    for (int64_t t = 0; t < V; t += 16) {
-      const bool whole = V - t >= 16;  // else the row's last columns, fewer than 16
-      const size_t bytes = sizeof(float) * (whole ? 16 : V - t);
-      f32x16 g{}, u{};
-      if (whole) {
-        g = load16(gate + t), u = load16(up + t);
-      } else {
-        std::memcpy(&g, gate + t, bytes);
-        std::memcpy(&u, up + t, bytes);
-      }
-      const f32x16 e = exp16(g < 0 ? g : -g);
-      const f32x16 sigmoid = (g < 0 ? e : f32x16{} + 1.0f) / (1.0f + e);
-      const f32x16 h = g * sigmoid * u;
-      if (whole) {
-        store16(o + t, h);
-      } else {
-        std::memcpy(o + t, &h, bytes);
-      }
-    }
-  }
+  if (V == T) return swiglu_run(x + k0 * T, x + (K + k0) * T, out + k0 * T, (k1 - k0) * T);
+  for (int64_t k = k0; k < k1; ++k) swiglu_run(x + k * T, x + (K + k) * T, out + k * T, V);
 }
 
 // Floats of a buffer a thread keeps for its next call (a step's: a few MB); a larger one
