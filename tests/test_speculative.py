@@ -244,6 +244,22 @@ class Forced(Speculation):
         return any(s.decoding for s in live)
 
 
+class Following(Forced):
+    """Every decoding sequence drafts what `tokens` hold at its next positions (up to
+    `k`): one that draws `tokens` takes them all, the others mostly none."""
+
+    def __init__(self, tokens: list[int], k: int):
+        super().__init__(tokens[:k])
+        self.tokens = tokens
+
+    def proposals(self, decode):
+        k = len(self.fixed)
+        return {
+            s: self.tokens[s.generated : s.generated + min(k, s.max_new - s.generated - 1)]
+            for s in decode
+        }
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path = write_tiny_gguf(tmp_path_factory.mktemp("spec"), TINY_LLAMA, seed=3)
@@ -333,8 +349,11 @@ def test_sampled_tokens_with_drafts_follow_the_models_distribution(tiny, monkeyp
 def test_a_seeded_sampled_stream_draws_the_same_tokens_with_drafts(tiny):
     """Each position draws with the slot's key folded with the position: a seeded request
     gets the same tokens whether its positions were drafts (taken or not) or plain decode
-    rows, alone or beside other requests."""
-    params = SamplingParams(0.8, max_tokens=12, ignore_eos=True, n=3)
+    rows, alone or beside other requests. Every sequence drafts the first stream's own
+    next tokens, so that stream takes its drafts and the others mostly reject theirs;
+    8 sequences with 3 drafts each fill a 32-row step exactly, so no sequence's drafts
+    are left out of a step (with more, whose were depended on the threads' timing)."""
+    params = SamplingParams(0.8, max_tokens=12, ignore_eos=True, n=2)
     seeds = [11, 12, 13, 14]
     saved = tiny.scheduler.speculation
     try:
@@ -346,7 +365,7 @@ def test_a_seeded_sampled_stream_draws_the_same_tokens_with_drafts(tiny):
             ]
             for s in seeds
         ]
-        forced = Forced(plain[0][0][1:4])  # the first stream's own tokens: some taken
+        forced = Following(plain[0][0], 3)
         tiny.scheduler.speculation = forced
         drafted = [None] * len(seeds)
 
