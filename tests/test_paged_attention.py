@@ -253,3 +253,53 @@ def test_the_kernels_pool_is_zero_and_costs_memory_as_it_is_written():
     k, v = np.asarray(pool.k), np.asarray(pool.v)
     assert np.count_nonzero(k) == kv * h * bs and np.all(k[7] == 1.0)
     assert np.count_nonzero(v) == 0
+
+
+@pytest.mark.parametrize("cut", [1, 15, 16, 17, 255, 256, 257, 300, 599])
+def test_the_cpu_kernels_prompt_attention_is_the_same_to_the_bit_however_the_prompt_is_cut(
+    rng, cut
+):
+    """A 600-position prompt in one region, and cut at `cut`: its first positions in the pool
+    (a prior group: an earlier chunk, or a cached prefix), the rest in a region behind
+    another prompt's segment. Each token's output is the same to the bit: the kernel's
+    softmax runs over the same spans of positions from 0, in the same order, wherever its
+    keys lie (cuts inside and at its 16-position lanes and 256-position spans)."""
+    assert kernels.load(), "the kernels are built by `make setup` (python -m model.kernels)"
+    h, bs, nb, mb, length = 64, 16, 48, 40, 600
+    pool, keys, values = random_pool(rng, nb, bs, h)
+    table = rng.permutation(nb)[:mb].astype(np.int32)
+    flat = sequence_positions(table, length, bs)
+    q = rng.standard_normal((length, K, G, h)).astype(np.float32)
+    other = 5  # another prompt's segment first in the region, from position 0
+
+    def attend(prior: int) -> np.ndarray:
+        own = np.arange(prior, length)
+        p = other + len(own) + 3  # 3 of padding
+        segments = np.concatenate([np.zeros(other), np.ones(len(own)), np.full(3, -1)])
+        positions = np.concatenate([np.arange(other), own, np.zeros(3)])
+        group = np.where(segments == 1, 0 if prior else -1, -1)
+        picked = np.concatenate([flat[:other], flat[own], flat[:3]])
+        queries = np.concatenate([q[:other], q[own], q[:3]])
+        layout = Layout(
+            positions=jnp.asarray(positions, jnp.int32),
+            context=jnp.zeros((0,), jnp.int32),
+            block_tables=jnp.zeros((0, mb), jnp.int32),
+            segments=jnp.asarray(segments, jnp.int32),
+            prior=jnp.asarray([prior, 0], jnp.int32),
+            prior_blocks=jnp.asarray(np.stack([table, table])),
+            prior_group=jnp.asarray(group, jnp.int32),
+            write=jnp.zeros((p,), jnp.int32),
+        )
+        out = jax.jit(region_attention, static_argnames="kernel")(
+            jnp.asarray(queries.transpose(1, 2, 3, 0)),
+            jnp.asarray(keys[picked].transpose(1, 2, 0)),
+            jnp.asarray(values[picked].transpose(1, 2, 0)),
+            layout,
+            pool,
+            kernel=True,
+        )
+        return np.asarray(out).transpose(3, 0, 1, 2)[other : other + len(own)]  # [P, K, G, H]
+
+    whole = attend(0)
+    np.testing.assert_allclose(whole[-1], reference(q[-1:], keys[flat], values[flat])[0], atol=1e-5)
+    np.testing.assert_array_equal(attend(cut), whole[cut:])

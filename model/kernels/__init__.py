@@ -34,7 +34,7 @@ from pathlib import Path
 
 import jax
 
-from model.nn.attention import ATTENTION_TARGET, PRIOR_TARGET, REGION_TARGET, ZEROS_TARGET
+from model.nn.attention import ATTENTION_TARGET, PROMPT_TARGET, ZEROS_TARGET
 from model.nn.quantize import QMATMUL_TARGET
 
 log = logging.getLogger(__name__)
@@ -171,8 +171,7 @@ def load() -> bool:
     for target, symbol in (
         (QMATMUL_TARGET, lib.JaxchatQMatmul),
         (ATTENTION_TARGET, lib.JaxchatDecodeAttention),
-        (PRIOR_TARGET, lib.JaxchatPriorAttention),
-        (REGION_TARGET, lib.JaxchatRegionAttention),
+        (PROMPT_TARGET, lib.JaxchatPromptAttention),
         (ZEROS_TARGET, lib.JaxchatZeros),
     ):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")

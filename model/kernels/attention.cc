@@ -10,19 +10,18 @@
 // scores 16 positions at a time (positions are minor in a key block), then one
 // softmax, then the values (features minor). Rows with context -1 are idle: output 0.
 //
-// Prior attention (PriorAttentionImpl) is the prefill region's part over the positions its
-// sequences already have in the pool (a later chunk of a long prompt, a cached prefix),
-// one prior group (positions and block table) after another: the queries that see a
-// group read its blocks in place, in tiles of up to 8 queries of one kv head (its query
-// heads at each seeing position), each key and value vector loaded once per tile; a few
-// tiles over a long prior split its positions among the cores. They return their online-softmax state (max, sum and unnormalised
-// output), which model/nn/attention.py merges with the region's own part.
+// Prompt attention (PromptAttentionImpl) is the prefill region's: each segment's queries
+// over the positions its sequence already has in the pool (a later chunk of a long prompt,
+// a cached prefix: its prior group's, read through the group's block table) and then the
+// segment's own keys up to their position, in tiles of up to 8 queries of one kv head (a
+// run of the segment's positions, each with its query heads), each key and value vector
+// loaded once per tile, no work for other segments' keys or past the diagonal's tile.
 //
-// Region attention (RegionAttentionImpl) is that own part: each segment's queries over
-// the segment's keys up to their own position, in the same tiles (runs of a segment's
-// positions with their group's query heads), so no work goes to other segments' keys or
-// past the diagonal, which XLA's dense [P, P] scores spend most of a step of many short
-// prompts on.
+// A query's softmax runs online over spans of kSpan positions counted from position 0,
+// whichever of the pool and the region holds them, in one pass: so a token's output is
+// the same to the bit however its prompt was cut into chunks, or however much of it came
+// from the prefix cache (the scores' lanes are positions modulo 16, its sums in position
+// order).
 
 #include <algorithm>
 #include <cmath>
@@ -185,58 +184,51 @@ constexpr int64_t kTile = 8;      // queries that share each key and value load
 constexpr int64_t kSpan = 256;    // positions whose scores are held at once
 constexpr float kNegInf = -3.4028234663852886e38f;  // jnp.finfo(float32).min, as in JAX
 
-struct PriorShapes {
-  int64_t K, G, H, P, BS, blocks;  // kv heads, group, head dim, region, block size, pool
-};
-
-// One query of the prior or region attention: its head's queries start at `q` (q [H, P],
-// positions minor) and it is query `p` of them; it sees keys before `limit` (an index into
-// the key source); its outputs are entry `out` of acc [K·G·P, H] and top/total [K·G·P].
+// One query of the prompt attention: its head's queries start at `q` (q [H, P], positions
+// minor) and it is query `p` of them; it sees positions before `limit`; its output is row
+// `out` of out [K·G·P, H].
 struct Query {
   const float* q;
   int64_t p, out, limit;
 };
 
-// An online-softmax state of kTile queries over some positions: max, sum, unnormalised
-// output (plain floats: a std::vector holds these, with no more than its default alignment).
-struct Partial {
-  float top[kTile], total[kTile];
-  float acc[kTile][kMaxHead];
-};
-
-// Keys and values of one kv head of a sequence in the pool, read through its block table.
-struct PoolKeys {
-  const float *kpool, *vpool;
+// The keys and values of one kv head of a segment: positions before `split` from the pool
+// through block table `table` (the pool's blocks k [NB, K, H, BS], v [NB, K, BS, H]), the
+// rest from the region (k [H, W], positions minor, W at least the region plus 16; v
+// [P, H]), where position `split` is the region's entry `first`.
+struct PromptKeys {
+  const float *kpool, *vpool, *k, *v;
   const int32_t* table;
-  int64_t K, H, BS, blocks, kh;
+  int64_t K, H, BS, blocks, kh, W, split, first;
   int32_t base;
-  MEMBER int64_t block(int64_t b) const {
-    return std::clamp<int64_t>(int64_t{table[b]} + base, 0, blocks - 1);
+  MEMBER int64_t block(int64_t pos) const {
+    return std::clamp<int64_t>(int64_t{table[pos / BS]} + base, 0, blocks - 1);
   }
-  // Keys pos … pos + 15 (pos a multiple of 16, BS too), feature h.
-  MEMBER f32x16 keys(int64_t pos, int64_t h) const {
-    return load16(kpool + (block(pos / BS) * K + kh) * H * BS + pos % BS + h * BS);
+  MEMBER const float* pool_keys(int64_t pos) const {  // [H] with stride BS, 16 positions
+    return kpool + (block(pos) * K + kh) * H * BS + pos % BS;
   }
-  // Features 16v … 16v + 15 of the value at pos.
-  MEMBER f32x16 value(int64_t pos, int64_t v) const {
-    return load16(vpool + (block(pos / BS) * K + kh) * BS * H + (pos % BS) * H + 16 * v);
+  MEMBER const float* region_keys(int64_t pos) const {  // [H] with stride W
+    return k + first + pos - split;
+  }
+  // The value at pos, [H].
+  MEMBER const float* value(int64_t pos) const {
+    return pos < split ? vpool + (block(pos) * K + kh) * BS * H + (pos % BS) * H
+                       : v + (first + pos - split) * H;
   }
 };
 
-// Keys and values of one kv head of the prefill region: k [H, W] (positions minor, W at
-// least the region plus 16, so a load of 16 never leaves it), v [P, H].
-struct RegionKeys {
-  const float *k, *v;
-  int64_t W, H;
-  MEMBER f32x16 keys(int64_t pos, int64_t h) const { return load16(k + h * W + pos); }
-  MEMBER f32x16 value(int64_t pos, int64_t v_) const { return load16(v + pos * H + 16 * v_); }
+// Keys of 16 positions from pos (a multiple of 16), feature h at `p + h * stride`.
+struct KeyRun {
+  const float* p;
+  int64_t stride;
 };
 
-// The TT queries `qs` (all of one kv head) over keys [from, to) of `src`, each seeing those
-// before its limit, into `out`. Every key and value vector is loaded once for all TT.
-template <int TT, class Keys>
-INLINE void span(const Keys& src, int64_t H, int64_t P, const Query* qs, int64_t from,
-                 int64_t to, float scale, Partial& out) {
+// The TT queries `qs` (all of one kv head) over positions [0, to) of `src`, each seeing
+// those before its limit, their outputs normalised into `out` [K·G·P, H]. Every key and
+// value vector is loaded once for all TT.
+template <int TT>
+INLINE void span(const PromptKeys& src, int64_t H, int64_t P, const Query* qs, int64_t to,
+                 float scale, float* out) {
   const int64_t nv = H / 16;
   float qt[kMaxHead][TT];  // the queries, feature-major, scaled
   for (int64_t h = 0; h < H; ++h)
@@ -245,15 +237,36 @@ INLINE void span(const Keys& src, int64_t H, int64_t P, const Query* qs, int64_t
   std::fill(top, top + TT, kNegInf);
   f32x16 acc[TT][kMaxHead / 16] = {};
   alignas(64) float scores[TT][kSpan];
-  for (int64_t start = from; start < to; start += kSpan) {
+  alignas(64) float straddle[kMaxHead * 16];  // the 16 positions around `split`, if any
+  KeyRun runs[kSpan / 16];
+  const float* values[kSpan];
+  for (int64_t start = 0; start < to; start += kSpan) {
     const int64_t n = std::min(kSpan, to - start);
+    for (int64_t j = 0; j < n; j += 16) {
+      const int64_t pos = start + j;
+      if (pos + 16 <= src.split) {
+        runs[j / 16] = {src.pool_keys(pos), src.BS};
+      } else if (pos >= src.split) {
+        runs[j / 16] = {src.region_keys(pos), src.W};
+      } else {  // pool below split, region from it
+        const int64_t cut = src.split - pos;
+        const float* pooled = src.pool_keys(pos);
+        const float* own = src.region_keys(src.split);
+        for (int64_t h = 0; h < H; ++h)
+          for (int64_t l = 0; l < 16; ++l)
+            straddle[h * 16 + l] = l < cut ? pooled[h * src.BS + l] : own[h * src.W + l - cut];
+        runs[j / 16] = {straddle, 16};
+      }
+    }
+    for (int64_t i = 0; i < n; ++i) values[i] = src.value(start + i);
     // Scores, 32 positions at a time (each query feature loaded once for two vectors of
     // keys: twice the independent sums in flight), then 16.
     int64_t j = 0;
     for (; j + 32 <= n; j += 32) {
+      const KeyRun a = runs[j / 16], b = runs[j / 16 + 1];
       f32x16 lo[TT] = {}, hi[TT] = {};
       for (int64_t h = 0; h < H; ++h) {
-        const f32x16 key_lo = src.keys(start + j, h), key_hi = src.keys(start + j + 16, h);
+        const f32x16 key_lo = load16(a.p + h * a.stride), key_hi = load16(b.p + h * b.stride);
         for (int64_t t = 0; t < TT; ++t) {
           lo[t] += qt[h][t] * key_lo;
           hi[t] += qt[h][t] * key_hi;
@@ -265,9 +278,10 @@ INLINE void span(const Keys& src, int64_t H, int64_t P, const Query* qs, int64_t
       }
     }
     for (; j < n; j += 16) {
+      const KeyRun a = runs[j / 16];
       f32x16 sc[TT] = {};
       for (int64_t h = 0; h < H; ++h) {
-        const f32x16 key = src.keys(start + j, h);
+        const f32x16 key = load16(a.p + h * a.stride);
         for (int64_t t = 0; t < TT; ++t) sc[t] += qt[h][t] * key;
       }
       for (int64_t t = 0; t < TT; ++t) store16(&scores[t][j], sc[t]);
@@ -296,7 +310,8 @@ INLINE void span(const Keys& src, int64_t H, int64_t P, const Query* qs, int64_t
       f32x16 lo[TT], hi[TT];
       for (int64_t t = 0; t < TT; ++t) lo[t] = acc[t][v], hi[t] = acc[t][v + 1];
       for (int64_t i = 0; i < n; ++i) {
-        const f32x16 value_lo = src.value(start + i, v), value_hi = src.value(start + i, v + 1);
+        const f32x16 value_lo = load16(values[i] + 16 * v);
+        const f32x16 value_hi = load16(values[i] + 16 * v + 16);
         for (int64_t t = 0; t < TT; ++t) {
           lo[t] += scores[t][i] * value_lo;
           hi[t] += scores[t][i] * value_hi;
@@ -308,27 +323,24 @@ INLINE void span(const Keys& src, int64_t H, int64_t P, const Query* qs, int64_t
       f32x16 part[TT];
       for (int64_t t = 0; t < TT; ++t) part[t] = acc[t][v];
       for (int64_t i = 0; i < n; ++i) {
-        const f32x16 value = src.value(start + i, v);
+        const f32x16 value = load16(values[i] + 16 * v);
         for (int64_t t = 0; t < TT; ++t) part[t] += scores[t][i] * value;
       }
       for (int64_t t = 0; t < TT; ++t) acc[t][v] = part[t];
     }
   }
-  for (int64_t t = 0; t < TT; ++t) {
-    out.top[t] = top[t];
-    out.total[t] = total[t];
-    for (int64_t v = 0; v < nv; ++v) store16(&out.acc[t][16 * v], acc[t][v]);
-  }
+  for (int64_t t = 0; t < TT; ++t)
+    for (int64_t v = 0; v < nv; ++v) store16(out + qs[t].out * H + 16 * v, acc[t][v] / total[t]);
 }
 
 // `span` for `count` (1 … kTile) queries: a part-filled tile costs its own queries only.
-template <class Keys>
-INLINE void tile_of(int64_t count, const Keys& src, int64_t H, int64_t P, const Query* qs,
-                    int64_t from, int64_t to, float scale, Partial& out) {
+JAXCHAT_TARGETS
+void prompt_tile(int64_t count, const PromptKeys& src, int64_t H, int64_t P, const Query* qs,
+                 int64_t to, float scale, float* out) {
   switch (count) {
 #define JAXCHAT_TILE(TT) \
   case TT:               \
-    return span<TT>(src, H, P, qs, from, to, scale, out);
+    return span<TT>(src, H, P, qs, to, scale, out);
     JAXCHAT_TILE(1)
     JAXCHAT_TILE(2)
     JAXCHAT_TILE(3)
@@ -337,189 +349,89 @@ INLINE void tile_of(int64_t count, const Keys& src, int64_t H, int64_t P, const 
     JAXCHAT_TILE(6)
     JAXCHAT_TILE(7)
     default:
-      return span<kTile>(src, H, P, qs, from, to, scale, out);
+      return span<kTile>(src, H, P, qs, to, scale, out);
 #undef JAXCHAT_TILE
   }
 }
 
-JAXCHAT_TARGETS
-void prior_tile(int64_t count, const PoolKeys& src, int64_t H, int64_t P, const Query* qs,
-                int64_t from, int64_t to, float scale, Partial& out) {
-  tile_of(count, src, H, P, qs, from, to, scale, out);
-}
+// One tile: its queries, their segment's first region entry, and its kv head.
+struct Tile {
+  int64_t count, first, kh;
+};
 
-JAXCHAT_TARGETS
-void region_tile(int64_t count, const RegionKeys& src, int64_t H, int64_t P, const Query* qs,
-                 int64_t from, int64_t to, float scale, Partial& out) {
-  tile_of(count, src, H, P, qs, from, to, scale, out);
-}
-
-// The state of `n` queries that see no keys: max -inf, sum 0, output 0.
-void no_keys(int64_t n, int64_t H, float* ap, float* tp, float* sp) {
-  std::fill(ap, ap + n * H, 0.0f);
-  std::fill(tp, tp + n, kNegInf);
-  std::fill(sp, sp + n, 0.0f);
-}
-
-// Each query's merged state from its tile's partial states over `splits` ranges of keys.
-void merge_into(const std::vector<Partial>& partials, const std::vector<Query>& queries,
-                const std::vector<int64_t>& counts, int64_t splits, int64_t H, float* ap,
-                float* tp, float* sp) {
-  for (size_t unit = 0; unit < counts.size(); ++unit) {
-    for (int64_t t = 0; t < counts[unit]; ++t) {
-      float best = kNegInf;
-      for (int64_t split = 0; split < splits; ++split)
-        best = std::max(best, partials[unit * splits + split].top[t]);
-      float sum = 0;
-      f32x16 out[kMaxHead / 16] = {};
-      for (int64_t split = 0; split < splits; ++split) {
-        const Partial& part = partials[unit * splits + split];
-        const float weight = std::exp(part.top[t] - best);
-        sum += part.total[t] * weight;
-        for (int64_t v = 0; v < H / 16; ++v) out[v] += weight * load16(&part.acc[t][16 * v]);
-      }
-      const int64_t o = queries[unit * kTile + t].out;
-      tp[o] = best;
-      sp[o] = sum;
-      for (int64_t v = 0; v < H / 16; ++v) store16(ap + o * H + 16 * v, out[v]);
-    }
-  }
-}
-
-// One prior group's attention: the queries at `seeing` positions over `n` positions
-// through block table `bp`, their states written to ap, tp, sp.
-void prior_group(const PriorShapes& s, const float* qp, const float* kp, const float* vp,
-                 const int32_t* bp, int32_t b0, int64_t n, const std::vector<int64_t>& seeing,
-                 float scale, float* ap, float* tp, float* sp) {
-  // Each kv head's queries (every query head of its group, at every seeing position) in
-  // tiles of up to kTile, so a few seeing positions still fill tiles with the group's heads.
-  const int64_t seen = static_cast<int64_t>(seeing.size()), per_head = s.G * seen;
-  const int64_t tiles = (per_head + kTile - 1) / kTile, units = s.K * tiles;
-  std::vector<Query> queries(units * kTile);
-  std::vector<int64_t> counts(units);
-  for (int64_t kh = 0; kh < s.K; ++kh)
-    for (int64_t j = 0; j < per_head; ++j) {
-      const int64_t head = kh * s.G + j / seen, p = seeing[j % seen];
-      queries[(kh * tiles + j / kTile) * kTile + j % kTile] = {qp + head * s.H * s.P, p,
-                                                               head * s.P + p, n};
-      ++counts[kh * tiles + j / kTile];
-    }
-  // A few tiles over a long prior are split into ranges of positions (each a multiple of
-  // kSpan long) that run in parallel, their states merged after: every core has work.
-  const int parts = n * per_head < 8192 ? 1 : jaxchat::Workers::get().size();
-  const int64_t spans = (n + kSpan - 1) / kSpan;
-  const int64_t splits = std::clamp<int64_t>((4 * parts + units - 1) / units, 1, spans);
-  std::vector<Partial> partials(units * splits);
-  jaxchat::Workers::get().run(units * splits, parts, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t unit = i / splits, split = i % splits, kh = unit / tiles;
-      const PoolKeys src{kp, vp, bp, s.K, s.H, s.BS, s.blocks, kh, b0};
-      const int64_t from = spans * split / splits * kSpan;
-      const int64_t to = std::min(n, spans * (split + 1) / splits * kSpan);
-      prior_tile(counts[unit], src, s.H, s.P, &queries[unit * kTile], from, to, scale,
-                 partials[i]);
-    }
-  });
-  merge_into(partials, queries, counts, splits, s.H, ap, tp, sp);
-}
-
-ffi::Error PriorAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                              ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> table,
-                              ffi::Buffer<ffi::S32> prior, ffi::Buffer<ffi::S32> sees,
-                              ffi::Buffer<ffi::S32> base, ffi::ResultBuffer<ffi::F32> acc,
-                              ffi::ResultBuffer<ffi::F32> top, ffi::ResultBuffer<ffi::F32> total,
-                              float scale) {
-  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), td = table.dimensions();
-  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || td.size() != 2)
-    return ffi::Error::InvalidArgument(
-        "prior attention: q [K, G, H, P], k [NB, K, H, BS], v [NB, K, BS, H], tables [Q, MB]");
-  PriorShapes s{qd[0], qd[1], qd[2], qd[3], kd[3], kd[0]};
-  const int64_t groups = td[0], width = td[1];
-  if (kd[1] != s.K || kd[2] != s.H || vd[0] != s.blocks || vd[1] != s.K || vd[2] != s.BS ||
-      vd[3] != s.H || static_cast<int64_t>(sees.element_count()) != s.P ||
-      static_cast<int64_t>(prior.element_count()) != groups)
-    return ffi::Error::InvalidArgument("prior attention: q, pool, groups and tokens disagree");
-  if (s.H % 16 || s.H > kMaxHead || s.BS % 16)
-    return ffi::Error::InvalidArgument("prior attention: head dim " + std::to_string(s.H) +
-                                       " and block size " + std::to_string(s.BS) +
-                                       " must be multiples of 16 (head dim up to 512)");
-  const int32_t* group = sees.typed_data();
-  float *ap = acc->typed_data(), *tp = top->typed_data(), *sp = total->typed_data();
-  no_keys(s.K * s.G * s.P, s.H, ap, tp, sp);  // the seeing queries are set below
-  std::vector<int64_t> seeing;
-  for (int64_t g = 0; g < groups; ++g) {
-    const int64_t n = std::clamp<int64_t>(prior.typed_data()[g], 0, width * s.BS);
-    seeing.clear();
-    for (int64_t p = 0; p < s.P; ++p)
-      if (group[p] == g) seeing.push_back(p);
-    if (n == 0 || seeing.empty()) continue;
-    prior_group(s, q.typed_data(), k.typed_data(), v.typed_data(),
-                table.typed_data() + g * width, base.typed_data()[0], n, seeing, scale, ap, tp,
-                sp);
-  }
-  return ffi::Error::Success();
-}
-
-// The prefill region's attention within each segment (causal): query t of a segment that
-// starts at a sees the region's keys a … t. Its tiles are runs of the segment's positions
-// (each with its group's query heads), so a tile's keys end at its last position: no work
-// for other segments' keys or for keys past the diagonal's tile.
-ffi::Error RegionAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                               ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> segments,
-                               ffi::ResultBuffer<ffi::F32> acc, ffi::ResultBuffer<ffi::F32> top,
-                               ffi::ResultBuffer<ffi::F32> total, float scale) {
+ffi::Error PromptAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                               ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> kpool,
+                               ffi::Buffer<ffi::F32> vpool, ffi::Buffer<ffi::S32> segments,
+                               ffi::Buffer<ffi::S32> positions, ffi::Buffer<ffi::S32> sees,
+                               ffi::Buffer<ffi::S32> prior, ffi::Buffer<ffi::S32> tables,
+                               ffi::Buffer<ffi::S32> base, ffi::ResultBuffer<ffi::F32> out,
+                               float scale) {
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
-  if (qd.size() != 4 || kd.size() != 3 || vd.size() != 3)
+  auto pk = kpool.dimensions(), pv = vpool.dimensions(), td = tables.dimensions();
+  if (qd.size() != 4 || kd.size() != 3 || vd.size() != 3 || pk.size() != 4 || pv.size() != 4 ||
+      td.size() != 2)
     return ffi::Error::InvalidArgument(
-        "region attention: q [K, G, H, P], k [K, H, W] (W >= P + 16), v [K, P, H]");
+        "prompt attention: q [K, G, H, P], k [K, H, W] (W >= P + 16), v [K, P, H], pool k "
+        "[NB, K, H, BS] and v [NB, K, BS, H], tables [groups, MB]");
   const int64_t K = qd[0], G = qd[1], H = qd[2], P = qd[3], W = kd[2];
+  const int64_t NB = pk[0], BS = pk[3], groups = td[0], MB = td[1];
+  const auto n = [](auto& buffer) { return static_cast<int64_t>(buffer.element_count()); };
   if (kd[0] != K || kd[1] != H || W < P + 16 || vd[0] != K || vd[1] != P || vd[2] != H ||
-      static_cast<int64_t>(segments.element_count()) != P)
-    return ffi::Error::InvalidArgument("region attention: q, keys, values and segments disagree");
-  if (H % 16 || H > kMaxHead)
-    return ffi::Error::InvalidArgument("region attention: head dim " + std::to_string(H) +
-                                       " must be a multiple of 16 up to 512");
-  const int32_t* seg = segments.typed_data();
-  float *ap = acc->typed_data(), *tp = top->typed_data(), *sp = total->typed_data();
-  no_keys(K * G * P, H, ap, tp, sp);  // padding stays so
-  // Tiles of one kv head: a segment's positions in order, each with its G query heads.
+      pk[1] != K || pk[2] != H || pv[0] != NB || pv[1] != K || pv[2] != BS || pv[3] != H ||
+      n(segments) != P || n(positions) != P || n(sees) != P || n(prior) != groups)
+    return ffi::Error::InvalidArgument("prompt attention: q, keys, pool and layout disagree");
+  if (H % 16 || H > kMaxHead || BS % 16)
+    return ffi::Error::InvalidArgument("prompt attention: head dim " + std::to_string(H) +
+                                       " and block size " + std::to_string(BS) +
+                                       " must be multiples of 16 (head dim up to 512)");
+  const int32_t *seg = segments.typed_data(), *pos = positions.typed_data();
+  const int32_t *group = sees.typed_data(), *pp = prior.typed_data();
+  float* op = out->typed_data();
+  std::fill(op, op + K * G * P * H, 0.0f);  // padding stays so
+  // Tiles of one kv head: a segment's positions in order, each with its G query heads. A
+  // segment continues its prior group (its first position is the group's length) or starts
+  // at position 0.
   const float* qp = q.typed_data();
   std::vector<Query> queries;
-  std::vector<int64_t> counts, starts;  // per tile: queries, the segment's first position
-  for (int64_t kh = 0; kh < K; ++kh)
-    for (int64_t a = 0, b; a < P; a = b) {
-      for (b = a + 1; b < P && seg[b] == seg[a]; ++b) {
-      }
-      if (seg[a] < 0) continue;
+  std::vector<Tile> tiles;
+  int64_t work = 0;
+  for (int64_t a = 0, b; a < P; a = b) {
+    for (b = a + 1; b < P && seg[b] == seg[a]; ++b) {
+    }
+    if (seg[a] < 0) continue;
+    const int64_t g = group[a], from = pos[a];
+    const bool continues = g >= 0 && g < groups && from == pp[g] && from <= MB * BS;
+    if (!(continues || (g < 0 && from == 0)))
+      return ffi::Error::InvalidArgument(
+          "prompt attention: a segment starts neither at 0 nor where its prior group ends");
+    for (int64_t kh = 0; kh < K; ++kh)
       for (int64_t j = 0; j < (b - a) * G; ++j) {
         if (j % kTile == 0) {
-          counts.push_back(0);
-          starts.push_back(a);
-          queries.resize(counts.size() * kTile);
+          tiles.push_back({0, a, kh});
+          queries.resize(tiles.size() * kTile);
         }
         const int64_t t = a + j / G, head = kh * G + j % G;
-        queries[(counts.size() - 1) * kTile + j % kTile] = {qp + head * H * P, t, head * P + t,
-                                                            t + 1};
-        ++counts.back();
+        queries[(tiles.size() - 1) * kTile + j % kTile] = {qp + head * H * P, t, head * P + t,
+                                                           from + t - a + 1};
+        ++tiles.back().count;
+        work += from + t - a + 1;
       }
-    }
-  const int64_t units = static_cast<int64_t>(counts.size());
-  if (units == 0) return ffi::Error::Success();
-  std::vector<Partial> partials(units);
-  int64_t work = 0;
-  for (int64_t u = 0; u < units; ++u) work += queries[u * kTile + counts[u] - 1].limit - starts[u];
-  const int parts = work * kTile < 8192 ? 1 : jaxchat::Workers::get().size();
-  const float *kp = k.typed_data(), *vp = v.typed_data();
-  jaxchat::Workers::get().run(units, parts, [&](int64_t u0, int64_t u1) {
+  }
+  if (tiles.empty()) return ffi::Error::Success();
+  const int parts = work < 8192 ? 1 : jaxchat::Workers::get().size();
+  const int32_t b0 = base.typed_data()[0];
+  jaxchat::Workers::get().run(static_cast<int64_t>(tiles.size()), parts, [&](int64_t u0,
+                                                                              int64_t u1) {
     for (int64_t u = u0; u < u1; ++u) {
+      const Tile& tile = tiles[u];
       const Query* qs = &queries[u * kTile];
-      const int64_t kh = (qs[0].out / P) / G;
-      const RegionKeys src{kp + kh * H * W, vp + kh * P * H, W, H};
-      region_tile(counts[u], src, H, P, qs, starts[u], qs[counts[u] - 1].limit, scale,
-                  partials[u]);
+      const int64_t g = std::max(0, group[tile.first]);
+      const PromptKeys src{kpool.typed_data(), vpool.typed_data(), k.typed_data() + tile.kh * H * W,
+                           v.typed_data() + tile.kh * P * H, tables.typed_data() + g * MB, K, H, BS,
+                           NB, tile.kh, W, pos[tile.first], tile.first, b0};
+      prompt_tile(tile.count, src, H, P, qs, qs[tile.count - 1].limit, scale, op);
     }
   });
-  merge_into(partials, queries, counts, 1, H, ap, tp, sp);
   return ffi::Error::Success();
 }
 
@@ -537,27 +449,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchatDecodeAttention, DecodeAttentionImpl,
                                   .Attr<float>("scale")
                                   .Attr<int64_t>("threads"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchatPriorAttention, PriorAttentionImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchatPromptAttention, PromptAttentionImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("scale"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchatRegionAttention, RegionAttentionImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale"));

@@ -52,11 +52,11 @@ PRIOR_CHUNK = 1024
 # The XLA custom-call target of jaxchat's CPU decode attention (model/kernels/attention.cc,
 # registered by model/kernels): the rows read their blocks in place, no gather.
 ATTENTION_TARGET = "jaxchat_decode_attention"
-# And of the prefill region's attention over the positions already in the pool: the
-# blocks read in place, each key and value once for eight queries.
-PRIOR_TARGET = "jaxchat_prior_attention"
-# ... and of the region's attention within its segments (causal, no masked work).
-REGION_TARGET = "jaxchat_region_attention"
+# And of the prefill region's attention (model/kernels/attention.cc): each token over its
+# prior group's positions in the pool, read in place, then its segment's own keys, in one
+# online softmax whose spans start at position 0 wherever the keys lie, so a prompt's
+# tokens get the same output however it was cut into chunks or served from the cache.
+PROMPT_TARGET = "jaxchat_prompt_attention"
 # Prior groups a step's prefill region may continue from (distinct cached prefixes, or
 # long prompts' earlier chunks): each is a row of block table, so a few KB per step.
 PRIOR_GROUPS = 16
@@ -302,8 +302,7 @@ def region_attention(
     """
     k, g, h, p = q.shape
     if pool is not None and kernel and kernel_fits(pool, h):
-        state = _merge(_kernel_region(q, key, value, layout), _kernel_prior(q, pool, layout, base))
-        return _finish(state).astype(q.dtype).transpose(0, 1, 3, 2)
+        return _kernel_prompt(q, key, value, layout, pool, base).transpose(0, 1, 3, 2)
     scale = h**-0.5
     seg, pos = layout.segments, layout.positions[layout.rows :]
     s = jnp.einsum("kghq,khp->kgqp", q, key).astype(jnp.float32) * scale
@@ -316,59 +315,29 @@ def region_attention(
     return _finish(state).astype(q.dtype).transpose(0, 1, 3, 2)
 
 
-def _merge(a, b):
-    """One online-softmax state from two over disjoint keys (max, sum, unnormalised out)."""
-    top = jnp.maximum(a[0], b[0])
-    scale_a, scale_b = jnp.exp(a[0] - top), jnp.exp(b[0] - top)
-    return (
-        top,
-        a[1] * scale_a + b[1] * scale_b,
-        a[2] * scale_a[..., None] + b[2] * scale_b[..., None],
-    )
-
-
-def _state_shapes(q: jax.Array) -> tuple[jax.ShapeDtypeStruct, ...]:
-    """A kernel's online-softmax state for queries q [K, G, H, P]: out [K, G, P, H], max, sum."""
-    k, g, h, p = q.shape
-    return tuple(
-        jax.ShapeDtypeStruct(shape, jnp.float32) for shape in ((k, g, p, h), (k, g, p), (k, g, p))
-    )
-
-
-def _kernel_region(q: jax.Array, key: jax.Array, value: jax.Array, layout: Layout):
-    """Each segment's attention to itself (causal) through jaxchat's CPU kernel: its
-    online-softmax state (max, sum [K, G, P], unnormalised out [K, G, P, H])."""
+def _kernel_prompt(q: jax.Array, key: jax.Array, value: jax.Array, layout: Layout, pool, base):
+    """The region's attention through jaxchat's CPU kernel: [K, G, P, H]."""
     h = q.shape[2]
-    call = jax.ffi.ffi_call(REGION_TARGET, _state_shapes(q))
+    call = jax.ffi.ffi_call(
+        PROMPT_TARGET, jax.ShapeDtypeStruct(q.shape[:2] + q.shape[3:] + (h,), jnp.float32)
+    )
     # Keys with 16 positions of padding (the kernel loads 16 at a time), values features-minor.
     keys = jnp.pad(key.astype(jnp.float32), ((0, 0), (0, 0), (0, 16)))
-    acc, top, total = call(
+    out = call(
         q.astype(jnp.float32),
         keys,
         value.astype(jnp.float32).transpose(0, 2, 1),
-        layout.segments.astype(jnp.int32),
-        scale=np.float32(h**-0.5),
-    )
-    return top, total, acc
-
-
-def _kernel_prior(q: jax.Array, pool: Pool, layout: Layout, base):
-    """The region's attention over its prior groups' positions, through jaxchat's CPU
-    kernel: its online-softmax state (max, sum [K, G, P], unnormalised out [K, G, P, H])."""
-    h = q.shape[2]
-    sees = jnp.where(layout.segments >= 0, layout.prior_group, -1)
-    call = jax.ffi.ffi_call(PRIOR_TARGET, _state_shapes(q))
-    acc, top, total = call(
-        q.astype(jnp.float32),
         pool.k,
         pool.v,
-        layout.prior_blocks.astype(jnp.int32),
+        layout.segments.astype(jnp.int32),
+        layout.positions[layout.rows :].astype(jnp.int32),
+        jnp.where(layout.segments >= 0, layout.prior_group, -1).astype(jnp.int32),
         layout.prior.astype(jnp.int32),
-        sees.astype(jnp.int32),
+        layout.prior_blocks.astype(jnp.int32),
         jnp.asarray(base, jnp.int32),
         scale=np.float32(h**-0.5),
     )
-    return top, total, acc
+    return out.astype(q.dtype)
 
 
 def _prior_attention(q: jax.Array, pool: Pool, layout: Layout, state, base, chunk: int):
