@@ -8,9 +8,11 @@
 - attention over the paged pool (attention.cc): decode rows, and a prefill region's
   queries over the positions already in the pool, read the blocks in place instead of
   gathering them into new arrays (model/nn/attention.py);
+- RMSNorm over a step's real tokens (norm.cc), each token's sums in one order whatever
+  the step's shape;
 - the pool's zeros (pool.cc), which leave its pages untouched until they are written.
 
-The first two share a pool of worker threads (workers.h).
+The first three share a pool of worker threads (workers.h).
 
 The library is compiled from the source here by the project's own set-up with the
 system's C++ compiler, into a file named by the digest of its source and flags, so a
@@ -36,11 +38,14 @@ import jax
 
 from model.nn.attention import ATTENTION_TARGET, PROMPT_TARGET, ZEROS_TARGET
 from model.nn.quantize import QMATMUL_TARGET
+from model.nn.transformer import RMS_NORM_TARGET
 
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "qmatmul.cc", HERE / "int_gemm.cc", HERE / "attention.cc", HERE / "pool.cc")
+SOURCES = tuple(
+    HERE / name for name in ("qmatmul.cc", "int_gemm.cc", "attention.cc", "norm.cc", "pool.cc")
+)
 HEADERS = (HERE / "workers.h", HERE / "int_gemm.h", HERE / "int_blocks.h", HERE / "vec16.h")
 # GCC's global CSE passes take most of -O3's time on these unrolled loops (qmatmul.cc:
 # 37 s, 17 s without them) and gain nothing measurable in the kernels' speed.
@@ -172,6 +177,7 @@ def load() -> bool:
         (QMATMUL_TARGET, lib.JaxchatQMatmul),
         (ATTENTION_TARGET, lib.JaxchatDecodeAttention),
         (PROMPT_TARGET, lib.JaxchatPromptAttention),
+        (RMS_NORM_TARGET, lib.JaxchatRmsNorm),
         (ZEROS_TARGET, lib.JaxchatZeros),
     ):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
