@@ -1,19 +1,34 @@
 """The real default model against HF transformers on the same GGUF (float32).
 
 Fixtures come from tests/reference/make_golden.py. Both sides dequantise the
-same Q4_1 weights exactly, so only float summation order differs: logits agree
-to 2e-3 (measured about 1.5e-4) and the argmax agrees at every position.
+same Q4_1 weights exactly. Where the products take f32, only float summation
+order differs: logits agree to 2e-3 (measured about 1.5e-4). On a CPU with
+AVX-512 VNNI the kernel rounds every token's activations to 16 bits per block
+of 32 (as it rounds decode rows everywhere): logits agree to 5e-2 (measured
+1.0-3.1e-2; a KL of under 1e-6, tests/test_quality.py). The argmax agrees at
+every position either way.
 """
 
 import jax
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType
 
 from benchmarks.quality import prompt_logits
+from model import kernels
 from model.nn.transformer import BLOCKS, LAYER_BLOCKS
 from model.types import SamplingParams
 
-LOGIT_ATOL = 2e-3
+
+def rounds_prompts(llm) -> bool:
+    """Whether the engine's products round a prompt's tokens to 16-bit integers (the
+    quantized kernel, on a CPU with AVX-512 VNNI): each token's then the same to the bit
+    in any step."""
+    return llm.engine.kernel is not None and kernels.int_gemm_path(GGMLQuantizationType.Q4_1)
+
+
+def logit_atol(llm) -> float:
+    return 5e-2 if rounds_prompts(llm) else 2e-3
 
 
 @pytest.mark.parametrize("index", [0, 1, 2])
@@ -24,8 +39,9 @@ def test_full_forward_logits_match_reference(llm, golden, golden_logits, index):
     top_ids = golden_logits[f"p{index}_top_ids"]
     top = np.take_along_axis(logits, top_ids, axis=-1)
 
-    np.testing.assert_allclose(subset, golden_logits[f"p{index}_subset_logits"], atol=LOGIT_ATOL)
-    np.testing.assert_allclose(top, golden_logits[f"p{index}_top_logits"], atol=LOGIT_ATOL)
+    atol = logit_atol(llm)
+    np.testing.assert_allclose(subset, golden_logits[f"p{index}_subset_logits"], atol=atol)
+    np.testing.assert_allclose(top, golden_logits[f"p{index}_top_logits"], atol=atol)
     assert (logits.argmax(-1) == top_ids[:, 0]).all(), "top-1 differs at some position"
 
 
@@ -39,16 +55,23 @@ def test_greedy_tokens_match_reference(llm, golden, index):
 
 
 def test_chunked_prefill_gives_the_logits_of_one_pass(llm, golden):
-    """The longest golden prompt in chunks of 9, 11, 16 and the rest, and in one chunk,
-    both as the serving steps run them (through the pool, each chunk reading the earlier
-    ones from it through a shuffled block table), against one plain causal pass. (Each
-    chunk has more than 8 tokens, so every product takes the kernel's f32 path; up to 8
-    rows it rounds x to 16 bits, and tests/test_quality.py holds that path to the
-    reference.)"""
+    """The longest golden prompt in chunks (of 9, 11, 16 and the rest; of one token, then
+    the rest; of all but its last token, then that one) as the serving steps run them
+    (through the pool, each chunk reading the earlier ones from it through a shuffled
+    block table), against the prompt in one chunk: the same to the bit where every token
+    takes the integer products (its norms, products and attention then do not depend on
+    the step around it), else to f32's summation order. And the one chunk against one
+    plain causal pass."""
     ids = golden["prompts"][2]["ids"]
+    one = prompt_logits(llm, ids, [])
+    for cuts in ([9, 20, 36], [1], [len(ids) - 1]):
+        chunked = prompt_logits(llm, ids, cuts)
+        if rounds_prompts(llm):
+            np.testing.assert_array_equal(chunked, one)
+        else:
+            np.testing.assert_allclose(chunked, one, atol=logit_atol(llm))
     full = np.asarray(llm.engine.forward([ids]))[0]
-    for cuts in ([9, 20, 36], []):
-        np.testing.assert_allclose(prompt_logits(llm, ids, cuts), full, atol=LOGIT_ATOL)
+    np.testing.assert_allclose(one, full, atol=logit_atol(llm))
 
 
 def test_prompt_tokens_match_reference(llm, golden):
