@@ -7,6 +7,7 @@ import time
 import numpy as np
 
 from model import SamplingParams
+from tests.numerics import rounds_prompts
 
 
 def run_concurrently(llm, jobs, stagger: float) -> list[tuple[int, ...]]:
@@ -69,13 +70,21 @@ def test_prompts_prefilled_in_chunks_beside_decoding_streams_keep_their_tokens(l
 def test_a_cached_prefix_gives_the_same_tokens(llm, golden):
     """A second request sharing a long prefix reuses its blocks (the full ones from the
     prefix cache, the begun one copied, only the last token computed); greedy tokens agree
-    with a request that computed everything."""
+    with a request that computed everything, and where every prompt token takes the
+    integer products (AVX-512 VNNI: a token's keys, values and logits then do not depend
+    on the step around it) so do their log-probabilities, to the bit."""
     prefix = golden["prompts"][2]["ids"] * 3  # 189 tokens
-    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
-    first = llm.generate(prefix + [100, 200], params).token_ids
+    params = SamplingParams(
+        temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=True, top_logprobs=3
+    )
+    computed = llm.generate(prefix + [100, 200], params)
+    first = computed.token_ids
     hits, copied = llm.scheduler.pool.hits, llm.scheduler.pool.partial_hits
     served = llm.stats().prefix_hit_tokens
-    again = llm.generate(prefix + [100, 200], params).token_ids
+    cached = llm.generate(prefix + [100, 200], params)
+    again = cached.token_ids
+    if rounds_prompts(llm):
+        assert cached.logprobs == computed.logprobs
     full = (len(prefix) + 1) // llm.engine.block_size
     assert llm.scheduler.pool.hits - hits == full
     assert llm.scheduler.pool.partial_hits - copied == len(prefix) + 1 - full * 16

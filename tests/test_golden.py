@@ -12,19 +12,11 @@ every position either way.
 import jax
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType
 
 from benchmarks.quality import prompt_logits
-from model import kernels
 from model.nn.transformer import BLOCKS, LAYER_BLOCKS
 from model.types import SamplingParams
-
-
-def rounds_prompts(llm) -> bool:
-    """Whether the engine's products round a prompt's tokens to 16-bit integers (the
-    quantized kernel, on a CPU with AVX-512 VNNI): each token's then the same to the bit
-    in any step."""
-    return llm.engine.kernel is not None and kernels.int_gemm_path(GGMLQuantizationType.Q4_1)
+from tests.numerics import rounds_prompts
 
 
 def logit_atol(llm) -> float:
