@@ -613,7 +613,7 @@ constexpr int kInt512Rows = 8;  // weight rows per pass: the lanes of an accumul
 // x's block sum, added in block order, so a row of x's product is the same to the bit
 // whichever rows share its step, and whether this path or int_gemm.cc takes it. The 8
 // weight rows are the lanes: their block's dot products with a row of x are summed across
-// (two rounds of pairwise sums, then the halves) into one vector.
+// into one vector (integers: in any order, exactly).
 template <int64_t Kind, int TT>
 AVX512 INLINE void canonical_rows8(const uint8_t* w, int64_t row_bytes, int rows, const int16_t* q,
                            const float* scale, const float* sum, int64_t K, float* out) {
@@ -637,18 +637,23 @@ AVX512 INLINE void canonical_rows8(const uint8_t* w, int64_t row_bytes, int rows
     const __m256 m = _mm256_cvtph_ps(_mm256_cvtepi32_epi16(_mm256_srli_epi32(halves, 16)));
     for (int t = 0; t < TT; ++t) {
       const __m512i x = _mm512_loadu_si512(q + t * K + 32 * b);
-      __m256i half[kInt512Rows];
-      for (int j = 0; j < kInt512Rows; ++j) {
-        const __m512i dot = _mm512_madd_epi16(values[j], x);
-        half[j] = _mm256_add_epi32(_mm512_castsi512_si256(dot), _mm512_extracti64x4_epi64(dot, 1));
-      }
-      const __m256i h01 = _mm256_hadd_epi32(half[0], half[1]);
-      const __m256i h23 = _mm256_hadd_epi32(half[2], half[3]);
-      const __m256i h45 = _mm256_hadd_epi32(half[4], half[5]);
-      const __m256i h67 = _mm256_hadd_epi32(half[6], half[7]);
-      const __m256i h0123 = _mm256_hadd_epi32(h01, h23), h4567 = _mm256_hadd_epi32(h45, h67);
-      const __m256i dots = _mm256_add_epi32(_mm256_permute2x128_si256(h0123, h4567, 0x20),
-                                            _mm256_permute2x128_si256(h0123, h4567, 0x31));
+      __m512i dot[kInt512Rows];
+      for (int j = 0; j < kInt512Rows; ++j) dot[j] = _mm512_madd_epi16(values[j], x);
+      // Pairs of rows interleaved (each 128-bit lane: two sums of each row), then fours
+      // (each lane: one sum of each of 4 rows), then the lanes added up across.
+      __m512i pairs[kInt512Rows / 2], fours[2];
+      for (int j = 0; j < kInt512Rows / 2; ++j)
+        pairs[j] = _mm512_add_epi32(_mm512_unpacklo_epi32(dot[2 * j], dot[2 * j + 1]),
+                                    _mm512_unpackhi_epi32(dot[2 * j], dot[2 * j + 1]));
+      for (int j = 0; j < 2; ++j)
+        fours[j] = _mm512_add_epi32(_mm512_unpacklo_epi64(pairs[2 * j], pairs[2 * j + 1]),
+                                    _mm512_unpackhi_epi64(pairs[2 * j], pairs[2 * j + 1]));
+      const __m512i halves8 = _mm512_add_epi32(_mm512_shuffle_i32x4(fours[0], fours[1], 0x88),
+                                               _mm512_shuffle_i32x4(fours[0], fours[1], 0xdd));
+      const __m256i low = _mm512_castsi512_si256(halves8);
+      const __m256i high = _mm512_extracti64x4_epi64(halves8, 1);
+      const __m256i dots = _mm256_add_epi32(_mm256_permute2x128_si256(low, high, 0x20),
+                                            _mm256_permute2x128_si256(low, high, 0x31));
       const __m256 scaled = _mm256_mul_ps(_mm256_set1_ps(scale[t * blocks + b]), d);
       acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), scaled, acc[t]);
       if constexpr (Kind == kQ4_1)
