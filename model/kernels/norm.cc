@@ -14,8 +14,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
-#include <string>
 #include <vector>
 
 #include "vec16.h"
