@@ -91,7 +91,9 @@ def test_the_cpu_kernel_equals_the_dense_reference(rng, h, long):
     """jaxchat's CPU decode attention (model/kernels/attention.cc), which reads the blocks
     in place: rows ending inside and at the edges of blocks, one position, an idle row,
     the layer's blocks at an offset (`base`), two rows sharing a table; long contexts
-    split the heads among threads."""
+    split the work among threads (a row's kv heads together in a step of 8 rows, each kv
+    head on its own in a step of 1 or 3). A row's output is the same to the bit in a
+    step of its own, of 3 rows, or of 8."""
     assert kernels.load(), "the kernels are built by `make setup` (python -m model.kernels)"
     bs, nb, mb, base = 16, 160, 96 if long else 12, 7
     pool, keys, values = random_pool(rng, nb + base, bs, h)
@@ -110,6 +112,10 @@ def test_the_cpu_kernel_equals_the_dense_reference(rng, h, long):
         flat = sequence_positions(tables[r] + base, context + 1, bs)
         expected = reference(q[r : r + 1], keys[flat], values[flat])[0]
         np.testing.assert_allclose(out[r], expected, atol=2e-6)
+    for rows in ([r] for r in range(len(contexts))), [[4, 5, 6]]:
+        for picked in rows:
+            alone = attend(q[picked], pool, contexts[picked], tables[picked], base, kernel=True)
+            np.testing.assert_array_equal(np.asarray(alone), out[picked])
     # The XLA path on the same inputs (no kernel) agrees to rounding.
     xla = np.asarray(attend(q, pool, contexts, tables, base, kernel=False))
     np.testing.assert_allclose(out, xla, atol=2e-6)

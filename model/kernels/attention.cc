@@ -70,77 +70,103 @@ struct Shapes {
 
 constexpr int64_t kGroupTile = 4;  // query heads of one kv head that share each load
 
-// TG query heads of one kv head of one row (q and out [TG, H]), each over the row's
-// positions 0..context. Every key and value vector is loaded once for all TG, so a row's
-// keys cross the memory bus once per kv head, not once per query head.
+// TG query heads (from g0) of each kv head in [kh0, kh1) of one row (q and out [K, G, H]),
+// each over the row's positions 0..context. Every key and value vector is loaded once for
+// all TG, so a row's keys cross the memory bus once per kv head, not once per query head;
+// and a block's kv heads are read one after the other. Blocks lie scattered through
+// memory, and on a 2-core CPU random runs of 4 KB (a SmolLM2 block's keys of one kv head)
+// stream at 7 GB/s a core, of 12 KB (all three) at 10, where one long run streams at 23:
+// the kv heads of a row are one piece of work where a step has rows enough for the cores.
 template <int TG>
 INLINE void heads(const Shapes& s, const float* q, const float* kpool, const float* vpool,
-                  int32_t context, const int32_t* table, int32_t base, int64_t kh, float scale,
-                  float* out) {
-  const int64_t H = s.H, BS = s.BS;
+                  int32_t context, const int32_t* table, int32_t base, int64_t kh0,
+                  int64_t kh1, int64_t g0, float scale, float* out) {
+  const int64_t H = s.H, BS = s.BS, G = s.G, nk = kh1 - kh0;
+  auto query = [&](int64_t kh, int g) { return q + (kh * G + g0 + g) * H; };
+  auto output = [&](int64_t kh, int g) { return out + (kh * G + g0 + g) * H; };
   if (context < 0) {
-    std::fill(out, out + TG * H, 0.0f);
+    for (int64_t kh = kh0; kh < kh1; ++kh)
+      for (int g = 0; g < TG; ++g) std::fill(output(kh, g), output(kh, g) + H, 0.0f);
     return;
   }
   const int64_t n = std::min<int64_t>(int64_t{context} + 1, s.MB * BS), nb = (n + BS - 1) / BS;
   const int64_t width = nb * BS;  // one query's scores
   thread_local std::vector<float> scores;
-  scores.resize(TG * width);
+  thread_local std::vector<f32x16> sums;  // the values' products, [kv head][query][H / 16]
+  const int64_t slices = H / 16;
+  scores.resize(nk * TG * width);
+  sums.assign(nk * TG * slices, f32x16{});
+  auto row = [&](int64_t kh, int g) { return &scores[((kh - kh0) * TG + g) * width]; };
   auto block = [&](int64_t b) {  // the pool block behind table entry b (clamped, as XLA's gather)
     return std::clamp<int64_t>(int64_t{table[b]} + base, 0, s.blocks - 1);
   };
-  for (int64_t b = 0; b < nb; ++b) {
-    const float* kb = kpool + (block(b) * s.K + kh) * H * BS;  // [H, BS]
-    for (int64_t j = 0; j < BS; j += 16) {
-      f32x16 acc[TG] = {};
-      for (int64_t h = 0; h < H; ++h) {
-        const f32x16 key = load16(kb + h * BS + j);
-        for (int g = 0; g < TG; ++g) acc[g] += q[g * H + h] * key;
+  for (int64_t b = 0; b < nb; ++b)
+    for (int64_t kh = kh0; kh < kh1; ++kh) {
+      const float* kb = kpool + (block(b) * s.K + kh) * H * BS;  // [H, BS]
+      for (int64_t j = 0; j < BS; j += 16) {
+        f32x16 acc[TG] = {};
+        for (int64_t h = 0; h < H; ++h) {
+          const f32x16 key = load16(kb + h * BS + j);
+          for (int g = 0; g < TG; ++g) acc[g] += query(kh, g)[h] * key;
+        }
+        for (int g = 0; g < TG; ++g) store16(row(kh, g) + b * BS + j, acc[g] * scale);
       }
-      for (int g = 0; g < TG; ++g) store16(&scores[g * width + b * BS + j], acc[g] * scale);
     }
-  }
-  float sum[TG];
-  for (int g = 0; g < TG; ++g) {
-    float* row = &scores[g * width];
-    const float top = max_of(row, n, row[0]);
-    f32x16 total = {};
-    for (int64_t i = 0; i < width; i += 16) {
-      // (the last block's positions past the context count for nothing)
-      const f32x16 e = before(exp16(load16(row + i) - top), i, n);
-      store16(row + i, e);
-      total += e;
+  thread_local std::vector<float> totals;
+  totals.resize(nk * TG);
+  for (int64_t kh = kh0; kh < kh1; ++kh)
+    for (int g = 0; g < TG; ++g) {
+      float* r = row(kh, g);
+      const float top = max_of(r, n, r[0]);
+      f32x16 total = {};
+      for (int64_t i = 0; i < width; i += 16) {
+        // (the last block's positions past the context count for nothing)
+        const f32x16 e = before(exp16(load16(r + i) - top), i, n);
+        store16(r + i, e);
+        total += e;
+      }
+      float& sum = totals[(kh - kh0) * TG + g];
+      sum = 0;
+      for (int l = 0; l < 16; ++l) sum += total[l];
     }
-    sum[g] = 0;
-    for (int l = 0; l < 16; ++l) sum[g] += total[l];
-  }
-  for (int64_t v = 0; v < H / 16; ++v) {  // values: one feature slice of every query at once
-    f32x16 acc[TG] = {};
-    for (int64_t b = 0; b < nb; ++b) {
+  // Values: a feature slice of every query at once, over a block's positions in order.
+  for (int64_t b = 0; b < nb; ++b)
+    for (int64_t kh = kh0; kh < kh1; ++kh) {
       const float* vb = vpool + (block(b) * s.K + kh) * BS * H;  // [BS, H]
-      for (int64_t p = 0; p < std::min(BS, n - b * BS); ++p) {
-        const f32x16 value = load16(vb + p * H + 16 * v);
-        for (int g = 0; g < TG; ++g) acc[g] += scores[g * width + b * BS + p] * value;
+      f32x16* acc = &sums[(kh - kh0) * TG * slices];
+      for (int64_t v = 0; v < slices; ++v) {
+        f32x16 part[TG];
+        for (int g = 0; g < TG; ++g) part[g] = acc[g * slices + v];
+        for (int64_t p = 0; p < std::min(BS, n - b * BS); ++p) {
+          const f32x16 value = load16(vb + p * H + 16 * v);
+          for (int g = 0; g < TG; ++g) part[g] += row(kh, g)[b * BS + p] * value;
+        }
+        for (int g = 0; g < TG; ++g) acc[g * slices + v] = part[g];
       }
     }
-    for (int g = 0; g < TG; ++g) store16(out + g * H + 16 * v, acc[g] / sum[g]);
-  }
+  for (int64_t kh = kh0; kh < kh1; ++kh)
+    for (int g = 0; g < TG; ++g)
+      for (int64_t v = 0; v < slices; ++v)
+        store16(output(kh, g) + 16 * v,
+                sums[((kh - kh0) * TG + g) * slices + v] / totals[(kh - kh0) * TG + g]);
 }
 
-// The G query heads of kv head kh of one row, kGroupTile at a time.
+// The G query heads of kv heads [kh0, kh1) of one row (q and out [K, G, H]), kGroupTile
+// at a time.
 JAXCHAT_TARGETS
 void group(const Shapes& s, const float* q, const float* kpool, const float* vpool,
-           int32_t context, const int32_t* table, int32_t base, int64_t kh, float scale,
-           float* out) {
+           int32_t context, const int32_t* table, int32_t base, int64_t kh0, int64_t kh1,
+           float scale, float* out) {
   for (int64_t g = 0; g < s.G; g += kGroupTile) {
-    const float* qg = q + g * s.H;
-    float* og = out + g * s.H;
+#define JAXCHAT_HEADS(TG) \
+  heads<TG>(s, q, kpool, vpool, context, table, base, kh0, kh1, g, scale, out)
     switch (std::min(kGroupTile, s.G - g)) {
-      case 1: heads<1>(s, qg, kpool, vpool, context, table, base, kh, scale, og); break;
-      case 2: heads<2>(s, qg, kpool, vpool, context, table, base, kh, scale, og); break;
-      case 3: heads<3>(s, qg, kpool, vpool, context, table, base, kh, scale, og); break;
-      default: heads<4>(s, qg, kpool, vpool, context, table, base, kh, scale, og); break;
+      case 1: JAXCHAT_HEADS(1); break;
+      case 2: JAXCHAT_HEADS(2); break;
+      case 3: JAXCHAT_HEADS(3); break;
+      default: JAXCHAT_HEADS(4); break;
     }
+#undef JAXCHAT_HEADS
   }
 }
 
@@ -170,10 +196,12 @@ ffi::Error DecodeAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
   int parts = threads > 0 ? static_cast<int>(threads) : jaxchat::Workers::get().size();
   // Below about 8k positions·heads the work is shorter than waking another thread.
   if (work * s.K * s.G < 8192) parts = 1;
-  jaxchat::Workers::get().run(R * s.K, parts, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {  // (row, kv head): its G query heads
-      const int64_t r = i / s.K, kh = i % s.K, at = i * s.G * s.H;
-      group(s, qp + at, kp, vp, cp[r], tp + r * s.MB, b0, kh, scale, op + at);
+  // A row's kv heads together where there are two rows a core, else each on its own.
+  const int64_t heads = R >= 2 * parts ? s.K : 1, pieces = s.K / heads;
+  jaxchat::Workers::get().run(R * pieces, parts, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = i / pieces, kh = i % pieces * heads, at = r * s.K * s.G * s.H;
+      group(s, qp + at, kp, vp, cp[r], tp + r * s.MB, b0, kh, kh + heads, scale, op + at);
     }
   });
   return ffi::Error::Success();
