@@ -33,7 +33,7 @@ void norm16(const float* x, int64_t stride, const float* scale, int64_t D, float
     const f32x16 v = load16(x + d * stride);
     squares += v * v;
   }
-  f32x16 inv;
+  f32x16 inv{};  // (every lane set below)
   for (int l = 0; l < 16; ++l) inv[l] = 1.0f / std::sqrt(squares[l] / D + eps);
   for (int64_t d = 0; d < D; ++d) store16(y + d * stride, load16(x + d * stride) * inv * scale[d]);
 }
