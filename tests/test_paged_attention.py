@@ -28,12 +28,13 @@ K, G, H, BS = 2, 3, 8, 4  # GQA: 3 query heads per kv head
 NB, MB = 64, 24  # pool blocks; blocks per sequence (96 positions)
 
 
-def random_pool(rng, nb=NB, bs=BS, h=H) -> tuple[Pool, np.ndarray, np.ndarray]:
-    """A pool of random keys and values, and the same as dense [NB·BS, K, H] arrays."""
-    keys = rng.standard_normal((nb * bs, K, h)).astype(np.float32)
-    values = rng.standard_normal((nb * bs, K, h)).astype(np.float32)
-    k = keys.reshape(nb, bs, K, h).transpose(0, 2, 3, 1)  # [NB, K, H, BS]
-    v = values.reshape(nb, bs, K, h).transpose(0, 2, 1, 3)  # [NB, K, BS, H]
+def random_pool(rng, nb=NB, bs=BS, h=H, dtype=np.float32) -> tuple[Pool, np.ndarray, np.ndarray]:
+    """A pool of random keys and values in `dtype`, and the same values as dense float32
+    [NB·BS, K, H] arrays."""
+    keys = rng.standard_normal((nb * bs, K, h)).astype(dtype).astype(np.float32)
+    values = rng.standard_normal((nb * bs, K, h)).astype(dtype).astype(np.float32)
+    k = keys.reshape(nb, bs, K, h).transpose(0, 2, 3, 1).astype(dtype)  # [NB, K, H, BS]
+    v = values.reshape(nb, bs, K, h).transpose(0, 2, 1, 3).astype(dtype)  # [NB, K, BS, H]
     return Pool(jnp.asarray(k), jnp.asarray(v)), keys, values
 
 
@@ -87,16 +88,17 @@ def test_decode_rows_equal_the_dense_reference(rng, chunk, shared):
 
 @pytest.mark.parametrize("h", [16, 64])
 @pytest.mark.parametrize("long", [False, True], ids=["one-thread", "threads"])
-def test_the_cpu_kernel_equals_the_dense_reference(rng, h, long):
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
+def test_the_cpu_kernel_equals_the_dense_reference(rng, h, long, dtype):
     """jaxchat's CPU decode attention (model/kernels/attention.cc), which reads the blocks
     in place: rows ending inside and at the edges of blocks, one position, an idle row,
     the layer's blocks at an offset (`base`), two rows sharing a table; long contexts
     split the work among threads (a row's kv heads together in a step of 8 rows, each kv
     head on its own in a step of 1 or 3). A row's output is the same to the bit in a
-    step of its own, of 3 rows, or of 8."""
+    step of its own, of 3 rows, or of 8. A float16 pool is read as its values."""
     assert kernels.load(), "the kernels are built by `make setup` (python -m model.kernels)"
     bs, nb, mb, base = 16, 160, 96 if long else 12, 7
-    pool, keys, values = random_pool(rng, nb + base, bs, h)
+    pool, keys, values = random_pool(rng, nb + base, bs, h, dtype)
     assert kernel_fits(pool, h)
     longest = mb * bs - 1
     contexts = np.array([0, 15, 16, 17, longest // 2, longest, -1, longest], np.int32)
@@ -152,10 +154,32 @@ def test_the_cpu_kernels_prior_attention_equals_the_dense_reference(rng, prior, 
     check_region(rng, prior, SEES[sees], bs=16, h=h, nb=64, mb=48, base=5, kernel=True, first=first)
 
 
+@pytest.mark.parametrize("prior", [17, 300])
+@pytest.mark.parametrize("kernel", [False, True], ids=["xla", "kernel"])
+def test_a_float16_pools_prior_is_read_as_its_values(rng, prior, kernel):
+    """A float16 pool's keys and values, through XLA and through the CPU kernel (which widens
+    each piece it reads), against the dense reference on the same values."""
+    assert kernels.load(), "the kernels are built by `make setup` (python -m model.kernels)"
+    check_region(
+        rng, prior, SEES["two"], bs=16, h=64, nb=64, mb=48, base=5, kernel=kernel, dtype=np.float16
+    )
+
+
 def check_region(
-    rng, prior, sees, chunk=1024, bs=BS, h=H, nb=NB, mb=MB, base=0, kernel=False, first=5
+    rng,
+    prior,
+    sees,
+    chunk=1024,
+    bs=BS,
+    h=H,
+    nb=NB,
+    mb=MB,
+    base=0,
+    kernel=False,
+    first=5,
+    dtype=np.float32,
 ) -> None:
-    cache, keys, values = random_pool(rng, nb + base, bs, h)
+    cache, keys, values = random_pool(rng, nb + base, bs, h, dtype)
     lengths = [first, 9, 3]
     pad = 3
     segments = np.concatenate([np.full(n, i) for i, n in enumerate(lengths)] + [np.full(pad, -1)])
@@ -262,8 +286,9 @@ def test_the_kernels_pool_is_zero_and_costs_memory_as_it_is_written():
 
 
 @pytest.mark.parametrize("cut", [1, 15, 16, 17, 255, 256, 257, 300, 599])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
 def test_the_cpu_kernels_prompt_attention_is_the_same_to_the_bit_however_the_prompt_is_cut(
-    rng, cut
+    rng, cut, dtype
 ):
     """A 600-position prompt in one region, and cut at `cut`: its first positions in the pool
     (a prior group: an earlier chunk, or a cached prefix), the rest in a region behind
@@ -272,7 +297,7 @@ def test_the_cpu_kernels_prompt_attention_is_the_same_to_the_bit_however_the_pro
     keys lie (cuts inside and at its 16-position lanes and 256-position spans)."""
     assert kernels.load(), "the kernels are built by `make setup` (python -m model.kernels)"
     h, bs, nb, mb, length = 64, 16, 48, 40, 600
-    pool, keys, values = random_pool(rng, nb, bs, h)
+    pool, keys, values = random_pool(rng, nb, bs, h, dtype)  # (the region's: the same values)
     table = rng.permutation(nb)[:mb].astype(np.int32)
     flat = sequence_positions(table, length, bs)
     q = rng.standard_normal((length, K, G, h)).astype(np.float32)

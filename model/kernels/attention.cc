@@ -27,6 +27,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <immintrin.h>
+#include <optional>
+#include <type_traits>
 #include <string>
 #include <vector>
 
@@ -64,11 +67,97 @@ INLINE f32x16 before(f32x16 e, int64_t i, int64_t n) {
 
 constexpr int kMaxHead = 512;  // head dims up to this (multiples of 16)
 
+// A pool of float16 keys and values (half the bytes of float32: attention over a long
+// context reads the pool, and its blocks lie scattered, so it runs at the memory's speed)
+// is read as floats: each piece the loops read is widened into a buffer first, with the
+// widest conversion the CPU has (one instruction per 16 values with AVX-512 or F16C).
+// `widen` converts `rows` runs of 16 halves, run r at p + r * stride, into out[16 r …].
+__attribute__((target("avx512f"))) void widen512(const uint16_t* p, int64_t stride,
+                                                 int64_t rows, float* out) {
+  for (int64_t r = 0; r < rows; ++r)
+    _mm512_storeu_ps(out + 16 * r, _mm512_maskz_cvtph_ps(0xffff, _mm256_loadu_si256(
+                                       reinterpret_cast<const __m256i*>(p + r * stride))));
+}
+
+__attribute__((target("avx,f16c"))) void widen256(const uint16_t* p, int64_t stride,
+                                                  int64_t rows, float* out) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int half = 0; half < 2; ++half)
+      _mm256_storeu_ps(out + 16 * r + 8 * half,
+                       _mm256_cvtph_ps(_mm_loadu_si128(
+                           reinterpret_cast<const __m128i*>(p + r * stride + 8 * half))));
+}
+
+// IEEE binary16 to float, exactly (subnormals through an integer conversion, so that no
+// denormal float is read whatever the thread's flush-to-zero mode).
+float half_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t{h & 0x8000u} << 16, exponent = (h >> 10) & 0x1f,
+                 mantissa = h & 0x3ffu;
+  float magnitude;
+  if (exponent == 0) {
+    magnitude = static_cast<float>(mantissa) * 5.9604644775390625e-8f;  // 2^-24
+  } else {
+    const uint32_t bits = exponent == 31 ? 0x7f800000u | (mantissa << 13)
+                                         : ((exponent + 112) << 23) | (mantissa << 13);
+    std::memcpy(&magnitude, &bits, sizeof magnitude);
+  }
+  uint32_t bits;
+  std::memcpy(&bits, &magnitude, sizeof bits);
+  bits |= sign;
+  std::memcpy(&magnitude, &bits, sizeof magnitude);
+  return magnitude;
+}
+
+void widen_scalar(const uint16_t* p, int64_t stride, int64_t rows, float* out) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int l = 0; l < 16; ++l) out[16 * r + l] = half_to_float(p[r * stride + l]);
+}
+
+using Widen = void (*)(const uint16_t*, int64_t, int64_t, float*);
+
+Widen pick_widen() {
+  if (__builtin_cpu_supports("avx512f")) return widen512;
+  if (__builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx")) return widen256;
+  return widen_scalar;
+}
+
+const Widen widen = pick_widen();
+
+// A piece of the pool, rows runs of 16 values at `stride`, as floats at stride 16 (for
+// float16, widened into `buffer`); a float pool's piece is read in place (`stride` kept).
+struct Piece {
+  const float* p;
+  int64_t stride;
+};
+INLINE Piece floats(const float* p, int64_t stride, int64_t, float*) { return {p, stride}; }
+INLINE Piece floats(const uint16_t* p, int64_t stride, int64_t rows, float* buffer) {
+  widen(p, stride, rows, buffer);
+  return {buffer, 16};
+}
+
 struct Shapes {
   int64_t K, G, H, BS, MB, blocks;  // kv heads, group, head dim, block size, table width, pool
 };
 
 constexpr int64_t kGroupTile = 4;  // query heads of one kv head that share each load
+
+// NV feature slices (of 16) of TG queries' weighted values over `used` positions (value p
+// at values + p * H), added to acc[g * stride + v] in position order: each slice and query
+// a sum of its own (TG·NV independent chains of multiply-adds in flight).
+template <int TG, int NV>
+INLINE void value_slices(const float* values, int64_t H, int64_t used, const float* const* weights,
+                         f32x16* acc, int64_t stride) {
+  f32x16 part[TG][NV];
+  for (int g = 0; g < TG; ++g)
+    for (int v = 0; v < NV; ++v) part[g][v] = acc[g * stride + v];
+  for (int64_t p = 0; p < used; ++p)
+    for (int v = 0; v < NV; ++v) {
+      const f32x16 value = load16(values + p * H + 16 * v);
+      for (int g = 0; g < TG; ++g) part[g][v] += weights[g][p] * value;
+    }
+  for (int g = 0; g < TG; ++g)
+    for (int v = 0; v < NV; ++v) acc[g * stride + v] = part[g][v];
+}
 
 // TG query heads (from g0) of each kv head in [kh0, kh1) of one row (q and out [K, G, H]),
 // each over the row's positions 0..context. Every key and value vector is loaded once for
@@ -77,8 +166,8 @@ constexpr int64_t kGroupTile = 4;  // query heads of one kv head that share each
 // memory, and on a 2-core CPU random runs of 4 KB (a SmolLM2 block's keys of one kv head)
 // stream at 7 GB/s a core, of 12 KB (all three) at 10, where one long run streams at 23:
 // the kv heads of a row are one piece of work where a step has rows enough for the cores.
-template <int TG>
-INLINE void heads(const Shapes& s, const float* q, const float* kpool, const float* vpool,
+template <int TG, typename T>
+INLINE void heads(const Shapes& s, const float* q, const T* kpool, const T* vpool,
                   int32_t context, const int32_t* table, int32_t base, int64_t kh0,
                   int64_t kh1, int64_t g0, float scale, float* out) {
   const int64_t H = s.H, BS = s.BS, G = s.G, nk = kh1 - kh0;
@@ -94,24 +183,43 @@ INLINE void heads(const Shapes& s, const float* q, const float* kpool, const flo
   thread_local std::vector<float> scores;
   thread_local std::vector<f32x16> sums;  // the values' products, [kv head][query][H / 16]
   const int64_t slices = H / 16;
+  thread_local std::vector<float> values;  // a float16 pool's block of values, widened
   scores.resize(nk * TG * width);
   sums.assign(nk * TG * slices, f32x16{});
+  values.resize(BS * H);
   auto row = [&](int64_t kh, int g) { return &scores[((kh - kh0) * TG + g) * width]; };
   auto block = [&](int64_t b) {  // the pool block behind table entry b (clamped, as XLA's gather)
     return std::clamp<int64_t>(int64_t{table[b]} + base, 0, s.blocks - 1);
   };
-  for (int64_t b = 0; b < nb; ++b)
+  // Keys, two runs of 16 positions at a time (each query feature loaded once for both:
+  // twice the independent sums in flight; a sum over H features is a chain of H
+  // dependent multiply-adds).
+  const int64_t runs = width / 16;
+  thread_local std::vector<float> widened;  // a float16 pool's two runs of keys
+  widened.resize(2 * H * 16);
+  auto keys = [&](int64_t run, int64_t kh, float* buffer) {  // [H] (see `floats`)
+    const int64_t at = (block(run * 16 / BS) * s.K + kh) * H * BS + run * 16 % BS;
+    return floats(kpool + at, BS, H, buffer);
+  };
+  for (int64_t run = 0; run < runs; run += 2) {
+    const bool pair = run + 1 < runs;
     for (int64_t kh = kh0; kh < kh1; ++kh) {
-      const float* kb = kpool + (block(b) * s.K + kh) * H * BS;  // [H, BS]
-      for (int64_t j = 0; j < BS; j += 16) {
-        f32x16 acc[TG] = {};
-        for (int64_t h = 0; h < H; ++h) {
-          const f32x16 key = load16(kb + h * BS + j);
-          for (int g = 0; g < TG; ++g) acc[g] += query(kh, g)[h] * key;
+      const Piece a = keys(run, kh, widened.data());
+      const Piece b = pair ? keys(run + 1, kh, widened.data() + H * 16) : a;
+      f32x16 lo[TG] = {}, hi[TG] = {};
+      for (int64_t h = 0; h < H; ++h) {
+        const f32x16 key_lo = load16(a.p + h * a.stride), key_hi = load16(b.p + h * b.stride);
+        for (int g = 0; g < TG; ++g) {
+          lo[g] += query(kh, g)[h] * key_lo;
+          hi[g] += query(kh, g)[h] * key_hi;
         }
-        for (int g = 0; g < TG; ++g) store16(row(kh, g) + b * BS + j, acc[g] * scale);
+      }
+      for (int g = 0; g < TG; ++g) {
+        store16(row(kh, g) + run * 16, lo[g] * scale);
+        if (pair) store16(row(kh, g) + run * 16 + 16, hi[g] * scale);
       }
     }
+  }
   thread_local std::vector<float> totals;
   totals.resize(nk * TG);
   for (int64_t kh = kh0; kh < kh1; ++kh)
@@ -132,17 +240,16 @@ INLINE void heads(const Shapes& s, const float* q, const float* kpool, const flo
   // Values: a feature slice of every query at once, over a block's positions in order.
   for (int64_t b = 0; b < nb; ++b)
     for (int64_t kh = kh0; kh < kh1; ++kh) {
-      const float* vb = vpool + (block(b) * s.K + kh) * BS * H;  // [BS, H]
+      const int64_t used = std::min(BS, n - b * BS);
+      // [BS, H] (a float16 pool's: its used rows, widened)
+      const Piece vb = floats(vpool + (block(b) * s.K + kh) * BS * H, 16, used * slices,
+                              values.data());
       f32x16* acc = &sums[(kh - kh0) * TG * slices];
-      for (int64_t v = 0; v < slices; ++v) {
-        f32x16 part[TG];
-        for (int g = 0; g < TG; ++g) part[g] = acc[g * slices + v];
-        for (int64_t p = 0; p < std::min(BS, n - b * BS); ++p) {
-          const f32x16 value = load16(vb + p * H + 16 * v);
-          for (int g = 0; g < TG; ++g) part[g] += row(kh, g)[b * BS + p] * value;
-        }
-        for (int g = 0; g < TG; ++g) acc[g * slices + v] = part[g];
-      }
+      const float* weights[TG];  // each query's scores of this block's positions
+      for (int g = 0; g < TG; ++g) weights[g] = row(kh, g) + b * BS;
+      int64_t v = 0;
+      for (; v + 4 <= slices; v += 4) value_slices<TG, 4>(vb.p + 16 * v, H, used, weights, acc + v, slices);
+      for (; v < slices; ++v) value_slices<TG, 1>(vb.p + 16 * v, H, used, weights, acc + v, slices);
     }
   for (int64_t kh = kh0; kh < kh1; ++kh)
     for (int g = 0; g < TG; ++g)
@@ -153,10 +260,10 @@ INLINE void heads(const Shapes& s, const float* q, const float* kpool, const flo
 
 // The G query heads of kv heads [kh0, kh1) of one row (q and out [K, G, H]), kGroupTile
 // at a time.
-JAXCHAT_TARGETS
-void group(const Shapes& s, const float* q, const float* kpool, const float* vpool,
-           int32_t context, const int32_t* table, int32_t base, int64_t kh0, int64_t kh1,
-           float scale, float* out) {
+template <typename T>
+INLINE void group_of(const Shapes& s, const float* q, const T* kpool, const T* vpool,
+                     int32_t context, const int32_t* table, int32_t base, int64_t kh0,
+                     int64_t kh1, float scale, float* out) {
   for (int64_t g = 0; g < s.G; g += kGroupTile) {
 #define JAXCHAT_HEADS(TG) \
   heads<TG>(s, q, kpool, vpool, context, table, base, kh0, kh1, g, scale, out)
@@ -170,8 +277,27 @@ void group(const Shapes& s, const float* q, const float* kpool, const float* vpo
   }
 }
 
-ffi::Error DecodeAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                               ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> context,
+#define JAXCHAT_GROUP(T)                                                                    \
+  JAXCHAT_TARGETS void group(const Shapes& s, const float* q, const T* kpool, const T* vpool, \
+                             int32_t context, const int32_t* table, int32_t base,            \
+                             int64_t kh0, int64_t kh1, float scale, float* out) {            \
+    group_of(s, q, kpool, vpool, context, table, base, kh0, kh1, scale, out);               \
+  }
+JAXCHAT_GROUP(float)
+JAXCHAT_GROUP(uint16_t)
+#undef JAXCHAT_GROUP
+
+// The pool's element type: float32 or float16 (keys and values alike), or None.
+std::optional<bool> halves(const ffi::AnyBuffer& k, const ffi::AnyBuffer& v) {
+  const auto type = k.element_type();
+  if (type != v.element_type()) return std::nullopt;
+  if (type == ffi::DataType::F16) return true;
+  if (type == ffi::DataType::F32) return false;
+  return std::nullopt;
+}
+
+ffi::Error DecodeAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                               ffi::Buffer<ffi::S32> context,
                                ffi::Buffer<ffi::S32> tables, ffi::Buffer<ffi::S32> base,
                                ffi::ResultBuffer<ffi::F32> out, float scale, int64_t threads) {
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), td = tables.dimensions();
@@ -187,7 +313,10 @@ ffi::Error DecodeAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
     return ffi::Error::InvalidArgument("decode attention: head dim " + std::to_string(s.H) +
                                        " and block size " + std::to_string(s.BS) +
                                        " must be multiples of 16 (head dim up to 512)");
-  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
+  const std::optional<bool> half = halves(k, v);
+  if (!half) return ffi::Error::InvalidArgument("decode attention: a float32 or float16 pool");
+  const float* qp = q.typed_data();
+  const void *kp = k.untyped_data(), *vp = v.untyped_data();
   const int32_t *cp = context.typed_data(), *tp = tables.typed_data();
   const int32_t b0 = base.typed_data()[0];
   float* op = out->typed_data();
@@ -201,7 +330,13 @@ ffi::Error DecodeAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
   jaxchat::Workers::get().run(R * pieces, parts, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t r = i / pieces, kh = i % pieces * heads, at = r * s.K * s.G * s.H;
-      group(s, qp + at, kp, vp, cp[r], tp + r * s.MB, b0, kh, kh + heads, scale, op + at);
+      if (*half) {
+        group(s, qp + at, static_cast<const uint16_t*>(kp), static_cast<const uint16_t*>(vp),
+              cp[r], tp + r * s.MB, b0, kh, kh + heads, scale, op + at);
+      } else {
+        group(s, qp + at, static_cast<const float*>(kp), static_cast<const float*>(vp), cp[r],
+              tp + r * s.MB, b0, kh, kh + heads, scale, op + at);
+      }
     }
   });
   return ffi::Error::Success();
@@ -224,38 +359,35 @@ struct Query {
 // through block table `table` (the pool's blocks k [NB, K, H, BS], v [NB, K, BS, H]), the
 // rest from the region (k [H, W], positions minor, W at least the region plus 16; v
 // [P, H]), where position `split` is the region's entry `first`.
+template <typename T>
 struct PromptKeys {
-  const float *kpool, *vpool, *k, *v;
+  const T *kpool, *vpool;
+  const float *k, *v;
   const int32_t* table;
   int64_t K, H, BS, blocks, kh, W, split, first;
   int32_t base;
   MEMBER int64_t block(int64_t pos) const {
     return std::clamp<int64_t>(int64_t{table[pos / BS]} + base, 0, blocks - 1);
   }
-  MEMBER const float* pool_keys(int64_t pos) const {  // [H] with stride BS, 16 positions
+  MEMBER const T* pool_keys(int64_t pos) const {  // [H] with stride BS, 16 positions
     return kpool + (block(pos) * K + kh) * H * BS + pos % BS;
   }
   MEMBER const float* region_keys(int64_t pos) const {  // [H] with stride W
     return k + first + pos - split;
   }
-  // The value at pos, [H].
-  MEMBER const float* value(int64_t pos) const {
-    return pos < split ? vpool + (block(pos) * K + kh) * BS * H + (pos % BS) * H
-                       : v + (first + pos - split) * H;
+  // The value at pos, [H]: from the pool below split, as floats (widened into `buffer`
+  // from a float16 pool).
+  MEMBER const float* value(int64_t pos, float* buffer) const {
+    if (pos >= split) return v + (first + pos - split) * H;
+    return floats(vpool + (block(pos) * K + kh) * BS * H + (pos % BS) * H, 16, H / 16, buffer).p;
   }
-};
-
-// Keys of 16 positions from pos (a multiple of 16), feature h at `p + h * stride`.
-struct KeyRun {
-  const float* p;
-  int64_t stride;
 };
 
 // The TT queries `qs` (all of one kv head) over positions [0, to) of `src`, each seeing
 // those before its limit, their outputs normalised into `out` [K·G·P, H]. Every key and
 // value vector is loaded once for all TT.
-template <int TT>
-INLINE void span(const PromptKeys& src, int64_t H, int64_t P, const Query* qs, int64_t to,
+template <int TT, typename T>
+INLINE void span(const PromptKeys<T>& src, int64_t H, int64_t P, const Query* qs, int64_t to,
                  float scale, float* out) {
   const int64_t nv = H / 16;
   float qt[kMaxHead][TT];  // the queries, feature-major, scaled
@@ -266,32 +398,37 @@ INLINE void span(const PromptKeys& src, int64_t H, int64_t P, const Query* qs, i
   f32x16 acc[TT][kMaxHead / 16] = {};
   alignas(64) float scores[TT][kSpan];
   alignas(64) float straddle[kMaxHead * 16];  // the 16 positions around `split`, if any
-  KeyRun runs[kSpan / 16];
+  Piece runs[kSpan / 16];  // keys of 16 positions from a multiple of 16: feature h at p + h stride
   const float* values[kSpan];
+  thread_local std::vector<float> widened;  // a float16 pool's keys and values in this span
+  widened.resize(2 * kSpan * H);
+  float *widened_keys = widened.data(), *widened_values = widened_keys + kSpan * H;
   for (int64_t start = 0; start < to; start += kSpan) {
     const int64_t n = std::min(kSpan, to - start);
     for (int64_t j = 0; j < n; j += 16) {
       const int64_t pos = start + j;
+      float* buffer = widened_keys + j * H;
       if (pos + 16 <= src.split) {
-        runs[j / 16] = {src.pool_keys(pos), src.BS};
+        runs[j / 16] = floats(src.pool_keys(pos), src.BS, H, buffer);
       } else if (pos >= src.split) {
         runs[j / 16] = {src.region_keys(pos), src.W};
       } else {  // pool below split, region from it
         const int64_t cut = src.split - pos;
-        const float* pooled = src.pool_keys(pos);
+        const Piece pooled = floats(src.pool_keys(pos), src.BS, H, buffer);
         const float* own = src.region_keys(src.split);
         for (int64_t h = 0; h < H; ++h)
           for (int64_t l = 0; l < 16; ++l)
-            straddle[h * 16 + l] = l < cut ? pooled[h * src.BS + l] : own[h * src.W + l - cut];
+            straddle[h * 16 + l] =
+                l < cut ? pooled.p[h * pooled.stride + l] : own[h * src.W + l - cut];
         runs[j / 16] = {straddle, 16};
       }
     }
-    for (int64_t i = 0; i < n; ++i) values[i] = src.value(start + i);
+    for (int64_t i = 0; i < n; ++i) values[i] = src.value(start + i, widened_values + i * H);
     // Scores, 32 positions at a time (each query feature loaded once for two vectors of
     // keys: twice the independent sums in flight), then 16.
     int64_t j = 0;
     for (; j + 32 <= n; j += 32) {
-      const KeyRun a = runs[j / 16], b = runs[j / 16 + 1];
+      const Piece a = runs[j / 16], b = runs[j / 16 + 1];
       f32x16 lo[TT] = {}, hi[TT] = {};
       for (int64_t h = 0; h < H; ++h) {
         const f32x16 key_lo = load16(a.p + h * a.stride), key_hi = load16(b.p + h * b.stride);
@@ -306,7 +443,7 @@ INLINE void span(const PromptKeys& src, int64_t H, int64_t P, const Query* qs, i
       }
     }
     for (; j < n; j += 16) {
-      const KeyRun a = runs[j / 16];
+      const Piece a = runs[j / 16];
       f32x16 sc[TT] = {};
       for (int64_t h = 0; h < H; ++h) {
         const f32x16 key = load16(a.p + h * a.stride);
@@ -362,9 +499,9 @@ INLINE void span(const PromptKeys& src, int64_t H, int64_t P, const Query* qs, i
 }
 
 // `span` for `count` (1 … kTile) queries: a part-filled tile costs its own queries only.
-JAXCHAT_TARGETS
-void prompt_tile(int64_t count, const PromptKeys& src, int64_t H, int64_t P, const Query* qs,
-                 int64_t to, float scale, float* out) {
+template <typename T>
+INLINE void prompt_tile_of(int64_t count, const PromptKeys<T>& src, int64_t H, int64_t P,
+                           const Query* qs, int64_t to, float scale, float* out) {
   switch (count) {
 #define JAXCHAT_TILE(TT) \
   case TT:               \
@@ -382,14 +519,24 @@ void prompt_tile(int64_t count, const PromptKeys& src, int64_t H, int64_t P, con
   }
 }
 
+#define JAXCHAT_PROMPT_TILE(T)                                                           \
+  JAXCHAT_TARGETS void prompt_tile(int64_t count, const PromptKeys<T>& src, int64_t H,   \
+                                   int64_t P, const Query* qs, int64_t to, float scale, \
+                                   float* out) {                                         \
+    prompt_tile_of(count, src, H, P, qs, to, scale, out);                                \
+  }
+JAXCHAT_PROMPT_TILE(float)
+JAXCHAT_PROMPT_TILE(uint16_t)
+#undef JAXCHAT_PROMPT_TILE
+
 // One tile: its queries, their segment's first region entry, and its kv head.
 struct Tile {
   int64_t count, first, kh;
 };
 
 ffi::Error PromptAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                               ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> kpool,
-                               ffi::Buffer<ffi::F32> vpool, ffi::Buffer<ffi::S32> segments,
+                               ffi::Buffer<ffi::F32> v, ffi::AnyBuffer kpool,
+                               ffi::AnyBuffer vpool, ffi::Buffer<ffi::S32> segments,
                                ffi::Buffer<ffi::S32> positions, ffi::Buffer<ffi::S32> sees,
                                ffi::Buffer<ffi::S32> prior, ffi::Buffer<ffi::S32> tables,
                                ffi::Buffer<ffi::S32> base, ffi::ResultBuffer<ffi::F32> out,
@@ -412,6 +559,8 @@ ffi::Error PromptAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
     return ffi::Error::InvalidArgument("prompt attention: head dim " + std::to_string(H) +
                                        " and block size " + std::to_string(BS) +
                                        " must be multiples of 16 (head dim up to 512)");
+  const std::optional<bool> half = halves(kpool, vpool);
+  if (!half) return ffi::Error::InvalidArgument("prompt attention: a float32 or float16 pool");
   const int32_t *seg = segments.typed_data(), *pos = positions.typed_data();
   const int32_t *group = sees.typed_data(), *pp = prior.typed_data();
   float* op = out->typed_data();
@@ -454,10 +603,20 @@ ffi::Error PromptAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
       const Tile& tile = tiles[u];
       const Query* qs = &queries[u * kTile];
       const int64_t g = std::max(0, group[tile.first]);
-      const PromptKeys src{kpool.typed_data(), vpool.typed_data(), k.typed_data() + tile.kh * H * W,
-                           v.typed_data() + tile.kh * P * H, tables.typed_data() + g * MB, K, H, BS,
-                           NB, tile.kh, W, pos[tile.first], tile.first, b0};
-      prompt_tile(tile.count, src, H, P, qs, qs[tile.count - 1].limit, scale, op);
+      auto run = [&](auto* pool_k, auto* pool_v) {
+        using T = std::remove_const_t<std::remove_pointer_t<decltype(pool_k)>>;
+        const PromptKeys<T> src{pool_k, pool_v, k.typed_data() + tile.kh * H * W,
+                                v.typed_data() + tile.kh * P * H, tables.typed_data() + g * MB,
+                                K, H, BS, NB, tile.kh, W, pos[tile.first], tile.first, b0};
+        prompt_tile(tile.count, src, H, P, qs, qs[tile.count - 1].limit, scale, op);
+      };
+      if (*half) {
+        run(static_cast<const uint16_t*>(kpool.untyped_data()),
+            static_cast<const uint16_t*>(vpool.untyped_data()));
+      } else {
+        run(static_cast<const float*>(kpool.untyped_data()),
+            static_cast<const float*>(vpool.untyped_data()));
+      }
     }
   });
   return ffi::Error::Success();
@@ -468,8 +627,8 @@ ffi::Error PromptAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchatDecodeAttention, DecodeAttentionImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
@@ -482,8 +641,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchatPromptAttention, PromptAttentionImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
