@@ -147,7 +147,7 @@ def access_line(entry: RequestLog, response: flask.Response, metrics: Metrics) -
 def system_fingerprint(settings: Settings) -> str:
     """Identifies the serving configuration, so clients can notice it changed."""
     config = f"{settings.model}|{settings.model_name}|{settings.dtype}|{settings.max_seq_len}"
-    config += f"|{settings.kv_pool}"
+    config += f"|{settings.kv_pool}|{settings.kv_dtype}"
     return "fp_" + hashlib.sha256(config.encode()).hexdigest()[:12]
 
 

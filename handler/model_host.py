@@ -98,6 +98,7 @@ def load_llm(settings: Settings) -> "LLM":
         kv_pool=settings.kv_pool,
         mesh=settings.mesh,
         dtype=settings.llm_dtype,
+        kv_dtype=settings.kv_dtype,
         compile_cache=settings.compile_cache,
         unrolled_decode=settings.llm_unrolled_decode,
         speculative=settings.speculative,

@@ -55,7 +55,8 @@ class Settings(BaseSettings):
     kv_pool: str | None = Field(default=None, pattern=r"^(\d+|0?\.\d+|1\.0*)$")
     """Size of the KV pool every sequence's keys and values share: a number of
     tokens (`65536`) or a fraction of the memory free at start-up (`0.5`). Unset:
-    32768 tokens on CPU (up to 1.5 GB for SmolLM2-135M), 85% of free device memory on GPU/TPU."""
+    32768 tokens on CPU (up to 1.5 GB for SmolLM2-135M in float32), 85% of free device
+    memory on GPU/TPU."""
 
     max_queue: int = Field(default=DEFAULT_MAX_QUEUE, ge=0)
     """Requests that may wait for a free slot; beyond it requests get 503 with Retry-After."""
@@ -66,6 +67,10 @@ class Settings(BaseSettings):
 
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Compute dtype: `auto` picks float32 on CPU and bfloat16 on TPU/GPU."""
+
+    kv_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    """The KV pool's element type: `auto` is the compute dtype; `float16` halves the pool's
+    memory on CPU (jaxchat's kernels read it) at a small cost in precision."""
 
     unrolled_decode: Literal["auto", "on", "off"] = "auto"
     """Also compile the decode steps of up to 8 rows with unrolled layers, in the

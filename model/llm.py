@@ -25,7 +25,6 @@ from model.engine.executables import open_compile_cache
 from model.engine.pooling import mean_hidden_states
 from model.engine.scheduler import Scheduler
 from model.engine.speculative import Speculation
-from model.engine.state import default_pool_tokens
 from model.engine.stats import SchedulerStats
 from model.engine.variants import FIRST_NEEDED
 from model.limits import (
@@ -62,6 +61,15 @@ def compute_dtype(name: str | None) -> jnp.dtype:
     return jnp.dtype(name)
 
 
+def kv_cache_dtype(name: str | None):
+    """The KV pool's element type named by JAXCHAT_KV_DTYPE (None for "auto")."""
+    if name in (None, "auto"):
+        return None
+    if name not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"kv_dtype must be auto, float32, float16 or bfloat16, not {name!r}")
+    return jnp.dtype(name)
+
+
 class LLM:
     """A loaded model with its tokenizer, chat template and compiled engine.
 
@@ -71,7 +79,9 @@ class LLM:
     batch: decode slots run together (continuous batching); max_queue bounds
     the requests waiting for a slot. kv_pool: the KV pool's size, in tokens
     ("65536" or an int) or as a fraction of free memory ("0.5"); default: see
-    model/engine/engine.py's `default_pool_tokens`. mesh: a Mesh or a
+    model/engine/state.py's `default_pool_tokens`. kv_dtype: the pool's element type,
+    "float32", "float16" or "bfloat16" (None or "auto": the compute dtype; float16 halves
+    the pool's memory, see the README). mesh: a Mesh or a
     "DATAxMODEL" spec such as "2x4" (default: every device, shaped to fit the
     model). compile_cache: a directory or gs:// prefix keeping compiled
     executables across restarts (model/engine/executables.py). unrolled_decode:
@@ -92,6 +102,7 @@ class LLM:
         kv_pool: str | int | None = None,
         mesh: str | Mesh | None = None,
         dtype: str | None = None,
+        kv_dtype: str | None = None,
         compile_cache: str | None = None,
         unrolled_decode: bool | None = None,
         speculative: str = "ngram",
@@ -108,21 +119,15 @@ class LLM:
         self.config, self.tokenizer = loaded.config, loaded.tokenizer
         self.template = loaded.template
         self.max_seq_len = min(max_seq_len or self.config.max_position, self.config.max_position)
-        pool = default_pool_tokens(
-            self.config,
-            self.dtype,
-            batch,
-            self.max_seq_len,
-            None if kv_pool is None else str(kv_pool),
-        )
         self.engine = Engine(
             self.config,
             loaded.params,
             max_seq_len=self.max_seq_len,
             batch=batch,
-            pool_tokens=pool,
+            pool_tokens=None if kv_pool is None else str(kv_pool),
             stop_ids=self.tokenizer.stop_ids,
             dtype=self.dtype,
+            kv_dtype=kv_cache_dtype(kv_dtype),
             mesh=loaded.mesh,
             executables=self.compile_cache.executables if self.compile_cache else None,
             unrolled=unrolled_decode,
@@ -142,6 +147,7 @@ class LLM:
             "slots": self.batch,
             "kv_pool_tokens": self.engine.pool_blocks * BLOCK_SIZE,
             "dtype": str(self.dtype),
+            "kv_dtype": str(self.engine.kv_dtype),
             "quantized_kernel": self.engine.kernel is not None,
             "speculative": self.scheduler.speculation.mode,
         }

@@ -35,12 +35,13 @@ from jax.sharding import PartitionSpec as P
 from model.engine.executables import ExecutableStore, fingerprint
 from model.engine.quantized import kernels, split_blocks
 from model.engine.state import (
+    BLOCK_SIZE,
     EngineState,
     StepOutputs,
     StepPlan,
     copy_blocks,
-    default_pool_tokens,
     empty_plan,
+    pool_blocks,
     sampling_row,
     table_width,
 )
@@ -76,18 +77,17 @@ from sharding import (
 
 log = logging.getLogger(__name__)
 
-BLOCK_SIZE = 16  # positions per pool block
 SCAN, UNROLLED = "scan", "unrolled"  # how a step executable runs the layers
 
 
 class Engine:
     """Compiled admit/step for one model over a device mesh and a paged KV pool.
 
-    batch: decode slots B. pool_tokens: KV pool positions (rounded down to blocks).
-    Weights, pool and per-slot arrays are laid out by `rules` (sharding/rules.py);
-    the default mesh is one device, the same code path. `params` holds the
-    unrolled layers' weights (None where no step unrolls them), `stacked` the
-    scanned layers' weights.
+    batch: decode slots B. pool_tokens: KV pool positions, or JAXCHAT_KV_POOL's form (a str,
+    or None: see `pool_blocks`). kv_dtype: the pool's element type (None: dtype's). Weights,
+    pool and per-slot arrays are laid out by `rules` (sharding/rules.py); the default mesh
+    is one device, the same code path. `params` holds the unrolled layers' weights (None
+    where no step unrolls them), `stacked` the scanned layers' weights.
     """
 
     def __init__(
@@ -97,9 +97,10 @@ class Engine:
         *,
         max_seq_len: int,
         batch: int = 1,
-        pool_tokens: int | None = None,
+        pool_tokens: int | str | None = None,
         stop_ids: Collection[int] = (),
         dtype=jnp.float32,
+        kv_dtype=None,
         mesh: Mesh | None = None,
         rules: ShardingRules = TENSOR_PARALLEL,
         executables: Path | None = None,
@@ -121,15 +122,15 @@ class Engine:
         self.dtype = dtype
         # Decode rows attend through jaxchat's CPU kernel where it applies (its digest).
         self.attention_kernel = kernels(self.mesh) if jnp.dtype(dtype) == jnp.float32 else None
-        self.scanned_model = Transformer(
-            config, dtype, scan_layers=True, kernels=self.attention_kernel is not None
-        )
-        # Every step shape runs its layers as one scan, which compiles 3-4x faster than
-        # unrolled layers. XLA:CPU copies a layer's f32 weights out of the stack every
-        # step, which the smallest decode steps feel: on CPU without the kernels they also
-        # get unrolled layers (with their own copy of the weights), compiled as upgrades
-        # in the background. The kernels read the blocks in place: scanned steps are as
-        # fast. unrolled: force them on or off; None: CPU without the kernels.
+        self.kv_dtype = jnp.dtype(kv_dtype or dtype)
+        kernel = self.attention_kernel is not None
+        model = partial(Transformer, config, dtype, kernels=kernel, kv_dtype=self.kv_dtype)
+        self.scanned_model = model(scan_layers=True)
+        # Every step shape runs its layers as one scan (compiled 3-4x faster than unrolled).
+        # XLA:CPU copies a layer's f32 weights out of the stack every step, which small
+        # decode steps feel: on CPU without the kernels (which read the blocks in place) they
+        # also get unrolled layers, compiled as upgrades in the background. unrolled: force
+        # them on or off; None: CPU without the kernels.
         cpu = jax.default_backend() == "cpu"
         if unrolled is None:
             unrolled = cpu and self.kernel is None
@@ -139,10 +140,9 @@ class Engine:
         self.params = None
         if self.unrolled_shapes:
             self.params = {**jax.device_put(params, shardings), **placed}
-        self.model = Transformer(config, dtype, kernels=self.attention_kernel is not None)
+        self.model = model()
         self.block_size = BLOCK_SIZE
-        pool_tokens = pool_tokens or default_pool_tokens(config, dtype, batch, max_seq_len)
-        self.pool_blocks = max(pool_tokens // BLOCK_SIZE, -(-max_seq_len // BLOCK_SIZE))
+        self.pool_blocks = pool_blocks(config, self.kv_dtype, batch, max_seq_len, pool_tokens)
         self.table_width = table_width(max_seq_len, BLOCK_SIZE)
         self.shapes = step_shapes(batch, max_seq_len)
         self.mask_words = -(-config.vocab_size // 32)
@@ -187,6 +187,7 @@ class Engine:
             (
                 self.config,
                 str(jnp.dtype(self.dtype)),
+                str(self.kv_dtype),
                 self.batch,
                 self.max_seq_len,
                 self.pool_blocks,
@@ -246,7 +247,7 @@ class Engine:
     def _init_state_impl(self) -> EngineState:
         c = self.config
         shape = (c.n_layers, self.pool_blocks, self.block_size, c.n_kv_heads, c.head_dim)
-        pool = init_pool(*shape, self.dtype, kernel=self.attention_kernel is not None)
+        pool = init_pool(*shape, self.kv_dtype, kernel=self.attention_kernel is not None)
         return EngineState(
             pool, jnp.zeros((self.batch,), jnp.int32), self._init_sampling(self.batch)
         )

@@ -24,6 +24,7 @@ from model.nn.config import ModelConfig
 from model.nn.sampling import SlotSampling
 from model.types import SamplingParams
 
+BLOCK_SIZE = 16  # positions per pool block
 # Block copies a step may start with (one per prompt that reuses a partly filled block).
 COPIES = 32
 
@@ -121,7 +122,7 @@ def default_pool_tokens(
 ) -> int:
     """KV pool size in positions, from JAXCHAT_KV_POOL-style `spec`: a number of tokens
     ("65536"), a fraction of the memory that is free now ("0.5"), or None: on CPU
-    32768 positions (about 1.5 GB for SmolLM2-135M in f32), else 85% of the free
+    32768 positions (about 1.5 GB for SmolLM2-135M in float32), else 85% of the free
     device memory. At least one full context, and never past batch × context."""
     c = config
     per_token = 2 * c.n_layers * c.n_kv_heads * c.head_dim * jnp.dtype(dtype).itemsize
@@ -133,6 +134,15 @@ def default_pool_tokens(
     else:
         tokens = 32768
     return max(max_seq_len, min(tokens, batch * max_seq_len))
+
+
+def pool_blocks(config: ModelConfig, kv_dtype, batch: int, max_seq_len: int, tokens) -> int:
+    """Blocks in the KV pool: for `tokens` positions (rounded down), or as
+    `default_pool_tokens` says for JAXCHAT_KV_POOL-style `tokens` (a str, or None); at
+    least one full context."""
+    if not isinstance(tokens, int):
+        tokens = default_pool_tokens(config, kv_dtype, batch, max_seq_len, tokens)
+    return max(tokens // BLOCK_SIZE, -(-max_seq_len // BLOCK_SIZE))
 
 
 def free_memory_bytes() -> int:

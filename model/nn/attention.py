@@ -149,9 +149,10 @@ def write_pool(
     # Beyond the whole pool is the "no write" marker: mode="drop" skips it.
     block = jnp.where(block < blocks, block + base, pool.k.shape[0])
     offset = write % bs
+    k, v = key.transpose(2, 0, 1).astype(pool.k.dtype), value.transpose(2, 0, 1)
     return Pool(
-        pool.k.at[block, :, :, offset].set(key.transpose(2, 0, 1), mode="drop"),
-        pool.v.at[block, :, offset, :].set(value.transpose(2, 0, 1), mode="drop"),
+        pool.k.at[block, :, :, offset].set(k, mode="drop"),
+        pool.v.at[block, :, offset, :].set(v.astype(pool.v.dtype), mode="drop"),
     )
 
 
@@ -227,9 +228,10 @@ def decode_attention(
 
 
 def kernel_fits(pool: Pool, head_dim: int) -> bool:
-    """Whether the CPU kernel takes this pool: f32, blocks and heads in multiples of 16."""
+    """Whether the CPU kernel takes this pool: float32 or float16, blocks and heads in
+    multiples of 16."""
     return (
-        pool.k.dtype == jnp.float32
+        pool.k.dtype in (jnp.float32, jnp.float16)
         and pool.block_size % 16 == 0
         and head_dim % 16 == 0
         and head_dim <= 512
@@ -267,7 +269,8 @@ def _rows_attention(
 
     def body(c, state):
         ids = lax.dynamic_slice_in_dim(tables, c * per_chunk, per_chunk, axis=-1) + base
-        keys, values = pool.k[ids], pool.v[ids]  # [(R,) n, K, H, BS], [(R,) n, K, BS, H]
+        keys = pool.k[ids].astype(q.dtype)  # [(R,) n, K, H, BS]
+        values = pool.v[ids].astype(q.dtype)  # [(R,) n, K, BS, H]
         s = jnp.einsum(f"rkgh,{r}nkhs->rkgns", q, keys).astype(jnp.float32) * scale
         pos = c * width + jnp.arange(width).reshape(per_chunk, bs)
         visible = pos[None] <= context[:, None, None]  # [R, n, BS]
@@ -354,8 +357,8 @@ def _prior_attention(q: jax.Array, pool: Pool, layout: Layout, state, base, chun
         j = jnp.sum(i >= ends)  # the group of loop chunk i, and its chunk c
         c = i - ends[j] + chunks[j]
         ids = lax.dynamic_slice_in_dim(layout.prior_blocks[j], c * per_chunk, per_chunk) + base
-        keys = pool.k[ids].transpose(1, 2, 0, 3).reshape(k, h, width)  # [K, H, C]
-        values = pool.v[ids].transpose(1, 0, 2, 3).reshape(k, width, h)  # [K, C, H]
+        keys = pool.k[ids].astype(q.dtype).transpose(1, 2, 0, 3).reshape(k, h, width)  # [K, H, C]
+        values = pool.v[ids].astype(q.dtype).transpose(1, 0, 2, 3).reshape(k, width, h)
         s = jnp.einsum("kghq,khc->kgqc", q, keys).astype(jnp.float32) * h**-0.5
         visible = (sees == j)[:, None] & (c * width + jnp.arange(width) < layout.prior[j])[None, :]
 

@@ -112,11 +112,13 @@ class RMSNorm(nn.Module):
 
 class Attention(nn.Module):
     """Grouped-query attention with one fused [q; k; v] projection, over the paged pool.
-    kernel: decode rows through jaxchat's CPU kernel (model/kernels)."""
+    kernel: decode rows through jaxchat's CPU kernel (model/kernels). kv_dtype: the pool's
+    element type, to which keys and values are rounded (None: the compute dtype)."""
 
     config: ModelConfig
     dtype: jnp.dtype
     kernel: bool = False
+    kv_dtype: Any = None
 
     @nn.compact
     def __call__(
@@ -138,6 +140,13 @@ class Attention(nn.Module):
         q = rope(q, layout.positions, inv_freq).reshape(k, g, h, t)  # [K, G, H, T]
         key = rope(key, layout.positions, inv_freq)  # [K, H, T]
         base = 0
+        if self.kv_dtype is not None and jnp.dtype(self.kv_dtype) != key.dtype:
+            # The step's own keys and values as the pool holds them (a float16 pool's:
+            # rounded), so a prompt token sees the same keys whether they were computed in
+            # its own chunk or read back from the pool (and a forward pass without a pool
+            # computes what the steps do).
+            key = key.astype(self.kv_dtype).astype(key.dtype)
+            value = value.astype(self.kv_dtype).astype(value.dtype)
         if pool is not None:
             blocks = pool.k.shape[0] // c.n_layers
             base = layer * blocks
@@ -186,6 +195,7 @@ class Block(nn.Module):
     config: ModelConfig
     dtype: jnp.dtype
     kernel: bool = False
+    kv_dtype: Any = None
 
     @nn.compact
     def __call__(self, carry, layer, layout: Layout, blocks: LayerBlocks):
@@ -198,7 +208,7 @@ class Block(nn.Module):
         # same to the bit in any step); a decode-only step keeps XLA's, fused with its
         # neighbours (a one-row step: 6.7 ms, 7.3 with the kernel's).
         norm_used = used[0] if layout.rows < x.shape[1] else None
-        h, pool = Attention(c, self.dtype, self.kernel, name="attn")(
+        h, pool = Attention(c, self.dtype, self.kernel, self.kv_dtype, name="attn")(
             RMSNorm(c.norm_eps, self.dtype, self.kernel, name="attn_norm")(x, norm_used),
             layout,
             pool,
@@ -220,12 +230,14 @@ class Transformer(nn.Module):
     scan_layers: one `nn.scan` over stacked layer weights (params["layers"],
     each [L, ...]) instead of unrolled layers (params["layers_0"], …).
     kernels: decode attention through jaxchat's CPU kernel (model/kernels, loaded).
+    kv_dtype: the KV pool's element type (None: the compute dtype).
     """
 
     config: ModelConfig
     dtype: jnp.dtype = jnp.float32
     scan_layers: bool = False
     kernels: bool = False
+    kv_dtype: Any = None
 
     def setup(self) -> None:
         c = self.config
@@ -238,9 +250,13 @@ class Transformer(nn.Module):
                 in_axes=(0, nn.broadcast, nn.broadcast),
                 length=c.n_layers,
             )
-            self.layers: Block | Sequence[Block] = scanned(c, self.dtype, self.kernels)
+            self.layers: Block | Sequence[Block] = scanned(
+                c, self.dtype, self.kernels, self.kv_dtype
+            )
         else:
-            self.layers = [Block(c, self.dtype, self.kernels) for _ in range(c.n_layers)]
+            self.layers = [
+                Block(c, self.dtype, self.kernels, self.kv_dtype) for _ in range(c.n_layers)
+            ]
         self.final_norm = RMSNorm(c.norm_eps, self.dtype, self.kernels)
         if not c.tie_embeddings and not self.has_variable(BLOCKS, "lm_head"):
             self.lm_head = self.param(
