@@ -6,9 +6,10 @@
 // (model/nn/attention.py lays out the pool: k [L·NB, K, H, BS], v [L·NB, K, BS, H]).
 // XLA gathers each chunk's blocks into a new array before its two products; for the
 // one to eight rows of a decode step that copy and the loop around it cost more than
-// the arithmetic. Here each (row, kv head, query head) reads its blocks in place: the
-// scores 16 positions at a time (positions are minor in a key block), then one
-// softmax, then the values (features minor). Rows with context -1 are idle: output 0.
+// the arithmetic. Here each (row, kv head, query head) reads its blocks in place, in
+// chunks of kChunk blocks: the scores 16 positions at a time (positions are minor in a key
+// block), then the chunk's softmax, then the values (features minor); the chunks' states
+// are merged in order. Rows with context -1 are idle: output 0.
 //
 // Prompt attention (PromptAttentionImpl) is the prefill region's: each segment's queries
 // over the positions its sequence already has in the pool (a later chunk of a long prompt,
@@ -159,37 +160,41 @@ INLINE void value_slices(const float* values, int64_t H, int64_t used, const flo
     for (int v = 0; v < NV; ++v) acc[g * stride + v] = part[g][v];
 }
 
-// TG query heads (from g0) of each kv head in [kh0, kh1) of one row (q and out [K, G, H]),
-// each over the row's positions 0..context. Every key and value vector is loaded once for
-// all TG, so a row's keys cross the memory bus once per kv head, not once per query head;
-// and a block's kv heads are read one after the other. Blocks lie scattered through
-// memory, and on a 2-core CPU random runs of 4 KB (a SmolLM2 block's keys of one kv head)
-// stream at 7 GB/s a core, of 12 KB (all three) at 10, where one long run streams at 23:
-// the kv heads of a row are one piece of work where a step has rows enough for the cores.
+// A row's context is cut at every kChunk blocks: each piece of work is a chunk's
+// positions (of one kv head, or of all of a row's), whose softmax states are merged in
+// order afterwards. One stream over a long context then keeps both cores busy (SmolLM2's
+// 3 kv heads alone split 2:1: one stream over 1,000 positions, 0.085 -> 0.068 ms a layer),
+// and a row's arithmetic is the same alone or in any step.
+constexpr int64_t kChunk = 32;
+
+// TG query heads (from g0) of each kv head in [kh0, kh1) of one row (q [K, G, H]), over
+// the n positions from block b0's first (its table's entries b0 …): their states into
+// `states` (a query's at states + (kh * G + g) * (H + 2)). Every key and value vector is
+// loaded once for all TG, so a row's keys cross the memory bus once per kv head, not once
+// per query head; and a block's kv heads are read one after the other. Blocks lie
+// scattered through memory, and on a 2-core CPU random runs of 4 KB (a SmolLM2 block's
+// keys of one kv head) stream at 7 GB/s a core, of 12 KB (all three) at 10, where one
+// long run streams at 23: the kv heads of a row are one piece of work where a step has
+// rows enough for the cores.
 template <int TG, typename T>
-INLINE void heads(const Shapes& s, const float* q, const T* kpool, const T* vpool,
-                  int32_t context, const int32_t* table, int32_t base, int64_t kh0,
-                  int64_t kh1, int64_t g0, float scale, float* out) {
+INLINE void heads(const Shapes& s, const float* q, const T* kpool, const T* vpool, int64_t b0,
+                  int64_t n, const int32_t* table, int32_t base, int64_t kh0, int64_t kh1,
+                  int64_t g0, float scale, float* states) {
   const int64_t H = s.H, BS = s.BS, G = s.G, nk = kh1 - kh0;
   auto query = [&](int64_t kh, int g) { return q + (kh * G + g0 + g) * H; };
-  auto output = [&](int64_t kh, int g) { return out + (kh * G + g0 + g) * H; };
-  if (context < 0) {
-    for (int64_t kh = kh0; kh < kh1; ++kh)
-      for (int g = 0; g < TG; ++g) std::fill(output(kh, g), output(kh, g) + H, 0.0f);
-    return;
-  }
-  const int64_t n = std::min<int64_t>(int64_t{context} + 1, s.MB * BS), nb = (n + BS - 1) / BS;
+  auto state = [&](int64_t kh, int g) { return states + (kh * G + g0 + g) * (H + 2); };
+  const int64_t nb = (n + BS - 1) / BS;
   const int64_t width = nb * BS;  // one query's scores
   thread_local std::vector<float> scores;
   thread_local std::vector<f32x16> sums;  // the values' products, [kv head][query][H / 16]
-  const int64_t slices = H / 16;
   thread_local std::vector<float> values;  // a float16 pool's block of values, widened
+  const int64_t slices = H / 16;
   scores.resize(nk * TG * width);
   sums.assign(nk * TG * slices, f32x16{});
   values.resize(BS * H);
   auto row = [&](int64_t kh, int g) { return &scores[((kh - kh0) * TG + g) * width]; };
-  auto block = [&](int64_t b) {  // the pool block behind table entry b (clamped, as XLA's gather)
-    return std::clamp<int64_t>(int64_t{table[b]} + base, 0, s.blocks - 1);
+  auto block = [&](int64_t b) {  // the pool block behind entry b0 + b (clamped, as XLA's gather)
+    return std::clamp<int64_t>(int64_t{table[b0 + b]} + base, 0, s.blocks - 1);
   };
   // Keys, two runs of 16 positions at a time (each query feature loaded once for both:
   // twice the independent sums in flight; a sum over H features is a chain of H
@@ -220,12 +225,14 @@ INLINE void heads(const Shapes& s, const float* q, const T* kpool, const T* vpoo
       }
     }
   }
-  thread_local std::vector<float> totals;
+  thread_local std::vector<float> totals, tops;
   totals.resize(nk * TG);
+  tops.resize(nk * TG);
   for (int64_t kh = kh0; kh < kh1; ++kh)
     for (int g = 0; g < TG; ++g) {
       float* r = row(kh, g);
       const float top = max_of(r, n, r[0]);
+      tops[(kh - kh0) * TG + g] = top;
       f32x16 total = {};
       for (int64_t i = 0; i < width; i += 16) {
         // (the last block's positions past the context count for nothing)
@@ -248,25 +255,31 @@ INLINE void heads(const Shapes& s, const float* q, const T* kpool, const T* vpoo
       const float* weights[TG];  // each query's scores of this block's positions
       for (int g = 0; g < TG; ++g) weights[g] = row(kh, g) + b * BS;
       int64_t v = 0;
-      for (; v + 4 <= slices; v += 4) value_slices<TG, 4>(vb.p + 16 * v, H, used, weights, acc + v, slices);
-      for (; v < slices; ++v) value_slices<TG, 1>(vb.p + 16 * v, H, used, weights, acc + v, slices);
+      for (; v + 4 <= slices; v += 4)
+        value_slices<TG, 4>(vb.p + 16 * v, H, used, weights, acc + v, slices);
+      for (; v < slices; ++v)
+        value_slices<TG, 1>(vb.p + 16 * v, H, used, weights, acc + v, slices);
     }
   for (int64_t kh = kh0; kh < kh1; ++kh)
-    for (int g = 0; g < TG; ++g)
+    for (int g = 0; g < TG; ++g) {
+      float* out = state(kh, g);
       for (int64_t v = 0; v < slices; ++v)
-        store16(output(kh, g) + 16 * v,
-                sums[((kh - kh0) * TG + g) * slices + v] / totals[(kh - kh0) * TG + g]);
+        store16(out + 16 * v, sums[((kh - kh0) * TG + g) * slices + v]);
+      out[H] = tops[(kh - kh0) * TG + g];
+      out[H + 1] = totals[(kh - kh0) * TG + g];
+    }
 }
 
-// The G query heads of kv heads [kh0, kh1) of one row (q and out [K, G, H]), kGroupTile
-// at a time.
+
+// The G query heads of kv heads [kh0, kh1) of one row over n positions from block b0,
+// kGroupTile at a time, into their softmax states (see `heads`).
 template <typename T>
-INLINE void group_of(const Shapes& s, const float* q, const T* kpool, const T* vpool,
-                     int32_t context, const int32_t* table, int32_t base, int64_t kh0,
-                     int64_t kh1, float scale, float* out) {
+INLINE void group_of(const Shapes& s, const float* q, const T* kpool, const T* vpool, int64_t b0,
+                     int64_t n, const int32_t* table, int32_t base, int64_t kh0, int64_t kh1,
+                     float scale, float* states) {
   for (int64_t g = 0; g < s.G; g += kGroupTile) {
 #define JAXCHAT_HEADS(TG) \
-  heads<TG>(s, q, kpool, vpool, context, table, base, kh0, kh1, g, scale, out)
+  heads<TG>(s, q, kpool, vpool, b0, n, table, base, kh0, kh1, g, scale, states)
     switch (std::min(kGroupTile, s.G - g)) {
       case 1: JAXCHAT_HEADS(1); break;
       case 2: JAXCHAT_HEADS(2); break;
@@ -277,15 +290,33 @@ INLINE void group_of(const Shapes& s, const float* q, const T* kpool, const T* v
   }
 }
 
-#define JAXCHAT_GROUP(T)                                                                    \
+#define JAXCHAT_GROUP(T)                                                                     \
   JAXCHAT_TARGETS void group(const Shapes& s, const float* q, const T* kpool, const T* vpool, \
-                             int32_t context, const int32_t* table, int32_t base,            \
-                             int64_t kh0, int64_t kh1, float scale, float* out) {            \
-    group_of(s, q, kpool, vpool, context, table, base, kh0, kh1, scale, out);               \
+                             int64_t b0, int64_t n, const int32_t* table, int32_t base,      \
+                             int64_t kh0, int64_t kh1, float scale, float* states) {         \
+    group_of(s, q, kpool, vpool, b0, n, table, base, kh0, kh1, scale, states);              \
   }
 JAXCHAT_GROUP(float)
 JAXCHAT_GROUP(uint16_t)
 #undef JAXCHAT_GROUP
+
+// A query's output [H] from its chunks' softmax states (`heads`'s, `count` of them at
+// `stride` floats), merged in order.
+JAXCHAT_TARGETS
+void merge(const float* states, int64_t count, int64_t stride, int64_t H, float* out) {
+  float top = states[H];
+  for (int64_t c = 1; c < count; ++c) top = std::max(top, states[c * stride + H]);
+  float total = 0;
+  for (int64_t v = 0; v < H; v += 16) store16(out + v, f32x16{});
+  for (int64_t c = 0; c < count; ++c) {
+    const float* state = states + c * stride;
+    const float weight = count == 1 ? 1.0f : std::exp(state[H] - top);
+    total += state[H + 1] * weight;
+    for (int64_t v = 0; v < H; v += 16)
+      store16(out + v, load16(out + v) + load16(state + v) * weight);
+  }
+  for (int64_t v = 0; v < H; v += 16) store16(out + v, load16(out + v) / total);
+}
 
 // The pool's element type: float32 or float16 (keys and values alike), or None.
 std::optional<bool> halves(const ffi::AnyBuffer& k, const ffi::AnyBuffer& v) {
@@ -318,27 +349,68 @@ ffi::Error DecodeAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::A
   const float* qp = q.typed_data();
   const void *kp = k.untyped_data(), *vp = v.untyped_data();
   const int32_t *cp = context.typed_data(), *tp = tables.typed_data();
-  const int32_t b0 = base.typed_data()[0];
+  const int32_t b0_base = base.typed_data()[0];
   float* op = out->typed_data();
   int64_t work = 0;
   for (int64_t r = 0; r < R; ++r) work += std::max(0, cp[r] + 1);
   int parts = threads > 0 ? static_cast<int>(threads) : jaxchat::Workers::get().size();
   // Below about 8k positions·heads the work is shorter than waking another thread.
   if (work * s.K * s.G < 8192) parts = 1;
-  // A row's kv heads together where there are two rows a core, else each on its own.
+  // A row's kv heads together where there are two rows a core, else each on its own; and
+  // each chunk of a row's context on its own.
   const int64_t heads = R >= 2 * parts ? s.K : 1, pieces = s.K / heads;
-  jaxchat::Workers::get().run(R * pieces, parts, [&](int64_t i0, int64_t i1) {
+  struct Item {
+    int64_t r, kh, chunk;
+  };
+  std::vector<Item> items;
+  const int64_t most = (s.MB + kChunk - 1) / kChunk;  // chunks of the longest context
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t n = std::min<int64_t>(int64_t{cp[r]} + 1, s.MB * s.BS);
+    for (int64_t c = 0; c * kChunk * s.BS < n; ++c)
+      for (int64_t piece = 0; piece < pieces; ++piece) items.push_back({r, piece * heads, c});
+  }
+  const int64_t stride = s.H + 2;  // a query's state
+  thread_local std::vector<float> states;  // [R, K, G, chunks, H + 2]
+  states.resize(R * s.K * s.G * most * stride);
+  float* sp = states.data();
+  jaxchat::Workers::get().run(static_cast<int64_t>(items.size()), parts, [&](int64_t i0,
+                                                                              int64_t i1) {
+    thread_local std::vector<float> chunk;  // a chunk's states, [K, G, H + 2]
+    chunk.resize(s.K * s.G * stride);
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t r = i / pieces, kh = i % pieces * heads, at = r * s.K * s.G * s.H;
+      const Item& item = items[i];
+      const int64_t r = item.r, b0 = item.chunk * kChunk;
+      const int64_t n = std::min<int64_t>(int64_t{cp[r]} + 1, s.MB * s.BS) - b0 * s.BS;
+      const int64_t count = std::min(n, kChunk * s.BS);
+      const float* qr = qp + r * s.K * s.G * s.H;
+      const int32_t* table = tp + r * s.MB;
       if (*half) {
-        group(s, qp + at, static_cast<const uint16_t*>(kp), static_cast<const uint16_t*>(vp),
-              cp[r], tp + r * s.MB, b0, kh, kh + heads, scale, op + at);
+        group(s, qr, static_cast<const uint16_t*>(kp), static_cast<const uint16_t*>(vp), b0,
+              count, table, b0_base, item.kh, item.kh + heads, scale, chunk.data());
       } else {
-        group(s, qp + at, static_cast<const float*>(kp), static_cast<const float*>(vp), cp[r],
-              tp + r * s.MB, b0, kh, kh + heads, scale, op + at);
+        group(s, qr, static_cast<const float*>(kp), static_cast<const float*>(vp), b0, count,
+              table, b0_base, item.kh, item.kh + heads, scale, chunk.data());
       }
+      for (int64_t kh = item.kh; kh < item.kh + heads; ++kh)
+        for (int64_t g = 0; g < s.G; ++g) {
+          const float* from = &chunk[(kh * s.G + g) * stride];
+          float* to = sp + (((r * s.K + kh) * s.G + g) * most + item.chunk) * stride;
+          std::copy(from, from + stride, to);
+        }
     }
   });
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t n = std::min<int64_t>(int64_t{cp[r]} + 1, s.MB * s.BS);
+    const int64_t chunks = (n + kChunk * s.BS - 1) / (kChunk * s.BS);
+    for (int64_t h = 0; h < s.K * s.G; ++h) {
+      float* out = op + (r * s.K * s.G + h) * s.H;
+      if (cp[r] < 0) {
+        std::fill(out, out + s.H, 0.0f);
+      } else {
+        merge(sp + (r * s.K * s.G + h) * most * stride, chunks, stride, s.H, out);
+      }
+    }
+  }
   return ffi::Error::Success();
 }
 
