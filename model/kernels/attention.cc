@@ -455,12 +455,13 @@ struct PromptKeys {
   }
 };
 
-// The TT queries `qs` (all of one kv head) over positions [0, to) of `src`, each seeing
-// those before its limit, their outputs normalised into `out` [K·G·P, H]. Every key and
-// value vector is loaded once for all TT.
+// The TT queries `qs` (all of one kv head) over positions [from, to) of `src`, each seeing
+// those before its limit: their softmax states into `states` (a query's at t * (H + 2)), or
+// where `out` is given (the positions are all the query has), their outputs normalised into
+// `out` [K·G·P, H] as `normalize` would. Every key and value vector is loaded once for all TT.
 template <int TT, typename T>
-INLINE void span(const PromptKeys<T>& src, int64_t H, int64_t P, const Query* qs, int64_t to,
-                 float scale, float* out) {
+INLINE void span(const PromptKeys<T>& src, int64_t H, int64_t P, const Query* qs, int64_t from,
+                 int64_t to, float scale, float* states, float* out) {
   const int64_t nv = H / 16;
   float qt[kMaxHead][TT];  // the queries, feature-major, scaled
   for (int64_t h = 0; h < H; ++h)
@@ -475,7 +476,7 @@ INLINE void span(const PromptKeys<T>& src, int64_t H, int64_t P, const Query* qs
   thread_local std::vector<float> widened;  // a float16 pool's keys and values in this span
   widened.resize(2 * kSpan * H);
   float *widened_keys = widened.data(), *widened_values = widened_keys + kSpan * H;
-  for (int64_t start = 0; start < to; start += kSpan) {
+  for (int64_t start = from; start < to; start += kSpan) {
     const int64_t n = std::min(kSpan, to - start);
     for (int64_t j = 0; j < n; j += 16) {
       const int64_t pos = start + j;
@@ -566,18 +567,27 @@ INLINE void span(const PromptKeys<T>& src, int64_t H, int64_t P, const Query* qs
       for (int64_t t = 0; t < TT; ++t) acc[t][v] = part[t];
     }
   }
-  for (int64_t t = 0; t < TT; ++t)
-    for (int64_t v = 0; v < nv; ++v) store16(out + qs[t].out * H + 16 * v, acc[t][v] / total[t]);
+  for (int64_t t = 0; t < TT; ++t) {
+    if (out) {
+      for (int64_t v = 0; v < nv; ++v) store16(out + qs[t].out * H + 16 * v, acc[t][v] / total[t]);
+      continue;
+    }
+    float* state = states + t * (H + 2);
+    for (int64_t v = 0; v < nv; ++v) store16(state + 16 * v, acc[t][v]);
+    state[H] = top[t];
+    state[H + 1] = total[t];
+  }
 }
 
 // `span` for `count` (1 … kTile) queries: a part-filled tile costs its own queries only.
 template <typename T>
 INLINE void prompt_tile_of(int64_t count, const PromptKeys<T>& src, int64_t H, int64_t P,
-                           const Query* qs, int64_t to, float scale, float* out) {
+                           const Query* qs, int64_t from, int64_t to, float scale,
+                           float* states, float* out) {
   switch (count) {
 #define JAXCHAT_TILE(TT) \
   case TT:               \
-    return span<TT>(src, H, P, qs, to, scale, out);
+    return span<TT>(src, H, P, qs, from, to, scale, states, out);
     JAXCHAT_TILE(1)
     JAXCHAT_TILE(2)
     JAXCHAT_TILE(3)
@@ -586,20 +596,53 @@ INLINE void prompt_tile_of(int64_t count, const PromptKeys<T>& src, int64_t H, i
     JAXCHAT_TILE(6)
     JAXCHAT_TILE(7)
     default:
-      return span<kTile>(src, H, P, qs, to, scale, out);
+      return span<kTile>(src, H, P, qs, from, to, scale, states, out);
 #undef JAXCHAT_TILE
   }
 }
 
-#define JAXCHAT_PROMPT_TILE(T)                                                           \
-  JAXCHAT_TARGETS void prompt_tile(int64_t count, const PromptKeys<T>& src, int64_t H,   \
-                                   int64_t P, const Query* qs, int64_t to, float scale, \
-                                   float* out) {                                         \
-    prompt_tile_of(count, src, H, P, qs, to, scale, out);                                \
+#define JAXCHAT_PROMPT_TILE(T)                                                          \
+  JAXCHAT_TARGETS void prompt_tile(int64_t count, const PromptKeys<T>& src, int64_t H,  \
+                                   int64_t P, const Query* qs, int64_t from, int64_t to, \
+                                   float scale, float* states, float* out) {             \
+    prompt_tile_of(count, src, H, P, qs, from, to, scale, states, out);                 \
   }
 JAXCHAT_PROMPT_TILE(float)
 JAXCHAT_PROMPT_TILE(uint16_t)
 #undef JAXCHAT_PROMPT_TILE
+
+// Positions per chunk of a prompt token's attention: its softmax runs online within a
+// chunk (over spans of kSpan), the chunks' states (`span`'s) are merged in order, so a
+// token's output is the same to the bit whichever way the work is shared out (the chunks
+// counted from position 0, as the spans).
+constexpr int64_t kPromptChunk = 1024;
+
+// n empty softmax states (`span`'s: weighted values [H], largest score, sum).
+INLINE void empty_states(float* states, int64_t n, int64_t H) {
+  for (int64_t t = 0; t < n; ++t) {
+    float* state = states + t * (H + 2);
+    std::fill(state, state + H, 0.0f);
+    state[H] = kNegInf;
+    state[H + 1] = 0.0f;
+  }
+}
+
+// `running` with a later chunk's state merged in (an empty running state takes the chunk's
+// as it is: its weight is 0, the chunk's 1).
+JAXCHAT_TARGETS
+void absorb(float* running, const float* chunk, int64_t H) {
+  const float top = std::max(running[H], chunk[H]);
+  const float a = std::exp(running[H] - top), b = std::exp(chunk[H] - top);
+  for (int64_t v = 0; v < H; v += 16)
+    store16(running + v, load16(running + v) * a + load16(chunk + v) * b);
+  running[H] = top;
+  running[H + 1] = running[H + 1] * a + chunk[H + 1] * b;
+}
+
+// A state's output: its weighted values over its sum.
+INLINE void normalize(const float* state, int64_t H, float* out) {
+  for (int64_t v = 0; v < H; v += 16) store16(out + v, load16(state + v) / state[H + 1]);
+}
 
 // One tile: its queries, their segment's first region entry, and its kv head.
 struct Tile {
@@ -669,28 +712,84 @@ ffi::Error PromptAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
   if (tiles.empty()) return ffi::Error::Success();
   const int parts = work < 8192 ? 1 : jaxchat::Workers::get().size();
   const int32_t b0 = base.typed_data()[0];
-  jaxchat::Workers::get().run(static_cast<int64_t>(tiles.size()), parts, [&](int64_t u0,
-                                                                              int64_t u1) {
-    for (int64_t u = u0; u < u1; ++u) {
+  // A tile's positions in chunks of kPromptChunk (`absorb`): where the tiles are too few to
+  // share out among the cores, each (tile, chunk) is a piece of work, their states merged in
+  // order afterwards; else each tile is, merging its chunks as it goes. The same sums either
+  // way, and for a tile of one chunk the same as its state normalised at once (merged into
+  // an empty state it is taken times 1 and added to 0), which is what is done then.
+  const int64_t stride = H + 2, count = static_cast<int64_t>(tiles.size());
+  auto chunks = [&](int64_t u) {
+    return (queries[u * kTile + tiles[u].count - 1].limit + kPromptChunk - 1) / kPromptChunk;
+  };
+  const bool split = count < 4 * parts;
+  int64_t most = 0;
+  std::vector<std::pair<int64_t, int64_t>> pieces;  // (tile, chunk or -1: all of them)
+  for (int64_t u = 0; u < count; ++u) {
+    most = std::max(most, chunks(u));
+    if (!split) pieces.push_back({u, -1});
+    for (int64_t c = 0; split && c < chunks(u); ++c) pieces.push_back({u, c});
+  }
+  std::vector<float> states(split ? count * most * kTile * stride : 0);
+  auto finish = [&](int64_t u, const float* running) {  // kTile states into out
+    for (int64_t t = 0; t < tiles[u].count; ++t)
+      normalize(running + t * stride, H, op + queries[u * kTile + t].out * H);
+  };
+  jaxchat::Workers::get().run(static_cast<int64_t>(pieces.size()), parts, [&](int64_t i0,
+                                                                               int64_t i1) {
+    thread_local std::vector<float> local;  // a tile's running states, then a chunk's
+    local.resize(2 * kTile * stride);
+    for (int64_t i = i0; i < i1; ++i) {
+      const auto [u, c] = pieces[i];
       const Tile& tile = tiles[u];
       const Query* qs = &queries[u * kTile];
-      const int64_t g = std::max(0, group[tile.first]);
-      auto run = [&](auto* pool_k, auto* pool_v) {
-        using T = std::remove_const_t<std::remove_pointer_t<decltype(pool_k)>>;
-        const PromptKeys<T> src{pool_k, pool_v, k.typed_data() + tile.kh * H * W,
-                                v.typed_data() + tile.kh * P * H, tables.typed_data() + g * MB,
-                                K, H, BS, NB, tile.kh, W, pos[tile.first], tile.first, b0};
-        prompt_tile(tile.count, src, H, P, qs, qs[tile.count - 1].limit, scale, op);
+      const int64_t g = std::max(0, group[tile.first]), to = qs[tile.count - 1].limit;
+      auto chunk = [&](int64_t at, float* into) {  // chunk `at`'s states (all of it: out)
+        const int64_t from = at * kPromptChunk, end = std::min(to, from + kPromptChunk);
+        auto run = [&](auto* pool_k, auto* pool_v) {
+          using T = std::remove_const_t<std::remove_pointer_t<decltype(pool_k)>>;
+          const PromptKeys<T> src{pool_k, pool_v, k.typed_data() + tile.kh * H * W,
+                                  v.typed_data() + tile.kh * P * H,
+                                  tables.typed_data() + g * MB, K, H, BS, NB, tile.kh, W,
+                                  pos[tile.first], tile.first, b0};
+          prompt_tile(tile.count, src, H, P, qs, from, end, scale, into,
+                      chunks(u) == 1 ? op : nullptr);
+        };
+        if (*half) {
+          run(static_cast<const uint16_t*>(kpool.untyped_data()),
+              static_cast<const uint16_t*>(vpool.untyped_data()));
+        } else {
+          run(static_cast<const float*>(kpool.untyped_data()),
+              static_cast<const float*>(vpool.untyped_data()));
+        }
       };
-      if (*half) {
-        run(static_cast<const uint16_t*>(kpool.untyped_data()),
-            static_cast<const uint16_t*>(vpool.untyped_data()));
-      } else {
-        run(static_cast<const float*>(kpool.untyped_data()),
-            static_cast<const float*>(vpool.untyped_data()));
+      if (c >= 0) {
+        chunk(c, &states[(u * most + c) * kTile * stride]);
+        continue;
       }
+      if (chunks(u) == 1) {
+        chunk(0, nullptr);
+        continue;
+      }
+      float *running = local.data(), *next = running + kTile * stride;
+      empty_states(running, tile.count, H);
+      for (int64_t at = 0; at < chunks(u); ++at) {
+        chunk(at, next);
+        for (int64_t t = 0; t < tile.count; ++t) absorb(running + t * stride, next + t * stride, H);
+      }
+      finish(u, running);
     }
   });
+  if (split) {
+    std::vector<float> running(kTile * stride);
+    for (int64_t u = 0; u < count; ++u) {
+      if (chunks(u) == 1) continue;  // normalised into out already
+      empty_states(running.data(), tiles[u].count, H);
+      for (int64_t c = 0; c < chunks(u); ++c)
+        for (int64_t t = 0; t < tiles[u].count; ++t)
+          absorb(&running[t * stride], &states[((u * most + c) * kTile + t) * stride], H);
+      finish(u, running.data());
+    }
+  }
   return ffi::Error::Success();
 }
 
