@@ -342,3 +342,19 @@ def test_the_cpu_kernels_prompt_attention_is_the_same_to_the_bit_however_the_pro
     whole = attend(0)
     np.testing.assert_allclose(whole[-1], reference(q[-1:], keys[flat], values[flat])[0], atol=1e-5)
     np.testing.assert_array_equal(attend(cut), whole[cut:])
+
+
+@pytest.mark.parametrize("way", [0, 1, 2], ids=["avx512", "f16c", "scalar"])
+def test_every_way_of_widening_a_float16_pool_is_exact(way):
+    """All 65,536 float16 values, widened by each of the kernels' ways that this CPU has
+    (the attention kernels pick the widest at load): each the exact float32 value, signed
+    zeros, subnormals and infinities to the bit, NaN as NaN."""
+    assert kernels.load(), "the kernels are built by `make setup` (python -m model.kernels)"
+    halves = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    out = kernels.widen(way, halves)
+    if out is None:
+        pytest.skip("this CPU lacks that conversion")
+    exact = halves.astype(np.float32)
+    nan = np.isnan(exact)
+    np.testing.assert_array_equal(np.isnan(out), nan)
+    np.testing.assert_array_equal(out[~nan].view(np.uint32), exact[~nan].view(np.uint32))

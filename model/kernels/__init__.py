@@ -35,6 +35,7 @@ from functools import cache
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from model.nn.attention import ATTENTION_TARGET, PROMPT_TARGET, ZEROS_TARGET
 from model.nn.quantize import QMATMUL_TARGET
@@ -147,6 +148,19 @@ def integer_path(kind: int, rows: int) -> bool:
         return False
     lib.JaxchatIntegerPath.argtypes = (ctypes.c_int64, ctypes.c_int64)
     return bool(lib.JaxchatIntegerPath(kind, rows))
+
+
+def widen(way: int, halves: np.ndarray) -> np.ndarray | None:
+    """float16 values (a multiple of 16) widened to float32 the attention kernels' `way`
+    (0: AVX-512, 1: F16C, 2: the scalar conversion), or None where this CPU lacks it."""
+    lib = library()
+    if lib is None:
+        return None
+    bits = np.ascontiguousarray(halves, np.float16).view(np.uint16)
+    out = np.empty(bits.shape, np.float32)
+    lib.JaxchatWiden.argtypes = (ctypes.c_int32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p)
+    done = lib.JaxchatWiden(way, bits.ctypes.data, bits.size // 16, out.ctypes.data)
+    return out if done else None
 
 
 def int_gemm_path(kind: int) -> bool:

@@ -795,6 +795,17 @@ ffi::Error PromptAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
 
 }  // namespace
 
+// Each way of widening float16 for the tests, which hold every one to the exact conversion
+// whichever the CPU picks: `way` 0 AVX-512, 1 F16C, 2 the scalar conversion, on `rows` runs
+// of 16 halves into out. Returns 0 (out untouched) where the CPU lacks the way.
+extern "C" int JaxchatWiden(int32_t way, const uint16_t* p, int64_t rows, float* out) {
+  if (way == 0 && __builtin_cpu_supports("avx512f")) return widen512(p, 16, rows, out), 1;
+  if (way == 1 && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx"))
+    return widen256(p, 16, rows, out), 1;
+  if (way == 2) return widen_scalar(p, 16, rows, out), 1;
+  return 0;
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchatDecodeAttention, DecodeAttentionImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
