@@ -27,6 +27,7 @@ from model.engine.state import COPIES, StepPlan
 from model.engine.variants import (
     BURST_PROMPTS,
     BURST_SHARE,
+    LARGE_CHUNK,
     SMALL_CHUNK,
     SMALL_PREFILL_MAX,
     StepShape,
@@ -310,6 +311,32 @@ def test_a_burst_of_prompts_beside_a_stream_gets_the_large_region(make):
     assert burst[0]["prefill"] == 80 * BURST_PROMPTS > SMALL_PREFILL_MAX
     assert burst[0]["decode"] == 1 and burst[0]["segments"] == BURST_PROMPTS
     short.cancel()
+
+
+@pytest.mark.parametrize("decoding", [False, True])
+def test_a_burst_fits_the_regions_of_a_context_shorter_than_the_large_one(make, decoding):
+    """With a context below LARGE_CHUNK the largest region is the context: a burst of
+    prompts that asks for the large region gets that one, in as many steps as it takes,
+    and every stream is right (the region was once overrun, failing the engine)."""
+    engine = MockEngine(batch=8, max_seq_len=96)
+    largest = max(s.prefill for s in engine.shapes)
+    assert largest == 96 < LARGE_CHUNK
+    scheduler = make(engine)
+    short = scheduler.submit([9], [0], 60, stop_at_eos=False) if decoding else None
+    if short is not None:
+        next(iter(short))
+    first = len(engine.steps)
+    engine.gate.clear()
+    prompts = [[i + 1] * 60 for i in range(BURST_PROMPTS)]
+    handles = [scheduler.submit(p, [i], 3) for i, p in enumerate(prompts)]
+    while len(scheduler.waiting) < len(prompts):
+        time.sleep(0.001)
+    engine.gate.set()
+    assert [run(h) for h in handles] == [expected(p, 3, i) for i, p in enumerate(prompts)]
+    steps = [s for s in engine.steps[first:] if s["prefill"]]
+    assert max(s["prefill"] for s in steps) == largest
+    if short is not None:
+        short.cancel()
 
 
 def test_a_burst_with_nothing_decoding_goes_in_two_steps(make):

@@ -291,6 +291,7 @@ class Scheduler:
                 self._ensure_blocks(seq, seq.length, in_flight)
         decode = [s for s in decode if s.decoding]  # one preempted meanwhile prefills again
         budget = self.ledger.prefill_budget(self._live(), bool(decode))
+        budget = min(budget, max(s.prefill for s in self.engine.runnable()))  # short contexts
         segments = self.ledger.prompt_chunks(self._live(), budget, bool(decode))
         if not decode and not segments:
             return None
