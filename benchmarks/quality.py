@@ -4,7 +4,7 @@ On the golden prompts (each with the reference's greedy continuation), at every
 position, it compares the next-token distribution of
 - jaxchat's decode steps on the GGUF's 4-bit blocks (the quantized kernel, as a lone
   stream decodes: teacher-forced, 8 positions per step as draft rows are verified),
-- the same blocks as prompt steps (chunks of 64 through a pool, as prompts run beside
+- the same blocks as prompt steps (chunks of SMALL_CHUNK through a pool, as prompts run beside
   decoding streams: the kernel's many-row path, f32),
 - jaxchat's float32 path (JAXCHAT_QUANTIZED_KERNEL=off, a forward pass),
 - llama.cpp's server on the same file (its top 100 log-probabilities), if one is given,

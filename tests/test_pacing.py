@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from model.engine.pacing import FIRST_ROOM, Pacing, prior_scale
-from model.engine.variants import StepShape
+from model.engine.variants import SMALL_CHUNK, StepShape
 from model.nn.config import ModelConfig
 from tests.test_scheduler import MockEngine, expected, run
 
 SMOLLM2 = ModelConfig(49152, 576, 30, n_heads=9, n_kv_heads=3, head_dim=64, ffn_dim=1536)
-DECODE, MIXED = StepShape(8, 0), StepShape(8, 64)
+DECODE, MIXED = StepShape(8, 0), StepShape(8, SMALL_CHUNK)
 SHARE = 0.75
 
 
@@ -112,10 +112,10 @@ def test_a_long_prompt_beside_streams_keeps_their_steps_within_the_share(make):
         time.sleep(0.005)
     # A new request meanwhile gets its reply long before the long prompt is done: its
     # prompt goes whole, the long prompt's chunk keeping to half the room.
-    short, joined = [7] * 30, len(engine.steps)
+    short, joined = [7] * 20, len(engine.steps)
     assert run(scheduler.submit(short, [5], 3)) == expected(short, 3, 5)
     assert max(s["prior"] for s in engine.steps) < 450
-    assert any(s["segments"] == 2 and s["prefill"] > 30 for s in engine.steps[joined:])
+    assert any(s["segments"] == 2 and s["prefill"] > 20 for s in engine.steps[joined:])
     assert run(long) == expected(prompt, 4, 9)
     chunks = [s for s in engine.steps[first:] if s["prefill"]]
     assert all(s["decode"] >= 4 for s in chunks)  # every chunk rode beside the streams

@@ -446,17 +446,19 @@ def test_a_step_reads_at_most_prior_groups_cached_prefixes(make):
     count = PRIOR_GROUPS + 2
     engine = MockEngine(batch=count, pool_blocks=8 * count)
     scheduler = make(engine)
-    prefixes = [[i + 1] * 8 for i in range(count)]  # two full blocks of 4 each
+    prefixes = [[i + 1] * 4 for i in range(count)]  # a full block of 4 each
     for prefix in prefixes:
         assert run(scheduler.submit(prefix + [60], [0], 1)) == expected(prefix + [60], 1)
     engine.hold = lambda: len(scheduler.waiting) == count - 1  # one burst
     first = len(engine.steps)
-    prompts = [prefix + [61, 62] for prefix in prefixes]
+    prompts = [prefix + [61] for prefix in prefixes]  # one token each past its prefix
+    # Few prompt tokens in all (the small region, and no burst split), all fitting it.
+    assert sum(map(len, prompts)) <= SMALL_PREFILL_MAX and count <= SMALL_CHUNK
     handles = [scheduler.submit(p, [i], 3) for i, p in enumerate(prompts)]
     assert [run(h) for h in handles] == [expected(p, 3, i) for i, p in enumerate(prompts)]
     steps = engine.steps[first : first + 2]
     assert [s["groups"] for s in steps] == [PRIOR_GROUPS, 2]
-    assert [s["prefill"] for s in steps] == [2 * PRIOR_GROUPS, 2 * 2]
+    assert [s["prefill"] for s in steps] == [PRIOR_GROUPS, 2]
 
 
 def test_when_the_pool_is_full_requests_wait_then_complete(make):

@@ -18,7 +18,7 @@ from model.engine import speculative
 from model.engine.requests import Seq
 from model.engine.speculative import Speculation, propose
 from model.engine.state import sampling_row
-from model.engine.variants import StepShape, small_shapes, step_shapes
+from model.engine.variants import SMALL_CHUNK, StepShape, small_shapes, step_shapes
 from model.types import SamplingParams
 from tests.test_scheduler import MockEngine, expected, run
 from tests.tiny_models import TINY_LLAMA, write_tiny_gguf
@@ -47,7 +47,7 @@ def seq(hits: float = 8.0, misses: float = 1.0, row=None, **fields) -> Seq:
     return s
 
 
-SHAPES = step_shapes(32, 1024)  # rows 1, 8, 32; prefill 64 with 8 and 32 rows; 512
+SHAPES = step_shapes(32, 1024)  # rows 1, 8, 32; SMALL_CHUNK with 8 and 32 rows; 512
 
 
 def test_a_lone_stream_grows_its_step_only_when_its_acceptance_pays_for_it():
@@ -87,8 +87,8 @@ def test_drafts_fill_the_rows_a_step_runs_anyway_best_first_and_never_grow_a_ful
     # A batch that fills its rows gets none, however good its drafts.
     assert drafting.plan(proposals, 32, 0, SHAPES) == {}
     # A step with a prompt chunk fills its spare rows but does not grow.
-    assert sum(map(len, drafting.plan({good: [5] * 7}, 8, 64, SHAPES).values())) == 0
-    assert len(drafting.plan({good: [5] * 7}, 3, 64, SHAPES)[good]) == 5
+    assert sum(map(len, drafting.plan({good: [5] * 7}, 8, SMALL_CHUNK, SHAPES).values())) == 0
+    assert len(drafting.plan({good: [5] * 7}, 3, SMALL_CHUNK, SHAPES)[good]) == 5
 
 
 def test_steps_are_planned_ahead_unless_drafts_are_verified_or_looked_for():

@@ -44,10 +44,17 @@ from model.engine.executables import ExecutableStore, compile_variant
 
 log = logging.getLogger(__name__)
 
-SMALL_CHUNK = 64
+# The small region: a step's XLA ops run over all of its columns, used or not, so beside
+# decoding streams a region of 32 costs less than one of 64 for the same prompt tokens.
+# 8 streams while a 4,000-token prompt prefills through the server, 2-core CPU, one run
+# each: streams' gaps p99 5.1x their p50 alone and the prompt's first token after 16.0 s
+# with 64, 4.3x and 12.1 s with 32, 3.5x and 18.0 s with 16; the load at 1, 8, 32 and 64
+# streams was level between 32 and 64, while 16 took a lone request's first token from
+# 0.065 to 0.099 s (its prompt in several steps).
+SMALL_CHUNK = 32
 LARGE_CHUNK = 512
 # Prompt tokens waiting, up to which small chunks beat one large chunk even with nothing
-# decoding: four (32, 64) steps take 0.82 s on a 2-core CPU, one (32, 512) step 0.97 s,
+# decoding: four (32, 64) steps took 0.82 s on a 2-core CPU, one (32, 512) step 0.97 s,
 # and the first prompts among them get their first token after the first small step.
 SMALL_PREFILL_MAX = 4 * SMALL_CHUNK
 # Prompts waiting, from which the large region runs even while streams decode (if more
