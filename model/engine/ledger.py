@@ -36,9 +36,10 @@ Prior = tuple[int, tuple[int, ...]]  # positions a chunk reads from the pool, an
 class Ledger:
     """Which pool blocks each sequence holds (see the module docstring)."""
 
-    def __init__(self, pool: BlockPool, pacing: Pacing) -> None:
+    def __init__(self, pool: BlockPool, pacing: Pacing, largest: int = LARGE_CHUNK) -> None:
         self.pool = pool
         self.pacing = pacing
+        self.largest = largest  # the largest prefill region (the context, where shorter)
         self.block_size = pool.block_size
         self.copies: list[tuple[int, int]] = []  # the planned step's (source, destination)
 
@@ -121,10 +122,12 @@ class Ledger:
     def prefill_budget(self, live: list[Seq], decoding: bool) -> int:
         """The step's prefill region: small while few prompt tokens wait, or while streams
         decode and fewer than BURST_PROMPTS new prompts wait; large otherwise (see the
-        scheduler's docstring). A prompt already cut into paced chunks is not new."""
+        scheduler's docstring), neither larger than the largest region there is. A prompt
+        already cut into paced chunks is not new."""
         waiting = sum(1 for s in live if not s.decoding and s.may_prefill and not s.paced)
         few = self.pending(live) <= SMALL_PREFILL_MAX
-        return SMALL_CHUNK if few or (decoding and waiting < BURST_PROMPTS) else LARGE_CHUNK
+        region = SMALL_CHUNK if few or (decoding and waiting < BURST_PROMPTS) else LARGE_CHUNK
+        return min(region, self.largest)
 
     def prompt_chunks(self, live: list[Seq], budget: int, decoding: bool) -> list[tuple[Seq, int]]:
         """Prompt chunks for the prefill region: begun prompts first, the one with the

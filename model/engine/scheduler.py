@@ -141,7 +141,8 @@ class Scheduler:
         self.engine = engine
         self.speculation = speculation or Speculation("off")
         self.pool = BlockPool(engine.pool_blocks, engine.block_size)
-        self.ledger = Ledger(self.pool, Pacing(engine.config, prefill_share))
+        largest = max(s.prefill for s in engine.shapes)
+        self.ledger = Ledger(self.pool, Pacing(engine.config, prefill_share), largest)
         self.waiting = WaitingLine(max_queue)
         self._slots: list[Seq | None] = [None] * engine.batch
         self._state = None  # the engine's state; only the scheduler thread touches it
@@ -291,7 +292,6 @@ class Scheduler:
                 self._ensure_blocks(seq, seq.length, in_flight)
         decode = [s for s in decode if s.decoding]  # one preempted meanwhile prefills again
         budget = self.ledger.prefill_budget(self._live(), bool(decode))
-        budget = min(budget, max(s.prefill for s in self.engine.runnable()))  # short contexts
         segments = self.ledger.prompt_chunks(self._live(), budget, bool(decode))
         if not decode and not segments:
             return None

@@ -612,37 +612,10 @@ JAXCHAT_PROMPT_TILE(uint16_t)
 #undef JAXCHAT_PROMPT_TILE
 
 // Positions per chunk of a prompt token's attention: its softmax runs online within a
-// chunk (over spans of kSpan), the chunks' states (`span`'s) are merged in order, so a
-// token's output is the same to the bit whichever way the work is shared out (the chunks
-// counted from position 0, as the spans).
+// chunk (over spans of kSpan), the chunks' states (`span`'s) are merged in order (`merge`),
+// so a token's output is the same to the bit whichever way the work is shared out (the
+// chunks counted from position 0, as the spans).
 constexpr int64_t kPromptChunk = 1024;
-
-// n empty softmax states (`span`'s: weighted values [H], largest score, sum).
-INLINE void empty_states(float* states, int64_t n, int64_t H) {
-  for (int64_t t = 0; t < n; ++t) {
-    float* state = states + t * (H + 2);
-    std::fill(state, state + H, 0.0f);
-    state[H] = kNegInf;
-    state[H + 1] = 0.0f;
-  }
-}
-
-// `running` with a later chunk's state merged in (an empty running state takes the chunk's
-// as it is: its weight is 0, the chunk's 1).
-JAXCHAT_TARGETS
-void absorb(float* running, const float* chunk, int64_t H) {
-  const float top = std::max(running[H], chunk[H]);
-  const float a = std::exp(running[H] - top), b = std::exp(chunk[H] - top);
-  for (int64_t v = 0; v < H; v += 16)
-    store16(running + v, load16(running + v) * a + load16(chunk + v) * b);
-  running[H] = top;
-  running[H + 1] = running[H + 1] * a + chunk[H + 1] * b;
-}
-
-// A state's output: its weighted values over its sum.
-INLINE void normalize(const float* state, int64_t H, float* out) {
-  for (int64_t v = 0; v < H; v += 16) store16(out + v, load16(state + v) / state[H + 1]);
-}
 
 // One tile: its queries, their segment's first region entry, and its kv head.
 struct Tile {
@@ -712,11 +685,12 @@ ffi::Error PromptAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
   if (tiles.empty()) return ffi::Error::Success();
   const int parts = work < 8192 ? 1 : jaxchat::Workers::get().size();
   const int32_t b0 = base.typed_data()[0];
-  // A tile's positions in chunks of kPromptChunk (`absorb`): where the tiles are too few to
-  // share out among the cores, each (tile, chunk) is a piece of work, their states merged in
-  // order afterwards; else each tile is, merging its chunks as it goes. The same sums either
-  // way, and for a tile of one chunk the same as its state normalised at once (merged into
-  // an empty state it is taken times 1 and added to 0), which is what is done then.
+  // A tile's positions in chunks of kPromptChunk: where the tiles are too few to share out
+  // among the cores, each (tile, chunk) is a piece of work, their states merged afterwards;
+  // else each tile is, merging its chunks' states itself. The same sums either way, and for
+  // a tile of one chunk the same as normalising its one state at once (`merge` takes it
+  // times 1), which is what is done then. A tile's states: chunk c's query t at
+  // (c * kTile + t) * stride.
   const int64_t stride = H + 2, count = static_cast<int64_t>(tiles.size());
   auto chunks = [&](int64_t u) {
     return (queries[u * kTile + tiles[u].count - 1].limit + kPromptChunk - 1) / kPromptChunk;
@@ -730,14 +704,14 @@ ffi::Error PromptAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
     for (int64_t c = 0; split && c < chunks(u); ++c) pieces.push_back({u, c});
   }
   std::vector<float> states(split ? count * most * kTile * stride : 0);
-  auto finish = [&](int64_t u, const float* running) {  // kTile states into out
+  auto merged = [&](int64_t u, const float* tile_states) {  // its queries' outputs
     for (int64_t t = 0; t < tiles[u].count; ++t)
-      normalize(running + t * stride, H, op + queries[u * kTile + t].out * H);
+      merge(tile_states + t * stride, chunks(u), kTile * stride, H,
+            op + queries[u * kTile + t].out * H);
   };
   jaxchat::Workers::get().run(static_cast<int64_t>(pieces.size()), parts, [&](int64_t i0,
                                                                                int64_t i1) {
-    thread_local std::vector<float> local;  // a tile's running states, then a chunk's
-    local.resize(2 * kTile * stride);
+    thread_local std::vector<float> local;  // a tile's states
     for (int64_t i = i0; i < i1; ++i) {
       const auto [u, c] = pieces[i];
       const Tile& tile = tiles[u];
@@ -770,26 +744,13 @@ ffi::Error PromptAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
         chunk(0, nullptr);
         continue;
       }
-      float *running = local.data(), *next = running + kTile * stride;
-      empty_states(running, tile.count, H);
-      for (int64_t at = 0; at < chunks(u); ++at) {
-        chunk(at, next);
-        for (int64_t t = 0; t < tile.count; ++t) absorb(running + t * stride, next + t * stride, H);
-      }
-      finish(u, running);
+      local.resize(chunks(u) * kTile * stride);
+      for (int64_t at = 0; at < chunks(u); ++at) chunk(at, &local[at * kTile * stride]);
+      merged(u, local.data());
     }
   });
-  if (split) {
-    std::vector<float> running(kTile * stride);
-    for (int64_t u = 0; u < count; ++u) {
-      if (chunks(u) == 1) continue;  // normalised into out already
-      empty_states(running.data(), tiles[u].count, H);
-      for (int64_t c = 0; c < chunks(u); ++c)
-        for (int64_t t = 0; t < tiles[u].count; ++t)
-          absorb(&running[t * stride], &states[((u * most + c) * kTile + t) * stride], H);
-      finish(u, running.data());
-    }
-  }
+  for (int64_t u = 0; split && u < count; ++u)
+    if (chunks(u) > 1) merged(u, &states[u * most * kTile * stride]);  // (one: out already)
   return ffi::Error::Success();
 }
 
