@@ -89,12 +89,6 @@ def canonical(name: str) -> bool:
     return gemm
 
 
-def lane_rows(decode: int) -> int:
-    """Of `decode` decode rows, those that take lanes of their own where every other column
-    takes int_gemm.cc's arithmetic (AVX-512 VNNI): up to 8 (a decode step's fastest)."""
-    return decode if decode <= 8 else 0
-
-
 def rounded_columns(name: str, t: int, decode: int) -> np.ndarray:
     """Which of t columns the kernel rounds, the first `decode` marked as decode rows:
     all or none up to 8 rows; past 8, all where the CPU has AVX-512 VNNI, else the decode
@@ -179,7 +173,7 @@ def test_only_the_used_columns_are_multiplied_the_rest_are_zero(t, decode):
     """A step's padding (past its last real token) is not multiplied: those columns of y
     are zero, whatever x holds there (NaN too), and the others are the full product's
     (with decode rows first: none, 7 of them, or every real column): to the bit where
-    each column takes the same path (with AVX-512 VNNI every column but up to 8 decode rows
+    each column takes the same path (with AVX-512 VNNI every column, decode rows too,
     takes integers alike), else to the order of sums."""
     rng = np.random.default_rng(17)
     data = random_blocks("Q4_1", 50, 256, rng)
@@ -191,13 +185,7 @@ def test_only_the_used_columns_are_multiplied_the_rest_are_zero(t, decode):
         padded[used:] = np.nan
         y = qmatmul(data, padded, 3, 0, used=used, decode=min(rows, used))
         real, f32 = min(used, t), min(used, t) - min(rows, used)
-        if canonical("Q4_1"):  # decode rows up to 8 in lanes of their own, the rest alike
-            columns = np.arange(real)
-            same = (columns < lane_rows(min(rows, used))) == (columns < lane_rows(rows))
-            assert np.array_equal(y[:, :real][:, same], full[:, :real][:, same]), used
-            bound = 1e-6 * np.abs(full).max()
-            np.testing.assert_allclose(y[:, :real], full[:, :real], rtol=0, atol=bound)
-        elif real == t or f32 > 8:  # the same path as the full product's: the same sums
+        if canonical("Q4_1") or real == t or f32 > 8:  # the same sums
             assert np.array_equal(y[:, :real], full[:, :real]), used
         else:  # up to 8 f32 columns take the few-row path: the sums in another order
             bound = 1e-6 * np.abs(full).max()
@@ -277,12 +265,12 @@ def test_decode_rows_beside_prompt_tokens_multiply_as_alone(name, decode):
 
 @pytest.mark.parametrize("name", sorted(INTEGER_FORMATS))
 def test_a_columns_product_is_the_same_to_the_bit_on_every_path(name):
-    """Where every column takes integers (AVX-512 VNNI), a prompt token's product does not
-    depend on the step around it: alone (the few-row path), beside up to 8 decode rows and
-    up to 8 or more prompt tokens (few rows, the integer GEMM), in any chunk of 32 columns;
-    and more than 8 decode rows (the integer GEMM) give each the same. So a prompt's keys
-    and values are the same however it was cut into chunks. (Up to 8 decode rows keep
-    lanes of their own: the fastest decode step.)"""
+    """Where every column takes integers (AVX-512 VNNI), a column's product does not depend
+    on the step around it: alone (the few-row path), among up to 8 decode rows and prompt
+    tokens (few rows, one pass), beside more (the integer GEMM), in any chunk of 32 columns,
+    whether the column is a decode row or a prompt token. So a prompt's keys and values are
+    the same however it was cut into chunks, and a stream's logits whatever shares its
+    step."""
     if not canonical(name):
         pytest.skip("this CPU has no AVX-512 VNNI: prompt tokens are multiplied in f32")
     rng = np.random.default_rng(29)
@@ -302,8 +290,8 @@ def test_a_columns_product_is_the_same_to_the_bit_on_every_path(name):
         (40, 9, 1),
     ]:
         y = qmatmul(data, x[:t], kind, 0, used=used, decode=decode)
-        lanes = lane_rows(decode)
-        assert np.array_equal(y[:, lanes:used], alone[:, lanes:used]), (t, used, decode)
+        assert np.array_equal(y[:, :used], alone[:, :used]), (t, used, decode)
+        assert not y[:, used:].any(), (t, used, decode)
 
 
 def test_the_installed_package_holds_every_source_the_build_reads():
