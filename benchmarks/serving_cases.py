@@ -7,7 +7,8 @@ Each case speaks only the public API through the official `openai` SDK:
   and when it has never seen that history (a miss: same length, another text);
 - interference: inter-token latency of 8 running streams, alone and while a
   ~4,000-token prompt arrives and prefills (from its send to its first token): the
-  gaps between a stream's deliveries (tokens that arrive together are one);
+  gaps between a stream's deliveries (tokens that arrive together are one), and
+  the same gaps per token delivered (speculative decoding delivers several);
 - long: the seconds to answer a ~6,600-token prompt on an idle server, then a
   two-word request right after it;
 - memory: resident memory of the server's process tree (with --pid).
@@ -180,19 +181,27 @@ async def interference_case(
     await asyncio.gather(*workers, return_exceptions=True)
 
     alone, during = [], []
+    alone_token, during_token = [], []  # each gap over the tokens it delivered
     tokens_alone = deliveries_alone = 0
     for times in chunk_times:
         # Tokens that arrive together (a step that took drafts: speculative decoding, or
         # a server that sends several at once) are one delivery: the gaps are between
         # deliveries, or every such token would count a gap of zero.
-        arrivals = [t for i, t in enumerate(times) if i == 0 or t - times[i - 1] > TOGETHER]
+        deliveries: list[list[float]] = []
+        for i, t in enumerate(times):
+            if i == 0 or t - times[i - 1] > TOGETHER:
+                deliveries.append([])
+            deliveries[-1].append(t)
         tokens_alone += sum(1 for t in times if alone_from <= t < sent)
-        deliveries_alone += sum(1 for t in arrivals if alone_from <= t < sent)
-        for earlier, later in zip(arrivals, arrivals[1:], strict=False):
-            if alone_from <= later < sent:
-                alone.append(later - earlier)
-            elif sent <= later <= arrived:
-                during.append(later - earlier)
+        deliveries_alone += sum(1 for d in deliveries if alone_from <= d[0] < sent)
+        for earlier, later in zip(deliveries, deliveries[1:], strict=False):
+            gap = later[0] - earlier[0]
+            if alone_from <= later[0] < sent:
+                alone.append(gap)
+                alone_token.append(gap / len(later))
+            elif sent <= later[0] <= arrived:
+                during.append(gap)
+                during_token.append(gap / len(later))
     p50 = percentile(alone, 50)
     new = sum(1 for t in starts if alone_from <= t <= arrived)
     print(
@@ -202,6 +211,17 @@ async def interference_case(
         f"{percentile(during, 99):.3f} s = {percentile(during, 99) / p50:.1f}x the p50 alone "
         f"({new} streams replaced meanwhile; alone, {tokens_alone / max(deliveries_alone, 1):.2f} "
         "tokens a delivery)",
+        flush=True,
+    )
+    # Per token, each gap spread over the tokens it delivered: where drafts are taken,
+    # a delivery alone carries more tokens than one beside a prefill, and the gaps above
+    # compare unlike things.
+    token_p50 = percentile(alone_token, 50)
+    print(
+        f"interference per token, ITL alone p50 {token_p50:.3f} s; while the prompt "
+        f"prefills p50 {percentile(during_token, 50):.3f} s p99 "
+        f"{percentile(during_token, 99):.3f} s = "
+        f"{percentile(during_token, 99) / token_p50:.1f}x the p50 alone",
         flush=True,
     )
 
