@@ -16,10 +16,11 @@
 // Blocks of 32 values (Q8_0, Q4_0, Q4_1) are multiplied as integers, with x rounded to
 // 16 bits per block of 32 (`int_rows` on AVX2, `int_rows512` on AVX-512); the other
 // formats are expanded to f32 in registers (`rows`). For more rows (batched decode,
-// prefill), a panel of weight rows is expanded once and multiplied as a small GEMM: the
-// decode rows in 16-bit integers for the 32-value formats where the CPU has AVX-512 VNNI
-// (int_gemm.cc), the prompt tokens in f32 (`panels`; up to 8 of them as the few-row path
-// does, `rows`).
+// prefill), a panel of weight rows is expanded once and multiplied as a small GEMM. Where
+// the CPU has AVX-512 VNNI, every column of a 32-value format, decode row or prompt token,
+// takes 16-bit integers (int_gemm.cc past 8 columns, `canonical_rows512` up to 8), each
+// column's product the same to the bit on either; elsewhere the prompt tokens take f32
+// (`panels`; up to 8 of them as the few-row path does, `rows`).
 //
 // The f32 arithmetic is written with GCC's vector extensions, its loops compiled for the
 // CPU's level, or in a portable build for AVX-512, AVX2 and plain x86-64, one picked when
