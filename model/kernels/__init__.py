@@ -164,9 +164,10 @@ def widen(way: int, halves: np.ndarray) -> np.ndarray | None:
 
 
 def int_gemm_path(kind: int) -> bool:
-    """Whether a product of more than 8 rows rounds its decode rows' x to 16-bit integers
-    for weights of GGML type `kind` on this CPU (int_gemm.cc: AVX-512 VNNI; blocks of 32
-    values only). Its prompt tokens are multiplied in f32."""
+    """Whether every column of a product (decode rows and prompt tokens, few or many)
+    rounds x to 16-bit integers as int_gemm.cc does, for weights of GGML type `kind` on
+    this CPU (AVX-512 VNNI; blocks of 32 values only); elsewhere, in a product of more
+    than 8 columns, the prompt tokens are multiplied in f32."""
     lib = library()
     if lib is None:
         return False

@@ -847,13 +847,14 @@ void product(int64_t kind, const uint8_t* wp, int64_t row_bytes, int64_t N, cons
   // carries both reads and expands each weight block once. The few-row path takes up to 8
   // columns (as fast as lanes of their own for each: 8 decode rows through a SmolLM2
   // step's products, 14.6 instead of 15.9 ms), the GEMM more (8 decode rows and 8 prompt
-  // tokens: 17.4 ms, where a pass for each took 29.3).
+  // tokens: 17.2 ms, where a pass for each took 29.3).
   if (jaxchat::int_gemm_path(kind)) {
-    if (U > 0 && U <= kFewRows) {
-      few_rows(kind, wp, row_bytes, N, xp, T, 0, U, K, yp, parts, kCanonical);
+    if (U > kFewRows) {
+      jaxchat::int_gemm(kind, wp, row_bytes, N, xp, T, U, K, yp, parts);
+    } else if (U > 0) {
+      few_rows(kind, wp, row_bytes, N, xp, T, 0, U, K, yp, parts, kCanonical);  // (zeroes the rest)
       return;
     }
-    if (U > 0) jaxchat::int_gemm(kind, wp, row_bytes, N, xp, T, U, K, yp, parts);
     for (int64_t n = 0; n < N; ++n) std::fill(yp + n * T + U, yp + (n + 1) * T, 0.0f);
     return;
   }
@@ -970,7 +971,8 @@ extern "C" int JaxchatIntegerPath(int64_t kind, int64_t rows) {
   return rows <= kFewRows && integer_path(kind);
 }
 
-// Whether a product of more rows rounds its decode rows' x to 16-bit integers.
+// Whether every column of a product, decode row or prompt token, takes int_gemm.cc's
+// integer arithmetic (few rows or many).
 extern "C" int JaxchatIntGemm(int64_t kind) { return jaxchat::int_gemm_path(kind); }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchatQMatmul, QMatmulImpl,
