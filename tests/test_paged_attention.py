@@ -285,16 +285,19 @@ def test_the_kernels_pool_is_zero_and_costs_memory_as_it_is_written():
     assert np.count_nonzero(v) == 0
 
 
-CUTS = [(600, c) for c in (1, 15, 16, 17, 255, 256, 257, 300, 599)]
+# Blocks of 16 positions; the cuts leave 1 to 599 tokens (up to 5, a kv head's queries are
+# one tile of up to 16: K, G = 2, 3).
+CUTS = [(600, c, 16) for c in (1, 15, 16, 17, 255, 256, 257, 300, 595, 599)]
 # Past 1,024 positions a token's keys are taken in chunks whose softmax states are merged;
 # a few tokens left after the cut are shared out a chunk at a time, many a token at a time.
-LONG_CUTS = [(2100, c) for c in (1023, 1024, 1025, 2099)]
+# Blocks of 64 (the engine's).
+LONG_CUTS = [(2100, c, 64) for c in (1023, 1024, 1025, 2096, 2099)]
 
 
-@pytest.mark.parametrize("length,cut", CUTS + LONG_CUTS)
+@pytest.mark.parametrize("length,cut,bs", CUTS + LONG_CUTS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
 def test_the_cpu_kernels_prompt_attention_is_the_same_to_the_bit_however_the_prompt_is_cut(
-    rng, length, cut, dtype
+    rng, length, cut, bs, dtype
 ):
     """A prompt in one region, and cut at `cut`: its first positions in the pool (a prior
     group: an earlier chunk, or a cached prefix), the rest in a region behind another
@@ -302,7 +305,7 @@ def test_the_cpu_kernels_prompt_attention_is_the_same_to_the_bit_however_the_pro
     over the same spans of positions from 0, in the same order, wherever its keys lie (cuts
     inside and at its 16-position lanes, 256-position spans and 1,024-position chunks)."""
     assert kernels.load(), "the kernels are built by `make setup` (python -m model.kernels)"
-    h, bs = 64, 16
+    h = 64
     mb = -(-length // bs)
     nb = mb + 8
     pool, keys, values = random_pool(rng, nb, bs, h, dtype)  # (the region's: the same values)

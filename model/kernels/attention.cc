@@ -7,9 +7,10 @@
 // XLA gathers each chunk's blocks into a new array before its two products; for the
 // one to eight rows of a decode step that copy and the loop around it cost more than
 // the arithmetic. Here each (row, kv head, query head) reads its blocks in place, in
-// chunks of kChunk blocks: the scores 16 positions at a time (positions are minor in a key
-// block), then the chunk's softmax, then the values (features minor); the chunks' states
-// are merged in order. Rows with context -1 are idle: output 0.
+// chunks of about kChunk positions: the scores 16 positions at a time, four runs of them
+// together (positions are minor in a key block), then the chunk's softmax, then the values
+// (features minor); the chunks' states are merged in order. Rows with context -1 are
+// idle: output 0.
 //
 // Prompt attention (PromptAttentionImpl) is the prefill region's: each segment's queries
 // over the positions its sequence already has in the pool (a later chunk of a long prompt,
@@ -160,22 +161,41 @@ INLINE void value_slices(const float* values, int64_t H, int64_t used, const flo
     for (int v = 0; v < NV; ++v) acc[g * stride + v] = part[g][v];
 }
 
-// A row's context is cut at every kChunk blocks: each piece of work is a chunk's
-// positions (of one kv head, or of all of a row's), whose softmax states are merged in
-// order afterwards. One stream over a long context then keeps both cores busy (SmolLM2's
-// 3 kv heads alone split 2:1: one stream over 1,000 positions, 0.085 -> 0.068 ms a layer),
-// and a row's arithmetic is the same alone or in any step.
-constexpr int64_t kChunk = 32;
+// TG queries' scores (times `scale`) over NR runs of 16 keys (run r's feature h at
+// pieces[r].p + h * pieces[r].stride), into out[g][16 r …]: NR·TG independent sums.
+template <int TG, int NR>
+INLINE void key_runs(const Piece* pieces, const float* const* queries, int64_t H, float scale,
+                     float* const* out) {
+  f32x16 acc[NR][TG] = {};
+  for (int64_t h = 0; h < H; ++h) {
+    f32x16 key[NR];
+    for (int r = 0; r < NR; ++r) key[r] = load16(pieces[r].p + h * pieces[r].stride);
+    for (int g = 0; g < TG; ++g) {
+      const float feature = queries[g][h];
+      for (int r = 0; r < NR; ++r) acc[r][g] += feature * key[r];
+    }
+  }
+  for (int g = 0; g < TG; ++g)
+    for (int r = 0; r < NR; ++r) store16(out[g] + 16 * r, acc[r][g] * scale);
+}
+
+// A row's context is cut at every kChunk positions (whole blocks: `chunk_blocks`): each
+// piece of work is a chunk's positions (of one kv head, or of all of a row's), whose
+// softmax states are merged in order afterwards. One stream over a long context then keeps
+// both cores busy (SmolLM2's 3 kv heads alone split 2:1: one stream over 1,000 positions,
+// 0.085 -> 0.068 ms a layer), and a row's arithmetic is the same alone or in any step.
+constexpr int64_t kChunk = 512;
+INLINE int64_t chunk_blocks(int64_t BS) { return std::max<int64_t>(1, kChunk / BS); }
 
 // TG query heads (from g0) of each kv head in [kh0, kh1) of one row (q [K, G, H]), over
 // the n positions from block b0's first (its table's entries b0 …): their states into
 // `states` (a query's at states + (kh * G + g) * (H + 2)). Every key and value vector is
 // loaded once for all TG, so a row's keys cross the memory bus once per kv head, not once
 // per query head; and a block's kv heads are read one after the other. Blocks lie
-// scattered through memory, and on a 2-core CPU random runs of 4 KB (a SmolLM2 block's
-// keys of one kv head) stream at 7 GB/s a core, of 12 KB (all three) at 10, where one
-// long run streams at 23: the kv heads of a row are one piece of work where a step has
-// rows enough for the cores.
+// scattered through memory, and on a 2-core CPU random runs of 12 KB stream at about 17
+// GB/s (both cores), of 48 KB at 25 (a SmolLM2 block of 64 positions, keys or values of
+// all three kv heads), where long runs stream at 30: the kv heads of a row are one piece
+// of work where a step has rows enough for the cores.
 template <int TG, typename T>
 INLINE void heads(const Shapes& s, const float* q, const T* kpool, const T* vpool, int64_t b0,
                   int64_t n, const int32_t* table, int32_t base, int64_t kh0, int64_t kh1,
@@ -196,34 +216,33 @@ INLINE void heads(const Shapes& s, const float* q, const T* kpool, const T* vpoo
   auto block = [&](int64_t b) {  // the pool block behind entry b0 + b (clamped, as XLA's gather)
     return std::clamp<int64_t>(int64_t{table[b0 + b]} + base, 0, s.blocks - 1);
   };
-  // Keys, two runs of 16 positions at a time (each query feature loaded once for both:
-  // twice the independent sums in flight; a sum over H features is a chain of H
-  // dependent multiply-adds).
+  // Keys, up to four runs of 16 positions at a time (a block's, where blocks hold 64:
+  // its rows read in order; each query feature loaded once for all: that many more
+  // independent sums in flight, where a sum over H features is a chain of H dependent
+  // multiply-adds).
   const int64_t runs = width / 16;
-  thread_local std::vector<float> widened;  // a float16 pool's two runs of keys
-  widened.resize(2 * H * 16);
+  thread_local std::vector<float> widened;  // a float16 pool's runs of keys
+  widened.resize(4 * H * 16);
   auto keys = [&](int64_t run, int64_t kh, float* buffer) {  // [H] (see `floats`)
     const int64_t at = (block(run * 16 / BS) * s.K + kh) * H * BS + run * 16 % BS;
     return floats(kpool + at, BS, H, buffer);
   };
-  for (int64_t run = 0; run < runs; run += 2) {
-    const bool pair = run + 1 < runs;
+  for (int64_t run = 0; run < runs;) {
+    const int64_t take = runs - run >= 4 ? 4 : runs - run >= 2 ? 2 : 1;
     for (int64_t kh = kh0; kh < kh1; ++kh) {
-      const Piece a = keys(run, kh, widened.data());
-      const Piece b = pair ? keys(run + 1, kh, widened.data() + H * 16) : a;
-      f32x16 lo[TG] = {}, hi[TG] = {};
-      for (int64_t h = 0; h < H; ++h) {
-        const f32x16 key_lo = load16(a.p + h * a.stride), key_hi = load16(b.p + h * b.stride);
-        for (int g = 0; g < TG; ++g) {
-          lo[g] += query(kh, g)[h] * key_lo;
-          hi[g] += query(kh, g)[h] * key_hi;
-        }
-      }
+      Piece pieces[4];
+      for (int64_t r = 0; r < take; ++r) pieces[r] = keys(run + r, kh, &widened[r * H * 16]);
+      const float* queries[TG];
+      float* out[TG];
       for (int g = 0; g < TG; ++g) {
-        store16(row(kh, g) + run * 16, lo[g] * scale);
-        if (pair) store16(row(kh, g) + run * 16 + 16, hi[g] * scale);
+        queries[g] = query(kh, g);
+        out[g] = row(kh, g) + run * 16;
       }
+      if (take == 4) key_runs<TG, 4>(pieces, queries, H, scale, out);
+      else if (take == 2) key_runs<TG, 2>(pieces, queries, H, scale, out);
+      else key_runs<TG, 1>(pieces, queries, H, scale, out);
     }
+    run += take;
   }
   thread_local std::vector<float> totals, tops;
   totals.resize(nk * TG);
@@ -363,10 +382,10 @@ ffi::Error DecodeAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::A
     int64_t r, kh, chunk;
   };
   std::vector<Item> items;
-  const int64_t most = (s.MB + kChunk - 1) / kChunk;  // chunks of the longest context
+  const int64_t per = chunk_blocks(s.BS), most = (s.MB + per - 1) / per;  // (the longest)
   for (int64_t r = 0; r < R; ++r) {
     const int64_t n = std::min<int64_t>(int64_t{cp[r]} + 1, s.MB * s.BS);
-    for (int64_t c = 0; c * kChunk * s.BS < n; ++c)
+    for (int64_t c = 0; c * per * s.BS < n; ++c)
       for (int64_t piece = 0; piece < pieces; ++piece) items.push_back({r, piece * heads, c});
   }
   const int64_t stride = s.H + 2;  // a query's state
@@ -379,9 +398,9 @@ ffi::Error DecodeAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::A
     chunk.resize(s.K * s.G * stride);
     for (int64_t i = i0; i < i1; ++i) {
       const Item& item = items[i];
-      const int64_t r = item.r, b0 = item.chunk * kChunk;
+      const int64_t r = item.r, b0 = item.chunk * per;
       const int64_t n = std::min<int64_t>(int64_t{cp[r]} + 1, s.MB * s.BS) - b0 * s.BS;
-      const int64_t count = std::min(n, kChunk * s.BS);
+      const int64_t count = std::min(n, per * s.BS);
       const float* qr = qp + r * s.K * s.G * s.H;
       const int32_t* table = tp + r * s.MB;
       if (*half) {
@@ -401,7 +420,7 @@ ffi::Error DecodeAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::A
   });
   for (int64_t r = 0; r < R; ++r) {
     const int64_t n = std::min<int64_t>(int64_t{cp[r]} + 1, s.MB * s.BS);
-    const int64_t chunks = (n + kChunk * s.BS - 1) / (kChunk * s.BS);
+    const int64_t chunks = (n + per * s.BS - 1) / (per * s.BS);
     for (int64_t h = 0; h < s.K * s.G; ++h) {
       float* out = op + (r * s.K * s.G + h) * s.H;
       if (cp[r] < 0) {
@@ -415,7 +434,7 @@ ffi::Error DecodeAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::A
 }
 
 
-constexpr int64_t kTile = 8;      // queries that share each key and value load
+constexpr int64_t kTile = 16;     // queries that share each key and value load (at most)
 constexpr int64_t kSpan = 256;    // positions whose scores are held at once
 constexpr float kNegInf = -3.4028234663852886e38f;  // jnp.finfo(float32).min, as in JAX
 
@@ -497,10 +516,10 @@ INLINE void span(const PromptKeys<T>& src, int64_t H, int64_t P, const Query* qs
       }
     }
     for (int64_t i = 0; i < n; ++i) values[i] = src.value(start + i, widened_values + i * H);
-    // Scores, 32 positions at a time (each query feature loaded once for two vectors of
-    // keys: twice the independent sums in flight), then 16.
+    // Scores, 32 positions at a time for up to 8 queries (each query feature loaded once
+    // for two vectors of keys: twice the independent sums in flight), then 16.
     int64_t j = 0;
-    for (; j + 32 <= n; j += 32) {
+    for (; TT <= 8 && j + 32 <= n; j += 32) {
       const Piece a = runs[j / 16], b = runs[j / 16 + 1];
       f32x16 lo[TT] = {}, hi[TT] = {};
       for (int64_t h = 0; h < H; ++h) {
@@ -541,10 +560,10 @@ INLINE void span(const PromptKeys<T>& src, int64_t H, int64_t P, const Query* qs
       total[t] = total[t] * rescale + add;
       for (int64_t v = 0; v < nv; ++v) acc[t][v] *= rescale;
     }
-    // Values: two feature slices of every query at once (each weight loaded once for
+    // Values: for up to 8 queries two feature slices at once (each weight loaded once for
     // both), then one.
     int64_t v = 0;
-    for (; v + 2 <= nv; v += 2) {
+    for (; TT <= 8 && v + 2 <= nv; v += 2) {
       f32x16 lo[TT], hi[TT];
       for (int64_t t = 0; t < TT; ++t) lo[t] = acc[t][v], hi[t] = acc[t][v + 1];
       for (int64_t i = 0; i < n; ++i) {
@@ -595,6 +614,14 @@ INLINE void prompt_tile_of(int64_t count, const PromptKeys<T>& src, int64_t H, i
     JAXCHAT_TILE(5)
     JAXCHAT_TILE(6)
     JAXCHAT_TILE(7)
+    JAXCHAT_TILE(8)
+    JAXCHAT_TILE(9)
+    JAXCHAT_TILE(10)
+    JAXCHAT_TILE(11)
+    JAXCHAT_TILE(12)
+    JAXCHAT_TILE(13)
+    JAXCHAT_TILE(14)
+    JAXCHAT_TILE(15)
     default:
       return span<kTile>(src, H, P, qs, from, to, scale, states, out);
 #undef JAXCHAT_TILE
@@ -669,15 +696,19 @@ ffi::Error PromptAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
     if (!(continues || (g < 0 && from == 0)))
       return ffi::Error::InvalidArgument(
           "prompt attention: a segment starts neither at 0 nor where its prior group ends");
+    // A short segment's queries of a kv head are one tile (up to kTile: its prior read
+    // once, where a step's prompt chunk is a few tokens beside decode rows); a longer one's
+    // in tiles of kTile / 2, which go through their keys and values with fewer loads.
+    const int64_t per = (b - a) * G <= kTile ? kTile : kTile / 2;
     for (int64_t kh = 0; kh < K; ++kh)
       for (int64_t j = 0; j < (b - a) * G; ++j) {
-        if (j % kTile == 0) {
+        if (j % per == 0) {
           tiles.push_back({0, a, kh});
           queries.resize(tiles.size() * kTile);
         }
         const int64_t t = a + j / G, head = kh * G + j % G;
-        queries[(tiles.size() - 1) * kTile + j % kTile] = {qp + head * H * P, t, head * P + t,
-                                                           from + t - a + 1};
+        queries[(tiles.size() - 1) * kTile + j % per] = {qp + head * H * P, t, head * P + t,
+                                                         from + t - a + 1};
         ++tiles.back().count;
         work += from + t - a + 1;
       }
