@@ -87,7 +87,9 @@ def test_a_cached_prefix_gives_the_same_tokens(llm, golden):
         assert cached.logprobs == computed.logprobs
     full = (len(prefix) + 1) // llm.engine.block_size
     assert llm.scheduler.pool.hits - hits == full
-    assert llm.scheduler.pool.partial_hits - copied == len(prefix) + 1 - full * 16
+    assert (
+        llm.scheduler.pool.partial_hits - copied == len(prefix) + 1 - full * llm.engine.block_size
+    )
     assert llm.stats().prefix_hit_tokens - served == len(prefix) + 1  # all but the last
     assert again == first
     other = llm.generate(prefix + [300], params).token_ids

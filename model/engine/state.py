@@ -24,7 +24,7 @@ from model.nn.config import ModelConfig
 from model.nn.sampling import SlotSampling
 from model.types import SamplingParams
 
-BLOCK_SIZE = 16  # positions per pool block
+BLOCK_SIZE = 64  # positions per pool block
 # Block copies a step may start with (one per prompt that reuses a partly filled block).
 COPIES = 32
 
