@@ -8,7 +8,8 @@ Each case speaks only the public API through the official `openai` SDK:
 - interference: inter-token latency of 8 running streams, alone and while a
   ~4,000-token prompt arrives and prefills (from its send to its first token): the
   gaps between a stream's deliveries (tokens that arrive together are one), and
-  the same gaps per token delivered (speculative decoding delivers several);
+  the same gaps per token delivered (speculative decoding delivers several); and
+  alone again after it, for the p50 at the contexts the streams had meanwhile;
 - long: the seconds to answer a ~6,600-token prompt on an idle server, then a
   two-word request right after it;
 - memory: resident memory of the server's process tree (with --pid).
@@ -175,14 +176,18 @@ async def interference_case(
     await asyncio.sleep(alone_s)
     sent = time.perf_counter()
     ttft, tokens = await first_token_time(client, model, history(4000), max_tokens=4)
-    arrived = sent + ttft
+    arrived, done = sent + ttft, time.perf_counter()
+    # Alone again, as long: the streams' contexts grew while the prompt prefilled, and
+    # their steps with them (attention reads every position), prompt or not.
+    await asyncio.sleep(alone_s)
+    after_to = time.perf_counter()
     for task in workers:
         task.cancel()
     await asyncio.gather(*workers, return_exceptions=True)
 
-    alone, during = [], []
-    alone_token, during_token = [], []  # each gap over the tokens it delivered
-    tokens_alone = deliveries_alone = 0
+    alone, during, after = [], [], []
+    alone_token, during_token, after_token = [], [], []  # each gap over its tokens
+    tokens_alone = deliveries_alone = tokens_after = 0
     for times in chunk_times:
         # Tokens that arrive together (a step that took drafts: speculative decoding, or
         # a server that sends several at once) are one delivery: the gaps are between
@@ -202,6 +207,10 @@ async def interference_case(
             elif sent <= later[0] <= arrived:
                 during.append(gap)
                 during_token.append(gap / len(later))
+            elif done <= earlier[0] and later[0] < after_to:
+                after.append(gap)
+                after_token.append(gap / len(later))
+                tokens_after += len(later)
     p50 = percentile(alone, 50)
     new = sum(1 for t in starts if alone_from <= t <= arrived)
     print(
@@ -210,6 +219,15 @@ async def interference_case(
         f"({ttft:.1f} s to its first token) p50 {percentile(during, 50):.3f} s p99 "
         f"{percentile(during, 99):.3f} s = {percentile(during, 99) / p50:.1f}x the p50 alone "
         f"({new} streams replaced meanwhile; alone, {tokens_alone / max(deliveries_alone, 1):.2f} "
+        "tokens a delivery)",
+        flush=True,
+    )
+    # The same streams alone over as many seconds after the prompt: their contexts are
+    # longer by what they decoded meanwhile (their steps with them: attention reads every
+    # position), and where drafts are taken, the text they repeat may have changed.
+    print(
+        f"interference alone after the prompt, p50 {percentile(after, 50):.3f} s a delivery, "
+        f"{percentile(after_token, 50):.3f} s a token ({tokens_after / max(len(after), 1):.2f} "
         "tokens a delivery)",
         flush=True,
     )
