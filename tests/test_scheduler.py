@@ -417,6 +417,23 @@ def test_a_repeated_prompt_copies_its_begun_block_and_computes_one_token(make):
     assert sum(s["prefill"] for s in engine.steps) - before == len(prompt)
 
 
+def test_a_copied_start_leaves_the_region_to_the_positions_after_it(make):
+    """A prompt that continues a noted block copies its start, and the step's region goes
+    to the positions after it: a prompt that fits the region less its copied start is
+    prefilled in one step (were the copied positions counted against the region, its last
+    ones would take a step of their own, and its first token would wait for it)."""
+    engine = MockEngine(batch=2)
+    scheduler = make(engine)
+    start = [1, 2, 3]  # a begun block, noted
+    assert run(scheduler.submit(start, [0], 1)) == expected(start, 1)
+    prompt = start + list(range(10, 10 + SMALL_CHUNK))
+    first = len(engine.steps)
+    assert run(scheduler.submit(prompt, [1], 1)) == expected(prompt, 1, salt=1)
+    assert scheduler.pool.partial_hits == len(start)
+    prefills = [s["prefill"] for s in engine.steps[first:] if s["prefill"]]
+    assert prefills == [SMALL_CHUNK]
+
+
 def test_a_burst_with_cached_prefixes_is_prefilled_in_one_step(make):
     """Prompts that start with the same cached blocks (a shared system prompt) read them
     together in one step, beside a new prompt and a prompt with another cached prefix

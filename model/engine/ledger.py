@@ -157,22 +157,27 @@ class Ledger:
             prior = prior_of(seq, self.block_size)
             if prior is not None and prior not in priors and len(priors) == PRIOR_GROUPS:
                 continue  # the step reads as many priors as it can
-            left = seq.target - seq.computed
+            # A start copied from a noted block costs the step nothing: the chunk is cut
+            # from the positions after it (a copied start is a prior of its own).
+            skip = (
+                self.match(seq, seq.target - seq.computed)[1] if len(priors) < PRIOR_GROUPS else 0
+            )
+            left = seq.target - seq.computed - skip
             n = min(left, budget)
             if room is not None and (seq.paced or left > budget):
                 # Half the room while others wait, so that a long prompt holds up no one.
-                fit = self.pacing.fit(seq.computed, room / 2 if len(pending) > 1 else room)
+                fit = self.pacing.fit(seq.computed + skip, room / 2 if len(pending) > 1 else room)
                 n = min(n, max(fit, MIN_TOKENS) if not segments else fit)
                 seq.paced = seq.paced or 0 < n < left
             if room is not None:
-                room -= self.pacing.units(seq.computed, n)
+                room -= self.pacing.units(seq.computed + skip, n)
             if n <= 0:
                 continue
-            if not self.grow(seq, seq.computed + n):
+            if not self.grow(seq, seq.computed + skip + n):
                 break  # the pool is full: the rest waits
+            if skip:  # (the noted block again: growing may have taken it)
+                n = min(skip + n - self.reuse(seq, skip + n), budget)
             budget -= n
-            if len(priors) < PRIOR_GROUPS:  # a copied start is a prior of its own
-                n -= self.reuse(seq, n)
             segments.append((seq, n))
             if (prior := prior_of(seq, self.block_size)) is not None:
                 priors.add(prior)
@@ -184,16 +189,22 @@ class Ledger:
         (model/engine/blocks.py) is copied into the prompt's next block before the step
         (`copies`). At most n - 1: the chunk's last token still runs."""
         bs, c = self.block_size, seq.computed
-        if seq.embed or c % bs or len(seq.hashes) != c // bs or len(self.copies) == COPIES:
-            return 0
-        parent = seq.hashes[-1] if seq.hashes else None
-        block, m = self.pool.match(parent, seq.tokens[c : c + min(n - 1, bs)])
+        block, m = self.match(seq, n)
         if m == 0:
             return 0
         self.copies.append((block, seq.blocks[c // bs]))
         seq.computed += m
         self.pool.partial_hits += m
         return m
+
+    def match(self, seq: Seq, n: int) -> tuple[int, int]:
+        """The noted block whose start a chunk of `n` may copy, and how many positions
+        (0: none); the pool is not changed."""
+        bs, c = self.block_size, seq.computed
+        if seq.embed or c % bs or len(seq.hashes) != c // bs or len(self.copies) == COPIES:
+            return -1, 0
+        parent = seq.hashes[-1] if seq.hashes else None
+        return self.pool.match(parent, seq.tokens[c : c + min(n - 1, bs)])
 
     def release(self, seq: Seq) -> None:
         """Give back a finished sequence's blocks (cached ones stay in the prefix cache)."""
