@@ -97,6 +97,24 @@ def test_rows_of_slots_read_the_slots_vocabulary_settings():
     np.testing.assert_array_equal(np.asarray(out.sampling.counts), 0)
 
 
+def test_a_row_of_no_slot_reads_every_setting_disabled():
+    """A step's padding rows (slot past the last) read the disabled settings, not zeros:
+    a top_p or repetition penalty of 0 would make every step with padding beside a
+    sampled row sort the vocabulary and apply the penalties for all of its rows."""
+    state = SlotSampling.create(
+        [0.7, 1.2], [0.9, 0.5], [5, 0], np.zeros((2, 2), np.uint32), vocab_size=8,
+        min_p=[0.1, 0.0], repetition_penalty=[1.3, 1.1], frequency_penalty=[0.5, 0.0],
+        presence_penalty=[0.0, 0.4], top_logprobs=[2, 0],
+    )  # fmt: skip
+    padding = take_rows(state, jnp.array([1, 2, 7]))  # slot 1, then two past the last
+    disabled = SlotSampling.create(np.zeros(1), None, None, np.zeros((1, 2), np.uint32))
+    for name in ("temperature", "top_p", "top_k", "min_p", "frequency_penalty",
+                 "presence_penalty", "repetition_penalty", "top_logprobs", "has_bias"):  # fmt: skip
+        field = np.asarray(getattr(padding, name))
+        assert field[0] == np.asarray(getattr(state, name))[1], name
+        np.testing.assert_array_equal(field[1:], np.asarray(getattr(disabled, name))[0], name)
+
+
 def test_mixed_batch_each_slot_follows_its_own_settings():
     logits = jnp.array([[0.0, 1.0, 3.0, 2.0]] * 3)
     # greedy, top_k=1 (so effectively greedy), and top_p tiny (only the top token)
