@@ -18,6 +18,7 @@
 // segment's own keys up to their position, in tiles of up to 8 queries of one kv head (a
 // run of the segment's positions, each with its query heads), each key and value vector
 // loaded once per tile, no work for other segments' keys or past the diagonal's tile.
+// Where a kv head's tiles are few, each span's pool blocks are first read in address order.
 //
 // A query's softmax runs online over spans of kSpan positions counted from position 0,
 // whichever of the pool and the region holds them, in one pass: so a token's output is
@@ -457,11 +458,34 @@ struct PromptKeys {
   const int32_t* table;
   int64_t K, H, BS, blocks, kh, W, split, first;
   int32_t base;
+  bool ahead;  // read each span's pool blocks in order first (`read_ahead`)
   MEMBER int64_t block(int64_t pos) const {
     return std::clamp<int64_t>(int64_t{table[pos / BS]} + base, 0, blocks - 1);
   }
   MEMBER const T* pool_keys(int64_t pos) const {  // [H] with stride BS, 16 positions
     return kpool + (block(pos) * K + kh) * H * BS + pos % BS;
+  }
+  // Reads the pool's keys and values of positions [from, to) below split once, in address
+  // order (a block's kv head is two runs of H·BS elements), ahead of the span's products.
+  // Those read the keys as runs of 16 positions at the block's stride and the values a
+  // slice of every position at a time; from memory that pattern streams at a fraction of
+  // an in-order sweep's speed, from the caches it costs nothing more. A 4-token chunk
+  // over 3,000 positions, each layer's blocks read once: 0.60 -> 0.42 ms a layer.
+  MEMBER void read_ahead(int64_t from, int64_t to) const {
+    using i32x16 = int32_t __attribute__((vector_size(64)));
+    i32x16 sink = {};  // integers: a float sum of arbitrary bits could meet denormals
+    const int64_t bytes = H * BS * int64_t{sizeof(T)};
+    for (int64_t pos = from - from % BS; pos < std::min(to, split); pos += BS) {
+      const char* keys = reinterpret_cast<const char*>(kpool + (block(pos) * K + kh) * H * BS);
+      const char* values = reinterpret_cast<const char*>(vpool + (block(pos) * K + kh) * BS * H);
+      for (int64_t line = 0; line < bytes; line += 64) {
+        i32x16 a, b;
+        std::memcpy(&a, keys + line, sizeof a);
+        std::memcpy(&b, values + line, sizeof b);
+        sink ^= a ^ b;
+      }
+    }
+    asm volatile("" : : "v"(sink));
   }
   MEMBER const float* region_keys(int64_t pos) const {  // [H] with stride W
     return k + first + pos - split;
@@ -497,6 +521,7 @@ INLINE void span(const PromptKeys<T>& src, int64_t H, int64_t P, const Query* qs
   float *widened_keys = widened.data(), *widened_values = widened_keys + kSpan * H;
   for (int64_t start = from; start < to; start += kSpan) {
     const int64_t n = std::min(kSpan, to - start);
+    if (src.ahead) src.read_ahead(start, start + n);
     for (int64_t j = 0; j < n; j += 16) {
       const int64_t pos = start + j;
       float* buffer = widened_keys + j * H;
@@ -727,6 +752,10 @@ ffi::Error PromptAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
     return (queries[u * kTile + tiles[u].count - 1].limit + kPromptChunk - 1) / kPromptChunk;
   };
   const bool split = count < 4 * parts;
+  // Spans are read ahead where a kv head has few tiles (a chunk of a few tokens beside
+  // decode rows); with more, its tiles read the same spans again from the caches, and the
+  // extra pass costs (32 tokens over 3,000 positions: 2.0 -> 2.1 ms a layer).
+  const bool ahead = count <= 4 * K;
   int64_t most = 0;
   std::vector<std::pair<int64_t, int64_t>> pieces;  // (tile, chunk or -1: all of them)
   for (int64_t u = 0; u < count; ++u) {
@@ -755,7 +784,7 @@ ffi::Error PromptAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
           const PromptKeys<T> src{pool_k, pool_v, k.typed_data() + tile.kh * H * W,
                                   v.typed_data() + tile.kh * P * H,
                                   tables.typed_data() + g * MB, K, H, BS, NB, tile.kh, W,
-                                  pos[tile.first], tile.first, b0};
+                                  pos[tile.first], tile.first, b0, ahead};
           prompt_tile(tile.count, src, H, P, qs, from, end, scale, into,
                       chunks(u) == 1 ? op : nullptr);
         };
