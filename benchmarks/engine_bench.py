@@ -4,7 +4,10 @@ Prints, with medians over repeats:
 - batch-1 decode tok/s through the serving path (one step dispatched ahead,
   every token fetched to the host), and the same-run bound set by memory
   bandwidth: bytes of weights read per token / measured streaming bandwidth;
-- prefill tok/s for a 512-token prompt (time to the first sampled token).
+- prefill tok/s for a 512-token prompt (time to the first sampled token);
+- the sampler's time for 1, 8 and 32 rows of the model's vocabulary: greedy, at
+  temperature 1, and with top_p 0.9, beside a Gumbel draw (jax.random.categorical)
+  over the same logits.
 
     python -m benchmarks.engine_bench [--model PATH] [--decode-tokens 256]
 """
@@ -19,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from model import LLM, SamplingParams
+from model.nn.sampling import SlotSampling, sample
 
 
 def weight_bytes(llm: LLM) -> int:
@@ -78,6 +82,34 @@ def prefill_rate(llm: LLM, length: int, repeats: int) -> float:
     return statistics.median(rates)
 
 
+def median_ms(fn, *args, repeats: int = 20) -> float:
+    """Median milliseconds of a jitted call, after one to compile it."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def sampling_costs(vocab: int) -> None:
+    """The sampler's milliseconds per step for rows of `vocab` logits."""
+    tokens = jax.jit(lambda logits, s: sample(logits, s).tokens)
+    gumbel = jax.jit(jax.vmap(jax.random.categorical))
+    print(f"sampling {vocab} logits a row, ms:  greedy  temperature 1  top_p 0.9  Gumbel draw")
+    for rows in (1, 8, 32):
+        logits = jnp.asarray(np.random.default_rng(rows).standard_normal((rows, vocab)) * 3)
+        keys = np.zeros((rows, 2), np.uint32)
+        greedy, hot, nucleus = (
+            SlotSampling.create(np.full(rows, t), np.full(rows, p), None, keys, vocab_size=vocab)
+            for t, p in ((0.0, 1.0), (1.0, 1.0), (1.0, 0.9))
+        )
+        times = [median_ms(tokens, logits, s) for s in (greedy, hot, nucleus)]
+        times.append(median_ms(gumbel, jnp.asarray(keys), logits))
+        print(f"  {rows:2d} rows " + "".join(f"{t:13.2f}" for t in times))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="GGUF path (default: bundled SmolLM2)")
@@ -94,7 +126,7 @@ def main() -> None:
         llm.warmup()
         if kernel == "on" and not llm.engine.kernel:
             print("the quantized kernel is not in use (not built, or not one CPU device)")
-        nbytes = weight_bytes(llm)
+        nbytes, vocab = weight_bytes(llm), llm.vocab_size
         bandwidth = streaming_bandwidth(nbytes)
         decode = decode_rate(llm, args.decode_tokens, args.repeats)
         rates[kernel] = decode
@@ -114,6 +146,7 @@ def main() -> None:
             print(f"{name:32} {value:>12}  {note}")
         del llm
     print(f"batch-1 decode, quantized kernel / f32: {rates['on'] / rates['off']:.2f}x")
+    sampling_costs(vocab)
 
 
 if __name__ == "__main__":

@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 
 from model.nn.sampling import (
+    DRAW_BLOCK,
     NEG_INF,
     SlotSampling,
     apply_penalties,
+    filter_cutoff,
     first_max,
+    inverse_cdf,
     take_rows,
-    top_k_mask,
-    top_p_mask,
 )
 from model.nn.sampling import sample as eager_sample
 
@@ -29,19 +30,58 @@ def settings(temperature, top_p, top_k, seeds):
     return SlotSampling.create(temperature, top_p, top_k, keys)
 
 
-def test_top_k_mask_keeps_the_k_largest_of_sorted_logits():
-    sorted_logits = jnp.array([[4.0, 3.0, 2.0, 1.0], [4.0, 3.0, 2.0, 1.0]])
-    out = np.asarray(top_k_mask(sorted_logits, jnp.array([2, 0])))
-    assert out[0].tolist() == [4.0, 3.0, NEG_INF, NEG_INF]
-    assert out[1].tolist() == [4.0, 3.0, 2.0, 1.0]  # 0 disables the filter
+def reference_cutoff(logits: np.ndarray, top_k: int, top_p: float) -> float:
+    """The smallest logit top-k then top-p keep, by sorting (float64): the top_k largest,
+    then the smallest prefix of them whose renormalised probabilities reach top_p (the
+    first always stays)."""
+    ranked = np.sort(logits.astype(np.float64))[::-1]
+    if 0 < top_k < len(ranked):
+        ranked = ranked[:top_k]
+    probs = np.exp(ranked - ranked[0])
+    probs /= probs.sum()
+    before = np.cumsum(probs) - probs
+    return float(ranked[max(1, int(np.sum(before < top_p))) - 1])
 
 
-def test_top_p_mask_keeps_the_smallest_prefix_reaching_p():
-    probs = np.array([0.5, 0.3, 0.15, 0.05])
-    sorted_logits = jnp.asarray(np.log(probs)[None].repeat(3, 0), jnp.float32)
-    out = np.asarray(top_p_mask(sorted_logits, jnp.array([0.7, 0.81, 0.01])))
-    kept = (out > NEG_INF).sum(-1).tolist()
-    assert kept == [2, 3, 1]  # 0.5 < 0.7 ≤ 0.8; 0.8 < 0.81 ≤ 0.95; the top token always stays
+def cutoffs(logits, top_k, top_p) -> np.ndarray:
+    return np.asarray(
+        jax.jit(filter_cutoff)(
+            jnp.asarray(logits, jnp.float32), jnp.asarray(top_k), jnp.asarray(top_p, jnp.float32)
+        )
+    )
+
+
+def test_top_k_and_top_p_cut_where_sorting_would():
+    """Hand-computable rows: top-k keeps the k largest (0 all), top-p the smallest prefix
+    reaching p (the top token always), top-p over top-k's renormalised mass, ties kept."""
+    probs = np.log([0.05, 0.5, 0.15, 0.3])  # order 0.5, 0.3, 0.15, 0.05
+    rows = [probs] * 6 + [np.log([0.4, 0.4, 0.1, 0.1])]
+    top_k = [2, 0, 0, 0, 0, 3, 1]
+    top_p = [1.0, 0.7, 0.81, 0.01, 0.0, 0.9, 1.0]
+    got = cutoffs(np.array(rows), top_k, top_p)
+    # 0.5 < 0.7 <= 0.8; 0.8 < 0.81 <= 0.95; of top-3 (0.5, 0.3, 0.15 / 0.95), 0.9 needs all
+    expected = np.log([0.3, 0.3, 0.15, 0.5, 0.5, 0.15, 0.4]).astype(np.float32)
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("spread", [0.5, 2.0, 8.0], ids=["flat", "middling", "peaked"])
+def test_the_cutoff_is_the_sorted_one_over_a_real_vocabulary(spread):
+    """Over 49,152 logits, flat to peaked, with masked (NEG_INF) tokens and repeated
+    values: each row's cut is the one sorting finds, for top_k up to past the vocabulary
+    and top_p from 0.05 to 1, whatever the other rows ask for."""
+    rng = np.random.default_rng(int(spread * 10))
+    v, rows = 49152, 12
+    logits = (rng.standard_normal((rows, v)) * spread).astype(np.float32)
+    logits[:, :500] = np.round(logits[:, :500], 1)  # ties
+    logits[:, rng.choice(v, 3000, replace=False)] = NEG_INF
+    top_k = [0, 0, 0, 0, 1, 40, 300, 5000, v + 9, 0, 40, 0]
+    top_p = [0.05, 0.5, 0.9, 0.95, 1.0, 1.0, 0.9, 0.95, 0.8, 1.0, 0.3, 0.99]
+    got = cutoffs(logits, top_k, top_p)
+    for r in range(rows):
+        if top_k[r] == 0 and top_p[r] == 1.0:
+            continue  # `sample` takes no cut for such a row (filter_cutoff keeps every token)
+        expected = reference_cutoff(logits[r], top_k[r], top_p[r])
+        assert got[r] == np.float32(expected), (r, got[r], expected)
 
 
 def test_temperature_zero_is_argmax_whatever_the_key():
@@ -129,6 +169,31 @@ def test_a_rows_draw_does_not_depend_on_its_neighbours_filters():
         plain, *_ = sample(logits, settings([1.0, 1.0], [1.0, 1.0], [0, 0], [seed, 99]))
         mixed, *_ = sample(logits, settings([1.0, 1.0], [1.0, 0.5], [0, 3], [seed, 99]))
         assert int(plain[0]) == int(mixed[0])
+
+
+def test_a_draw_inverts_the_distribution_in_token_order():
+    """`inverse_cdf` at uniform u draws the token where the cumulative probability first
+    exceeds u (numpy's searchsorted over float64 sums), across the blocks it searches
+    first; evenly spaced u give each token its share of draws to within one; a token of
+    probability 0 is never drawn, not even at u just below 1."""
+    rng = np.random.default_rng(3)
+    v = 3 * DRAW_BLOCK + 77  # blocks, and a part-filled last one
+    logits = rng.standard_normal(v).astype(np.float32) * 2
+    logits[rng.choice(v, 400, replace=False)] = NEG_INF  # masked: a grammar, top-k or top-p
+    logits[-5:] = NEG_INF  # the last tokens too
+    probs = np.exp(logits.astype(np.float64) - logits.max())
+    probs /= probs.sum()
+    n = 20000
+    u = (np.arange(n) + 0.5) / n
+    draws = np.asarray(jax.jit(inverse_cdf)(jnp.tile(jnp.asarray(logits), (n, 1)), jnp.asarray(u)))
+    expected = np.searchsorted(np.cumsum(probs), u, side="right")
+    assert np.mean(draws == expected) > 0.999  # (float32 sums: ties within rounding differ)
+    assert np.all(np.abs(np.bincount(draws, minlength=v) - n * probs) <= 1 + 1e-9)
+    assert np.all(probs[draws] > 0)
+    edge = jnp.asarray([np.float32(1) - np.float32(2**-24), 0.0], jnp.float32)
+    ends = np.asarray(jax.jit(inverse_cdf)(jnp.tile(jnp.asarray(logits), (2, 1)), edge))
+    last = min(np.searchsorted(np.cumsum(probs), float(edge[0]), side="right"), v - 1)
+    assert ends.tolist() == [min(last, np.flatnonzero(probs)[-1]), np.flatnonzero(probs)[0]]
 
 
 def test_same_key_same_draws_and_keys_advance():

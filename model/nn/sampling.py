@@ -117,21 +117,6 @@ def scale_by_temperature(logits: jax.Array, temperature: jax.Array) -> jax.Array
     return logits / t[:, None]
 
 
-def top_k_mask(sorted_logits: jax.Array, top_k: jax.Array) -> jax.Array:
-    """Keep the top_k [B] largest of descending-sorted logits [B, V]; 0 keeps all."""
-    rank = jnp.arange(sorted_logits.shape[-1])[None, :]
-    keep = (top_k[:, None] <= 0) | (rank < top_k[:, None])
-    return jnp.where(keep, sorted_logits, NEG_INF)
-
-
-def top_p_mask(sorted_logits: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Keep the smallest prefix of descending-sorted logits whose mass reaches top_p [B]."""
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = mass_before < top_p[:, None]  # the first token always stays
-    return jnp.where(keep, sorted_logits, NEG_INF)
-
-
 def min_p_cutoff(logits: jax.Array, min_p: jax.Array) -> jax.Array:
     """The smallest logit min-p keeps [B]: probability at least min_p times the top one's."""
     top = jnp.max(logits, axis=-1)
@@ -163,11 +148,46 @@ def apply_token_mask(logits: jax.Array, allowed: jax.Array) -> jax.Array:
     return jnp.where(keep, logits, NEG_INF)
 
 
-def _filter_cutoff(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """The smallest logit that top-k and top-p keep, per row [B] (sorts the vocabulary)."""
-    sorted_logits = -jnp.sort(-logits, axis=-1)  # descending
-    kept = top_p_mask(top_k_mask(sorted_logits, top_k), top_p)
-    return jnp.min(jnp.where(kept > NEG_INF, kept, jnp.inf), axis=-1)
+def _ordered(x: jax.Array) -> jax.Array:
+    """float32 as int32 in the same order (its own inverse, through a bitcast back)."""
+    bits = lax.bitcast_convert_type(x, jnp.int32)
+    return bits ^ ((bits >> 31) & jnp.int32(0x7FFFFFFF))
+
+
+def filter_cutoff(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """The smallest logit that top-k and top-p keep, per row [B]: top-k keeps the top_k
+    largest logits, then top-p the largest whose probabilities, renormalised over those,
+    reach top_p (as in transformers and vLLM; a logit tied with the last one kept is kept
+    too). By bisection over the logits' order instead of a sort: the smallest value t (of
+    the 2**32 float32s, as ordered integers) with fewer than top_k logits above it, then
+    the smallest with less than top_p of the kept mass above it, each a pass over the
+    vocabulary per halving (32). XLA:CPU sorts a vocabulary of 49,152 for 8 rows in 75 ms;
+    this takes 2.5 (32 rows: 300 and 10)."""
+    v = logits.shape[-1]
+    keys = _ordered(logits)
+    low = jnp.full(logits.shape[:1], jnp.iinfo(jnp.int32).min, jnp.int32)
+
+    def smallest(holds) -> jax.Array:  # the smallest t where `holds` (true at the largest key)
+        def halve(_, bounds):
+            lo, hi = bounds
+            mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2), no overflow
+            ok = holds(mid[:, None])
+            return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+        return lax.fori_loop(0, 32, halve, (low, jnp.max(keys, axis=-1)))[1]
+
+    count = jnp.where((top_k > 0) & (top_k < v), top_k, v + 1)
+    k_cut = lax.cond(
+        jnp.any(count <= v),
+        lambda: smallest(lambda t: jnp.sum(keys > t, axis=-1) < count),
+        lambda: low,
+    )
+    weights = jnp.where(
+        keys >= k_cut[:, None], jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)), 0.0
+    )
+    mass = top_p * jnp.sum(weights, axis=-1)  # (top-k's cut bounds this one: none above)
+    p_cut = smallest(lambda t: jnp.sum(jnp.where(keys > t, weights, 0.0), axis=-1) < mass)
+    return lax.bitcast_convert_type(_ordered(p_cut), jnp.float32)
 
 
 def _no_cutoff(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -179,14 +199,46 @@ def _draw(logits: jax.Array, s: SlotSampling, keys: jax.Array) -> jax.Array:
 
     Filters become a per-row cutoff and the draw always runs over the
     vocabulary in token order, so a row's token depends only on its own
-    logits, settings and key, never on which other rows needed a sort.
+    logits, settings and key, never on which other rows needed a filter.
     """
     scaled = scale_by_temperature(logits, s.temperature)
-    needs_sort = jnp.any((s.top_k > 0) | (s.top_p < 1.0))
-    cutoff = lax.cond(needs_sort, _filter_cutoff, _no_cutoff, scaled, s.top_k, s.top_p)
+    filtered = jnp.any((s.top_k > 0) | (s.top_p < 1.0))
+    cutoff = lax.cond(filtered, filter_cutoff, _no_cutoff, scaled, s.top_k, s.top_p)
     cutoff = jnp.maximum(cutoff, min_p_cutoff(scaled, s.min_p))
     kept = jnp.where(scaled >= cutoff[:, None], scaled, NEG_INF)
-    return jax.vmap(jax.random.categorical)(keys, kept)
+    return inverse_cdf(kept, jax.vmap(jax.random.uniform)(keys))
+
+
+DRAW_BLOCK = 512  # tokens per block of `inverse_cdf`'s first search
+
+
+def inverse_cdf(logits: jax.Array, uniform: jax.Array) -> jax.Array:
+    """Categorical draws over logits [B, V] by inverting their distribution at `uniform`
+    [B] in [0, 1): the token where the cumulative probability, in token order, first
+    exceeds it. Found in two steps (the block of DRAW_BLOCK tokens by the blocks' masses,
+    then the token within it), so the work over the vocabulary is one exp and a sum; a
+    Gumbel draw (jax.random.categorical) makes V random numbers and two logarithms a row,
+    which took 29 ms for 32 rows of 49,152 on a 2-core CPU. A token of probability 0 (a
+    logit of NEG_INF) is never drawn, whatever the rounding of the sums."""
+    b, v = logits.shape
+    probs = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    probs = jnp.pad(probs, ((0, 0), (0, -v % DRAW_BLOCK))).reshape(b, -1, DRAW_BLOCK)
+    mass = probs.sum(axis=-1)  # [B, blocks]
+    ends = jnp.cumsum(mass, axis=-1)
+    target = uniform * ends[:, -1]
+    block = _first_past(ends, target, mass > 0)
+    before = jnp.take_along_axis(ends - mass, block[:, None], axis=-1)[:, 0]
+    inside = jnp.take_along_axis(probs, block[:, None, None], axis=1)[:, 0]  # [B, BLOCK]
+    within = _first_past(jnp.cumsum(inside, axis=-1), target - before, inside > 0)
+    return block * DRAW_BLOCK + within
+
+
+def _first_past(ends: jax.Array, target: jax.Array, positive: jax.Array) -> jax.Array:
+    """Per row, the first index whose running sum `ends` exceeds `target`; where rounding
+    leaves none, the last index of positive mass (0 where there is none)."""
+    past = ends > target[:, None]
+    last = ends.shape[-1] - 1 - jnp.argmax(positive[:, ::-1], axis=-1)
+    return jnp.where(jnp.any(past, axis=-1), jnp.argmax(past, axis=-1), last).astype(jnp.int32)
 
 
 def _top(logits: jax.Array, normaliser: jax.Array) -> tuple[jax.Array, jax.Array]:
