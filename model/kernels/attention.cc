@@ -436,6 +436,7 @@ ffi::Error DecodeAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::A
 
 
 constexpr int64_t kTile = 16;     // queries that share each key and value load (at most)
+constexpr int64_t kGroup = 16;     // tiles that go through each span of keys and values together
 constexpr int64_t kSpan = 256;    // positions whose scores are held at once
 constexpr float kNegInf = -3.4028234663852886e38f;  // jnp.finfo(float32).min, as in JAX
 
@@ -458,7 +459,6 @@ struct PromptKeys {
   const int32_t* table;
   int64_t K, H, BS, blocks, kh, W, split, first;
   int32_t base;
-  bool ahead;  // read each span's pool blocks in order first (`read_ahead`)
   MEMBER int64_t block(int64_t pos) const {
     return std::clamp<int64_t>(int64_t{table[pos / BS]} + base, 0, blocks - 1);
   }
@@ -501,17 +501,23 @@ struct PromptKeys {
 // The TT queries `qs` (all of one kv head) over positions [from, to) of `src`, each seeing
 // those before its limit: their softmax states into `states` (a query's at t * (H + 2)), or
 // where `out` is given (the positions are all the query has), their outputs normalised into
-// `out` [K·G·P, H] as `normalize` would. Every key and value vector is loaded once for all TT.
+// `out` [K·G·P, H] as `normalize` would; with `resume`, from the states there (those of
+// the positions before `from`). `scaled`: the queries times the scale, [H][TT]. Every key
+// and value vector is loaded once for all TT.
 template <int TT, typename T>
-INLINE void span(const PromptKeys<T>& src, int64_t H, int64_t P, const Query* qs, int64_t from,
-                 int64_t to, float scale, float* states, float* out) {
+INLINE void span(const PromptKeys<T>& src, int64_t H, const Query* qs, const float* scaled,
+                 int64_t from, int64_t to, float* states, float* out, bool resume) {
   const int64_t nv = H / 16;
-  float qt[kMaxHead][TT];  // the queries, feature-major, scaled
-  for (int64_t h = 0; h < H; ++h)
-    for (int64_t t = 0; t < TT; ++t) qt[h][t] = qs[t].q[h * P + qs[t].p] * scale;
+  const float(*qt)[TT] = reinterpret_cast<const float(*)[TT]>(scaled);  // [H][TT]
   float top[TT], total[TT] = {};
   std::fill(top, top + TT, kNegInf);
   f32x16 acc[TT][kMaxHead / 16] = {};
+  for (int64_t t = 0; resume && t < TT; ++t) {  // the states of the positions before `from`
+    const float* state = states + t * (H + 2);
+    for (int64_t v = 0; v < nv; ++v) acc[t][v] = load16(state + 16 * v);
+    top[t] = state[H];
+    total[t] = state[H + 1];
+  }
   alignas(64) float scores[TT][kSpan];
   alignas(64) float straddle[kMaxHead * 16];  // the 16 positions around `split`, if any
   Piece runs[kSpan / 16];  // keys of 16 positions from a multiple of 16: feature h at p + h stride
@@ -521,7 +527,6 @@ INLINE void span(const PromptKeys<T>& src, int64_t H, int64_t P, const Query* qs
   float *widened_keys = widened.data(), *widened_values = widened_keys + kSpan * H;
   for (int64_t start = from; start < to; start += kSpan) {
     const int64_t n = std::min(kSpan, to - start);
-    if (src.ahead) src.read_ahead(start, start + n);
     for (int64_t j = 0; j < n; j += 16) {
       const int64_t pos = start + j;
       float* buffer = widened_keys + j * H;
@@ -625,13 +630,13 @@ INLINE void span(const PromptKeys<T>& src, int64_t H, int64_t P, const Query* qs
 
 // `span` for `count` (1 … kTile) queries: a part-filled tile costs its own queries only.
 template <typename T>
-INLINE void prompt_tile_of(int64_t count, const PromptKeys<T>& src, int64_t H, int64_t P,
-                           const Query* qs, int64_t from, int64_t to, float scale,
-                           float* states, float* out) {
+INLINE void prompt_tile_of(int64_t count, const PromptKeys<T>& src, int64_t H,
+                           const Query* qs, const float* scaled, int64_t from, int64_t to,
+                           float* states, float* out, bool resume) {
   switch (count) {
 #define JAXCHAT_TILE(TT) \
   case TT:               \
-    return span<TT>(src, H, P, qs, from, to, scale, states, out);
+    return span<TT>(src, H, qs, scaled, from, to, states, out, resume);
     JAXCHAT_TILE(1)
     JAXCHAT_TILE(2)
     JAXCHAT_TILE(3)
@@ -648,16 +653,16 @@ INLINE void prompt_tile_of(int64_t count, const PromptKeys<T>& src, int64_t H, i
     JAXCHAT_TILE(14)
     JAXCHAT_TILE(15)
     default:
-      return span<kTile>(src, H, P, qs, from, to, scale, states, out);
+      return span<kTile>(src, H, qs, scaled, from, to, states, out, resume);
 #undef JAXCHAT_TILE
   }
 }
 
-#define JAXCHAT_PROMPT_TILE(T)                                                          \
-  JAXCHAT_TARGETS void prompt_tile(int64_t count, const PromptKeys<T>& src, int64_t H,  \
-                                   int64_t P, const Query* qs, int64_t from, int64_t to, \
-                                   float scale, float* states, float* out) {             \
-    prompt_tile_of(count, src, H, P, qs, from, to, scale, states, out);                 \
+#define JAXCHAT_PROMPT_TILE(T)                                                              \
+  JAXCHAT_TARGETS void prompt_tile(int64_t count, const PromptKeys<T>& src, int64_t H,      \
+                                   const Query* qs, const float* scaled, int64_t from,       \
+                                   int64_t to, float* states, float* out, bool resume) {     \
+    prompt_tile_of(count, src, H, qs, scaled, from, to, states, out, resume);               \
   }
 JAXCHAT_PROMPT_TILE(float)
 JAXCHAT_PROMPT_TILE(uint16_t)
@@ -741,27 +746,34 @@ ffi::Error PromptAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
   if (tiles.empty()) return ffi::Error::Success();
   const int parts = work < 8192 ? 1 : jaxchat::Workers::get().size();
   const int32_t b0 = base.typed_data()[0];
-  // A tile's positions in chunks of kPromptChunk: where the tiles are too few to share out
-  // among the cores, each (tile, chunk) is a piece of work, their states merged afterwards;
-  // else each tile is, merging its chunks' states itself. The same sums either way, and for
-  // a tile of one chunk the same as normalising its one state at once (`merge` takes it
-  // times 1), which is what is done then. A tile's states: chunk c's query t at
-  // (c * kTile + t) * stride.
+  // Sets: up to kGroup tiles of one segment's kv head, which read the same keys and
+  // values; each span of them is read once from memory, in address order (`read_ahead`),
+  // and goes through every tile of the set while it is in the caches. A tile's positions
+  // are cut in chunks of kPromptChunk: where the sets are too few to share out among the
+  // cores, each (set, chunk) is a piece of work, the chunks' states merged afterwards;
+  // else each set is, merging its tiles' chunks itself. The same sums either way (a
+  // tile's state carried from span to span through memory), and for a tile of one chunk
+  // the same as normalising its one state at once (`merge` takes it times 1), which is
+  // what is done then. A tile's states: chunk c's query t at (c * kTile + t) * stride.
   const int64_t stride = H + 2, count = static_cast<int64_t>(tiles.size());
-  auto chunks = [&](int64_t u) {
-    return (queries[u * kTile + tiles[u].count - 1].limit + kPromptChunk - 1) / kPromptChunk;
-  };
-  const bool split = count < 4 * parts;
-  // Spans are read ahead where a kv head has few tiles (a chunk of a few tokens beside
-  // decode rows); with more, its tiles read the same spans again from the caches, and the
-  // extra pass costs (32 tokens over 3,000 positions: 2.0 -> 2.1 ms a layer).
-  const bool ahead = count <= 4 * K;
-  int64_t most = 0;
-  std::vector<std::pair<int64_t, int64_t>> pieces;  // (tile, chunk or -1: all of them)
+  auto limit = [&](int64_t u) { return queries[u * kTile + tiles[u].count - 1].limit; };
+  auto chunks = [&](int64_t u) { return (limit(u) + kPromptChunk - 1) / kPromptChunk; };
+  std::vector<std::pair<int64_t, int64_t>> sets;  // [first tile, past the last)
   for (int64_t u = 0; u < count; ++u) {
-    most = std::max(most, chunks(u));
-    if (!split) pieces.push_back({u, -1});
-    for (int64_t c = 0; split && c < chunks(u); ++c) pieces.push_back({u, c});
+    if (sets.empty() || sets.back().second - sets.back().first == kGroup ||
+        tiles[u - 1].first != tiles[u].first || tiles[u - 1].kh != tiles[u].kh)
+      sets.push_back({u, u});
+    sets.back().second = u + 1;
+  }
+  const int64_t n_sets = static_cast<int64_t>(sets.size());
+  const bool split = n_sets < 4 * parts;
+  int64_t most = 0;
+  std::vector<std::pair<int64_t, int64_t>> pieces;  // (set, chunk or -1: all of them)
+  for (int64_t i = 0; i < n_sets; ++i) {
+    const int64_t group_chunks = chunks(sets[i].second - 1);  // its last tile's are the most
+    most = std::max(most, group_chunks);
+    if (!split) pieces.push_back({i, -1});
+    for (int64_t c = 0; split && c < group_chunks; ++c) pieces.push_back({i, c});
   }
   std::vector<float> states(split ? count * most * kTile * stride : 0);
   auto merged = [&](int64_t u, const float* tile_states) {  // its queries' outputs
@@ -771,22 +783,42 @@ ffi::Error PromptAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
   };
   jaxchat::Workers::get().run(static_cast<int64_t>(pieces.size()), parts, [&](int64_t i0,
                                                                                int64_t i1) {
-    thread_local std::vector<float> local;  // a tile's states
+    thread_local std::vector<float> local;   // a set's tiles' states, chunk by chunk
+    thread_local std::vector<float> scaled;  // its tiles' queries times the scale, [H][count]
     for (int64_t i = i0; i < i1; ++i) {
-      const auto [u, c] = pieces[i];
-      const Tile& tile = tiles[u];
-      const Query* qs = &queries[u * kTile];
-      const int64_t g = std::max(0, group[tile.first]), to = qs[tile.count - 1].limit;
-      auto chunk = [&](int64_t at, float* into) {  // chunk `at`'s states (all of it: out)
-        const int64_t from = at * kPromptChunk, end = std::min(to, from + kPromptChunk);
+      const auto [gi, c] = pieces[i];
+      const auto [u0, u1] = sets[gi];
+      scaled.resize((u1 - u0) * H * kTile);
+      for (int64_t u = u0; u < u1; ++u) {
+        const Query* qs = &queries[u * kTile];
+        float* into = &scaled[(u - u0) * H * kTile];
+        for (int64_t h = 0; h < H; ++h)
+          for (int64_t t = 0; t < tiles[u].count; ++t)
+            into[h * tiles[u].count + t] = qs[t].q[h * P + qs[t].p] * scale;
+      }
+      const Tile& lead = tiles[u0];
+      const int64_t g = std::max(0, group[lead.first]);
+      // Chunk `at` of the set's tiles: tile u's states at into(u), or its outputs.
+      auto chunk = [&](int64_t at, auto into) {
+        const int64_t from = at * kPromptChunk;
         auto run = [&](auto* pool_k, auto* pool_v) {
           using T = std::remove_const_t<std::remove_pointer_t<decltype(pool_k)>>;
-          const PromptKeys<T> src{pool_k, pool_v, k.typed_data() + tile.kh * H * W,
-                                  v.typed_data() + tile.kh * P * H,
-                                  tables.typed_data() + g * MB, K, H, BS, NB, tile.kh, W,
-                                  pos[tile.first], tile.first, b0, ahead};
-          prompt_tile(tile.count, src, H, P, qs, from, end, scale, into,
-                      chunks(u) == 1 ? op : nullptr);
+          const PromptKeys<T> src{pool_k, pool_v, k.typed_data() + lead.kh * H * W,
+                                  v.typed_data() + lead.kh * P * H,
+                                  tables.typed_data() + g * MB, K, H, BS, NB, lead.kh, W,
+                                  pos[lead.first], lead.first, b0};
+          const int64_t end = std::min(limit(u1 - 1), from + kPromptChunk);
+          for (int64_t start = from; start < end; start += kSpan) {
+            src.read_ahead(start, std::min(end, start + kSpan));
+            for (int64_t u = u0; u < u1; ++u) {
+              const int64_t to = std::min(limit(u), from + kPromptChunk);
+              if (start >= to) continue;
+              const bool last = start + kSpan >= to;
+              prompt_tile(tiles[u].count, src, H, &queries[u * kTile],
+                          &scaled[(u - u0) * H * kTile], start, std::min(to, start + kSpan),
+                          into(u), last && chunks(u) == 1 ? op : nullptr, start > from);
+            }
+          }
         };
         if (*half) {
           run(static_cast<const uint16_t*>(kpool.untyped_data()),
@@ -797,16 +829,15 @@ ffi::Error PromptAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
         }
       };
       if (c >= 0) {
-        chunk(c, &states[(u * most + c) * kTile * stride]);
+        chunk(c, [&](int64_t u) { return &states[(u * most + c) * kTile * stride]; });
         continue;
       }
-      if (chunks(u) == 1) {
-        chunk(0, nullptr);
-        continue;
-      }
-      local.resize(chunks(u) * kTile * stride);
-      for (int64_t at = 0; at < chunks(u); ++at) chunk(at, &local[at * kTile * stride]);
-      merged(u, local.data());
+      const int64_t group_chunks = chunks(u1 - 1), per_tile = group_chunks * kTile * stride;
+      local.resize((u1 - u0) * per_tile);
+      for (int64_t at = 0; at < group_chunks; ++at)
+        chunk(at, [&](int64_t u) { return &local[(u - u0) * per_tile + at * kTile * stride]; });
+      for (int64_t u = u0; u < u1; ++u)
+        if (chunks(u) > 1) merged(u, &local[(u - u0) * per_tile]);
     }
   });
   for (int64_t u = 0; split && u < count; ++u)
