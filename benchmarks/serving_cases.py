@@ -225,10 +225,15 @@ async def interference_case(
     # The same streams alone over as many seconds after the prompt: their contexts are
     # longer by what they decoded meanwhile (their steps with them: attention reads every
     # position), and where drafts are taken, the text they repeat may have changed.
+    # Their p50 without the prompt while it prefilled lies between the two (a step's
+    # attention grows with the contexts): the p99 beside it over their mean is what the
+    # prompt itself costs them.
+    bracket = (p50 + percentile(after, 50)) / 2
     print(
         f"interference alone after the prompt, p50 {percentile(after, 50):.3f} s a delivery, "
         f"{percentile(after_token, 50):.3f} s a token ({tokens_after / max(len(after), 1):.2f} "
-        "tokens a delivery)",
+        f"tokens a delivery); the p99 while it prefilled = {percentile(during, 99) / bracket:.1f}x "
+        "the mean of the p50s alone before and after it",
         flush=True,
     )
     # Per token, each gap spread over the tokens it delivered: where drafts are taken,

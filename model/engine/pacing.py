@@ -4,7 +4,7 @@ Every decoding stream waits for the whole step, so prompt tokens in it lengthen
 their gaps between tokens by the tokens' cost. While streams decode, a prompt
 too long to end within the step's region gets chunks cut to the room: the
 prompt work that keeps a step within 1 + `share` times a decode-only step
-(JAXCHAT_PREFILL_SHARE, default 3). Its first chunk in a step gets at least
+(JAXCHAT_PREFILL_SHARE, default 1). Its first chunk in a step gets at least
 MIN_TOKENS, so a long prompt still advances every step. A prompt that ends
 within the region goes whole and counts against the room: new requests' first
 tokens are not held back (and a prompt cut into chunks could continue only one
