@@ -37,17 +37,22 @@ def weight_bytes(llm: LLM) -> int:
     return sum(x.nbytes for path, x in leaves if tied or "embed" not in jax.tree_util.keystr(path))
 
 
+def median_ms(fn, *args, repeats: int = 20) -> float:
+    """Median milliseconds of a jitted call, after one to compile it."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
 def streaming_bandwidth(nbytes: int, repeats: int = 5) -> float:
     """Bytes/s of a jitted reduction over `nbytes` of f32 held in 64 separate arrays."""
     chunks = [jnp.ones((nbytes // 4 // 64,), jnp.float32) for _ in range(64)]
     total = jax.jit(lambda xs: sum(x.sum() for x in xs))
-    total(chunks).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        total(chunks).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return nbytes / statistics.median(times)
+    return nbytes / (median_ms(total, chunks, repeats=repeats) / 1e3)
 
 
 def decode_rate(llm: LLM, tokens: int, repeats: int) -> float:
@@ -80,17 +85,6 @@ def prefill_rate(llm: LLM, length: int, repeats: int) -> float:
         assert first.finish_reason is not None
         rates.append(length / (time.perf_counter() - start))
     return statistics.median(rates)
-
-
-def median_ms(fn, *args, repeats: int = 20) -> float:
-    """Median milliseconds of a jitted call, after one to compile it."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def sampling_costs(vocab: int) -> None:
