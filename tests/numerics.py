@@ -11,9 +11,3 @@ def rounds_prompts(llm) -> bool:
     quantized kernel, on a CPU with AVX-512 VNNI; elsewhere they take f32): each token's
     norms, products and attention are then the same to the bit in any step."""
     return llm.engine.kernel is not None and kernels.int_gemm_path(GGMLQuantizationType.Q4_1)
-
-
-def prompt_kernel(llm) -> bool:
-    """Whether a prompt's attention takes jaxchat's CPU kernel (with AVX-512; elsewhere
-    XLA's), whose sums over a token's positions are in one order however it is cut."""
-    return llm.engine.attention_kernel is not None and llm.engine.prompt_kernel

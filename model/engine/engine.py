@@ -52,7 +52,6 @@ from model.engine.variants import (
     step_shapes,
     unrolled_shapes,
 )
-from model.kernels import prompt_attention_pays
 from model.nn.attention import Pool, init_pool
 from model.nn.config import ModelConfig
 from model.nn.sampling import TOP_LOGPROBS, SlotSampling, sample, take_rows
@@ -125,13 +124,13 @@ class Engine:
         self.attention_kernel = kernels(self.mesh) if jnp.dtype(dtype) == jnp.float32 else None
         self.kv_dtype = jnp.dtype(kv_dtype or dtype)
         kernel = self.attention_kernel is not None
-        self.prompt_kernel = kernel and prompt_attention_pays()  # prompts' too, if it pays
         model = partial(Transformer, config, dtype, kernels=kernel, kv_dtype=self.kv_dtype)
-        self.scanned_model = model(scan_layers=True, prompt_kernel=self.prompt_kernel)
-        # Every step shape runs its layers as one scan (compiled 3-4x faster than unrolled). XLA:CPU
-        # copies a layer's f32 weights out of the stack every step, which small decode steps feel:
-        # on CPU without the kernels (which read blocks in place) they also get unrolled layers,
-        # compiled as upgrades in the background (unrolled: on, off, None: CPU without kernels).
+        self.scanned_model = model(scan_layers=True)
+        # Every step shape runs its layers as one scan (compiled 3-4x faster than unrolled).
+        # XLA:CPU copies a layer's f32 weights out of the stack every step, which small
+        # decode steps feel: on CPU without the kernels (which read the blocks in place) they
+        # also get unrolled layers, compiled as upgrades in the background. unrolled: force
+        # them on or off; None: CPU without the kernels.
         cpu = jax.default_backend() == "cpu"
         if unrolled is None:
             unrolled = cpu and self.kernel is None
@@ -141,7 +140,7 @@ class Engine:
         self.params = None
         if self.unrolled_shapes:
             self.params = {**jax.device_put(params, shardings), **placed}
-        self.model = model(prompt_kernel=self.prompt_kernel)
+        self.model = model()
         self.block_size = BLOCK_SIZE
         self.pool_blocks = pool_blocks(config, self.kv_dtype, batch, max_seq_len, pool_tokens)
         self.table_width = table_width(max_seq_len, BLOCK_SIZE)
@@ -200,7 +199,7 @@ class Engine:
                 jax.tree_util.tree_structure(self.stacked),
                 jax.tree.leaves(avals, is_leaf=lambda x: isinstance(x, tuple)),
                 source_digest(__name__),  # every module the traced code comes from
-                (self.kernel, self.attention_kernel, self.prompt_kernel),  # what steps call
+                (self.kernel, self.attention_kernel),  # steps that call the kernels need them
             )
         )
 

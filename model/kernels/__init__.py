@@ -52,8 +52,6 @@ HEADERS = (HERE / "workers.h", HERE / "int_gemm.h", HERE / "int_blocks.h", HERE 
 # 37 s, 17 s without them) and gain nothing measurable in the kernels' speed.
 OPTIMIZE = ("-O3", "-fno-gcse", "-fno-gcse-after-reload")
 FLAGS = (*OPTIMIZE, "-std=c++20", "-fPIC", "-DNDEBUG", "-Wall", "-Wno-psabi")
-
-
 # The x86-64 levels a build may target, and the CPU flags each needs (as /proc/cpuinfo
 # names them; v4 needs v3's too).
 LEVELS = {
@@ -78,14 +76,6 @@ def cpu_level() -> str | None:
         return None
     flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
     return level_of(set(flags.partition(":")[2].split()))
-
-
-def prompt_attention_pays() -> bool:
-    """Whether a prefill region's attention should take the kernel (where the decode rows'
-    does). Its loops hold vectors of 16 floats, which GCC keeps in registers only with
-    AVX-512; on AVX2 it keeps them in memory: a 1,000-token prompt took 16.3 s, 13.7 of
-    them in the kernel's attention, against 3.2 s with XLA's."""
-    return cpu_level() == "x86-64-v4"
 
 
 def flags(level: str | None) -> tuple[str, ...]:

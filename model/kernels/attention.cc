@@ -144,17 +144,9 @@ struct Shapes {
 
 constexpr int64_t kGroupTile = 4;  // query heads of one kv head that share each load
 
-// The hot loops below run on vectors of 16 floats with AVX-512 and of 8 elsewhere: GCC
-// keeps a vector wider than the target's registers in memory, moving it through general
-// registers at every operation (on AVX2, 8 decode rows over 20-120 positions took 0.58 ms
-// a layer). A lane's sums are the same either way.
-typedef float f32x8 __attribute__((vector_size(32)));
-
-INLINE bool wide_vectors() {
-  static const bool wide = __builtin_cpu_supports("avx512f");
-  return wide;
-}
-
+// The hot loops below run on vectors of 16 floats with AVX-512 and of 8 elsewhere
+// (`wide_vectors`; on AVX2, 8 decode rows over 20-120 positions took 0.58 ms a layer with
+// vectors of 16). A lane's sums are the same either way.
 // NV feature slices (of 16) of TG queries' weighted values over `used` positions (value p
 // at values + p * H), added to acc[g * stride + v] in position order: each slice and query
 // a sum of its own (TG·NV independent chains of multiply-adds in flight), in vectors Vec.
@@ -541,6 +533,95 @@ struct PromptKeys {
   }
 };
 
+// Scores of queries [t0, t0 + TQ) (their scaled features qt [H][TT]) over R runs of 16
+// keys, into scores[t][j …], in vectors Vec.
+template <typename Vec, int TT, int TQ, int R>
+INLINE void span_scores(const Piece* runs, const float (*qt)[TT], int64_t H, int t0,
+                        float (*scores)[kSpan], int64_t j) {
+  constexpr int L = sizeof(Vec) / sizeof(float), P = 16 / L;
+  Vec acc[R][P][TQ] = {};
+  for (int64_t h = 0; h < H; ++h) {
+    Vec key[R][P];
+    for (int r = 0; r < R; ++r)
+      for (int p = 0; p < P; ++p)
+        std::memcpy(&key[r][p], runs[r].p + h * runs[r].stride + L * p, sizeof(Vec));
+    for (int t = 0; t < TQ; ++t) {
+      const float q = qt[h][t0 + t];
+      for (int r = 0; r < R; ++r)
+        for (int p = 0; p < P; ++p) acc[r][p][t] += q * key[r][p];
+    }
+  }
+  for (int t = 0; t < TQ; ++t)
+    for (int r = 0; r < R; ++r)
+      for (int p = 0; p < P; ++p)
+        std::memcpy(&scores[t0 + t][j + 16 * r + L * p], &acc[r][p][t], sizeof(Vec));
+}
+
+// Feature slices [v, v + NV) (of 16) of queries [t0, t0 + TQ), their scores' weighted
+// values over n positions added to acc (a query's at acc + t * kMaxHead), in vectors Vec.
+template <typename Vec, int TQ, int NV>
+INLINE void span_values(const float* const* values, int64_t n, const float (*scores)[kSpan],
+                        int t0, float* acc, int64_t v) {
+  constexpr int L = sizeof(Vec) / sizeof(float), P = 16 / L;
+  auto at = [&](int t, int w, int p) { return acc + (t0 + t) * kMaxHead + 16 * (v + w) + L * p; };
+  Vec part[TQ][NV][P];
+  for (int t = 0; t < TQ; ++t)
+    for (int w = 0; w < NV; ++w)
+      for (int p = 0; p < P; ++p) std::memcpy(&part[t][w][p], at(t, w, p), sizeof(Vec));
+  for (int64_t i = 0; i < n; ++i)
+    for (int w = 0; w < NV; ++w)
+      for (int p = 0; p < P; ++p) {
+        Vec value;
+        std::memcpy(&value, values[i] + 16 * (v + w) + L * p, sizeof value);
+        for (int t = 0; t < TQ; ++t) part[t][w][p] += scores[t0 + t][i] * value;
+      }
+  for (int t = 0; t < TQ; ++t)
+    for (int w = 0; w < NV; ++w)
+      for (int p = 0; p < P; ++p) std::memcpy(at(t, w, p), &part[t][w][p], sizeof(Vec));
+}
+
+// f(t0, TQ) over the TT queries in groups of up to 4 (2 TQ accumulators of vectors of 8 in
+// AVX2's 16 registers), TQ a constant.
+template <int TT, typename F>
+INLINE void in_fours(F f) {
+  int t0 = 0;
+  for (; t0 + 4 <= TT; t0 += 4) f(t0, std::integral_constant<int, 4>());
+  if constexpr (TT % 4 == 3) f(TT - 3, std::integral_constant<int, 3>());
+  if constexpr (TT % 4 == 2) f(TT - 2, std::integral_constant<int, 2>());
+  if constexpr (TT % 4 == 1) f(TT - 1, std::integral_constant<int, 1>());
+}
+
+// row[0 … n) = e^(row - top) for the first `seen`, 0 past them (in runs of 16); returns
+// their sum, lane by lane of 16 and then across, whatever the vectors.
+INLINE float exp_run(float* row, int64_t n, int64_t seen, float top) {
+  float lanes[16];
+  if (wide_vectors()) {
+    f32x16 sum = {};
+    for (int64_t i = 0; i < n; i += 16) {
+      const f32x16 e = before(exp16(load16(row + i) - top), i, seen);
+      store16(row + i, e);
+      sum += e;
+    }
+    std::memcpy(lanes, &sum, sizeof lanes);
+  } else {
+    const i32x8 index = {0, 1, 2, 3, 4, 5, 6, 7};
+    f32x8 sum[2] = {};
+    for (int64_t i = 0; i < n; i += 16)
+      for (int half = 0; half < 2; ++half) {
+        f32x8 x;
+        std::memcpy(&x, row + i + 8 * half, sizeof x);
+        const int64_t left = std::clamp<int64_t>(seen - i - 8 * half, 0, 8);
+        const f32x8 e = index < static_cast<int32_t>(left) ? exp_of<f32x8, i32x8>(x - top) : f32x8{};
+        std::memcpy(row + i + 8 * half, &e, sizeof e);
+        sum[half] += e;
+      }
+    std::memcpy(lanes, sum, sizeof lanes);
+  }
+  float add = 0;
+  for (int l = 0; l < 16; ++l) add += lanes[l];
+  return add;
+}
+
 // The TT queries `qs` (all of one kv head) over positions [from, to) of `src`, each seeing
 // those before its limit: their softmax states into `states` (a query's at t * (H + 2)), or
 // where `out` is given (the positions are all the query has), their outputs normalised into
@@ -590,31 +671,18 @@ INLINE void span(const PromptKeys<T>& src, int64_t H, const Query* qs, const flo
     }
     for (int64_t i = 0; i < n; ++i) values[i] = src.value(start + i, widened_values + i * H);
     // Scores, 32 positions at a time for up to 8 queries (each query feature loaded once
-    // for two vectors of keys: twice the independent sums in flight), then 16.
-    int64_t j = 0;
-    for (; TT <= 8 && j + 32 <= n; j += 32) {
-      const Piece a = runs[j / 16], b = runs[j / 16 + 1];
-      f32x16 lo[TT] = {}, hi[TT] = {};
-      for (int64_t h = 0; h < H; ++h) {
-        const f32x16 key_lo = load16(a.p + h * a.stride), key_hi = load16(b.p + h * b.stride);
-        for (int64_t t = 0; t < TT; ++t) {
-          lo[t] += qt[h][t] * key_lo;
-          hi[t] += qt[h][t] * key_hi;
-        }
-      }
-      for (int64_t t = 0; t < TT; ++t) {
-        store16(&scores[t][j], lo[t]);
-        store16(&scores[t][j + 16], hi[t]);
-      }
-    }
-    for (; j < n; j += 16) {
-      const Piece a = runs[j / 16];
-      f32x16 sc[TT] = {};
-      for (int64_t h = 0; h < H; ++h) {
-        const f32x16 key = load16(a.p + h * a.stride);
-        for (int64_t t = 0; t < TT; ++t) sc[t] += qt[h][t] * key;
-      }
-      for (int64_t t = 0; t < TT; ++t) store16(&scores[t][j], sc[t]);
+    // for two vectors of keys: twice the independent sums in flight), then 16; with
+    // vectors of 8, 16 positions for up to 4 queries at a time.
+    if (wide_vectors()) {
+      int64_t j = 0;
+      for (; TT <= 8 && j + 32 <= n; j += 32)
+        span_scores<f32x16, TT, TT, 2>(&runs[j / 16], qt, H, 0, scores, j);
+      for (; j < n; j += 16) span_scores<f32x16, TT, TT, 1>(&runs[j / 16], qt, H, 0, scores, j);
+    } else {
+      for (int64_t j = 0; j < n; j += 16)
+        in_fours<TT>([&](int t0, auto tq) {
+          span_scores<f32x8, TT, decltype(tq)::value, 1>(&runs[j / 16], qt, H, t0, scores, j);
+        });
     }
     for (int64_t t = 0; t < TT; ++t) {
       float* row = scores[t];
@@ -622,41 +690,21 @@ INLINE void span(const PromptKeys<T>& src, int64_t H, const Query* qs, const flo
       const float new_top = max_of(row, seen, top[t]);
       const float rescale = std::exp(top[t] - new_top);
       top[t] = new_top;
-      f32x16 sum = {};
-      for (int64_t i = 0; i < n; i += 16) {
-        const f32x16 e = before(exp16(load16(row + i) - new_top), i, seen);
-        store16(row + i, e);
-        sum += e;
-      }
-      float add = 0;
-      for (int l = 0; l < 16; ++l) add += sum[l];
-      total[t] = total[t] * rescale + add;
+      total[t] = total[t] * rescale + exp_run(row, n, seen, new_top);
       for (int64_t v = 0; v < nv; ++v) acc[t][v] *= rescale;
     }
     // Values: for up to 8 queries two feature slices at once (each weight loaded once for
-    // both), then one.
-    int64_t v = 0;
-    for (; TT <= 8 && v + 2 <= nv; v += 2) {
-      f32x16 lo[TT], hi[TT];
-      for (int64_t t = 0; t < TT; ++t) lo[t] = acc[t][v], hi[t] = acc[t][v + 1];
-      for (int64_t i = 0; i < n; ++i) {
-        const f32x16 value_lo = load16(values[i] + 16 * v);
-        const f32x16 value_hi = load16(values[i] + 16 * v + 16);
-        for (int64_t t = 0; t < TT; ++t) {
-          lo[t] += scores[t][i] * value_lo;
-          hi[t] += scores[t][i] * value_hi;
-        }
-      }
-      for (int64_t t = 0; t < TT; ++t) acc[t][v] = lo[t], acc[t][v + 1] = hi[t];
-    }
-    for (; v < nv; ++v) {
-      f32x16 part[TT];
-      for (int64_t t = 0; t < TT; ++t) part[t] = acc[t][v];
-      for (int64_t i = 0; i < n; ++i) {
-        const f32x16 value = load16(values[i] + 16 * v);
-        for (int64_t t = 0; t < TT; ++t) part[t] += scores[t][i] * value;
-      }
-      for (int64_t t = 0; t < TT; ++t) acc[t][v] = part[t];
+    // both), then one; with vectors of 8, one slice for up to 4 queries at a time.
+    float* sums = reinterpret_cast<float*>(acc);
+    if (wide_vectors()) {
+      int64_t v = 0;
+      for (; TT <= 8 && v + 2 <= nv; v += 2) span_values<f32x16, TT, 2>(values, n, scores, 0, sums, v);
+      for (; v < nv; ++v) span_values<f32x16, TT, 1>(values, n, scores, 0, sums, v);
+    } else {
+      for (int64_t v = 0; v < nv; ++v)
+        in_fours<TT>([&](int t0, auto tq) {
+          span_values<f32x8, decltype(tq)::value, 1>(values, n, scores, t0, sums, v);
+        });
     }
   }
   for (int64_t t = 0; t < TT; ++t) {

@@ -18,21 +18,36 @@ INLINE f32x16 load16(const float* p) {
 
 INLINE void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof v); }
 
+// Vectors of 8 lanes: where the CPU lacks AVX-512, GCC keeps a vector of 16 in memory and
+// moves it through general registers at every operation, so the hot loops take these.
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+
+// Whether the CPU has AVX-512's registers: vectors of 16, else of 8.
+INLINE bool wide_vectors() {
+  static const bool wide = __builtin_cpu_supports("avx512f");
+  return wide;
+}
+
 // e^x for x <= 0 (Cephes' expf: x = n ln 2 + r, |r| <= ln 2 / 2, a degree-6 polynomial
-// for e^r, 2^n through the exponent bits); below -87 it returns e^-87, about 1.6e-38.
-INLINE f32x16 exp16(f32x16 x) {
-  x = x < -87.0f ? f32x16{} - 87.0f : x;
-  f32x16 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  f32x16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  f32x16 p = f32x16{} + 1.9875691500e-4f;
+// for e^r, 2^n through the exponent bits); below -87 it returns e^-87, about 1.6e-38. On
+// vectors of floats F and of as many int32 I.
+template <typename F, typename I>
+INLINE F exp_of(F x) {
+  x = x < -87.0f ? F{} - 87.0f : x;
+  F n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  F r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  F p = F{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  i32x16 bits = (__builtin_convertvector(n, i32x16) + 127) << 23;
-  f32x16 scale;
+  I bits = (__builtin_convertvector(n, I) + 127) << 23;
+  F scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return p * scale;
 }
+
+INLINE f32x16 exp16(f32x16 x) { return exp_of<f32x16, i32x16>(x); }

@@ -112,15 +112,13 @@ class RMSNorm(nn.Module):
 
 class Attention(nn.Module):
     """Grouped-query attention with one fused [q; k; v] projection, over the paged pool.
-    kernel: decode rows through jaxchat's CPU kernel (model/kernels), and with
-    prompt_kernel a prefill region's too. kv_dtype: the pool's element type, to which keys
-    and values are rounded (None: the compute dtype)."""
+    kernel: decode rows through jaxchat's CPU kernel (model/kernels). kv_dtype: the pool's
+    element type, to which keys and values are rounded (None: the compute dtype)."""
 
     config: ModelConfig
     dtype: jnp.dtype
     kernel: bool = False
     kv_dtype: Any = None
-    prompt_kernel: bool = True
 
     @nn.compact
     def __call__(
@@ -167,9 +165,8 @@ class Attention(nn.Module):
             )  # [R, K, G, H]
             outs.append(decoded.transpose(1, 2, 3, 0))
         if t > r:
-            kernel = self.kernel and self.prompt_kernel
             region = region_attention(
-                q[..., r:], key[..., r:], value[..., r:], layout, pool, base, kernel=kernel
+                q[..., r:], key[..., r:], value[..., r:], layout, pool, base, kernel=self.kernel
             )
             outs.append(region)
         out = jnp.concatenate(outs, axis=-1).reshape(n * h, t)
@@ -199,7 +196,6 @@ class Block(nn.Module):
     dtype: jnp.dtype
     kernel: bool = False
     kv_dtype: Any = None
-    prompt_kernel: bool = True
 
     @nn.compact
     def __call__(self, carry, layer, layout: Layout, blocks: LayerBlocks):
@@ -212,9 +208,7 @@ class Block(nn.Module):
         # same to the bit in any step); a decode-only step keeps XLA's, fused with its
         # neighbours (a one-row step: 6.7 ms, 7.3 with the kernel's).
         norm_used = used[0] if layout.rows < x.shape[1] else None
-        h, pool = Attention(
-            c, self.dtype, self.kernel, self.kv_dtype, self.prompt_kernel, name="attn"
-        )(
+        h, pool = Attention(c, self.dtype, self.kernel, self.kv_dtype, name="attn")(
             RMSNorm(c.norm_eps, self.dtype, self.kernel, name="attn_norm")(x, norm_used),
             layout,
             pool,
@@ -237,8 +231,6 @@ class Transformer(nn.Module):
     each [L, ...]) instead of unrolled layers (params["layers_0"], …).
     kernels: decode attention through jaxchat's CPU kernel (model/kernels, loaded).
     kv_dtype: the KV pool's element type (None: the compute dtype).
-    prompt_kernel: with `kernels`, a prefill region's attention through it too (where it
-    pays on this CPU: model.kernels.prompt_attention_pays).
     """
 
     config: ModelConfig
@@ -246,7 +238,6 @@ class Transformer(nn.Module):
     scan_layers: bool = False
     kernels: bool = False
     kv_dtype: Any = None
-    prompt_kernel: bool = True
 
     def setup(self) -> None:
         c = self.config
@@ -260,12 +251,11 @@ class Transformer(nn.Module):
                 length=c.n_layers,
             )
             self.layers: Block | Sequence[Block] = scanned(
-                c, self.dtype, self.kernels, self.kv_dtype, self.prompt_kernel
+                c, self.dtype, self.kernels, self.kv_dtype
             )
         else:
             self.layers = [
-                Block(c, self.dtype, self.kernels, self.kv_dtype, self.prompt_kernel)
-                for _ in range(c.n_layers)
+                Block(c, self.dtype, self.kernels, self.kv_dtype) for _ in range(c.n_layers)
             ]
         self.final_norm = RMSNorm(c.norm_eps, self.dtype, self.kernels)
         if not c.tie_embeddings and not self.has_variable(BLOCKS, "lm_head"):
