@@ -1,7 +1,8 @@
 """A float16 KV pool (JAXCHAT_KV_DTYPE=float16): half the memory of float32, read by the
 CPU kernels too, with the reference's tokens and next-token distributions (KL 1.1e-6
 against HF's float32 where a float32 pool gives 3.5e-7; llama.cpp's, with its float16
-cache, 3e-3), and a prompt's logits still the same to the bit however it is cut."""
+cache, 3e-3), and a prompt's logits still the same to the bit however it is cut (on CPUs
+without AVX-512 VNNI, into chunks of over 8 tokens)."""
 
 import os
 
@@ -53,14 +54,21 @@ def test_a_float16_pool_keeps_the_reference_distributions(half):
         assert compare(top_ids, top_logprobs, dense(decoded))[0] > 1e-3
 
 
-def test_a_prompts_logits_do_not_depend_on_its_chunks_with_a_float16_pool(half, golden):
+def test_a_prompts_logits_do_not_depend_on_its_chunks_with_a_float16_pool(half, llm, golden):
     """A chunk's own keys are rounded as the pool holds them, so a token sees the same keys
-    whether they were computed beside it or read back from the pool."""
+    whether they were computed beside it or read back from the pool: the same to the bit
+    where a token's products do not depend on its chunk (every token rounded to integers,
+    with AVX-512 VNNI; elsewhere, chunks of over 8 tokens, whose f32 products each column
+    takes alike). Without VNNI a chunk of up to 8 takes the few-row path, its f32 sums in
+    another order, and a value that lay near a float16 rounding boundary may land a whole
+    step away, not at most half: up to twice what the pool's rounding moves the logits."""
     ids = golden["prompts"][2]["ids"]
     one = prompt_logits(half, ids, [])
+    rounding = np.abs(one - prompt_logits(llm, ids, [])).max()
     for cuts in ([9, 20, 36], [1], [len(ids) - 1]):
         chunked = prompt_logits(half, ids, cuts)
-        if rounds_prompts(half):
+        sizes = np.diff([0, *cuts, len(ids)])
+        if rounds_prompts(half) or (sizes > 8).all():
             np.testing.assert_array_equal(chunked, one)
         else:
-            np.testing.assert_allclose(chunked, one, atol=2e-3)
+            np.testing.assert_allclose(chunked, one, rtol=0, atol=2 * (rounding + 2e-3))
