@@ -464,14 +464,11 @@ INLINE void panel_product(const float* panel, int64_t K, const float* x, int64_t
     std::memcpy(y + j * ldy, acc[j], sizeof(float) * std::min<int64_t>(columns, kLanes * V));
 }
 
-typedef float f32x8 __attribute__((vector_size(32)));
-
 // The panel's kPanel rows times `columns` (up to kColumns) columns of x: with AVX-512 in
 // one pass of 12 rows by 32 columns, elsewhere in passes of 6 rows by 16.
 INLINE void panel_products(const float* panel, int64_t K, const float* x, float* y,
                            int64_t ldy, int64_t columns) {
-  static const bool wide = __builtin_cpu_supports("avx512f");
-  if (wide) {
+  if (wide_vectors()) {
     if (columns > 16)
       return panel_product<f32x16, kPanel, 2>(panel, K, x, kColumns, y, ldy, columns);
     return panel_product<f32x16, kPanel, 1>(panel, K, x, kColumns, y, ldy, columns);
