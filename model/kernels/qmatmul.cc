@@ -52,6 +52,8 @@ constexpr int kTile = 8;  // rows of x multiplied with one expanded block
 
 typedef uint8_t u8x16 __attribute__((vector_size(16)));
 typedef int8_t i8x16 __attribute__((vector_size(16)));
+typedef uint8_t u8x8 __attribute__((vector_size(8)));
+typedef int8_t i8x8 __attribute__((vector_size(8)));
 
 INLINE float half_to_float(const uint8_t* p) {
   _Float16 h;  // one instruction where the target has F16C (the AVX2 and AVX-512 clones)
@@ -59,49 +61,98 @@ INLINE float half_to_float(const uint8_t* p) {
   return static_cast<float>(h);
 }
 
-INLINE f32x16 widen(u8x16 q) { return __builtin_convertvector(__builtin_convertvector(q, i32x16), f32x16); }
-// Signed bytes through the unsigned widening, which GCC vectorises (q + 128 is q ^ 0x80).
-INLINE f32x16 widen(i8x16 q) { return widen(reinterpret_cast<u8x16>(q) ^ 0x80) - 128.0f; }
+// A vector of floats Vec (16 lanes, or 8 where the CPU lacks AVX-512: vec16.h), its
+// lanes, the bytes and int32 of as many lanes, and how many vectors hold 16 values.
+template <typename Vec>
+struct Lanes;
+template <>
+struct Lanes<f32x16> {
+  using U8 = u8x16;
+  using I8 = i8x16;
+  using I32 = i32x16;
+};
+template <>
+struct Lanes<f32x8> {
+  using U8 = u8x8;
+  using I8 = i8x8;
+  using I32 = i32x8;
+};
+template <typename Vec>
+constexpr int kLanes = sizeof(Vec) / sizeof(float);
+template <typename Vec>
+constexpr int kSplit = 16 / kLanes<Vec>;
 
-INLINE float sum16(f32x16 v) {
+template <typename Vec>
+INLINE Vec load(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// kLanes<Vec> bytes from p.
+template <typename Vec>
+INLINE typename Lanes<Vec>::U8 bytes(const uint8_t* p) {
+  typename Lanes<Vec>::U8 q;
+  std::memcpy(&q, p, sizeof q);
+  return q;
+}
+
+template <typename Vec>
+INLINE Vec widen(typename Lanes<Vec>::U8 q) {
+  return __builtin_convertvector(__builtin_convertvector(q, typename Lanes<Vec>::I32), Vec);
+}
+// Signed bytes through the unsigned widening, which GCC vectorises (q + 128 is q ^ 0x80).
+template <typename Vec>
+INLINE Vec widen_signed(typename Lanes<Vec>::U8 q) {
+  return widen<Vec>(q ^ 0x80) - 128.0f;
+}
+
+template <typename Vec>
+INLINE float sum_of(Vec v) {
   float s = 0;
-  for (int i = 0; i < 16; ++i) s += v[i];
+  for (int i = 0; i < kLanes<Vec>; ++i) s += v[i];
   return s;
 }
 
 // Each format as: bytes per block, values per block, and `expand`, which writes a
-// block's values as f32 vectors of 16 (one per 16 values) into `w`.
+// block's values as f32 vectors Vec (values 16 g .. 16 g + 15 in w[S g .. S g + S), S =
+// kSplit<Vec>) into `w`. A format's 16 values come from 16 bytes (or nibbles of them), the
+// h-th vector of them from the h-th kLanes<Vec> of those bytes.
 struct Q8_0 {
   static constexpr int kBytes = 34, kValues = 32;
-  INLINE void expand(const uint8_t* b, f32x16* w) {
+  template <typename Vec>
+  INLINE void expand(const uint8_t* b, Vec* w) {
     float d = half_to_float(b);
-    i8x16 q0, q1;
-    std::memcpy(&q0, b + 2, 16);
-    std::memcpy(&q1, b + 18, 16);
-    w[0] = widen(q0) * d;
-    w[1] = widen(q1) * d;
+    for (int i = 0; i < 2 * kSplit<Vec>; ++i)
+      w[i] = widen_signed<Vec>(bytes<Vec>(b + 2 + kLanes<Vec> * i)) * d;
   }
 };
 
 struct Q4_0 {  // values 0-15 in the low nibbles, 16-31 in the high ones; w = d (q - 8)
   static constexpr int kBytes = 18, kValues = 32;
-  INLINE void expand(const uint8_t* b, f32x16* w) {
+  template <typename Vec>
+  INLINE void expand(const uint8_t* b, Vec* w) {
+    constexpr int S = kSplit<Vec>;
     float d = half_to_float(b);
-    u8x16 q;
-    std::memcpy(&q, b + 2, 16);
-    w[0] = (widen(q & 15) - 8.0f) * d;
-    w[1] = (widen(q >> 4) - 8.0f) * d;
+    for (int h = 0; h < S; ++h) {
+      auto q = bytes<Vec>(b + 2 + kLanes<Vec> * h);
+      w[h] = (widen<Vec>(q & 15) - 8.0f) * d;
+      w[S + h] = (widen<Vec>(q >> 4) - 8.0f) * d;
+    }
   }
 };
 
 struct Q4_1 {  // w = d q + m
   static constexpr int kBytes = 20, kValues = 32;
-  INLINE void expand(const uint8_t* b, f32x16* w) {
+  template <typename Vec>
+  INLINE void expand(const uint8_t* b, Vec* w) {
+    constexpr int S = kSplit<Vec>;
     float d = half_to_float(b), m = half_to_float(b + 2);
-    u8x16 q;
-    std::memcpy(&q, b + 4, 16);
-    w[0] = widen(q & 15) * d + m;
-    w[1] = widen(q >> 4) * d + m;
+    for (int h = 0; h < S; ++h) {
+      auto q = bytes<Vec>(b + 4 + kLanes<Vec> * h);
+      w[h] = widen<Vec>(q & 15) * d + m;
+      w[S + h] = widen<Vec>(q >> 4) * d + m;
+    }
   }
 };
 
@@ -118,7 +169,9 @@ struct Q4_K {
       *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
     }
   }
-  INLINE void expand(const uint8_t* b, f32x16* w) {
+  template <typename Vec>
+  INLINE void expand(const uint8_t* b, Vec* w) {
+    constexpr int S = kSplit<Vec>;
     float d = half_to_float(b), dmin = half_to_float(b + 2);
     const uint8_t *scales = b + 4, *qs = b + 16;
     for (int j = 0; j < 4; ++j) {  // 64 values: two sub-blocks
@@ -126,12 +179,12 @@ struct Q4_K {
       scale_min(2 * j, scales, &sc0, &m0);
       scale_min(2 * j + 1, scales, &sc1, &m1);
       float d0 = d * sc0, d1 = d * sc1, n0 = dmin * m0, n1 = dmin * m1;
-      for (int h = 0; h < 2; ++h) {
-        u8x16 q;
-        std::memcpy(&q, qs + 32 * j + 16 * h, 16);
-        w[4 * j + h] = widen(q & 15) * d0 - n0;
-        w[4 * j + 2 + h] = widen(q >> 4) * d1 - n1;
-      }
+      for (int h = 0; h < 2; ++h)
+        for (int s = 0; s < S; ++s) {
+          auto q = bytes<Vec>(qs + 32 * j + 16 * h + kLanes<Vec> * s);
+          w[(4 * j + h) * S + s] = widen<Vec>(q & 15) * d0 - n0;
+          w[(4 * j + 2 + h) * S + s] = widen<Vec>(q >> 4) * d1 - n1;
+        }
     }
   }
 };
@@ -140,25 +193,28 @@ struct Q4_K {
 // ql, high 2 bits in qh, offset by 32.
 struct Q6_K {
   static constexpr int kBytes = 210, kValues = 256;
-  INLINE void expand(const uint8_t* b, f32x16* w) {
+  template <typename Vec>
+  INLINE void expand(const uint8_t* b, Vec* w) {
+    constexpr int S = kSplit<Vec>;
     const uint8_t *ql = b, *qh = b + 128;
     const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
     float d = half_to_float(b + 208);
     for (int n = 0; n < 2; ++n) {  // 128 values
       for (int h = 0; h < 2; ++h) {  // values l = 16 h .. 16 h + 15 of each quarter
-        u8x16 lo, hi, high;
-        std::memcpy(&lo, ql + 64 * n + 16 * h, 16);
-        std::memcpy(&hi, ql + 64 * n + 32 + 16 * h, 16);
-        std::memcpy(&high, qh + 32 * n + 16 * h, 16);
-        u8x16 q[4] = {
-            (lo & 15) | ((high & 3) << 4),
-            (hi & 15) | (((high >> 2) & 3) << 4),
-            (lo >> 4) | (((high >> 4) & 3) << 4),
-            (hi >> 4) | (((high >> 6) & 3) << 4),
-        };
-        for (int k = 0; k < 4; ++k) {
-          float scale = d * sc[8 * n + 2 * k + h];
-          w[8 * n + 2 * k + h] = (widen(q[k]) - 32.0f) * scale;
+        for (int s = 0; s < S; ++s) {
+          const int at = 16 * h + kLanes<Vec> * s;
+          auto lo = bytes<Vec>(ql + 64 * n + at), hi = bytes<Vec>(ql + 64 * n + 32 + at);
+          auto high = bytes<Vec>(qh + 32 * n + at);
+          decltype(lo) q[4] = {
+              (lo & 15) | ((high & 3) << 4),
+              (hi & 15) | (((high >> 2) & 3) << 4),
+              (lo >> 4) | (((high >> 4) & 3) << 4),
+              (hi >> 4) | (((high >> 6) & 3) << 4),
+          };
+          for (int k = 0; k < 4; ++k) {
+            float scale = d * sc[8 * n + 2 * k + h];
+            w[(8 * n + 2 * k + h) * S + s] = (widen<Vec>(q[k]) - 32.0f) * scale;
+          }
         }
       }
     }
@@ -166,58 +222,58 @@ struct Q6_K {
 };
 
 // y[n, t0 .. t0+TT) for one weight row of a block format.
-template <typename F, int TT>
+template <typename F, typename Vec, int TT>
 INLINE void block_row(const uint8_t* row, const float* x, int64_t K, float* y) {
-  constexpr int V = F::kValues / 16;
-  f32x16 acc[TT] = {};
-  f32x16 w[V];
+  constexpr int L = kLanes<Vec>, V = F::kValues / L;
+  Vec acc[TT] = {};
+  Vec w[V];
   for (int64_t b = 0; b < K / F::kValues; ++b) {
     F().expand(row + b * F::kBytes, w);
     const float* xb = x + b * F::kValues;
     for (int t = 0; t < TT; ++t)
-      for (int v = 0; v < V; ++v) acc[t] += w[v] * load16(xb + t * K + 16 * v);
+      for (int v = 0; v < V; ++v) acc[t] += w[v] * load<Vec>(xb + t * K + L * v);
   }
-  for (int t = 0; t < TT; ++t) y[t] = sum16(acc[t]);
+  for (int t = 0; t < TT; ++t) y[t] = sum_of(acc[t]);
 }
 
 // jaxchat's int8 rows: a row is an f32 scale, then K int8 values; any K.
-template <int TT>
+template <typename Vec, int TT>
 INLINE void int8_row(const uint8_t* row, const float* x, int64_t K, float* y) {
+  constexpr int L = kLanes<Vec>;
   float scale;
   std::memcpy(&scale, row, 4);
   const uint8_t* q = row + 4;
-  f32x16 acc[TT] = {};
+  Vec acc[TT] = {};
   int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    i8x16 v;
-    std::memcpy(&v, q + k, 16);
-    f32x16 w = widen(v);
-    for (int t = 0; t < TT; ++t) acc[t] += w * load16(x + t * K + k);
+  for (; k + L <= K; k += L) {
+    Vec w = widen_signed<Vec>(bytes<Vec>(q + k));
+    for (int t = 0; t < TT; ++t) acc[t] += w * load<Vec>(x + t * K + k);
   }
   for (int t = 0; t < TT; ++t) {
-    float s = sum16(acc[t]);
+    float s = sum_of(acc[t]);
     for (int64_t j = k; j < K; ++j) s += static_cast<int8_t>(q[j]) * x[t * K + j];
     y[t] = s * scale;
   }
 }
 
-template <int TT>
+template <typename Vec, int TT>
 INLINE void one_row(int64_t kind, const uint8_t* row, const float* x, int64_t K, float* y) {
   switch (kind) {
-    case kQ8_0: return block_row<Q8_0, TT>(row, x, K, y);
-    case kQ4_0: return block_row<Q4_0, TT>(row, x, K, y);
-    case kQ4_1: return block_row<Q4_1, TT>(row, x, K, y);
-    case kQ4_K: return block_row<Q4_K, TT>(row, x, K, y);
-    case kQ6_K: return block_row<Q6_K, TT>(row, x, K, y);
-    default: return int8_row<TT>(row, x, K, y);
+    case kQ8_0: return block_row<Q8_0, Vec, TT>(row, x, K, y);
+    case kQ4_0: return block_row<Q4_0, Vec, TT>(row, x, K, y);
+    case kQ4_1: return block_row<Q4_1, Vec, TT>(row, x, K, y);
+    case kQ4_K: return block_row<Q4_K, Vec, TT>(row, x, K, y);
+    case kQ6_K: return block_row<Q6_K, Vec, TT>(row, x, K, y);
+    default: return int8_row<Vec, TT>(row, x, K, y);
   }
 }
 
 // Weight rows [n0, n1) against columns [from, U) of x, given as rows [U - from, K]: y is
 // [N, T], those columns of it written, and its columns from U on zero.
-JAXCHAT_TARGETS
-void rows(int64_t kind, const uint8_t* w, int64_t row_bytes, const float* x, int64_t T,
-          int64_t from, int64_t U, int64_t K, float* y, int64_t n0, int64_t n1) {
+template <typename Vec>
+INLINE void rows_of(int64_t kind, const uint8_t* w, int64_t row_bytes, const float* x,
+                    int64_t T, int64_t from, int64_t U, int64_t K, float* y, int64_t n0,
+                    int64_t n1) {
   float out[kTile];
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w + n * row_bytes;
@@ -225,18 +281,25 @@ void rows(int64_t kind, const uint8_t* w, int64_t row_bytes, const float* x, int
     for (int64_t t0 = from; t0 < U; t0 += kTile) {
       const float* xt = x + (t0 - from) * K;
       switch (std::min<int64_t>(kTile, U - t0)) {
-        case 1: one_row<1>(kind, row, xt, K, out); break;
-        case 2: one_row<2>(kind, row, xt, K, out); break;
-        case 3: one_row<3>(kind, row, xt, K, out); break;
-        case 4: one_row<4>(kind, row, xt, K, out); break;
-        case 5: one_row<5>(kind, row, xt, K, out); break;
-        case 6: one_row<6>(kind, row, xt, K, out); break;
-        case 7: one_row<7>(kind, row, xt, K, out); break;
-        default: one_row<8>(kind, row, xt, K, out); break;
+        case 1: one_row<Vec, 1>(kind, row, xt, K, out); break;
+        case 2: one_row<Vec, 2>(kind, row, xt, K, out); break;
+        case 3: one_row<Vec, 3>(kind, row, xt, K, out); break;
+        case 4: one_row<Vec, 4>(kind, row, xt, K, out); break;
+        case 5: one_row<Vec, 5>(kind, row, xt, K, out); break;
+        case 6: one_row<Vec, 6>(kind, row, xt, K, out); break;
+        case 7: one_row<Vec, 7>(kind, row, xt, K, out); break;
+        default: one_row<Vec, 8>(kind, row, xt, K, out); break;
       }
       for (int64_t t = t0; t < std::min<int64_t>(U, t0 + kTile); ++t) y[n * T + t] = out[t - t0];
     }
   }
+}
+
+JAXCHAT_TARGETS
+void rows(int64_t kind, const uint8_t* w, int64_t row_bytes, const float* x, int64_t T,
+          int64_t from, int64_t U, int64_t K, float* y, int64_t n0, int64_t n1) {
+  if (wide_vectors()) return rows_of<f32x16>(kind, w, row_bytes, x, T, from, U, K, y, n0, n1);
+  rows_of<f32x8>(kind, w, row_bytes, x, T, from, U, K, y, n0, n1);
 }
 
 // ---- Few rows, 32-value formats: integer products (AVX2) -------------------------------
@@ -414,9 +477,9 @@ bool integer_path(int64_t kind) {
 constexpr int kPanel = 12;   // weight rows expanded together
 constexpr int kColumns = 32;  // columns of x per pass over a panel: two vectors
 
-template <typename F>
+template <typename F, typename Vec>
 INLINE void expand_blocks(const uint8_t* row, int64_t K, float* out) {
-  f32x16 w[F::kValues / 16];
+  Vec w[F::kValues / kLanes<Vec>];
   for (int64_t b = 0; b < K / F::kValues; ++b) {
     F().expand(row + b * F::kBytes, w);
     std::memcpy(out + b * F::kValues, w, sizeof w);
@@ -430,13 +493,14 @@ INLINE void expand_int8(const uint8_t* row, int64_t K, float* out) {
 }
 
 // One weight row as K floats.
+template <typename Vec>
 INLINE void expand_row(int64_t kind, const uint8_t* row, int64_t K, float* out) {
   switch (kind) {
-    case kQ8_0: return expand_blocks<Q8_0>(row, K, out);
-    case kQ4_0: return expand_blocks<Q4_0>(row, K, out);
-    case kQ4_1: return expand_blocks<Q4_1>(row, K, out);
-    case kQ4_K: return expand_blocks<Q4_K>(row, K, out);
-    case kQ6_K: return expand_blocks<Q6_K>(row, K, out);
+    case kQ8_0: return expand_blocks<Q8_0, Vec>(row, K, out);
+    case kQ4_0: return expand_blocks<Q4_0, Vec>(row, K, out);
+    case kQ4_1: return expand_blocks<Q4_1, Vec>(row, K, out);
+    case kQ4_K: return expand_blocks<Q4_K, Vec>(row, K, out);
+    case kQ6_K: return expand_blocks<Q6_K, Vec>(row, K, out);
     default: return expand_int8(row, K, out);
   }
 }
@@ -450,18 +514,18 @@ INLINE void expand_row(int64_t kind, const uint8_t* row, int64_t K, float* out) 
 template <typename Vec, int R, int V>
 INLINE void panel_product(const float* panel, int64_t K, const float* x, int64_t ldx, float* y,
                           int64_t ldy, int64_t columns) {
-  constexpr int kLanes = sizeof(Vec) / sizeof(float);
+  constexpr int L = kLanes<Vec>;
   Vec acc[R][V] = {};
   for (int64_t k = 0; k < K; ++k) {
     Vec xv[V];
-    for (int v = 0; v < V; ++v) std::memcpy(&xv[v], x + k * ldx + kLanes * v, sizeof(Vec));
+    for (int v = 0; v < V; ++v) std::memcpy(&xv[v], x + k * ldx + L * v, sizeof(Vec));
     for (int j = 0; j < R; ++j) {
       float w = panel[j * K + k];
       for (int v = 0; v < V; ++v) acc[j][v] += w * xv[v];
     }
   }
   for (int j = 0; j < R; ++j)
-    std::memcpy(y + j * ldy, acc[j], sizeof(float) * std::min<int64_t>(columns, kLanes * V));
+    std::memcpy(y + j * ldy, acc[j], sizeof(float) * std::min<int64_t>(columns, L * V));
 }
 
 // The panel's kPanel rows times `columns` (up to kColumns) columns of x: with AVX-512 in
@@ -492,8 +556,10 @@ void panels(int64_t kind, const uint8_t* w, int64_t row_bytes, int64_t N, const 
   for (int64_t p = p0; p < p1; ++p) {
     int64_t n0 = p * kPanel, rows_here = std::min<int64_t>(kPanel, N - n0);
     for (int64_t j = 0; j < kPanel; ++j) {
-      if (j < rows_here) {
-        expand_row(kind, w + (n0 + j) * row_bytes, K, panel.data() + j * K);
+      if (j < rows_here && wide_vectors()) {
+        expand_row<f32x16>(kind, w + (n0 + j) * row_bytes, K, panel.data() + j * K);
+      } else if (j < rows_here) {
+        expand_row<f32x8>(kind, w + (n0 + j) * row_bytes, K, panel.data() + j * K);
       } else {
         std::fill_n(panel.data() + j * K, K, 0.0f);
       }
