@@ -46,19 +46,26 @@ namespace {
 
 #define MEMBER inline __attribute__((always_inline))
 
-// The largest of `start` and row[0 … n), 16 at a time (a scalar max is a chain of
-// dependent instructions, as long as the scores' products).
-INLINE float max_of(const float* row, int64_t n, float start) {
-  f32x16 most = f32x16{} + start;
+// The largest of `start` and row[0 … n), a vector at a time (a scalar max is a chain of
+// dependent instructions, as long as the scores' products): the same whatever the vectors.
+template <typename Vec>
+INLINE float max_over(const float* row, int64_t n, float start) {
+  constexpr int L = sizeof(Vec) / sizeof(float);
+  Vec most = Vec{} + start;
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const f32x16 v = load16(row + i);
+  for (; i + L <= n; i += L) {
+    Vec v;
+    std::memcpy(&v, row + i, sizeof v);
     most = most > v ? most : v;
   }
   float top = start;
-  for (int l = 0; l < 16; ++l) top = std::max(top, most[l]);
+  for (int l = 0; l < L; ++l) top = std::max(top, most[l]);
   for (; i < n; ++i) top = std::max(top, row[i]);
   return top;
+}
+
+INLINE float max_of(const float* row, int64_t n, float start) {
+  return wide_vectors() ? max_over<f32x16>(row, n, start) : max_over<f32x8>(row, n, start);
 }
 
 // e with its lanes for positions i … i + 15 at or past `n` zeroed.
@@ -66,6 +73,37 @@ INLINE f32x16 before(f32x16 e, int64_t i, int64_t n) {
   const i32x16 lanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   const i32x16 keep = lanes < static_cast<int32_t>(std::clamp<int64_t>(n - i, 0, 16));
   return keep ? e : f32x16{};
+}
+
+// row[0 … n) = e^(row - top) for the first `seen`, 0 past them (in runs of 16); returns
+// their sum, lane by lane of 16 and then across, whatever the vectors.
+INLINE float exp_run(float* row, int64_t n, int64_t seen, float top) {
+  float lanes[16];
+  if (wide_vectors()) {
+    f32x16 sum = {};
+    for (int64_t i = 0; i < n; i += 16) {
+      const f32x16 e = before(exp16(load16(row + i) - top), i, seen);
+      store16(row + i, e);
+      sum += e;
+    }
+    std::memcpy(lanes, &sum, sizeof lanes);
+  } else {
+    const i32x8 index = {0, 1, 2, 3, 4, 5, 6, 7};
+    f32x8 sum[2] = {};
+    for (int64_t i = 0; i < n; i += 16)
+      for (int half = 0; half < 2; ++half) {
+        f32x8 x;
+        std::memcpy(&x, row + i + 8 * half, sizeof x);
+        const int64_t left = std::clamp<int64_t>(seen - i - 8 * half, 0, 8);
+        const f32x8 e = index < static_cast<int32_t>(left) ? exp_of<f32x8, i32x8>(x - top) : f32x8{};
+        std::memcpy(row + i + 8 * half, &e, sizeof e);
+        sum[half] += e;
+      }
+    std::memcpy(lanes, sum, sizeof lanes);
+  }
+  float add = 0;
+  for (int l = 0; l < 16; ++l) add += lanes[l];
+  return add;
 }
 
 constexpr int kMaxHead = 512;  // head dims up to this (multiples of 16)
@@ -289,16 +327,8 @@ INLINE void heads(const Shapes& s, const float* q, const T* kpool, const T* vpoo
       float* r = row(kh, g);
       const float top = max_of(r, n, r[0]);
       tops[(kh - kh0) * TG + g] = top;
-      f32x16 total = {};
-      for (int64_t i = 0; i < width; i += 16) {
-        // (the last block's positions past the context count for nothing)
-        const f32x16 e = before(exp16(load16(r + i) - top), i, n);
-        store16(r + i, e);
-        total += e;
-      }
-      float& sum = totals[(kh - kh0) * TG + g];
-      sum = 0;
-      for (int l = 0; l < 16; ++l) sum += total[l];
+      // (the last block's positions past the context count for nothing)
+      totals[(kh - kh0) * TG + g] = exp_run(r, width, n, top);
     }
   // Values: a feature slice of every query at once, over a block's positions in order.
   for (int64_t b = 0; b < nb; ++b)
@@ -589,37 +619,6 @@ INLINE void in_fours(F f) {
   if constexpr (TT % 4 == 3) f(TT - 3, std::integral_constant<int, 3>());
   if constexpr (TT % 4 == 2) f(TT - 2, std::integral_constant<int, 2>());
   if constexpr (TT % 4 == 1) f(TT - 1, std::integral_constant<int, 1>());
-}
-
-// row[0 … n) = e^(row - top) for the first `seen`, 0 past them (in runs of 16); returns
-// their sum, lane by lane of 16 and then across, whatever the vectors.
-INLINE float exp_run(float* row, int64_t n, int64_t seen, float top) {
-  float lanes[16];
-  if (wide_vectors()) {
-    f32x16 sum = {};
-    for (int64_t i = 0; i < n; i += 16) {
-      const f32x16 e = before(exp16(load16(row + i) - top), i, seen);
-      store16(row + i, e);
-      sum += e;
-    }
-    std::memcpy(lanes, &sum, sizeof lanes);
-  } else {
-    const i32x8 index = {0, 1, 2, 3, 4, 5, 6, 7};
-    f32x8 sum[2] = {};
-    for (int64_t i = 0; i < n; i += 16)
-      for (int half = 0; half < 2; ++half) {
-        f32x8 x;
-        std::memcpy(&x, row + i + 8 * half, sizeof x);
-        const int64_t left = std::clamp<int64_t>(seen - i - 8 * half, 0, 8);
-        const f32x8 e = index < static_cast<int32_t>(left) ? exp_of<f32x8, i32x8>(x - top) : f32x8{};
-        std::memcpy(row + i + 8 * half, &e, sizeof e);
-        sum[half] += e;
-      }
-    std::memcpy(lanes, sum, sizeof lanes);
-  }
-  float add = 0;
-  for (int l = 0; l < 16; ++l) add += lanes[l];
-  return add;
 }
 
 // The TT queries `qs` (all of one kv head) over positions [from, to) of `src`, each seeing

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "vec16.h"
@@ -24,18 +25,34 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// 16 columns of x (x's row d at x + d * stride) into y (likewise).
+// Columns of x (x's row d at x + d * stride), a vector Vec of them, into y (likewise).
+template <typename Vec>
+INLINE void norm_lanes(const float* x, int64_t stride, const float* scale, int64_t D, float eps,
+                       float* y) {
+  constexpr int L = sizeof(Vec) / sizeof(float);
+  auto at = [&](int64_t d) {
+    Vec v;
+    std::memcpy(&v, x + d * stride, sizeof v);
+    return v;
+  };
+  Vec squares{};
+  for (int64_t d = 0; d < D; ++d) squares += at(d) * at(d);
+  Vec inv{};  // (every lane set below)
+  for (int l = 0; l < L; ++l) inv[l] = 1.0f / std::sqrt(squares[l] / D + eps);
+  for (int64_t d = 0; d < D; ++d) {
+    const Vec v = at(d) * inv * scale[d];
+    std::memcpy(y + d * stride, &v, sizeof v);
+  }
+}
+
+// 16 columns of x into y: as one vector, or where the CPU lacks AVX-512 (whose vectors of
+// 16 GCC keeps in memory) as two of 8, each lane's arithmetic the same.
 JAXCHAT_TARGETS
 void norm16(const float* x, int64_t stride, const float* scale, int64_t D, float eps,
             float* y) {
-  f32x16 squares{};
-  for (int64_t d = 0; d < D; ++d) {
-    const f32x16 v = load16(x + d * stride);
-    squares += v * v;
-  }
-  f32x16 inv{};  // (every lane set below)
-  for (int l = 0; l < 16; ++l) inv[l] = 1.0f / std::sqrt(squares[l] / D + eps);
-  for (int64_t d = 0; d < D; ++d) store16(y + d * stride, load16(x + d * stride) * inv * scale[d]);
+  if (wide_vectors()) return norm_lanes<f32x16>(x, stride, scale, D, eps, y);
+  norm_lanes<f32x8>(x, stride, scale, D, eps, y);
+  norm_lanes<f32x8>(x + 8, stride, scale, D, eps, y + 8);
 }
 
 // Columns [16 c0, 16 c1) of x [D, T] into y; the last group may be partial (columns up
