@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+from model.engine import ledger as ledger_module
 from model.engine.blocks import BlockPool
 from model.engine.ledger import Ledger
 from model.engine.pacing import Pacing
@@ -456,10 +457,14 @@ def test_a_burst_with_cached_prefixes_is_prefilled_in_one_step(make):
     assert engine.steps[first]["prefill"] == want
 
 
-def test_a_step_reads_at_most_prior_groups_cached_prefixes(make):
+def test_a_step_reads_at_most_prior_groups_cached_prefixes(make, monkeypatch):
     """More distinct cached prefixes than a step has prior groups: the first PRIOR_GROUPS
-    prompts go in one step, the others in the next, each stream right."""
-    count = PRIOR_GROUPS + 2
+    prompts go in one step, the others in the next, each stream right. (The limit is
+    lowered to 6 here, so that the burst fits the small region.)"""
+    limit = 6
+    assert limit < PRIOR_GROUPS
+    monkeypatch.setattr(ledger_module, "PRIOR_GROUPS", limit)
+    count = limit + 2
     engine = MockEngine(batch=count, pool_blocks=8 * count)
     scheduler = make(engine)
     prefixes = [[i + 1] * 4 for i in range(count)]  # a full block of 4 each
@@ -473,8 +478,8 @@ def test_a_step_reads_at_most_prior_groups_cached_prefixes(make):
     handles = [scheduler.submit(p, [i], 3) for i, p in enumerate(prompts)]
     assert [run(h) for h in handles] == [expected(p, 3, i) for i, p in enumerate(prompts)]
     steps = engine.steps[first : first + 2]
-    assert [s["groups"] for s in steps] == [PRIOR_GROUPS, 2]
-    assert [s["prefill"] for s in steps] == [PRIOR_GROUPS, 2]
+    assert [s["groups"] for s in steps] == [limit, 2]
+    assert [s["prefill"] for s in steps] == [limit, 2]
 
 
 def test_when_the_pool_is_full_requests_wait_then_complete(make):
