@@ -47,7 +47,13 @@ HERE = Path(__file__).parent
 SOURCES = tuple(
     HERE / name for name in ("qmatmul.cc", "int_gemm.cc", "attention.cc", "norm.cc", "pool.cc")
 )
-HEADERS = (HERE / "workers.h", HERE / "int_gemm.h", HERE / "int_blocks.h", HERE / "vec16.h")
+HEADERS = (
+    HERE / "workers.h",
+    HERE / "int_gemm.h",
+    HERE / "int_blocks.h",
+    HERE / "vec16.h",
+    HERE / "formats.h",
+)
 # GCC's global CSE passes take most of -O3's time on these unrolled loops (qmatmul.cc:
 # 37 s, 17 s without them) and gain nothing measurable in the kernels' speed.
 OPTIMIZE = ("-O3", "-fno-gcse", "-fno-gcse-after-reload")

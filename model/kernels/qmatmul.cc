@@ -52,8 +52,7 @@ constexpr int kTile = 8;  // rows of x multiplied with one expanded block
 
 typedef uint8_t u8x16 __attribute__((vector_size(16)));
 typedef int8_t i8x16 __attribute__((vector_size(16)));
-typedef uint8_t u8x8 __attribute__((vector_size(8)));
-typedef int8_t i8x8 __attribute__((vector_size(8)));
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
 
 INLINE float half_to_float(const uint8_t* p) {
   _Float16 h;  // one instruction where the target has F16C (the AVX2 and AVX-512 clones)
@@ -61,50 +60,22 @@ INLINE float half_to_float(const uint8_t* p) {
   return static_cast<float>(h);
 }
 
-// A vector of floats Vec (16 lanes, or 8 where the CPU lacks AVX-512: vec16.h), its
-// lanes, the bytes and int32 of as many lanes, and how many vectors hold 16 values.
-template <typename Vec>
-struct Lanes;
-template <>
-struct Lanes<f32x16> {
-  using U8 = u8x16;
-  using I8 = i8x16;
-  using I32 = i32x16;
-};
-template <>
-struct Lanes<f32x8> {
-  using U8 = u8x8;
-  using I8 = i8x8;
-  using I32 = i32x8;
-};
+// The f32 arithmetic runs on vectors Vec of 16 floats (AVX-512's registers) or, where the
+// CPU lacks AVX-512, of 8 (AVX2's: GCC keeps a vector of 16 in memory there). The
+// weights' bytes become floats through the helpers below, overloaded on the vector (an
+// unused value of it). On vectors of 8 they take AVX2's intrinsics: GCC widens 8 bytes
+// (or the high half of 16) to 8 int32 one lane at a time through general registers, so
+// the vectors of 8 are only ever used in functions compiled for AVX2.
 template <typename Vec>
 constexpr int kLanes = sizeof(Vec) / sizeof(float);
 template <typename Vec>
-constexpr int kSplit = 16 / kLanes<Vec>;
+constexpr int kSplit = 16 / kLanes<Vec>;  // vectors per 16 values
 
 template <typename Vec>
 INLINE Vec load(const float* p) {
   Vec v;
   std::memcpy(&v, p, sizeof v);
   return v;
-}
-
-// kLanes<Vec> bytes from p.
-template <typename Vec>
-INLINE typename Lanes<Vec>::U8 bytes(const uint8_t* p) {
-  typename Lanes<Vec>::U8 q;
-  std::memcpy(&q, p, sizeof q);
-  return q;
-}
-
-template <typename Vec>
-INLINE Vec widen(typename Lanes<Vec>::U8 q) {
-  return __builtin_convertvector(__builtin_convertvector(q, typename Lanes<Vec>::I32), Vec);
-}
-// Signed bytes through the unsigned widening, which GCC vectorises (q + 128 is q ^ 0x80).
-template <typename Vec>
-INLINE Vec widen_signed(typename Lanes<Vec>::U8 q) {
-  return widen<Vec>(q ^ 0x80) - 128.0f;
 }
 
 template <typename Vec>
@@ -114,192 +85,90 @@ INLINE float sum_of(Vec v) {
   return s;
 }
 
-// Each format as: bytes per block, values per block, and `expand`, which writes a
-// block's values as f32 vectors Vec (values 16 g .. 16 g + 15 in w[S g .. S g + S), S =
-// kSplit<Vec>) into `w`. A format's 16 values come from 16 bytes (or nibbles of them), the
-// h-th vector of them from the h-th kLanes<Vec> of those bytes.
-struct Q8_0 {
-  static constexpr int kBytes = 34, kValues = 32;
-  template <typename Vec>
-  INLINE void expand(const uint8_t* b, Vec* w) {
-    float d = half_to_float(b);
-    for (int i = 0; i < 2 * kSplit<Vec>; ++i)
-      w[i] = widen_signed<Vec>(bytes<Vec>(b + 2 + kLanes<Vec> * i)) * d;
-  }
-};
+INLINE f32x16 widen(u8x16 q) { return __builtin_convertvector(__builtin_convertvector(q, i32x16), f32x16); }
 
-struct Q4_0 {  // values 0-15 in the low nibbles, 16-31 in the high ones; w = d (q - 8)
-  static constexpr int kBytes = 18, kValues = 32;
-  template <typename Vec>
-  INLINE void expand(const uint8_t* b, Vec* w) {
-    constexpr int S = kSplit<Vec>;
-    float d = half_to_float(b);
-    for (int h = 0; h < S; ++h) {
-      auto q = bytes<Vec>(b + 2 + kLanes<Vec> * h);
-      w[h] = (widen<Vec>(q & 15) - 8.0f) * d;
-      w[S + h] = (widen<Vec>(q >> 4) - 8.0f) * d;
-    }
-  }
-};
-
-struct Q4_1 {  // w = d q + m
-  static constexpr int kBytes = 20, kValues = 32;
-  template <typename Vec>
-  INLINE void expand(const uint8_t* b, Vec* w) {
-    constexpr int S = kSplit<Vec>;
-    float d = half_to_float(b), m = half_to_float(b + 2);
-    for (int h = 0; h < S; ++h) {
-      auto q = bytes<Vec>(b + 4 + kLanes<Vec> * h);
-      w[h] = widen<Vec>(q & 15) * d + m;
-      w[S + h] = widen<Vec>(q >> 4) * d + m;
-    }
-  }
-};
-
-// Q4_K: 256 values in 8 sub-blocks of 32, each with a 6-bit scale and min
-// (w = d sc q - dmin m); the 4-bit values of sub-blocks 2j and 2j+1 share 32 bytes.
-struct Q4_K {
-  static constexpr int kBytes = 144, kValues = 256;
-  INLINE void scale_min(int j, const uint8_t* s, int* sc, int* m) {
-    if (j < 4) {
-      *sc = s[j] & 63;
-      *m = s[j + 4] & 63;
-    } else {
-      *sc = (s[j + 4] & 0xf) | ((s[j - 4] >> 6) << 4);
-      *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
-    }
-  }
-  template <typename Vec>
-  INLINE void expand(const uint8_t* b, Vec* w) {
-    constexpr int S = kSplit<Vec>;
-    float d = half_to_float(b), dmin = half_to_float(b + 2);
-    const uint8_t *scales = b + 4, *qs = b + 16;
-    for (int j = 0; j < 4; ++j) {  // 64 values: two sub-blocks
-      int sc0, m0, sc1, m1;
-      scale_min(2 * j, scales, &sc0, &m0);
-      scale_min(2 * j + 1, scales, &sc1, &m1);
-      float d0 = d * sc0, d1 = d * sc1, n0 = dmin * m0, n1 = dmin * m1;
-      for (int h = 0; h < 2; ++h)
-        for (int s = 0; s < S; ++s) {
-          auto q = bytes<Vec>(qs + 32 * j + 16 * h + kLanes<Vec> * s);
-          w[(4 * j + h) * S + s] = widen<Vec>(q & 15) * d0 - n0;
-          w[(4 * j + 2 + h) * S + s] = widen<Vec>(q >> 4) * d1 - n1;
-        }
-    }
-  }
-};
-
-// Q6_K: 256 values in 16 sub-blocks of 16 with int8 scales; each value's low 4 bits in
-// ql, high 2 bits in qh, offset by 32.
-struct Q6_K {
-  static constexpr int kBytes = 210, kValues = 256;
-  template <typename Vec>
-  INLINE void expand(const uint8_t* b, Vec* w) {
-    constexpr int S = kSplit<Vec>;
-    const uint8_t *ql = b, *qh = b + 128;
-    const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
-    float d = half_to_float(b + 208);
-    for (int n = 0; n < 2; ++n) {  // 128 values
-      for (int h = 0; h < 2; ++h) {  // values l = 16 h .. 16 h + 15 of each quarter
-        for (int s = 0; s < S; ++s) {
-          const int at = 16 * h + kLanes<Vec> * s;
-          auto lo = bytes<Vec>(ql + 64 * n + at), hi = bytes<Vec>(ql + 64 * n + 32 + at);
-          auto high = bytes<Vec>(qh + 32 * n + at);
-          decltype(lo) q[4] = {
-              (lo & 15) | ((high & 3) << 4),
-              (hi & 15) | (((high >> 2) & 3) << 4),
-              (lo >> 4) | (((high >> 4) & 3) << 4),
-              (hi >> 4) | (((high >> 6) & 3) << 4),
-          };
-          for (int k = 0; k < 4; ++k) {
-            float scale = d * sc[8 * n + 2 * k + h];
-            w[(8 * n + 2 * k + h) * S + s] = (widen<Vec>(q[k]) - 32.0f) * scale;
-          }
-        }
-      }
-    }
-  }
-};
-
-// y[n, t0 .. t0+TT) for one weight row of a block format.
-template <typename F, typename Vec, int TT>
-INLINE void block_row(const uint8_t* row, const float* x, int64_t K, float* y) {
-  constexpr int L = kLanes<Vec>, V = F::kValues / L;
-  Vec acc[TT] = {};
-  Vec w[V];
-  for (int64_t b = 0; b < K / F::kValues; ++b) {
-    F().expand(row + b * F::kBytes, w);
-    const float* xb = x + b * F::kValues;
-    for (int t = 0; t < TT; ++t)
-      for (int v = 0; v < V; ++v) acc[t] += w[v] * load<Vec>(xb + t * K + L * v);
-  }
-  for (int t = 0; t < TT; ++t) y[t] = sum_of(acc[t]);
+INLINE u8x16 bytes16(const uint8_t* p) {
+  u8x16 q;
+  std::memcpy(&q, p, 16);
+  return q;
 }
 
-// jaxchat's int8 rows: a row is an f32 scale, then K int8 values; any K.
-template <typename Vec, int TT>
-INLINE void int8_row(const uint8_t* row, const float* x, int64_t K, float* y) {
-  constexpr int L = kLanes<Vec>;
-  float scale;
-  std::memcpy(&scale, row, 4);
-  const uint8_t* q = row + 4;
-  Vec acc[TT] = {};
-  int64_t k = 0;
-  for (; k + L <= K; k += L) {
-    Vec w = widen_signed<Vec>(bytes<Vec>(q + k));
-    for (int t = 0; t < TT; ++t) acc[t] += w * load<Vec>(x + t * K + k);
-  }
-  for (int t = 0; t < TT; ++t) {
-    float s = sum_of(acc[t]);
-    for (int64_t j = k; j < K; ++j) s += static_cast<int8_t>(q[j]) * x[t * K + j];
-    y[t] = s * scale;
-  }
+// 16 signed bytes at p as floats (through the unsigned widening, which GCC vectorises:
+// q + 128 is q ^ 0x80).
+INLINE f32x16 signed_at(const uint8_t* p, f32x16) { return widen(bytes16(p) ^ 0x80) - 128.0f; }
+
+// The low and high nibbles of 16 bytes at p as floats.
+INLINE void nibbles_at(const uint8_t* p, f32x16, f32x16* low, f32x16* high) {
+  const u8x16 q = bytes16(p);
+  *low = widen(q & 15);
+  *high = widen(q >> 4);
 }
 
-template <typename Vec, int TT>
-INLINE void one_row(int64_t kind, const uint8_t* row, const float* x, int64_t K, float* y) {
-  switch (kind) {
-    case kQ8_0: return block_row<Q8_0, Vec, TT>(row, x, K, y);
-    case kQ4_0: return block_row<Q4_0, Vec, TT>(row, x, K, y);
-    case kQ4_1: return block_row<Q4_1, Vec, TT>(row, x, K, y);
-    case kQ4_K: return block_row<Q4_K, Vec, TT>(row, x, K, y);
-    case kQ6_K: return block_row<Q6_K, Vec, TT>(row, x, K, y);
-    default: return int8_row<Vec, TT>(row, x, K, y);
-  }
+// Q6_K's values (0-63) from 16 bytes each of low bits `lo`, `hi` and high bits `high`:
+// lo's low nibbles, hi's, lo's high nibbles, hi's, each with its 2 bits of `high`.
+INLINE void six_bits_at(const uint8_t* lo, const uint8_t* hi, const uint8_t* high, f32x16,
+                        f32x16* q) {
+  const u8x16 l = bytes16(lo), h = bytes16(hi), top = bytes16(high);
+  q[0] = widen((l & 15) | ((top & 3) << 4));
+  q[1] = widen((h & 15) | (((top >> 2) & 3) << 4));
+  q[2] = widen((l >> 4) | (((top >> 4) & 3) << 4));
+  q[3] = widen((h >> 4) | (((top >> 6) & 3) << 4));
 }
 
-// Weight rows [n0, n1) against columns [from, U) of x, given as rows [U - from, K]: y is
-// [N, T], those columns of it written, and its columns from U on zero.
-template <typename Vec>
-INLINE void rows_of(int64_t kind, const uint8_t* w, int64_t row_bytes, const float* x,
-                    int64_t T, int64_t from, int64_t U, int64_t K, float* y, int64_t n0,
-                    int64_t n1) {
-  float out[kTile];
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = w + n * row_bytes;
-    std::fill(y + n * T + U, y + (n + 1) * T, 0.0f);
-    for (int64_t t0 = from; t0 < U; t0 += kTile) {
-      const float* xt = x + (t0 - from) * K;
-      switch (std::min<int64_t>(kTile, U - t0)) {
-        case 1: one_row<Vec, 1>(kind, row, xt, K, out); break;
-        case 2: one_row<Vec, 2>(kind, row, xt, K, out); break;
-        case 3: one_row<Vec, 3>(kind, row, xt, K, out); break;
-        case 4: one_row<Vec, 4>(kind, row, xt, K, out); break;
-        case 5: one_row<Vec, 5>(kind, row, xt, K, out); break;
-        case 6: one_row<Vec, 6>(kind, row, xt, K, out); break;
-        case 7: one_row<Vec, 7>(kind, row, xt, K, out); break;
-        default: one_row<Vec, 8>(kind, row, xt, K, out); break;
-      }
-      for (int64_t t = t0; t < std::min<int64_t>(U, t0 + kTile); ++t) y[n * T + t] = out[t - t0];
-    }
-  }
+AVX2 INLINE i32x8 ints8(const uint8_t* p) {
+  return reinterpret_cast<i32x8>(
+      _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+AVX2 INLINE f32x8 signed_at(const uint8_t* p, f32x8) {
+  const __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  return __builtin_convertvector(reinterpret_cast<i32x8>(v), f32x8);
+}
+
+AVX2 INLINE void nibbles_at(const uint8_t* p, f32x8, f32x8* low, f32x8* high) {
+  const i32x8 v = ints8(p);
+  *low = __builtin_convertvector(v & 15, f32x8);
+  *high = __builtin_convertvector(v >> 4, f32x8);
+}
+
+AVX2 INLINE void six_bits_at(const uint8_t* lo, const uint8_t* hi, const uint8_t* high, f32x8,
+                             f32x8* q) {
+  const i32x8 l = ints8(lo), h = ints8(hi), top = ints8(high);
+  q[0] = __builtin_convertvector((l & 15) | ((top & 3) << 4), f32x8);
+  q[1] = __builtin_convertvector((h & 15) | (((top >> 2) & 3) << 4), f32x8);
+  q[2] = __builtin_convertvector((l >> 4) | (((top >> 4) & 3) << 4), f32x8);
+  q[3] = __builtin_convertvector((h >> 4) | (((top >> 6) & 3) << 4), f32x8);
+}
+
+namespace by16 {  // for the target clones: vectors of 16
+#include "formats.h"
+}  // namespace by16
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace by8 {  // for AVX2: vectors of 8
+#include "formats.h"
+}  // namespace by8
+#pragma GCC pop_options
+
+// Weight rows [n0, n1) against columns [from, U) of x (`rows_of`).
+AVX2 void rows8(int64_t kind, const uint8_t* w, int64_t row_bytes, const float* x, int64_t T,
+                int64_t from, int64_t U, int64_t K, float* y, int64_t n0, int64_t n1) {
+  by8::rows_of<f32x8>(kind, w, row_bytes, x, T, from, U, K, y, n0, n1);
+}
+
+// Whether the CPU has AVX2, FMA and F16C (the functions marked AVX2).
+bool has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
+  return has;
 }
 
 JAXCHAT_TARGETS
 void rows(int64_t kind, const uint8_t* w, int64_t row_bytes, const float* x, int64_t T,
           int64_t from, int64_t U, int64_t K, float* y, int64_t n0, int64_t n1) {
-  if (wide_vectors()) return rows_of<f32x16>(kind, w, row_bytes, x, T, from, U, K, y, n0, n1);
-  rows_of<f32x8>(kind, w, row_bytes, x, T, from, U, K, y, n0, n1);
+  if (!wide_vectors() && has_avx2()) return rows8(kind, w, row_bytes, x, T, from, U, K, y, n0, n1);
+  by16::rows_of<f32x16>(kind, w, row_bytes, x, T, from, U, K, y, n0, n1);
 }
 
 // ---- Few rows, 32-value formats: integer products (AVX2) -------------------------------
@@ -311,8 +180,6 @@ void rows(int64_t kind, const uint8_t* w, int64_t row_bytes, const float* x, int
 // 1.5e-5 of that), and a block's product is one integer dot product (vpmaddwd) of the
 // weights' integers with x's, scaled once. Q4_1's offset m adds m times the block's sum
 // of x, taken in f32.
-
-#define AVX2 __attribute__((target("avx2,fma,f16c")))
 
 // x's rows [U, K] (K a multiple of 32) as 16-bit integers [U, K], with each block's scale
 // and sum [U, K / 32]: the values int_gemm.cc's quantize_chunk gives a column of x.
@@ -460,9 +327,7 @@ AVX2 void int_rows(int64_t kind, const uint8_t* w, int64_t row_bytes, const int1
 
 // Whether few-row products of this format take the integer path (on x86 with AVX2).
 bool integer_path(int64_t kind) {
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                           __builtin_cpu_supports("f16c");
-  return avx2 && (kind == kQ8_0 || kind == kQ4_0 || kind == kQ4_1);
+  return has_avx2() && (kind == kQ8_0 || kind == kQ4_0 || kind == kQ4_1);
 }
 
 // ---- Many rows: a small GEMM ------------------------------------------------------------
@@ -477,32 +342,8 @@ bool integer_path(int64_t kind) {
 constexpr int kPanel = 12;   // weight rows expanded together
 constexpr int kColumns = 32;  // columns of x per pass over a panel: two vectors
 
-template <typename F, typename Vec>
-INLINE void expand_blocks(const uint8_t* row, int64_t K, float* out) {
-  Vec w[F::kValues / kLanes<Vec>];
-  for (int64_t b = 0; b < K / F::kValues; ++b) {
-    F().expand(row + b * F::kBytes, w);
-    std::memcpy(out + b * F::kValues, w, sizeof w);
-  }
-}
-
-INLINE void expand_int8(const uint8_t* row, int64_t K, float* out) {
-  float scale;
-  std::memcpy(&scale, row, 4);
-  for (int64_t k = 0; k < K; ++k) out[k] = static_cast<int8_t>(row[4 + k]) * scale;
-}
-
-// One weight row as K floats.
-template <typename Vec>
-INLINE void expand_row(int64_t kind, const uint8_t* row, int64_t K, float* out) {
-  switch (kind) {
-    case kQ8_0: return expand_blocks<Q8_0, Vec>(row, K, out);
-    case kQ4_0: return expand_blocks<Q4_0, Vec>(row, K, out);
-    case kQ4_1: return expand_blocks<Q4_1, Vec>(row, K, out);
-    case kQ4_K: return expand_blocks<Q4_K, Vec>(row, K, out);
-    case kQ6_K: return expand_blocks<Q6_K, Vec>(row, K, out);
-    default: return expand_int8(row, K, out);
-  }
+AVX2 void expand_row8(int64_t kind, const uint8_t* row, int64_t K, float* out) {
+  by8::expand_row<f32x8>(kind, row, K, out);
 }
 
 // y[j, c] = sum_k panel[j, k] x[k, c] for R rows j of a panel (row stride K) and V vectors
@@ -556,10 +397,10 @@ void panels(int64_t kind, const uint8_t* w, int64_t row_bytes, int64_t N, const 
   for (int64_t p = p0; p < p1; ++p) {
     int64_t n0 = p * kPanel, rows_here = std::min<int64_t>(kPanel, N - n0);
     for (int64_t j = 0; j < kPanel; ++j) {
-      if (j < rows_here && wide_vectors()) {
-        expand_row<f32x16>(kind, w + (n0 + j) * row_bytes, K, panel.data() + j * K);
+      if (j < rows_here && !wide_vectors() && has_avx2()) {
+        expand_row8(kind, w + (n0 + j) * row_bytes, K, panel.data() + j * K);
       } else if (j < rows_here) {
-        expand_row<f32x8>(kind, w + (n0 + j) * row_bytes, K, panel.data() + j * K);
+        by16::expand_row<f32x16>(kind, w + (n0 + j) * row_bytes, K, panel.data() + j * K);
       } else {
         std::fill_n(panel.data() + j * K, K, 0.0f);
       }
@@ -799,11 +640,11 @@ AVX512 void canonical_rows512(int64_t kind, const uint8_t* w, int64_t row_bytes,
 int64_t row_bytes_of(int64_t kind, int64_t K) {
   auto blocks = [K](int values, int bytes) -> int64_t { return K % values ? -1 : K / values * bytes; };
   switch (kind) {
-    case kQ8_0: return blocks(Q8_0::kValues, Q8_0::kBytes);
-    case kQ4_0: return blocks(Q4_0::kValues, Q4_0::kBytes);
-    case kQ4_1: return blocks(Q4_1::kValues, Q4_1::kBytes);
-    case kQ4_K: return blocks(Q4_K::kValues, Q4_K::kBytes);
-    case kQ6_K: return blocks(Q6_K::kValues, Q6_K::kBytes);
+    case kQ8_0: return blocks(by16::Q8_0::kValues, by16::Q8_0::kBytes);
+    case kQ4_0: return blocks(by16::Q4_0::kValues, by16::Q4_0::kBytes);
+    case kQ4_1: return blocks(by16::Q4_1::kValues, by16::Q4_1::kBytes);
+    case kQ4_K: return blocks(by16::Q4_K::kValues, by16::Q4_K::kBytes);
+    case kQ6_K: return blocks(by16::Q6_K::kValues, by16::Q6_K::kBytes);
     case kInt8Row: return 4 + K;
     default: return -1;
   }
