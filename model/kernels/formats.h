@@ -188,7 +188,11 @@ INLINE void expand_blocks(const uint8_t* row, int64_t K, float* out) {
   Vec w[F::kValues / kLanes<Vec>];
   for (int64_t b = 0; b < K / F::kValues; ++b) {
     F().expand(row + b * F::kBytes, w);
-    std::memcpy(out + b * F::kValues, w, sizeof w);
+    // A store per vector: a copy of the array went through the stack, 16 bytes at a time.
+    for (int v = 0; v < F::kValues / kLanes<Vec>; ++v) {
+      const Vec value = w[v];
+      std::memcpy(out + b * F::kValues + kLanes<Vec> * v, &value, sizeof value);
+    }
   }
 }
 
