@@ -21,6 +21,7 @@ import fnmatch
 import os
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -355,6 +356,42 @@ def test_every_source_compiles_for_the_portable_build():
     ]
     errors = [(job.args[-3], job.communicate()[1]) for job in jobs]  # (waits for each)
     assert [error for error, job in zip(errors, jobs, strict=True) if job.returncode] == []
+
+
+def test_the_other_vector_width_passes_the_kernels_tests():
+    """The kernels' f32 loops come in vectors of 16 floats (AVX-512) and of 8 (AVX2's
+    registers: the formats' expansion then takes AVX2 intrinsics, formats.h), the CPU
+    picking one. The tests that hold the f32 products, SwiGLU, the norms and attention to
+    their references run again in a child with JAXCHAT_KERNEL_VECTORS set to the width
+    this CPU does not pick, so both are tested whichever CPU runs the suite."""
+    other = "8" if kernels.wide_vectors() else "16"
+    root = Path(__file__).resolve().parent.parent
+    tests = ["tests/test_qmatmul.py", "tests/test_norm.py", "tests/test_paged_attention.py"]
+    chosen = (
+        "(match_numpy or glu or beside_prompt or used_columns or norm or cpu_kernel) and not cut"
+    )
+    child = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-n0",
+            "-p",
+            "no:cacheprovider",
+            "-k",
+            chosen,
+            *tests,
+        ],
+        cwd=root,
+        env={**os.environ, "JAXCHAT_KERNEL_VECTORS": other},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
+    passed = int(child.stdout.split(" passed")[0].split()[-1])
+    assert passed >= 40, child.stdout[-2000:]
 
 
 def test_threads_and_one_thread_agree_exactly():

@@ -181,6 +181,13 @@ def int_gemm_path(kind: int) -> bool:
     return bool(lib.JaxchatIntGemm(kind))
 
 
+def wide_vectors() -> bool:
+    """Whether the kernels' f32 loops take vectors of 16 floats (the CPU has AVX-512, or
+    JAXCHAT_KERNEL_VECTORS=16) rather than of 8 (AVX2's registers)."""
+    lib = library()
+    return lib is not None and bool(lib.JaxchatWideVectors())
+
+
 @cache
 def load() -> bool:
     """Register the kernels with XLA:CPU; False (and why, in the log) when the library is

@@ -905,6 +905,9 @@ extern "C" int JaxchatIntegerPath(int64_t kind, int64_t rows) {
   return rows <= kFewRows && integer_path(kind);
 }
 
+// Whether the f32 loops take vectors of 16 (else of 8).
+extern "C" int JaxchatWideVectors() { return wide_vectors(); }
+
 // Whether every column of a product, decode row or prompt token, takes int_gemm.cc's
 // integer arithmetic (few rows or many).
 extern "C" int JaxchatIntGemm(int64_t kind) { return jaxchat::int_gemm_path(kind); }

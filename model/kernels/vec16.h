@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 #define INLINE static inline __attribute__((always_inline))
@@ -23,9 +24,16 @@ INLINE void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof v); }
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
 
-// Whether the CPU has AVX-512's registers: vectors of 16, else of 8.
+// Whether the loops take vectors of 16 (the CPU has AVX-512's registers) or of 8.
+// JAXCHAT_KERNEL_VECTORS=8 or 16 overrides the CPU's choice, so that the tests run each
+// width's code on any CPU with AVX2 (neither needs more).
 INLINE bool wide_vectors() {
-  static const bool wide = __builtin_cpu_supports("avx512f");
+  static const bool wide = [] {
+    const char* forced = std::getenv("JAXCHAT_KERNEL_VECTORS");
+    if (forced != nullptr && std::strcmp(forced, "8") == 0) return false;
+    if (forced != nullptr && std::strcmp(forced, "16") == 0) return true;
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
   return wide;
 }
 
