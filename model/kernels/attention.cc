@@ -185,30 +185,39 @@ constexpr int64_t kGroupTile = 4;  // query heads of one kv head that share each
 // The hot loops below run on vectors of 16 floats with AVX-512 and of 8 elsewhere
 // (`wide_vectors`; on AVX2, 8 decode rows over 20-120 positions took 0.58 ms a layer with
 // vectors of 16). A lane's sums are the same either way.
-// NV feature slices (of 16) of TG queries' weighted values over `used` positions (value p
-// at values + p * H), added to acc[g * stride + v] in position order: each slice and query
-// a sum of its own (TG·NV independent chains of multiply-adds in flight), in vectors Vec.
-template <typename Vec, int TG, int NV>
-INLINE void value_slices_of(const float* values, int64_t H, int64_t used,
-                            const float* const* weights, f32x16* acc, int64_t stride) {
+// NV feature slices (of 16) of TG queries' weighted values over n positions (position
+// i's values at row(i), query g's weight weight(g, i)), added to the 16 floats at at(g, v)
+// in position order: each slice and query a sum of its own (TG·NV independent chains of
+// multiply-adds in flight), in vectors Vec. Decode and prompt attention address them
+// their own ways.
+template <typename Vec, int TG, int NV, typename Row, typename Weight, typename At>
+INLINE void weighted_values(int64_t n, Row row, Weight weight, At at) {
   constexpr int L = sizeof(Vec) / sizeof(float), P = 16 / L;
-  auto at = [&](int g, int v, int p) {
-    return reinterpret_cast<float*>(acc + g * stride + v) + L * p;
-  };
   Vec part[TG][NV][P];
   for (int g = 0; g < TG; ++g)
     for (int v = 0; v < NV; ++v)
-      for (int p = 0; p < P; ++p) std::memcpy(&part[g][v][p], at(g, v, p), sizeof(Vec));
-  for (int64_t i = 0; i < used; ++i)
+      for (int p = 0; p < P; ++p) std::memcpy(&part[g][v][p], at(g, v) + L * p, sizeof(Vec));
+  for (int64_t i = 0; i < n; ++i)
     for (int v = 0; v < NV; ++v)
       for (int p = 0; p < P; ++p) {
         Vec value;
-        std::memcpy(&value, values + i * H + 16 * v + L * p, sizeof value);
-        for (int g = 0; g < TG; ++g) part[g][v][p] += weights[g][i] * value;
+        std::memcpy(&value, row(i) + 16 * v + L * p, sizeof value);
+        for (int g = 0; g < TG; ++g) part[g][v][p] += weight(g, i) * value;
       }
   for (int g = 0; g < TG; ++g)
     for (int v = 0; v < NV; ++v)
-      for (int p = 0; p < P; ++p) std::memcpy(at(g, v, p), &part[g][v][p], sizeof(Vec));
+      for (int p = 0; p < P; ++p) std::memcpy(at(g, v) + L * p, &part[g][v][p], sizeof(Vec));
+}
+
+// Decode attention's: value p at values + p * H, query g's weights[g], its slice v at
+// acc[g * stride + v].
+template <typename Vec, int TG, int NV>
+INLINE void value_slices_of(const float* values, int64_t H, int64_t used,
+                            const float* const* weights, f32x16* acc, int64_t stride) {
+  weighted_values<Vec, TG, NV>(
+      used, [&](int64_t i) { return values + i * H; },
+      [&](int g, int64_t i) { return weights[g][i]; },
+      [&](int g, int v) { return reinterpret_cast<float*>(acc + g * stride + v); });
 }
 
 template <int TG, int NV>
@@ -592,22 +601,10 @@ INLINE void span_scores(const Piece* runs, const float (*qt)[TT], int64_t H, int
 template <typename Vec, int TQ, int NV>
 INLINE void span_values(const float* const* values, int64_t n, const float (*scores)[kSpan],
                         int t0, float* acc, int64_t v) {
-  constexpr int L = sizeof(Vec) / sizeof(float), P = 16 / L;
-  auto at = [&](int t, int w, int p) { return acc + (t0 + t) * kMaxHead + 16 * (v + w) + L * p; };
-  Vec part[TQ][NV][P];
-  for (int t = 0; t < TQ; ++t)
-    for (int w = 0; w < NV; ++w)
-      for (int p = 0; p < P; ++p) std::memcpy(&part[t][w][p], at(t, w, p), sizeof(Vec));
-  for (int64_t i = 0; i < n; ++i)
-    for (int w = 0; w < NV; ++w)
-      for (int p = 0; p < P; ++p) {
-        Vec value;
-        std::memcpy(&value, values[i] + 16 * (v + w) + L * p, sizeof value);
-        for (int t = 0; t < TQ; ++t) part[t][w][p] += scores[t0 + t][i] * value;
-      }
-  for (int t = 0; t < TQ; ++t)
-    for (int w = 0; w < NV; ++w)
-      for (int p = 0; p < P; ++p) std::memcpy(at(t, w, p), &part[t][w][p], sizeof(Vec));
+  weighted_values<Vec, TQ, NV>(
+      n, [&](int64_t i) { return values[i] + 16 * v; },
+      [&](int t, int64_t i) { return scores[t0 + t][i]; },
+      [&](int t, int w) { return acc + (t0 + t) * kMaxHead + 16 * (v + w); });
 }
 
 // f(t0, TQ) over the TT queries in groups of up to 4 (2 TQ accumulators of vectors of 8 in

@@ -51,7 +51,6 @@ constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8, kQ4_K = 12, kQ6_K = 14, kInt8
 constexpr int kTile = 8;  // rows of x multiplied with one expanded block
 
 typedef uint8_t u8x16 __attribute__((vector_size(16)));
-typedef int8_t i8x16 __attribute__((vector_size(16)));
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
 
 INLINE float half_to_float(const uint8_t* p) {
