@@ -366,6 +366,12 @@ def test_the_other_vector_width_passes_the_kernels_tests():
     this CPU does not pick, so both are tested whichever CPU runs the suite."""
     other = "8" if kernels.wide_vectors() else "16"
     root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "JAXCHAT_KERNEL_VECTORS": other}
+    width = "from model import kernels; print(16 if kernels.wide_vectors() else 8)"
+    picked = subprocess.run(
+        [sys.executable, "-c", width], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert picked.stdout.split() == [other], picked.stderr[-2000:]  # the child takes the other
     tests = ["tests/test_qmatmul.py", "tests/test_norm.py", "tests/test_paged_attention.py"]
     chosen = (
         "(match_numpy or glu or beside_prompt or used_columns or norm or cpu_kernel) and not cut"
@@ -384,7 +390,7 @@ def test_the_other_vector_width_passes_the_kernels_tests():
             *tests,
         ],
         cwd=root,
-        env={**os.environ, "JAXCHAT_KERNEL_VECTORS": other},
+        env=env,
         capture_output=True,
         text=True,
         timeout=600,
