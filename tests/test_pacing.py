@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from model.engine.pacing import FIRST_ROOM, Pacing, prior_scale
+from model.engine.pacing import FIRST_ROOM, READ_FIRST_STEP, Pacing, prior_scale
 from model.engine.variants import SMALL_CHUNK, StepShape
 from model.nn.config import ModelConfig
 from tests.test_scheduler import MockEngine, expected, run
@@ -25,6 +25,22 @@ def test_the_prior_scale_is_where_attention_costs_what_the_products_do():
     # up and down 3 x 576 x 1536: 3,538,944 weights, 2 FLOPs each; per prior position,
     # scores and values for 9 heads of 64: 4 x 576 FLOPs. 7,077,888 / 2,304 = 3,072.
     assert prior_scale(SMOLLM2) == 3072
+
+
+def test_steps_are_read_before_planning_only_where_long_and_a_request_may_be_admitted():
+    pacing = Pacing(SMOLLM2, SHARE)
+    assert not pacing.read_first(True)  # nothing timed yet
+    pacing.measured(DECODE, True, 0, 9.0)  # a shape's first run is not counted
+    for _ in range(3):
+        pacing.measured(DECODE, True, 0, 0.5 * READ_FIRST_STEP)
+    assert pacing.decode == 0.5 * READ_FIRST_STEP
+    assert not pacing.read_first(True)  # short steps: planning the next overlaps this one
+    for _ in range(4):
+        pacing.measured(DECODE, True, 0, 1.5 * READ_FIRST_STEP)
+        pacing.measured(MIXED, True, 8, 9 * READ_FIRST_STEP)  # steps with prompt tokens
+    assert pacing.decode == 1.5 * READ_FIRST_STEP  # (the median of decode-only steps)
+    assert pacing.read_first(True)
+    assert not pacing.read_first(False)  # every slot busy and nothing waiting
 
 
 def test_the_room_converges_to_the_work_that_fills_the_share():

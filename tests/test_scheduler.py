@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from model.engine import ledger as ledger_module
+from model.engine import pacing as pacing_module
 from model.engine.blocks import BlockPool
 from model.engine.ledger import Ledger
 from model.engine.pacing import Pacing
@@ -276,6 +277,31 @@ def test_engine_failure_reaches_every_request_and_later_submits(make):
 
 
 # ---- prefill: chunks, sharing, prefix caching ---------------------------------------
+
+
+@pytest.mark.parametrize("read_first", [True, False])
+def test_where_steps_are_long_a_freed_slot_takes_the_waiting_request_in_the_next_step(
+    make, monkeypatch, read_first
+):
+    """One slot, a stream of 6 tokens and a request waiting for it. Planning the next
+    step before reading the one in flight, the stream's row runs once more after its
+    last token (dropped) and the waiting prompt goes in the step after that; reading
+    first (Pacing.read_first, as where decode steps are long), it goes in the next."""
+    monkeypatch.setattr(pacing_module, "READ_FIRST_STEP", 0.0 if read_first else math.inf)
+    engine = MockEngine(batch=1, step_delay=0.002)
+    scheduler = make(engine)
+    stream = scheduler.submit([3, 4], [0], 6, stop_at_eos=False)
+    waiting = scheduler.submit([5], [1], 1, stop_at_eos=False)
+    assert run(stream) == expected([3, 4], 6)
+    assert run(waiting) == expected([5], 1, salt=1)
+    # The stream's prompt (its 1st token), 5 decode steps, the waiting prompt; and, planned
+    # before its end was read, one more for the stream's row. (The waiting request's row
+    # runs once more too: nothing waits then.)
+    kinds = ["prefill" if s["prefill"] else "decode" for s in engine.steps]
+    wasted = [] if read_first else ["decode"]
+    assert kinds[: kinds.index("prefill", 1) + 1] == ["prefill"] + ["decode"] * 5 + wasted + [
+        "prefill"
+    ]
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode(make):

@@ -30,10 +30,10 @@ decides what goes in each step:
 - The host does not wait for the step it just dispatched: it reads the tokens of
   the previous step while the device computes the next. A sequence that ended
   in step n has already run in step n+1; that token is dropped, since each step
-  remembers which sequence owned which row when it was dispatched. A sequence
-  with a grammar (`Constraint`) needs its mask before each step, which depends
-  on the previous token: while one runs, each step's tokens are read before the
-  next is dispatched.
+  remembers which sequence owned which row when it was dispatched. Each step's
+  tokens are read before the next is planned while a sequence has a grammar
+  (`Constraint`: its mask depends on the previous token), drafts are made, or,
+  where steps are long, a request may be admitted (model/engine/pacing.py).
 - Pool exhaustion: new requests wait in the queue. If a decoding sequence needs
   a block and none is free, the most recently admitted running sequence is
   preempted: it keeps its slot (so its sampling state, PRNG key included) and
@@ -224,13 +224,18 @@ class Scheduler:
         self._state = self.engine.init_state()
         in_flight: _Step | None = None
         while not self._stopping.is_set():
-            self._drop_cancelled()
+            for seq in (s for s in self._live() if s.cancelled):
+                self._finish(seq)
             self._admit(block=in_flight is None and self.active == 0)
-            live = self._live()  # a grammar's mask or a draft needs the newest tokens:
-            masks = any(s.constraint is not None for s in live)
-            if in_flight is not None and (masks or self.speculation.wants(live)):
+            # Newest tokens first for a grammar's mask, a draft, or admission (Pacing.read_first)
+            live = self._live()
+            first = any(s.constraint is not None for s in live) or self.speculation.wants(live)
+            admissible = len(live) < len(self._slots) or not self.waiting.empty()
+            if in_flight is not None and (first or self.ledger.pacing.read_first(admissible)):
                 self._deliver(in_flight)
                 in_flight = None
+                if not first:
+                    continue  # to admit to the slots it freed
             try:
                 step = self._dispatch(in_flight is not None)
             except _Sync:
@@ -246,11 +251,6 @@ class Scheduler:
 
     def _live(self) -> list[Seq]:
         return [s for s in self._slots if s is not None]
-
-    def _drop_cancelled(self) -> None:
-        for seq in self._live():
-            if seq.cancelled:
-                self._finish(seq)
 
     def _finish(self, seq: Seq) -> None:
         """Free the sequence's slot and blocks (a step in flight may still write them:
