@@ -443,6 +443,22 @@ def test_a_repeated_prompt_copies_its_begun_block_and_computes_one_token(make):
     assert sum(s["prefill"] for s in engine.steps) - before == len(prompt)
 
 
+def test_a_burst_of_one_prompt_computes_it_once(make):
+    """Identical prompts at once, and another: one of the twins is computed beside the
+    other prompt, and the rest wait a step for its blocks and compute their last token
+    (computed side by side, each would take every position of the prompt)."""
+    engine = MockEngine(batch=8)
+    engine.hold = lambda: len(scheduler.waiting) == 4  # one burst of 5
+    scheduler = make(engine)
+    prompt, other = list(range(1, 12)), [7] * 6  # 2 full blocks of 4, then 3 tokens
+    prompts = [prompt, prompt, other, prompt, prompt]
+    handles = [scheduler.submit(p, [i], 3) for i, p in enumerate(prompts)]
+    assert [run(h) for h in handles] == [expected(p, 3, i) for i, p in enumerate(prompts)]
+    prefills = [(s["segments"], s["prefill"]) for s in engine.steps if s["prefill"]]
+    assert prefills == [(2, len(prompt) + len(other)), (3, 3)]
+    assert scheduler.pool.partial_hits == 3 * 2
+
+
 def test_a_copied_start_leaves_the_region_to_the_positions_after_it(make):
     """A prompt that continues a noted block copies its start, and the step's region goes
     to the positions after it: a prompt that fits the region less its copied start is

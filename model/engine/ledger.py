@@ -149,10 +149,15 @@ class Ledger:
         segments: list[tuple[Seq, int]] = []
         priors: set[Prior] = set()
         self.copies = []
+        # A new prompt the same as one being computed waits for it, then reuses its blocks
+        # (a burst of identical requests computes the prompt once).
+        begun = {_prompt(s) for s in pending if s.looked_up and not s.embed}
         for seq in pending:
             if budget <= 0 or len(segments) == quota:
                 break
             if not seq.looked_up:
+                if not seq.embed and _prompt(seq) in begun:
+                    continue
                 self.look_up(seq)
             prior = prior_of(seq, self.block_size)
             if prior is not None and prior not in priors and len(priors) == PRIOR_GROUPS:
@@ -179,6 +184,8 @@ class Ledger:
                 n = min(skip + n - self.reuse(seq, skip + n), budget)
             budget -= n
             segments.append((seq, n))
+            if n > 1 and not seq.embed:  # (a twin would compute these positions too)
+                begun.add(_prompt(seq))
             if (prior := prior_of(seq, self.block_size)) is not None:
                 priors.add(prior)
         return segments
@@ -219,6 +226,11 @@ def prior_of(seq: Seq, bs: int) -> "Prior | None":
     if seq.computed == 0:
         return None
     return seq.computed, tuple(seq.blocks[: -(-seq.computed // bs)])
+
+
+def _prompt(seq: Seq) -> tuple[int, ...]:
+    """The sequence's prompt, as a key."""
+    return tuple(seq.tokens[: seq.target])
 
 
 def _rest(seq: Seq) -> int:
