@@ -291,13 +291,14 @@ def exact_joint(llm: LLM) -> dict[tuple[int, ...], float]:
 
 
 def sampled_counts(llm: LLM, requests: int) -> dict[tuple[int, ...], int]:
-    """Counts of the continuations of `requests` seeded requests of 8 choices each, four
-    requests at a time (32 sequences fill the batch; a seeded draw does not depend on
-    what shares its step)."""
+    """Counts of the continuations of `requests` seeded requests of 8 choices each, three
+    requests at a time (24 sequences: the batch's other 8 rows always hold drafts, where
+    with 32 sequences only a step with a request between two had any; a seeded draw does
+    not depend on what shares its step)."""
     params = SamplingParams(TEMPERATURE, top_k=TOP_K, max_tokens=STEPS, n=8, ignore_eos=True)
     run = lambda r: llm.generate_choices(PROMPT, dataclasses.replace(params, seed=1000 + r))  # noqa: E731
     counts: dict[tuple[int, ...], int] = {}
-    with ThreadPoolExecutor(4) as pool:
+    with ThreadPoolExecutor(3) as pool:
         for choices in pool.map(run, range(requests)):
             for c in choices:
                 key = tuple(c.token_ids)
