@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from model.engine.pacing import FIRST_ROOM, READ_FIRST_STEP, Pacing, prior_scale
+from model.engine.pacing import FIRST_ROOM, LONG_STEP, Pacing, prior_scale
 from model.engine.variants import SMALL_CHUNK, StepShape
 from model.nn.config import ModelConfig
 from tests.test_scheduler import MockEngine, expected, run
@@ -27,20 +27,17 @@ def test_the_prior_scale_is_where_attention_costs_what_the_products_do():
     assert prior_scale(SMOLLM2) == 3072
 
 
-def test_steps_are_read_before_planning_only_where_long_and_a_request_may_be_admitted():
+def test_steps_are_long_by_the_median_of_the_decode_only_ones():
     pacing = Pacing(SMOLLM2, SHARE)
-    assert not pacing.read_first(True)  # nothing timed yet
+    assert not pacing.long_steps  # nothing timed yet
     pacing.measured(DECODE, True, 0, 9.0)  # a shape's first run is not counted
     for _ in range(3):
-        pacing.measured(DECODE, True, 0, 0.5 * READ_FIRST_STEP)
-    assert pacing.decode == 0.5 * READ_FIRST_STEP
-    assert not pacing.read_first(True)  # short steps: planning the next overlaps this one
+        pacing.measured(DECODE, True, 0, 0.5 * LONG_STEP)
+    assert not pacing.long_steps
     for _ in range(4):
-        pacing.measured(DECODE, True, 0, 1.5 * READ_FIRST_STEP)
-        pacing.measured(MIXED, True, 8, 9 * READ_FIRST_STEP)  # steps with prompt tokens
-    assert pacing.decode == 1.5 * READ_FIRST_STEP  # (the median of decode-only steps)
-    assert pacing.read_first(True)
-    assert not pacing.read_first(False)  # every slot busy and nothing waiting
+        pacing.measured(DECODE, True, 0, 1.5 * LONG_STEP)
+        pacing.measured(MIXED, True, 8, 0.1 * LONG_STEP)  # steps with prompt tokens: not
+    assert pacing.decode == 1.5 * LONG_STEP and pacing.long_steps
 
 
 def test_the_room_converges_to_the_work_that_fills_the_share():

@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 
 from model.engine import ledger as ledger_module
-from model.engine import pacing as pacing_module
 from model.engine.blocks import BlockPool
 from model.engine.ledger import Ledger
 from model.engine.pacing import Pacing
@@ -279,29 +278,28 @@ def test_engine_failure_reaches_every_request_and_later_submits(make):
 # ---- prefill: chunks, sharing, prefix caching ---------------------------------------
 
 
-@pytest.mark.parametrize("read_first", [True, False])
-def test_where_steps_are_long_a_freed_slot_takes_the_waiting_request_in_the_next_step(
-    make, monkeypatch, read_first
-):
-    """One slot, a stream of 6 tokens and a request waiting for it. Planning the next
-    step before reading the one in flight, the stream's row runs once more after its
-    last token (dropped) and the waiting prompt goes in the step after that; reading
-    first (Pacing.read_first, as where decode steps are long), it goes in the next."""
-    monkeypatch.setattr(pacing_module, "READ_FIRST_STEP", 0.0 if read_first else math.inf)
+@pytest.mark.parametrize("ends_by", ["budget", "stop"])
+def test_a_slot_freed_by_a_budget_takes_the_waiting_request_in_the_next_step(make, ends_by):
+    """One slot, a stream and a request waiting for it. A stream whose budget ends in the
+    step in flight is read before the next step is planned, so the waiting prompt goes
+    in the next step; one that ends by a stop token (which the host cannot foresee) has
+    its row run once more (dropped), and the waiting prompt goes in the step after."""
     engine = MockEngine(batch=1, step_delay=0.002)
     scheduler = make(engine)
-    stream = scheduler.submit([3, 4], [0], 6, stop_at_eos=False)
+    # [5, 44]'s first token is the stop token; [3, 4] runs to its budget of 6.
+    prompt, budget = ([3, 4], 6) if ends_by == "budget" else ([5, 44], 6)
+    stream = scheduler.submit(prompt, [0], budget)
     waiting = scheduler.submit([5], [1], 1, stop_at_eos=False)
-    assert run(stream) == expected([3, 4], 6)
+    tokens, reason = expected(prompt, budget)
+    assert reason == ("length" if ends_by == "budget" else "stop")
+    assert run(stream) == (tokens, reason)
     assert run(waiting) == expected([5], 1, salt=1)
-    # The stream's prompt (its 1st token), 5 decode steps, the waiting prompt; and, planned
-    # before its end was read, one more for the stream's row. (The waiting request's row
-    # runs once more too: nothing waits then.)
+    # The stream's prompt (its 1st token), a decode step for each other token, then the
+    # waiting prompt, or first the stream's row once more.
     kinds = ["prefill" if s["prefill"] else "decode" for s in engine.steps]
-    wasted = [] if read_first else ["decode"]
-    assert kinds[: kinds.index("prefill", 1) + 1] == ["prefill"] + ["decode"] * 5 + wasted + [
-        "prefill"
-    ]
+    wasted = ["decode"] if ends_by == "stop" else []
+    decodes = ["decode"] * (len(tokens) - 1)
+    assert kinds[: kinds.index("prefill", 1) + 1] == ["prefill", *decodes, *wasted, "prefill"]
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode(make):

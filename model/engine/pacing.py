@@ -35,9 +35,7 @@ FIRST_ROOM = 8.0  # units, until a step with prompt tokens has been timed
 DECODE_STEPS = 32  # decode-only steps whose median is the baseline
 STEER = (0.7, 1.3)  # the most one step changes the room by
 OUTLIER = 20  # a step this many decode-only steps long steers nothing
-# Decode-only steps at least this long (median) are read before the next is planned
-# while a request could be admitted (see `Pacing.read_first`).
-READ_FIRST_STEP = 0.06
+LONG_STEP = 0.06  # seconds: a median decode-only step this long is "long" (see below)
 
 
 def prior_scale(config: ModelConfig) -> float:
@@ -65,16 +63,15 @@ class Pacing:
         """The median seconds of the recent decode-only steps (None before any)."""
         return statistics.median(self._decode) if self._decode else None
 
-    def read_first(self, admissible: bool) -> bool:
-        """Whether the scheduler reads the step in flight before it plans the next, where
-        it would otherwise plan the next first (overlapping its own work with the step's):
-        while a request could be admitted (a slot is free or one waits) and decode steps
-        are long. A request that arrives during step n then goes in step n+1, not n+2, and
-        a stream that ends in step n frees its slot for n+1: at 32 streams, a step of
-        about 110 ms on a 2-core CPU. Where steps are short, the host's few milliseconds
-        between steps cost more than a step's wait saves."""
+    @property
+    def long_steps(self) -> bool:
+        """Whether decode-only steps take LONG_STEP or more (a median): then the scheduler
+        reads the step in flight before it plans the next while a slot is free, so that a
+        request that arrives during step n goes in n+1, not n+2 (32 streams on a 2-core CPU
+        take about 110 ms a step). Where steps are short, the host's few milliseconds
+        between steps, no longer overlapped with the step's, cost more than that saves."""
         decode = self.decode
-        return admissible and decode is not None and decode >= READ_FIRST_STEP
+        return decode is not None and decode >= LONG_STEP
 
     def units(self, prior: int, tokens: int) -> float:
         """The work of a chunk of `tokens` prompt tokens over `prior` computed positions."""

@@ -160,6 +160,11 @@ class Seq:
     def decoding(self) -> bool:
         return self.looked_up and self.computed >= self.target and not self.embed
 
+    @property
+    def ends_in_flight(self) -> bool:
+        """Whether a step sent but not read yet samples its last token (by its budget)."""
+        return not self.embed and self.generated + self.length - len(self.tokens) >= self.max_new
+
     def samples_after(self, n: int) -> bool:
         """Whether a prompt chunk of n tokens ends the prompt and samples the first token."""
         return self.computed + n == self.target and self.sample_at_target

@@ -27,13 +27,13 @@ decides what goes in each step:
   system prompt is prefilled together, each reading that prefix once), and a
   burst of chats with histories of their own is prefilled together too. A
   prompt's last chunk samples its first token in the same step.
-- The host does not wait for the step it just dispatched: it reads the tokens of
-  the previous step while the device computes the next. A sequence that ended
-  in step n has already run in step n+1; that token is dropped, since each step
-  remembers which sequence owned which row when it was dispatched. Each step's
-  tokens are read before the next is planned while a sequence has a grammar
-  (`Constraint`: its mask depends on the previous token), drafts are made, or,
-  where steps are long, a request may be admitted (model/engine/pacing.py).
+- The host does not wait for the step it just dispatched: it reads the tokens of the
+  previous step while the device computes the next. A sequence that ended in step n
+  has already run in step n+1; that token is dropped, since each step remembers which
+  sequence owned which row when it was dispatched. Each step's tokens are read before
+  the next is planned while a sequence has a grammar (`Constraint`: its mask needs the
+  previous token) or drafts, where a budget ends in it (the slot takes a request in
+  the next step), and while a slot is free if steps are long (`Pacing.long_steps`).
 - Pool exhaustion: new requests wait in the queue. If a decoding sequence needs
   a block and none is free, the most recently admitted running sequence is
   preempted: it keeps its slot (so its sampling state, PRNG key included) and
@@ -227,11 +227,11 @@ class Scheduler:
             for seq in (s for s in self._live() if s.cancelled):
                 self._finish(seq)
             self._admit(block=in_flight is None and self.active == 0)
-            # Newest tokens first for a grammar's mask, a draft, or admission (Pacing.read_first)
+            # Newest tokens first: a grammar's mask, a draft; a slot free or freed in flight.
             live = self._live()
             first = any(s.constraint is not None for s in live) or self.speculation.wants(live)
-            admissible = len(live) < len(self._slots) or not self.waiting.empty()
-            if in_flight is not None and (first or self.ledger.pacing.read_first(admissible)):
+            free = len(live) < len(self._slots) and self.ledger.pacing.long_steps
+            if in_flight is not None and (first or free or any(s.ends_in_flight for s in live)):
                 self._deliver(in_flight)
                 in_flight = None
                 if not first:
