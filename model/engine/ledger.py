@@ -150,8 +150,10 @@ class Ledger:
         priors: set[Prior] = set()
         self.copies = []
         # A new prompt the same as one being computed waits for it, then reuses its blocks
-        # (a burst of identical requests computes the prompt once).
-        begun = {_prompt(s) for s in pending if s.looked_up and not s.embed}
+        # (a burst of identical requests computes the prompt once). Only new prompts need
+        # the keys: a long prompt's chunks alone make none.
+        twins = any(not s.looked_up and not s.embed for s in pending)
+        begun = {_prompt(s) for s in pending if twins and s.looked_up and not s.embed}
         for seq in pending:
             if budget <= 0 or len(segments) == quota:
                 break
@@ -184,7 +186,7 @@ class Ledger:
                 n = min(skip + n - self.reuse(seq, skip + n), budget)
             budget -= n
             segments.append((seq, n))
-            if n > 1 and not seq.embed:  # (a twin would compute these positions too)
+            if twins and n > 1 and not seq.embed:  # (a twin would compute these too)
                 begun.add(_prompt(seq))
             if (prior := prior_of(seq, self.block_size)) is not None:
                 priors.add(prior)
