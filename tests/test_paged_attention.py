@@ -146,10 +146,10 @@ def test_prefill_segments_equal_the_dense_reference(rng, prior, chunk, sees):
 @pytest.mark.parametrize("first", [5, 1])
 def test_the_cpu_kernels_prior_attention_equals_the_dense_reference(rng, prior, sees, h, first):
     """The region's attention over pooled priors through jaxchat's CPU kernel
-    (attention.cc's prior attention): priors inside and across its 256-position spans and
-    16-position blocks; a kv head's queries in full and part-filled tiles (a first segment
-    of one token: its group's 3 query heads, one tile over a prior split among the cores);
-    two groups in one call; the layer's blocks at an offset."""
+    (prompt_attention.cc's prior attention): priors inside and across its 256-position
+    spans and 16-position blocks; a kv head's queries in full and part-filled tiles (a
+    first segment of one token: its group's 3 query heads, one tile over a prior split
+    among the cores); two groups in one call; the layer's blocks at an offset."""
     assert kernels.load(), "the kernels are built by `make setup` (python -m model.kernels)"
     check_region(rng, prior, SEES[sees], bs=16, h=h, nb=64, mb=48, base=5, kernel=True, first=first)
 

@@ -52,10 +52,11 @@ PRIOR_CHUNK = 1024
 # The XLA custom-call target of jaxchat's CPU decode attention (model/kernels/attention.cc,
 # registered by model/kernels): the rows read their blocks in place, no gather.
 ATTENTION_TARGET = "jaxchat_decode_attention"
-# And of the prefill region's attention (model/kernels/attention.cc): each token over its
-# prior group's positions in the pool, read in place, then its segment's own keys, in one
-# online softmax whose spans start at position 0 wherever the keys lie, so a prompt's
-# tokens get the same output however it was cut into chunks or served from the cache.
+# And of the prefill region's attention (model/kernels/prompt_attention.cc): each token
+# over its prior group's positions in the pool, read in place, then its segment's own keys,
+# in one online softmax whose spans start at position 0 wherever the keys lie, so a
+# prompt's tokens get the same output however it was cut into chunks or served from the
+# cache.
 PROMPT_TARGET = "jaxchat_prompt_attention"
 # Prior groups a step's prefill region may continue from (distinct cached prefixes, or
 # long prompts' earlier chunks): each is a row of block table, so a few KB per step. As
