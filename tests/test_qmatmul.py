@@ -555,13 +555,14 @@ def test_an_engine_on_the_blocks_decodes_as_one_on_f32(q8_gguf, monkeypatch):
     decode steps through its few-row one, their attention through the attention kernel)
     give the f32 steps' greedy tokens and log-probabilities. (The 2- and 4-row and the
     unrolled steps on the blocks: test_small_steps_run_once_their_executables_are_there.)
-    Only the steps the request runs are compiled."""
+    Only the steps the request runs are compiled. (The engine's settings are the next
+    test's, whose steps on the blocks are then these, from JAX's compilation cache.)"""
     prompt = list(range(5, 29))
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=True)
     runs = {}
     for setting in ("on", "off"):
         monkeypatch.setenv("JAXCHAT_QUANTIZED_KERNEL", setting)
-        llm = LLM(str(q8_gguf), max_seq_len=64, batch=8, unrolled_decode=False)
+        llm = LLM(str(q8_gguf), max_seq_len=128, batch=8, unrolled_decode=False, speculative="off")
         assert (llm.engine.kernel is not None) == (setting == "on")
         assert (BLOCKS in llm.engine.stacked) == (setting == "on")
         assert llm.engine.model.kernels == (setting == "on")
