@@ -11,7 +11,9 @@ model; the real one's executables only take longer to compile.)
 import json
 import os
 import shutil
+from functools import partial
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -79,10 +81,11 @@ def prompt(tmp_path_factory) -> dict:
     path = write_tiny_gguf(tmp_path_factory.mktemp("tiny"), TINY_LLAMA, seed=21)
     ids = [1, 5, 9, 17, 33, 40, 41, 42, 100, 7]
     _, params, _ = load_gguf(path, jnp.float32)
+    forward = jax.jit(partial(forward_logits, Transformer(TINY_LLAMA)))  # (eager: ~150 compiles)
 
     def greedy(reply: list[int]) -> list[int]:
         tokens = jnp.asarray([ids + reply], jnp.int32)
-        logits = np.asarray(forward_logits(Transformer(TINY_LLAMA), params, tokens))[0]
+        logits = np.asarray(forward(params, tokens))[0]
         return [int(t) for t in logits[len(ids) - 1 : -1].argmax(-1)]
 
     return {"path": path, "ids": ids, "greedy": greedy}
