@@ -192,17 +192,20 @@ class LLM:
 
         With a compile cache, executables compiled here are saved (and pushed to a gs://
         cache), and cached ones loaded. wait=False returns once what a first short request
-        needs is in memory: the other stored executables load in a background thread, and
-        the upgrades (small or unrolled decode steps) load or compile there while nothing
-        is served (loading and compiling hold the interpreter: they would stall requests).
+        needs is in memory (FIRST_NEEDED: loaded, or compiled where the cache lacks them):
+        the other executables load or compile in a background thread, and then the
+        upgrades (small or unrolled decode steps), each while nothing is served (loading
+        and compiling take the cores and the interpreter: they would stall requests; a
+        request that needs one first gets it itself).
         """
-        self.engine.variants.warmup()
-        self._push()
         if wait:
+            self.engine.variants.warmup()
+            self._push()
             self.engine.variants.preload()
             self.engine.variants.upgrade()
             self._push()
             return
+        self.engine.variants.warmup(count=FIRST_NEEDED)
         self.engine.variants.preload(count=FIRST_NEEDED)
         # Not a daemon: at exit it finishes the executable it is on and stops (a
         # daemon thread killed inside XLA's loader aborts the process).
@@ -321,10 +324,10 @@ class LLM:
 
 
 def _preload(llm: LLM) -> None:
-    """Load the other stored executables, then get the faster ones, each once nothing has
-    been served for QUIET_S: loading takes the cores a request's steps run on (a request
-    that needs one loads it itself), and the request that woke a new instance comes just
-    after it is ready."""
+    """Load (or compile) the other executables, then get the faster ones, each once
+    nothing has been served for QUIET_S: loading and compiling take the cores a request's
+    steps run on (a request that needs one gets it itself), and the request that woke a
+    new instance comes just after it is ready. Then push what was compiled to the cache."""
     alive = threading.main_thread().is_alive
 
     def when_idle() -> bool:

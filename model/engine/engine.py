@@ -18,7 +18,8 @@ where its key and value go. The device keeps only the pool, each slot's newest
 token and its sampling state. Shapes come from a few `StepShape`s
 (model/engine/variants.py), so no context length or pool size adds an
 executable; `warmup` compiles them all (or loads them from an executable store)
-before serving, and serving never compiles.
+before serving, and serving never compiles (a server that starts with some of them
+missing from its store compiles those in the background: model/llm.py's `warmup`).
 """
 
 import logging

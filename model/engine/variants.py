@@ -21,9 +21,11 @@ a one-row f32 step then runs in 30 ms instead of 48), as upgrades.
 
 `Variants` holds the executables by name: loaded from an executable store, or
 compiled, on first use, once (a lock per variant). The required ones are what
-serving needs (`warmup` compiles them before the model is ready); upgrades are
-faster executables for the same steps, which `upgrade` loads or compiles in the
-background and the engine uses once they are there: no request ever compiles.
+serving needs (`warmup` compiles them before the model is ready: all of them, or for
+a server those a lone short request needs, the rest then compiled in the background
+while nothing is served); upgrades are faster executables for the same steps, which
+`upgrade` loads or compiles in the background and the engine uses once they are
+there: no request ever compiles an upgrade.
 """
 
 import logging
@@ -189,13 +191,14 @@ class Variants:
             self._store.save(variant[0], _key(variant[1]), compiled)
         return compiled
 
-    def warmup(self, workers: int | None = None) -> None:
-        """Compile every variant the store lacks, a few at a time (XLA compiles off the
-        GIL), with a progress bar on a terminal; stored ones are left to `preload`."""
+    def warmup(self, workers: int | None = None, count: int | None = None) -> None:
+        """Compile every required variant the store lacks (of the first `count` in the
+        order a lone short request needs them, if given: `preload` compiles the rest), a
+        few at a time (XLA compiles off the GIL), with a progress bar on a terminal;
+        stored ones are left to `preload`."""
         stored = self._store if self._store is not None else ()
-        todo = [
-            v for v in self.names if v not in self._compiled and (v[0], _key(v[1])) not in stored
-        ]
+        names = sorted(self.names, key=_load_order)[:count]
+        todo = [v for v in names if v not in self._compiled and (v[0], _key(v[1])) not in stored]
         if not todo:
             return
         started = time.monotonic()
@@ -207,8 +210,9 @@ class Variants:
         log.info("compiled %d variants in %.1f s", len(todo), time.monotonic() - started)
 
     def preload(self, until: Callable[[], bool] = lambda: True, count: int | None = None) -> None:
-        """Load the required variants not yet in memory (the first `count` only, if given),
-        in the order a lone short request needs them, stopping once `until()` is false."""
+        """Load (or compile, where the store lacks them) the required variants not yet in
+        memory (the first `count` only, if given), in the order a lone short request needs
+        them, stopping once `until()` is false."""
         for variant in sorted(self.names, key=_load_order)[:count]:
             if not until():
                 return
