@@ -192,11 +192,10 @@ class LLM:
 
         With a compile cache, executables compiled here are saved (and pushed to a gs://
         cache), and cached ones loaded. wait=False returns once what a first short request
-        needs is in memory (FIRST_NEEDED: loaded, or compiled where the cache lacks them):
-        the other executables load or compile in a background thread, and then the
-        upgrades (small or unrolled decode steps), each while nothing is served (loading
-        and compiling take the cores and the interpreter: they would stall requests; a
-        request that needs one first gets it itself).
+        needs is in memory (FIRST_NEEDED, loaded or compiled): the others load or compile
+        in a background thread, then the upgrades (small or unrolled decode steps), each
+        while nothing is served (they take the cores and the interpreter; a request that
+        needs one first gets it itself).
         """
         if wait:
             self.engine.variants.warmup()

@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -33,7 +34,7 @@ import pytest
 from gguf import GGMLQuantizationType
 
 from model import LLM, SamplingParams, kernels
-from model.engine.variants import StepShape, small_shapes
+from model.engine.variants import FIRST_NEEDED, SMALL_CHUNK, StepShape, small_shapes
 from model.nn.quantize import (
     BLOCK_FORMATS,
     INT8_ROW,
@@ -607,3 +608,31 @@ def test_small_steps_run_once_their_executables_are_there(q8_gguf, unrolled):
     llm.scheduler.stop()
     assert StepShape(4, 0) in llm.scheduler.speculation.timed  # a 4-row step ran
     assert together == alone
+
+
+def test_a_server_start_compiles_what_a_first_request_needs_and_the_rest_when_idle(q8_gguf):
+    """warmup(wait=False), as the server calls it, with nothing stored: it compiles the
+    FIRST_NEEDED executables (the pool's set-up, a slot's admission, a short prompt's step
+    and a lone stream's decode step) and returns; a short request runs on those alone, and
+    the other steps and the upgrades compile in the background once nothing is served.
+    (The settings of the tests above, whose executables JAX's cache then has.)"""
+    llm = LLM(str(q8_gguf), max_seq_len=128, batch=8, unrolled_decode=False, speculative="off")
+    variants = llm.engine.variants
+    everything = len(variants.names) + len(variants.upgrades)
+    llm.warmup(wait=False)
+    assert llm.engine.compilations == FIRST_NEEDED < len(variants.names)
+    first = [name for name in variants.names if variants.ready(*name)]
+    assert {kind for kind, _ in first} == {"init", "admit", "step"}
+    assert {size[0] for kind, size in first if kind == "step"} == {
+        StepShape(1, 0),
+        StepShape(8, SMALL_CHUNK),
+    }
+    prompt = list(range(5, 29))
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    reply = llm.generate(prompt, greedy)
+    deadline = time.monotonic() + 300
+    while llm.stats().pending_executables and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert llm.engine.compilations == everything
+    assert llm.generate(prompt, greedy).token_ids == reply.token_ids
+    llm.scheduler.stop()
