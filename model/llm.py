@@ -199,12 +199,12 @@ class LLM:
         """
         if wait:
             self.engine.variants.warmup()
-            self._push()
             self.engine.variants.preload()
             self.engine.variants.upgrade()
             self._push()
             return
         self.engine.variants.warmup(count=FIRST_NEEDED)
+        self._push()  # (the rest once the background has compiled them)
         self.engine.variants.preload(count=FIRST_NEEDED)
         # Not a daemon: at exit it finishes the executable it is on and stops (a
         # daemon thread killed inside XLA's loader aborts the process).
