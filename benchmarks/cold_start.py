@@ -62,8 +62,7 @@ def run_once(
         healthy = time.monotonic() - start
         first_token(port)
         token = time.monotonic() - start
-        stored = wait_until_stored(Path(cache_dir)) - start
-        return healthy, token, max(stored, 0.0)
+        return healthy, token, wait_until_stored(Path(cache_dir)) - start
     finally:
         stop(proc)
 

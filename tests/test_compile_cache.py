@@ -11,18 +11,15 @@ model; the real one's executables only take longer to compile.)
 import json
 import os
 import shutil
-from functools import partial
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from google.cloud import storage
 
-from model.nn.transformer import Transformer, forward_logits
 from model.weights.gguf import load_gguf
 from tests.server_process import run_python_report
-from tests.tiny_models import TINY_LLAMA, write_tiny_gguf
+from tests.tiny_models import TINY_LLAMA, dense_logits, write_tiny_gguf
 
 BUCKET = "compile-cache"
 
@@ -81,11 +78,10 @@ def prompt(tmp_path_factory) -> dict:
     path = write_tiny_gguf(tmp_path_factory.mktemp("tiny"), TINY_LLAMA, seed=21)
     ids = [1, 5, 9, 17, 33, 40, 41, 42, 100, 7]
     _, params, _ = load_gguf(path, jnp.float32)
-    forward = jax.jit(partial(forward_logits, Transformer(TINY_LLAMA)))  # (eager: ~150 compiles)
 
     def greedy(reply: list[int]) -> list[int]:
         tokens = jnp.asarray([ids + reply], jnp.int32)
-        logits = np.asarray(forward(params, tokens))[0]
+        logits = np.asarray(dense_logits(TINY_LLAMA)(params, tokens))[0]
         return [int(t) for t in logits[len(ids) - 1 : -1].argmax(-1)]
 
     return {"path": path, "ids": ids, "greedy": greedy}

@@ -4,17 +4,14 @@ the one a dense forward pass over the same tokens gives (tiny Llama with 8,192 p
 random weights, so the reference is independent of the engine's code path)."""
 
 import dataclasses
-from functools import partial
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from model import LLM, SamplingParams
-from model.nn.transformer import Transformer, forward_logits
 from model.weights.gguf import load_gguf
-from tests.tiny_models import TINY_LLAMA, write_tiny_gguf
+from tests.tiny_models import TINY_LLAMA, dense_logits, write_tiny_gguf
 
 CONFIG = dataclasses.replace(TINY_LLAMA, max_position=8192)
 PROMPT_TOKENS = 7000
@@ -31,8 +28,7 @@ def dense_argmax(path, tokens: list[int]) -> list[int]:
     """The argmax after each of the last NEW_TOKENS + 1 positions of one full causal
     forward pass over `tokens`, no pool; each with a clear margin over the runner-up."""
     _, params, _ = load_gguf(path, jnp.float32)
-    forward = jax.jit(partial(forward_logits, Transformer(CONFIG)))  # (eager: ~150 compiles)
-    logits = forward(params, jnp.asarray([tokens], jnp.int32))
+    logits = dense_logits(CONFIG)(params, jnp.asarray([tokens], jnp.int32))
     last = np.asarray(logits[0, -(NEW_TOKENS + 1) :])
     top2 = np.sort(last, axis=-1)[:, -2:]
     assert (top2[:, 1] - top2[:, 0] > 1e-4).all(), "a near tie: the reference cannot decide"

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from model.nn.attention import Layout, init_pool
-from model.nn.transformer import Transformer, forward_layout, forward_logits, rope, stack_layers
-from tests.tiny_models import TINY_LLAMA
+from model.nn.transformer import Transformer, forward_layout, rope, stack_layers
+from tests.tiny_models import TINY_LLAMA, dense_logits
 
 CONFIG = TINY_LLAMA
 MODEL = Transformer(CONFIG)
@@ -29,11 +29,6 @@ def run(model, params, pool, tokens, layout):
     """Logits [T, V] of one step through the pool, and the pool."""
     hidden, pool = model.apply({"params": params}, tokens, layout, pool)
     return model.apply({"params": params}, hidden, method=Transformer.logits), pool
-
-
-# The reference: one causal pass without a pool, jitted (eager, each of its ops compiles
-# an executable of its own: about 150, 12 s a test on a 2-core CPU).
-reference_logits = jax.jit(partial(forward_logits, MODEL))
 
 
 def pooled_step(params, pool, tokens, layout):
@@ -89,7 +84,7 @@ def test_chunked_prefill_then_decode_equals_one_forward_pass(params, scan):
     larger steps."""
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, CONFIG.vocab_size, 40).astype(np.int32)
-    full = np.asarray(reference_logits(params, jnp.asarray(tokens)[None]))[0]
+    full = np.asarray(dense_logits(CONFIG)(params, jnp.asarray(tokens)[None]))[0]
     model = Transformer(CONFIG, scan_layers=scan)
     weights = stack_layers(params, CONFIG.n_layers) if scan else params
 
@@ -127,7 +122,7 @@ def test_decode_rows_at_different_positions_are_independent(params):
     last = jnp.asarray([a[-1], b[-1]])
     logits, _ = pooled_step(params, pool, last, decode_layout(tables, [len(a) - 1, len(b) - 1]))
     for row, seq in enumerate((a, b)):
-        want = reference_logits(params, jnp.asarray(seq)[None])[0, -1]
+        want = dense_logits(CONFIG)(params, jnp.asarray(seq)[None])[0, -1]
         np.testing.assert_allclose(logits[row], want, atol=2e-5)
 
 

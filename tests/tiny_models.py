@@ -3,14 +3,17 @@ trained on generated text, written as GGUF or as a Hugging Face directory."""
 
 import io
 import json
+from functools import cache, partial
 from pathlib import Path
 
+import jax
 import numpy as np
 import sentencepiece as spm
 from safetensors.numpy import save_file
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from model.nn.config import ModelConfig
+from model.nn.transformer import Transformer, forward_logits
 from tests.gguf_writer import hf_random_weights, write_llama_gguf
 
 TINY_LLAMA = ModelConfig(
@@ -207,3 +210,11 @@ def write_tiny_pair(
         path / "hf", config, weights, proto=proto, tokenizer_config=llama2_tokenizer_config()
     )
     return gguf_path, hf_path
+
+
+@cache
+def dense_logits(config: ModelConfig):
+    """The tests' reference pass over `config`: (params, tokens [B, T]) → logits [B, T, V],
+    one causal pass with no pool, jitted (eager, each of its ~150 ops would compile an
+    executable of its own: 12 s a call on a 2-core CPU)."""
+    return jax.jit(partial(forward_logits, Transformer(config)))
