@@ -43,6 +43,7 @@ from model.engine.state import (
     copy_blocks,
     empty_plan,
     pool_blocks,
+    sample_rows,
     sampling_row,
     table_width,
 )
@@ -55,7 +56,7 @@ from model.engine.variants import (
 )
 from model.nn.attention import Pool, init_pool
 from model.nn.config import ModelConfig
-from model.nn.sampling import TOP_LOGPROBS, SlotSampling, sample, take_rows
+from model.nn.sampling import TOP_LOGPROBS, SlotSampling
 from model.nn.transformer import (
     Params,
     Transformer,
@@ -270,7 +271,7 @@ class Engine:
         assert pool is not None  # a step with a pool returns it
         chosen = hidden[:, plan.sample_from]  # [D, R]
         logits = apply_logits(model, params, chosen, plan.head_rows(self.batch))
-        sampling, newest, out = sample_rows(state, newest, logits, plan, self.batch)
+        sampling, newest, out = sample_rows(state, newest, logits, plan, self.batch, self.kernel)
         state = EngineState(pool, newest, sampling)
         # Embeddings: each prompt chunk's hidden states summed (padding's segment, -1, drops).
         region = hidden[:, r:].T.astype(jnp.float32)  # [P, D]
@@ -331,28 +332,6 @@ class Engine:
         """Full-sequence logits [B, T, V] for tokens [B, T], through the scanned layers
         the steps use (tests and scoring; compiles per shape)."""
         return self._forward(self.stacked, jnp.asarray(tokens, jnp.int32))
-
-
-def sample_rows(state: EngineState, newest, logits, plan: StepPlan, batch: int):
-    """Sample a token for each row of logits [R, V] with its slot's settings → (the B
-    slots' sampling state and newest tokens, the sample). `newest` [R]: each row's slot's
-    newest token. Rows of no slot (`batch`) and draft rows leave the state alone.
-
-    A row draws with its slot's key folded with the position it samples from, and slot
-    keys never advance: a seeded sequence draws the same token at a position (after the
-    same tokens) whatever else shares the step, whether or not that position was a draft
-    row, and after a preempted sequence is recomputed."""
-    slots, keep, all_ = plan.slots, plan.sample, state.sampling
-    rows = take_rows(all_, slots)  # the [B, V] settings are read by row only if needed
-    positions = plan.layout.positions[plan.sample_from]
-    keys = jax.vmap(jax.random.fold_in)(rows.key, positions)
-    out = sample(logits, rows.replace(key=keys), plan.allowed, slots)
-    # Only the rows that sample count their token: scatters of R entries, not a pass over
-    # the [B, V] counts.
-    owner = jnp.where(plan.draft == 0, slots, batch)
-    counts = all_.counts.at[owner, out.tokens].add(keep.astype(jnp.int32), mode="drop")
-    newest = jnp.where(keep, out.tokens, newest)
-    return all_.replace(counts=counts), state.tokens.at[owner].set(newest, mode="drop"), out
 
 
 def stack_params(params: Params, shardings, mesh: Mesh, n_layers: int) -> Params:

@@ -32,7 +32,7 @@ repetition, frequency or presence penalties (which would need the drafts counted
 before they are sampled) or that are embeddings never draft.
 
 Sampled (temperature > 0) sequences draft too: every row draws with its slot's key
-folded with its position (model/engine/engine.py's `sample_rows`), so a seeded
+folded with its position (model/engine/state.py's `sample_rows`), so a seeded
 sequence's tokens do not depend on whether a position was drafted, nor on what
 shared its steps.
 """

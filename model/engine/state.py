@@ -21,7 +21,7 @@ from model.nn.attention import (
     Pool,
 )
 from model.nn.config import ModelConfig
-from model.nn.sampling import SlotSampling
+from model.nn.sampling import SlotSampling, kernel_sample, sample, take_rows
 from model.types import SamplingParams
 
 BLOCK_SIZE = 64  # positions per pool block
@@ -231,3 +231,36 @@ def prng_key(seed: int) -> np.ndarray:
     """
     seed &= 0xFFFFFFFFFFFFFFFF
     return np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32)
+
+
+def sample_rows(
+    state: EngineState, newest, logits, plan: StepPlan, batch: int, kernel: str | None = None
+):
+    """Sample a token for each row of logits [R, V] with its slot's settings → (the B
+    slots' sampling state and newest tokens, the sample). `newest` [R]: each row's slot's
+    newest token. Rows of no slot (`batch`) and draft rows leave the state alone.
+
+    A row draws with its slot's key folded with the position it samples from, and slot
+    keys never advance: a seeded sequence draws the same token at a position (after the
+    same tokens) whatever else shares the step, whether or not that position was a draft
+    row, and after a preempted sequence is recomputed. kernel: the CPU kernels' digest where
+    the step uses them (model/engine/quantized.py's `kernels`): the rows then sample
+    through jaxchat's CPU sampler (model/nn/sampling.py's `kernel_sample`), which compiles
+    in a fraction of the XLA sampler's time."""
+    slots, keep, all_ = plan.slots, plan.sample, state.sampling
+    positions = plan.layout.positions[plan.sample_from]
+    if kernel is not None:
+        keys = all_.key.at[slots].get(mode="fill", fill_value=0)
+        out = kernel_sample(
+            logits, all_, slots, jax.vmap(jax.random.fold_in)(keys, positions), plan.allowed
+        )
+    else:
+        rows = take_rows(all_, slots)  # the [B, V] settings are read by row only if needed
+        keys = jax.vmap(jax.random.fold_in)(rows.key, positions)
+        out = sample(logits, rows.replace(key=keys), plan.allowed, slots)
+    # Only the rows that sample count their token: scatters of R entries, not a pass over
+    # the [B, V] counts.
+    owner = jnp.where(plan.draft == 0, slots, batch)
+    counts = all_.counts.at[owner, out.tokens].add(keep.astype(jnp.int32), mode="drop")
+    newest = jnp.where(keep, out.tokens, newest)
+    return all_.replace(counts=counts), state.tokens.at[owner].set(newest, mode="drop"), out

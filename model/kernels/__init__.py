@@ -10,6 +10,8 @@
   in place instead of gathering them into new arrays (model/nn/attention.py);
 - RMSNorm over a step's real tokens (norm.cc), each token's sums in one order whatever
   the step's shape;
+- a step's sampling (sample.cc): model/nn/sampling.py's `sample` in one call, which
+  under XLA took two thirds of every step executable's compile;
 - the pool's zeros (pool.cc), which leave its pages untouched until they are written.
 
 The first three share a pool of worker threads (workers.h).
@@ -40,6 +42,7 @@ import numpy as np
 
 from model.nn.attention import ATTENTION_TARGET, PROMPT_TARGET, ZEROS_TARGET
 from model.nn.quantize import QMATMUL_TARGET
+from model.nn.sampling import SAMPLE_TARGET
 from model.nn.transformer import RMS_NORM_TARGET
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,7 @@ SOURCES = tuple(
         "prompt_attention.cc",
         "qmatmul.cc",
         "attention.cc",
+        "sample.cc",
         "norm.cc",
         "pool.cc",
         "int_gemm.cc",
@@ -220,6 +224,7 @@ def load() -> bool:
         (PROMPT_TARGET, lib.JaxchatPromptAttention),
         (RMS_NORM_TARGET, lib.JaxchatRmsNorm),
         (ZEROS_TARGET, lib.JaxchatZeros),
+        (SAMPLE_TARGET, lib.JaxchatSample),
     ):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     return True

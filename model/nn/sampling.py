@@ -19,6 +19,8 @@ from jax import lax
 
 NEG_INF = jnp.finfo(jnp.float32).min
 TOP_LOGPROBS = 20  # the most alternatives a client may ask for per token (OpenAI's bound)
+# The XLA custom-call target of jaxchat's CPU sampler (model/kernels/sample.cc).
+SAMPLE_TARGET = "jaxchat_sample"
 
 
 class SlotSampling(flax.struct.PyTreeNode):
@@ -209,6 +211,12 @@ def _draw(logits: jax.Array, s: SlotSampling, keys: jax.Array) -> jax.Array:
     return inverse_cdf(kept, jax.vmap(jax.random.uniform)(keys))
 
 
+def draw_keys(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Rows' PRNG keys [B, 2] → (the keys advanced, the keys a draw takes its uniform from)."""
+    split = jax.vmap(lambda k: jax.random.split(k, 2))(keys)  # [B, 2, 2]
+    return split[:, 0], split[:, 1]
+
+
 DRAW_BLOCK = 512  # tokens per block of `inverse_cdf`'s first search
 
 
@@ -318,8 +326,7 @@ def sample(
     penalised or biased, and the returned counts are the state's as they were (the
     caller counts the tokens).
     """
-    split = jax.vmap(lambda k: jax.random.split(k, 2))(s.key)  # [B, 2, 2]
-    next_keys, keys = split[:, 0], split[:, 1]
+    next_keys, keys = draw_keys(s.key)
     normaliser = jax.nn.logsumexp(logits, axis=-1)  # [B]: log-probability = logit - this
     adjusted = (
         (s.frequency_penalty != 0)
@@ -350,3 +357,42 @@ def sample(
         rows = jnp.arange(tokens.shape[0])
         counts = counts.at[rows, jnp.minimum(tokens, counts.shape[1] - 1)].add(1)
     return Sampled(tokens, chosen, top_ids, top_logprobs, s.replace(key=next_keys, counts=counts))
+
+
+# The kernel's per-slot settings, in the order sample.cc reads them.
+PENALTIES = ("frequency_penalty", "presence_penalty", "repetition_penalty")
+KERNEL_FLOATS = ("temperature", "top_p", "min_p", *PENALTIES)
+KERNEL_INTS = ("top_k", "top_logprobs", "has_bias")
+
+
+def kernel_sample(
+    logits: jax.Array, s: SlotSampling, slots: jax.Array, keys: jax.Array, allowed: jax.Array
+) -> Sampled:
+    """`sample(logits, take_rows(s, slots).replace(key=keys), allowed, slots)` through
+    jaxchat's CPU kernel (model/kernels/sample.cc), for the B slots' settings `s`: row i
+    samples with slot slots[i]'s (B or more: greedy, every setting off). The same tokens
+    and log-probabilities (to float rounding), except that a draw whose uniform falls
+    within rounding of a token's boundary may take its neighbour. The returned settings
+    are `s` as they were."""
+    r = logits.shape[0]
+    uniform = jax.vmap(jax.random.uniform)(draw_keys(keys)[1])
+    floats = jnp.stack([getattr(s, name).astype(jnp.float32) for name in KERNEL_FLOATS], 1)
+    ints = jnp.stack([getattr(s, name).astype(jnp.int32) for name in KERNEL_INTS], 1)
+    shapes = (
+        jax.ShapeDtypeStruct((r,), jnp.int32),
+        jax.ShapeDtypeStruct((r,), jnp.float32),
+        jax.ShapeDtypeStruct((r, TOP_LOGPROBS), jnp.int32),
+        jax.ShapeDtypeStruct((r, TOP_LOGPROBS), jnp.float32),
+    )
+    tokens, chosen, top_ids, top_logprobs = jax.ffi.ffi_call(SAMPLE_TARGET, shapes)(
+        logits.astype(jnp.float32),
+        floats,
+        ints,
+        slots.astype(jnp.int32),
+        s.logit_bias,
+        s.counts,
+        s.seen,
+        allowed,
+        uniform,
+    )
+    return Sampled(tokens, chosen, top_ids, top_logprobs, s)
