@@ -34,7 +34,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from model.engine.executables import ExecutableStore, fingerprint
-from model.engine.quantized import kernels, split_blocks
+from model.engine.quantized import kernels, sampler, split_blocks
 from model.engine.state import (
     BLOCK_SIZE,
     EngineState,
@@ -118,12 +118,12 @@ class Engine:
         for placement in fallbacks(params, self.mesh, rules, pool_shape=pool_shape):
             log.info("replicated instead of split: %s", placement)
         shardings = param_shardings(params, self.mesh, rules)
-        self.max_seq_len = max_seq_len
-        self.batch = batch
+        self.max_seq_len, self.batch = max_seq_len, batch
         self.stop_ids = np.asarray(sorted(stop_ids) or [-1], np.int32)
         self.dtype = dtype
-        # Decode rows attend through jaxchat's CPU kernel where it applies (its digest).
+        # Decode rows attend, and rows sample, through jaxchat's CPU kernels where they apply.
         self.attention_kernel = kernels(self.mesh) if jnp.dtype(dtype) == jnp.float32 else None
+        self.sampler = sampler(self.mesh)
         self.kv_dtype = jnp.dtype(kv_dtype or dtype)
         kernel = self.attention_kernel is not None
         model = partial(Transformer, config, dtype, kernels=kernel, kv_dtype=self.kv_dtype)
@@ -201,7 +201,7 @@ class Engine:
                 jax.tree_util.tree_structure(self.stacked),
                 jax.tree.leaves(avals, is_leaf=lambda x: isinstance(x, tuple)),
                 source_digest(__name__),  # every module the traced code comes from
-                (self.kernel, self.attention_kernel),  # steps that call the kernels need them
+                (self.kernel, self.attention_kernel, self.sampler),  # the kernels they call
             )
         )
 
@@ -271,7 +271,7 @@ class Engine:
         assert pool is not None  # a step with a pool returns it
         chosen = hidden[:, plan.sample_from]  # [D, R]
         logits = apply_logits(model, params, chosen, plan.head_rows(self.batch))
-        sampling, newest, out = sample_rows(state, newest, logits, plan, self.batch, self.kernel)
+        sampling, newest, out = sample_rows(state, newest, logits, plan, self.batch, self.sampler)
         state = EngineState(pool, newest, sampling)
         # Embeddings: each prompt chunk's hidden states summed (padding's segment, -1, drops).
         region = hidden[:, r:].T.astype(jnp.float32)  # [P, D]

@@ -6,8 +6,9 @@ rows, instead of f32: a few-row decode step is bound by the bytes of weights it 
 so it runs several times faster, and a many-row step expands each weight once for all
 its rows (a small GEMM in the kernel) and needs no f32 copy of the weights at all. Each
 layer matmul is stacked over the layers, so unrolled and scanned steps share one copy.
-Every step's decode rows attend through the attention kernel there (`kernels`).
-JAXCHAT_QUANTIZED_KERNEL=off turns both off (f32 and XLA everywhere, as on other backends).
+Every step's decode rows attend through the attention kernel there (`kernels`), and on
+any CPU mesh its rows sample through the sampling kernel (`sampler`).
+JAXCHAT_QUANTIZED_KERNEL=off turns them off (f32 and XLA everywhere, as on other backends).
 """
 
 import os
@@ -31,6 +32,18 @@ def kernels(mesh: Mesh) -> str | None:
     if os.environ.get("JAXCHAT_QUANTIZED_KERNEL", "on") == "off":
         return None
     if mesh.size > 1 or jax.default_backend() != "cpu" or not model.kernels.load():
+        return None
+    return model.kernels.digest()
+
+
+def sampler(mesh: Mesh) -> str | None:
+    """The CPU kernels' digest where steps on `mesh` sample through jaxchat's CPU sampler
+    (model/kernels/sample.cc): on CPU, the library built and not turned off, on any number
+    of devices (each samples the step's few rows of logits whole, as XLA's sampler does
+    with rows it cannot split), whatever the weights' type; else None."""
+    if os.environ.get("JAXCHAT_QUANTIZED_KERNEL", "on") == "off":
+        return None
+    if jax.default_backend() != "cpu" or not model.kernels.load():
         return None
     return model.kernels.digest()
 
