@@ -6,8 +6,8 @@ Prints, with medians over repeats:
   bandwidth: bytes of weights read per token / measured streaming bandwidth;
 - prefill tok/s for a 512-token prompt (time to the first sampled token);
 - the sampler's time for 1, 8 and 32 rows of the model's vocabulary: greedy, at
-  temperature 1, and with top_p 0.9, beside a Gumbel draw (jax.random.categorical)
-  over the same logits.
+  temperature 1, and with top_p 0.9, through XLA beside a Gumbel draw
+  (jax.random.categorical) over the same logits, and through jaxchat's CPU kernel.
 
     python -m benchmarks.engine_bench [--model PATH] [--decode-tokens 256]
 """
@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import model.kernels
 from model import LLM, SamplingParams
-from model.nn.sampling import SlotSampling, sample
+from model.nn.sampling import SlotSampling, kernel_sample, sample
 
 
 def weight_bytes(llm: LLM) -> int:
@@ -88,8 +89,12 @@ def prefill_rate(llm: LLM, length: int, repeats: int) -> float:
 
 
 def sampling_costs(vocab: int) -> None:
-    """The sampler's milliseconds per step for rows of `vocab` logits."""
+    """The sampler's milliseconds per step for rows of `vocab` logits: XLA's (the path on
+    GPU and TPU) and, where it is built, jaxchat's CPU kernel (the path on CPU)."""
     tokens = jax.jit(lambda logits, s: sample(logits, s).tokens)
+    kernel = jax.jit(
+        lambda logits, s, slots, allowed: kernel_sample(logits, s, slots, slots, allowed).tokens
+    )
     gumbel = jax.jit(jax.vmap(jax.random.categorical))
     print(f"sampling {vocab} logits a row, ms:  greedy  temperature 1  top_p 0.9  Gumbel draw")
     for rows in (1, 8, 32):
@@ -101,7 +106,11 @@ def sampling_costs(vocab: int) -> None:
         )
         times = [median_ms(tokens, logits, s) for s in (greedy, hot, nucleus)]
         times.append(median_ms(gumbel, jnp.asarray(keys), logits))
-        print(f"  {rows:2d} rows " + "".join(f"{t:13.2f}" for t in times))
+        print(f"  {rows:2d} rows, XLA    " + "".join(f"{t:13.2f}" for t in times))
+        if model.kernels.load():
+            slots, allowed = np.arange(rows), np.full((rows, -(-vocab // 32)), -1, np.int32)
+            times = [median_ms(kernel, logits, s, slots, allowed) for s in (greedy, hot, nucleus)]
+            print(f"  {rows:2d} rows, kernel " + "".join(f"{t:13.2f}" for t in times))
 
 
 def main() -> None:

@@ -17,8 +17,12 @@ def loaded():
 
 
 @jax.jit
-def reference(logits, s, slots, keys, allowed):
-    return sample(logits, take_rows(s, slots).replace(key=keys), allowed, slots)
+def reference(logits, s, slots, positions, allowed):
+    """The engine's XLA path (model/engine/state.py's `sample_rows`): each row draws with
+    its slot's key folded with the position it samples from."""
+    rows = take_rows(s, slots)
+    keys = jax.vmap(jax.random.fold_in)(rows.key, positions)
+    return sample(logits, rows.replace(key=keys), allowed, slots)
 
 
 kernel = jax.jit(kernel_sample)
@@ -28,7 +32,7 @@ def mixed(rng, slots: int, rows: int, vocab: int):
     """Logits [rows, vocab] and the arguments of both samplers: `slots` slots of random
     settings (some greedy, some filtered, penalised or biased, some asking for top
     logprobs), rows of random slots (one past the last: a row of no slot), the first row
-    constrained by a random grammar mask."""
+    constrained by a random grammar mask, each row at a random position."""
     logits = (rng.standard_normal((rows, vocab)) * 3).astype(np.float32)
     bias = np.zeros((slots, vocab), np.float32)
     bias[1, :10], bias[2, 3] = 5.0, -100.0
@@ -51,15 +55,17 @@ def mixed(rng, slots: int, rows: int, vocab: int):
     row_slots = rng.integers(0, slots + 1, rows).astype(np.int32)
     allowed = np.full((rows, (vocab + 31) // 32), -1, np.int32)
     allowed[0] = rng.integers(-(2**31), 2**31, allowed.shape[1])
-    keys = rng.integers(0, 2**31, (rows, 2)).astype(np.uint32)
-    return logits, s, row_slots, keys, allowed
+    positions = rng.integers(0, 8192, rows).astype(np.int32)
+    return logits, s, row_slots, positions, allowed
 
 
 @pytest.mark.parametrize("vocab", [49152, 1000, 50])
 def test_the_kernel_samples_what_the_xla_sampler_does(vocab):
     """Over 10 batches of 32 rows: every token, its log-probability and the alternatives a
-    row asks for. A draw may differ only where its uniform falls within float rounding of a
-    token's boundary (the two sum probabilities in different orders): none of these do."""
+    row asks for. The kernel hashes each draw's uniform from the slot's key and the row's
+    position as JAX does; a draw could differ only where its uniform falls within float
+    rounding of a token's boundary (the two sum probabilities in different orders): none
+    of these do."""
     rng = np.random.default_rng(vocab)
     differ = drawn = 0
     for _ in range(10):
@@ -91,7 +97,7 @@ def test_a_row_of_nan_or_every_token_masked_takes_the_reference_token():
     first token), a tie (the first of the equal maxima), one NaN among numbers (the last
     index: XLA's maximum is NaN)."""
     rng = np.random.default_rng(1)
-    logits, s, slots, keys, allowed = mixed(rng, 3, 4, 200)
+    logits, s, slots, positions, allowed = mixed(rng, 3, 4, 200)
     s = s.replace(
         temperature=np.zeros(3, np.float32),
         frequency_penalty=np.zeros(3, np.float32),
@@ -103,5 +109,8 @@ def test_a_row_of_nan_or_every_token_masked_takes_the_reference_token():
     allowed[1] = 0
     logits[2, [7, 9]] = 50.0
     logits[3, 5], logits[3, 6] = np.nan, 60.0
-    want, got = reference(logits, s, slots, keys, allowed), kernel(logits, s, slots, keys, allowed)
+    want, got = (
+        reference(logits, s, slots, positions, allowed),
+        kernel(logits, s, slots, positions, allowed),
+    )
     assert np.asarray(got.tokens).tolist() == np.asarray(want.tokens).tolist() == [199, 0, 7, 199]

@@ -250,10 +250,7 @@ def sample_rows(
     slots, keep, all_ = plan.slots, plan.sample, state.sampling
     positions = plan.layout.positions[plan.sample_from]
     if kernel is not None:
-        keys = all_.key.at[slots].get(mode="fill", fill_value=0)
-        out = kernel_sample(
-            logits, all_, slots, jax.vmap(jax.random.fold_in)(keys, positions), plan.allowed
-        )
+        out = kernel_sample(logits, all_, slots, positions, plan.allowed)
     else:
         rows = take_rows(all_, slots)  # the [B, V] settings are read by row only if needed
         keys = jax.vmap(jax.random.fold_in)(rows.key, positions)

@@ -5,23 +5,26 @@
 // grammar mask, where the row's slot uses them; the greedy token (the first maximum), or
 // with a temperature the token where the cumulative probability, in token order, of
 // what top-k, top-p and min-p keep first exceeds the row's uniform draw; and the
-// TOP_LOGPROBS most likely tokens where the row asks for them. Under XLA the sampler's
-// many small operations and branches took about 2 s of every step executable's compile
-// (two thirds of it, SmolLM2's vocabulary on a 2-core CPU); here it is one call.
+// TOP_LOGPROBS most likely tokens where the row asks for them. The uniform comes from the
+// slot's key and the row's position through JAX's own hash, as the reference's does.
+// Under XLA the sampler's many small operations, branches and hashes took about three
+// quarters of every step executable's compile (SmolLM2's vocabulary, a 2-core CPU);
+// here it is one call.
 //
 // Top-k keeps the k largest logits and any tied with the last one; top-p then the
 // largest logits whose probabilities, renormalised over those, reach top_p, and any tied
 // with the last one (the reference finds both cuts by bisection over the logits' order,
 // 32 passes over the vocabulary; here by selecting the few largest, as many as the cut
-// needs). The sums run in double precision, in token order, so a draw can differ from the
-// reference's (float sums in XLA's order) only where its uniform falls within rounding
-// of a token's boundary.
+// needs). Sums run in lanes of floats, then in double, in another order than XLA's: a
+// draw can differ from the reference's only where its uniform falls within rounding of a
+// token's boundary.
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "vec16.h"
@@ -45,7 +48,8 @@ struct Inputs {
   const int32_t* counts;
   const bool* seen;
   const int32_t* allowed;  // [R, W]: bit j of word i allows token 32 i + j
-  const float* uniform;    // [R]
+  const uint32_t* keys;    // [B, 2]: the slots' PRNG keys
+  const int32_t* positions;  // [R]: the position each row samples from
   int64_t V, B, W, K;
 };
 
@@ -60,6 +64,34 @@ INLINE f32x8 load8(const float* p) {
   f32x8 v;
   std::memcpy(&v, p, sizeof v);
   return v;
+}
+
+// JAX's threefry2x32 hash (jax.random's default PRNG): 20 rounds over two 32-bit words,
+// keyed by two more.
+std::pair<uint32_t, uint32_t> threefry(uint32_t k0, uint32_t k1, uint32_t x0, uint32_t x1) {
+  const uint32_t ks[3] = {k0, k1, k0 ^ k1 ^ 0x1BD11BDAu};
+  static constexpr int kRotations[2][4] = {{13, 15, 26, 6}, {17, 29, 16, 24}};
+  x0 += ks[0], x1 += ks[1];
+  for (uint32_t i = 0; i < 5; ++i) {
+    for (int r : kRotations[i % 2]) x0 += x1, x1 = (x1 << r | x1 >> (32 - r)) ^ x0;
+    x0 += ks[(i + 1) % 3], x1 += ks[(i + 2) % 3] + i + 1;
+  }
+  return {x0, x1};
+}
+
+// The uniform in [0, 1) a row draws at `position` with its slot's key (k0, k1): what
+// model/nn/sampling.py's `sample` draws with the key jax.random.fold_in(key, position),
+// that is jax.random.uniform(jax.random.split(that key)[1]) (JAX's partitionable threefry:
+// split's i-th key hashes the count (0, i), 32 random bits hash (0, 0) and xor the two
+// words, a float takes the top 23 as its mantissa).
+float uniform_at(uint32_t k0, uint32_t k1, uint32_t position) {
+  const auto [f0, f1] = threefry(k0, k1, 0, position);
+  const auto [s0, s1] = threefry(f0, f1, 0, 1);
+  const auto [b0, b1] = threefry(s0, s1, 0, 0);
+  const uint32_t bits = ((b0 ^ b1) >> 9) | 0x3F800000u;
+  float one_to_two;
+  std::memcpy(&one_to_two, &bits, sizeof one_to_two);
+  return one_to_two - 1.0f;
 }
 
 // The largest of x[0, n): NaN if any is, as XLA's maximum (-inf for none).
@@ -224,7 +256,8 @@ void sample_row(const Inputs& in, const Outputs& out, int64_t r) {
         }
       }
       if (f[kMinP] > 0) cut = std::max(cut, top + std::log(std::max(f[kMinP], 1e-30f)));
-      token = draw(x.data(), V, top, cut, in.uniform[r], p.data());
+      const float u = uniform_at(in.keys[2 * slot], in.keys[2 * slot + 1], in.positions[r]);
+      token = draw(x.data(), V, top, cut, u, p.data());
     }
   }
   out.tokens[r] = static_cast<int32_t>(token);
@@ -251,7 +284,8 @@ ffi::Error SampleImpl(ffi::Buffer<ffi::F32> logits, ffi::Buffer<ffi::F32> floats
                       ffi::Buffer<ffi::S32> ints, ffi::Buffer<ffi::S32> slots,
                       ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::S32> counts,
                       ffi::Buffer<ffi::PRED> seen, ffi::Buffer<ffi::S32> allowed,
-                      ffi::Buffer<ffi::F32> uniform, ffi::ResultBuffer<ffi::S32> tokens,
+                      ffi::Buffer<ffi::U32> keys, ffi::Buffer<ffi::S32> positions,
+                      ffi::ResultBuffer<ffi::S32> tokens,
                       ffi::ResultBuffer<ffi::F32> chosen, ffi::ResultBuffer<ffi::S32> top_ids,
                       ffi::ResultBuffer<ffi::F32> top_logprobs) {
   auto ld = logits.dimensions(), bd = bias.dimensions(), ad = allowed.dimensions();
@@ -262,11 +296,12 @@ ffi::Error SampleImpl(ffi::Buffer<ffi::F32> logits, ffi::Buffer<ffi::F32> floats
                       seen.element_count() == size_t(B * V) && ad[0] == R &&
                       ad[1] == (V + 31) / 32 && floats.element_count() == size_t(B * kFloats) &&
                       ints.element_count() == size_t(B * kInts) &&
-                      slots.element_count() == size_t(R) && uniform.element_count() == size_t(R);
+                      slots.element_count() == size_t(R) && keys.element_count() == size_t(2 * B) &&
+                      positions.element_count() == size_t(R);
   if (!shaped) return ffi::Error::InvalidArgument("sample: mismatched shapes");
   const Inputs in{logits.typed_data(), floats.typed_data(), ints.typed_data(),
                   slots.typed_data(),  bias.typed_data(),   counts.typed_data(),
-                  seen.typed_data(),   allowed.typed_data(), uniform.typed_data(),
+                  seen.typed_data(),   allowed.typed_data(), keys.typed_data(), positions.typed_data(),
                   V,                   B,                    ad[1],
                   top_ids->dimensions()[1]};
   const Outputs out{tokens->typed_data(), chosen->typed_data(), top_ids->typed_data(),
@@ -289,7 +324,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchatSample, SampleImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()

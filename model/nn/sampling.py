@@ -366,16 +366,15 @@ KERNEL_INTS = ("top_k", "top_logprobs", "has_bias")
 
 
 def kernel_sample(
-    logits: jax.Array, s: SlotSampling, slots: jax.Array, keys: jax.Array, allowed: jax.Array
+    logits: jax.Array, s: SlotSampling, slots: jax.Array, positions: jax.Array, allowed: jax.Array
 ) -> Sampled:
-    """`sample(logits, take_rows(s, slots).replace(key=keys), allowed, slots)` through
-    jaxchat's CPU kernel (model/kernels/sample.cc), for the B slots' settings `s`: row i
-    samples with slot slots[i]'s (B or more: greedy, every setting off). The same tokens
-    and log-probabilities (to float rounding), except that a draw whose uniform falls
-    within rounding of a token's boundary may take its neighbour. The returned settings
-    are `s` as they were."""
+    """`sample(logits, take_rows(s, slots).replace(key=fold_in(row keys, positions)),
+    allowed, slots)` through jaxchat's CPU kernel (model/kernels/sample.cc), for the B
+    slots' settings `s`: row i samples with slot slots[i]'s settings (B or more: greedy,
+    every setting off), drawing with its key folded with positions[i]. The same tokens and
+    log-probabilities (to float rounding), except that a draw whose uniform falls within
+    rounding of a token's boundary may take its neighbour. The returned settings are `s`."""
     r = logits.shape[0]
-    uniform = jax.vmap(jax.random.uniform)(draw_keys(keys)[1])
     floats = jnp.stack([getattr(s, name).astype(jnp.float32) for name in KERNEL_FLOATS], 1)
     ints = jnp.stack([getattr(s, name).astype(jnp.int32) for name in KERNEL_INTS], 1)
     shapes = (
@@ -393,6 +392,7 @@ def kernel_sample(
         s.counts,
         s.seen,
         allowed,
-        uniform,
+        s.key.astype(jnp.uint32),
+        positions.astype(jnp.int32),
     )
     return Sampled(tokens, chosen, top_ids, top_logprobs, s)
