@@ -132,32 +132,65 @@ double sum_of(const float* p, int64_t n) {
   return sum;
 }
 
-// The first index of the largest value; the last index where there is none (a NaN).
-int64_t first_max(const float* x, int64_t n) {
-  const float top = max_of(x, n);
+// The first index of the largest value, `top` (max_of's); the last index where there is
+// none (a NaN).
+int64_t first_max(const float* x, int64_t n, float top) {
   for (int64_t i = 0; i < n; ++i)
     if (x[i] == top) return i;
   return n - 1;
 }
 
-// The smallest value top-p keeps among `values` (the logits top-k kept, any order), their
-// weights exp(value - top): the largest values whose weights, ties included, reach
-// `mass`. Sorts only as many of the largest as the cut needs.
-float top_p_cut(std::vector<float>& values, float top, double mass) {
-  const int64_t n = static_cast<int64_t>(values.size());
-  for (int64_t m = std::min<int64_t>(64, n);; m = std::min(n, m * 8)) {
-    std::nth_element(values.begin(), values.begin() + (m - 1), values.end(), std::greater<>());
-    std::sort(values.begin(), values.begin() + m, std::greater<>());
-    double above = 0;  // the weights of the values greater than values[i]
-    for (int64_t i = 0; i < m;) {
-      int64_t j = i;
-      double group = 0;
-      for (; j < m && values[j] == values[i]; ++j) group += std::exp(double(values[j]) - top);
-      if (above + group >= mass || (j == m && m == n)) return values[i];
-      above += group, i = j;
+// A logit and its weight, exp(logit - top).
+struct Weighted {
+  float value, weight;
+};
+
+// The weights of kept[lo, hi), summed in double.
+double mass_of(const std::vector<Weighted>& kept, size_t lo, size_t hi) {
+  double sum = 0;
+  for (size_t i = lo; i < hi; ++i) sum += kept[i].weight;
+  return sum;
+}
+
+// The smallest value top-p keeps among `kept` (the logits top-k kept, in any order, with
+// their weights; no NaN): the largest values whose weights, ties included, reach `mass`.
+// A selection weighted by the mass above a pivot (quickselect: expected a few passes over
+// the values, however many the cut keeps), then a sort of the last few.
+float top_p_cut(std::vector<Weighted>& kept, float top, double mass) {
+  if (!(mass > 0) || kept.empty()) return top;  // the top logit alone
+  size_t lo = 0, hi = kept.size();
+  double need = mass;  // of the values in [lo, hi): those above have less than `mass`
+  while (hi - lo > 64) {
+    const float a = kept[lo].value, b = kept[lo + (hi - lo) / 2].value, c = kept[hi - 1].value;
+    const float pivot = std::max(std::min(a, b), std::min(std::max(a, b), c));  // median
+    const auto above = std::partition(kept.begin() + lo, kept.begin() + hi,
+                                      [pivot](const Weighted& y) { return y.value > pivot; });
+    const size_t m = above - kept.begin();
+    const double upper = mass_of(kept, lo, m);
+    if (upper >= need) {  // the cut is above the pivot (m > lo: need > 0)
+      hi = m;
+      continue;
     }
-    if (m == n) return values[n - 1];
+    need -= upper;
+    const auto equal = std::partition(above, kept.begin() + hi,
+                                      [pivot](const Weighted& y) { return y.value == pivot; });
+    const size_t e = equal - kept.begin();  // (e > m: the pivot is among them)
+    const double group = mass_of(kept, m, e);
+    if (group >= need || e == hi) return pivot;
+    need -= group;
+    lo = e;
   }
+  std::sort(kept.begin() + lo, kept.begin() + hi,
+            [](const Weighted& x, const Weighted& y) { return x.value > y.value; });
+  double above = 0;  // the weights of the values in [lo, hi) greater than kept[i]'s
+  for (size_t i = lo; i < hi;) {
+    size_t j = i;
+    double group = 0;
+    for (; j < hi && kept[j].value == kept[i].value; ++j) group += kept[j].weight;
+    if (above + group >= need || j == hi) return kept[i].value;
+    above += group, i = j;
+  }
+  return kept[hi - 1].value;
 }
 
 // The token where the cumulative weight (`weights` over `cut`), in token order, first
@@ -193,6 +226,33 @@ int64_t draw(const float* x, int64_t V, float top, float cut, float uniform, flo
   return token;
 }
 
+// A draw over logits x (after the temperature; their largest `top`) from what top-k,
+// top-p and min-p keep (settings f and top_k) at `uniform`; p: room for V weights.
+int64_t filtered_draw(const std::vector<float>& x, float top, const float* f, int32_t top_k,
+                      float uniform, float* p) {
+  const int64_t V = static_cast<int64_t>(x.size());
+  float cut = kNegInf;
+  if (top_k > 0 && top_k < V) {
+    thread_local std::vector<float> values;
+    values.assign(x.begin(), x.end());
+    std::nth_element(values.begin(), values.begin() + (top_k - 1), values.end(), std::greater<>());
+    cut = values[top_k - 1];
+  }
+  if (f[kTopP] < 1) {
+    // Only the weights of at least half the mass top-p leaves out, spread evenly, can
+    // reach the cut: those below add up to less than that, so the rest reach it alone.
+    weights(x.data(), V, top, cut, p);
+    const double total = sum_of(p, V), floor = 0.5 * (1 - f[kTopP]) * total / V;
+    thread_local std::vector<Weighted> kept;
+    kept.clear();
+    for (int64_t v = 0; v < V; ++v)
+      if (p[v] >= floor && x[v] >= cut) kept.push_back({x[v], p[v]});
+    cut = top_p_cut(kept, top, f[kTopP] * total);
+  }
+  if (f[kMinP] > 0) cut = std::max(cut, top + std::log(std::max(f[kMinP], 1e-30f)));
+  return draw(x.data(), V, top, cut, uniform, p);
+}
+
 void sample_row(const Inputs& in, const Outputs& out, int64_t r) {
   const int64_t V = in.V, slot = in.slots[r];
   const float* logits = in.logits + r * V;
@@ -215,7 +275,7 @@ void sample_row(const Inputs& in, const Outputs& out, int64_t r) {
   const bool drawn = f[kTemperature] > 0;
   int64_t token;
   if (!adjusted && !constrained && !drawn) {
-    token = first_max(logits, V);
+    token = first_max(logits, V, peak);
   } else {
     thread_local std::vector<float> x;
     x.assign(logits, logits + V);
@@ -236,28 +296,14 @@ void sample_row(const Inputs& in, const Outputs& out, int64_t r) {
       for (int64_t v = 0; v < V; ++v)
         if (!((allowed[v / 32] >> (v % 32)) & 1)) x[v] = kNegInf;
     if (!drawn) {
-      token = first_max(x.data(), V);
+      token = first_max(x.data(), V, max_of(x.data(), V));
     } else {
       const float t = f[kTemperature];
       for (int64_t v = 0; v < V; ++v) x[v] /= t;
       const float top = max_of(x.data(), V);
-      float cut = kNegInf;
-      if ((top_k > 0 && top_k < V) || f[kTopP] < 1) {
-        thread_local std::vector<float> kept;
-        kept.assign(x.begin(), x.end());
-        if (top_k > 0 && top_k < V) {
-          std::nth_element(kept.begin(), kept.begin() + (top_k - 1), kept.end(), std::greater<>());
-          cut = kept[top_k - 1];
-          std::erase_if(kept, [cut](float y) { return y < cut; });
-        }
-        if (f[kTopP] < 1) {
-          weights(x.data(), V, top, cut, p.data());
-          cut = top_p_cut(kept, top, f[kTopP] * sum_of(p.data(), V));
-        }
-      }
-      if (f[kMinP] > 0) cut = std::max(cut, top + std::log(std::max(f[kMinP], 1e-30f)));
       const float u = uniform_at(in.keys[2 * slot], in.keys[2 * slot + 1], in.positions[r]);
-      token = draw(x.data(), V, top, cut, u, p.data());
+      // (A NaN logit: the last token, as the greedy choice.)
+      token = std::isnan(top) ? V - 1 : filtered_draw(x, top, f, top_k, u, p.data());
     }
   }
   out.tokens[r] = static_cast<int32_t>(token);
