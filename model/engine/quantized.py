@@ -29,11 +29,7 @@ from model.weights.gguf import dequantize_blocks
 def kernels(mesh: Mesh) -> str | None:
     """The CPU kernels' digest where steps on `mesh` use them: one CPU device, the library
     built and not turned off; else None."""
-    if os.environ.get("JAXCHAT_QUANTIZED_KERNEL", "on") == "off":
-        return None
-    if mesh.size > 1 or jax.default_backend() != "cpu" or not model.kernels.load():
-        return None
-    return model.kernels.digest()
+    return sampler(mesh) if mesh.size == 1 else None
 
 
 def sampler(mesh: Mesh) -> str | None:

@@ -42,30 +42,17 @@ INLINE void value_slices(const float* values, int64_t H, int64_t used, const flo
 }
 
 // TG queries' scores (times `scale`) over NR runs of 16 keys (run r's feature h at
-// pieces[r].p + h * pieces[r].stride), into out[g][16 r …]: NR·TG independent sums, in
-// vectors Vec.
+// pieces[r].p + h * pieces[r].stride), into out[g][16 r …], in vectors Vec.
 template <typename Vec, int TG, int NR>
 INLINE void key_runs_of(const Piece* pieces, const float* const* queries, int64_t H, float scale,
                         float* const* out, int64_t first) {
-  constexpr int L = sizeof(Vec) / sizeof(float), P = 16 / L;
-  Vec acc[NR][P][TG] = {};
-  for (int64_t h = 0; h < H; ++h) {
-    Vec key[NR][P];
-    for (int r = 0; r < NR; ++r)
-      for (int p = 0; p < P; ++p)
-        std::memcpy(&key[r][p], pieces[r].p + h * pieces[r].stride + L * p, sizeof(Vec));
-    for (int g = 0; g < TG; ++g) {
-      const float feature = queries[g][h];
-      for (int r = 0; r < NR; ++r)
-        for (int p = 0; p < P; ++p) acc[r][p][g] += feature * key[r][p];
-    }
-  }
-  for (int g = 0; g < TG; ++g)
-    for (int r = 0; r < NR; ++r)
-      for (int p = 0; p < P; ++p) {
-        const Vec scaled = acc[r][p][g] * scale;
+  constexpr int L = sizeof(Vec) / sizeof(float);
+  run_scores<Vec, TG, NR>(
+      pieces, H, [&](int64_t h, int g) { return queries[g][h]; },
+      [&](int g, int r, int p, const Vec& sums) {
+        const Vec scaled = sums * scale;
         std::memcpy(out[g] + 16 * (first + r) + L * p, &scaled, sizeof scaled);
-      }
+      });
 }
 
 template <int TG, int NR>

@@ -1,6 +1,6 @@
 // What the decode (attention.cc) and prompt (prompt_attention.cc) attention kernels share:
-// the softmax's pieces, the pool's float16 read as floats, the weighted values' loop, and
-// the merge of a query's chunks. In an anonymous namespace, so each kernel's translation
+// the softmax's pieces, the pool's float16 read as floats, the scores' and the weighted
+// values' loops, and the merge of a query's chunks. In an anonymous namespace, so each kernel's translation
 // unit has its own copy: the two compile side by side (as one file they took 44 s of the
 // set-up's build on a 2-core CPU, more than all the other sources together).
 
@@ -181,6 +181,30 @@ INLINE void weighted_values(int64_t n, Row row, Weight weight, At at) {
   for (int g = 0; g < TG; ++g)
     for (int v = 0; v < NV; ++v)
       for (int p = 0; p < P; ++p) std::memcpy(at(g, v) + L * p, &part[g][v][p], sizeof(Vec));
+}
+
+// TQ queries' dot products with R runs of 16 keys (run r's feature h at runs[r].p + h *
+// runs[r].stride; query t's feature h at query(h, t)), handed to store(t, r, p, sums) a
+// vector Vec of keys at a time: R·TQ independent sums over the features. Decode and prompt
+// attention lay out their queries and scores their own ways.
+template <typename Vec, int TQ, int R, typename Query, typename Store>
+INLINE void run_scores(const Piece* runs, int64_t H, Query query, Store store) {
+  constexpr int L = sizeof(Vec) / sizeof(float), P = 16 / L;
+  Vec acc[R][P][TQ] = {};
+  for (int64_t h = 0; h < H; ++h) {
+    Vec key[R][P];
+    for (int r = 0; r < R; ++r)
+      for (int p = 0; p < P; ++p)
+        std::memcpy(&key[r][p], runs[r].p + h * runs[r].stride + L * p, sizeof(Vec));
+    for (int t = 0; t < TQ; ++t) {
+      const float q = query(h, t);
+      for (int r = 0; r < R; ++r)
+        for (int p = 0; p < P; ++p) acc[r][p][t] += q * key[r][p];
+    }
+  }
+  for (int t = 0; t < TQ; ++t)
+    for (int r = 0; r < R; ++r)
+      for (int p = 0; p < P; ++p) store(t, r, p, acc[r][p][t]);
 }
 
 // A query's output [H] from its chunks' softmax states (`heads`'s, `count` of them at

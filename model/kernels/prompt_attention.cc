@@ -86,23 +86,12 @@ struct PromptKeys {
 template <typename Vec, int TT, int TQ, int R>
 INLINE void span_scores(const Piece* runs, const float (*qt)[TT], int64_t H, int t0,
                         float (*scores)[kSpan], int64_t j) {
-  constexpr int L = sizeof(Vec) / sizeof(float), P = 16 / L;
-  Vec acc[R][P][TQ] = {};
-  for (int64_t h = 0; h < H; ++h) {
-    Vec key[R][P];
-    for (int r = 0; r < R; ++r)
-      for (int p = 0; p < P; ++p)
-        std::memcpy(&key[r][p], runs[r].p + h * runs[r].stride + L * p, sizeof(Vec));
-    for (int t = 0; t < TQ; ++t) {
-      const float q = qt[h][t0 + t];
-      for (int r = 0; r < R; ++r)
-        for (int p = 0; p < P; ++p) acc[r][p][t] += q * key[r][p];
-    }
-  }
-  for (int t = 0; t < TQ; ++t)
-    for (int r = 0; r < R; ++r)
-      for (int p = 0; p < P; ++p)
-        std::memcpy(&scores[t0 + t][j + 16 * r + L * p], &acc[r][p][t], sizeof(Vec));
+  constexpr int L = sizeof(Vec) / sizeof(float);
+  run_scores<Vec, TQ, R>(
+      runs, H, [&](int64_t h, int t) { return qt[h][t0 + t]; },
+      [&](int t, int r, int p, const Vec& sums) {
+        std::memcpy(&scores[t0 + t][j + 16 * r + L * p], &sums, sizeof(Vec));
+      });
 }
 
 // Feature slices [v, v + NV) (of 16) of queries [t0, t0 + TQ), their scores' weighted

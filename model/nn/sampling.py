@@ -211,12 +211,6 @@ def _draw(logits: jax.Array, s: SlotSampling, keys: jax.Array) -> jax.Array:
     return inverse_cdf(kept, jax.vmap(jax.random.uniform)(keys))
 
 
-def draw_keys(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Rows' PRNG keys [B, 2] → (the keys advanced, the keys a draw takes its uniform from)."""
-    split = jax.vmap(lambda k: jax.random.split(k, 2))(keys)  # [B, 2, 2]
-    return split[:, 0], split[:, 1]
-
-
 DRAW_BLOCK = 512  # tokens per block of `inverse_cdf`'s first search
 
 
@@ -326,7 +320,8 @@ def sample(
     penalised or biased, and the returned counts are the state's as they were (the
     caller counts the tokens).
     """
-    next_keys, keys = draw_keys(s.key)
+    split = jax.vmap(lambda k: jax.random.split(k, 2))(s.key)  # [B, 2, 2]
+    next_keys, keys = split[:, 0], split[:, 1]
     normaliser = jax.nn.logsumexp(logits, axis=-1)  # [B]: log-probability = logit - this
     adjusted = (
         (s.frequency_penalty != 0)
