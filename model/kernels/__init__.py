@@ -48,13 +48,13 @@ from model.nn.transformer import RMS_NORM_TARGET
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-# The longest to compile first (-O3 for x86-64-v3 on a 2-core EPYC: 27, 21 and 10 s, the
-# others 3-4 s each), so that `build`, one compile per core, ends them together.
+# The longest to compile first (-O3 for x86-64-v3 on a 2-core EPYC: 18, 15 and 10 s, the
+# others 2-4 s each), so that `build`, one compile per core, ends them together.
 SOURCES = tuple(
     HERE / name
     for name in (
-        "prompt_attention.cc",
         "qmatmul.cc",
+        "prompt_attention.cc",
         "attention.cc",
         "sample.cc",
         "norm.cc",
@@ -133,8 +133,8 @@ def build(compiler: str | None = None, portable: bool = False) -> Path:
         raise RuntimeError("no C++ compiler found (install g++, or set CXX)")
     include = jax.ffi.include_dir()
     with tempfile.TemporaryDirectory(dir=HERE) as tmp:
-        # The sources compile one per core, in SOURCES' order, then link: all at once, the
-        # longest shared its core with the others to the end (43 s on 2 cores, 34 s so).
+        # The sources compile one per core, in SOURCES' order, then link (29 s on 2 cores):
+        # all at once, the longest would share its core with the others to the end.
         objects = [str(Path(tmp) / f"{path.stem}.o") for path in SOURCES]
         commands = [
             [compiler, *flags(level), "-isystem", include, "-c", str(path), "-o", obj]
