@@ -60,12 +60,13 @@ bench: setup
 	$(BIN)/python -m benchmarks.serve_and_load --concurrency 1,8,32,64 --max-tokens 128 --cases
 	bash benchmarks/llamacpp_peer.sh --concurrency 1,8,32,64 --max-tokens 128
 
-lint: setup
+# Lint needs the packages only, so `.ci/run` type-checks while the kernels compile.
+lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-format: setup
+format: $(VENV)/.installed
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
