@@ -38,19 +38,6 @@ def golden_logits() -> dict[str, np.ndarray]:
         return dict(data)
 
 
-@pytest.fixture(params=["picked", "other"])
-def vector_width(request):
-    """The test at the width of the CPU kernels' f32 vectors this CPU picks (16 with
-    AVX-512, else 8), then at the other one (`kernels.set_wide_vectors`): both widths'
-    code is tested whichever CPU with AVX2 runs the suite."""
-    from model import kernels
-
-    if request.param == "other":
-        kernels.set_wide_vectors(not kernels.wide_vectors())
-    yield request.param
-    kernels.set_wide_vectors(None)
-
-
 @pytest.fixture(scope="session")
 def llm():
     """The bundled SmolLM2-135M-Instruct, float32, a 512-token context, 8 decode slots

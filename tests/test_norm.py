@@ -22,7 +22,6 @@ def norm(x: np.ndarray, scale: np.ndarray, used: int) -> np.ndarray:
     return np.asarray(apply(params, jnp.asarray(x), jnp.int32(used)))
 
 
-@pytest.mark.usefixtures("vector_width")
 def test_the_kernel_normalises_each_used_column_and_zeroes_the_rest():
     """Each used column is x / sqrt(mean(x^2) + eps) * scale (float64 reference, features
     of very different sizes); columns past `used` (NaN here) come out zero."""
@@ -38,7 +37,6 @@ def test_the_kernel_normalises_each_used_column_and_zeroes_the_rest():
     assert not y[:, used:].any()
 
 
-@pytest.mark.usefixtures("vector_width")
 def test_a_columns_norm_is_the_same_to_the_bit_in_any_step():
     """A token's norm does not depend on the step's width, on how many columns it uses or
     on where the token sits among them (whole groups of 16 and the last, partial one), as

@@ -205,16 +205,6 @@ def wide_vectors() -> bool:
     return lib is not None and bool(lib.JaxchatWideVectors())
 
 
-def set_wide_vectors(wide: bool | None) -> None:
-    """Make the kernels' f32 loops take vectors of 16 (True) or of 8 (False) from their
-    next call on, or (None) choose as at the start again: the tests run both widths' code
-    in one process this way, on any CPU with AVX2."""
-    lib = library()
-    if lib is not None:
-        lib.JaxchatSetWideVectors.argtypes = (ctypes.c_int32,)
-        lib.JaxchatSetWideVectors(-1 if wide is None else int(wide))
-
-
 @cache
 def load() -> bool:
     """Register the kernels with XLA:CPU; False (and why, in the log) when the library is

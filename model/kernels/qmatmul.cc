@@ -907,12 +907,6 @@ extern "C" int JaxchatIntegerPath(int64_t kind, int64_t rows) {
 // Whether the f32 loops take vectors of 16 (else of 8).
 extern "C" int JaxchatWideVectors() { return wide_vectors(); }
 
-// The f32 loops' vectors from now on: of 16 (1), of 8 (0), or as first chosen (-1: the
-// CPU's or JAXCHAT_KERNEL_VECTORS's choice).
-extern "C" void JaxchatSetWideVectors(int wide) {
-  jaxchat_wide_vectors.store(wide < 0 ? -1 : wide != 0, std::memory_order_relaxed);
-}
-
 // Whether every column of a product, decode row or prompt token, takes int_gemm.cc's
 // integer arithmetic (few rows or many).
 extern "C" int JaxchatIntGemm(int64_t kind) { return jaxchat::int_gemm_path(kind); }

@@ -2,7 +2,6 @@
 // them, pairs of AVX2 ones or four SSE ones elsewhere) and what the kernels do with them.
 #pragma once
 
-#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -25,23 +24,17 @@ INLINE void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof v); }
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
 
-// Whether the loops take vectors of 16 (the CPU has AVX-512's registers) or of 8: the
-// CPU's choice, which JAXCHAT_KERNEL_VECTORS=8 or 16 overrides and JaxchatSetWideVectors
-// changes while the library runs, so that the tests run each width's code on any CPU with
-// AVX2 (neither needs more). One flag for every source of the library (an inline
-// variable), -1 until chosen.
-inline std::atomic<int> jaxchat_wide_vectors{-1};
-
+// Whether the loops take vectors of 16 (the CPU has AVX-512's registers) or of 8.
+// JAXCHAT_KERNEL_VECTORS=8 or 16 overrides the CPU's choice, so that the tests run each
+// width's code on any CPU with AVX2 (neither needs more).
 INLINE bool wide_vectors() {
-  int wide = jaxchat_wide_vectors.load(std::memory_order_relaxed);
-  if (wide < 0) {
+  static const bool wide = [] {
     const char* forced = std::getenv("JAXCHAT_KERNEL_VECTORS");
-    if (forced != nullptr && std::strcmp(forced, "8") == 0) wide = 0;
-    else if (forced != nullptr && std::strcmp(forced, "16") == 0) wide = 1;
-    else wide = __builtin_cpu_supports("avx512f") != 0;
-    jaxchat_wide_vectors.store(wide, std::memory_order_relaxed);
-  }
-  return wide != 0;
+    if (forced != nullptr && std::strcmp(forced, "8") == 0) return false;
+    if (forced != nullptr && std::strcmp(forced, "16") == 0) return true;
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  return wide;
 }
 
 // e^x for x <= 0 (Cephes' expf: x = n ln 2 + r, |r| <= ln 2 / 2, a degree-6 polynomial
