@@ -319,9 +319,10 @@ ffi::Error PromptAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
     if (!(continues || (g < 0 && from == 0)))
       return ffi::Error::InvalidArgument(
           "prompt attention: a segment starts neither at 0 nor where its prior group ends");
-    // A short segment's queries of a kv head are one tile (up to kTile: its prior read
-    // once, where a step's prompt chunk is a few tokens beside decode rows); a longer one's
-    // in tiles of kTile / 2, which go through their keys and values with fewer loads.
+    // A short segment's queries of a kv head are one tile (up to kTile: each span of its
+    // prior read from memory once, its pieces going through it in turn while it is in the
+    // caches, where a step's prompt chunk is a few tokens beside decode rows); a longer
+    // one's in tiles of kTile / 2, which go through their keys and values with fewer loads.
     const int64_t per = (b - a) * G <= kTile ? kTile : kTile / 2;
     for (int64_t kh = 0; kh < K; ++kh)
       for (int64_t j = 0; j < (b - a) * G; ++j) {
