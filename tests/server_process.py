@@ -14,8 +14,16 @@ import pytest
 from benchmarks.serve_and_load import free_port, stop, wait_healthy
 
 REPO = Path(__file__).resolve().parent.parent
-# Eight fake CPU devices for multi-device tests, even on a machine with accelerators.
-EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+
+
+def cpu_devices(count: int) -> dict[str, str]:
+    """Environment for a process with `count` fake CPU devices, even on a machine with
+    accelerators (XLA's other flags kept: the tests' optimization level, tests/conftest.py)."""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}"
+    return {"XLA_FLAGS": flags.strip(), "JAX_PLATFORMS": "cpu"}
+
+
+EIGHT_DEVICES = cpu_devices(8)  # for multi-device tests
 MODEL = "smollm2-135m-instruct"
 KEY = "e2e-test-key"
 MAX_SEQ_LEN = 512

@@ -18,7 +18,7 @@ import pytest
 from google.cloud import storage
 
 from model.weights.gguf import load_gguf
-from tests.server_process import run_python_report
+from tests.server_process import cpu_devices, run_python_report
 from tests.tiny_models import TINY_LLAMA, dense_logits, write_tiny_gguf
 
 BUCKET = "compile-cache"
@@ -63,7 +63,7 @@ def run(cache: str, prompt: dict, download_dir, mesh: str | None = None) -> dict
     env["JAXCHAT_CACHE_DIR"] = str(download_dir)
     args = ["-c", RUN, cache, json.dumps(prompt["ids"]), str(prompt["path"])]
     if mesh:
-        env |= {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+        env |= cpu_devices(2)
         args.append(mesh)
     report = run_python_report(args, env)
     assert len(report["ids"]) == 12

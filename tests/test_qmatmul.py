@@ -374,8 +374,11 @@ def test_the_other_vector_width_passes_the_kernels_tests():
     )
     assert picked.stdout.split() == [other], picked.stderr[-2000:]  # the child takes the other
     tests = ["tests/test_qmatmul.py", "tests/test_norm.py", "tests/test_paged_attention.py"]
+    # (the block formats' and int8 rows' products on one thread left out: how the rows are
+    # split among threads does not depend on the width, and the split runs the same loops)
     chosen = (
         "(match_numpy or glu or beside_prompt or used_columns or norm or cpu_kernel) and not cut"
+        " and not numpy[1"
     )
     child = subprocess.run(
         [

@@ -36,7 +36,7 @@ from sharding import (
     pool_sharding,
     slot_sharding,
 )
-from tests.server_process import run_python_report
+from tests.server_process import EIGHT_DEVICES, run_python_report
 from tests.sharding_report import BS, CASES, CONFIGS, NB
 from tests.tiny_models import TINY_LLAMA
 
@@ -257,9 +257,7 @@ def test_maybe_initialize_distributed_initializes_once(monkeypatch):
 
 @pytest.fixture(scope="module")
 def report() -> dict:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
-    env["JAX_PLATFORMS"] = "cpu"  # fake CPU devices even on a machine with accelerators
+    env = {**os.environ, **EIGHT_DEVICES}
     return run_python_report(["-m", "tests.sharding_report"], env, timeout=800)
 
 
