@@ -22,8 +22,8 @@ os.environ.setdefault("JAXCHAT_COMPILE_CACHE", str(REPO / ".cache" / "test-compi
 # tests start (the flags are part of both compile caches' keys). The tests check what the
 # programs compute, and XLA:CPU computes the same at either level (no fast math: LLVM may
 # not reorder a float sum at any level); the server and the benchmarks run at the default.
-# Compiling takes a third of the suite's time at the default level: from an empty cache,
-# 237 s of backend compiles against 162 here, and the whole suite 472 s against 430.
+# From empty caches, on 2 cores: 237 s of the suite's backend compiles at the default level
+# against 162 here; the whole suite 533-538 s against 497-500 (alternating runs).
 OPT_LEVEL = "--xla_backend_optimization_level=0"
 if OPT_LEVEL not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {OPT_LEVEL}".strip()
