@@ -7,14 +7,16 @@ panels of 12, one block or many per row, 1 to 100 rows of activations (up to 8 t
 takes them 8 at a time, with a remainder; past 8, 32 at a time as a small GEMM, with a
 remainder of up to 16 or up to 32), threads on and off.
 
-Up to 8 rows, the formats with blocks of 32 values (Q8_0, Q4_0, Q4_1) take an integer
-path where the CPU has AVX2 (with AVX-512, a wider one), and past 8 rows so do the columns
-the caller marks as decode rows, and where the CPU has AVX-512 VNNI every column
-(int_gemm.cc; the library says which products do): x rounded to 16 bits per block of 32.
-There the kernel is held to NumPy's rendering of that arithmetic (`integer_reference`)
-and, against the exact product, to the bound that rounding allows (`rounding_bound`);
-elsewhere to the exact product. With VNNI, each column's product is the same to the bit
-whichever path takes it and whatever else the step holds.
+The formats with blocks of 32 values (Q8_0, Q4_0, Q4_1) take integers where the CPU has
+AVX2 (with AVX-512, wider ones): up to 8 decode rows (the columns the caller marks so)
+each in lanes of its own, and every prompt token as int_gemm.cc computes it; where the CPU
+has AVX-512 VNNI every column, decode rows too, takes int_gemm.cc's arithmetic (the
+library says which products do): x rounded to 16 bits per block of 32. There the kernel
+is held to NumPy's rendering of that arithmetic (`integer_reference`) and, against the
+exact product, to the bound that rounding allows (`rounding_bound`); elsewhere (more than
+8 decode rows without VNNI, the other formats) to the exact product. A prompt token's
+product (with VNNI every column's) is the same to the bit whichever path takes it and
+whatever else the step holds.
 """
 
 import fnmatch
@@ -94,13 +96,28 @@ def canonical(name: str) -> bool:
     return gemm
 
 
+def canonical_prompts(name: str) -> bool:
+    """Whether a product's prompt tokens take integers in this format, each the same to
+    the bit on every path (AVX2, or AVX-512 VNNI)."""
+    prompts = kernels.int_prompts_path(GGMLQuantizationType[name].value)
+    assert prompts >= canonical(name)
+    return prompts
+
+
 def rounded_columns(name: str, t: int, decode: int) -> np.ndarray:
     """Which of t columns the kernel rounds, the first `decode` marked as decode rows:
-    all or none up to 8 rows; past 8, all where the CPU has AVX-512 VNNI, else the decode
-    rows up to 8 of them (as a product of their own would)."""
-    if t <= 8 or canonical(name):
+    where the CPU has AVX-512 VNNI, all; with AVX2, the prompt tokens and the decode rows
+    if there are at most 8 of them (as a product of their own would round them);
+    elsewhere the decode rows up to 8 of them, or all or none of up to 8 rows."""
+    if canonical(name):
+        return np.full(t, True)
+    columns = np.arange(t)
+    few = decode <= 8 and integer_path(name, max(decode, 1))
+    if canonical_prompts(name):
+        return (columns >= decode) | (columns < decode if few else False)
+    if t <= 8:
         return np.full(t, integer_path(name, min(t, 8)))
-    return np.arange(t) < (decode if decode <= 8 and integer_path(name, max(decode, 1)) else 0)
+    return columns < (decode if few else 0)
 
 
 def integer_reference(name: str, data: np.ndarray, w: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -179,8 +196,9 @@ def test_only_the_used_columns_are_multiplied_the_rest_are_zero(t, decode):
     are zero, whatever x holds there (NaN too), and the others are the full product's
     (with decode rows first: none, 7 of them, or every real column): to the bit where
     each column takes the same path (with AVX-512 VNNI every column, decode rows too,
-    takes integers alike), else to the order of sums, or where a column is rounded in one
-    and not the other, to the rounding's bound."""
+    takes integers alike; with AVX2 every prompt token, and up to 8 decode rows their own
+    rounded lanes), else to the order of sums, or where a column is rounded in one and not
+    the other, to the rounding's bound."""
     rng = np.random.default_rng(17)
     data = random_blocks("Q4_1", 50, 256, rng)
     x = rng.standard_normal((t, 256)).astype(np.float32)
@@ -191,7 +209,8 @@ def test_only_the_used_columns_are_multiplied_the_rest_are_zero(t, decode):
         padded[used:] = np.nan
         y = qmatmul(data, padded, 3, 0, used=used, decode=min(rows, used))
         real, f32 = min(used, t), min(used, t) - min(rows, used)
-        if canonical("Q4_1") or real == t or f32 > 8:  # the same sums
+        same_paths = canonical("Q4_1") or (canonical_prompts("Q4_1") and rows <= 8)
+        if same_paths or real == t or f32 > 8:  # the same sums
             assert np.array_equal(y[:, :real], full[:, :real]), used
         else:
             # Up to 8 f32 columns take the few-row path: the sums in another order. And
@@ -270,7 +289,7 @@ def test_decode_rows_beside_prompt_tokens_multiply_as_alone(name, decode):
         exact = w.astype(np.float64) @ x[decode:used].astype(np.float64).T
         scale = np.abs(w).sum(axis=1, keepdims=True) * np.abs(x).max()
         bound = 2e-6 * scale.max()
-        if canonical(name):
+        if canonical_prompts(name):
             bound = bound + rounding_bound(w, x[decode:used])
         assert (np.abs(y[:, decode:used] - exact) <= bound).all()
         assert not y[:, used:].any()
@@ -278,14 +297,15 @@ def test_decode_rows_beside_prompt_tokens_multiply_as_alone(name, decode):
 
 @pytest.mark.parametrize("name", sorted(INTEGER_FORMATS))
 def test_a_columns_product_is_the_same_to_the_bit_on_every_path(name):
-    """Where every column takes integers (AVX-512 VNNI), a column's product does not depend
-    on the step around it: alone (the few-row path), among up to 8 decode rows and prompt
-    tokens (few rows, one pass), beside more (the integer GEMM), in any chunk of 32 columns,
-    whether the column is a decode row or a prompt token. So a prompt's keys and values are
-    the same however it was cut into chunks, and a stream's logits whatever shares its
-    step."""
-    if not canonical(name):
-        pytest.skip("this CPU has no AVX-512 VNNI: prompt tokens are multiplied in f32")
+    """A prompt token's product (where every column takes integers, AVX-512 VNNI, any
+    column's) does not depend on the step around it: alone (the few-row path), among up to
+    8 decode rows and prompt tokens (few rows), beside more (the integer GEMM), in any
+    chunk of 32 columns. So a prompt's keys and values are the same however it was cut
+    into chunks, and with VNNI a stream's logits whatever shares its step."""
+    if not canonical_prompts(name):
+        pytest.skip("this CPU has neither AVX2 nor AVX-512 VNNI: prompt tokens take f32")
+    # (without VNNI, decode rows take paths of their own: test_decode_rows_beside_...)
+    prompts_only = not canonical(name)
     rng = np.random.default_rng(29)
     data = random_blocks(name, 77, 576, rng)
     kind = BLOCK_FORMATS[name][0]
@@ -303,7 +323,8 @@ def test_a_columns_product_is_the_same_to_the_bit_on_every_path(name):
         (40, 9, 1),
     ]:
         y = qmatmul(data, x[:t], kind, 0, used=used, decode=decode)
-        assert np.array_equal(y[:, :used], alone[:, :used]), (t, used, decode)
+        start = decode if prompts_only else 0
+        assert np.array_equal(y[:, start:used], alone[:, start:used]), (t, used, decode)
         assert not y[:, used:].any(), (t, used, decode)
 
 

@@ -3,8 +3,8 @@
 - the quantized matrix product (qmatmul.cc), which reads weights in GGUF's block
   formats or jaxchat's int8 rows and expands them in registers, so a decode step
   streams 4-8 bits per weight instead of 32, and a many-row step expands each weight
-  once for all rows (model/nn/quantize.py's `BlockWeight`); with AVX-512 VNNI, a
-  many-row step's decode rows multiply 16-bit integers (int_gemm.cc);
+  once for all rows (model/nn/quantize.py's `BlockWeight`); a prompt's tokens (with
+  AVX-512 VNNI, a step's decode rows too) multiply 16-bit integers (int_gemm.cc);
 - attention over the paged pool: decode rows (attention.cc), and a prefill region's
   queries over the positions already in the pool (prompt_attention.cc), read the blocks
   in place instead of gathering them into new arrays (model/nn/attention.py);
@@ -189,13 +189,25 @@ def widen(way: int, halves: np.ndarray) -> np.ndarray | None:
 def int_gemm_path(kind: int) -> bool:
     """Whether every column of a product (decode rows and prompt tokens, few or many)
     rounds x to 16-bit integers as int_gemm.cc does, for weights of GGML type `kind` on
-    this CPU (AVX-512 VNNI; blocks of 32 values only); elsewhere, in a product of more
-    than 8 columns, the prompt tokens are multiplied in f32."""
+    this CPU (AVX-512 VNNI; blocks of 32 values only); elsewhere the decode rows take
+    their own paths (`int_prompts_path` says what the prompt tokens take)."""
     lib = library()
     if lib is None:
         return False
     lib.JaxchatIntGemm.argtypes = (ctypes.c_int64,)
     return bool(lib.JaxchatIntGemm(kind))
+
+
+def int_prompts_path(kind: int) -> bool:
+    """Whether a product's prompt tokens (the columns past its decode rows) round x to
+    16-bit integers as int_gemm.cc does, each column's product the same to the bit in any
+    step, for weights of GGML type `kind` on this CPU (AVX-512 VNNI, or AVX2 with FMA and
+    F16C; blocks of 32 values only)."""
+    lib = library()
+    if lib is None:
+        return False
+    lib.JaxchatIntPrompts.argtypes = (ctypes.c_int64,)
+    return bool(lib.JaxchatIntPrompts(kind))
 
 
 def wide_vectors() -> bool:

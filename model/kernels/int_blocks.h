@@ -39,4 +39,37 @@ int_block512(const uint8_t* b, float* d, float* m) {
   }
 }
 
+// A block's 32 weights as two vectors of 16 int16 (values 0-15, 16-31), its scale, and
+// the offset per unit of x (Q4_1's m; zero for the others): AVX2's registers.
+struct IntBlock8 {
+  __m256i lo, hi;
+  float d, m;
+};
+
+template <int64_t Kind>
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline IntBlock8 int_block8(
+    const uint8_t* b) {
+  IntBlock8 w;
+  uint32_t halves;  // d, and Q4_1's m: both converted by one instruction
+  std::memcpy(&halves, b, 4);
+  const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(halves)));
+  w.d = _mm_cvtss_f32(dm);
+  w.m = Kind == kQ4_1 ? _mm_cvtss_f32(_mm_movehdup_ps(dm)) : 0.0f;
+  if constexpr (Kind == kQ8_0) {
+    w.lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2)));
+    w.hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 18)));
+  } else {
+    const __m128i nibbles =
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (Kind == kQ4_1 ? 4 : 2)));
+    const __m128i low = _mm_set1_epi8(15);
+    w.lo = _mm256_cvtepu8_epi16(_mm_and_si128(nibbles, low));
+    w.hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(nibbles, 4), low));
+    if constexpr (Kind == kQ4_0) {  // q - 8
+      w.lo = _mm256_sub_epi16(w.lo, _mm256_set1_epi16(8));
+      w.hi = _mm256_sub_epi16(w.hi, _mm256_set1_epi16(8));
+    }
+  }
+  return w;
+}
+
 }  // namespace jaxchat

@@ -1,5 +1,6 @@
 // Many rows of x times weights in a 32-value block format (Q8_0, Q4_0, Q4_1), as
-// integers, on AVX-512 with VNNI.
+// integers: on AVX-512 with VNNI every column (decode rows and prompt tokens), on AVX2 a
+// step's prompt tokens (see the AVX2 section below).
 //
 // qmatmul.cc multiplies many rows (prefill, batched decode) as an f32 GEMM, bound by the
 // FMA units: 16 multiply-adds an instruction. Here x is rounded to 16-bit integers per
@@ -169,14 +170,190 @@ VNNI void panels(const uint8_t* w, int64_t row_bytes, int64_t N, const int32_t* 
   }
 }
 
-}  // namespace
 
-bool int_gemm_path(int64_t kind) {
-  static const bool vnni =
+// ---- AVX2 (no VNNI) ---------------------------------------------------------------------
+//
+// The same arithmetic with vectors of 8: each k pair of 8 columns is one vpmaddwd (16
+// multiply-adds into 8 int32 pair sums) and an add, where VNNI fuses the two. x is packed
+// as above ([K / 2][32] words per chunk, the same scales and sums), a panel holds kRows2
+// weight rows, and a chunk's 32 columns go by in two passes of 16, so that a pass's
+// 4 x 2 integer sums, x's two vectors and the broadcast weight pair fit AVX2's 16
+// registers. A block's sums are scaled into f32 accumulators exactly as the VNNI path
+// scales them, so a column's product is the same to the bit on either CPU.
+//
+// On AVX2 this is no faster than qmatmul.cc's f32 panels: a 2-core AMD EPYC (Zen 3)
+// issues one vpmaddwd a cycle (2.3 G/s against 5.5 G/s of FMAs), so 16 integer
+// multiply-adds a cycle, as many as two FMAs of 8 (32 columns by a SmolLM2 FFN matrix:
+// 0.93 against 0.85 ms; 512 columns: 14.5 against 13.9). Its point is that a prompt
+// token's product no longer depends on how the prompt was cut into chunks.
+
+#define INT_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+constexpr int kRows2 = 4;  // weight rows per panel
+
+// 8 columns' values at p, of which the first `valid` are real (the rest read as zero).
+INT_AVX2 INLINE __m256 load8(const float* p, int64_t valid, __m256i mask) {
+  return valid == 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, mask);
+}
+
+// Chunk c of x's first U columns, as quantize_chunk packs it.
+INT_AVX2 void quantize_chunk8(const float* x, int64_t K, int64_t T, int64_t U, int64_t c,
+                              int32_t* pairs, float* scale, float* sum) {
+  const int64_t t0 = c * kColumns;
+  const __m256 limit = _mm256_set1_ps(32767.0f), sign = _mm256_set1_ps(-0.0f);
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int v = 0; v < 4; ++v) {
+    const int64_t valid = std::clamp<int64_t>(U - t0 - 8 * v, 0, 8);
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(valid)), lanes);
+    const float* xv = x + t0 + 8 * v;
+    for (int64_t b = 0; b < K / 32; ++b) {
+      const float* xb = xv + 32 * b * T;
+      __m256 top = _mm256_setzero_ps(), total = _mm256_setzero_ps();
+      for (int i = 0; i < 32; ++i) {
+        const __m256 value = load8(xb + i * T, valid, mask);
+        top = _mm256_max_ps(top, _mm256_andnot_ps(sign, value));
+        total = _mm256_add_ps(total, value);
+      }
+      const __m256 nonzero = _mm256_cmp_ps(top, _mm256_setzero_ps(), _CMP_GT_OQ);
+      const __m256 inv = _mm256_and_ps(nonzero, _mm256_div_ps(limit, top));
+      _mm256_storeu_ps(scale + b * kColumns + 8 * v, _mm256_div_ps(top, limit));
+      _mm256_storeu_ps(sum + b * kColumns + 8 * v, total);
+      for (int i = 0; i < 16; ++i) {
+        const __m256i even = _mm256_cvtps_epi32(_mm256_mul_ps(load8(xb + 2 * i * T, valid, mask), inv));
+        const __m256i odd = _mm256_cvtps_epi32(_mm256_mul_ps(load8(xb + (2 * i + 1) * T, valid, mask), inv));
+        const __m256i pair = _mm256_or_si256(
+            _mm256_and_si256(even, _mm256_set1_epi32(0xffff)), _mm256_slli_epi32(odd, 16));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pairs + (16 * b + i) * kColumns + 8 * v),
+                            pair);
+      }
+    }
+  }
+}
+
+// One weight row's blocks as k pairs [K / 2], with each block's d and Q4_1's m [K / 32].
+template <int64_t Kind>
+INT_AVX2 void expand_row8(const uint8_t* row, int64_t K, int32_t* pairs, float* d, float* m) {
+  for (int64_t b = 0; b < K / 32; ++b) {
+    const jaxchat::IntBlock8 w = jaxchat::int_block8<Kind>(row + b * kIntBytes<Kind>);
+    d[b] = w.d, m[b] = w.m;
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(pairs + 16 * b), w.lo);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(pairs + 16 * b + 8), w.hi);
+  }
+}
+
+// A panel's kRows2 rows times 8 V columns of a chunk (xq and scale / sum at the pass's
+// first column), stored to y's rows [0, rows) and first `columns` columns.
+template <int64_t Kind, int V>
+INT_AVX2 INLINE void panel_pass8(const int32_t* w, const float* d, const float* m, int64_t K,
+                                 const int32_t* xq, const float* scale, const float* sum,
+                                 float* y, int64_t T, int rows, int64_t columns) {
+  const int64_t half = K / 2, blocks = K / 32;
+  __m256 acc[kRows2][V];
+  for (int j = 0; j < kRows2; ++j)
+    for (int v = 0; v < V; ++v) acc[j][v] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m256i dot[kRows2][V];
+    for (int j = 0; j < kRows2; ++j)
+      for (int v = 0; v < V; ++v) dot[j][v] = _mm256_setzero_si256();
+    for (int p = 0; p < 16; ++p) {
+      const int32_t* xp = xq + (16 * b + p) * kColumns;
+      __m256i xv[V];
+      for (int v = 0; v < V; ++v)
+        xv[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 8 * v));
+      for (int j = 0; j < kRows2; ++j) {
+        const __m256i wv = _mm256_set1_epi32(w[j * half + 16 * b + p]);
+        for (int v = 0; v < V; ++v)
+          dot[j][v] = _mm256_add_epi32(dot[j][v], _mm256_madd_epi16(xv[v], wv));
+      }
+    }
+    for (int v = 0; v < V; ++v) {
+      const __m256 s = _mm256_loadu_ps(scale + b * kColumns + 8 * v);
+      const __m256 total = _mm256_loadu_ps(sum + b * kColumns + 8 * v);
+      for (int j = 0; j < kRows2; ++j) {
+        const __m256 scale_jv = _mm256_mul_ps(s, _mm256_set1_ps(d[j * blocks + b]));
+        acc[j][v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[j][v]), scale_jv, acc[j][v]);
+        if constexpr (Kind == kQ4_1)
+          acc[j][v] = _mm256_fmadd_ps(total, _mm256_set1_ps(m[j * blocks + b]), acc[j][v]);
+      }
+    }
+  }
+  alignas(32) float out[8];
+  for (int j = 0; j < rows; ++j)
+    for (int v = 0; v < V; ++v) {
+      const int64_t n = std::min<int64_t>(8, columns - 8 * v);
+      if (n == 8) {
+        _mm256_storeu_ps(y + j * T + 8 * v, acc[j][v]);
+      } else if (n > 0) {
+        _mm256_store_ps(out, acc[j][v]);
+        std::copy_n(out, n, y + j * T + 8 * v);
+      }
+    }
+}
+
+// Panels [p0, p1) of kRows2 rows of W against every chunk of x's first U columns.
+template <int64_t Kind>
+INT_AVX2 void panels8(const uint8_t* w, int64_t row_bytes, int64_t N, const int32_t* xq,
+                      const float* scale, const float* sum, int64_t T, int64_t U, int64_t K,
+                      float* y, int64_t p0, int64_t p1) {
+  thread_local std::vector<int32_t> pairs;
+  thread_local std::vector<float> dm;
+  const int64_t half = K / 2, blocks = K / 32, chunks = (U + kColumns - 1) / kColumns;
+  pairs.resize(kRows2 * half);
+  dm.resize(2 * kRows2 * blocks);
+  float *d = dm.data(), *m = d + kRows2 * blocks;
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t n0 = p * kRows2;
+    const int rows = static_cast<int>(std::min<int64_t>(kRows2, N - n0));
+    for (int j = 0; j < kRows2; ++j) {
+      if (j < rows) {
+        expand_row8<Kind>(w + (n0 + j) * row_bytes, K, pairs.data() + j * half, d + j * blocks,
+                          m + j * blocks);
+      } else {  // past N: zero weights, computed and not stored
+        std::fill_n(pairs.data() + j * half, half, 0);
+        std::fill_n(d + j * blocks, blocks, 0.0f);
+        std::fill_n(m + j * blocks, blocks, 0.0f);
+      }
+    }
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int32_t* xc = xq + c * half * kColumns;
+      const float *sc = scale + c * blocks * kColumns, *su = sum + c * blocks * kColumns;
+      for (int64_t t0 = 0; t0 < std::min<int64_t>(kColumns, U - c * kColumns); t0 += 16) {
+        const int64_t columns = std::min<int64_t>(16, U - c * kColumns - t0);
+        float* yc = y + n0 * T + c * kColumns + t0;
+        if (columns > 8) {
+          panel_pass8<Kind, 2>(pairs.data(), d, m, K, xc + t0, sc + t0, su + t0, yc, T, rows,
+                               columns);
+        } else {
+          panel_pass8<Kind, 1>(pairs.data(), d, m, K, xc + t0, sc + t0, su + t0, yc, T, rows,
+                               columns);
+        }
+      }
+    }
+  }
+}
+
+bool vnni() {
+  static const bool has =
       __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
       __builtin_cpu_supports("f16c");
-  return vnni && (kind == kQ8_0 || kind == kQ4_0 || kind == kQ4_1);
+  return has;
+}
+
+bool avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
+  return has;
+}
+
+}  // namespace
+
+bool int_gemm_path(int64_t kind) {
+  return vnni() && (kind == kQ8_0 || kind == kQ4_0 || kind == kQ4_1);
+}
+
+bool int_prompts_path(int64_t kind) {
+  return (vnni() || avx2()) && (kind == kQ8_0 || kind == kQ4_0 || kind == kQ4_1);
 }
 
 void int_gemm(int64_t kind, const uint8_t* w, int64_t row_bytes, int64_t N, const float* x,
@@ -189,11 +366,28 @@ void int_gemm(int64_t kind, const uint8_t* w, int64_t row_bytes, int64_t N, cons
   // (thread_locals: the workers see these through pointers, not by name)
   int32_t* xq = packed.data();
   float *scale = scales.data(), *sum = scale + chunks * blocks * kColumns;
+  const bool wide = vnni();
   Workers::get().run(chunks, parts, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c)
-      quantize_chunk(x, K, T, U, c, xq + c * (K / 2) * kColumns, scale + c * blocks * kColumns,
-                     sum + c * blocks * kColumns);
+    for (int64_t c = c0; c < c1; ++c) {
+      int32_t* pc = xq + c * (K / 2) * kColumns;
+      float *sc = scale + c * blocks * kColumns, *su = sum + c * blocks * kColumns;
+      if (wide) {
+        quantize_chunk(x, K, T, U, c, pc, sc, su);
+      } else {
+        quantize_chunk8(x, K, T, U, c, pc, sc, su);
+      }
+    }
   });
+  if (!wide) {
+    Workers::get().run((N + kRows2 - 1) / kRows2, parts, [&](int64_t p0, int64_t p1) {
+      switch (kind) {
+        case kQ8_0: return panels8<kQ8_0>(w, row_bytes, N, xq, scale, sum, T, U, K, y, p0, p1);
+        case kQ4_0: return panels8<kQ4_0>(w, row_bytes, N, xq, scale, sum, T, U, K, y, p0, p1);
+        default: return panels8<kQ4_1>(w, row_bytes, N, xq, scale, sum, T, U, K, y, p0, p1);
+      }
+    });
+    return;
+  }
   Workers::get().run((N + kRows - 1) / kRows, parts, [&](int64_t p0, int64_t p1) {
     switch (kind) {
       case kQ8_0: return panels<kQ8_0>(w, row_bytes, N, xq, scale, sum, T, U, K, y, p0, p1);

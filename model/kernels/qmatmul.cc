@@ -18,9 +18,10 @@
 // formats are expanded to f32 in registers (`rows`). For more rows (batched decode,
 // prefill), a panel of weight rows is expanded once and multiplied as a small GEMM. Where
 // the CPU has AVX-512 VNNI, every column of a 32-value format, decode row or prompt token,
-// takes 16-bit integers (int_gemm.cc past 8 columns, `canonical_rows512` up to 8), each
-// column's product the same to the bit on either; elsewhere the prompt tokens take f32
-// (`panels`; up to 8 of them as the few-row path does, `rows`).
+// takes 16-bit integers (int_gemm.cc past 8 columns, `canonical_rows` up to 8), each
+// column's product the same to the bit on either; with AVX2 only the prompt tokens do, the
+// decode rows keeping the paths above; elsewhere the prompt tokens take f32 (`panels`; up
+// to 8 of them as the few-row path does, `rows`).
 //
 // The f32 arithmetic is written with GCC's vector extensions, its loops compiled for the
 // CPU's level, or in a portable build for AVX-512, AVX2 and plain x86-64, one picked when
@@ -209,38 +210,6 @@ AVX2 void quantize_x(const float* x, int64_t U, int64_t K, int16_t* q, float* sc
   }
 }
 
-// A block's 32 weights as two vectors of 16 int16 (values 0-15, 16-31), its scale, and
-// the offset per unit of x (Q4_1's m; zero for the others).
-struct IntBlock {
-  __m256i lo, hi;
-  float d, m;
-};
-
-template <int64_t Kind>
-AVX2 INLINE IntBlock int_block(const uint8_t* b) {
-  IntBlock w;
-  uint32_t halves;  // d, and Q4_1's m: both converted by one instruction
-  std::memcpy(&halves, b, 4);
-  const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(halves)));
-  w.d = _mm_cvtss_f32(dm);
-  w.m = Kind == kQ4_1 ? _mm_cvtss_f32(_mm_movehdup_ps(dm)) : 0.0f;
-  if constexpr (Kind == kQ8_0) {
-    w.lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2)));
-    w.hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 18)));
-  } else {
-    const __m128i nibbles =
-        _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (Kind == kQ4_1 ? 4 : 2)));
-    const __m128i low = _mm_set1_epi8(15);
-    w.lo = _mm256_cvtepu8_epi16(_mm_and_si128(nibbles, low));
-    w.hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(nibbles, 4), low));
-    if constexpr (Kind == kQ4_0) {  // q - 8
-      w.lo = _mm256_sub_epi16(w.lo, _mm256_set1_epi16(8));
-      w.hi = _mm256_sub_epi16(w.hi, _mm256_set1_epi16(8));
-    }
-  }
-  return w;
-}
-
 AVX2 INLINE float sum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -255,7 +224,7 @@ AVX2 INLINE void int_products(const uint8_t* row, int64_t b, const int16_t* q,
                               const float* scale, const float* sum, int64_t K, __m256* acc,
                               float* offsets) {
   const int64_t blocks = K / 32;
-  IntBlock w = int_block<Kind>(row + b * kIntBytes<Kind>);
+  const jaxchat::IntBlock8 w = jaxchat::int_block8<Kind>(row + b * kIntBytes<Kind>);
   for (int t = 0; t < TT; ++t) {
     const __m256i* xq = reinterpret_cast<const __m256i*>(q + t * K + 32 * b);
     __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(w.lo, _mm256_loadu_si256(xq)),
@@ -327,6 +296,75 @@ AVX2 void int_rows(int64_t kind, const uint8_t* w, int64_t row_bytes, const int1
 // Whether few-row products of this format take the integer path (on x86 with AVX2).
 bool integer_path(int64_t kind) {
   return has_avx2() && (kind == kQ8_0 || kind == kQ4_0 || kind == kQ4_1);
+}
+
+// Weight rows [n, n + rows) (up to 8) against TT rows of x (quantize_x's), into out
+// [TT][8]: each product as int_gemm.cc computes it (see canonical_rows8 below, the
+// AVX-512 version), on AVX2: a step's prompt tokens. Each weight row's two vpmaddwd sums
+// with a row of x are added across by a tree of vphaddd, 8 weight rows into one vector.
+// The 8 rows' d and m come by one gather (through the head, 8 rows copied out and read so
+// took 1.3-1.7x as long as the decode rows' lanes of their own; read in place, 2.1x).
+template <int64_t Kind, int TT>
+AVX2 INLINE void canonical_rows8_avx2(const uint8_t* w, int64_t row_bytes, int rows,
+                                      const int16_t* q, const float* scale, const float* sum,
+                                      int64_t K, float* out) {
+  const int64_t blocks = K / 32;
+  __m256 acc[TT];
+  for (int t = 0; t < TT; ++t) acc[t] = _mm256_setzero_ps();
+  int32_t at[8];  // each lane's row (past `rows`, the last again: not stored)
+  for (int j = 0; j < 8; ++j) at[j] = static_cast<int32_t>(std::min(j, rows - 1) * row_bytes);
+  const __m256i offsets = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at));
+  // Each 128-bit lane's d halves (bytes 0-1 of each word) to its low 8 bytes, m's (2-3)
+  // to its high 8.
+  const __m256i split = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
+                                         0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* base = w + b * kIntBytes<Kind>;
+    // The 8 rows' d (and Q4_1's m: the next half), as halves, converted at once.
+    const __m256i halves = _mm256_permute4x64_epi64(
+        _mm256_shuffle_epi8(
+            _mm256_i32gather_epi32(reinterpret_cast<const int*>(base), offsets, 1), split),
+        0xd8);
+    const __m256 dv = _mm256_cvtph_ps(_mm256_castsi256_si128(halves));
+    const __m256 mv = _mm256_cvtph_ps(_mm256_extracti128_si256(halves, 1));
+    // One row of x: each weight row's block expanded and multiplied at once. More: the 8
+    // rows' blocks expanded first (16 vectors, more than the registers hold beside the
+    // sums), then each row of x's 8 sums in turn.
+    __m256i expanded[TT == 1 ? 1 : 16];
+    if constexpr (TT > 1) {
+      for (int j = 0; j < 8; ++j) {
+        const jaxchat::IntBlock8 block = jaxchat::int_block8<Kind>(base + at[j]);
+        expanded[2 * j] = block.lo, expanded[2 * j + 1] = block.hi;
+      }
+    }
+    for (int t = 0; t < TT; ++t) {
+      const __m256i* xq = reinterpret_cast<const __m256i*>(q + t * K + 32 * b);
+      const __m256i lo = _mm256_loadu_si256(xq), hi = _mm256_loadu_si256(xq + 1);
+      __m256i dot[8];
+      for (int j = 0; j < 8; ++j) {
+        __m256i wl, wh;
+        if constexpr (TT > 1) {
+          wl = expanded[2 * j], wh = expanded[2 * j + 1];
+        } else {
+          const jaxchat::IntBlock8 block = jaxchat::int_block8<Kind>(base + at[j]);
+          wl = block.lo, wh = block.hi;
+        }
+        dot[j] = _mm256_add_epi32(_mm256_madd_epi16(wl, lo), _mm256_madd_epi16(wh, hi));
+      }
+      // Pairs of rows (each 128-bit lane: two sums of each), then fours (one sum of each
+      // of 4 rows per lane), then the two lanes added.
+      const __m256i h01 = _mm256_hadd_epi32(dot[0], dot[1]), h23 = _mm256_hadd_epi32(dot[2], dot[3]);
+      const __m256i h45 = _mm256_hadd_epi32(dot[4], dot[5]), h67 = _mm256_hadd_epi32(dot[6], dot[7]);
+      const __m256i g0 = _mm256_hadd_epi32(h01, h23), g1 = _mm256_hadd_epi32(h45, h67);
+      const __m256i dots = _mm256_add_epi32(_mm256_permute2x128_si256(g0, g1, 0x20),
+                                            _mm256_permute2x128_si256(g0, g1, 0x31));
+      const __m256 scaled = _mm256_mul_ps(_mm256_set1_ps(scale[t * blocks + b]), dv);
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), scaled, acc[t]);
+      if constexpr (Kind == kQ4_1)
+        acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(sum[t * blocks + b]), mv, acc[t]);
+    }
+  }
+  for (int t = 0; t < TT; ++t) _mm256_storeu_ps(out + t * 8, acc[t]);
 }
 
 // ---- Many rows: a small GEMM ------------------------------------------------------------
@@ -586,12 +624,34 @@ AVX512 INLINE void canonical_rows8(const uint8_t* w, int64_t row_bytes, int rows
   for (int t = 0; t < TT; ++t) _mm256_storeu_ps(out + t * kInt512Rows, acc[t]);
 }
 
+// U (up to 8) rows of x against 8 weight rows, canonical_rows8 on AVX-512 (`wide`) or
+// canonical_rows8_avx2, for each number of rows.
+#define JAXCHAT_CANONICAL8(NAME, TARGET, ROWS8)                                            \
+  template <int64_t Kind>                                                                \
+  TARGET void NAME(int64_t U, const uint8_t* w, int64_t row_bytes, int rows,             \
+                   const int16_t* q, const float* scale, const float* sum, int64_t K,    \
+                   float* out) {                                                         \
+    switch (U) {                                                                         \
+      case 1: return ROWS8<Kind, 1>(w, row_bytes, rows, q, scale, sum, K, out);          \
+      case 2: return ROWS8<Kind, 2>(w, row_bytes, rows, q, scale, sum, K, out);          \
+      case 3: return ROWS8<Kind, 3>(w, row_bytes, rows, q, scale, sum, K, out);          \
+      case 4: return ROWS8<Kind, 4>(w, row_bytes, rows, q, scale, sum, K, out);          \
+      case 5: return ROWS8<Kind, 5>(w, row_bytes, rows, q, scale, sum, K, out);          \
+      case 6: return ROWS8<Kind, 6>(w, row_bytes, rows, q, scale, sum, K, out);          \
+      case 7: return ROWS8<Kind, 7>(w, row_bytes, rows, q, scale, sum, K, out);          \
+      default: return ROWS8<Kind, 8>(w, row_bytes, rows, q, scale, sum, K, out);         \
+    }                                                                                    \
+  }
+JAXCHAT_CANONICAL8(canonical8_wide, AVX512, canonical_rows8)
+JAXCHAT_CANONICAL8(canonical8_avx2, AVX2, canonical_rows8_avx2)
+#undef JAXCHAT_CANONICAL8
+
 // Weight rows [n0, n1) against U rows of x (up to 8; quantize_x's), into y's columns
 // [from, from + U) (y [N, T]); columns from from + U on zero.
 template <int64_t Kind>
-AVX512 void canonical_rows512_of(const uint8_t* w, int64_t row_bytes, const int16_t* q,
-                         const float* scale, const float* sum, int64_t T, int64_t from,
-                         int64_t U, int64_t K, float* y, int64_t n0, int64_t n1) {
+void canonical_rows_of(const uint8_t* w, int64_t row_bytes, const int16_t* q, const float* scale,
+                       const float* sum, int64_t T, int64_t from, int64_t U, int64_t K, float* y,
+                       int64_t n0, int64_t n1, bool wide) {
   alignas(32) float out[8 * kInt512Rows];
   // The 8 rows copied out first, in order: read in place, 8 rows' blocks side by side,
   // they streamed from memory at half the speed (a 30 MB head times one row of x: 1.8 ms
@@ -602,17 +662,10 @@ AVX512 void canonical_rows512_of(const uint8_t* w, int64_t row_bytes, const int1
     const int rows = static_cast<int>(std::min<int64_t>(kInt512Rows, n1 - n));
     const uint8_t* wn = copy.data();
     std::memcpy(copy.data(), w + n * row_bytes, rows * row_bytes);
-    switch (U) {
-#define JAXCHAT_ROWS8(TT) canonical_rows8<Kind, TT>(wn, row_bytes, rows, q, scale, sum, K, out)
-      case 1: JAXCHAT_ROWS8(1); break;
-      case 2: JAXCHAT_ROWS8(2); break;
-      case 3: JAXCHAT_ROWS8(3); break;
-      case 4: JAXCHAT_ROWS8(4); break;
-      case 5: JAXCHAT_ROWS8(5); break;
-      case 6: JAXCHAT_ROWS8(6); break;
-      case 7: JAXCHAT_ROWS8(7); break;
-      default: JAXCHAT_ROWS8(8); break;
-#undef JAXCHAT_ROWS8
+    if (wide) {
+      canonical8_wide<Kind>(U, wn, row_bytes, rows, q, scale, sum, K, out);
+    } else {
+      canonical8_avx2<Kind>(U, wn, row_bytes, rows, q, scale, sum, K, out);
     }
     for (int j = 0; j < rows; ++j) {
       float* yn = y + (n + j) * T;
@@ -622,12 +675,14 @@ AVX512 void canonical_rows512_of(const uint8_t* w, int64_t row_bytes, const int1
   }
 }
 
-AVX512 void canonical_rows512(int64_t kind, const uint8_t* w, int64_t row_bytes, const int16_t* q,
-                      const float* scale, const float* sum, int64_t T, int64_t from, int64_t U,
-                      int64_t K, float* y, int64_t n0, int64_t n1) {
+// Weight rows [n0, n1) against U rows of x as int_gemm.cc computes each column, on AVX-512
+// (`wide`) or AVX2.
+void canonical_rows(int64_t kind, const uint8_t* w, int64_t row_bytes, const int16_t* q,
+                    const float* scale, const float* sum, int64_t T, int64_t from, int64_t U,
+                    int64_t K, float* y, int64_t n0, int64_t n1, bool wide) {
   switch (kind) {
 #define JAXCHAT_ROWS(KIND) \
-  canonical_rows512_of<KIND>(w, row_bytes, q, scale, sum, T, from, U, K, y, n0, n1)
+  canonical_rows_of<KIND>(w, row_bytes, q, scale, sum, T, from, U, K, y, n0, n1, wide)
     case kQ8_0: return JAXCHAT_ROWS(kQ8_0);
     case kQ4_0: return JAXCHAT_ROWS(kQ4_0);
     default: return JAXCHAT_ROWS(kQ4_1);
@@ -655,7 +710,8 @@ constexpr int64_t kFewRows = 8;
 
 // How few_rows multiplies: f32; x rounded to integers, each column's sums in lanes of its
 // own (decode rows, columns from 0 only: the fastest); or rounded, each column's product
-// as int_gemm.cc computes it (prompt tokens: the same to the bit in any step; AVX-512).
+// as int_gemm.cc computes it (prompt tokens: the same to the bit in any step; AVX-512 or
+// AVX2).
 enum Path { kF32, kRound, kCanonical };
 
 // The few-row products of columns [from, U) of x (x [K, T], feature-major; up to 8), each
@@ -671,7 +727,7 @@ void few_rows(int64_t kind, const uint8_t* wp, int64_t row_bytes, int64_t N, con
     xp = staged.data();
   }
   const bool wide = wide_integer_path(kind);
-  if (path != kF32 && integer_path(kind) && (path == kRound ? from == 0 : wide)) {
+  if (path != kF32 && integer_path(kind) && (path != kRound || from == 0)) {
     const int64_t R = U - from, blocks = K / 32;  // rows of x here (up to 8)
     thread_local std::vector<int16_t> q;
     thread_local std::vector<float> scales;
@@ -683,7 +739,7 @@ void few_rows(int64_t kind, const uint8_t* wp, int64_t row_bytes, int64_t N, con
     quantize_x(xp, R, K, qp, scale, sum);
     if (path == kCanonical) {
       jaxchat::Workers::get().run(N, parts, [&](int64_t n0, int64_t n1) {
-        canonical_rows512(kind, wp, row_bytes, qp, scale, sum, T, from, R, K, yp, n0, n1);
+        canonical_rows(kind, wp, row_bytes, qp, scale, sum, T, from, R, K, yp, n0, n1, wide);
       });
       return;
     }
@@ -769,6 +825,21 @@ const float* swiglu(const float* x, int64_t K, int64_t T, int64_t U, int parts,
   return out;
 }
 
+// y's columns [D, U) = W x's in f32 panels, its columns from U on zero.
+void f32_panels(int64_t kind, const uint8_t* wp, int64_t row_bytes, int64_t N, const float* xp,
+                int64_t T, int64_t D, int64_t U, int64_t K, float* yp, int parts) {
+  thread_local std::vector<float> staged;  // x's columns packed for the panels
+  int64_t chunks = (U - D + kColumns - 1) / kColumns;
+  staged.resize(chunks * kColumns * K);
+  float* packed = staged.data();  // (a thread_local: each worker has its own `staged`)
+  jaxchat::Workers::get().run(chunks, parts, [&](int64_t c0, int64_t c1) {
+    pack(xp, K, T, D, U, packed, c0, c1);
+  });
+  jaxchat::Workers::get().run((N + kPanel - 1) / kPanel, parts, [&](int64_t p0, int64_t p1) {
+    panels(kind, wp, row_bytes, N, packed, T, D, U, K, yp, p0, p1);
+  });
+}
+
 // y [N, T] = W x for x's first U columns (the first `decode` of them decode rows), zero
 // past them.
 void product(int64_t kind, const uint8_t* wp, int64_t row_bytes, int64_t N, const float* xp,
@@ -791,6 +862,28 @@ void product(int64_t kind, const uint8_t* wp, int64_t row_bytes, int64_t N, cons
     for (int64_t n = 0; n < N; ++n) std::fill(yp + n * T + U, yp + (n + 1) * T, 0.0f);
     return;
   }
+  if (jaxchat::int_prompts_path(kind)) {
+    // Elsewhere with AVX2, the decode rows as in a step of their own: up to 8 rounded on
+    // the few-row path (each in lanes of its own, the fastest), more in f32 panels. The
+    // prompt tokens then take int_gemm.cc's arithmetic, each the same to the bit in any
+    // step, as on VNNI: up to 8 on the few-row path, more in the integer GEMM. (The integer
+    // GEMM is no faster than the panels here, and a lone decode row as int_gemm.cc computes
+    // it took 1.4x as long through the head: so the decode rows keep their own paths.)
+    const int64_t D = std::clamp<int64_t>(decode, 0, U);
+    if (D > kFewRows) {  // (each of these zeroes y's columns from D on)
+      f32_panels(kind, wp, row_bytes, N, xp, T, 0, D, K, yp, parts);
+    } else if (D > 0) {
+      few_rows(kind, wp, row_bytes, N, xp, T, 0, D, K, yp, parts, kRound);
+    }
+    if (U > D && U - D <= kFewRows) {  // (each of these zeroes y's columns from U on)
+      few_rows(kind, wp, row_bytes, N, xp, T, D, U, K, yp, parts, kCanonical);
+      return;
+    }
+    if (U > D) jaxchat::int_gemm(kind, wp, row_bytes, N, xp + D, T, U - D, K, yp + D, parts);
+    if (U > D || D == 0)
+      for (int64_t n = 0; n < N; ++n) std::fill(yp + n * T + U, yp + (n + 1) * T, 0.0f);
+    return;
+  }
   if (T <= kFewRows) {
     few_rows(kind, wp, row_bytes, N, xp, T, 0, U, K, yp, parts, kRound);
     return;
@@ -802,8 +895,8 @@ void product(int64_t kind, const uint8_t* wp, int64_t row_bytes, int64_t N, cons
     few_rows(kind, wp, row_bytes, N, xp, T, 0, decode, K, yp, parts, kRound);
     D = decode;
   }
-  // Elsewhere the prompt tokens take f32: rounding would turn the different f32 sums of a
-  // prompt's chunks (cut one way or another) into steps of 1/32767 of a block's largest.
+  // Elsewhere (no AVX2, or a format without blocks of 32: Q4_K, Q6_K, int8 rows) the
+  // prompt tokens take f32.
   if (D == U) {
     for (int64_t n = 0; n < N; ++n) std::fill(yp + n * T + U, yp + (n + 1) * T, 0.0f);
     return;
@@ -816,16 +909,7 @@ void product(int64_t kind, const uint8_t* wp, int64_t row_bytes, int64_t N, cons
     few_rows(kind, wp, row_bytes, N, xp, T, D, U, K, yp, parts, kF32);
     return;
   }
-  thread_local std::vector<float> staged;  // the prompt tokens' x packed for the panels
-  int64_t chunks = (U - D + kColumns - 1) / kColumns;
-  staged.resize(chunks * kColumns * K);
-  float* packed = staged.data();  // (a thread_local: each worker has its own `staged`)
-  jaxchat::Workers::get().run(chunks, parts, [&](int64_t c0, int64_t c1) {
-    pack(xp, K, T, D, U, packed, c0, c1);
-  });
-  jaxchat::Workers::get().run((N + kPanel - 1) / kPanel, parts, [&](int64_t p0, int64_t p1) {
-    panels(kind, wp, row_bytes, N, packed, T, D, U, K, yp, p0, p1);
-  });
+  f32_panels(kind, wp, row_bytes, N, xp, T, D, U, K, yp, parts);
 }
 
 // y [T, N] = the first U columns of src [N, T] as rows, the rest zero: the head's logits
@@ -910,6 +994,10 @@ extern "C" int JaxchatWideVectors() { return wide_vectors(); }
 // Whether every column of a product, decode row or prompt token, takes int_gemm.cc's
 // integer arithmetic (few rows or many).
 extern "C" int JaxchatIntGemm(int64_t kind) { return jaxchat::int_gemm_path(kind); }
+
+// Whether a product's prompt tokens take int_gemm.cc's integer arithmetic (few rows or
+// many), each the same to the bit in any step.
+extern "C" int JaxchatIntPrompts(int64_t kind) { return jaxchat::int_prompts_path(kind); }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxchatQMatmul, QMatmulImpl,
                               ffi::Ffi::Bind()

@@ -101,8 +101,9 @@ def project(
     """w [out, in] @ x [in, T] → [out, T]; a BlockWeight through the quantized kernel
     (a stacked one: layer `layer`'s, read in place), which computes only x's first `used`
     columns (a traced count; None: all) and gives zeros for the rest. `used` may be
-    [count, decode rows]: x's first columns that are decode rows, whose products the kernel
-    may take in integers (model/kernels/int_gemm.cc); the others' stay f32 past 8 rows.
+    [count, decode rows]: x's first columns that are decode rows, which the kernel takes
+    as in a step of their own; the others are prompt tokens, which it may take in
+    int_gemm.cc's integers (model/kernels/int_gemm.cc), each the same in any step.
 
     glu: x is SwiGLU's [gate; up] ([2 in, T]) and w multiplies silu(gate) * up, which the
     kernel takes for the used columns alone. rows: the product as [T, out] (a row per
