@@ -1,5 +1,5 @@
 // GGUF's blocks of 32 values (Q8_0, Q4_0, Q4_1) as 16-bit integers: the integer products
-// of qmatmul.cc (few rows) and int_gemm.cc (many decode rows) both start from these.
+// of qmatmul.cc (few rows) and int_gemm.cc (many rows) both start from these.
 
 #pragma once
 
