@@ -79,13 +79,48 @@ VNNI void quantize_chunk(const float* x, int64_t K, int64_t T, int64_t U, int64_
 }
 
 // One weight row's blocks as k pairs of 16-bit integers [K / 2], with each block's d and
-// Q4_1's m (zero for the others) [K / 32].
+// Q4_1's m (zero for the others) [K / 32]: what both GEMMs below read (on AVX2, a block's
+// two vectors of 16 integers stored one after the other are its 16 pairs).
 template <int64_t Kind>
-VNNI void expand_row(const uint8_t* row, int64_t K, int32_t* pairs, float* d, float* m) {
+__attribute__((target("avx2,fma,f16c"))) void expand_row(const uint8_t* row, int64_t K,
+                                                         int32_t* pairs, float* d, float* m) {
   for (int64_t b = 0; b < K / 32; ++b) {
-    const __m512i w = int_block512<Kind>(row + b * kIntBytes<Kind>, d + b, m + b);
-    _mm512_storeu_si512(pairs + 16 * b, w);
+    const IntBlock8 w = int_block8<Kind>(row + b * kIntBytes<Kind>);
+    d[b] = w.d, m[b] = w.m;
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(pairs + 16 * b), w.lo);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(pairs + 16 * b + 8), w.hi);
   }
+}
+
+// A panel of weight rows as expand_row gives them: pairs [R][K / 2], d and m [R][K / 32],
+// in buffers of the thread's own; `rows` of the R are W's, the rest (past N) zeros,
+// computed and not stored.
+struct Panel {
+  const int32_t* pairs;
+  const float *d, *m;
+  int rows;
+};
+
+template <int64_t Kind>
+Panel expand_panel(const uint8_t* w, int64_t row_bytes, int64_t N, int64_t n0, int R, int64_t K) {
+  thread_local std::vector<int32_t> pairs;
+  thread_local std::vector<float> dm;
+  const int64_t half = K / 2, blocks = K / 32;
+  pairs.resize(R * half);
+  dm.resize(2 * R * blocks);
+  float *d = dm.data(), *m = d + R * blocks;
+  const int rows = static_cast<int>(std::min<int64_t>(R, N - n0));
+  for (int j = 0; j < R; ++j) {
+    if (j < rows) {
+      expand_row<Kind>(w + (n0 + j) * row_bytes, K, pairs.data() + j * half, d + j * blocks,
+                       m + j * blocks);
+    } else {
+      std::fill_n(pairs.data() + j * half, half, 0);
+      std::fill_n(d + j * blocks, blocks, 0.0f);
+      std::fill_n(m + j * blocks, blocks, 0.0f);
+    }
+  }
+  return {pairs.data(), d, m, rows};
 }
 
 // A panel's kRows weight rows (pairs [kRows][K / 2], d and m [kRows][K / 32]) times one
@@ -137,34 +172,21 @@ template <int64_t Kind>
 VNNI void panels(const uint8_t* w, int64_t row_bytes, int64_t N, const int32_t* xq,
                  const float* scale, const float* sum, int64_t T, int64_t U, int64_t K, float* y,
                  int64_t p0, int64_t p1) {
-  thread_local std::vector<int32_t> pairs;
-  thread_local std::vector<float> dm;
   const int64_t half = K / 2, blocks = K / 32, chunks = (U + kColumns - 1) / kColumns;
-  pairs.resize(kRows * half);
-  dm.resize(2 * kRows * blocks);
-  float *d = dm.data(), *m = d + kRows * blocks;
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t n0 = p * kRows;
-    const int rows = static_cast<int>(std::min<int64_t>(kRows, N - n0));
-    for (int j = 0; j < kRows; ++j) {
-      if (j < rows) {
-        expand_row<Kind>(w + (n0 + j) * row_bytes, K, pairs.data() + j * half, d + j * blocks,
-                         m + j * blocks);
-      } else {  // past N: zero weights, computed and not stored
-        std::fill_n(pairs.data() + j * half, half, 0);
-        std::fill_n(d + j * blocks, blocks, 0.0f);
-        std::fill_n(m + j * blocks, blocks, 0.0f);
-      }
-    }
+    const Panel panel = expand_panel<Kind>(w, row_bytes, N, n0, kRows, K);
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t columns = std::min<int64_t>(kColumns, U - c * kColumns);
       const int32_t* xc = xq + c * half * kColumns;
       const float *sc = scale + c * blocks * kColumns, *su = sum + c * blocks * kColumns;
       float* yc = y + n0 * T + c * kColumns;
       if (columns > 16) {
-        panel_chunk<Kind, 2>(pairs.data(), d, m, K, xc, sc, su, yc, T, rows, columns);
+        panel_chunk<Kind, 2>(panel.pairs, panel.d, panel.m, K, xc, sc, su, yc, T, panel.rows,
+                             columns);
       } else {
-        panel_chunk<Kind, 1>(pairs.data(), d, m, K, xc, sc, su, yc, T, rows, columns);
+        panel_chunk<Kind, 1>(panel.pairs, panel.d, panel.m, K, xc, sc, su, yc, T, panel.rows,
+                             columns);
       }
     }
   }
@@ -230,17 +252,6 @@ INT_AVX2 void quantize_chunk8(const float* x, int64_t K, int64_t T, int64_t U, i
   }
 }
 
-// One weight row's blocks as k pairs [K / 2], with each block's d and Q4_1's m [K / 32].
-template <int64_t Kind>
-INT_AVX2 void expand_row8(const uint8_t* row, int64_t K, int32_t* pairs, float* d, float* m) {
-  for (int64_t b = 0; b < K / 32; ++b) {
-    const jaxchat::IntBlock8 w = jaxchat::int_block8<Kind>(row + b * kIntBytes<Kind>);
-    d[b] = w.d, m[b] = w.m;
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(pairs + 16 * b), w.lo);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(pairs + 16 * b + 8), w.hi);
-  }
-}
-
 // A panel's kRows2 rows times 8 V columns of a chunk (xq and scale / sum at the pass's
 // first column), stored to y's rows [0, rows) and first `columns` columns.
 template <int64_t Kind, int V>
@@ -295,25 +306,10 @@ template <int64_t Kind>
 INT_AVX2 void panels8(const uint8_t* w, int64_t row_bytes, int64_t N, const int32_t* xq,
                       const float* scale, const float* sum, int64_t T, int64_t U, int64_t K,
                       float* y, int64_t p0, int64_t p1) {
-  thread_local std::vector<int32_t> pairs;
-  thread_local std::vector<float> dm;
   const int64_t half = K / 2, blocks = K / 32, chunks = (U + kColumns - 1) / kColumns;
-  pairs.resize(kRows2 * half);
-  dm.resize(2 * kRows2 * blocks);
-  float *d = dm.data(), *m = d + kRows2 * blocks;
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t n0 = p * kRows2;
-    const int rows = static_cast<int>(std::min<int64_t>(kRows2, N - n0));
-    for (int j = 0; j < kRows2; ++j) {
-      if (j < rows) {
-        expand_row8<Kind>(w + (n0 + j) * row_bytes, K, pairs.data() + j * half, d + j * blocks,
-                          m + j * blocks);
-      } else {  // past N: zero weights, computed and not stored
-        std::fill_n(pairs.data() + j * half, half, 0);
-        std::fill_n(d + j * blocks, blocks, 0.0f);
-        std::fill_n(m + j * blocks, blocks, 0.0f);
-      }
-    }
+    const Panel panel = expand_panel<Kind>(w, row_bytes, N, n0, kRows2, K);
     for (int64_t c = 0; c < chunks; ++c) {
       const int32_t* xc = xq + c * half * kColumns;
       const float *sc = scale + c * blocks * kColumns, *su = sum + c * blocks * kColumns;
@@ -321,11 +317,11 @@ INT_AVX2 void panels8(const uint8_t* w, int64_t row_bytes, int64_t N, const int3
         const int64_t columns = std::min<int64_t>(16, U - c * kColumns - t0);
         float* yc = y + n0 * T + c * kColumns + t0;
         if (columns > 8) {
-          panel_pass8<Kind, 2>(pairs.data(), d, m, K, xc + t0, sc + t0, su + t0, yc, T, rows,
-                               columns);
+          panel_pass8<Kind, 2>(panel.pairs, panel.d, panel.m, K, xc + t0, sc + t0, su + t0, yc,
+                               T, panel.rows, columns);
         } else {
-          panel_pass8<Kind, 1>(pairs.data(), d, m, K, xc + t0, sc + t0, su + t0, yc, T, rows,
-                               columns);
+          panel_pass8<Kind, 1>(panel.pairs, panel.d, panel.m, K, xc + t0, sc + t0, su + t0, yc,
+                               T, panel.rows, columns);
         }
       }
     }

@@ -298,6 +298,17 @@ bool integer_path(int64_t kind) {
   return has_avx2() && (kind == kQ8_0 || kind == kQ4_0 || kind == kQ4_1);
 }
 
+// acc + a block's exact integer sums for 8 weight rows with one row of x (`dots`), times
+// x's block scale times the rows' d, then Q4_1's m times x's block sum: per block, the
+// arithmetic of int_gemm.cc, whose order every path that claims its results keeps.
+template <int64_t Kind>
+AVX2 INLINE __m256 add_block8(__m256 acc, __m256i dots, float scale, float sum, __m256 d,
+                              __m256 m) {
+  acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_mul_ps(_mm256_set1_ps(scale), d), acc);
+  if constexpr (Kind == kQ4_1) acc = _mm256_fmadd_ps(_mm256_set1_ps(sum), m, acc);
+  return acc;
+}
+
 // Weight rows [n, n + rows) (up to 8) against TT rows of x (quantize_x's), into out
 // [TT][8]: each product as int_gemm.cc computes it (see canonical_rows8 below, the
 // AVX-512 version), on AVX2: a step's prompt tokens. Each weight row's two vpmaddwd sums
@@ -358,10 +369,7 @@ AVX2 INLINE void canonical_rows8_avx2(const uint8_t* w, int64_t row_bytes, int r
       const __m256i g0 = _mm256_hadd_epi32(h01, h23), g1 = _mm256_hadd_epi32(h45, h67);
       const __m256i dots = _mm256_add_epi32(_mm256_permute2x128_si256(g0, g1, 0x20),
                                             _mm256_permute2x128_si256(g0, g1, 0x31));
-      const __m256 scaled = _mm256_mul_ps(_mm256_set1_ps(scale[t * blocks + b]), dv);
-      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), scaled, acc[t]);
-      if constexpr (Kind == kQ4_1)
-        acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(sum[t * blocks + b]), mv, acc[t]);
+      acc[t] = add_block8<Kind>(acc[t], dots, scale[t * blocks + b], sum[t * blocks + b], dv, mv);
     }
   }
   for (int t = 0; t < TT; ++t) _mm256_storeu_ps(out + t * 8, acc[t]);
@@ -615,10 +623,7 @@ AVX512 INLINE void canonical_rows8(const uint8_t* w, int64_t row_bytes, int rows
       const __m256i high = _mm512_extracti64x4_epi64(halves8, 1);
       const __m256i dots = _mm256_add_epi32(_mm256_permute2x128_si256(low, high, 0x20),
                                             _mm256_permute2x128_si256(low, high, 0x31));
-      const __m256 scaled = _mm256_mul_ps(_mm256_set1_ps(scale[t * blocks + b]), d);
-      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), scaled, acc[t]);
-      if constexpr (Kind == kQ4_1)
-        acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(sum[t * blocks + b]), m, acc[t]);
+      acc[t] = add_block8<Kind>(acc[t], dots, scale[t * blocks + b], sum[t * blocks + b], d, m);
     }
   }
   for (int t = 0; t < TT; ++t) _mm256_storeu_ps(out + t * kInt512Rows, acc[t]);
