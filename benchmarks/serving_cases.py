@@ -8,8 +8,10 @@ Each case speaks only the public API through the official `openai` SDK:
 - interference: inter-token latency of 8 running streams, alone and while a
   ~4,000-token prompt arrives and prefills (from its send to its first token): the
   gaps between a stream's deliveries (tokens that arrive together are one), and
-  the same gaps per token delivered (speculative decoding delivers several); and
-  alone again after it, for the p50 at the contexts the streams had meanwhile;
+  the same gaps per token delivered (speculative decoding delivers several); alone
+  again after it; and without it: the same streams run again with no prompt arriving,
+  their gaps at the positions each had while it prefilled (the p50 "without it" at
+  the same contexts);
 - long: the seconds to answer a ~6,600-token prompt on an idle server, then a
   two-word request right after it;
 - memory: resident memory of the server's process tree (with --pid).
@@ -142,6 +144,57 @@ async def prefix_case(client: openai.AsyncOpenAI, model: str, runs: int) -> None
 TOGETHER = 0.002  # seconds: chunks closer than this arrived together
 
 
+def deliveries_of(times: list[float]) -> list[tuple[int, list[float]]]:
+    """A stream's chunk times as deliveries: (index of its first chunk, its chunks' times),
+    chunks that arrived within TOGETHER of each other being one delivery."""
+    out: list[tuple[int, list[float]]] = []
+    for i, t in enumerate(times):
+        if i == 0 or t - times[i - 1] > TOGETHER:
+            out.append((i, []))
+        out[-1][1].append(t)
+    return out
+
+
+async def stream_times(
+    client: openai.AsyncOpenAI, model: str, index: int, max_tokens: int, times: list[float]
+) -> None:
+    """Stream `index`'s greedy request (PROMPTS[index], ignoring EOS), each content chunk's
+    arrival appended to `times`."""
+    stream = await client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": PROMPTS[index % len(PROMPTS)]}],
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    async with stream:  # closed when cancelled, so the server stops generating
+        async for chunk in stream:
+            if any(choice.delta.content for choice in chunk.choices):
+                times.append(time.perf_counter())
+
+
+async def gaps_without(
+    client: openai.AsyncOpenAI, model: str, spans: dict[int, tuple[int, int]]
+) -> tuple[list[float], float]:
+    """The same streams again, with nothing else arriving: stream i's gaps between the
+    deliveries that begin at chunk spans[i][0] … spans[i][1] (greedy, so the same tokens at
+    the same positions), and their tokens a delivery. All run to the longest span's end, so
+    the batch stays whole."""
+    if not spans:  # (no stream delivered while it prefilled: nothing to compare)
+        return [], 0.0
+    end = max(hi for _, hi in spans.values()) + 1
+    runs = {index: [] for index in spans}
+    await asyncio.gather(*(stream_times(client, model, i, end, runs[i]) for i in spans))
+    gaps, tokens = [], 0
+    for index, (lo, hi) in spans.items():
+        ds = deliveries_of(runs[index])
+        later = [(a, b) for a, b in zip(ds, ds[1:], strict=False) if lo <= b[0] <= hi]
+        gaps += [b[1][0] - a[1][0] for a, b in later]
+        tokens += sum(len(b[1]) for _, b in later)
+    return gaps, tokens / max(len(gaps), 1)
+
+
 async def interference_case(
     client: openai.AsyncOpenAI, model: str, streams: int, alone_s: float, stream_tokens: int
 ) -> None:
@@ -149,26 +202,15 @@ async def interference_case(
     Each stream asks for `stream_tokens` tokens: enough that none ends (and a new request's
     prompt takes its place) while it is measured, or the new prompts' own steps are in the
     gaps too; one that does end is followed by a new one, and the case counts them."""
-    chunk_times: list[list[float]] = []  # per request, filled as chunks arrive
+    chunk_times: list[tuple[int, list[float]]] = []  # per request: (stream, chunk times)
     starts: list[float] = []
 
     async def worker(index: int) -> None:
         while True:
             times: list[float] = []
-            chunk_times.append(times)
+            chunk_times.append((index, times))
             starts.append(time.perf_counter())
-            stream = await client.chat.completions.create(
-                model=model,
-                messages=[{"role": "user", "content": PROMPTS[index % len(PROMPTS)]}],
-                max_tokens=stream_tokens,
-                temperature=0,
-                stream=True,
-                extra_body={"ignore_eos": True},
-            )
-            async with stream:  # closed when cancelled, so the server stops generating
-                async for chunk in stream:
-                    if any(choice.delta.content for choice in chunk.choices):
-                        times.append(time.perf_counter())
+            await stream_times(client, model, index, stream_tokens, times)
 
     workers = [asyncio.ensure_future(worker(i)) for i in range(streams)]
     await asyncio.sleep(alone_s / 2)  # every stream running, prompts prefilled
@@ -188,15 +230,16 @@ async def interference_case(
     alone, during, after = [], [], []
     alone_token, during_token, after_token = [], [], []  # each gap over its tokens
     tokens_alone = deliveries_alone = tokens_after = 0
-    for times in chunk_times:
+    spans: dict[int, tuple[int, int]] = {}  # each stream's chunks while the prompt prefilled
+    for index, times in chunk_times:
         # Tokens that arrive together (a step that took drafts: speculative decoding, or
         # a server that sends several at once) are one delivery: the gaps are between
         # deliveries, or every such token would count a gap of zero.
-        deliveries: list[list[float]] = []
-        for i, t in enumerate(times):
-            if i == 0 or t - times[i - 1] > TOGETHER:
-                deliveries.append([])
-            deliveries[-1].append(t)
+        indexed = deliveries_of(times)
+        deliveries = [d for _, d in indexed]
+        inside = [i for i, d in indexed[1:] if sent <= d[0] <= arrived]
+        if inside and times[0] < sent:
+            spans[index] = (inside[0], inside[-1])
         tokens_alone += sum(1 for t in times if alone_from <= t < sent)
         deliveries_alone += sum(1 for d in deliveries if alone_from <= d[0] < sent)
         for earlier, later in zip(deliveries, deliveries[1:], strict=False):
@@ -234,6 +277,16 @@ async def interference_case(
         f"{percentile(after_token, 50):.3f} s a token ({tokens_after / max(len(after), 1):.2f} "
         f"tokens a delivery); the p99 while it prefilled = {percentile(during, 99) / bracket:.1f}x "
         "the mean of the p50s alone before and after it",
+        flush=True,
+    )
+    # Without it: the streams that ran through the prefill, run again from their start with
+    # nothing arriving, over the same positions (the same contexts, the same drafts).
+    without, per_delivery = await gaps_without(client, model, spans)
+    print(
+        f"interference without the prompt, the same {len(spans)} streams at the same "
+        f"positions: p50 {percentile(without, 50):.3f} s p99 {percentile(without, 99):.3f} s "
+        f"({per_delivery:.2f} tokens a delivery); the p99 while it prefilled = "
+        f"{percentile(during, 99) / percentile(without, 50):.1f}x that p50",
         flush=True,
     )
     # Per token, each gap spread over the tokens it delivered: where drafts are taken,
