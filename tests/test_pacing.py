@@ -74,6 +74,28 @@ def test_the_room_converges_to_the_work_that_fills_the_share():
     assert pacing.units(3072, 18) == 36
 
 
+def test_a_step_with_prompt_tokens_is_held_to_the_decode_only_steps_of_its_rows():
+    """Streams that take drafts alternate 8-row decode-only steps (30 ms) with 32-row ones
+    that carry their drafts (75 ms). A step with a prompt chunk has the 8 rows alone: the
+    room is steered to 1.75 times the 8-row step, not the median of both kinds."""
+    drafting = StepShape(32, 0)
+    pacing = Pacing(SMOLLM2, SHARE)
+    pacing.measured(DECODE, True, 0, 9.0)  # first runs are not counted
+    pacing.measured(drafting, True, 0, 9.0)
+    for _ in range(6):
+        pacing.measured(DECODE, True, 0, 0.030)
+        for _ in range(2):
+            pacing.measured(drafting, True, 0, 0.075)
+    assert pacing.decode == 0.075  # (the median of all, which sets `long_steps`)
+    assert pacing.decode_of(8) == 0.030 and pacing.decode_of(32) == 0.075
+    assert pacing.decode_of(1) == 0.075  # rows never timed alone: all of them
+    pacing.measured(MIXED, True, 8, 5.0)  # first run
+    for _ in range(30):
+        room = pacing.room()
+        pacing.measured(MIXED, True, room, 0.030 + 0.004 + 0.0005 * room)
+    assert pacing.room() == pytest.approx((SHARE * 0.030 - 0.004) / 0.0005, rel=0.05)
+
+
 @dataclasses.dataclass
 class Pending:
     """A step's tokens, there once the emulated device finishes it (np.asarray waits)."""

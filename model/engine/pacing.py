@@ -3,8 +3,8 @@
 Every decoding stream waits for the whole step, so prompt tokens in it lengthen
 their gaps between tokens by the tokens' cost. While streams decode, a prompt
 too long to end within the step's region gets chunks cut to the room: the
-prompt work that keeps a step within 1 + `share` times a decode-only step
-(JAXCHAT_PREFILL_SHARE, default 1). Its first chunk in a step gets at least
+prompt work that keeps a step within 1 + `share` times a decode-only step of
+the same decode rows (JAXCHAT_PREFILL_SHARE, default 1). Its first chunk in a step gets at least
 MIN_TOKENS, so a long prompt still advances every step. A prompt that ends
 within the region goes whole and counts against the room: new requests' first
 tokens are not held back (and a prompt cut into chunks could continue only one
@@ -13,7 +13,8 @@ a step, see the scheduler).
 Costs are measured, not assumed: they differ by orders of magnitude between a
 2-core CPU and a TPU, and a step with any prompt tokens may cost more than its
 tokens (on CPU the quantized weights are expanded for a many-row product).
-`Pacing` keeps the median time of recent decode-only steps, and the room: the
+`Pacing` keeps the median time of recent decode-only steps (by their decode
+rows: `decode_of`), and the room: the
 units of prompt work a step may carry, steered after every step that carried
 prompt tokens towards the work that makes such a step take 1 + share
 decode-only steps. A prompt token over a prior of p positions (its prompt's
@@ -55,6 +56,7 @@ class Pacing:
         self.scale = prior_scale(config)
         self.share = share
         self._decode: deque[float] = deque(maxlen=DECODE_STEPS)
+        self._rows: dict[int, deque[float]] = {}  # the same, by their decode rows
         self._room = FIRST_ROOM
         self._timed: set[StepShape] = set()
 
@@ -62,6 +64,17 @@ class Pacing:
     def decode(self) -> float | None:
         """The median seconds of the recent decode-only steps (None before any)."""
         return statistics.median(self._decode) if self._decode else None
+
+    def decode_of(self, rows: int) -> float | None:
+        """The median seconds of the recent decode-only steps of `rows` decode rows (of
+        any, before one has been timed). A step with prompt tokens is held to the
+        decode-only step with its own rows: where streams take speculative drafts, a
+        decode-only step may carry their draft rows too (32 rows for 8 streams: about 2.5
+        times as long on a 2-core CPU), while a step that carries a prompt chunk has no
+        rows to spare for them, and the streams would be paced against steps they do not
+        run."""
+        timed = self._rows.get(rows)
+        return statistics.median(timed) if timed else self.decode
 
     @property
     def long_steps(self) -> bool:
@@ -98,9 +111,10 @@ class Pacing:
         if not decoding or shape not in self._timed:
             self._timed.add(shape)
             return
-        decode = self.decode
+        decode = self.decode_of(shape.rows)
         if units == 0:
             self._decode.append(seconds)
+            self._rows.setdefault(shape.rows, deque(maxlen=DECODE_STEPS)).append(seconds)
         elif decode is not None and seconds < OUTLIER * decode:
             target = (1 + self.share) * decode
             low, high = STEER
