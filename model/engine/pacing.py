@@ -4,24 +4,23 @@ Every decoding stream waits for the whole step, so prompt tokens in it lengthen
 their gaps between tokens by the tokens' cost. While streams decode, a prompt
 too long to end within the step's region gets chunks cut to the room: the
 prompt work that keeps a step within 1 + `share` times a decode-only step of
-the same decode rows (JAXCHAT_PREFILL_SHARE, default 1). Its first chunk in a step gets at least
-MIN_TOKENS, so a long prompt still advances every step. A prompt that ends
-within the region goes whole and counts against the room: new requests' first
-tokens are not held back (and a prompt cut into chunks could continue only one
-a step, see the scheduler).
+the same decode rows (JAXCHAT_PREFILL_SHARE, default 1). Its first chunk in a
+step gets at least MIN_TOKENS, so a long prompt still advances every step. A
+prompt that ends within the region goes whole and counts against the room: new
+requests' first tokens are not held back (and a prompt cut into chunks could
+continue only one a step, see the scheduler).
 
 Costs are measured, not assumed: they differ by orders of magnitude between a
 2-core CPU and a TPU, and a step with any prompt tokens may cost more than its
 tokens (on CPU the quantized weights are expanded for a many-row product).
 `Pacing` keeps the median time of recent decode-only steps (by their decode
-rows: `decode_of`), and the room: the
-units of prompt work a step may carry, steered after every step that carried
-prompt tokens towards the work that makes such a step take 1 + share
-decode-only steps. A prompt token over a prior of p positions (its prompt's
-positions already in the pool) is 1 + p / P0 units, where P0 is the prior at
-which its attention takes as many FLOPs as its matrix products (3,072 for
-SmolLM2: a token over a 4,000-token prior is 2.3 times one over none), so the
-room carries fewer tokens as a long prompt's prior grows.
+rows: `decode_of`), and the room: the units of prompt work a step may carry,
+steered after every step that carried prompt tokens towards the work that makes
+such a step take 1 + share decode-only steps. A prompt token over a prior of p
+positions (its prompt's positions already in the pool) is 1 + p / P0 units,
+where P0 is the prior at which its attention takes as many FLOPs as its matrix
+products (3,072 for SmolLM2: a token over a 4,000-token prior is 2.3 times one
+over none), so the room carries fewer tokens as a long prompt's prior grows.
 """
 
 import statistics

@@ -162,15 +162,22 @@ def library() -> ctypes.CDLL | None:
     return ctypes.cdll.LoadLibrary(str(path)) if path is not None else None
 
 
+def _asks(symbol: str, *args: int) -> bool:
+    """The library's answer to a yes-or-no question about this CPU, `symbol(*args)` with
+    int64 arguments (False where the library is not built)."""
+    lib = library()
+    if lib is None:
+        return False
+    function = getattr(lib, symbol)
+    function.argtypes = (ctypes.c_int64,) * len(args)
+    return bool(function(*args))
+
+
 def integer_path(kind: int, rows: int) -> bool:
     """Whether the kernel rounds x to 16-bit integers for a product of `rows` rows of x
     with weights of GGML type `kind` on this CPU (qmatmul.cc: up to 8 rows, on AVX2 or
     AVX-512; blocks of 32 values only)."""
-    lib = library()
-    if lib is None:
-        return False
-    lib.JaxchatIntegerPath.argtypes = (ctypes.c_int64, ctypes.c_int64)
-    return bool(lib.JaxchatIntegerPath(kind, rows))
+    return _asks("JaxchatIntegerPath", kind, rows)
 
 
 def widen(way: int, halves: np.ndarray) -> np.ndarray | None:
@@ -191,11 +198,7 @@ def int_gemm_path(kind: int) -> bool:
     rounds x to 16-bit integers as int_gemm.cc does, for weights of GGML type `kind` on
     this CPU (AVX-512 VNNI; blocks of 32 values only); elsewhere the decode rows take
     their own paths (`int_prompts_path` says what the prompt tokens take)."""
-    lib = library()
-    if lib is None:
-        return False
-    lib.JaxchatIntGemm.argtypes = (ctypes.c_int64,)
-    return bool(lib.JaxchatIntGemm(kind))
+    return _asks("JaxchatIntGemm", kind)
 
 
 def int_prompts_path(kind: int) -> bool:
@@ -203,18 +206,13 @@ def int_prompts_path(kind: int) -> bool:
     16-bit integers as int_gemm.cc does, each column's product the same to the bit in any
     step, for weights of GGML type `kind` on this CPU (AVX-512 VNNI, or AVX2 with FMA and
     F16C; blocks of 32 values only)."""
-    lib = library()
-    if lib is None:
-        return False
-    lib.JaxchatIntPrompts.argtypes = (ctypes.c_int64,)
-    return bool(lib.JaxchatIntPrompts(kind))
+    return _asks("JaxchatIntPrompts", kind)
 
 
 def wide_vectors() -> bool:
     """Whether the kernels' f32 loops take vectors of 16 floats (the CPU has AVX-512, or
     JAXCHAT_KERNEL_VECTORS=16) rather than of 8 (AVX2's registers)."""
-    lib = library()
-    return lib is not None and bool(lib.JaxchatWideVectors())
+    return _asks("JaxchatWideVectors")
 
 
 @cache
