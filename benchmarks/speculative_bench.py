@@ -6,7 +6,9 @@ scheduler, its policy, the detokenizer), each decoded with JAXCHAT_SPECULATIVE's
 Prints per prompt: decode tok/s both ways and their ratio, drafts verified and
 taken (the acceptance rate), and tokens delivered per step; and checks that both
 ways give the same tokens (after an untimed run, so that every timed one finds the
-prompt in the prefix cache).
+prompt in the prefix cache); where a timed run's tokens leave the untimed run's, with
+drafts or without, a line under the prompt's says which run, at which token, and what
+it took instead.
 
     python -m benchmarks.speculative_bench [--max-tokens 256] [--repeats 3]
 """
@@ -81,6 +83,24 @@ def run(llm: LLM, ids: list[int], max_tokens: int) -> tuple[list[int], float, in
     return tokens, (len(tokens) - 1) / seconds, llm.stats().steps - steps
 
 
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """The first index where two token lists differ (one ending counts), or None."""
+    index = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+    return index if index is not None or len(a) == len(b) else min(len(a), len(b))
+
+
+def describe(repeat: int, reference: list[int], plain: list[int], fast: list[int], decode) -> str:
+    """Where a repeat's tokens left the untimed run's (without drafts), with and without
+    drafts: so a "NO" says whether drafting or something else moved them, and where."""
+    parts = []
+    for name, tokens in (("without drafts", plain), ("with drafts", fast)):
+        at = first_difference(reference, tokens)
+        if at is not None:
+            was, got = reference[at : at + 1], tokens[at : at + 1]
+            parts.append(f"{name} from token {at} ({decode(was)!r} -> {decode(got)!r})")
+    return f"repeat {repeat}: " + "; ".join(parts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)
@@ -100,14 +120,14 @@ def main() -> None:
         ids = llm.encode_chat(text)
         rates: dict[str, list[float]] = {"off": [], "on": []}
         counts = (drafting.drafted, drafting.accepted)
-        steps_on, same = 0, True
+        steps_on, same, differences = 0, True, []
         # An untimed run first, so that every timed one finds the prompt's blocks in the
         # prefix cache: a miss computes the prompt in other chunks than a hit, which moves
         # its logits by up to 2e-3 and can flip a near tie (this prompt's code-edit reply
         # once did at its fifth token, two logits 1.3e-4 apart): "same" is speculation's.
         llm.scheduler.speculation = off
-        run(llm, ids, args.max_tokens)
-        for _ in range(args.repeats):
+        reference = run(llm, ids, args.max_tokens)[0]
+        for repeat in range(args.repeats):
             llm.scheduler.speculation = off
             plain, rate, _ = run(llm, ids, args.max_tokens)
             rates["off"].append(rate)
@@ -116,6 +136,8 @@ def main() -> None:
             rates["on"].append(rate)
             steps_on += steps
             same = same and plain == fast
+            if plain != fast or plain != reference:
+                differences.append(describe(repeat, reference, plain, fast, llm.tokenizer.decode))
         drafted = drafting.drafted - counts[0]
         taken = drafting.accepted - counts[1]
         off_rate, on_rate = statistics.median(rates["off"]), statistics.median(rates["on"])
@@ -125,6 +147,8 @@ def main() -> None:
             f"{taken / max(drafted, 1):>6.2f} {len(fast) * args.repeats / steps_on:>8.2f} "
             f"{'yes' if same else 'NO'}"
         )
+        for line in differences:
+            print(f"  {line}")
 
 
 if __name__ == "__main__":
