@@ -204,10 +204,12 @@ class Block(nn.Module):
         # The quantized kernel multiplies no padding past the last real token, and may
         # round the decode rows' x (the first R columns), never the prompt tokens'.
         used = jnp.stack([layout.used(), jnp.asarray(layout.rows, jnp.int32)])
-        # Norms through the kernel where the step has prompt tokens (each token's then the
-        # same to the bit in any step); a decode-only step keeps XLA's, fused with its
-        # neighbours (a one-row step: 6.7 ms, 7.3 with the kernel's).
-        norm_used = used[0] if layout.rows < x.shape[1] else None
+        # Norms through the kernel in every step, so that each token's is the same to the
+        # bit whatever its step holds. XLA's fused norm sums a column's squares in another
+        # order for 8 rows than for 1, so a stream's logits moved when its step verified
+        # drafts and greedy replies could differ with them (tests/test_speculative.py);
+        # the kernel's cost nothing measurable (one stream: 105-117 tok/s either way).
+        norm_used = used[0]
         h, pool = Attention(c, self.dtype, self.kernel, self.kv_dtype, name="attn")(
             RMSNorm(c.norm_eps, self.dtype, self.kernel, name="attn_norm")(x, norm_used),
             layout,
@@ -276,8 +278,7 @@ class Transformer(nn.Module):
         else:  # one scanned Block over the stacked layers
             carry, _ = self.layers(carry, jnp.arange(self.config.n_layers), layout, blocks)
         x, pool = carry
-        prompt = layout.rows < x.shape[1]  # (see Block: the kernel's norm where it has some)
-        return self.final_norm(x, layout.used() if prompt else None), pool
+        return self.final_norm(x, layout.used()), pool  # (the kernel's: see Block)
 
     def logits(self, hidden: jax.Array, used=None) -> jax.Array:
         """hidden [D, ...] → logits [..., V] in f32. `used`: what `project` takes, for
