@@ -206,9 +206,9 @@ class LLM:
         self.engine.variants.warmup(count=FIRST_NEEDED)
         self._push()  # (the rest once the background has compiled them)
         self.engine.variants.preload(count=FIRST_NEEDED)
-        # Not a daemon: at exit it finishes the executable it is on and stops (a
-        # daemon thread killed inside XLA's loader aborts the process).
-        threading.Thread(target=_preload, args=(self,), name="preload").start()
+        # Not a daemon, whoever starts it: at exit it finishes the executable it is on and
+        # stops (a daemon thread inside XLA at finalisation aborts the process).
+        threading.Thread(target=_preload, args=(self,), name="preload", daemon=False).start()
 
     def _push(self) -> None:
         if self.compile_cache is not None and self.engine.compilations:

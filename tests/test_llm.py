@@ -2,13 +2,14 @@
 
 import subprocess
 import sys
+import threading
 import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from model import SamplingParams
+from model import LLM, SamplingParams
 from model.engine.scheduler import RequestFailed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,6 +88,46 @@ def test_a_script_using_the_python_api_exits_cleanly():
     assert done.returncode == 0, done.stderr[-2000:]
     assert "terminate called" not in done.stderr
     assert len(done.stdout.strip().strip("()").split(",")) == 4
+
+
+def test_the_background_loader_is_waited_for_at_exit_when_a_daemon_thread_starts_it():
+    """The server loads its model in a daemon thread (handler/model_host.py), which calls
+    `warmup(wait=False)`; the thread that loads the other executables must not inherit
+    that: at exit the interpreter waits for it to finish the executable it is on, where a
+    daemon thread inside XLA's compiler when the interpreter finalised aborted the
+    server's worker ("terminate called ... FATAL: exception not rethrown", seen on a 2x3
+    mesh's server stopped while it compiled)."""
+    loading = threading.Event()
+    release = threading.Event()
+
+    class Variants:
+        def warmup(self, count=None):
+            pass
+
+        def preload(self, count=None, until=None):
+            if until is not None:  # the background's call: hold it while the test looks
+                loading.set()
+                release.wait(30)
+
+        def upgrade(self, until=None):
+            pass
+
+    served = types.SimpleNamespace(
+        engine=types.SimpleNamespace(variants=Variants()),
+        compile_cache=None,
+        scheduler=types.SimpleNamespace(idle=True),
+        _push=lambda: None,
+    )
+    before = set(threading.enumerate())
+    starter = threading.Thread(target=LLM.warmup, args=(served,), kwargs={"wait": False})
+    starter.daemon = True
+    starter.start()
+    starter.join(30)
+    assert loading.wait(30)
+    [background] = [t for t in set(threading.enumerate()) - before if t.name == "preload"]
+    release.set()
+    assert not background.daemon
+    background.join(30)
 
 
 class BreakingConstraint:
