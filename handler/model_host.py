@@ -130,12 +130,16 @@ class ModelHost:
         self._error: str | None = None
 
     def start(self) -> None:
-        """Begin loading in a daemon thread, unless already begun. Cheap to call often."""
+        """Begin loading in a thread, unless already begun. Cheap to call often.
+
+        Not a daemon: a process told to stop while it loads (SIGTERM, as Cloud Run sends
+        when it scales in) finishes the load and then exits, where a daemon thread inside
+        XLA's compiler when the interpreter finalised aborted it."""
         if self._thread is not None:
             return
         with self._lock:
             if self._thread is None:
-                self._thread = threading.Thread(target=self._load, name="model-load", daemon=True)
+                self._thread = threading.Thread(target=self._load, name="model-load", daemon=False)
                 self._thread.start()
 
     def start_in_forked_children(self) -> None:

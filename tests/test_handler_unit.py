@@ -749,6 +749,22 @@ def test_loading_is_503_then_ready(serve):
     assert client.post(CHAT, json=chat_body()).get_json()["choices"][0]["finish_reason"] == "stop"
 
 
+def test_the_interpreter_waits_for_a_load_in_progress_at_exit():
+    """The model loads in a thread that is not a daemon: a server stopped while it loads
+    finishes the load and exits, instead of aborting when the interpreter finalises
+    while that thread is inside XLA ("terminate called ... FATAL: exception not
+    rethrown"); the load, and what it starts (model/llm.py's background loader), inherit
+    the thread's daemon flag."""
+    gate = threading.Event()
+    host = ModelHost(lambda: gate.wait(10) and FakeLLM())
+    before = set(threading.enumerate())
+    host.start()
+    [loader] = [t for t in set(threading.enumerate()) - before if t.name == "model-load"]
+    gate.set()
+    assert not loader.daemon
+    assert host.wait(5) == "ready"
+
+
 def test_model_loads_on_first_request_not_at_import(serve):
     loads = []
 
