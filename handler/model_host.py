@@ -133,8 +133,9 @@ class ModelHost:
         """Begin loading in a thread, unless already begun. Cheap to call often.
 
         Not a daemon: a process told to stop while it loads (SIGTERM, as Cloud Run sends
-        when it scales in) finishes the load and then exits, where a daemon thread inside
-        XLA's compiler when the interpreter finalised aborted it."""
+        when it scales in) finishes the load and then exits. A daemon thread inside XLA
+        when the interpreter finalises aborts the process (seen with model/llm.py's
+        background loader)."""
         if self._thread is not None:
             return
         with self._lock:

@@ -751,10 +751,9 @@ def test_loading_is_503_then_ready(serve):
 
 def test_the_interpreter_waits_for_a_load_in_progress_at_exit():
     """The model loads in a thread that is not a daemon: a server stopped while it loads
-    finishes the load and exits, instead of aborting when the interpreter finalises
-    while that thread is inside XLA ("terminate called ... FATAL: exception not
-    rethrown"); the load, and what it starts (model/llm.py's background loader), inherit
-    the thread's daemon flag."""
+    finishes the load and exits. A daemon thread inside XLA when the interpreter
+    finalises aborts the process ("terminate called ... FATAL: exception not rethrown",
+    seen with model/llm.py's background loader)."""
     gate = threading.Event()
     host = ModelHost(lambda: gate.wait(10) and FakeLLM())
     before = set(threading.enumerate())

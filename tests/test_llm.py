@@ -91,12 +91,12 @@ def test_a_script_using_the_python_api_exits_cleanly():
 
 
 def test_the_background_loader_is_waited_for_at_exit_when_a_daemon_thread_starts_it():
-    """The server loads its model in a daemon thread (handler/model_host.py), which calls
-    `warmup(wait=False)`; the thread that loads the other executables must not inherit
-    that: at exit the interpreter waits for it to finish the executable it is on, where a
-    daemon thread inside XLA's compiler when the interpreter finalised aborted the
-    server's worker ("terminate called ... FATAL: exception not rethrown", seen on a 2x3
-    mesh's server stopped while it compiled)."""
+    """`warmup(wait=False)` may be called from a daemon thread (the server's model loader
+    was one); the thread that loads the other executables must not inherit that: at exit
+    the interpreter waits for it to finish the executable it is on, where a daemon thread
+    inside XLA's compiler when the interpreter finalised aborted the server's worker
+    ("terminate called ... FATAL: exception not rethrown", seen on a 2x3 mesh's server
+    stopped while it compiled)."""
     loading = threading.Event()
     release = threading.Event()
 
