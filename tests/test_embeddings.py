@@ -25,7 +25,7 @@ FIXTURE = Path(__file__).parent / "fixtures" / "smollm2_embeddings.json"
 WIDTH = 576  # SmolLM2-135M's hidden size
 # Against the reference: 1e-6 at most with f32 products, 2.2e-4 where the quantized kernel
 # rounds every prompt token to 16 bits per block of 32 (a CPU with AVX2 or AVX-512 VNNI).
-VECTOR_ATOL = 5e-4 if kernels.int_prompts_path(GGMLQuantizationType.Q4_1) else 2e-5
+VECTOR_ATOL = 5e-4 if kernels.int_gemm_path(GGMLQuantizationType.Q4_1) else 2e-5
 
 
 @pytest.fixture(scope="module")

@@ -8,15 +8,12 @@ takes them 8 at a time, with a remainder; past 8, 32 at a time as a small GEMM, 
 remainder of up to 16 or up to 32), threads on and off.
 
 The formats with blocks of 32 values (Q8_0, Q4_0, Q4_1) take integers where the CPU has
-AVX2 (with AVX-512, wider ones): up to 8 decode rows (the columns the caller marks so)
-each in lanes of its own, and every prompt token as int_gemm.cc computes it; where the CPU
-has AVX-512 VNNI every column, decode rows too, takes int_gemm.cc's arithmetic (the
-library says which products do): x rounded to 16 bits per block of 32. There the kernel
-is held to NumPy's rendering of that arithmetic (`integer_reference`) and, against the
-exact product, to the bound that rounding allows (`rounding_bound`); elsewhere (more than
-8 decode rows without VNNI, the other formats) to the exact product. A prompt token's
-product (with VNNI every column's) is the same to the bit whichever path takes it and
-whatever else the step holds.
+AVX2 (with AVX-512, wider ones): every column, decode row or prompt token, as int_gemm.cc
+computes it (the library says where): x rounded to 16 bits per block of 32. There the
+kernel is held to NumPy's rendering of that arithmetic (`integer_reference`) and, against
+the exact product, to the bound that rounding allows (`rounding_bound`); elsewhere (the
+other formats, or a CPU without AVX2) to the exact product. A column's product is then
+the same to the bit whichever path takes it and whatever else the step holds.
 """
 
 import fnmatch
@@ -80,44 +77,12 @@ def random_blocks(name: str, n: int, k: int, rng) -> np.ndarray:
         return data.reshape(n, -1)
 
 
-def integer_path(name: str, t: int) -> bool:
-    """Whether the kernel takes the integer path here (up to 8 rows where the CPU has
-    AVX2; each path is held to its own reference)."""
-    taken = kernels.integer_path(GGMLQuantizationType[name].value, t)
-    assert not taken or name in INTEGER_FORMATS
-    return taken
-
-
 def canonical(name: str) -> bool:
     """Whether every column of a product in this format takes integers, each the same to
-    the bit on every path (AVX-512 VNNI)."""
+    the bit on every path (AVX2, or AVX-512 VNNI)."""
     gemm = kernels.int_gemm_path(GGMLQuantizationType[name].value)
     assert not gemm or name in INTEGER_FORMATS
     return gemm
-
-
-def canonical_prompts(name: str) -> bool:
-    """Whether a product's prompt tokens take integers in this format, each the same to
-    the bit on every path (AVX2, or AVX-512 VNNI)."""
-    prompts = kernels.int_prompts_path(GGMLQuantizationType[name].value)
-    assert prompts >= canonical(name)
-    return prompts
-
-
-def rounded_columns(name: str, t: int, decode: int) -> np.ndarray:
-    """Which of t columns the kernel rounds, the first `decode` marked as decode rows:
-    where the CPU has AVX-512 VNNI, all; with AVX2, the prompt tokens and the decode rows
-    if there are at most 8 of them (as a product of their own would round them);
-    elsewhere the decode rows up to 8 of them, or all or none of up to 8 rows."""
-    if canonical(name):
-        return np.full(t, True)
-    columns = np.arange(t)
-    few = decode <= 8 and integer_path(name, max(decode, 1))
-    if canonical_prompts(name):
-        return (columns >= decode) | (columns < decode if few else False)
-    if t <= 8:
-        return np.full(t, integer_path(name, min(t, 8)))
-    return columns < (decode if few else 0)
 
 
 def integer_reference(name: str, data: np.ndarray, w: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -195,10 +160,8 @@ def test_only_the_used_columns_are_multiplied_the_rest_are_zero(t, decode):
     """A step's padding (past its last real token) is not multiplied: those columns of y
     are zero, whatever x holds there (NaN too), and the others are the full product's
     (with decode rows first: none, 7 of them, or every real column): to the bit where
-    each column takes the same path (with AVX-512 VNNI every column, decode rows too,
-    takes integers alike; with AVX2 every prompt token, and up to 8 decode rows their own
-    rounded lanes), else to the order of sums, or where a column is rounded in one and not
-    the other, to the rounding's bound."""
+    each column takes the same path (with AVX2 every column, decode rows too, takes
+    integers alike), else to the order of sums."""
     rng = np.random.default_rng(17)
     data = random_blocks("Q4_1", 50, 256, rng)
     x = rng.standard_normal((t, 256)).astype(np.float32)
@@ -209,18 +172,10 @@ def test_only_the_used_columns_are_multiplied_the_rest_are_zero(t, decode):
         padded[used:] = np.nan
         y = qmatmul(data, padded, 3, 0, used=used, decode=min(rows, used))
         real, f32 = min(used, t), min(used, t) - min(rows, used)
-        same_paths = canonical("Q4_1") or (canonical_prompts("Q4_1") and rows <= 8)
-        if same_paths or real == t or f32 > 8:  # the same sums
+        if canonical("Q4_1") or real == t or f32 > 8:  # the same sums
             assert np.array_equal(y[:, :real], full[:, :real]), used
-        else:
-            # Up to 8 f32 columns take the few-row path: the sums in another order. And
-            # without VNNI, up to 8 decode rows are rounded where, among more, they were
-            # not (a product of their own rounds them): the rounding's bound there.
-            bound = np.full((len(data), real), 1e-6 * np.abs(full).max())
-            rounded = rounded_columns("Q4_1", t, min(rows, used))[:real]
-            other = rounded != rounded_columns("Q4_1", t, rows)[:real]
-            w = gguf.quants.dequantize(data, GGMLQuantizationType.Q4_1)
-            bound[:, other] += rounding_bound(w, x[:real])[:, other]
+        else:  # up to 8 f32 columns take the few-row path: the sums in another order
+            bound = 1e-6 * np.abs(full).max()
             assert (np.abs(y[:, :real] - full[:, :real]) <= bound).all(), used
         assert not y[:, real:].any(), used
 
@@ -240,7 +195,7 @@ def test_block_formats_match_numpy(name, threads):
             y = qmatmul(data, x, BLOCK_FORMATS[name][0], threads, decode=decode)
             ref = w.astype(np.float64) @ x.astype(np.float64).T
             scale = np.abs(w).sum(axis=1, keepdims=True) * np.abs(x).max() + 1e-6
-            rounded = rounded_columns(name, t, decode)
+            rounded = np.full(t, canonical(name))
             if rounded.any():
                 emulated = integer_reference(name, data, w, x)[:, rounded]
                 # (each block's integer sum converted and scaled in f32: a few roundings)
@@ -289,7 +244,7 @@ def test_decode_rows_beside_prompt_tokens_multiply_as_alone(name, decode):
         exact = w.astype(np.float64) @ x[decode:used].astype(np.float64).T
         scale = np.abs(w).sum(axis=1, keepdims=True) * np.abs(x).max()
         bound = 2e-6 * scale.max()
-        if canonical_prompts(name):
+        if canonical(name):
             bound = bound + rounding_bound(w, x[decode:used])
         assert (np.abs(y[:, decode:used] - exact) <= bound).all()
         assert not y[:, used:].any()
@@ -297,15 +252,14 @@ def test_decode_rows_beside_prompt_tokens_multiply_as_alone(name, decode):
 
 @pytest.mark.parametrize("name", sorted(INTEGER_FORMATS))
 def test_a_columns_product_is_the_same_to_the_bit_on_every_path(name):
-    """A prompt token's product (where every column takes integers, AVX-512 VNNI, any
-    column's) does not depend on the step around it: alone (the few-row path), among up to
-    8 decode rows and prompt tokens (few rows), beside more (the integer GEMM), in any
-    chunk of 32 columns. So a prompt's keys and values are the same however it was cut
-    into chunks, and with VNNI a stream's logits whatever shares its step."""
-    if not canonical_prompts(name):
-        pytest.skip("this CPU has neither AVX2 nor AVX-512 VNNI: prompt tokens take f32")
-    # (without VNNI, decode rows take paths of their own: test_decode_rows_beside_...)
-    prompts_only = not canonical(name)
+    """A column's product (decode row or prompt token, where every column takes integers:
+    AVX2 or AVX-512 VNNI) does not depend on the step around it: alone (the few-row path),
+    among up to 8 decode rows and prompt tokens (few rows), beside more (the integer GEMM),
+    in any chunk of 32 columns. So a prompt's keys and values are the same however it was
+    cut into chunks, and a stream's logits whatever shares its step. (Up to 4 columns read
+    the weights in place, 5 to 8 from a copy.)"""
+    if not canonical(name):
+        pytest.skip("this CPU has neither AVX2 nor AVX-512 VNNI: every column takes f32")
     rng = np.random.default_rng(29)
     data = random_blocks(name, 77, 576, rng)
     kind = BLOCK_FORMATS[name][0]
@@ -313,6 +267,8 @@ def test_a_columns_product_is_the_same_to_the_bit_on_every_path(name):
     x = x.astype(np.float32)
     alone = np.stack([qmatmul(data, x[i : i + 1], kind, 0)[:, 0] for i in range(100)], axis=1)
     for t, used, decode in [
+        (8, 2, 1),
+        (8, 4, 4),
         (8, 8, 3),
         (8, 5, 0),
         (72, 12, 8),
@@ -323,8 +279,7 @@ def test_a_columns_product_is_the_same_to_the_bit_on_every_path(name):
         (40, 9, 1),
     ]:
         y = qmatmul(data, x[:t], kind, 0, used=used, decode=decode)
-        start = decode if prompts_only else 0
-        assert np.array_equal(y[:, start:used], alone[:, start:used]), (t, used, decode)
+        assert np.array_equal(y[:, :used], alone[:, :used]), (t, used, decode)
         assert not y[:, used:].any(), (t, used, decode)
 
 
@@ -453,7 +408,7 @@ def test_a_stacked_weight_reads_the_layer_asked_for_in_its_own_format(t):
         w = gguf.quants.dequantize(layers[i], GGMLQuantizationType[name]).reshape(30, 512)
         ref = w.astype(np.float64) @ x.astype(np.float64).T
         tolerance = 2e-6 * np.abs(w).sum(axis=1).max() * np.abs(x).max()
-        if integer_path(name, t):
+        if canonical(name):
             tolerance = tolerance + rounding_bound(w, x)
         assert (np.abs(qmatmul(stacked.blocks, x, kinds, 0, layer=i) - ref) <= tolerance).all()
         y = step(stacked.blocks, x.T, np.int32(i))

@@ -176,13 +176,6 @@ def _asks(symbol: str, *args: int) -> bool:
     return bool(function(*args))
 
 
-def integer_path(kind: int, rows: int) -> bool:
-    """Whether the kernel rounds x to 16-bit integers for a product of `rows` rows of x
-    with weights of GGML type `kind` on this CPU (qmatmul.cc: up to 8 rows, on AVX2 or
-    AVX-512; blocks of 32 values only)."""
-    return _asks("JaxchatIntegerPath", kind, rows)
-
-
 def widen(way: int, halves: np.ndarray) -> np.ndarray | None:
     """float16 values (a multiple of 16) widened to float32 the attention kernels' `way`
     (0: AVX-512, 1: F16C, 2: the scalar conversion), or None where this CPU lacks it."""
@@ -198,18 +191,10 @@ def widen(way: int, halves: np.ndarray) -> np.ndarray | None:
 
 def int_gemm_path(kind: int) -> bool:
     """Whether every column of a product (decode rows and prompt tokens, few or many)
-    rounds x to 16-bit integers as int_gemm.cc does, for weights of GGML type `kind` on
-    this CPU (AVX-512 VNNI; blocks of 32 values only); elsewhere the decode rows take
-    their own paths (`int_prompts_path` says what the prompt tokens take)."""
+    rounds x to 16-bit integers as int_gemm.cc does, each column's product the same to
+    the bit in any step, for weights of GGML type `kind` on this CPU (AVX2 with FMA and
+    F16C, or AVX-512 VNNI; blocks of 32 values only); elsewhere every column takes f32."""
     return _asks("JaxchatIntGemm", kind)
-
-
-def int_prompts_path(kind: int) -> bool:
-    """Whether a product's prompt tokens (the columns past its decode rows) round x to
-    16-bit integers as int_gemm.cc does, each column's product the same to the bit in any
-    step, for weights of GGML type `kind` on this CPU (AVX-512 VNNI, or AVX2 with FMA and
-    F16C; blocks of 32 values only)."""
-    return _asks("JaxchatIntPrompts", kind)
 
 
 def wide_vectors() -> bool:

@@ -1,6 +1,6 @@
 // Many rows of x times weights in a 32-value block format (Q8_0, Q4_0, Q4_1), as
-// integers: on AVX-512 with VNNI every column (decode rows and prompt tokens), on AVX2 a
-// step's prompt tokens (see the AVX2 section below).
+// integers, on AVX-512 with VNNI or on AVX2 (see the AVX2 section below): every column,
+// decode rows and prompt tokens alike.
 //
 // qmatmul.cc multiplies many rows (prefill, batched decode) as an f32 GEMM, bound by the
 // FMA units: 16 multiply-adds an instruction. Here x is rounded to 16-bit integers per
@@ -206,8 +206,9 @@ VNNI void panels(const uint8_t* w, int64_t row_bytes, int64_t N, const int32_t* 
 // On AVX2 this is no faster than qmatmul.cc's f32 panels: a 2-core AMD EPYC (Zen 3)
 // issues one vpmaddwd a cycle (2.3 G/s against 5.5 G/s of FMAs), so 16 integer
 // multiply-adds a cycle, as many as two FMAs of 8 (32 columns by a SmolLM2 FFN matrix:
-// 0.93 against 0.85 ms; 512 columns: 14.5 against 13.9). Its point is that a prompt
-// token's product no longer depends on how the prompt was cut into chunks.
+// 0.93 against 0.85 ms; 512 columns: 14.5 against 13.9). Its point is that a column's
+// product no longer depends on the step it is in: how a prompt was cut into chunks, or
+// what shares a stream's step.
 
 #define INT_AVX2 __attribute__((target("avx2,fma,f16c")))
 
@@ -345,10 +346,6 @@ bool avx2() {
 }  // namespace
 
 bool int_gemm_path(int64_t kind) {
-  return vnni() && (kind == kQ8_0 || kind == kQ4_0 || kind == kQ4_1);
-}
-
-bool int_prompts_path(int64_t kind) {
   return (vnni() || avx2()) && (kind == kQ8_0 || kind == kQ4_0 || kind == kQ4_1);
 }
 

@@ -9,12 +9,8 @@ namespace jaxchat {
 // Whether this CPU multiplies every column of x (decode rows and prompt tokens, few or
 // many) with weights of GGML type `kind` (Q8_0, Q4_0, Q4_1) as int_gemm computes it: x
 // rounded to 16 bits per block of 32, each block's exact integer product scaled once
-// (AVX-512 VNNI, where that is as fast as the f32 paths).
+// (AVX-512 VNNI, or AVX2 with FMA and F16C).
 bool int_gemm_path(int64_t kind);
-
-// Whether this CPU can take int_gemm's arithmetic at all (AVX-512 VNNI, or AVX2 with FMA
-// and F16C): where int_gemm_path does not hold, the prompt tokens alone take it.
-bool int_prompts_path(int64_t kind);
 
 // y [N, T]'s first D columns = W [N, row_bytes] @ x [K, T]'s first D columns, W's rows in
 // format `kind`, on up to `parts` threads; y's other columns are left alone.
