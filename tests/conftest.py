@@ -89,6 +89,20 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
+@pytest.fixture(params=["own", "other"])
+def vectors(request):
+    """The CPU kernels' f32 loops at the width this CPU picks, then at the other one
+    (vectors of 8 where it picks 16, and the reverse: each runs on any CPU with AVX2), so
+    that the tests that hold the products, SwiGLU, the norms and attention to their
+    references cover both widths whichever CPU runs the suite."""
+    from model import kernels
+
+    own = kernels.wide_vectors()
+    kernels.set_wide_vectors(own if request.param == "own" else not own)
+    yield
+    kernels.set_wide_vectors(own)
+
+
 @pytest.fixture
 def make():
     """Build schedulers (model/engine/scheduler.py) that are stopped after the test."""

@@ -8,6 +8,8 @@ import pytest
 from model import kernels
 from model.nn.transformer import RMSNorm
 
+pytestmark = pytest.mark.usefixtures("vectors")  # at this CPU's width and the other
+
 
 @pytest.fixture(scope="module", autouse=True)
 def kernel():

@@ -86,6 +86,7 @@ def test_decode_rows_equal_the_dense_reference(rng, chunk, shared):
         np.testing.assert_allclose(out[r], expected, atol=1e-5)
 
 
+@pytest.mark.usefixtures("vectors")
 @pytest.mark.parametrize("h", [16, 64])
 @pytest.mark.parametrize("long", [False, True], ids=["one-thread", "threads"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
@@ -140,6 +141,7 @@ def test_prefill_segments_equal_the_dense_reference(rng, prior, chunk, sees):
     check_region(rng, prior, SEES[sees], chunk=chunk)
 
 
+@pytest.mark.usefixtures("vectors")
 @pytest.mark.parametrize("prior", [0, 1, 17, 300, 700])
 @pytest.mark.parametrize("sees", list(SEES))
 @pytest.mark.parametrize("h", [16, 64])

@@ -154,6 +154,7 @@ def qmatmul(
     return np.asarray(y)
 
 
+@pytest.mark.usefixtures("vectors")
 @pytest.mark.parametrize("t", [5, 24, 40, 100])
 @pytest.mark.parametrize("decode", ["none", "some", "all"])
 def test_only_the_used_columns_are_multiplied_the_rest_are_zero(t, decode):
@@ -180,9 +181,16 @@ def test_only_the_used_columns_are_multiplied_the_rest_are_zero(t, decode):
         assert not y[:, real:].any(), used
 
 
+# One thread at this CPU's width, and threads at both (`vectors`): how the rows are split
+# among threads does not depend on the width, and the split runs the same loops.
+THREADS_AND_WIDTHS = pytest.mark.parametrize(
+    "threads, vectors", [(1, "own"), (0, "own"), (0, "other")], indirect=["vectors"]
+)
+
+
 @pytest.mark.parametrize("name", sorted(BLOCK_FORMATS))
-@pytest.mark.parametrize("threads", [1, 0])
-def test_block_formats_match_numpy(name, threads):
+@THREADS_AND_WIDTHS
+def test_block_formats_match_numpy(name, threads, vectors):
     rng = np.random.default_rng(7)
     _, values, _ = BLOCK_FORMATS[name]
     for n, blocks_per_row in [(1, 1), (7, 3), (33, 2), (301, 6)]:
@@ -206,8 +214,8 @@ def test_block_formats_match_numpy(name, threads):
             assert exact.max(initial=0) <= 2e-6 * scale.max(), (n, k, t)
 
 
-@pytest.mark.parametrize("threads", [1, 0])
-def test_int8_rows_match_numpy(threads):
+@THREADS_AND_WIDTHS
+def test_int8_rows_match_numpy(threads, vectors):
     """jaxchat's int8 rows (model/nn/quantize.py), any row length: a tail of fewer than
     16 values is handled too."""
     rng = np.random.default_rng(3)
@@ -223,6 +231,7 @@ def test_int8_rows_match_numpy(threads):
             assert np.abs(y - ref).max() <= 2e-6 * np.abs(ref).max() + 1e-6, (n, k, t)
 
 
+@pytest.mark.usefixtures("vectors")
 @pytest.mark.parametrize("name", ["Q4_1", "Q6_K"])
 @pytest.mark.parametrize("decode", [1, 5, 8])
 def test_decode_rows_beside_prompt_tokens_multiply_as_alone(name, decode):
@@ -335,12 +344,14 @@ def test_every_source_compiles_for_the_portable_build():
     assert [error for error, job in zip(errors, jobs, strict=True) if job.returncode] == []
 
 
-def test_the_other_vector_width_passes_the_kernels_tests():
+def test_the_vector_width_is_the_cpus_unless_set():
     """The kernels' f32 loops come in vectors of 16 floats (AVX-512) and of 8 (AVX2's
     registers: the formats' expansion then takes AVX2 intrinsics, formats.h), the CPU
-    picking one. The tests that hold the f32 products, SwiGLU, the norms and attention to
-    their references run again in a child with JAXCHAT_KERNEL_VECTORS set to the width
-    this CPU does not pick, so both are tested whichever CPU runs the suite."""
+    picking one: JAXCHAT_KERNEL_VECTORS overrides it as the library loads (a child
+    process), set_wide_vectors at run time (the `vectors` fixture runs the tests of the
+    products, SwiGLU, the norms and attention at both widths). A product whose sums run
+    across lanes (Q4_K's f32 rows) then differs in its last bits: the switch reaches the
+    loops."""
     other = "8" if kernels.wide_vectors() else "16"
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "JAXCHAT_KERNEL_VECTORS": other}
@@ -349,35 +360,20 @@ def test_the_other_vector_width_passes_the_kernels_tests():
         [sys.executable, "-c", width], cwd=root, env=env, capture_output=True, text=True
     )
     assert picked.stdout.split() == [other], picked.stderr[-2000:]  # the child takes the other
-    tests = ["tests/test_qmatmul.py", "tests/test_norm.py", "tests/test_paged_attention.py"]
-    # (the block formats' and int8 rows' products on one thread left out: how the rows are
-    # split among threads does not depend on the width, and the split runs the same loops)
-    chosen = (
-        "(match_numpy or glu or beside_prompt or used_columns or norm or cpu_kernel) and not cut"
-        " and not numpy[1"
-    )
-    child = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-n0",
-            "-p",
-            "no:cacheprovider",
-            "-k",
-            chosen,
-            *tests,
-        ],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
-    passed = int(child.stdout.split(" passed")[0].split()[-1])
-    assert passed >= 40, child.stdout[-2000:]
+    rng = np.random.default_rng(31)
+    data = random_blocks("Q4_K", 64, 2048, rng)
+    x = rng.standard_normal((3, 2048)).astype(np.float32)
+    kind = BLOCK_FORMATS["Q4_K"][0]
+    own, wide = qmatmul(data, x, kind, 1), kernels.wide_vectors()
+    kernels.set_wide_vectors(not wide)
+    try:
+        assert kernels.wide_vectors() is not wide
+        switched = qmatmul(data, x, kind, 1)
+    finally:
+        kernels.set_wide_vectors(wide)
+    assert not np.array_equal(own, switched)
+    np.testing.assert_allclose(own, switched, rtol=1e-4, atol=1e-4)
+    assert np.array_equal(qmatmul(data, x, kind, 1), own)
 
 
 def test_threads_and_one_thread_agree_exactly():
@@ -432,6 +428,7 @@ def silu_times_up(x: np.ndarray) -> np.ndarray:
     return gate / (1 + np.exp(-gate)) * up
 
 
+@pytest.mark.usefixtures("vectors")
 def test_glu_takes_silu_of_the_gate_times_up_to_a_few_ulp():
     """With glu, the kernel's x is [gate; up] and it multiplies silu(gate) * up (the MLP's
     down projection). Through 127 times the identity (int8 rows of one 127, scale 1:
@@ -452,6 +449,7 @@ def test_glu_takes_silu_of_the_gate_times_up_to_a_few_ulp():
     assert not y[:, used:].any()
 
 
+@pytest.mark.usefixtures("vectors")
 @pytest.mark.parametrize("t, decode", [(3, 0), (12, 8), (12, 12), (40, 0), (40, 32), (16400, 0)])
 def test_glu_is_the_product_of_silu_of_the_gate_times_up(t, decode):
     """glu on every path (few rows, decode rows beside prompt tokens, panels, the integer

@@ -203,6 +203,16 @@ def wide_vectors() -> bool:
     return _asks("JaxchatWideVectors")
 
 
+def set_wide_vectors(wide: bool) -> None:
+    """Make the kernels' f32 loops take vectors of 16 floats (or of 8) from the next call
+    on, whatever the CPU picked: the tests run both widths' code in one process. (Not while
+    a kernel runs.)"""
+    lib = library()
+    if lib is not None:
+        lib.JaxchatSetWideVectors.argtypes = (ctypes.c_int,)
+        lib.JaxchatSetWideVectors(int(wide))
+
+
 @cache
 def load() -> bool:
     """Register the kernels with XLA:CPU; False (and why, in the log) when the library is

@@ -884,8 +884,9 @@ ffi::Error QMatmulImpl(ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::S32> kinds,
 }
 }  // namespace
 
-// Whether the f32 loops take vectors of 16 (else of 8).
+// Whether the f32 loops take vectors of 16 (else of 8), and the same set from now on.
 extern "C" int JaxchatWideVectors() { return wide_vectors(); }
+extern "C" void JaxchatSetWideVectors(int wide) { wide_vectors_now = wide != 0; }
 
 // Whether every column of a product, decode row or prompt token, takes int_gemm.cc's
 // integer arithmetic (few rows or many), each the same to the bit in any step.

@@ -2,6 +2,7 @@
 // them, pairs of AVX2 ones or four SSE ones elsewhere) and what the kernels do with them.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -25,17 +26,19 @@ typedef float f32x8 __attribute__((vector_size(32)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
 
 // Whether the loops take vectors of 16 (the CPU has AVX-512's registers) or of 8.
-// JAXCHAT_KERNEL_VECTORS=8 or 16 overrides the CPU's choice, so that the tests run each
-// width's code on any CPU with AVX2 (neither needs more).
-INLINE bool wide_vectors() {
-  static const bool wide = [] {
-    const char* forced = std::getenv("JAXCHAT_KERNEL_VECTORS");
-    if (forced != nullptr && std::strcmp(forced, "8") == 0) return false;
-    if (forced != nullptr && std::strcmp(forced, "16") == 0) return true;
-    return __builtin_cpu_supports("avx512f") != 0;
-  }();
-  return wide;
+// JAXCHAT_KERNEL_VECTORS=8 or 16 overrides the CPU's choice when the library loads, and
+// JaxchatSetWideVectors at run time, so that the tests run each width's code, in one
+// process, on any CPU with AVX2 (neither needs more).
+inline bool cpu_wide_vectors() {
+  const char* forced = std::getenv("JAXCHAT_KERNEL_VECTORS");
+  if (forced != nullptr && std::strcmp(forced, "8") == 0) return false;
+  if (forced != nullptr && std::strcmp(forced, "16") == 0) return true;
+  __builtin_cpu_init();  // (this runs as the library loads, maybe before libgcc's own)
+  return __builtin_cpu_supports("avx512f") != 0;
 }
+inline std::atomic<bool> wide_vectors_now{cpu_wide_vectors()};  // one for the library
+
+INLINE bool wide_vectors() { return wide_vectors_now.load(std::memory_order_relaxed); }
 
 // e^x for x <= 0 (Cephes' expf: x = n ln 2 + r, |r| <= ln 2 / 2, a degree-6 polynomial
 // for e^r, 2^n through the exponent bits); below -87 it returns e^-87, about 1.6e-38. On
