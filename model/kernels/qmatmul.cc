@@ -227,12 +227,46 @@ AVX2 INLINE __m256 add_block8(__m256 acc, __m256i dots, float scale, float sum, 
   return acc;
 }
 
+// Where each of 8 lanes' weight row starts (byte offsets; past `rows`, the last row
+// again: computed, not stored).
+AVX2 INLINE __m256i lane_rows(int rows, int64_t row_bytes) {
+  int32_t at[8];
+  for (int j = 0; j < 8; ++j) at[j] = static_cast<int32_t>(std::min(j, rows - 1) * row_bytes);
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at));
+}
+
+// The d (and Q4_1's m) of a block of 8 weight rows, `base` its first row's block: the 8
+// rows' halves by one gather, converted at once.
+AVX2 INLINE void rows_dm8(const uint8_t* base, __m256i rows, __m256* d, __m256* m) {
+  // Each 128-bit lane's d halves (bytes 0-1 of each word) to its low 8 bytes, m's (2-3)
+  // to its high 8.
+  const __m256i split = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
+                                         0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+  const __m256i halves = _mm256_permute4x64_epi64(
+      _mm256_shuffle_epi8(_mm256_i32gather_epi32(reinterpret_cast<const int*>(base), rows, 1),
+                          split),
+      0xd8);
+  *d = _mm256_cvtph_ps(_mm256_castsi256_si128(halves));
+  *m = _mm256_cvtph_ps(_mm256_extracti128_si256(halves, 1));
+}
+
+// 8 weight rows' integer sums with a row of x, one vector of 8 lanes each, added across
+// into one vector (lane j: row j's): pairs of rows (each 128-bit lane: two sums of each),
+// then fours (one sum of each of 4 rows per lane), then the two lanes added. Integers:
+// exact in any order.
+AVX2 INLINE __m256i across8(const __m256i* dot) {
+  const __m256i h01 = _mm256_hadd_epi32(dot[0], dot[1]), h23 = _mm256_hadd_epi32(dot[2], dot[3]);
+  const __m256i h45 = _mm256_hadd_epi32(dot[4], dot[5]), h67 = _mm256_hadd_epi32(dot[6], dot[7]);
+  const __m256i g0 = _mm256_hadd_epi32(h01, h23), g1 = _mm256_hadd_epi32(h45, h67);
+  return _mm256_add_epi32(_mm256_permute2x128_si256(g0, g1, 0x20),
+                          _mm256_permute2x128_si256(g0, g1, 0x31));
+}
+
 // Weight rows [0, rows) (up to 8, copied out in order) against TT rows of x
 // (quantize_x's), into out [TT][8]: each product as int_gemm.cc computes it (see
 // canonical_rows8 below, the AVX-512 version), on AVX2, for 5 to 8 rows of x. Each block
-// of the 8 weight rows is expanded once, then each row of x's two vpmaddwd sums with each
-// weight row are added across by a tree of vphaddd, 8 weight rows into one vector. The 8
-// rows' d and m come by one gather.
+// of the 8 weight rows is expanded once (16 vectors), then each row of x's two vpmaddwd
+// sums with each weight row are added across (across8).
 template <int64_t Kind, int TT>
 AVX2 INLINE void copied_rows8_avx2(const uint8_t* w, int64_t row_bytes, int rows,
                                    const int16_t* q, const float* scale, const float* sum,
@@ -240,54 +274,26 @@ AVX2 INLINE void copied_rows8_avx2(const uint8_t* w, int64_t row_bytes, int rows
   const int64_t blocks = K / 32;
   __m256 acc[TT];
   for (int t = 0; t < TT; ++t) acc[t] = _mm256_setzero_ps();
-  int32_t at[8];  // each lane's row (past `rows`, the last again: not stored)
-  for (int j = 0; j < 8; ++j) at[j] = static_cast<int32_t>(std::min(j, rows - 1) * row_bytes);
-  const __m256i offsets = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at));
-  // Each 128-bit lane's d halves (bytes 0-1 of each word) to its low 8 bytes, m's (2-3)
-  // to its high 8.
-  const __m256i split = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
-                                         0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+  const __m256i at = lane_rows(rows, row_bytes);
   for (int64_t b = 0; b < blocks; ++b) {
     const uint8_t* base = w + b * kIntBytes<Kind>;
-    // The 8 rows' d (and Q4_1's m: the next half), as halves, converted at once.
-    const __m256i halves = _mm256_permute4x64_epi64(
-        _mm256_shuffle_epi8(
-            _mm256_i32gather_epi32(reinterpret_cast<const int*>(base), offsets, 1), split),
-        0xd8);
-    const __m256 dv = _mm256_cvtph_ps(_mm256_castsi256_si128(halves));
-    const __m256 mv = _mm256_cvtph_ps(_mm256_extracti128_si256(halves, 1));
-    // One row of x: each weight row's block expanded and multiplied at once. More: the 8
-    // rows' blocks expanded first (16 vectors, more than the registers hold beside the
-    // sums), then each row of x's 8 sums in turn.
-    __m256i expanded[TT == 1 ? 1 : 16];
-    if constexpr (TT > 1) {
-      for (int j = 0; j < 8; ++j) {
-        const jaxchat::IntBlock8 block = jaxchat::int_block8<Kind>(base + at[j]);
-        expanded[2 * j] = block.lo, expanded[2 * j + 1] = block.hi;
-      }
+    __m256 d, m;
+    rows_dm8(base, at, &d, &m);
+    __m256i expanded[16];  // (more than the registers hold beside the sums)
+    for (int j = 0; j < 8; ++j) {
+      const jaxchat::IntBlock8 block =
+          jaxchat::int_block8<Kind>(base + std::min(j, rows - 1) * row_bytes);
+      expanded[2 * j] = block.lo, expanded[2 * j + 1] = block.hi;
     }
     for (int t = 0; t < TT; ++t) {
       const __m256i* xq = reinterpret_cast<const __m256i*>(q + t * K + 32 * b);
       const __m256i lo = _mm256_loadu_si256(xq), hi = _mm256_loadu_si256(xq + 1);
       __m256i dot[8];
-      for (int j = 0; j < 8; ++j) {
-        __m256i wl, wh;
-        if constexpr (TT > 1) {
-          wl = expanded[2 * j], wh = expanded[2 * j + 1];
-        } else {
-          const jaxchat::IntBlock8 block = jaxchat::int_block8<Kind>(base + at[j]);
-          wl = block.lo, wh = block.hi;
-        }
-        dot[j] = _mm256_add_epi32(_mm256_madd_epi16(wl, lo), _mm256_madd_epi16(wh, hi));
-      }
-      // Pairs of rows (each 128-bit lane: two sums of each), then fours (one sum of each
-      // of 4 rows per lane), then the two lanes added.
-      const __m256i h01 = _mm256_hadd_epi32(dot[0], dot[1]), h23 = _mm256_hadd_epi32(dot[2], dot[3]);
-      const __m256i h45 = _mm256_hadd_epi32(dot[4], dot[5]), h67 = _mm256_hadd_epi32(dot[6], dot[7]);
-      const __m256i g0 = _mm256_hadd_epi32(h01, h23), g1 = _mm256_hadd_epi32(h45, h67);
-      const __m256i dots = _mm256_add_epi32(_mm256_permute2x128_si256(g0, g1, 0x20),
-                                            _mm256_permute2x128_si256(g0, g1, 0x31));
-      acc[t] = add_block8<Kind>(acc[t], dots, scale[t * blocks + b], sum[t * blocks + b], dv, mv);
+      for (int j = 0; j < 8; ++j)
+        dot[j] = _mm256_add_epi32(_mm256_madd_epi16(expanded[2 * j], lo),
+                                  _mm256_madd_epi16(expanded[2 * j + 1], hi));
+      acc[t] = add_block8<Kind>(acc[t], across8(dot), scale[t * blocks + b], sum[t * blocks + b],
+                                d, m);
     }
   }
   for (int t = 0; t < TT; ++t) _mm256_storeu_ps(out + t * 8, acc[t]);
@@ -314,13 +320,7 @@ AVX2 INLINE void canonical_rows8_avx2(const uint8_t* w, int64_t row_bytes, int r
   alignas(32) __m256i dots[kChunk][TT][8];
   __m256 acc[TT];
   for (int t = 0; t < TT; ++t) acc[t] = _mm256_setzero_ps();
-  int32_t at[8];  // each lane's row (past `rows`, the last again: not stored)
-  for (int j = 0; j < 8; ++j) at[j] = static_cast<int32_t>(std::min(j, rows - 1) * row_bytes);
-  const __m256i offsets = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at));
-  // Each 128-bit lane's d halves (bytes 0-1 of each word) to its low 8 bytes, m's (2-3)
-  // to its high 8.
-  const __m256i split = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
-                                         0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+  const __m256i at = lane_rows(rows, row_bytes);
   for (int64_t c0 = 0; c0 < blocks; c0 += kChunk) {
     const int64_t c1 = std::min(blocks, c0 + kChunk);
     for (int j = 0; j < 8; ++j) {
@@ -333,33 +333,20 @@ AVX2 INLINE void canonical_rows8_avx2(const uint8_t* w, int64_t row_bytes, int r
             jaxchat::int_block8<Kind>(w + j * row_bytes + b * kIntBytes<Kind>);
         for (int t = 0; t < TT; ++t) {
           const __m256i* xq = reinterpret_cast<const __m256i*>(q + t * K + 32 * b);
-          dots[b - c0][t][j] = _mm256_add_epi32(_mm256_madd_epi16(block.lo, _mm256_loadu_si256(xq)),
-                                                _mm256_madd_epi16(block.hi, _mm256_loadu_si256(xq + 1)));
+          const __m256i lo = _mm256_loadu_si256(xq), hi = _mm256_loadu_si256(xq + 1);
+          dots[b - c0][t][j] = _mm256_add_epi32(_mm256_madd_epi16(block.lo, lo),
+                                                _mm256_madd_epi16(block.hi, hi));
         }
       }
     }
     for (int64_t b = c0; b < c1; ++b) {
       for (int64_t i = b * per; i < std::min(lines, (b + 1) * per); ++i)
         _mm_prefetch(reinterpret_cast<const char*>(next + 64 * i), _MM_HINT_T0);
-      // The 8 rows' d (and Q4_1's m: the next half), as halves, converted at once.
-      const __m256i halves = _mm256_permute4x64_epi64(
-          _mm256_shuffle_epi8(_mm256_i32gather_epi32(
-                                  reinterpret_cast<const int*>(w + b * kIntBytes<Kind>), offsets, 1),
-                              split),
-          0xd8);
-      const __m256 dv = _mm256_cvtph_ps(_mm256_castsi256_si128(halves));
-      const __m256 mv = _mm256_cvtph_ps(_mm256_extracti128_si256(halves, 1));
-      for (int t = 0; t < TT; ++t) {
-        // Pairs of rows (each 128-bit lane: two sums of each), then fours (one sum of each
-        // of 4 rows per lane), then the two lanes added.
-        const __m256i* dot = dots[b - c0][t];
-        const __m256i h01 = _mm256_hadd_epi32(dot[0], dot[1]), h23 = _mm256_hadd_epi32(dot[2], dot[3]);
-        const __m256i h45 = _mm256_hadd_epi32(dot[4], dot[5]), h67 = _mm256_hadd_epi32(dot[6], dot[7]);
-        const __m256i g0 = _mm256_hadd_epi32(h01, h23), g1 = _mm256_hadd_epi32(h45, h67);
-        const __m256i sums = _mm256_add_epi32(_mm256_permute2x128_si256(g0, g1, 0x20),
-                                              _mm256_permute2x128_si256(g0, g1, 0x31));
-        acc[t] = add_block8<Kind>(acc[t], sums, scale[t * blocks + b], sum[t * blocks + b], dv, mv);
-      }
+      __m256 d, m;
+      rows_dm8(w + b * kIntBytes<Kind>, at, &d, &m);
+      for (int t = 0; t < TT; ++t)
+        acc[t] = add_block8<Kind>(acc[t], across8(dots[b - c0][t]), scale[t * blocks + b],
+                                  sum[t * blocks + b], d, m);
     }
   }
   for (int t = 0; t < TT; ++t) _mm256_storeu_ps(out + t * 8, acc[t]);
