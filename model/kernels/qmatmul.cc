@@ -592,8 +592,9 @@ void canonical_rows_of(const uint8_t* w, int64_t row_bytes, const int16_t* q, co
         wn = copy.data();
       }
       const int64_t ahead = std::clamp<int64_t>(n1 - n - kInt512Rows, 0, kInt512Rows);
-      canonical8_avx2<Kind>(U, wn, row_bytes, rows, q, scale, sum, K, out,
-                            w + (n + kInt512Rows) * row_bytes, ahead * row_bytes);
+      const uint8_t* next = ahead > 0 ? w + (n + kInt512Rows) * row_bytes : nullptr;
+      canonical8_avx2<Kind>(U, wn, row_bytes, rows, q, scale, sum, K, out, next,
+                            ahead * row_bytes);
     }
     for (int j = 0; j < rows; ++j) {
       float* yn = y + (n + j) * T;
