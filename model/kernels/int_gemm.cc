@@ -346,7 +346,7 @@ bool avx2() {
 }  // namespace
 
 bool int_gemm_path(int64_t kind) {
-  return (vnni() || avx2()) && (kind == kQ8_0 || kind == kQ4_0 || kind == kQ4_1);
+  return avx2() && (kind == kQ8_0 || kind == kQ4_0 || kind == kQ4_1);  // (VNNI has AVX2)
 }
 
 void int_gemm(int64_t kind, const uint8_t* w, int64_t row_bytes, int64_t N, const float* x,

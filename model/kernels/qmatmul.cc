@@ -211,11 +211,6 @@ AVX2 void quantize_x(const float* x, int64_t U, int64_t K, int16_t* q, float* sc
 
 using jaxchat::kIntBytes;
 
-// Whether few-row products of this format take the integer path (on x86 with AVX2).
-bool integer_path(int64_t kind) {
-  return has_avx2() && (kind == kQ8_0 || kind == kQ4_0 || kind == kQ4_1);
-}
-
 // acc + a block's exact integer sums for 8 weight rows with one row of x (`dots`), times
 // x's block scale times the rows' d, then Q4_1's m times x's block sum: per block, the
 // arithmetic of int_gemm.cc, whose order every path that claims its results keeps.
@@ -471,7 +466,7 @@ bool wide_integer_path(int64_t kind) {
   static const bool avx512 = __builtin_cpu_supports("avx512f") &&
                              __builtin_cpu_supports("avx512bw") &&
                              __builtin_cpu_supports("avx512vl");
-  return avx512 && integer_path(kind);
+  return avx512 && jaxchat::int_gemm_path(kind);
 }
 
 constexpr int kInt512Rows = 8;  // weight rows per pass: the lanes of an accumulator
@@ -650,7 +645,7 @@ void few_rows(int64_t kind, const uint8_t* wp, int64_t row_bytes, int64_t N, con
       for (int64_t t = from; t < U; ++t) staged[(t - from) * K + k] = xp[k * T + t];
     xp = staged.data();
   }
-  if (!integer_path(kind)) {
+  if (!jaxchat::int_gemm_path(kind)) {
     jaxchat::Workers::get().run(N, parts, [&](int64_t n0, int64_t n1) {
       rows(kind, wp, row_bytes, xp, T, from, U, K, yp, n0, n1);
     });
