@@ -31,7 +31,7 @@ import numpy as np
 
 from model import LLM
 from model.engine.variants import SMALL_CHUNK, StepShape
-from model.nn.transformer import apply_logits, apply_step
+from model.nn.network import apply_logits, apply_step
 
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "smollm2_quality.npz"
 ROWS = 8
@@ -54,8 +54,8 @@ def kernel_logprobs(llm: LLM, ids: np.ndarray) -> np.ndarray:
     engine = llm.engine
 
     def step(params, pool, tokens, layout):
-        hidden, pool = apply_step(engine.scanned_model, params, tokens, layout, pool)
-        return jax.nn.log_softmax(apply_logits(engine.scanned_model, params, hidden)), pool
+        hidden, pool = apply_step(engine.network(), params, tokens, layout, pool)
+        return jax.nn.log_softmax(apply_logits(engine.network(), params, hidden)), pool
 
     run = jax.jit(step, donate_argnums=(1,))
     pool = engine.init_state().pool
@@ -80,8 +80,8 @@ def prompt_logits(llm: LLM, ids: Sequence[int], cuts: Sequence[int] = ()) -> np.
     engine = llm.engine
 
     def step(params, pool, tokens, layout):
-        hidden, pool = apply_step(engine.scanned_model, params, tokens, layout, pool)
-        return apply_logits(engine.scanned_model, params, hidden), pool
+        hidden, pool = apply_step(engine.network(), params, tokens, layout, pool)
+        return apply_logits(engine.network(), params, hidden), pool
 
     run = jax.jit(step, donate_argnums=(1,))
     pool = engine.init_state().pool

@@ -135,7 +135,8 @@ def _placement(path: str, shape: tuple[int, ...], wanted: P, mesh: AnyMesh) -> P
 @runtime_checkable
 class Quantized(Protocol):
     """A quantized weight node (model/nn/quantize.py's QuantizedWeight): `values` laid
-    out as the plain weight, per-row `scale`; a flax struct, so `replace` rebuilds it."""
+    out as the plain weight, per-row `scale`; a PyTreeNode (model/nn/pytree.py), so
+    `replace` rebuilds it."""
 
     values: Any
     scale: Any

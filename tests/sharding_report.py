@@ -21,7 +21,8 @@ import numpy as np
 
 from model.nn.attention import Layout, init_pool
 from model.nn.config import ModelConfig
-from model.nn.transformer import Transformer, forward_layout, param_shapes
+from model.nn.network import forward_layout
+from model.nn.transformer import Transformer, param_shapes
 from sharding import make_mesh, param_shardings, pool_sharding
 from tests.tiny_models import TINY_LLAMA
 

@@ -17,8 +17,9 @@ from jax.sharding import PartitionSpec as P
 
 from handler.cli import main
 from model import LLM, SamplingParams
+from model.nn.network import forward_logits
 from model.nn.quantize import MATMUL_WEIGHTS, QuantizedWeight
-from model.nn.transformer import Transformer, forward_logits
+from model.nn.transformer import Transformer
 from model.weights.gguf import load_gguf
 from model.weights.manifest import MANIFEST, is_checkpoint, read_manifest
 from model.weights.orbax import convert, load_checkpoint, load_tokenizer

@@ -1,5 +1,6 @@
-"""JAXCHAT_COMPILE_CACHE: a warm restart compiles nothing and reads no GGUF, from a local
-directory or from a gs:// cache shared through a real Cloud Storage emulator.
+"""JAXCHAT_COMPILE_CACHE: a warm restart compiles nothing, reads no GGUF and imports no
+Flax, from a local directory or from a gs:// cache shared through a real Cloud Storage
+emulator.
 
 Each run is a fresh process (what a restart is) that serves one greedy request from a
 tiny Llama GGUF, counts XLA backend compilations and GGUF parses, and reports them; the
@@ -51,6 +52,7 @@ print(json.dumps({
     "variants": len(llm.engine.variants.names) + len(llm.engine.variants.upgrades),
     "backend_compiles": len(backend_compiles),
     "gguf_opened": len(gguf_opened),
+    "flax": "flax" in sys.modules,
     "ids": list(reply.token_ids),
 }))
 """
@@ -109,12 +111,15 @@ def test_a_cold_start_compiles_every_variant_and_shares_it(cold):
     assert all(name.startswith("tiny/executables/") for name in names)  # no model copy
 
 
-def test_a_restart_compiles_nothing_and_reads_no_gguf(cold, prompt):
+def test_a_restart_compiles_nothing_reads_no_gguf_and_imports_no_flax(cold, prompt):
     _, mirror = cold
     warm = run(f"gs://{BUCKET}/tiny", prompt, mirror)
     assert warm["compiled"] == warm["backend_compiles"] == 0
     assert warm["loaded"] == warm["variants"]
     assert warm["gguf_opened"] == 0  # the prepared copy was read instead
+    # Only tracing a step needs the Flax modules (model/nn/pytree.py): the cold start
+    # imported Flax, the restart, which traces nothing, does not.
+    assert cold[0]["flax"] and not warm["flax"]
 
 
 def test_a_new_instance_loads_the_executables_from_cloud_storage(cold, prompt, tmp_path):

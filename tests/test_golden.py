@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from benchmarks.quality import prompt_logits
-from model.nn.transformer import BLOCKS, LAYER_BLOCKS
+from model.nn.params import BLOCKS, LAYER_BLOCKS
 from model.types import SamplingParams
 from tests.numerics import rounds_prompts
 

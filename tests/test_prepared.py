@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 from model import kernels
 from model.engine.engine import rows_of
 from model.engine.quantized import split_blocks
-from model.nn.transformer import BLOCKS, LAYER_BLOCKS
+from model.nn.params import BLOCKS, LAYER_BLOCKS
 from model.text.chat_template import ChatTemplate
 from model.text.tokenizer import Tokenizer
 from model.weights.gguf import GGUFFile, load_gguf, read_metadata

@@ -34,6 +34,7 @@ from gguf import GGMLQuantizationType
 
 from model import LLM, SamplingParams, kernels
 from model.engine.variants import FIRST_NEEDED, SMALL_CHUNK, StepShape, small_shapes
+from model.nn.params import BLOCKS
 from model.nn.quantize import (
     BLOCK_FORMATS,
     INT8_ROW,
@@ -44,7 +45,6 @@ from model.nn.quantize import (
     quantize_int8,
     stack_blocks,
 )
-from model.nn.transformer import BLOCKS
 from model.types import Choices
 from model.weights.gguf import load_gguf
 from model.weights.prepared import load_gguf_prepared
@@ -543,7 +543,7 @@ def test_an_engine_on_the_blocks_decodes_as_one_on_f32(q8_gguf, monkeypatch):
         llm = LLM(str(q8_gguf), max_seq_len=128, batch=8, unrolled_decode=False, speculative="off")
         assert (llm.engine.kernel is not None) == (setting == "on")
         assert (BLOCKS in llm.engine.stacked) == (setting == "on")
-        assert llm.engine.model.kernels == (setting == "on")
+        assert llm.engine.network().kernels == (setting == "on")
         runs[setting] = llm.generate(prompt, params)
         llm.scheduler.stop()
     on, off = runs["on"], runs["off"]

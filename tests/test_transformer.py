@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from model.nn.attention import Layout, init_pool
-from model.nn.transformer import Transformer, forward_layout, rope, stack_layers
+from model.nn.network import forward_layout
+from model.nn.params import stack_layers
+from model.nn.transformer import Transformer, rope
 from tests.tiny_models import TINY_LLAMA, dense_logits
 
 CONFIG = TINY_LLAMA

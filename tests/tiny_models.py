@@ -13,7 +13,8 @@ from safetensors.numpy import save_file
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from model.nn.config import ModelConfig
-from model.nn.transformer import Transformer, forward_logits
+from model.nn.network import forward_logits
+from model.nn.transformer import Transformer
 from tests.gguf_writer import hf_random_weights, write_llama_gguf
 
 TINY_LLAMA = ModelConfig(

@@ -26,6 +26,7 @@ import logging
 from collections.abc import Collection, Sequence
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -56,15 +57,9 @@ from model.engine.variants import (
 )
 from model.nn.attention import Pool, init_pool
 from model.nn.config import ModelConfig
+from model.nn.network import apply_logits, apply_step, forward_logits, network
+from model.nn.params import Params, stack_layers
 from model.nn.sampling import TOP_LOGPROBS, SlotSampling
-from model.nn.transformer import (
-    Params,
-    Transformer,
-    apply_logits,
-    apply_step,
-    forward_logits,
-    stack_layers,
-)
 from model.types import SamplingParams
 from model.weights.source_digest import source_digest
 from sharding import (
@@ -76,6 +71,9 @@ from sharding import (
     pool_sharding,
     slot_sharding,
 )
+
+if TYPE_CHECKING:
+    from model.nn.transformer import Transformer
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +124,7 @@ class Engine:
         self.sampler = sampler(self.mesh)
         self.kv_dtype = jnp.dtype(kv_dtype or dtype)
         kernel = self.attention_kernel is not None
-        model = partial(Transformer, config, dtype, kernels=kernel, kv_dtype=self.kv_dtype)
-        self.scanned_model = model(scan_layers=True)
+        self._network = partial(network, config, dtype, kernels=kernel, kv_dtype=self.kv_dtype)
         # Every step shape runs its layers as one scan (compiled 3-4x faster than unrolled).
         # XLA:CPU copies a layer's f32 weights out of the stack every step, which small
         # decode steps feel: on CPU without the kernels (which read the blocks in place) they
@@ -142,7 +139,6 @@ class Engine:
         self.params = None
         if self.unrolled_shapes:
             self.params = {**jax.device_put(params, shardings), **placed}
-        self.model = model()
         self.block_size = BLOCK_SIZE
         self.pool_blocks = pool_blocks(config, self.kv_dtype, batch, max_seq_len, pool_tokens)
         self.table_width = table_width(max_seq_len, BLOCK_SIZE)
@@ -156,14 +152,16 @@ class Engine:
         replicated = NamedSharding(self.mesh, P())
         self._steps = {
             scanned: jax.jit(
-                partial(self._step_impl, self.scanned_model if scanned else self.model),
+                partial(traced_step, self, scanned),
                 donate_argnums=(1,),
                 # A tree of shardings in the shape of the outputs.
                 out_shardings=(self.state_sharding, StepOutputs(*[replicated] * 5)),  # type: ignore[arg-type]
             )
             for scanned in (False, True)
         }
-        self._forward = jax.jit(partial(forward_logits, self.scanned_model))
+        self._forward = jax.jit(
+            lambda params, tokens: forward_logits(self.network(), params, tokens)
+        )
         names = [("init", 0), ("admit", 0), *(("step", (s, SCAN)) for s in self.shapes)]
         # Upgrades: the unrolled steps, named by their weights too (f32, or which blocks
         # and kernel); without them, on CPU, the small shapes scanned.
@@ -261,22 +259,9 @@ class Engine:
         )
         return state.replace(sampling=sampling, tokens=state.tokens.at[slot].set(0))
 
-    def _step_impl(self, model: Transformer, params, state: EngineState, plan: StepPlan):
-        """One step (see the module docstring) → (state, StepOutputs [R])."""
-        r, slots = plan.layout.rows, plan.slots  # row i serves slot slots[i] (B: none)
-        newest = state.tokens.at[slots].get(mode="fill", fill_value=0)
-        tokens = plan.tokens.at[:r].set(jnp.where(plan.decode, newest, plan.tokens[:r]))
-        copied = copy_blocks(state.pool, plan.copies, self.pool_blocks)  # reused prompt starts
-        hidden, pool = apply_step(model, params, tokens, plan.layout, copied)
-        assert pool is not None  # a step with a pool returns it
-        chosen = hidden[:, plan.sample_from]  # [D, R]
-        logits = apply_logits(model, params, chosen, plan.head_rows(self.batch))
-        sampling, newest, out = sample_rows(state, newest, logits, plan, self.batch, self.sampler)
-        state = EngineState(pool, newest, sampling)
-        # Embeddings: each prompt chunk's hidden states summed (padding's segment, -1, drops).
-        region = hidden[:, r:].T.astype(jnp.float32)  # [P, D]
-        pooled = jax.ops.segment_sum(region, plan.layout.segments, num_segments=self.batch)
-        return state, StepOutputs(out.tokens, out.logprobs, out.top_ids, out.top_logprobs, pooled)
+    def network(self, scanned: bool = True) -> "Transformer":
+        """The Flax network, its layers one scan or unrolled (built where a step is traced)."""
+        return self._network(scan_layers=scanned)
 
     # ---- compiled variants ---------------------------------------------------------
 
@@ -332,6 +317,26 @@ class Engine:
         """Full-sequence logits [B, T, V] for tokens [B, T], through the scanned layers
         the steps use (tests and scoring; compiles per shape)."""
         return self._forward(self.stacked, jnp.asarray(tokens, jnp.int32))
+
+
+def traced_step(engine: Engine, scanned: bool, params, state: EngineState, plan: StepPlan):
+    """One step of `engine` (see the module docstring) → (state, StepOutputs [R]): what its
+    step executables run."""
+    model = engine.network(scanned)
+    r, slots = plan.layout.rows, plan.slots  # row i serves slot slots[i] (B: none)
+    newest = state.tokens.at[slots].get(mode="fill", fill_value=0)
+    tokens = plan.tokens.at[:r].set(jnp.where(plan.decode, newest, plan.tokens[:r]))
+    copied = copy_blocks(state.pool, plan.copies, engine.pool_blocks)  # reused prompt starts
+    hidden, pool = apply_step(model, params, tokens, plan.layout, copied)
+    assert pool is not None  # a step with a pool returns it
+    chosen = hidden[:, plan.sample_from]  # [D, R]
+    logits = apply_logits(model, params, chosen, plan.head_rows(engine.batch))
+    sampling, newest, out = sample_rows(state, newest, logits, plan, engine.batch, engine.sampler)
+    state = EngineState(pool, newest, sampling)
+    # Embeddings: each prompt chunk's hidden states summed (padding's segment, -1, drops).
+    region = hidden[:, r:].T.astype(jnp.float32)  # [P, D]
+    pooled = jax.ops.segment_sum(region, plan.layout.segments, num_segments=engine.batch)
+    return state, StepOutputs(out.tokens, out.logprobs, out.top_ids, out.top_logprobs, pooled)
 
 
 def stack_params(params: Params, shardings, mesh: Mesh, n_layers: int) -> Params:

@@ -25,6 +25,7 @@ lacks after something was compiled.
 """
 
 import hashlib
+import importlib.metadata
 import logging
 import os
 import pickle
@@ -35,7 +36,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import flax
 import jax
 import jaxlib
 from jax import monitoring
@@ -67,7 +67,7 @@ def fingerprint(parts: Iterable[object]) -> str:
     context = (
         jax.__version__,
         jaxlib.__version__,
-        flax.__version__,
+        importlib.metadata.version("flax"),  # (not imported: model/nn/pytree.py)
         jax.default_backend(),
         [d.device_kind for d in devices],
         host_cpu(),

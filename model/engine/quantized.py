@@ -15,14 +15,13 @@ import os
 from typing import Any
 
 import jax
-from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import model.kernels
 from model.nn.config import ModelConfig
+from model.nn.params import BLOCKS, LAYER_BLOCKS, Params, flatten_dict, unflatten_dict
 from model.nn.quantize import BlockWeight, QuantizedWeight, int8_rows, stack_blocks
-from model.nn.transformer import BLOCKS, LAYER_BLOCKS, Params
 from model.weights.gguf import dequantize_blocks
 
 

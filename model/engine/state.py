@@ -5,7 +5,6 @@ import math
 from collections.abc import Sequence
 from typing import cast
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +20,7 @@ from model.nn.attention import (
     Pool,
 )
 from model.nn.config import ModelConfig
+from model.nn.pytree import PyTreeNode
 from model.nn.sampling import SlotSampling, kernel_sample, sample, take_rows
 from model.types import SamplingParams
 
@@ -46,7 +46,7 @@ def copy_blocks(pool: Pool, copies: jax.Array, blocks: int) -> Pool:
     return lax.fori_loop(0, jnp.sum(copies[:, 1] < blocks), one, pool)
 
 
-class EngineState(flax.struct.PyTreeNode):
+class EngineState(PyTreeNode):
     """What the device keeps between steps, for B slots.
 
     pool: every layer's keys and values of every sequence (model/nn/attention.py);
@@ -59,7 +59,7 @@ class EngineState(flax.struct.PyTreeNode):
     sampling: SlotSampling
 
 
-class StepPlan(flax.struct.PyTreeNode):
+class StepPlan(PyTreeNode):
     """One step's inputs, host arrays shaped by a StepShape (R rows, P prefill tokens).
 
     tokens [T]: the prefill region's tokens (decode rows' entries are ignored);
@@ -102,7 +102,7 @@ class StepPlan(flax.struct.PyTreeNode):
         return jnp.stack([served, served])
 
 
-class StepOutputs(flax.struct.PyTreeNode):
+class StepOutputs(PyTreeNode):
     """Per row r: the sampled token and its log-probability, and the most likely
     tokens [R, TOP_LOGPROBS] (zeros unless some row asked). Rows not sampling: junk.
 

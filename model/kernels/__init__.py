@@ -41,9 +41,9 @@ import jax
 import numpy as np
 
 from model.nn.attention import ATTENTION_TARGET, PROMPT_TARGET, ZEROS_TARGET
+from model.nn.norm import RMS_NORM_TARGET
 from model.nn.quantize import QMATMUL_TARGET
 from model.nn.sampling import SAMPLE_TARGET
-from model.nn.transformer import RMS_NORM_TARGET
 
 log = logging.getLogger(__name__)
 

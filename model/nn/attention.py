@@ -35,11 +35,12 @@ step, while the shapes (and so the compiled program) do not depend on it.
 from functools import partial
 from typing import cast
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from model.nn.pytree import PyTreeNode
 
 NEG_INF = jnp.finfo(jnp.float32).min
 # Keys per loop iteration. Decode rows with tables of their own each gather their
@@ -72,7 +73,7 @@ PRIOR_GROUPS = 32
 ZEROS_TARGET = "jaxchat_zeros"
 
 
-class Pool(flax.struct.PyTreeNode):
+class Pool(PyTreeNode):
     """Every layer's keys and values: k [L·NB, K, H, BS], v [L·NB, K, BS, H]."""
 
     k: jax.Array
@@ -104,7 +105,7 @@ def _kernel_zeros(shape: tuple[int, ...], dtype) -> jax.Array:
     return jax.ffi.ffi_call(ZEROS_TARGET, jax.ShapeDtypeStruct(shape, dtype))()
 
 
-class Layout(flax.struct.PyTreeNode):
+class Layout(PyTreeNode):
     """Where a step's T tokens are: positions, decode rows, prefill segments, writes.
 
     positions [T] i32; context [R] i32 (decode row r's position, -1 idle);

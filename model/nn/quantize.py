@@ -24,17 +24,18 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from model.nn.pytree import PyTreeNode, static_field
 
 INT8_MAX = 127
 # '/'-joined parameter paths of the matmul weights, all [out, in].
 MATMUL_WEIGHTS = re.compile(r"layers_\d+/(attn/(qkv|o)|mlp/(gate_up|down))|lm_head")
 
 
-class QuantizedWeight(flax.struct.PyTreeNode):
+class QuantizedWeight(PyTreeNode):
     """An int8 matmul weight: values [out, in] int8 and scale [out, 1] f32; W ≈ values * scale.
 
     `values` is the first field on purpose: Flax checks an existing param's shape
@@ -61,7 +62,7 @@ BLOCK_FORMATS = {
 INT8_ROW = 1024
 
 
-class BlockWeight(flax.struct.PyTreeNode):
+class BlockWeight(PyTreeNode):
     """A matmul weight [out, in] as stored rows of quantized blocks: blocks [out, bytes]
     uint8, in format `kind` (BLOCK_FORMATS' ids, or INT8_ROW). Or one weight of every
     layer (`stack_blocks`): blocks [L, out, bytes] and `kind` a format per layer, each
@@ -69,7 +70,7 @@ class BlockWeight(flax.struct.PyTreeNode):
     on the device only where it uses them."""
 
     blocks: jax.Array | np.ndarray
-    kind: int | tuple[int, ...] = flax.struct.field(pytree_node=False)
+    kind: int | tuple[int, ...] = static_field()
 
 
 def stack_blocks(layers: Sequence[BlockWeight]) -> BlockWeight:

@@ -11,11 +11,12 @@ logits, and not even the rows of the [B, V] settings are read.
 
 import math
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from model.nn.pytree import PyTreeNode
 
 NEG_INF = jnp.finfo(jnp.float32).min
 TOP_LOGPROBS = 20  # the most alternatives a client may ask for per token (OpenAI's bound)
@@ -23,7 +24,7 @@ TOP_LOGPROBS = 20  # the most alternatives a client may ask for per token (OpenA
 SAMPLE_TARGET = "jaxchat_sample"
 
 
-class SlotSampling(flax.struct.PyTreeNode):
+class SlotSampling(PyTreeNode):
     """Sampling settings and state of B slots.
 
     [B] f32: temperature (0 is greedy), top_p (1 disables), min_p (0 disables),
@@ -97,7 +98,7 @@ class SlotSampling(flax.struct.PyTreeNode):
         )
 
 
-class Sampled(flax.struct.PyTreeNode):
+class Sampled(PyTreeNode):
     """What `sample` returns for B rows.
 
     tokens [B] i32; logprobs [B] f32: the model's log-probability of each token

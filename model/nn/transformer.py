@@ -22,12 +22,12 @@ stacked weights: the scan compiles 3-4x faster, but on XLA:CPU slicing a
 layer's f32 weights out of the stack copies them every step (about 17 ms for
 SmolLM2-135M), which only the smallest decode steps feel; blocks are never
 sliced. The engine picks per step shape (model/engine/engine.py);
-`stack_layers` turns one parameter tree into the other. Both read and write
+`stack_layers` (model/nn/params.py) turns one parameter tree into the other. Both read and write
 the same pool.
 """
 
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -37,20 +37,10 @@ from jax import lax
 
 from model.nn.attention import Layout, Pool, decode_attention, region_attention, write_pool
 from model.nn.config import ModelConfig
+from model.nn.network import forward_layout
+from model.nn.norm import rms_norm
+from model.nn.params import BLOCKS, LAYER_BLOCKS, LayerBlocks
 from model.nn.quantize import BlockWeight, dense, project
-
-# The parameter tree, {"embed": …, "layer_0": {"attn": {"qkv": …}, …}, …}: what every
-# loader in model/weights produces and the engine lays out on the mesh.
-Params = dict[str, Any]
-# A parameter tree may carry, under this key, matmul weights kept as quantized blocks
-# (model/nn/quantize.py's BlockWeight): {LAYER_BLOCKS: {"attn": {"qkv": …}, …},
-# "lm_head": …}, each layer weight stacked over the layers ([L, out, bytes]), so unrolled
-# and scanned layers read the same arrays. They are applied as their own variable
-# collection, and the layers use them in place of those parameters.
-BLOCKS = "blocks"
-LAYER_BLOCKS = "all_layers"  # not a module's name: the scanned module is "layers"
-# BLOCKS[LAYER_BLOCKS]: {"attn": {"qkv": BlockWeight, …}, "mlp": …}.
-LayerBlocks = dict[str, dict[str, BlockWeight]]
 
 
 def matmul_weight(
@@ -77,11 +67,6 @@ def rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
     return out.astype(x.dtype)
 
 
-# The XLA custom-call target of jaxchat's CPU RMSNorm (model/kernels/norm.cc): each token's
-# norm the same to the bit whatever the step's shape, its real tokens alone.
-RMS_NORM_TARGET = "jaxchat_rms_norm"
-
-
 class RMSNorm(nn.Module):
     """Normalises over the feature axis, axis 0 of [D, ...]. kernel: x [D, T] through
     jaxchat's CPU kernel where `used` is given (its first `used` columns; the rest zero):
@@ -94,20 +79,7 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, used=None) -> jax.Array:
         scale = self.param("scale", nn.initializers.ones, (x.shape[0],), self.dtype)
-        if self.kernel and used is not None:
-            call = jax.ffi.ffi_call(RMS_NORM_TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32))
-            columns = jnp.asarray(used, jnp.int32)
-            out = call(
-                x.astype(jnp.float32),
-                scale.astype(jnp.float32),
-                columns,
-                eps=np.float32(self.eps),
-            )
-            return out.astype(self.dtype)
-        x32 = x.astype(jnp.float32)
-        normed = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=0, keepdims=True) + self.eps)
-        scale = scale.astype(jnp.float32).reshape((-1,) + (1,) * (x.ndim - 1))
-        return (normed * scale).astype(self.dtype)
+        return rms_norm(x, scale, self.eps, self.dtype, used if self.kernel else None)
 
 
 class Attention(nn.Module):
@@ -296,21 +268,6 @@ class Transformer(nn.Module):
         return jnp.moveaxis(out, 0, -1).astype(jnp.float32)
 
 
-def forward_layout(batch: int, length: int) -> Layout:
-    """The layout of a causal forward pass, without a pool, over `batch` sequences of
-    `length` tokens flattened row by row: each sequence is a segment."""
-    return Layout.host(
-        positions=np.tile(np.arange(length, dtype=np.int32), batch),
-        context=np.zeros((0,), np.int32),
-        block_tables=np.zeros((0, 1), np.int32),
-        segments=np.repeat(np.arange(batch, dtype=np.int32), length),
-        prior=np.zeros((1,), np.int32),
-        prior_blocks=np.zeros((1, 1), np.int32),
-        prior_group=np.full(batch * length, -1, np.int32),
-        write=np.zeros((batch * length,), np.int32),
-    )
-
-
 def param_shapes(config: ModelConfig, dtype=jnp.float32) -> dict:
     """The parameter tree of Transformer(config, dtype) as ShapeDtypeStructs (nothing
     allocated)."""
@@ -318,39 +275,3 @@ def param_shapes(config: ModelConfig, dtype=jnp.float32) -> dict:
     tokens = np.zeros(4, np.int32)
     init = lambda: model.init(jax.random.PRNGKey(0), tokens, forward_layout(1, 4))  # noqa: E731
     return jax.eval_shape(init)["params"]
-
-
-def apply_step(
-    model: Transformer, params: Params, tokens: jax.Array, layout: Layout, pool: Pool | None
-) -> tuple[jax.Array, Pool | None]:
-    """`model` over a step's tokens [T] → (hidden [D, T], the pool with their keys and values)."""
-    return cast(tuple[jax.Array, Pool | None], model.apply(variables(params), tokens, layout, pool))
-
-
-def apply_logits(model: Transformer, params: Params, hidden: jax.Array, used=None) -> jax.Array:
-    """`model`'s logits [..., V] (f32) of hidden states [D, ...] (`used`: see `project`)."""
-    logits = model.apply(variables(params), hidden, used, method=Transformer.logits)
-    return cast(jax.Array, logits)
-
-
-def variables(params: Params) -> dict[str, Any]:
-    """Flax's variables for `params`: the BLOCKS entry, if any, as its own collection."""
-    if BLOCKS not in params:
-        return {"params": params}
-    rest = {k: v for k, v in params.items() if k != BLOCKS}
-    return {"params": rest, BLOCKS: params[BLOCKS]}
-
-
-def forward_logits(model: Transformer, params: dict, tokens: jax.Array) -> jax.Array:
-    """Logits [B, T, V] (f32) of a causal forward pass over tokens [B, T], no pool."""
-    batch, length = tokens.shape
-    hidden, _ = apply_step(model, params, tokens.reshape(-1), forward_layout(batch, length), None)
-    logits = apply_logits(model, params, hidden)  # [B·T, V]
-    return logits.reshape(batch, length, -1)
-
-
-def stack_layers(params: dict, n_layers: int) -> dict:
-    """Unrolled parameters (layers_0 … layers_{L-1}) → scanned ones (layers: each [L, ...])."""
-    layers = [params[f"layers_{i}"] for i in range(n_layers)]
-    rest = {k: v for k, v in params.items() if not k.startswith("layers_")}
-    return {**rest, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}

@@ -17,12 +17,11 @@ from typing import Any, NamedTuple
 import gguf
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 from gguf.quants import quant_shape_to_byte_shape
 
 from model.nn.config import ModelConfig
+from model.nn.params import Params, unflatten_dict
 from model.nn.quantize import BLOCK_FORMATS, BlockWeight
-from model.nn.transformer import Params
 from model.text.chat_template import ChatTemplate
 from model.text.tokenizer import Tokenizer
 
@@ -308,7 +307,7 @@ def load_gguf_params(
         path: jnp.asarray(transform(*map(dequantize, names)), dtype=dtype)
         for path, (names, transform) in table.items()
     }
-    return traverse_util.unflatten_dict(flat)
+    return unflatten_dict(flat)
 
 
 def load_gguf_blocks(reader: GGUFFile, config: ModelConfig, arch: str) -> Params:
@@ -334,7 +333,7 @@ def load_gguf_blocks(reader: GGUFFile, config: ModelConfig, arch: str) -> Params
             for name in names
         ]
         flat[path] = BlockWeight(transform(*rows), BLOCK_FORMATS[kind][0])
-    return traverse_util.unflatten_dict(flat)
+    return unflatten_dict(flat)
 
 
 MATMULS = ("qkv", "o", "gate_up", "down")

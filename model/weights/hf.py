@@ -14,11 +14,10 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 from safetensors import safe_open
 
 from model.nn.config import ModelConfig
-from model.nn.transformer import Params
+from model.nn.params import Params, unflatten_dict
 from model.weights.gguf import Table
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")  # SmolLM2 is model_type "llama"
@@ -161,7 +160,7 @@ def load_hf_params(path: Path, config: ModelConfig, dtype: jnp.dtype) -> Params:
             param_path: jnp.asarray(transform(*map(read, names)), dtype=dtype)
             for param_path, (names, transform) in table.items()
         }
-    return traverse_util.unflatten_dict(flat)
+    return unflatten_dict(flat)
 
 
 def load_hf(path: Path, dtype: jnp.dtype) -> tuple[ModelConfig, Params]:

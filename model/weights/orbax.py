@@ -30,8 +30,8 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from model.nn.config import ModelConfig
+from model.nn.params import Params
 from model.nn.quantize import map_matmul_weights, path_str, quantize_int8, quantized_shape
-from model.nn.transformer import Params, param_shapes
 from model.text.chat_template import ChatTemplate
 from model.text.tokenizer import Tokenizer
 from model.weights.gguf import load_gguf, metadata_json, read_metadata, text_from_metadata
@@ -185,6 +185,8 @@ def directory_bytes(path: str | Path) -> int:
 def abstract_params(config: ModelConfig, dtype: jnp.dtype, quantization: str | None) -> Params:
     """The parameter tree as ShapeDtypeStructs: Transformer(config, dtype)'s, with the
     matmul weights as QuantizedWeight shapes for "int8". Nothing is allocated."""
+    from model.nn.transformer import param_shapes  # (Flax, only where a checkpoint is read)
+
     shapes = param_shapes(config, dtype)
     return map_matmul_weights(quantized_shape, shapes) if quantization == "int8" else shapes
 

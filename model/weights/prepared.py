@@ -37,13 +37,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 from safetensors import SafetensorError
 from safetensors.numpy import save_file
 
 from model.nn.config import ModelConfig
+from model.nn.params import Params, flatten_dict, unflatten_dict
 from model.nn.quantize import BlockWeight
-from model.nn.transformer import Params
 from model.weights import gguf as gguf_loader
 from model.weights.manifest import config_from_json
 from model.weights.source_digest import source_digest
@@ -82,7 +81,7 @@ def load_gguf_prepared(
     config = gguf_loader.config_from_gguf(reader, metadata)
     arch = metadata["general.architecture"]
     blocks = gguf_loader.load_gguf_blocks(reader, config, arch)
-    kept = set(traverse_util.flatten_dict(blocks))
+    kept = set(flatten_dict(blocks))
     params = gguf_loader.load_gguf_params(reader, config, jnp.float32, arch, skip=kept)
     if prepared is not None:
         _write(prepared, path, config, params, metadata, blocks)
@@ -106,18 +105,16 @@ def _flatten(params: Params) -> dict[str, np.ndarray]:
 def _unflatten(flat: dict[str, np.ndarray], dtype: jnp.dtype) -> Params:
     """Host arrays, as a loader's: layer i's weights are views of the stacked arrays."""
     stacked = {k.removeprefix("layers/"): v for k, v in flat.items() if k.startswith("layers/")}
-    params = traverse_util.unflatten_dict(
-        {k: v for k, v in flat.items() if not k.startswith("layers/")}, sep="/"
-    )
+    params = unflatten_dict({k: v for k, v in flat.items() if not k.startswith("layers/")}, sep="/")
     count = len(next(iter(stacked.values()))) if stacked else 0
     for i in range(count):
         layer = {name: weights[i] for name, weights in stacked.items()}
-        params[f"layers_{i}"] = traverse_util.unflatten_dict(layer, sep="/")
+        params[f"layers_{i}"] = unflatten_dict(layer, sep="/")
     return _cast(params, dtype)
 
 
 def _flat(tree: dict) -> dict[str, Any]:
-    return traverse_util.flatten_dict(tree, sep="/")
+    return flatten_dict(tree, sep="/")
 
 
 def _read(prepared: Path, dtype: jnp.dtype) -> tuple[ModelConfig, Params, dict[str, Any], Params]:
@@ -127,7 +124,7 @@ def _read(prepared: Path, dtype: jnp.dtype) -> tuple[ModelConfig, Params, dict[s
     params = _unflatten(_mapped(prepared / "params.safetensors"), dtype)
     arrays = _mapped(prepared / "blocks.safetensors")
     blocks = {name: BlockWeight(arrays[name], kind) for name, kind in info["blocks"].items()}
-    return config, params, metadata, traverse_util.unflatten_dict(blocks, sep="/")
+    return config, params, metadata, unflatten_dict(blocks, sep="/")
 
 
 # safetensors' element types, as they appear in a file's header, that the copy stores.

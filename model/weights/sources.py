@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from model.nn.config import ModelConfig
-from model.nn.transformer import Params
+from model.nn.params import Params
 from model.text.chat_template import ChatTemplate
 from model.text.tokenizer import Tokenizer
 from model.weights import gcs
