@@ -11,6 +11,7 @@ Until the load finishes, requests get 503 with Retry-After.
 """
 
 import functools
+import gc
 import logging
 import os
 import threading
@@ -107,6 +108,15 @@ def load_llm(settings: Settings) -> "LLM":
     )
 
 
+def resume_collector() -> None:
+    """Where main.py paused Python's cyclic collector for the start-up, resume it, with
+    everything that exists now (the modules, the loaded model) frozen out of its passes.
+    Elsewhere (the collector running: tests, notebooks) nothing changes."""
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()
+
+
 class ModelHost:
     """Owns one LLM: `start()` loads it in the background, `llm()` hands it out.
 
@@ -188,6 +198,7 @@ class ModelHost:
                 extra={"fields": {**served, **times}},
             )
         finally:
+            resume_collector()
             self._finished.set()
 
     @property

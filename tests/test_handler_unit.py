@@ -26,6 +26,7 @@ from tests.fake_model import (
     chat_body,
     sse_events,
 )
+from tests.server_process import run_python_report
 
 # Replies.
 
@@ -776,6 +777,43 @@ def test_model_loads_on_first_request_not_at_import(serve):
     assert loads == [] and host.status == "loading"
     client.get("/health")
     assert host.wait(5) == "ready" and loads == [1]
+
+
+# Run in a fresh process: what main.py does to Python's cyclic collector on import.
+COLLECTOR = """
+import gc, json, os, threading
+import main
+from handler.model_host import ModelHost
+from tests.fake_model import FakeLLM
+
+report = {"after_import": gc.isenabled(), "frozen": gc.get_freeze_count()}
+read, write = os.pipe()
+if os.fork() == 0:  # as gunicorn forks a worker (which starts loading, then exits here)
+    os.write(write, json.dumps(gc.isenabled()).encode())
+    os._exit(0)
+report["worker"] = json.loads(os.read(read, 16))
+report["master"] = gc.isenabled()
+gc.disable()  # a worker's state, for its load
+gate, during = threading.Event(), []
+host = ModelHost(lambda: gate.wait(10) and (during.append(gc.isenabled()) or FakeLLM()))
+host.start()
+gate.set()
+report |= {"ready": host.wait(10), "during": during, "after": gc.isenabled()}
+report["frozen_after"] = gc.get_freeze_count()
+print(json.dumps(report))
+"""
+
+
+def test_the_collector_pauses_from_main_until_the_model_has_loaded():
+    """main.py pauses Python's cyclic collector for the start-up (its passes over the
+    modules and the model took 0.3 s of a warm start) and freezes what the gunicorn
+    master made before it forks: the master resumes after the fork, a worker once its
+    model has loaded, with what the load made frozen too."""
+    report = run_python_report(["-c", COLLECTOR], timeout=120)
+    assert report["after_import"] is False and report["frozen"] > 10_000
+    assert report["worker"] is False and report["master"] is True
+    assert report["ready"] == "ready" and report["during"] == [False]
+    assert report["after"] is True and report["frozen_after"] > report["frozen"]
 
 
 def test_failed_load_is_503(serve):
