@@ -111,7 +111,9 @@ def load_llm(settings: Settings) -> "LLM":
 def resume_collector() -> None:
     """Where main.py paused Python's cyclic collector for the start-up, resume it, with
     everything that exists now (the modules, the loaded model) frozen out of its passes.
-    Elsewhere (the collector running: tests, notebooks) nothing changes."""
+    That holds the few cycles the load left for good: about 2,000 objects for SmolLM2,
+    warm or compiling, where a full pass to find them first takes 0.2-0.3 s on a 2-core
+    CPU. Elsewhere (the collector running: tests, notebooks) nothing changes."""
     if not gc.isenabled():
         gc.freeze()
         gc.enable()
