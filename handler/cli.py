@@ -90,7 +90,7 @@ def setting_option(name: str, field: FieldInfo) -> dict[str, Any]:
     """The argparse keywords of the `serve` option for setting `name`; not given, it
     is None and the setting keeps its value (from the environment, or its default)."""
     variable = Settings.variable(name)
-    text = f"{field.description or ''} ({variable})".replace("%", "%%")
+    text = f"{Settings.docs().get(name, '')} ({variable})".replace("%", "%%")
     kind = field.annotation
     if typing.get_origin(kind) in (typing.Union, types.UnionType):
         [kind] = [arg for arg in typing.get_args(kind) if arg is not type(None)]

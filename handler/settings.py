@@ -7,6 +7,9 @@ Defaults the Python API shares come
 from model/limits.py.
 """
 
+import ast
+import inspect
+from functools import cache
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
@@ -25,7 +28,8 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(
         env_prefix="JAXCHAT_",
-        use_attribute_docstrings=True,
+        # Not use_attribute_docstrings: it parses this module's source whenever it is
+        # imported (50 ms of every start-up); `docs()` reads them when asked.
         populate_by_name=True,
         # `model` and `model_name` are our field names, not pydantic internals.
         protected_namespaces=(),
@@ -177,6 +181,24 @@ class Settings(BaseSettings):
         if isinstance(alias, str):
             return alias
         return f"{cls.model_config['env_prefix']}{name.upper()}"
+
+    @classmethod
+    @cache
+    def docs(cls) -> dict[str, str]:
+        """Each field's docstring (the string under it in this class), as one line."""
+        [body] = ast.parse(inspect.getsource(cls)).body
+        assert isinstance(body, ast.ClassDef)
+        docs = {}
+        for field, doc in zip(body.body, body.body[1:], strict=False):
+            if (
+                isinstance(field, ast.AnnAssign)
+                and isinstance(field.target, ast.Name)
+                and isinstance(doc, ast.Expr)
+                and isinstance(doc.value, ast.Constant)
+                and isinstance(doc.value.value, str)
+            ):
+                docs[field.target.id] = " ".join(doc.value.value.split())
+        return docs
 
     @property
     def model_names(self) -> list[str]:

@@ -3,8 +3,9 @@
 import os
 
 from model.text.chat_template import ChatTemplate
+from model.text.metadata import text_from_metadata
 from model.text.tokenizer import Tokenizer
-from model.weights.gguf import GGUFFile, read_metadata, text_from_metadata
+from model.weights.gguf import GGUFFile, read_metadata
 
 
 def gguf_text(path: str | os.PathLike[str]) -> tuple[Tokenizer, ChatTemplate]:

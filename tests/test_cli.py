@@ -28,6 +28,24 @@ def test_the_readme_lists_every_setting():
     assert [v for v in variables if f"`{v}`" not in settings] == []
 
 
+def test_every_serve_option_is_helped_by_its_settings_docstring():
+    [serve] = [
+        choice
+        for action in build_parser()._subparsers._group_actions  # type: ignore[union-attr]
+        for name, choice in action.choices.items()
+        if name == "serve"
+    ]
+    helps = {a.dest: a.help for a in serve._actions}
+    docs = Settings.docs()
+    assert sorted(docs) == sorted(Settings.model_fields)
+    assert (
+        docs["port"] == "Port to listen on, from the plain `PORT` variable (as Cloud Run sets it)."
+    )
+    for name in Settings.model_fields:
+        assert len(docs[name]) > 20, name
+        assert helps[name] == f"{docs[name]} ({Settings.variable(name)})".replace("%", "%%")
+
+
 def test_boolean_settings_are_flag_pairs(monkeypatch):
     args = _parse(["serve", "--keys-file", "gs://b/keys.toml", "--cache-hits-free"])
     _, env = serve_command(args)

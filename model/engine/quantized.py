@@ -22,7 +22,6 @@ import model.kernels
 from model.nn.config import ModelConfig
 from model.nn.params import BLOCKS, LAYER_BLOCKS, Params, flatten_dict, unflatten_dict
 from model.nn.quantize import BlockWeight, QuantizedWeight, int8_rows, stack_blocks
-from model.weights.gguf import dequantize_blocks
 
 
 def kernels(mesh: Mesh) -> str | None:
@@ -96,5 +95,7 @@ def with_dense(params: Params, blocks: Params, config: ModelConfig, dtype: Any) 
     flat = flatten_dict(params)
     for path, weight in flatten_dict(blocks).items():
         if path not in flat and not (path == ("lm_head",) and config.tie_embeddings):
+            from model.weights.gguf import dequantize_blocks  # the GGUF reader, if needed
+
             flat[path] = dequantize_blocks(weight).astype(dtype)
     return unflatten_dict(flat)

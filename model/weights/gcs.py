@@ -34,12 +34,12 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
-import google_crc32c
-from google.api_core import exceptions
-from tqdm import tqdm
-
 if TYPE_CHECKING:
     from google.cloud import storage
+    from tqdm import tqdm
+
+# The Cloud Storage client and its helpers are imported where they are used: the engine
+# imports this module for its gs:// compile cache, and a start without one need not pay.
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,8 @@ def download(uri: str, cache_dir: Path, client: storage.Client | None = None) ->
     bucket_name, name = parse_uri(uri)
     client = client or make_client()
     dest = cache_dir / "gcs" / bucket_name / name
+    from google.api_core import exceptions
+
     try:
         blobs = _model_blobs(client.bucket(bucket_name), name, uri)
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -101,6 +103,8 @@ def list_prefix(uri: str, client: storage.Client | None = None) -> dict[str, sto
     """
     bucket_name, name = parse_uri(uri)
     prefix = f"{name.rstrip('/')}/" if name.strip("/") else ""
+    from google.api_core import exceptions
+
     try:
         blobs = (client or make_client()).bucket(bucket_name).list_blobs(prefix=prefix)
         return {b.name[len(prefix) :]: b for b in blobs if not b.name.endswith("/")}
@@ -136,6 +140,8 @@ def read_bytes(uri: str, client: storage.Client | None = None) -> bytes:
     """A small object's content (a settings file), read whole; FileNotFoundError or
     PermissionError naming the URI."""
     bucket_name, name = parse_uri(uri)
+    from google.api_core import exceptions
+
     try:
         blob = (client or make_client()).bucket(bucket_name).blob(name)
         return bytes(blob.download_as_bytes())
@@ -159,6 +165,8 @@ def parse_uri(uri: str) -> tuple[str, str]:
 
 def file_crc32c(path: Path) -> str:
     """Base64 big-endian CRC32C of a file, as in Cloud Storage object metadata."""
+    import google_crc32c
+
     crc = google_crc32c.Checksum()
     with path.open("rb") as f:
         while block := f.read(HASH_BLOCK_BYTES):
@@ -209,6 +217,8 @@ def _fetch_all(uri: str, blobs: dict[str, storage.Blob], dest: Path) -> None:
     total = sum(b.size for b, _ in todo)
     log.info("%s: downloading %d file(s), %.1f MB, to %s", uri, len(todo), total / 1e6, dest)
     started = time.monotonic()
+    from tqdm import tqdm
+
     with tqdm(
         total=total,
         unit="B",

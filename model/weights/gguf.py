@@ -22,8 +22,6 @@ from gguf.quants import quant_shape_to_byte_shape
 from model.nn.config import ModelConfig
 from model.nn.params import Params, unflatten_dict
 from model.nn.quantize import BLOCK_FORMATS, BlockWeight
-from model.text.chat_template import ChatTemplate
-from model.text.tokenizer import Tokenizer
 
 # Architectures whose converter permuted Q/K rows into llama.cpp's interleaved
 # RoPE layout; we undo it to get the rotate-half layout of the HF weights.
@@ -353,9 +351,3 @@ def load_gguf(path: Path, dtype: jnp.dtype) -> tuple[ModelConfig, Params, GGUFFi
     config = config_from_gguf(reader, meta)
     params = load_gguf_params(reader, config, dtype, meta["general.architecture"])
     return config, params, reader
-
-
-def text_from_metadata(meta: dict[str, Any]) -> tuple[Tokenizer, ChatTemplate]:
-    """The tokenizer and chat template that GGUF metadata describes."""
-    tokenizer = Tokenizer.from_metadata(meta)
-    return tokenizer, ChatTemplate.from_metadata(meta, tokenizer)

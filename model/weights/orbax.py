@@ -33,8 +33,9 @@ from model.nn.config import ModelConfig
 from model.nn.params import Params
 from model.nn.quantize import map_matmul_weights, path_str, quantize_int8, quantized_shape
 from model.text.chat_template import ChatTemplate
+from model.text.metadata import text_from_metadata
 from model.text.tokenizer import Tokenizer
-from model.weights.gguf import load_gguf, metadata_json, read_metadata, text_from_metadata
+from model.weights.gguf import load_gguf, metadata_json, read_metadata
 from model.weights.hf import load_hf
 from model.weights.manifest import (
     DTYPES,

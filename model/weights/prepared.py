@@ -43,7 +43,6 @@ from safetensors.numpy import save_file
 from model.nn.config import ModelConfig
 from model.nn.params import Params, flatten_dict, unflatten_dict
 from model.nn.quantize import BlockWeight
-from model.weights import gguf as gguf_loader
 from model.weights.manifest import config_from_json
 from model.weights.source_digest import source_digest
 
@@ -76,6 +75,9 @@ def load_gguf_prepared(
             return _read(prepared, dtype)
         except (OSError, ValueError, KeyError, SafetensorError) as error:  # damaged: again
             log.warning("ignoring the prepared copy %s: %s", prepared, error)
+    # Imported here: a start from the prepared copy never reads the GGUF (60 ms of imports).
+    from model.weights import gguf as gguf_loader
+
     reader = gguf_loader.GGUFFile(path)
     metadata = gguf_loader.read_metadata(reader)
     config = gguf_loader.config_from_gguf(reader, metadata)
@@ -163,6 +165,8 @@ def _write(
     """Write into a temporary sibling and rename it into place: never half a copy. Then
     remove the copies of the same file made before (the file, the code or a library
     changed since: nothing reads them again); other files' copies stay."""
+    from model.weights.gguf import metadata_json
+
     prepared.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=prepared.parent, suffix=".tmp"))
     try:
@@ -171,7 +175,7 @@ def _write(
         save_file(
             {k: np.asarray(w.blocks) for k, w in flat_blocks.items()}, tmp / "blocks.safetensors"
         )
-        (tmp / "metadata.json").write_text(gguf_loader.metadata_json(metadata))
+        (tmp / "metadata.json").write_text(metadata_json(metadata))
         kinds = {k: w.kind for k, w in flat_blocks.items()}
         info = {
             "format": FORMAT,

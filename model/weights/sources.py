@@ -17,12 +17,10 @@ from jax.sharding import Mesh
 from model.nn.config import ModelConfig
 from model.nn.params import Params
 from model.text.chat_template import ChatTemplate
+from model.text.metadata import text_from_metadata
 from model.text.tokenizer import Tokenizer
 from model.weights import gcs
-from model.weights.gguf import text_from_metadata
-from model.weights.hf import load_hf
 from model.weights.manifest import is_checkpoint, read_manifest
-from model.weights.orbax import load_checkpoint, load_tokenizer
 from model.weights.prepared import load_gguf_prepared
 from sharding import make_mesh
 
@@ -94,12 +92,18 @@ def load_model(
     mesh: a Mesh, or a "DATAxMODEL" spec (None: every device, shaped for the model).
     """
     blocks: Params = {}
+    # The other formats' loaders are imported where they are used: they import the GGUF
+    # reader (and Orbax), which a start from a prepared copy never needs.
     if is_checkpoint(path):
+        from model.weights.orbax import load_checkpoint, load_tokenizer
+
         config = read_manifest(path).config
         mesh = mesh if isinstance(mesh, Mesh) else make_mesh(mesh, config=config)
         _, params = load_checkpoint(path, mesh, dtype)
         tokenizer, template = load_tokenizer(path)
     elif path.is_dir():
+        from model.weights.hf import load_hf
+
         config, params = load_hf(path, dtype)
         tokenizer = Tokenizer.from_hf_dir(path)
         template = ChatTemplate.from_hf_dir(path, tokenizer)
