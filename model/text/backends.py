@@ -17,12 +17,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import sentencepiece as spm
-from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
+
+if TYPE_CHECKING:
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+# `sentencepiece` and its protobuf module are imported where a SentencePiece vocabulary
+# is built (25 ms of the server's import, most models being byte-level BPE).
 
 # GGUF token types; the numbering is SentencePiece's ModelProto.SentencePiece.Type.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -143,6 +147,8 @@ class SentencePiece:
     ) -> None:
         """proto: the SentencePiece model; tokens/types: the full vocabulary, which may
         extend past the proto with added tokens (matched here, like control tokens)."""
+        import sentencepiece as spm
+
         self.add_dummy_prefix = proto.normalizer_spec.add_dummy_prefix
         self.sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
         # SentencePiece does not know control tokens in text; split them out first.
@@ -184,6 +190,8 @@ def sentencepiece_proto(
     meta: Mapping[str, Any], tokens: Sequence[str], types: Sequence[int]
 ) -> sp_pb2.ModelProto:
     """Assemble a SentencePiece BPE ModelProto from GGUF tokens, scores and types."""
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
     scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
     proto = sp_pb2.ModelProto()
     for token, score, kind in zip(tokens, scores, types, strict=True):
@@ -288,6 +296,8 @@ def tokenizers_vocab(file: Path) -> HFVocab:
 
 def sentencepiece_file_vocab(file: Path, tok_config: dict[str, Any]) -> HFVocab:
     """Vocabulary and backend of a tokenizer.model, extended by tokenizer_config's added tokens."""
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
     proto = sp_pb2.ModelProto.FromString(file.read_bytes())
     tokens = [p.piece for p in proto.pieces]
     types = [int(p.type) for p in proto.pieces]
