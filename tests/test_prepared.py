@@ -14,12 +14,18 @@ from flax.traverse_util import flatten_dict
 from jax.sharding import Mesh
 
 from model import kernels
-from model.engine.engine import rows_of
-from model.engine.quantized import split_blocks
-from model.nn.params import BLOCKS, LAYER_BLOCKS
+from model.engine.quantized import kernel_params, split_blocks
+from model.nn.params import BLOCKS, LAYER_BLOCKS, rows_of
+from model.nn.quantize import stack_blocks
 from model.text.chat_template import ChatTemplate
 from model.text.tokenizer import Tokenizer
-from model.weights.gguf import GGUFFile, load_gguf, read_metadata
+from model.weights.gguf import (
+    GGUFFile,
+    config_from_gguf,
+    load_gguf,
+    load_gguf_blocks,
+    read_metadata,
+)
 from model.weights.prepared import load_gguf_prepared
 from tests.tiny_models import TINY_LLAMA, write_tiny_gguf
 
@@ -127,6 +133,32 @@ def test_the_copys_layers_stack_without_a_copy(tiny_gguf, tmp_path):
         assert stacked is not None and np.shares_memory(stacked, rows[0])
         np.testing.assert_array_equal(stacked, np.stack(rows))
         assert not stacked.flags.writeable
+
+
+def test_the_copys_layer_blocks_go_to_the_kernels_without_a_copy(q4_gguf, tmp_path):
+    """The copy stores each matmul weight's blocks of every layer as one [L, rows, bytes]
+    array: the kernels' stacked weight is a view of it (no copy at start-up), and equals
+    the blocks the GGUF itself gives, stacked."""
+    if not kernels.load():
+        pytest.skip("the kernels are not built")
+    reader = GGUFFile(q4_gguf)
+    config = config_from_gguf(reader)
+    fresh = flatten_dict(
+        load_gguf_blocks(reader, config, read_metadata(reader)["general.architecture"])
+    )
+    load_gguf_prepared(q4_gguf, jnp.float32, tmp_path)
+    _, params, _, blocks = load_gguf_prepared(q4_gguf, jnp.float32, tmp_path)
+    moved = flatten_dict(kernel_params(params, blocks, config.n_layers)[BLOCKS])
+    names = {k[1:] for k in fresh if k[0].startswith("layers_")}
+    assert names and all((LAYER_BLOCKS, *name) in moved for name in names)
+    for name in names:
+        stacked = moved[(LAYER_BLOCKS, *name)]
+        layers = [blocks[f"layers_{i}"] for i in range(config.n_layers)]
+        first = flatten_dict(layers[0])[name].blocks
+        assert np.shares_memory(stacked.blocks, first) and not stacked.blocks.flags.writeable
+        expected = stack_blocks([fresh[(f"layers_{i}", *name)] for i in range(config.n_layers)])
+        np.testing.assert_array_equal(stacked.blocks, expected.blocks)
+        assert stacked.kind == expected.kind
 
 
 def test_rows_elsewhere_are_stacked_by_copying():

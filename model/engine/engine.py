@@ -58,7 +58,7 @@ from model.engine.variants import (
 from model.nn.attention import Pool, init_pool
 from model.nn.config import ModelConfig
 from model.nn.network import apply_logits, apply_step, forward_logits, network
-from model.nn.params import Params, stack_layers
+from model.nn.params import Params, rows_of, stack_layers
 from model.nn.sampling import TOP_LOGPROBS, SlotSampling
 from model.types import SamplingParams
 from model.weights.source_digest import source_digest
@@ -357,26 +357,6 @@ def stack_params(params: Params, shardings, mesh: Mesh, n_layers: int) -> Params
         return jax.device_put({**rest, **stacked}, stacked_shardings)
     stack = partial(stack_layers, n_layers=n_layers)
     return jax.jit(stack, out_shardings=stacked_shardings)(params)
-
-
-def rows_of(arrays: Sequence[np.ndarray]) -> np.ndarray | None:
-    """The [L, ...] array whose rows `arrays` already are, in order, in one buffer (a
-    prepared copy's layers: model/weights/prepared.py), as a view; None if they are not,
-    and stacking them needs a copy."""
-    first = arrays[0]
-    if first.base is None or not first.flags.c_contiguous or first.nbytes == 0:
-        return None
-    address = first.__array_interface__["data"][0]
-    for i, array in enumerate(arrays):
-        same = array.shape == first.shape and array.dtype == first.dtype
-        if not (same and array.base is first.base and array.flags.c_contiguous):
-            return None
-        if array.__array_interface__["data"][0] != address + i * first.nbytes:
-            return None
-    # One owner's buffer holds every row where the view reads it, and the view keeps it
-    # alive (through `first`).
-    shape, strides = (len(arrays), *first.shape), (first.nbytes, *first.strides)
-    return np.lib.stride_tricks.as_strided(first, shape, strides, writeable=False)
 
 
 __all__ = ["BLOCK_SIZE", "TOP_LOGPROBS", "Engine", "EngineState", "StepOutputs", "StepPlan"]

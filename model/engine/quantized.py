@@ -15,12 +15,20 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import model.kernels
 from model.nn.config import ModelConfig
-from model.nn.params import BLOCKS, LAYER_BLOCKS, Params, flatten_dict, unflatten_dict
+from model.nn.params import (
+    BLOCKS,
+    LAYER_BLOCKS,
+    Params,
+    flatten_dict,
+    rows_of,
+    unflatten_dict,
+)
 from model.nn.quantize import BlockWeight, QuantizedWeight, int8_rows, stack_blocks
 
 
@@ -55,7 +63,15 @@ def kernel_params(params: Params, blocks: Params, n_layers: int) -> Params:
     for name in sorted(names):
         keys = [(f"layers_{i}", *name) for i in range(n_layers)]
         if all(k in quantized for k in keys):
-            moved[(LAYER_BLOCKS, *name)] = stack_blocks([quantized[k] for k in keys])
+            layers = [quantized[k] for k in keys]
+            arrays = [w.blocks for w in layers]
+            rows = (  # a prepared copy's layers are rows of one array: no copy
+                rows_of(arrays) if all(isinstance(a, np.ndarray) for a in arrays) else None
+            )
+            kinds = tuple(int(w.kind) for w in layers)
+            moved[(LAYER_BLOCKS, *name)] = (
+                stack_blocks(layers) if rows is None else BlockWeight(rows, kinds)
+            )
             for k in keys:
                 flat.pop(k, None)
     if ("lm_head",) in quantized:

@@ -2,11 +2,12 @@
 out on the mesh, as plain nested dicts (no Flax: a restart that loads its executables
 from the store never imports it; see model/nn/pytree.py), and its flat form."""
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from model.nn.quantize import BlockWeight
 
@@ -57,3 +58,23 @@ def unflatten_dict(flat: Mapping[Any, Any], sep: str | None = None) -> dict[str,
             node = node.setdefault(key, {})
         node[keys[-1]] = value
     return tree
+
+
+def rows_of(arrays: Sequence[np.ndarray]) -> np.ndarray | None:
+    """The [L, ...] array whose rows `arrays` already are, in order, in one buffer (a
+    prepared copy's layers: model/weights/prepared.py), as a view; None if they are not,
+    and stacking them needs a copy."""
+    first = arrays[0]
+    if first.base is None or not first.flags.c_contiguous or first.nbytes == 0:
+        return None
+    address = first.__array_interface__["data"][0]
+    for i, array in enumerate(arrays):
+        same = array.shape == first.shape and array.dtype == first.dtype
+        if not (same and array.base is first.base and array.flags.c_contiguous):
+            return None
+        if array.__array_interface__["data"][0] != address + i * first.nbytes:
+            return None
+    # One owner's buffer holds every row where the view reads it, and the view keeps it
+    # alive (through `first`).
+    shape, strides = (len(arrays), *first.shape), (first.nbytes, *first.strides)
+    return np.lib.stride_tricks.as_strided(first, shape, strides, writeable=False)

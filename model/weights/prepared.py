@@ -42,13 +42,14 @@ from safetensors.numpy import save_file
 
 from model.nn.config import ModelConfig
 from model.nn.params import Params, flatten_dict, unflatten_dict
-from model.nn.quantize import BlockWeight
+from model.nn.quantize import BlockWeight, stack_blocks
 from model.weights.manifest import config_from_json
 from model.weights.source_digest import source_digest
 
 log = logging.getLogger(__name__)
 
-FORMAT = 4  # 2: layers stacked; 3: with the blocks; 4: no f32 copy of the blocks
+# 2: layers stacked; 3: with the blocks; 4: no f32 copy of the blocks; 5: blocks stacked
+FORMAT = 5
 
 
 # The libraries whose code turns GGUF blocks into the stored arrays.
@@ -125,7 +126,14 @@ def _read(prepared: Path, dtype: jnp.dtype) -> tuple[ModelConfig, Params, dict[s
     metadata = json.loads((prepared / "metadata.json").read_text())
     params = _unflatten(_mapped(prepared / "params.safetensors"), dtype)
     arrays = _mapped(prepared / "blocks.safetensors")
-    blocks = {name: BlockWeight(arrays[name], kind) for name, kind in info["blocks"].items()}
+    blocks = {}
+    for name, kind in info["blocks"].items():
+        if isinstance(kind, dict):  # every layer's, stacked: each layer's rows, unpadded
+            for i, (k, width) in enumerate(zip(kind["kinds"], kind["widths"], strict=True)):
+                path = f"layers_{i}/{name.removeprefix('layers/')}"
+                blocks[path] = BlockWeight(arrays[name][i, :, :width], k)
+        else:
+            blocks[name] = BlockWeight(arrays[name], kind)
     return config, params, metadata, unflatten_dict(blocks, sep="/")
 
 
@@ -171,12 +179,9 @@ def _write(
     tmp = Path(tempfile.mkdtemp(dir=prepared.parent, suffix=".tmp"))
     try:
         save_file(_flatten(params), tmp / "params.safetensors")
-        flat_blocks = _flat(blocks)
-        save_file(
-            {k: np.asarray(w.blocks) for k, w in flat_blocks.items()}, tmp / "blocks.safetensors"
-        )
+        stored, kinds = _stacked_blocks(blocks, config.n_layers)
+        save_file(stored, tmp / "blocks.safetensors")
         (tmp / "metadata.json").write_text(metadata_json(metadata))
-        kinds = {k: w.kind for k, w in flat_blocks.items()}
         info = {
             "format": FORMAT,
             "source": str(source.resolve()),
@@ -195,6 +200,28 @@ def _write(
         if other != prepared and other.suffix != ".tmp" and _source(other) == info["source"]:
             log.info("removing the stale prepared copy %s", other)
             shutil.rmtree(other, ignore_errors=True)  # (a process mapping it keeps its pages)
+
+
+def _stacked_blocks(blocks: Params, n_layers: int) -> tuple[dict[str, np.ndarray], dict]:
+    """The blocks as stored: a weight that every layer has as blocks as one [L, rows,
+    bytes] array under `layers/<name>` (a layer's rows padded to the longest), which the
+    engine's kernels take as it is (model/engine/quantized.py's `kernel_params`); (arrays,
+    what `_read` needs of each: its format, or the layers' formats and row widths)."""
+    flat = _flat(blocks)
+    arrays = {k: np.asarray(w.blocks) for k, w in flat.items()}
+    kinds: dict[str, Any] = {k: w.kind for k, w in flat.items()}
+    names = {k.split("/", 1)[1] for k in flat if k.startswith("layers_")}
+    for name in sorted(names):
+        keys = [f"layers_{i}/{name}" for i in range(n_layers)]
+        if not all(k in flat for k in keys):
+            continue
+        layers = [flat[k] for k in keys]
+        arrays[f"layers/{name}"] = np.asarray(stack_blocks(layers).blocks)
+        widths = [int(w.blocks.shape[1]) for w in layers]
+        kinds[f"layers/{name}"] = {"kinds": [int(w.kind) for w in layers], "widths": widths}
+        for k in keys:
+            del arrays[k], kinds[k]
+    return arrays, kinds
 
 
 def _source(copy: Path) -> str | None:
