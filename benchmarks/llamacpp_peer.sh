@@ -16,6 +16,8 @@ PYTHON="${PYTHON:-$REPO/.venv/bin/python}"
 PARALLEL=32       # server slots, each decoding one request (continuous batching)
 SLOT_CTX=256      # per slot: the benchmark's prompts (< 100 tokens) + 128 output tokens
 THREADS="${LLAMA_THREADS:-2}"  # the machine's cores; fewer if other work shares them
+# Below the load generator's CPU priority, as benchmarks/serve_and_load.py runs jaxchat.
+NICE="${BENCH_SERVER_NICE:-5}"
 MODEL_NAME=smollm2-135m-instruct
 
 find_server() {
@@ -68,7 +70,7 @@ trap 'stop_server; rm -f "$LOG"' EXIT
 # start_server ARGS...: llama-server on a free port with the given KV layout, until /health 200.
 start_server() {
     PORT="$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-    "$SERVER" --model "$GGUF" --alias "$MODEL_NAME" --host 127.0.0.1 --port "$PORT" \
+    nice -n "$NICE" "$SERVER" --model "$GGUF" --alias "$MODEL_NAME" --host 127.0.0.1 --port "$PORT" \
         --parallel "$PARALLEL" --cont-batching --threads "$THREADS" --threads-batch "$THREADS" \
         "$@" >"$LOG" 2>&1 &
     SERVER_PID=$!

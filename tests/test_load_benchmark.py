@@ -8,6 +8,9 @@ inter-token latency the load generator reports can be checked against them.
 import asyncio
 import json
 import math
+import os
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -17,6 +20,7 @@ import pytest
 
 from benchmarks import load
 from benchmarks.load import RequestRecord
+from benchmarks.serve_and_load import niced
 
 # ---------------------------------------------------------------- statistics
 
@@ -254,3 +258,15 @@ def test_client_opens_a_fresh_connection_per_request(fake_server):
 
     asyncio.run(list_models_three_times())
     assert len(set(b.get_ports)) == 3
+
+
+def test_the_benchmarked_server_runs_below_the_load_generators_priority():
+    """serve_and_load starts the server through `niced`: the process it starts (the same
+    pid, so --pid still finds the server) runs `nice` steps below the caller; nice 0
+    leaves the command as it is."""
+    command = [sys.executable, "-c", "import os; print(os.getpid(), os.nice(0))"]
+    child = subprocess.Popen(niced(command, 5), stdout=subprocess.PIPE, text=True)
+    pid, priority = child.communicate(timeout=60)[0].split()
+    assert int(pid) == child.pid
+    assert int(priority) == min(19, os.nice(0) + 5)
+    assert niced(command, 0) == command
