@@ -15,7 +15,7 @@ The server runs at a lower CPU priority than the load generator (`nice`
 SERVER_NICE, BENCH_SERVER_NICE overrides it; llamacpp_peer.sh does the same for
 llama.cpp's server). The two share the machine's cores, where a client of a real
 deployment has its own: at the same priority, on 2 cores, a chunk reached the
-client up to 25 ms (p99) after the server wrote it, waiting for a core behind the
+client 13-28 ms (p99) after the server wrote it, waiting for a core behind the
 server's compute threads, so the inter-token tails measured the client's waits.
 
     python -m benchmarks.serve_and_load --concurrency 1,8,32,64 --max-tokens 128 --cases
